@@ -1,0 +1,394 @@
+//! The Gate: claim, run, complete, with heartbeats, replays and fencing.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::Error;
+use crate::fingerprint::Fingerprint;
+use crate::key::Key;
+use crate::obs;
+use crate::outcome::Outcome;
+use crate::record::{Claim, ClaimOptions, Lease};
+use crate::store::Store;
+
+/// What to do when the handler returns an error.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorPolicy {
+    /// Release the key: a retry runs the handler again. The default.
+    #[default]
+    Release,
+    /// Store the failure (its `Display` text) and replay it to duplicates as
+    /// [`GateError::Failed`].
+    Store,
+}
+
+/// What to do when another claim holds the key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InProgressPolicy {
+    /// Return [`GateError::InProgress`] at once. The default.
+    #[default]
+    Reject,
+    /// Poll the store until the running call completes (and return its result), its lease runs
+    /// out (and take over), or `timeout` passes.
+    Wait {
+        /// The longest wait.
+        timeout: Duration,
+    },
+}
+
+/// The value of a successful [`Gate::run`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Run<T> {
+    /// The handler ran now.
+    Fresh(T),
+    /// A previous run's stored result.
+    Replayed(T),
+}
+
+impl<T> Run<T> {
+    /// The value, fresh or replayed.
+    pub fn into_inner(self) -> T {
+        match self {
+            Run::Fresh(v) | Run::Replayed(v) => v,
+        }
+    }
+
+    /// Whether this is a replay.
+    pub fn is_replayed(&self) -> bool {
+        matches!(self, Run::Replayed(_))
+    }
+}
+
+/// Why [`Gate::run`] did not return a value.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum GateError<E> {
+    /// The handler failed in this run.
+    Handler(E),
+    /// A previous run failed and its failure was stored ([`ErrorPolicy::Store`]).
+    Failed {
+        /// The stored failure text.
+        message: String,
+    },
+    /// Another claim holds the key.
+    InProgress {
+        /// When its lease runs out.
+        lease_until: SystemTime,
+        /// How many executions were started.
+        attempts: u32,
+    },
+    /// The key is known with another fingerprint.
+    Mismatch {
+        /// The stored fingerprint.
+        stored: Fingerprint,
+    },
+    /// The store failed, or the lease was lost (the handler's effect may have happened: see
+    /// [`Key::derive`]).
+    Store(Error),
+}
+
+impl<E> From<Error> for GateError<E> {
+    fn from(e: Error) -> Self {
+        GateError::Store(e)
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for GateError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GateError::Handler(e) => write!(f, "handler failed: {e}"),
+            GateError::Failed { message } => write!(f, "a previous run failed: {message}"),
+            GateError::InProgress { .. } => f.write_str("the key is in progress in another call"),
+            GateError::Mismatch { .. } => {
+                f.write_str("the key was used before with a different request")
+            }
+            GateError::Store(_) => f.write_str("idempotency store failed"),
+        }
+    }
+}
+
+impl<E: fmt::Debug + fmt::Display> std::error::Error for GateError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            GateError::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Runs handlers at most once at a time per key and replays finished results.
+///
+/// ```
+/// use std::time::Duration;
+/// use idemgate_core::{Gate, Key, MemoryStore, Run};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let gate = Gate::new(MemoryStore::new()).lease(Duration::from_secs(30));
+/// let key = Key::compose("payments", ["pay_123", "capture"])?;
+///
+/// let charge = |lease: idemgate_core::Lease| async move {
+///     // pass lease.key().derive("charge") to the card network as its idempotency key
+///     Ok::<_, std::io::Error>(format!("charged with {}", lease.key().derive("charge").id()))
+/// };
+/// let first = gate.run(&key, None, charge).await.unwrap();
+/// let again = gate.run(&key, None, charge).await.unwrap();
+/// assert!(matches!(first, Run::Fresh(_)));
+/// assert!(again.is_replayed());
+/// assert_eq!(first.into_inner(), again.into_inner());
+/// # Ok::<(), idemgate_core::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Debug)]
+pub struct Gate<S> {
+    store: Arc<S>,
+    lease: Duration,
+    retention: Duration,
+    on_error: ErrorPolicy,
+    in_progress: InProgressPolicy,
+}
+
+impl<S> Clone for Gate<S> {
+    fn clone(&self) -> Self {
+        Gate {
+            store: Arc::clone(&self.store),
+            lease: self.lease,
+            retention: self.retention,
+            on_error: self.on_error,
+            in_progress: self.in_progress,
+        }
+    }
+}
+
+impl<S: Store> Gate<S> {
+    /// A gate over `store` with 30 s leases, 24 h retention, `Release` on error and `Reject` on
+    /// in-progress duplicates.
+    pub fn new(store: S) -> Self {
+        Self::from_arc(Arc::new(store))
+    }
+
+    /// A gate over a shared store.
+    pub fn from_arc(store: Arc<S>) -> Self {
+        Gate {
+            store,
+            lease: Duration::from_secs(30),
+            retention: Duration::from_secs(86_400),
+            on_error: ErrorPolicy::Release,
+            in_progress: InProgressPolicy::Reject,
+        }
+    }
+
+    /// The lease length; the heartbeat renews it every third of it while the handler runs.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How long completed results are replayed: at least the broker's redelivery window.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// What to do with handler errors.
+    pub fn on_error(mut self, policy: ErrorPolicy) -> Self {
+        self.on_error = policy;
+        self
+    }
+
+    /// What to do with in-progress duplicates.
+    pub fn on_in_progress(mut self, policy: InProgressPolicy) -> Self {
+        self.in_progress = policy;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Runs `handler` for `key` unless it already ran (then replays its result) or is running.
+    ///
+    /// The handler receives the [`Lease`]; it should pass `lease.key().derive(..)` to any
+    /// downstream system, because a crash between the effect and `complete` runs it again after
+    /// the lease expires. While it runs, the lease is renewed every third of its length. If the
+    /// handler panics or the returned future is dropped, the key is released.
+    pub async fn run<T, E, F, Fut>(
+        &self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        handler: F,
+    ) -> Result<Run<T>, GateError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        E: fmt::Display,
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let opts = ClaimOptions {
+            lease: self.lease,
+            retention: self.retention,
+        };
+        let deadline = match self.in_progress {
+            InProgressPolicy::Wait { timeout } => Some(tokio::time::Instant::now() + timeout),
+            InProgressPolicy::Reject => None,
+        };
+        let mut backoff = Duration::from_millis(5);
+        let lease = loop {
+            let claim = obs::timed("claim", self.store.claim(key, fp, &opts)).await?;
+            match claim {
+                Claim::Acquired(lease) => break lease,
+                Claim::Completed(record) => {
+                    obs::outcome("replayed");
+                    let outcome = record.outcome().ok_or_else(|| Error::Corrupt {
+                        backend: "gate",
+                        reason: "completed record without outcome".into(),
+                    })?;
+                    return replay(outcome);
+                }
+                Claim::Mismatch { stored } => {
+                    obs::outcome("mismatch");
+                    return Err(GateError::Mismatch { stored });
+                }
+                Claim::InProgress {
+                    lease_until,
+                    attempts,
+                } => {
+                    let now = tokio::time::Instant::now();
+                    match deadline {
+                        Some(deadline) if now < deadline => {
+                            tokio::time::sleep(backoff.min(deadline - now)).await;
+                            backoff = (backoff * 2).min(Duration::from_millis(250));
+                        }
+                        _ => {
+                            obs::outcome("in_progress");
+                            return Err(GateError::InProgress {
+                                lease_until,
+                                attempts,
+                            });
+                        }
+                    }
+                }
+            }
+        };
+        if lease.attempt() > 1 {
+            obs::takeover();
+        }
+        obs::fresh_span(key, &lease, self.execute(lease.clone(), handler)).await
+    }
+
+    async fn execute<T, E, F, Fut>(&self, lease: Lease, handler: F) -> Result<Run<T>, GateError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        E: fmt::Display,
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut guard = ReleaseOnDrop {
+            store: Arc::clone(&self.store),
+            lease: Some(lease.clone()),
+        };
+        let (result, lost) = self.with_heartbeat(&lease, handler(lease.clone())).await;
+        if lost {
+            obs::outcome("lease_lost");
+        }
+        let done = match &result {
+            Ok(value) => Some(Outcome::new(
+                Outcome::OK,
+                serde_json::to_vec(value).map_err(|e| Error::Codec { source: e.into() })?,
+            )),
+            Err(e) if self.on_error == ErrorPolicy::Store => {
+                Some(Outcome::new(Outcome::FAILED, e.to_string().into_bytes()))
+            }
+            Err(_) => None,
+        };
+        let lease = guard.lease.take().expect("lease is held until here");
+        match done {
+            Some(outcome) => {
+                if let Err(e) = obs::timed(
+                    "complete",
+                    self.store.complete(&lease, &outcome, self.retention),
+                )
+                .await
+                {
+                    if matches!(e, Error::LeaseLost) {
+                        obs::outcome("lease_lost");
+                    }
+                    return Err(e.into());
+                }
+            }
+            None => match obs::timed("release", self.store.release(lease)).await {
+                Ok(()) | Err(Error::LeaseLost) => {}
+                Err(e) => return Err(e.into()),
+            },
+        }
+        obs::outcome(if result.is_ok() { "fresh" } else { "failed" });
+        result.map(Run::Fresh).map_err(GateError::Handler)
+    }
+
+    /// Drives `fut` while renewing `lease`; returns its output and whether the lease was lost.
+    async fn with_heartbeat<O>(&self, lease: &Lease, fut: impl Future<Output = O>) -> (O, bool) {
+        let mut current = lease.clone();
+        let period = (self.lease / 3).max(Duration::from_millis(1));
+        let mut lost = false;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return (out, lost),
+                _ = ticker.tick(), if !lost => {
+                    match obs::timed("renew", self.store.renew(&current, self.lease)).await {
+                        Ok(renewed) => current = renewed,
+                        Err(Error::LeaseLost) => lost = true,
+                        // a failed renewal is retried at the next tick; the lease still has
+                        // two thirds of its length
+                        Err(_e) => obs::renew_failed(&_e),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn replay<T: DeserializeOwned, E>(outcome: &Outcome) -> Result<Run<T>, GateError<E>> {
+    match outcome.status {
+        Outcome::OK => serde_json::from_slice(&outcome.body)
+            .map(Run::Replayed)
+            .map_err(|e| GateError::Store(Error::Codec { source: e.into() })),
+        Outcome::FAILED => Err(GateError::Failed {
+            message: String::from_utf8_lossy(&outcome.body).into_owned(),
+        }),
+        other => Err(GateError::Store(Error::Corrupt {
+            backend: "gate",
+            reason: format!("outcome status {other} was not written by a Gate"),
+        })),
+    }
+}
+
+/// Releases the lease if the run is abandoned (a panic, or the future dropped) before it
+/// completed or released.
+struct ReleaseOnDrop<S: Store> {
+    store: Arc<S>,
+    lease: Option<Lease>,
+}
+
+impl<S: Store> Drop for ReleaseOnDrop<S> {
+    fn drop(&mut self) {
+        if let (Some(lease), Ok(rt)) = (self.lease.take(), tokio::runtime::Handle::try_current())
+        {
+            let store = Arc::clone(&self.store);
+            // if no runtime is left, the lease simply expires
+            rt.spawn(async move {
+                let _ = store.release(lease).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Idempotency keys, business keys and event ids.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// The longest scope or id, in bytes.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// An idempotency key: a scope (consumer, operation or tenant) and an id within it.
+///
+/// Both parts are 1..=255 bytes of visible ASCII (`0x21..=0x7e`). Business keys made of several
+/// parts come from [`Key::compose`]; keys passed to a downstream system from [`Key::derive`].
+///
+/// A `Key` is cheap to clone (one reference count).
+///
+/// ```
+/// use idemgate_core::Key;
+///
+/// let key = Key::new("payments", "8e03978e-40d5-43e8-bc93-6894a57f9324")?;
+/// assert_eq!(key.scope(), "payments");
+/// assert!(Key::new("payments", "has space").is_err());
+///
+/// // order id + SKU, without ambiguity between ("ab", "c") and ("a", "bc")
+/// let a = Key::compose("reservations", ["ab", "c"])?;
+/// let b = Key::compose("reservations", ["a", "bc"])?;
+/// assert_ne!(a, b);
+///
+/// // what to send to the card network as *its* idempotency key
+/// let downstream = key.derive("charge");
+/// assert_eq!(downstream, key.derive("charge"));
+/// # Ok::<(), idemgate_core::Error>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(Arc<KeyInner>);
+
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct KeyInner {
+    scope: Box<str>,
+    id: Box<str>,
+}
+
+fn check(what: &str, s: &str) -> Result<()> {
+    if s.is_empty() {
+        return Err(Error::invalid_key(format!("{what} is empty")));
+    }
+    if s.len() > MAX_KEY_LEN {
+        return Err(Error::invalid_key(format!(
+            "{what} is {} bytes, longer than {MAX_KEY_LEN}",
+            s.len()
+        )));
+    }
+    if let Some((at, b)) = s.bytes().enumerate().find(|(_, b)| !b.is_ascii_graphic()) {
+        return Err(Error::invalid_key(format!(
+            "{what} has byte 0x{b:02x} at {at}; only visible ASCII is allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes parts as `len:part` pairs, which no other list of parts can produce.
+fn length_prefixed<I>(parts: I) -> Vec<u8>
+where
+    I: IntoIterator,
+    I::Item: AsRef<[u8]>,
+{
+    let mut out = Vec::new();
+    for part in parts {
+        let part = part.as_ref();
+        out.extend_from_slice(part.len().to_string().as_bytes());
+        out.push(b':');
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+impl Key {
+    /// A key from a scope and an id, both 1..=255 bytes of visible ASCII.
+    pub fn new(scope: impl AsRef<str>, id: impl AsRef<str>) -> Result<Self> {
+        let (scope, id) = (scope.as_ref(), id.as_ref());
+        check("scope", scope)?;
+        check("id", id)?;
+        Ok(Key(Arc::new(KeyInner {
+            scope: scope.into(),
+            id: id.into(),
+        })))
+    }
+
+    /// A business key built from several parts (payment id + operation, order id + SKU, user id
+    /// + email type), without ambiguity.
+    ///
+    /// Parts are written length-prefixed (`7:payment3:abc`), so distinct lists of parts never give
+    /// the same id. When the result would not be a valid id (longer than 255 bytes, or a part has
+    /// bytes outside visible ASCII), the id is `b3:` followed by the BLAKE3 hex digest of that same
+    /// encoding.
+    pub fn compose<I>(scope: impl AsRef<str>, parts: I) -> Result<Self>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<[u8]>,
+    {
+        let encoded = length_prefixed(parts);
+        if encoded.is_empty() {
+            return Err(Error::invalid_key("a composed key needs at least one part"));
+        }
+        match std::str::from_utf8(&encoded) {
+            Ok(s) if s.len() <= MAX_KEY_LEN && s.bytes().all(|b| b.is_ascii_graphic()) => {
+                Key::new(scope, s)
+            }
+            _ => Key::new(scope, format!("b3:{}", blake3::hash(&encoded).to_hex())),
+        }
+    }
+
+    /// The deterministic key for a downstream call made on behalf of this key.
+    ///
+    /// A handler that crashes after its effect but before `complete` runs again; passing
+    /// `key.derive("charge")` to the payment provider as *its* idempotency key makes that second
+    /// run harmless. The same key and step always give the same derived key.
+    pub fn derive(&self, step: &str) -> Key {
+        let encoded = length_prefixed([self.scope(), self.id(), step]);
+        let id = format!("d3:{}", blake3::hash(&encoded).to_hex());
+        Key(Arc::new(KeyInner {
+            scope: self.scope().into(),
+            id: id.into(),
+        }))
+    }
+
+    /// The scope: consumer, operation or tenant.
+    pub fn scope(&self) -> &str {
+        &self.0.scope
+    }
+
+    /// The id within the scope.
+    pub fn id(&self) -> &str {
+        &self.0.id
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({:?}, {:?})", self.scope(), self.id())
+    }
+}
+
+/// `scope/id`, for logs and people.
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.scope(), self.id())
+    }
+}
+
+/// The id of an event, stamped by its producer.
+///
+/// Either a UUIDv7 ([`EventId::new`]) or a producer id with a per-producer sequence number
+/// ([`EventId::sequence`]). Never a timestamp alone: two events in the same millisecond are two
+/// events.
+///
+/// ```
+/// use idemgate_core::EventId;
+///
+/// let id = EventId::new();
+/// assert_eq!(id.to_string().parse::<EventId>()?, id);
+///
+/// let seq = EventId::sequence("billing-1", 42)?;
+/// assert_eq!(seq.to_string(), "billing-1#42");
+/// assert_eq!("billing-1#42".parse::<EventId>()?, seq);
+/// # Ok::<(), idemgate_core::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventId {
+    /// A UUIDv7: unique without coordination, and ordered by creation time.
+    Uuid(uuid::Uuid),
+    /// A producer's own id and its gap-free sequence number.
+    Sequence {
+        /// The producer: 1..=200 bytes of visible ASCII without `#`.
+        producer: Box<str>,
+        /// The producer's sequence number.
+        seq: u64,
+    },
+}
+
+impl EventId {
+    /// A fresh UUIDv7.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        EventId::Uuid(uuid::Uuid::now_v7())
+    }
+
+    /// A producer id and sequence number.
+    pub fn sequence(producer: impl AsRef<str>, seq: u64) -> Result<Self> {
+        let producer = producer.as_ref();
+        check("producer", producer)?;
+        if producer.len() > 200 || producer.contains('#') {
+            return Err(Error::invalid_key(
+                "producer must be at most 200 bytes and must not contain '#'",
+            ));
+        }
+        Ok(EventId::Sequence {
+            producer: producer.into(),
+            seq,
+        })
+    }
+
+    /// This event's key in `scope` (usually the consumer's name).
+    pub fn key(&self, scope: impl AsRef<str>) -> Result<Key> {
+        Key::new(scope, self.to_string())
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventId::Uuid(u) => u.hyphenated().fmt(f),
+            EventId::Sequence { producer, seq } => write!(f, "{producer}#{seq}"),
+        }
+    }
+}
+
+impl FromStr for EventId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some((producer, seq)) = s.rsplit_once('#') {
+            let seq = seq
+                .parse()
+                .map_err(|_| Error::invalid_key(format!("bad sequence number in event id {s:?}")))?;
+            return EventId::sequence(producer, seq);
+        }
+        let u = uuid::Uuid::try_parse(s)
+            .map_err(|_| Error::invalid_key(format!("event id {s:?} is neither a UUID nor producer#seq")))?;
+        Ok(EventId::Uuid(u))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_parts() {
+        assert!(Key::new("s", "a").is_ok());
+        assert!(Key::new("", "a").is_err());
+        assert!(Key::new("s", "").is_err());
+        assert!(Key::new("s", "x".repeat(255)).is_ok());
+        let err = Key::new("s", "x".repeat(256)).unwrap_err();
+        assert!(err.to_string().contains("256 bytes"), "{err}");
+        assert!(Key::new("s", "é").is_err());
+        assert!(Key::new("s", "a\nb").is_err());
+        assert!(matches!(Key::new("s", " ").unwrap_err(), Error::InvalidKey { .. }));
+    }
+
+    #[test]
+    fn compose_is_unambiguous_and_hashes_long_or_binary_parts() {
+        let k = Key::compose("orders", ["o-1", "sku:9"]).unwrap();
+        assert_eq!(k.id(), "3:o-15:sku:9");
+        assert_ne!(
+            Key::compose("s", ["a:b", "c"]).unwrap(),
+            Key::compose("s", ["a", "b:c"]).unwrap()
+        );
+        let long = Key::compose("s", ["x".repeat(300)]).unwrap();
+        assert!(long.id().starts_with("b3:") && long.id().len() == 67);
+        let binary = Key::compose("s", [&b"\x00\xff"[..]]).unwrap();
+        assert!(binary.id().starts_with("b3:"));
+        assert!(Key::compose("s", Vec::<&str>::new()).is_err());
+    }
+
+    #[test]
+    fn derive_is_deterministic_and_distinct() {
+        let k = Key::new("pay", "p1").unwrap();
+        assert_eq!(k.derive("charge"), k.derive("charge"));
+        assert_ne!(k.derive("charge"), k.derive("refund"));
+        assert_ne!(k.derive("charge"), Key::new("pay", "p2").unwrap().derive("charge"));
+        assert_eq!(k.derive("charge").scope(), "pay");
+    }
+
+    #[test]
+    fn event_ids_round_trip() {
+        let a = EventId::new();
+        let b = EventId::new();
+        assert_ne!(a, b);
+        assert!(a < b, "UUIDv7 ids are ordered");
+        assert_eq!(a.to_string().parse::<EventId>().unwrap(), a);
+        assert!("nope".parse::<EventId>().is_err());
+        assert!("p#x".parse::<EventId>().is_err());
+        assert!(EventId::sequence("a#b", 1).is_err());
+        assert_eq!(EventId::sequence("p", 7).unwrap().key("c").unwrap().id(), "p#7");
+    }
+}

@@ -1,0 +1,298 @@
+//! The in-process store.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::key::Key;
+use crate::outcome::Outcome;
+use crate::record::{Claim, ClaimOptions, Lease, Record, State};
+use crate::store::Store;
+
+/// An in-process [`Store`]: sharded maps behind short locks.
+///
+/// For tests, single-process services and as a reference. Optionally bounded: at capacity it
+/// first drops records whose `expires_at` has passed, and if the store is still full it refuses
+/// the new key with [`Error::Capacity`]. It never forgets a live key.
+///
+/// ```
+/// use std::time::Duration;
+/// use idemgate_core::{Claim, Key, MemoryStore, Outcome, Store, StoreExt};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let store = MemoryStore::new();
+/// let key = Key::new("emails", "user-7:welcome")?;
+/// let Claim::Acquired(lease) = store.claim_for(&key, Duration::from_secs(30)).await? else {
+///     unreachable!("a new key is free")
+/// };
+/// store.complete(&lease, &Outcome::new(0, "sent"), Duration::from_secs(3600)).await?;
+/// assert!(matches!(store.claim_for(&key, Duration::from_secs(30)).await?, Claim::Completed(_)));
+/// # Ok::<(), idemgate_core::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Debug)]
+pub struct MemoryStore {
+    shards: Box<[Mutex<HashMap<Key, Record>>]>,
+    hasher: RandomState,
+    len: AtomicUsize,
+    capacity: Option<usize>,
+    clock: Arc<dyn Clock>,
+}
+
+/// Builds a [`MemoryStore`].
+#[derive(Debug)]
+pub struct MemoryStoreBuilder {
+    shards: usize,
+    capacity: Option<usize>,
+    clock: Arc<dyn Clock>,
+}
+
+impl MemoryStoreBuilder {
+    /// Bounds the number of records (default: unbounded).
+    pub fn with_capacity(mut self, records: usize) -> Self {
+        self.capacity = Some(records);
+        self
+    }
+
+    /// The number of independently locked shards (default: 64).
+    pub fn with_shards(mut self, shards: usize) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    /// The clock that judges expiry (default: [`SystemClock`]).
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> Result<MemoryStore> {
+        if self.shards == 0 {
+            return Err(Error::Config {
+                message: "a memory store needs at least one shard".into(),
+            });
+        }
+        Ok(MemoryStore {
+            shards: (0..self.shards).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            len: AtomicUsize::new(0),
+            capacity: self.capacity,
+            clock: self.clock,
+        })
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn fp_conflict(stored: Option<&Fingerprint>, given: Option<&Fingerprint>) -> Option<Fingerprint> {
+    match (stored, given) {
+        (Some(s), Some(g)) if s != g => Some(*s),
+        _ => None,
+    }
+}
+
+fn lease_error<T>() -> Result<T> {
+    Err(Error::LeaseLost)
+}
+
+impl MemoryStore {
+    /// An unbounded store on the system clock.
+    pub fn new() -> Self {
+        Self::builder().build().expect("default builder is valid")
+    }
+
+    /// A builder for capacity, shards and clock.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            shards: 64,
+            capacity: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The number of records held, expired or not.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// Whether the store holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, Record>> {
+        // `shards.len()` is never 0 (the builder refuses it), so the index is in range.
+        let i = (self.hasher.hash_one(key) % self.shards.len() as u64) as usize;
+        // A poisoned lock only means another thread panicked while holding it; every update
+        // below is a single assignment, so the map is consistent.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn drop_expired(&self, map: &mut HashMap<Key, Record>, now: SystemTime) -> usize {
+        let before = map.len();
+        map.retain(|_, r| r.expires_at > now);
+        let dropped = before - map.len();
+        self.len.fetch_sub(dropped, Ordering::Relaxed);
+        dropped
+    }
+
+    fn claim_sync(&self, key: &Key, fp: Option<&Fingerprint>, opts: &ClaimOptions) -> Result<Claim> {
+        let now = self.clock.now();
+        let lease_until = now + opts.lease;
+        let mut map = self.shard(key);
+        if let Some(r) = map.get_mut(key) {
+            let (token, attempts) = if r.expires_at <= now {
+                // expired: a fresh record, but the token keeps counting up
+                let token = r.token();
+                r.created_at = now;
+                r.fingerprint = fp.copied();
+                (token + 1, 1)
+            } else {
+                if let Some(stored) = fp_conflict(r.fingerprint.as_ref(), fp) {
+                    return Ok(Claim::Mismatch { stored });
+                }
+                match r.state {
+                    State::Completed { .. } => return Ok(Claim::Completed(r.clone())),
+                    State::InProgress { lease_until: held, .. } if held > now => {
+                        return Ok(Claim::InProgress {
+                            lease_until: held,
+                            attempts: r.attempts,
+                        });
+                    }
+                    State::InProgress { token, .. } => {
+                        if r.fingerprint.is_none() {
+                            r.fingerprint = fp.copied();
+                        }
+                        (token + 1, r.attempts.saturating_add(1))
+                    }
+                }
+            };
+            r.state = State::InProgress { token, lease_until };
+            r.expires_at = lease_until + opts.retention;
+            r.attempts = attempts;
+            return Ok(Claim::Acquired(Lease::new(key.clone(), token, lease_until, attempts)));
+        }
+        if let Some(limit) = self.capacity {
+            if self.len.load(Ordering::Relaxed) >= limit && self.drop_expired(&mut map, now) == 0 {
+                return Err(Error::Capacity { limit });
+            }
+            if self.len.load(Ordering::Relaxed) >= limit {
+                return Err(Error::Capacity { limit });
+            }
+        }
+        map.insert(
+            key.clone(),
+            Record {
+                key: key.clone(),
+                fingerprint: fp.copied(),
+                state: State::InProgress {
+                    token: 1,
+                    lease_until,
+                },
+                created_at: now,
+                expires_at: lease_until + opts.retention,
+                attempts: 1,
+            },
+        );
+        self.len.fetch_add(1, Ordering::Relaxed);
+        Ok(Claim::Acquired(Lease::new(key.clone(), 1, lease_until, 1)))
+    }
+
+    /// Runs `f` on the record held by `lease`, or fails with `LeaseLost`.
+    fn with_lease<T>(
+        &self,
+        lease: &Lease,
+        f: impl FnOnce(&mut Record, SystemTime, SystemTime) -> T,
+    ) -> Result<T> {
+        let now = self.clock.now();
+        let mut map = self.shard(lease.key());
+        match map.get_mut(lease.key()) {
+            Some(r) => match r.state {
+                State::InProgress { token, lease_until } if token == lease.token() => {
+                    Ok(f(r, now, lease_until))
+                }
+                _ => lease_error(),
+            },
+            None => lease_error(),
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    async fn claim(&self, key: &Key, fp: Option<&Fingerprint>, opts: &ClaimOptions) -> Result<Claim> {
+        self.claim_sync(key, fp, opts)
+    }
+
+    async fn complete(&self, lease: &Lease, outcome: &Outcome, retention: Duration) -> Result<()> {
+        self.with_lease(lease, |r, now, _| {
+            r.state = State::Completed {
+                token: lease.token(),
+                outcome: outcome.clone(),
+                completed_at: now,
+            };
+            r.expires_at = now + retention;
+        })
+    }
+
+    async fn release(&self, lease: Lease) -> Result<()> {
+        self.with_lease(&lease, |r, now, lease_until| {
+            if lease_until > now {
+                r.state = State::InProgress {
+                    token: lease.token(),
+                    lease_until: now,
+                };
+            }
+        })
+    }
+
+    async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Lease> {
+        self.with_lease(lease, |r, now, lease_until| {
+            let tail = r.expires_at.duration_since(lease_until).unwrap_or_default();
+            let until = now + extend;
+            r.state = State::InProgress {
+                token: lease.token(),
+                lease_until: until,
+            };
+            r.expires_at = r.expires_at.max(until + tail);
+            Lease::new(lease.key().clone(), lease.token(), until, lease.attempt())
+        })
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Record>> {
+        let now = self.clock.now();
+        Ok(self.shard(key).get(key).filter(|r| r.expires_at > now).cloned())
+    }
+
+    async fn purge_expired(&self, limit: usize) -> Result<u64> {
+        let now = self.clock.now();
+        let mut purged = 0usize;
+        for shard in self.shards.iter() {
+            if purged >= limit {
+                break;
+            }
+            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let doomed: Vec<Key> = map
+                .iter()
+                .filter(|(_, r)| r.expires_at <= now)
+                .map(|(k, _)| k.clone())
+                .take(limit - purged)
+                .collect();
+            for k in &doomed {
+                map.remove(k);
+            }
+            purged += doomed.len();
+            self.len.fetch_sub(doomed.len(), Ordering::Relaxed);
+        }
+        Ok(purged as u64)
+    }
+}

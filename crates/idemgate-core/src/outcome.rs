@@ -1,0 +1,163 @@
+//! Stored results.
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+
+/// The result of a finished handler, stored with the record and replayed to every duplicate.
+///
+/// A status and metadata pairs (HTTP status and headers, or a consumer's result kind) plus the
+/// body bytes. [`Outcome::encode`] / [`Outcome::decode`] give the one byte layout every backend
+/// stores, so a record written by one version is read by the next.
+///
+/// ```
+/// use idemgate_core::Outcome;
+///
+/// let o = Outcome::new(201, b"{\"id\":7}".to_vec()).with_meta("content-type", "application/json");
+/// assert_eq!(Outcome::decode(&o.encode())?, o);
+/// # Ok::<(), idemgate_core::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Outcome {
+    /// A status: an HTTP status code, or [`Outcome::OK`] / [`Outcome::FAILED`] for the Gate.
+    pub status: u16,
+    /// Ordered name/value pairs (HTTP headers; names may repeat).
+    pub meta: Vec<(String, Bytes)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+const FORMAT_V1: u8 = 1;
+
+impl Outcome {
+    /// The Gate's status for a stored success.
+    pub const OK: u16 = 0;
+    /// The Gate's status for a stored failure (error policy `Store`).
+    pub const FAILED: u16 = 1;
+
+    /// An outcome with a status and body and no metadata.
+    pub fn new(status: u16, body: impl Into<Bytes>) -> Self {
+        Outcome {
+            status,
+            meta: Vec::new(),
+            body: body.into(),
+        }
+    }
+
+    /// Adds one metadata pair.
+    pub fn with_meta(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.meta.push((name.into(), value.into()));
+        self
+    }
+
+    /// The stored byte layout: a format byte, the status, the metadata pairs and the body, each
+    /// length-prefixed (u32, little-endian).
+    pub fn encode(&self) -> Vec<u8> {
+        let meta_len: usize = self.meta.iter().map(|(n, v)| 8 + n.len() + v.len()).sum();
+        let mut out = Vec::with_capacity(1 + 2 + 4 + meta_len + 4 + self.body.len());
+        out.push(FORMAT_V1);
+        out.extend_from_slice(&self.status.to_le_bytes());
+        put_len(&mut out, self.meta.len());
+        for (name, value) in &self.meta {
+            put_len(&mut out, name.len());
+            out.extend_from_slice(name.as_bytes());
+            put_len(&mut out, value.len());
+            out.extend_from_slice(value);
+        }
+        put_len(&mut out, self.body.len());
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// Reads [`Outcome::encode`]'s layout back; damaged or foreign bytes are
+    /// [`Error::Corrupt`].
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader(bytes);
+        let format = r.take(1)?[0];
+        if format != FORMAT_V1 {
+            return Err(corrupt(format!("unknown outcome format {format}")));
+        }
+        let status = u16::from_le_bytes([r.take(1)?[0], r.take(1)?[0]]);
+        let pairs = r.len()?;
+        let mut meta = Vec::with_capacity(pairs.min(64));
+        for _ in 0..pairs {
+            let n = r.len()?;
+            let name = std::str::from_utf8(r.take(n)?)
+                .map_err(|_| corrupt("outcome metadata name is not UTF-8".into()))?
+                .to_owned();
+            let n = r.len()?;
+            meta.push((name, Bytes::copy_from_slice(r.take(n)?)));
+        }
+        let n = r.len()?;
+        let body = Bytes::copy_from_slice(r.take(n)?);
+        if !r.0.is_empty() {
+            return Err(corrupt(format!("{} trailing bytes after outcome", r.0.len())));
+        }
+        Ok(Outcome { status, meta, body })
+    }
+
+    /// The encoded size in bytes.
+    pub fn encoded_len(&self) -> usize {
+        1 + 2 + 4 + self.meta.iter().map(|(n, v)| 8 + n.len() + v.len()).sum::<usize>() + 4 + self.body.len()
+    }
+}
+
+fn put_len(out: &mut Vec<u8>, n: usize) {
+    // Outcomes are capped far below 4 GiB by every caller; saturate rather than wrap.
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+fn corrupt(reason: String) -> Error {
+    Error::Corrupt {
+        backend: "outcome",
+        reason,
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(corrupt(format!(
+                "outcome truncated: wanted {n} bytes, {} left",
+                self.0.len()
+            )));
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+
+    fn len(&mut self) -> Result<usize> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_damage() {
+        let o = Outcome::new(200, "hi")
+            .with_meta("a", "1")
+            .with_meta("a", vec![0u8, 255]);
+        let bytes = o.encode();
+        assert_eq!(bytes.len(), o.encoded_len());
+        assert_eq!(Outcome::decode(&bytes).unwrap(), o);
+        for cut in 0..bytes.len() {
+            assert!(Outcome::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert!(Outcome::decode(&extra).is_err());
+        let mut wrong = bytes;
+        wrong[0] = 9;
+        assert!(matches!(Outcome::decode(&wrong), Err(Error::Corrupt { .. })));
+        // a huge length prefix must not allocate or panic
+        assert!(Outcome::decode(&[1, 0, 0, 255, 255, 255, 255]).is_err());
+    }
+}

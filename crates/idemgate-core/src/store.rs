@@ -1,0 +1,241 @@
+//! The `Store` contract, its extension trait and the type-erased `BoxStore`.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::fingerprint::Fingerprint;
+use crate::key::Key;
+use crate::outcome::Outcome;
+use crate::record::{Claim, ClaimOptions, Lease, Record};
+
+/// A deduplication store: atomic check-and-claim, completion with a stored outcome, leases with
+/// fencing tokens, and retention.
+///
+/// # Contract
+/// Every backend obeys these rules; `idemgate-testkit`'s conformance suite checks each one.
+/// 1. `claim` is one atomic operation on the backend (one statement, one script, one locked map
+///    entry). Never read-then-write.
+/// 2. Of N concurrent claims of a free key exactly one gets [`Claim::Acquired`].
+/// 3. An expired lease may be taken over; the new lease has a larger token. `complete`,
+///    `release` and `renew` with a token that is no longer current fail with
+///    [`Error::LeaseLost`](crate::Error::LeaseLost) and change nothing (fencing).
+/// 4. A completed record is returned to every claim until its `expires_at`; after that the key is
+///    free.
+/// 5. Expiry is judged from stored timestamps against the backend's clock, not from lazy
+///    deletion.
+/// 6. Duplicate, in-progress and mismatch are [`Claim`] values, never errors.
+/// 7. A record of an abandoned or released claim is kept until its lease plus the claim's
+///    retention has passed, so that a stale lease holder stays fenced.
+/// 8. Nothing is evicted before `expires_at`; a bounded store refuses new keys with
+///    [`Error::Capacity`](crate::Error::Capacity).
+///
+/// # Clone
+/// Stores are shared: wrap one in an `Arc` (`Arc<S>` is a `Store` too) or erase it with
+/// [`StoreExt::boxed`]. Backends that own a connection pool are cheap to clone themselves.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Atomically claims `key`: acquires it if free, or reports why not.
+    fn claim(
+        &self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        opts: &ClaimOptions,
+    ) -> impl Future<Output = Result<Claim>> + Send;
+
+    /// Stores `outcome` for the key held by `lease`, to be replayed for `retention`.
+    fn complete(
+        &self,
+        lease: &Lease,
+        outcome: &Outcome,
+        retention: Duration,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Gives the key up without an outcome, so that the next claim runs the handler again.
+    fn release(&self, lease: Lease) -> impl Future<Output = Result<()>> + Send;
+
+    /// Extends a held lease to `extend` from now; returns the lease with its new expiry.
+    fn renew(&self, lease: &Lease, extend: Duration)
+    -> impl Future<Output = Result<Lease>> + Send;
+
+    /// The live record of `key`, if any (expired records are not returned).
+    fn get(&self, key: &Key) -> impl Future<Output = Result<Option<Record>>> + Send;
+
+    /// Deletes at most `limit` expired records; returns how many were deleted.
+    fn purge_expired(&self, limit: usize) -> impl Future<Output = Result<u64>> + Send;
+}
+
+impl<S: Store + ?Sized> Store for Arc<S>
+where
+    Arc<S>: fmt::Debug,
+{
+    fn claim(
+        &self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        opts: &ClaimOptions,
+    ) -> impl Future<Output = Result<Claim>> + Send {
+        (**self).claim(key, fp, opts)
+    }
+
+    fn complete(
+        &self,
+        lease: &Lease,
+        outcome: &Outcome,
+        retention: Duration,
+    ) -> impl Future<Output = Result<()>> + Send {
+        (**self).complete(lease, outcome, retention)
+    }
+
+    fn release(&self, lease: Lease) -> impl Future<Output = Result<()>> + Send {
+        (**self).release(lease)
+    }
+
+    fn renew(
+        &self,
+        lease: &Lease,
+        extend: Duration,
+    ) -> impl Future<Output = Result<Lease>> + Send {
+        (**self).renew(lease, extend)
+    }
+
+    fn get(&self, key: &Key) -> impl Future<Output = Result<Option<Record>>> + Send {
+        (**self).get(key)
+    }
+
+    fn purge_expired(&self, limit: usize) -> impl Future<Output = Result<u64>> + Send {
+        (**self).purge_expired(limit)
+    }
+}
+
+/// Conveniences over any [`Store`].
+pub trait StoreExt: Store {
+    /// Claims with the default options and this lease.
+    fn claim_for(&self, key: &Key, lease: Duration) -> impl Future<Output = Result<Claim>> + Send {
+        async move { self.claim(key, None, &ClaimOptions::with_lease(lease)).await }
+    }
+
+    /// Erases the store's type, for a store chosen at run time.
+    fn boxed(self) -> BoxStore
+    where
+        Self: Sized,
+    {
+        BoxStore(Arc::new(self))
+    }
+}
+
+impl<S: Store + ?Sized> StoreExt for S {}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// The object-safe mirror of [`Store`], with boxed futures.
+trait DynStore: Send + Sync + fmt::Debug + 'static {
+    fn claim<'a>(
+        &'a self,
+        key: &'a Key,
+        fp: Option<&'a Fingerprint>,
+        opts: &'a ClaimOptions,
+    ) -> BoxFuture<'a, Claim>;
+    fn complete<'a>(
+        &'a self,
+        lease: &'a Lease,
+        outcome: &'a Outcome,
+        retention: Duration,
+    ) -> BoxFuture<'a, ()>;
+    fn release(&self, lease: Lease) -> BoxFuture<'_, ()>;
+    fn renew<'a>(&'a self, lease: &'a Lease, extend: Duration) -> BoxFuture<'a, Lease>;
+    fn get<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Option<Record>>;
+    fn purge_expired(&self, limit: usize) -> BoxFuture<'_, u64>;
+}
+
+impl<S: Store> DynStore for S {
+    fn claim<'a>(
+        &'a self,
+        key: &'a Key,
+        fp: Option<&'a Fingerprint>,
+        opts: &'a ClaimOptions,
+    ) -> BoxFuture<'a, Claim> {
+        Box::pin(Store::claim(self, key, fp, opts))
+    }
+    fn complete<'a>(
+        &'a self,
+        lease: &'a Lease,
+        outcome: &'a Outcome,
+        retention: Duration,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(Store::complete(self, lease, outcome, retention))
+    }
+    fn release(&self, lease: Lease) -> BoxFuture<'_, ()> {
+        Box::pin(Store::release(self, lease))
+    }
+    fn renew<'a>(&'a self, lease: &'a Lease, extend: Duration) -> BoxFuture<'a, Lease> {
+        Box::pin(Store::renew(self, lease, extend))
+    }
+    fn get<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Option<Record>> {
+        Box::pin(Store::get(self, key))
+    }
+    fn purge_expired(&self, limit: usize) -> BoxFuture<'_, u64> {
+        Box::pin(Store::purge_expired(self, limit))
+    }
+}
+
+/// A [`Store`] whose backend is chosen at run time (a CLI flag, a URL).
+///
+/// Cheap to clone: clones share the same backend.
+///
+/// ```
+/// use idemgate_core::{BoxStore, MemoryStore, StoreExt};
+///
+/// let store: BoxStore = MemoryStore::new().boxed();
+/// let _shared = store.clone();
+/// ```
+#[derive(Clone)]
+pub struct BoxStore(Arc<dyn DynStore>);
+
+impl fmt::Debug for BoxStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("BoxStore").field(&self.0).finish()
+    }
+}
+
+impl Store for BoxStore {
+    fn claim(
+        &self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        opts: &ClaimOptions,
+    ) -> impl Future<Output = Result<Claim>> + Send {
+        async move { self.0.claim(key, fp, opts).await }
+    }
+
+    fn complete(
+        &self,
+        lease: &Lease,
+        outcome: &Outcome,
+        retention: Duration,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move { self.0.complete(lease, outcome, retention).await }
+    }
+
+    fn release(&self, lease: Lease) -> impl Future<Output = Result<()>> + Send {
+        self.0.release(lease)
+    }
+
+    fn renew(
+        &self,
+        lease: &Lease,
+        extend: Duration,
+    ) -> impl Future<Output = Result<Lease>> + Send {
+        async move { self.0.renew(lease, extend).await }
+    }
+
+    fn get(&self, key: &Key) -> impl Future<Output = Result<Option<Record>>> + Send {
+        async move { self.0.get(key).await }
+    }
+
+    fn purge_expired(&self, limit: usize) -> impl Future<Output = Result<u64>> + Send {
+        self.0.purge_expired(limit)
+    }
+}
