@@ -382,8 +382,7 @@ struct ReleaseOnDrop<S: Store> {
 
 impl<S: Store> Drop for ReleaseOnDrop<S> {
     fn drop(&mut self) {
-        if let (Some(lease), Ok(rt)) = (self.lease.take(), tokio::runtime::Handle::try_current())
-        {
+        if let (Some(lease), Ok(rt)) = (self.lease.take(), tokio::runtime::Handle::try_current()) {
             let store = Arc::clone(&self.store);
             // if no runtime is left, the lease simply expires
             rt.spawn(async move {

@@ -222,13 +222,14 @@ impl FromStr for EventId {
 
     fn from_str(s: &str) -> Result<Self> {
         if let Some((producer, seq)) = s.rsplit_once('#') {
-            let seq = seq
-                .parse()
-                .map_err(|_| Error::invalid_key(format!("bad sequence number in event id {s:?}")))?;
+            let seq = seq.parse().map_err(|_| {
+                Error::invalid_key(format!("bad sequence number in event id {s:?}"))
+            })?;
             return EventId::sequence(producer, seq);
         }
-        let u = uuid::Uuid::try_parse(s)
-            .map_err(|_| Error::invalid_key(format!("event id {s:?} is neither a UUID nor producer#seq")))?;
+        let u = uuid::Uuid::try_parse(s).map_err(|_| {
+            Error::invalid_key(format!("event id {s:?} is neither a UUID nor producer#seq"))
+        })?;
         Ok(EventId::Uuid(u))
     }
 }
@@ -247,7 +248,10 @@ mod tests {
         assert!(err.to_string().contains("256 bytes"), "{err}");
         assert!(Key::new("s", "é").is_err());
         assert!(Key::new("s", "a\nb").is_err());
-        assert!(matches!(Key::new("s", " ").unwrap_err(), Error::InvalidKey { .. }));
+        assert!(matches!(
+            Key::new("s", " ").unwrap_err(),
+            Error::InvalidKey { .. }
+        ));
     }
 
     #[test]
@@ -270,7 +274,10 @@ mod tests {
         let k = Key::new("pay", "p1").unwrap();
         assert_eq!(k.derive("charge"), k.derive("charge"));
         assert_ne!(k.derive("charge"), k.derive("refund"));
-        assert_ne!(k.derive("charge"), Key::new("pay", "p2").unwrap().derive("charge"));
+        assert_ne!(
+            k.derive("charge"),
+            Key::new("pay", "p2").unwrap().derive("charge")
+        );
         assert_eq!(k.derive("charge").scope(), "pay");
     }
 
@@ -284,6 +291,9 @@ mod tests {
         assert!("nope".parse::<EventId>().is_err());
         assert!("p#x".parse::<EventId>().is_err());
         assert!(EventId::sequence("a#b", 1).is_err());
-        assert_eq!(EventId::sequence("p", 7).unwrap().key("c").unwrap().id(), "p#7");
+        assert_eq!(
+            EventId::sequence("p", 7).unwrap().key("c").unwrap().id(),
+            "p#7"
+        );
     }
 }

@@ -146,7 +146,12 @@ impl MemoryStore {
         dropped
     }
 
-    fn claim_sync(&self, key: &Key, fp: Option<&Fingerprint>, opts: &ClaimOptions) -> Result<Claim> {
+    fn claim_sync(
+        &self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        opts: &ClaimOptions,
+    ) -> Result<Claim> {
         let now = self.clock.now();
         let lease_until = now + opts.lease;
         let mut map = self.shard(key);
@@ -163,7 +168,9 @@ impl MemoryStore {
                 }
                 match r.state {
                     State::Completed { .. } => return Ok(Claim::Completed(r.clone())),
-                    State::InProgress { lease_until: held, .. } if held > now => {
+                    State::InProgress {
+                        lease_until: held, ..
+                    } if held > now => {
                         return Ok(Claim::InProgress {
                             lease_until: held,
                             attempts: r.attempts,
@@ -180,7 +187,12 @@ impl MemoryStore {
             r.state = State::InProgress { token, lease_until };
             r.expires_at = lease_until + opts.retention;
             r.attempts = attempts;
-            return Ok(Claim::Acquired(Lease::new(key.clone(), token, lease_until, attempts)));
+            return Ok(Claim::Acquired(Lease::new(
+                key.clone(),
+                token,
+                lease_until,
+                attempts,
+            )));
         }
         if let Some(limit) = self.capacity {
             if self.len.load(Ordering::Relaxed) >= limit && self.drop_expired(&mut map, now) == 0 {
@@ -229,7 +241,12 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    async fn claim(&self, key: &Key, fp: Option<&Fingerprint>, opts: &ClaimOptions) -> Result<Claim> {
+    async fn claim(
+        &self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        opts: &ClaimOptions,
+    ) -> Result<Claim> {
         self.claim_sync(key, fp, opts)
     }
 
@@ -270,7 +287,11 @@ impl Store for MemoryStore {
 
     async fn get(&self, key: &Key) -> Result<Option<Record>> {
         let now = self.clock.now();
-        Ok(self.shard(key).get(key).filter(|r| r.expires_at > now).cloned())
+        Ok(self
+            .shard(key)
+            .get(key)
+            .filter(|r| r.expires_at > now)
+            .cloned())
     }
 
     async fn purge_expired(&self, limit: usize) -> Result<u64> {

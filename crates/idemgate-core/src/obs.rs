@@ -34,7 +34,8 @@ pub(crate) async fn timed<T>(_op: &'static str, fut: impl Future<Output = T>) ->
     let start = std::time::Instant::now();
     let out = fut.await;
     #[cfg(feature = "metrics")]
-    metrics::histogram!("idemgate_store_seconds", "op" => _op).record(start.elapsed().as_secs_f64());
+    metrics::histogram!("idemgate_store_seconds", "op" => _op)
+        .record(start.elapsed().as_secs_f64());
     out
 }
 

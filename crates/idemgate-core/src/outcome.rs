@@ -91,14 +91,25 @@ impl Outcome {
         let n = r.len()?;
         let body = Bytes::copy_from_slice(r.take(n)?);
         if !r.0.is_empty() {
-            return Err(corrupt(format!("{} trailing bytes after outcome", r.0.len())));
+            return Err(corrupt(format!(
+                "{} trailing bytes after outcome",
+                r.0.len()
+            )));
         }
         Ok(Outcome { status, meta, body })
     }
 
     /// The encoded size in bytes.
     pub fn encoded_len(&self) -> usize {
-        1 + 2 + 4 + self.meta.iter().map(|(n, v)| 8 + n.len() + v.len()).sum::<usize>() + 4 + self.body.len()
+        1 + 2
+            + 4
+            + self
+                .meta
+                .iter()
+                .map(|(n, v)| 8 + n.len() + v.len())
+                .sum::<usize>()
+            + 4
+            + self.body.len()
     }
 }
 
@@ -156,7 +167,10 @@ mod tests {
         assert!(Outcome::decode(&extra).is_err());
         let mut wrong = bytes;
         wrong[0] = 9;
-        assert!(matches!(Outcome::decode(&wrong), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            Outcome::decode(&wrong),
+            Err(Error::Corrupt { .. })
+        ));
         // a huge length prefix must not allocate or panic
         assert!(Outcome::decode(&[1, 0, 0, 255, 255, 255, 255]).is_err());
     }

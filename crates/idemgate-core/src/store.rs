@@ -57,8 +57,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn release(&self, lease: Lease) -> impl Future<Output = Result<()>> + Send;
 
     /// Extends a held lease to `extend` from now; returns the lease with its new expiry.
-    fn renew(&self, lease: &Lease, extend: Duration)
-    -> impl Future<Output = Result<Lease>> + Send;
+    fn renew(&self, lease: &Lease, extend: Duration) -> impl Future<Output = Result<Lease>> + Send;
 
     /// The live record of `key`, if any (expired records are not returned).
     fn get(&self, key: &Key) -> impl Future<Output = Result<Option<Record>>> + Send;
@@ -93,11 +92,7 @@ where
         (**self).release(lease)
     }
 
-    fn renew(
-        &self,
-        lease: &Lease,
-        extend: Duration,
-    ) -> impl Future<Output = Result<Lease>> + Send {
+    fn renew(&self, lease: &Lease, extend: Duration) -> impl Future<Output = Result<Lease>> + Send {
         (**self).renew(lease, extend)
     }
 
@@ -114,7 +109,10 @@ where
 pub trait StoreExt: Store {
     /// Claims with the default options and this lease.
     fn claim_for(&self, key: &Key, lease: Duration) -> impl Future<Output = Result<Claim>> + Send {
-        async move { self.claim(key, None, &ClaimOptions::with_lease(lease)).await }
+        async move {
+            self.claim(key, None, &ClaimOptions::with_lease(lease))
+                .await
+        }
     }
 
     /// Erases the store's type, for a store chosen at run time.
@@ -223,11 +221,7 @@ impl Store for BoxStore {
         self.0.release(lease)
     }
 
-    fn renew(
-        &self,
-        lease: &Lease,
-        extend: Duration,
-    ) -> impl Future<Output = Result<Lease>> + Send {
+    fn renew(&self, lease: &Lease, extend: Duration) -> impl Future<Output = Result<Lease>> + Send {
         async move { self.0.renew(lease, extend).await }
     }
 

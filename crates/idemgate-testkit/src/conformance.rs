@@ -1,0 +1,472 @@
+//! The conformance suite: one function per rule of the `Store` contract.
+//!
+//! Every function panics with a message naming the broken rule. Backends stamp them into tests
+//! with [`conformance_tests!`](crate::conformance_tests).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use idemgate_core::{
+    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, ManualClock, Outcome, State, Store,
+};
+
+/// A store under test and a way to make its time pass.
+#[derive(Debug)]
+pub struct Ctx<S> {
+    /// The store under test, shared with the racing tasks.
+    pub store: Arc<S>,
+    clock: Option<ManualClock>,
+    scope: String,
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+impl<S: Store> Ctx<S> {
+    /// A store whose expiry is judged by `clock` (the one it was built with).
+    pub fn manual(store: S, clock: ManualClock) -> Self {
+        Self::new(store, Some(clock))
+    }
+
+    /// A store on a real clock (a server's): time passes by sleeping.
+    pub fn real_time(store: S) -> Self {
+        Self::new(store, None)
+    }
+
+    fn new(store: S, clock: Option<ManualClock>) -> Self {
+        let scope = format!(
+            "conformance-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        Ctx {
+            store: Arc::new(store),
+            clock,
+            scope,
+        }
+    }
+
+    /// A key unique to this context.
+    pub fn key(&self, id: &str) -> Key {
+        Key::new(&self.scope, id).expect("test keys are valid")
+    }
+
+    /// Makes `d` pass on the store's clock.
+    pub async fn advance(&self, d: Duration) {
+        match &self.clock {
+            Some(clock) => clock.advance(d),
+            None => tokio::time::sleep(d).await,
+        }
+    }
+}
+
+/// Leases and retentions are in units of this, so that real-time backends run quickly.
+const UNIT: Duration = Duration::from_millis(400);
+const LONG: Duration = Duration::from_secs(3600);
+
+fn opts(lease: Duration) -> ClaimOptions {
+    ClaimOptions {
+        lease,
+        retention: LONG,
+    }
+}
+
+async fn acquire<S: Store>(ctx: &Ctx<S>, key: &Key, lease: Duration) -> Lease {
+    match ctx.store.claim(key, None, &opts(lease)).await {
+        Ok(Claim::Acquired(lease)) => lease,
+        other => panic!("expected Acquired for a free key {key}, got {other:?}"),
+    }
+}
+
+async fn claim<S: Store>(ctx: &Ctx<S>, key: &Key, fp: Option<&Fingerprint>) -> Claim {
+    ctx.store
+        .claim(key, fp, &opts(UNIT))
+        .await
+        .expect("claim must not fail")
+}
+
+fn outcome(tag: &str) -> Outcome {
+    Outcome::new(200, tag.as_bytes().to_vec()).with_meta("x-tag", tag.as_bytes().to_vec())
+}
+
+/// Rule 2: a new key is acquired with attempt 1, and the record shows it in progress.
+pub async fn claim_new_key<S: Store>(ctx: &Ctx<S>) {
+    let key = ctx.key("new");
+    assert_eq!(
+        ctx.store.get(&key).await.unwrap(),
+        None,
+        "unknown key has a record"
+    );
+    let lease = acquire(ctx, &key, UNIT).await;
+    assert_eq!(lease.key(), &key);
+    assert_eq!(lease.attempt(), 1);
+    let rec = ctx
+        .store
+        .get(&key)
+        .await
+        .unwrap()
+        .expect("claimed key has a record");
+    assert!(
+        matches!(rec.state, State::InProgress { token, .. } if token == lease.token()),
+        "record {rec:?} does not show lease {lease:?}"
+    );
+    assert_eq!(rec.attempts, 1);
+}
+
+/// Rules 1 and 2: of 64 concurrent claims of a free key exactly one is `Acquired`; repeated.
+pub async fn exclusive_claim_race<S: Store>(ctx: &Ctx<S>) {
+    for round in 0..20 {
+        let key = ctx.key(&format!("race-{round}"));
+        let barrier = Arc::new(tokio::sync::Barrier::new(64));
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let (store, key, barrier) =
+                    (Arc::clone(&ctx.store), key.clone(), Arc::clone(&barrier));
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.claim(&key, None, &opts(LONG)).await
+                })
+            })
+            .collect();
+        let mut acquired = 0;
+        for t in tasks {
+            match t.await.expect("claim task panicked").expect("claim failed") {
+                Claim::Acquired(_) => acquired += 1,
+                Claim::InProgress { .. } => {}
+                other => panic!("round {round}: unexpected {other:?} in a race on a free key"),
+            }
+        }
+        assert_eq!(
+            acquired, 1,
+            "round {round}: {acquired} of 64 racing claims acquired the key"
+        );
+    }
+}
+
+/// Rule 4: a completed record is replayed, with its outcome, to every later claim.
+pub async fn completed_is_replayed<S: Store>(ctx: &Ctx<S>) {
+    let key = ctx.key("done");
+    let fp = Fingerprint::of(b"request");
+    let Claim::Acquired(lease) = claim(ctx, &key, Some(&fp)).await else {
+        panic!("new key not acquired")
+    };
+    ctx.store
+        .complete(&lease, &outcome("first"), LONG)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        match claim(ctx, &key, Some(&fp)).await {
+            Claim::Completed(rec) => {
+                assert_eq!(
+                    rec.outcome(),
+                    Some(&outcome("first")),
+                    "outcome not replayed intact"
+                );
+                assert_eq!(rec.fingerprint, Some(fp));
+                assert_eq!(rec.attempts, 1);
+            }
+            other => panic!("completed key claimed as {other:?}"),
+        }
+    }
+    assert!(
+        matches!(claim(ctx, &key, None).await, Claim::Completed(_)),
+        "claim without a fingerprint must replay"
+    );
+    let rec = ctx
+        .store
+        .get(&key)
+        .await
+        .unwrap()
+        .expect("completed record");
+    assert!(matches!(rec.state, State::Completed { token, .. } if token == lease.token()));
+}
+
+/// A released key is free at once; the next claim gets a larger token.
+pub async fn release_then_reclaim<S: Store>(ctx: &Ctx<S>) {
+    let key = ctx.key("release");
+    let first = acquire(ctx, &key, LONG).await;
+    let token = first.token();
+    ctx.store.release(first).await.unwrap();
+    let second = acquire(ctx, &key, LONG).await;
+    assert!(second.token() > token, "token did not grow after release");
+    assert_eq!(second.attempt(), 2);
+}
+
+/// Rules 4 and 5: after `expires_at` a completed key is free again, judged by the clock.
+pub async fn expiry_frees_key<S: Store>(ctx: &Ctx<S>) {
+    let key = ctx.key("expiry");
+    let lease = acquire(ctx, &key, UNIT).await;
+    ctx.store
+        .complete(&lease, &outcome("old"), UNIT)
+        .await
+        .unwrap();
+    assert!(matches!(claim(ctx, &key, None).await, Claim::Completed(_)));
+    ctx.advance(UNIT * 2).await;
+    assert_eq!(
+        ctx.store.get(&key).await.unwrap(),
+        None,
+        "expired record still returned by get"
+    );
+    let again = acquire(ctx, &key, UNIT).await;
+    assert_eq!(
+        again.attempt(),
+        1,
+        "a key free after expiry starts a new record"
+    );
+    assert!(
+        again.token() > lease.token(),
+        "token must keep growing across expiry"
+    );
+}
+
+/// Rule 3: an expired lease is taken over with a larger token; a live one is reported.
+pub async fn takeover_after_lease_expiry<S: Store>(ctx: &Ctx<S>) {
+    let key = ctx.key("takeover");
+    let first = acquire(ctx, &key, UNIT).await;
+    match claim(ctx, &key, None).await {
+        Claim::InProgress {
+            attempts,
+            lease_until,
+        } => {
+            assert_eq!(attempts, 1);
+            assert!(lease_until >= first.expires_at() - Duration::from_millis(5));
+        }
+        other => panic!("live lease claimed as {other:?}"),
+    }
+    ctx.advance(UNIT * 2).await;
+    let second = acquire(ctx, &key, UNIT).await;
+    assert!(
+        second.token() > first.token(),
+        "take-over must increase the token"
+    );
+    assert_eq!(second.attempt(), 2);
+}
+
+/// Rule 3: complete, release and renew with a stale token fail with `LeaseLost` and change
+/// nothing.
+pub async fn fencing<S: Store>(ctx: &Ctx<S>) {
+    let key = ctx.key("fencing");
+    let stale = acquire(ctx, &key, UNIT).await;
+    ctx.advance(UNIT * 2).await;
+    let current = acquire(ctx, &key, LONG).await;
+    let before = ctx.store.get(&key).await.unwrap();
+
+    let r = ctx.store.complete(&stale, &outcome("zombie"), LONG).await;
+    assert!(
+        matches!(r, Err(Error::LeaseLost)),
+        "stale complete gave {r:?}"
+    );
+    let r = ctx.store.renew(&stale, LONG).await;
+    assert!(matches!(r, Err(Error::LeaseLost)), "stale renew gave {r:?}");
+    let r = ctx.store.release(stale.clone()).await;
+    assert!(
+        matches!(r, Err(Error::LeaseLost)),
+        "stale release gave {r:?}"
+    );
+    assert_eq!(
+        ctx.store.get(&key).await.unwrap(),
+        before,
+        "a stale lease changed the record"
+    );
+
+    ctx.store
+        .complete(&current, &outcome("owner"), LONG)
+        .await
+        .unwrap();
+    let r = ctx.store.complete(&stale, &outcome("zombie"), LONG).await;
+    assert!(
+        matches!(r, Err(Error::LeaseLost)),
+        "stale complete after completion gave {r:?}"
+    );
+    let r = ctx.store.complete(&current, &outcome("twice"), LONG).await;
+    assert!(
+        matches!(r, Err(Error::LeaseLost)),
+        "second complete gave {r:?}"
+    );
+    let rec = ctx.store.get(&key).await.unwrap().unwrap();
+    assert_eq!(
+        rec.outcome(),
+        Some(&outcome("owner")),
+        "the owner's outcome was overwritten"
+    );
+}
+
+/// A claim with another fingerprint is `Mismatch`, for completed and in-progress keys.
+pub async fn fingerprint_mismatch<S: Store>(ctx: &Ctx<S>) {
+    let (a, b) = (Fingerprint::of(b"a"), Fingerprint::of(b"b"));
+    let key = ctx.key("mismatch");
+    let Claim::Acquired(lease) = claim(ctx, &key, Some(&a)).await else {
+        panic!("new key not acquired")
+    };
+    assert_eq!(
+        claim(ctx, &key, Some(&b)).await,
+        Claim::Mismatch { stored: a },
+        "in progress"
+    );
+    ctx.store
+        .complete(&lease, &outcome("a"), LONG)
+        .await
+        .unwrap();
+    assert_eq!(
+        claim(ctx, &key, Some(&b)).await,
+        Claim::Mismatch { stored: a },
+        "completed"
+    );
+    assert!(matches!(
+        claim(ctx, &key, Some(&a)).await,
+        Claim::Completed(_)
+    ));
+}
+
+/// Renewing a lease keeps others out past its first expiry.
+pub async fn renew_extends_lease<S: Store>(ctx: &Ctx<S>) {
+    let key = ctx.key("renew");
+    let lease = acquire(ctx, &key, UNIT * 2).await;
+    ctx.advance(UNIT).await;
+    let renewed = ctx.store.renew(&lease, UNIT * 3).await.unwrap();
+    assert_eq!(renewed.token(), lease.token());
+    assert!(
+        renewed.expires_at() > lease.expires_at(),
+        "renew did not move the expiry"
+    );
+    ctx.advance(UNIT * 2).await;
+    assert!(
+        matches!(claim(ctx, &key, None).await, Claim::InProgress { .. }),
+        "a renewed lease was taken over"
+    );
+    ctx.store
+        .complete(&renewed, &outcome("late"), LONG)
+        .await
+        .unwrap();
+}
+
+/// Rule 7: an abandoned claim's record outlives its lease, so its holder stays fenced, and
+/// purge does not remove it early.
+pub async fn abandoned_claim_stays_fenced<S: Store>(ctx: &Ctx<S>) {
+    let key = ctx.key("abandoned");
+    let first = acquire(ctx, &key, UNIT).await;
+    ctx.advance(UNIT * 2).await;
+    ctx.store.purge_expired(1000).await.unwrap();
+    let second = acquire(ctx, &key, UNIT).await;
+    ctx.store.release(second).await.unwrap();
+    ctx.store.purge_expired(1000).await.unwrap();
+    let third = acquire(ctx, &key, LONG).await;
+    assert!(
+        third.token() > first.token() + 1,
+        "tokens were reused after purge/release"
+    );
+    assert!(matches!(
+        ctx.store.complete(&first, &outcome("zombie"), LONG).await,
+        Err(Error::LeaseLost)
+    ));
+}
+
+/// Purge removes expired records only, at most `limit` at a time.
+pub async fn purge_expired<S: Store>(ctx: &Ctx<S>) {
+    for i in 0..3 {
+        let key = ctx.key(&format!("short-{i}"));
+        let lease = acquire(ctx, &key, UNIT).await;
+        ctx.store
+            .complete(&lease, &outcome("s"), UNIT)
+            .await
+            .unwrap();
+    }
+    let keep = ctx.key("long");
+    let lease = acquire(ctx, &keep, UNIT).await;
+    ctx.store
+        .complete(&lease, &outcome("l"), LONG)
+        .await
+        .unwrap();
+    assert_eq!(
+        ctx.store.purge_expired(100).await.unwrap(),
+        0,
+        "purged live records"
+    );
+    ctx.advance(UNIT * 2).await;
+    assert_eq!(
+        ctx.store.purge_expired(2).await.unwrap(),
+        2,
+        "purge ignored its limit"
+    );
+    assert_eq!(ctx.store.purge_expired(100).await.unwrap(), 1);
+    assert_eq!(ctx.store.purge_expired(100).await.unwrap(), 0);
+    assert!(
+        ctx.store.get(&keep).await.unwrap().is_some(),
+        "purge removed a live record"
+    );
+}
+
+/// Outcomes of any size and content come back byte for byte.
+pub async fn outcome_round_trip<S: Store>(ctx: &Ctx<S>) {
+    let key = ctx.key("bytes");
+    let lease = acquire(ctx, &key, UNIT).await;
+    let body: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let o = Outcome::new(422, body)
+        .with_meta("content-type", "application/json")
+        .with_meta("set-cookie", vec![0u8, 1, 2, 255])
+        .with_meta("set-cookie", "b=2");
+    ctx.store.complete(&lease, &o, LONG).await.unwrap();
+    let rec = ctx.store.get(&key).await.unwrap().unwrap();
+    assert_eq!(rec.outcome(), Some(&o));
+}
+
+/// Rule 8, for bounded stores: at capacity a new key is refused, live keys are kept, and an
+/// expired record makes room.
+pub async fn capacity<S: Store>(ctx: &Ctx<S>, limit: usize) {
+    for i in 0..limit {
+        let lease = acquire(ctx, &ctx.key(&format!("cap-{i}")), UNIT).await;
+        ctx.store
+            .complete(&lease, &outcome("c"), UNIT)
+            .await
+            .unwrap();
+    }
+    let extra = ctx.key("cap-extra");
+    let r = ctx.store.claim(&extra, None, &opts(UNIT)).await;
+    assert!(
+        matches!(r, Err(Error::Capacity { limit: l }) if l == limit),
+        "got {r:?}"
+    );
+    for i in 0..limit {
+        let key = ctx.key(&format!("cap-{i}"));
+        assert!(
+            matches!(claim(ctx, &key, None).await, Claim::Completed(_)),
+            "a live key was evicted"
+        );
+    }
+    ctx.advance(UNIT * 2).await;
+    acquire(ctx, &extra, UNIT).await;
+}
+
+/// Stamps one `#[tokio::test]` per conformance case.
+///
+/// `$make` is an async expression evaluated per test that yields a
+/// [`Ctx`](crate::conformance::Ctx); each test gets its own store, so tests run in parallel.
+///
+/// ```
+/// use idemgate_core::{ManualClock, MemoryStore};
+/// use idemgate_testkit::conformance::Ctx;
+///
+/// idemgate_testkit::conformance_tests!(async {
+///     let clock = ManualClock::new();
+///     Ctx::manual(MemoryStore::builder().with_clock(clock.clone()).build().unwrap(), clock)
+/// });
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@cases $make;
+            claim_new_key, exclusive_claim_race, completed_is_replayed, release_then_reclaim,
+            expiry_frees_key, takeover_after_lease_expiry, fencing, fingerprint_mismatch,
+            renew_extends_lease, abandoned_claim_stays_fenced, purge_expired, outcome_round_trip);
+    };
+    (@cases $make:expr; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let ctx = $make.await;
+                $crate::conformance::$case(&ctx).await;
+            }
+        )*
+    };
+}
