@@ -12,12 +12,21 @@ use idemgate_core::{
 };
 
 /// A store under test and a way to make its time pass.
-#[derive(Debug)]
 pub struct Ctx<S> {
     /// The store under test, shared with the racing tasks.
     pub store: Arc<S>,
     clock: Option<ManualClock>,
     scope: String,
+    _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Ctx<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("store", &self.store)
+            .field("scope", &self.scope)
+            .finish()
+    }
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -43,7 +52,14 @@ impl<S: Store> Ctx<S> {
             store: Arc::new(store),
             clock,
             scope,
+            _guard: None,
         }
+    }
+
+    /// Keeps `guard` (a temporary directory, a server handle) alive as long as the context.
+    pub fn keep(mut self, guard: impl std::any::Any + Send + Sync) -> Self {
+        self._guard = Some(Box::new(guard));
+        self
     }
 
     /// A key unique to this context.

@@ -1,0 +1,437 @@
+//! SQLite-specific behaviour: crashes, foreign files, shared files, the inbox and the queue.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idemgate_core::{Claim, ClaimOptions, Error, Key, Lease, Outcome, State, Store, StoreExt};
+use idemgate_sqlite::{SqliteInbox, SqliteQueue, SqliteStore};
+use rusqlite::{Connection, TransactionBehavior};
+
+const CHILD_ENV: &str = "IDEMGATE_SQLITE_CHILD_DB";
+
+/// Not a test of its own: the child process of `killed_process_leaves_completed_records_and_fenced_leases`.
+#[tokio::test]
+async fn child_process_entry() {
+    let Ok(path) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let store = SqliteStore::open(&path).unwrap();
+    let opts = ClaimOptions::with_lease(Duration::from_millis(300));
+    for i in 0..40 {
+        let key = Key::new("crash", format!("k{i}")).unwrap();
+        let Claim::Acquired(lease) = store.claim(&key, None, &opts).await.unwrap() else {
+            panic!()
+        };
+        if i % 2 == 0 {
+            store
+                .complete(
+                    &lease,
+                    &Outcome::new(200, format!("done-{i}")),
+                    Duration::from_secs(3600),
+                )
+                .await
+                .unwrap();
+        } else {
+            println!("held {i} {}", lease.token());
+        }
+    }
+    println!("ready");
+    // hold the leases until killed
+    tokio::time::sleep(Duration::from_secs(600)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_process_leaves_completed_records_and_fenced_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crash.db");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_process_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        // libtest may print its own "test ... " prefix on the same line
+        if line.ends_with("ready") {
+            break;
+        }
+        if let Some(rest) = line.split("held ").nth(1) {
+            let (i, tok) = rest.split_once(' ').unwrap();
+            held.push((i.parse::<u32>().unwrap(), tok.parse::<u64>().unwrap()));
+        }
+    }
+    assert_eq!(held.len(), 20, "child did not report its leases");
+    child.kill().unwrap(); // SIGKILL: no destructor, no clean close
+    child.wait().unwrap();
+
+    let store = SqliteStore::open(&path).unwrap();
+    for i in (0..40).step_by(2) {
+        let rec = store
+            .get(&Key::new("crash", format!("k{i}")).unwrap())
+            .await
+            .unwrap()
+            .expect("completed record lost");
+        assert_eq!(rec.outcome().unwrap().body, format!("done-{i}").as_bytes());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (i, old) in held {
+        let key = Key::new("crash", format!("k{i}")).unwrap();
+        let lease = loop {
+            match store
+                .claim_for(&key, Duration::from_secs(60))
+                .await
+                .unwrap()
+            {
+                Claim::Acquired(l) => break l,
+                Claim::InProgress { .. } if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                other => panic!("k{i}: {other:?}"),
+            }
+        };
+        assert!(lease.token() > old);
+        let stale = Lease::new(key.clone(), old, lease.expires_at(), 1);
+        assert!(matches!(
+            store
+                .complete(&stale, &Outcome::new(0, "zombie"), Duration::from_secs(60))
+                .await,
+            Err(Error::LeaseLost)
+        ));
+        store
+            .complete(&lease, &Outcome::new(0, "owner"), Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn foreign_and_corrupt_files_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.db");
+    std::fs::write(&garbage, vec![0x42u8; 8192]).unwrap();
+    let e = SqliteStore::open(&garbage).unwrap_err();
+    assert!(
+        matches!(e, Error::Corrupt { .. }),
+        "garbage file gave {e:?}"
+    );
+    assert!(SqliteQueue::open(&garbage, "q").is_err());
+
+    let foreign = dir.path().join("foreign.db");
+    Connection::open(&foreign)
+        .unwrap()
+        .execute_batch("CREATE TABLE idemgate_records (a, b)")
+        .unwrap();
+    let e = SqliteStore::open(&foreign).unwrap_err();
+    assert!(
+        matches!(&e, Error::Corrupt { reason, .. } if reason.contains("belongs to something else")),
+        "{e:?}"
+    );
+
+    let newer = dir.path().join("newer.db");
+    drop(SqliteStore::open(&newer).unwrap());
+    Connection::open(&newer)
+        .unwrap()
+        .execute_batch("UPDATE idemgate_schema SET version = 99")
+        .unwrap();
+    assert!(matches!(
+        SqliteStore::open(&newer),
+        Err(Error::Corrupt { .. })
+    ));
+
+    assert!(matches!(
+        SqliteStore::builder()
+            .with_path(dir.path().join("x.db"))
+            .with_table("no; drop")
+            .build(),
+        Err(Error::Config { .. })
+    ));
+    assert!(matches!(
+        SqliteStore::builder().build(),
+        Err(Error::Config { .. })
+    ));
+    let missing_dir = dir.path().join("no/such/dir/x.db");
+    assert!(matches!(
+        SqliteStore::open(&missing_dir),
+        Err(Error::Unavailable { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_damaged_record_is_corrupt_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let key = Key::new("s", "k").unwrap();
+    let Claim::Acquired(l) = store.claim_for(&key, Duration::from_secs(5)).await.unwrap() else {
+        panic!()
+    };
+    store
+        .complete(&l, &Outcome::new(0, "x"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("UPDATE idemgate_records SET outcome = x'ff00'")
+        .unwrap();
+    assert!(matches!(store.get(&key).await, Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        store.claim_for(&key, Duration::from_secs(5)).await,
+        Err(Error::Corrupt { .. })
+    ));
+    // the store keeps working for other keys
+    assert!(matches!(
+        store
+            .claim_for(&Key::new("s", "other").unwrap(), Duration::from_secs(5))
+            .await,
+        Ok(Claim::Acquired(_))
+    ));
+}
+
+/// Four stores (four connections, as four processes would have) race on each key of one file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stores_sharing_a_file_exclude_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let stores: Vec<_> = (0..4).map(|_| SqliteStore::open(&path).unwrap()).collect();
+    for round in 0..20 {
+        let key = Key::new("shared", format!("k{round}")).unwrap();
+        let barrier = Arc::new(tokio::sync::Barrier::new(32));
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let (store, key, barrier) =
+                    (stores[i % 4].clone(), key.clone(), Arc::clone(&barrier));
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store
+                        .claim_for(&key, Duration::from_secs(60))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            if matches!(t.await.unwrap(), Claim::Acquired(_)) {
+                won += 1;
+            }
+        }
+        assert_eq!(won, 1, "round {round}");
+    }
+}
+
+#[test]
+fn inbox_commits_with_the_business_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let mut conn = Connection::open(&path).unwrap();
+    conn.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE balance (total INTEGER); INSERT INTO balance VALUES (0);").unwrap();
+    let inbox = SqliteInbox::new();
+    inbox.migrate(&conn).unwrap();
+    let key = Key::new("ledger", "evt-1").unwrap();
+
+    // a rolled-back transaction leaves the key unprocessed
+    {
+        let tx = conn.transaction().unwrap();
+        assert!(inbox.first_time(&tx, &key).unwrap());
+        tx.execute("UPDATE balance SET total = total + 5", [])
+            .unwrap();
+        tx.rollback().unwrap();
+    }
+    // then the real delivery and a duplicate
+    for _ in 0..2 {
+        let tx = conn.transaction().unwrap();
+        if inbox.first_time(&tx, &key).unwrap() {
+            tx.execute("UPDATE balance SET total = total + 5", [])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let total: i64 = conn
+        .query_row("SELECT total FROM balance", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(total, 5);
+}
+
+/// Eight connections process the same 200 keys concurrently: each key's effect happens once.
+#[test]
+fn concurrent_inbox_transactions_apply_each_key_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE effects (id TEXT PRIMARY KEY, n INTEGER NOT NULL);").unwrap();
+        SqliteInbox::new().migrate(&conn).unwrap();
+    }
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut conn = Connection::open(&path).unwrap();
+                conn.busy_timeout(Duration::from_secs(30)).unwrap();
+                let inbox = SqliteInbox::new();
+                let mut applied = 0;
+                for i in 0..200 {
+                    let key = Key::new("c", format!("e{i}")).unwrap();
+                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).unwrap();
+                    if inbox.first_time(&tx, &key).unwrap() {
+                        tx.execute("INSERT INTO effects (id, n) VALUES (?1, 1) ON CONFLICT (id) DO UPDATE SET n = n + 1", [key.id()]).unwrap();
+                        applied += 1;
+                    }
+                    tx.commit().unwrap();
+                }
+                applied
+            })
+        })
+        .collect();
+    let applied: i32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(applied, 200);
+    let conn = Connection::open(&path).unwrap();
+    let (rows, max): (i64, i64) = conn
+        .query_row("SELECT count(*), max(n) FROM effects", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((rows, max), (200, 1));
+}
+
+#[test]
+fn inbox_forgets_keys_after_retention_and_purges_in_batches() {
+    let clock = idemgate_core::ManualClock::new();
+    let mut conn = Connection::open_in_memory().unwrap();
+    let inbox = SqliteInbox::new()
+        .with_retention(Duration::from_secs(60))
+        .with_clock(clock.clone());
+    inbox.migrate(&conn).unwrap();
+    let tx = conn.transaction().unwrap();
+    for i in 0..5 {
+        assert!(
+            inbox
+                .first_time(&tx, &Key::new("r", format!("{i}")).unwrap())
+                .unwrap()
+        );
+    }
+    assert!(!inbox.first_time(&tx, &Key::new("r", "0").unwrap()).unwrap());
+    tx.commit().unwrap();
+    clock.advance(Duration::from_secs(61));
+    let tx = conn.transaction().unwrap();
+    assert!(
+        inbox.first_time(&tx, &Key::new("r", "0").unwrap()).unwrap(),
+        "key outlived its retention"
+    );
+    tx.commit().unwrap();
+    assert_eq!(inbox.purge_expired(&conn, 3).unwrap(), 3);
+    assert_eq!(inbox.purge_expired(&conn, 3).unwrap(), 1);
+    assert_eq!(inbox.purge_expired(&conn, 3).unwrap(), 0);
+    assert!(SqliteInbox::new().with_table("bad name").is_err());
+}
+
+#[test]
+fn queue_hides_redelivers_and_counts() {
+    let clock = idemgate_core::ManualClock::new();
+    let dir = tempfile::tempdir().unwrap();
+    let q = SqliteQueue::open_with_clock(dir.path().join("q.db"), "jobs", clock.clone()).unwrap();
+    let other =
+        SqliteQueue::open_with_clock(dir.path().join("q.db"), "other", clock.clone()).unwrap();
+    q.send_batch([
+        (&b"a"[..], Duration::ZERO),
+        (&b"b"[..], Duration::ZERO),
+        (&b"c"[..], Duration::from_secs(5)),
+    ])
+    .unwrap();
+    other.send(b"elsewhere").unwrap();
+
+    let first = q.receive(10, Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        first.iter().map(|m| m.body.as_slice()).collect::<Vec<_>>(),
+        [b"a", b"b"]
+    );
+    assert!(first.iter().all(|m| m.receive_count == 1));
+    assert!(
+        q.receive(10, Duration::from_secs(30)).unwrap().is_empty(),
+        "in-flight or delayed messages were delivered"
+    );
+    assert!(q.delete(&first[0].receipt).unwrap());
+    assert!(!q.delete(&first[0].receipt).unwrap(), "deleted twice");
+
+    clock.advance(Duration::from_secs(31)); // "b" times out, "c" becomes visible
+    let again = q.receive(10, Duration::from_secs(30)).unwrap();
+    assert_eq!(again.len(), 2);
+    let b = again.iter().find(|m| m.body == b"b").unwrap();
+    assert_eq!(b.receive_count, 2, "a redelivery counts");
+    assert!(
+        !q.delete(&first[1].receipt).unwrap(),
+        "a stale receipt deleted a redelivered message"
+    );
+    assert!(q.change_visibility(&b.receipt, Duration::ZERO).unwrap());
+    let b2 = q.receive(1, Duration::from_secs(30)).unwrap();
+    assert_eq!((b2[0].body.as_slice(), b2[0].receive_count), (&b"b"[..], 3));
+
+    let s = q.stats().unwrap();
+    assert_eq!((s.messages, s.in_flight, s.sent, s.receives), (2, 2, 3, 5));
+    assert_eq!(other.stats().unwrap().messages, 1);
+}
+
+/// Four processes' worth of connections drain one queue: every message is received, and while
+/// each receive hides its messages no two receivers get the same one.
+#[test]
+fn queue_receivers_do_not_share_in_flight_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let q = SqliteQueue::open(&path, "work").unwrap();
+    let bodies: Vec<Vec<u8>> = (0..400).map(|i: u32| i.to_le_bytes().to_vec()).collect();
+    q.send_batch(bodies.iter().map(|b| (b.as_slice(), Duration::ZERO)))
+        .unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let q = SqliteQueue::open(&path, "work").unwrap();
+                let mut got = Vec::new();
+                loop {
+                    let batch = q.receive(7, Duration::from_secs(600)).unwrap();
+                    if batch.is_empty() {
+                        return got;
+                    }
+                    for m in batch {
+                        assert!(q.delete(&m.receipt).unwrap());
+                        got.push(m.id);
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut all: Vec<i64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    all.sort();
+    let n = all.len();
+    all.dedup();
+    assert_eq!((n, all.len()), (400, 400));
+    assert_eq!(q.stats().unwrap().messages, 0);
+}
+
+#[tokio::test]
+async fn boxed_store_works_like_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("b.db")).unwrap().boxed();
+    let key = Key::new("b", "k").unwrap();
+    let Claim::Acquired(l) = store.claim_for(&key, Duration::from_secs(5)).await.unwrap() else {
+        panic!()
+    };
+    store
+        .complete(&l, &Outcome::new(1, "v"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let rec = store.get(&key).await.unwrap().unwrap();
+    assert!(matches!(rec.state, State::Completed { .. }));
+}
