@@ -1,1 +1,56 @@
-fn main() {}
+//! The `idemgate` command: the demo, and tools to inspect and purge stores.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod demo;
+mod stores;
+mod worker;
+
+/// Exactly-once effects on top of at-least-once delivery.
+#[derive(Debug, Parser)]
+#[command(name = "idemgate", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the exactly-once demo on embedded defaults: a SQLite queue, real worker processes,
+    /// real SIGKILLs, first without idempotency, then with idemgate.
+    Demo(demo::DemoArgs),
+    /// Show the stored record of one key.
+    Inspect(stores::InspectArgs),
+    /// Delete expired records from a store.
+    Purge(stores::PurgeArgs),
+    /// A demo worker process (started by `idemgate demo`).
+    #[command(hide = true)]
+    DemoWorker(worker::WorkerArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Inspect(args) => stores::inspect(args),
+        Command::Purge(args) => stores::purge(args),
+        Command::DemoWorker(args) => worker::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("idemgate: {e}");
+            let mut source = std::error::Error::source(&*e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The error type of the commands.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -132,7 +132,7 @@ impl MemoryStore {
 
     fn shard(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, Record>> {
         // `shards.len()` is never 0 (the builder refuses it), so the index is in range.
-        let i = (self.hasher.hash_one(key) % self.shards.len() as u64) as usize;
+        let i = usize::try_from(self.hasher.hash_one(key) % self.shards.len() as u64).unwrap_or(0);
         // A poisoned lock only means another thread panicked while holding it; every update
         // below is a single assignment, so the map is consistent.
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())

@@ -199,37 +199,27 @@ impl fmt::Debug for BoxStore {
 }
 
 impl Store for BoxStore {
-    fn claim(
-        &self,
-        key: &Key,
-        fp: Option<&Fingerprint>,
-        opts: &ClaimOptions,
-    ) -> impl Future<Output = Result<Claim>> + Send {
-        async move { self.0.claim(key, fp, opts).await }
+    async fn claim(&self, key: &Key, fp: Option<&Fingerprint>, opts: &ClaimOptions) -> Result<Claim> {
+        self.0.claim(key, fp, opts).await
     }
 
-    fn complete(
-        &self,
-        lease: &Lease,
-        outcome: &Outcome,
-        retention: Duration,
-    ) -> impl Future<Output = Result<()>> + Send {
-        async move { self.0.complete(lease, outcome, retention).await }
+    async fn complete(&self, lease: &Lease, outcome: &Outcome, retention: Duration) -> Result<()> {
+        self.0.complete(lease, outcome, retention).await
     }
 
-    fn release(&self, lease: Lease) -> impl Future<Output = Result<()>> + Send {
-        self.0.release(lease)
+    async fn release(&self, lease: Lease) -> Result<()> {
+        self.0.release(lease).await
     }
 
-    fn renew(&self, lease: &Lease, extend: Duration) -> impl Future<Output = Result<Lease>> + Send {
-        async move { self.0.renew(lease, extend).await }
+    async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Lease> {
+        self.0.renew(lease, extend).await
     }
 
-    fn get(&self, key: &Key) -> impl Future<Output = Result<Option<Record>>> + Send {
-        async move { self.0.get(key).await }
+    async fn get(&self, key: &Key) -> Result<Option<Record>> {
+        self.0.get(key).await
     }
 
-    fn purge_expired(&self, limit: usize) -> impl Future<Output = Result<u64>> + Send {
-        self.0.purge_expired(limit)
+    async fn purge_expired(&self, limit: usize) -> Result<u64> {
+        self.0.purge_expired(limit).await
     }
 }

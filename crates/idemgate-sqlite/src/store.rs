@@ -409,11 +409,13 @@ impl Writer {
             for job in jobs.iter() {
                 let answer = self.execute(&job.op);
                 // a failed statement may have left the transaction in any state: abandon it all
-                if let Err(e) = &answer {
+                if let Err(e) = answer {
                     if !matches!(e, Error::LeaseLost | Error::Corrupt { .. }) {
                         let _ = self.conn.execute_batch("ROLLBACK");
-                        return Err(answer.err().expect("checked"));
+                        return Err(e);
                     }
+                    answers.push(Err(e));
+                    continue;
                 }
                 answers.push(answer);
             }
@@ -486,10 +488,10 @@ impl Writer {
                 }
                 let mut stmt = sql(c.prepare_cached(&self.sql.select))?;
                 let rec = sql(stmt.query_row(params![key.scope(), key.id()], |r| record(key, r)))??;
-                if let (Some(stored), Some(given)) = (rec.fingerprint, fp) {
-                    if stored != *given {
-                        return Ok(Answer::Claim(Claim::Mismatch { stored }));
-                    }
+                if let (Some(stored), Some(given)) = (rec.fingerprint, fp)
+                    && stored != *given
+                {
+                    return Ok(Answer::Claim(Claim::Mismatch { stored }));
                 }
                 Ok(Answer::Claim(match rec.state {
                     State::Completed { .. } => Claim::Completed(rec),

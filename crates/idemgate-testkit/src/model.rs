@@ -131,10 +131,10 @@ impl Model {
                 }
             }
             Some(r) => {
-                if let (Some(s), Some(g)) = (r.fp, fp) {
-                    if s != g {
-                        return Seen::Mismatch;
-                    }
+                if let (Some(s), Some(g)) = (r.fp, fp)
+                    && s != g
+                {
+                    return Seen::Mismatch;
                 }
                 match r.lease_until {
                     None => Seen::Completed {

@@ -1,0 +1,479 @@
+//! `idemgate demo`: the chaos harness on embedded defaults.
+//!
+//! A producer fills a SQLite queue with events (some published twice); worker *processes* apply
+//! each event's effect to a SQLite ledger with a deliberately non-idempotent increment; the
+//! supervisor SIGKILLs workers at named points and restarts them, and the queue's visibility
+//! timeout brings unacknowledged messages back. The same scenario runs without idempotency, then
+//! with idemgate, and the ledger says what happened to every event.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use idemgate::core::EventId;
+use idemgate::sqlite::{SqliteInbox, SqliteQueue};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rusqlite::{Connection, Transaction, params};
+use serde::{Deserialize, Serialize};
+
+use crate::BoxError;
+
+/// The queue's name in `queue.db`.
+pub(crate) const QUEUE: &str = "demo_events";
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Events to produce.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    events: u64,
+    /// Fraction of events published twice (at least this many, rounded up).
+    #[arg(long, default_value_t = 0.1, value_parser = parse_rate)]
+    dup_rate: f64,
+    /// Worker processes.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
+    /// SIGKILLs per run, at random named points.
+    #[arg(long, default_value_t = 20)]
+    kills: u32,
+    /// How the idemgate run deduplicates: `inbox` (the dedup row commits with the effect) or
+    /// `gate` (a SqliteStore claim, the effect outside its transaction).
+    #[arg(long, value_enum, default_value_t = IdemMode::Inbox)]
+    mode: IdemMode,
+    /// Seed of the event and fault schedule (random if not given; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Visibility timeout of the queue, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    visibility_ms: u64,
+    /// Gate lease, in milliseconds (gate mode).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(30..=600_000))]
+    lease_ms: u64,
+    /// Keep the queue, ledger and store files in this directory (default: a temporary one,
+    /// removed afterwards).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Give up on a run after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+    /// Print the figures as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 1"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum IdemMode {
+    Inbox,
+    Gate,
+}
+
+/// How a worker processes a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Mode {
+    /// No idempotency: apply, then ack.
+    Naive,
+    /// The inbox row and the effect in one ledger transaction.
+    Inbox,
+    /// A Gate over a SqliteStore; the effect commits separately in the ledger.
+    Gate,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Naive => "naive",
+            Mode::Inbox => "inbox",
+            Mode::Gate => "gate",
+        }
+    }
+}
+
+/// Where a worker can be killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub(crate) enum Point {
+    /// The key is claimed (or the inbox row written), the effect not yet applied.
+    AfterClaim,
+    /// The effect is applied; in gate mode it is committed, but `complete` has not run.
+    AfterEffect,
+    /// The completion (or the inbox transaction) is committed; not acknowledged.
+    AfterComplete,
+    /// Just before the acknowledgement.
+    BeforeAck,
+}
+
+impl Point {
+    const ALL: [Point; 4] = [Point::AfterClaim, Point::AfterEffect, Point::AfterComplete, Point::BeforeAck];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Point::AfterClaim => "after-claim",
+            Point::AfterEffect => "after-effect",
+            Point::AfterComplete => "after-complete",
+            Point::BeforeAck => "before-ack",
+        }
+    }
+}
+
+/// One event on the queue.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Event {
+    pub(crate) id: String,
+    pub(crate) amount: i64,
+}
+
+/// Opens the ledger (creating its tables); shared by the supervisor and the workers.
+pub(crate) fn open_ledger(path: &Path) -> Result<Connection, BoxError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE IF NOT EXISTS effects (
+            event_id TEXT PRIMARY KEY, amount INTEGER NOT NULL, applied INTEGER NOT NULL DEFAULT 0);
+         CREATE TABLE IF NOT EXISTS balance (id INTEGER PRIMARY KEY CHECK (id = 1), total INTEGER NOT NULL);
+         INSERT OR IGNORE INTO balance (id, total) VALUES (1, 0);
+         COMMIT;",
+    )?;
+    SqliteInbox::new().migrate(&conn)?;
+    Ok(conn)
+}
+
+/// The effect, deliberately not idempotent: each application adds again.
+pub(crate) fn apply_effect(tx: &Transaction<'_>, e: &Event) -> rusqlite::Result<()> {
+    tx.execute("UPDATE effects SET applied = applied + 1 WHERE event_id = ?1", [&e.id])?;
+    tx.execute("UPDATE balance SET total = total + ?1 WHERE id = 1", [e.amount])?;
+    Ok(())
+}
+
+/// The figures of one run.
+#[derive(Debug, Default, Serialize)]
+struct Figures {
+    mode: &'static str,
+    events: u64,
+    deliveries: u64,
+    duplicate_deliveries: u64,
+    published_twice: u64,
+    kills: u64,
+    kills_by_point: BTreeMap<&'static str, u64>,
+    lost: u64,
+    applied_twice: u64,
+    extra_effects: u64,
+    balance_ok: bool,
+    seconds: f64,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    seed: u64,
+    naive: &'a Figures,
+    idemgate: &'a Figures,
+}
+
+pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, BoxError> {
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let tmp;
+    let base = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    if !args.json {
+        eprintln!(
+            "idemgate demo: {} events ({}% published twice), {} worker processes, {} kills per run, seed {seed}",
+            args.events,
+            args.dup_rate * 100.0,
+            args.workers,
+            args.kills
+        );
+    }
+    let progress = MultiProgress::new();
+    let naive = phase(Mode::Naive, &args, seed, &base, &progress)?;
+    let idem_mode = match args.mode {
+        IdemMode::Inbox => Mode::Inbox,
+        IdemMode::Gate => Mode::Gate,
+    };
+    let idem = phase(idem_mode, &args, seed, &base, &progress)?;
+    let _ = progress.clear();
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&Report { seed, naive: &naive, idemgate: &idem })?);
+    } else {
+        print_table(&naive, &idem);
+    }
+
+    let window = idem.kills_by_point.get("after-effect").copied().unwrap_or(0);
+    let mut failures = Vec::new();
+    if idem.lost > 0 {
+        failures.push(format!("{} effects lost", idem.lost));
+    }
+    match idem_mode {
+        Mode::Gate if idem.applied_twice > window => failures.push(format!(
+            "{} effects applied twice, more than the {window} kills in the effect-to-complete window",
+            idem.applied_twice
+        )),
+        Mode::Inbox if idem.applied_twice > 0 => {
+            failures.push(format!("{} effects applied twice", idem.applied_twice))
+        }
+        _ => {}
+    }
+    if !idem.balance_ok {
+        failures.push("the ledger balance disagrees with its effects".into());
+    }
+    if idem.kills < u64::from(args.kills) {
+        failures.push(format!("only {} of {} kills happened", idem.kills, args.kills));
+    }
+    if failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("idemgate demo FAILED: {}", failures.join("; "));
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn print_table(naive: &Figures, idem: &Figures) {
+    let right = format!("idemgate ({})", idem.mode);
+    println!();
+    println!("{:<28} {:>12} {:>18}", "", "naive", right);
+    let row = |name: &str, a: u64, b: u64| println!("{name:<28} {a:>12} {b:>18}");
+    row("events", naive.events, idem.events);
+    row("deliveries", naive.deliveries, idem.deliveries);
+    row("duplicate deliveries", naive.duplicate_deliveries, idem.duplicate_deliveries);
+    row("  of which published twice", naive.published_twice, idem.published_twice);
+    row("kills (SIGKILL)", naive.kills, idem.kills);
+    for p in Point::ALL {
+        let get = |f: &Figures| f.kills_by_point.get(p.name()).copied().unwrap_or(0);
+        row(&format!("  at {}", p.name()), get(naive), get(idem));
+    }
+    row("lost effects", naive.lost, idem.lost);
+    row("effects applied twice", naive.applied_twice, idem.applied_twice);
+    row("extra effects (total)", naive.extra_effects, idem.extra_effects);
+    println!("{:<28} {:>12.1} {:>18.1}", "seconds", naive.seconds, idem.seconds);
+    println!();
+    if idem.mode == "gate" && idem.applied_twice > 0 {
+        println!(
+            "gate mode: {} effects ran twice because a worker was killed between the effect and `complete` \
+             ({} kills at after-effect). The Gate re-runs the handler after the lease expires; an effect outside \
+             the store must carry `Key::derive(..)` to its own system to close that window, or use inbox mode.",
+            idem.applied_twice,
+            idem.kills_by_point.get("after-effect").copied().unwrap_or(0)
+        );
+    } else if idem.lost == 0 && idem.applied_twice == 0 {
+        println!(
+            "idemgate: every event's effect applied exactly once, through {} duplicate deliveries and {} kills.",
+            idem.duplicate_deliveries, idem.kills
+        );
+    }
+}
+
+struct Slot {
+    child: Child,
+    generation: u64,
+}
+
+struct Supervisor<'a> {
+    args: &'a DemoArgs,
+    mode: Mode,
+    dir: PathBuf,
+    rng: StdRng,
+    lines: mpsc::Sender<(usize, u64, String)>,
+    next_generation: u64,
+    planned: u64,
+    kills: u64,
+    by_point: BTreeMap<&'static str, u64>,
+}
+
+impl Supervisor<'_> {
+    /// Starts a worker in `slot`, with a kill plan while planned kills are fewer than wanted.
+    fn spawn(&mut self, slot: usize) -> Result<Slot, BoxError> {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("demo-worker")
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--mode", self.mode.name()])
+            .args(["--visibility-ms", &self.args.visibility_ms.to_string()])
+            .args(["--lease-ms", &self.args.lease_ms.to_string()]);
+        if self.planned < u64::from(self.args.kills) {
+            self.planned += 1;
+            let point = Point::ALL[self.rng.random_range(0..Point::ALL.len())];
+            // die within the first part of the run, so every planned kill happens
+            let span = (self.args.events / (u64::from(self.args.kills) + u64::from(self.args.workers))).max(1);
+            let after = self.rng.random_range(1..=span);
+            cmd.args(["--die-at", point.name(), "--die-after", &after.to_string()]);
+        }
+        let log = File::create(self.dir.join(format!("worker-{slot}-{generation}.log")))?;
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).spawn()?;
+        let stdout = child.stdout.take().expect("piped");
+        let tx = self.lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send((slot, generation, line)).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Slot { child, generation })
+    }
+}
+
+fn phase(mode: Mode, args: &DemoArgs, seed: u64, base: &Path, progress: &MultiProgress) -> Result<Figures, BoxError> {
+    let dir = base.join(mode.name());
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    // the producer: every event once, some twice, the second copy somewhere later in the queue
+    let ledger = open_ledger(&dir.join("ledger.db"))?;
+    let events: Vec<Event> = (0..args.events)
+        .map(|_| Event { id: EventId::new().to_string(), amount: rng.random_range(1..=100) })
+        .collect();
+    let dup_count = ((args.events as f64) * args.dup_rate).ceil() as usize;
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    let mut dups: Vec<usize> = (0..events.len()).collect();
+    dups.shuffle(&mut rng);
+    for &d in dups.iter().take(dup_count) {
+        let at = rng.random_range(d + 1..=order.len());
+        order.insert(at, d);
+    }
+    {
+        let tx = rusqlite::Transaction::new_unchecked(&ledger, rusqlite::TransactionBehavior::Immediate)?;
+        for e in &events {
+            tx.execute("INSERT INTO effects (event_id, amount) VALUES (?1, ?2)", params![e.id, e.amount])?;
+        }
+        tx.commit()?;
+    }
+    let queue = SqliteQueue::open(dir.join("queue.db"), QUEUE)?;
+    let bodies: Vec<Vec<u8>> = order.iter().map(|&i| serde_json::to_vec(&events[i])).collect::<Result<_, _>>()?;
+    for chunk in bodies.chunks(1000) {
+        queue.send_batch(chunk.iter().map(|b| (b.as_slice(), Duration::ZERO)))?;
+    }
+
+    let bar = progress.add(ProgressBar::new(args.events));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} events applied · {msg}")?.progress_chars("=> "),
+    );
+    bar.set_prefix(mode.name());
+
+    let (tx, rx) = mpsc::channel();
+    let mut sup = Supervisor {
+        args,
+        mode,
+        dir: dir.clone(),
+        rng,
+        lines: tx,
+        next_generation: 0,
+        planned: 0,
+        kills: 0,
+        by_point: BTreeMap::new(),
+    };
+    let start = Instant::now();
+    let mut slots = (0..usize::from(args.workers)).map(|i| sup.spawn(i)).collect::<Result<Vec<_>, _>>()?;
+    let result = supervise(&mut sup, &mut slots, &rx, &queue, &ledger, &bar, start);
+    for s in &mut slots {
+        let _ = s.child.kill();
+        let _ = s.child.wait();
+    }
+    result?;
+    let seconds = start.elapsed().as_secs_f64();
+    bar.finish_with_message(format!("done in {seconds:.1}s, {} kills", sup.kills));
+
+    let (lost, twice, applied, balance_ok): (u64, u64, u64, bool) = ledger.query_row(
+        "SELECT count(*) FILTER (WHERE applied = 0),
+                count(*) FILTER (WHERE applied >= 2),
+                coalesce(sum(applied), 0),
+                (SELECT total FROM balance) = coalesce(sum(amount * applied), 0)
+           FROM effects",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
+    let stats = queue.stats()?;
+    Ok(Figures {
+        mode: mode.name(),
+        events: args.events,
+        deliveries: stats.receives,
+        duplicate_deliveries: stats.receives.saturating_sub(args.events),
+        published_twice: dup_count as u64,
+        kills: sup.kills,
+        kills_by_point: sup.by_point,
+        lost,
+        applied_twice: twice,
+        extra_effects: (applied + lost).saturating_sub(args.events),
+        balance_ok,
+        seconds,
+    })
+}
+
+fn supervise(
+    sup: &mut Supervisor<'_>,
+    slots: &mut [Slot],
+    rx: &mpsc::Receiver<(usize, u64, String)>,
+    queue: &SqliteQueue,
+    ledger: &Connection,
+    bar: &ProgressBar,
+    start: Instant,
+) -> Result<(), BoxError> {
+    let deadline = start + Duration::from_secs(sup.args.timeout_secs);
+    let mut last_poll = Instant::now() - Duration::from_secs(1);
+    loop {
+        if let Ok((slot, generation, line)) = rx.recv_timeout(Duration::from_millis(25)) {
+            let point = line.strip_prefix("AT ").and_then(|p| Point::ALL.into_iter().find(|x| x.name() == p));
+            if let (Some(point), true) = (point, slots[slot].generation == generation) {
+                // the worker is parked at the point: a real SIGKILL, then a fresh process
+                slots[slot].child.kill()?;
+                slots[slot].child.wait()?;
+                sup.kills += 1;
+                *sup.by_point.entry(point.name()).or_default() += 1;
+                slots[slot] = sup.spawn(slot)?;
+            }
+        }
+        for (i, s) in slots.iter_mut().enumerate() {
+            if let Some(status) = s.child.try_wait()? {
+                let log = sup.dir.join(format!("worker-{i}-{}.log", s.generation));
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("worker {i} exited on its own ({status}):\n{}", tail.trim_end()).into());
+            }
+        }
+        if last_poll.elapsed() >= Duration::from_millis(150) {
+            last_poll = Instant::now();
+            let applied: u64 =
+                ledger.query_row("SELECT count(*) FROM effects WHERE applied > 0", [], |r| r.get(0))?;
+            let stats = queue.stats()?;
+            bar.set_position(applied);
+            bar.set_message(format!(
+                "{} deliveries · {} kills · {} in queue",
+                stats.receives, sup.kills, stats.messages
+            ));
+            if stats.messages == 0 {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the {} run did not drain its queue in {}s", sup.mode.name(), sup.args.timeout_secs).into());
+        }
+    }
+}

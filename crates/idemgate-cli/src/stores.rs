@@ -1,0 +1,102 @@
+//! Store URLs, `inspect` and `purge`.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use idemgate::core::{BoxStore, Error, Key, MemoryStore, State, Store, StoreExt, to_millis};
+use idemgate::sqlite::SqliteStore;
+
+use crate::BoxError;
+
+/// Opens a store from a URL: `memory:` or `sqlite:PATH`.
+pub(crate) fn open(url: &str) -> Result<BoxStore, Error> {
+    if url == "memory:" {
+        return Ok(MemoryStore::new().boxed());
+    }
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            return Err(Error::Config { message: "sqlite: needs a path, as in sqlite:./dedup.db".into() });
+        }
+        return Ok(SqliteStore::open(path)?.boxed());
+    }
+    Err(Error::Config {
+        message: format!("unsupported store URL {url:?}: use memory: or sqlite:PATH"),
+    })
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InspectArgs {
+    /// The store: `sqlite:PATH` (or `memory:`).
+    #[arg(long)]
+    store: String,
+    /// The key's scope.
+    #[arg(long)]
+    scope: String,
+    /// The key's id.
+    id: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PurgeArgs {
+    /// The store: `sqlite:PATH` (or `memory:`).
+    #[arg(long)]
+    store: String,
+    /// Delete at most this many records per batch.
+    #[arg(long, default_value_t = 10_000)]
+    batch: usize,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+pub(crate) fn inspect(args: InspectArgs) -> Result<ExitCode, BoxError> {
+    let key = Key::new(&args.scope, &args.id)?;
+    let store = open(&args.store)?;
+    let Some(rec) = runtime()?.block_on(store.get(&key))? else {
+        println!("{key}: no live record");
+        return Ok(ExitCode::from(1));
+    };
+    let ms = |t| to_millis(t);
+    println!("key           {key}");
+    match &rec.state {
+        State::InProgress { token, lease_until } => {
+            println!("state         in-progress");
+            println!("token         {token}");
+            println!("lease_until   {} (unix ms)", ms(*lease_until));
+        }
+        State::Completed { token, outcome, completed_at } => {
+            println!("state         completed");
+            println!("token         {token}");
+            println!("completed_at  {} (unix ms)", ms(*completed_at));
+            println!("outcome       status {}, {} metadata pairs, {} body bytes ({} stored)", outcome.status, outcome.meta.len(), outcome.body.len(), outcome.encoded_len());
+        }
+    }
+    println!("attempts      {}", rec.attempts);
+    println!("created_at    {} (unix ms)", ms(rec.created_at));
+    println!("expires_at    {} (unix ms)", ms(rec.expires_at));
+    match rec.fingerprint {
+        Some(fp) => println!("fingerprint   {fp}"),
+        None => println!("fingerprint   none"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn purge(args: PurgeArgs) -> Result<ExitCode, BoxError> {
+    if args.batch == 0 {
+        return Err("--batch must be at least 1".into());
+    }
+    let store = open(&args.store)?;
+    let rt = runtime()?;
+    let mut total = 0u64;
+    loop {
+        let n = rt.block_on(store.purge_expired(args.batch))?;
+        total += n;
+        if n < args.batch as u64 {
+            break;
+        }
+    }
+    println!("purged {total} expired records");
+    Ok(ExitCode::SUCCESS)
+}
