@@ -352,6 +352,8 @@ fn phase(mode: Mode, args: &DemoArgs, seed: u64, base: &Path, progress: &MultiPr
     let events: Vec<Event> = (0..args.events)
         .map(|_| Event { id: EventId::new().to_string(), amount: rng.random_range(1..=100) })
         .collect();
+    // dup_rate is in [0, 1], so the count is in 0..=events
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let dup_count = ((args.events as f64) * args.dup_rate).ceil() as usize;
     let mut order: Vec<usize> = (0..events.len()).collect();
     let mut dups: Vec<usize> = (0..events.len()).collect();

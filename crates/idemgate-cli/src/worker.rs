@@ -74,6 +74,9 @@ pub(crate) fn run(args: WorkerArgs) -> Result<ExitCode, BoxError> {
     rt.block_on(w.run())
 }
 
+// A worker is one process with one rusqlite connection on a current-thread runtime: its futures
+// hold `&Connection` across awaits and never move between threads.
+#[allow(clippy::future_not_send)]
 impl Worker {
     async fn run(&mut self) -> Result<ExitCode, BoxError> {
         let visibility = Duration::from_millis(self.args.visibility_ms);

@@ -28,10 +28,14 @@ use crate::record::{Claim, ClaimOptions, Lease, Record};
 /// 5. Expiry is judged from stored timestamps against the backend's clock, not from lazy
 ///    deletion.
 /// 6. Duplicate, in-progress and mismatch are [`Claim`] values, never errors.
-/// 7. A record of an abandoned or released claim is kept until its lease plus the claim's
-///    retention has passed, so that a stale lease holder stays fenced.
+/// 7. Batched forms (`claim_many`, `complete_many`) come with the server backends, where one
+///    round trip pays off.
 /// 8. Nothing is evicted before `expires_at`; a bounded store refuses new keys with
 ///    [`Error::Capacity`](crate::Error::Capacity).
+/// 9. A record of an abandoned or released claim is kept until its lease plus the claim's
+///    [`retention`](ClaimOptions::retention) has passed, so a stale lease holder stays fenced
+///    and tokens keep growing; a key whose record expired starts a new record whose token still
+///    continues from the old one.
 ///
 /// # Clone
 /// Stores are shared: wrap one in an `Arc` (`Arc<S>` is a `Store` too) or erase it with

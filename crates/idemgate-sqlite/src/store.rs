@@ -378,6 +378,22 @@ fn record(key: &Key, row: &Row<'_>) -> rusqlite::Result<Result<Record>> {
     })())
 }
 
+/// Waits for the next job: spins briefly first, because a caller that just got its answer often
+/// sends again within microseconds, and waking a parked thread costs far more than that.
+fn next_job(rx: &mpsc::Receiver<Job>) -> Option<Job> {
+    let spin_until = std::time::Instant::now() + Duration::from_micros(50);
+    loop {
+        match rx.try_recv() {
+            Ok(job) => return Some(job),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) if std::time::Instant::now() < spin_until => {
+                std::thread::yield_now();
+            }
+            Err(mpsc::TryRecvError::Empty) => return rx.recv().ok(),
+        }
+    }
+}
+
 struct Writer {
     conn: Connection,
     sql: Statements,
@@ -388,7 +404,7 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         let mut jobs = Vec::with_capacity(self.batch);
-        while let Ok(first) = rx.recv() {
+        while let Some(first) = next_job(&rx) {
             jobs.push(first);
             while jobs.len() < self.batch {
                 match rx.try_recv() {

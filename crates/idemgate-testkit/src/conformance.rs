@@ -356,7 +356,7 @@ pub async fn renew_extends_lease<S: Store>(ctx: &Ctx<S>) {
         .unwrap();
 }
 
-/// Rule 7: an abandoned claim's record outlives its lease, so its holder stays fenced, and
+/// Rule 9: an abandoned claim's record outlives its lease, so its holder stays fenced, and
 /// purge does not remove it early.
 pub async fn abandoned_claim_stays_fenced<S: Store>(ctx: &Ctx<S>) {
     let key = ctx.key("abandoned");
