@@ -118,7 +118,12 @@ pub(crate) enum Point {
 }
 
 impl Point {
-    const ALL: [Point; 4] = [Point::AfterClaim, Point::AfterEffect, Point::AfterComplete, Point::BeforeAck];
+    const ALL: [Point; 4] = [
+        Point::AfterClaim,
+        Point::AfterEffect,
+        Point::AfterComplete,
+        Point::BeforeAck,
+    ];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -157,8 +162,14 @@ pub(crate) fn open_ledger(path: &Path) -> Result<Connection, BoxError> {
 
 /// The effect, deliberately not idempotent: each application adds again.
 pub(crate) fn apply_effect(tx: &Transaction<'_>, e: &Event) -> rusqlite::Result<()> {
-    tx.execute("UPDATE effects SET applied = applied + 1 WHERE event_id = ?1", [&e.id])?;
-    tx.execute("UPDATE balance SET total = total + ?1 WHERE id = 1", [e.amount])?;
+    tx.execute(
+        "UPDATE effects SET applied = applied + 1 WHERE event_id = ?1",
+        [&e.id],
+    )?;
+    tx.execute(
+        "UPDATE balance SET total = total + ?1 WHERE id = 1",
+        [e.amount],
+    )?;
     Ok(())
 }
 
@@ -218,12 +229,23 @@ pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, BoxError> {
     let _ = progress.clear();
 
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&Report { seed, naive: &naive, idemgate: &idem })?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Report {
+                seed,
+                naive: &naive,
+                idemgate: &idem
+            })?
+        );
     } else {
         print_table(&naive, &idem);
     }
 
-    let window = idem.kills_by_point.get("after-effect").copied().unwrap_or(0);
+    let window = idem
+        .kills_by_point
+        .get("after-effect")
+        .copied()
+        .unwrap_or(0);
     let mut failures = Vec::new();
     if idem.lost > 0 {
         failures.push(format!("{} effects lost", idem.lost));
@@ -242,7 +264,10 @@ pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, BoxError> {
         failures.push("the ledger balance disagrees with its effects".into());
     }
     if idem.kills < u64::from(args.kills) {
-        failures.push(format!("only {} of {} kills happened", idem.kills, args.kills));
+        failures.push(format!(
+            "only {} of {} kills happened",
+            idem.kills, args.kills
+        ));
     }
     if failures.is_empty() {
         Ok(ExitCode::SUCCESS)
@@ -259,17 +284,36 @@ fn print_table(naive: &Figures, idem: &Figures) {
     let row = |name: &str, a: u64, b: u64| println!("{name:<28} {a:>12} {b:>18}");
     row("events", naive.events, idem.events);
     row("deliveries", naive.deliveries, idem.deliveries);
-    row("duplicate deliveries", naive.duplicate_deliveries, idem.duplicate_deliveries);
-    row("  of which published twice", naive.published_twice, idem.published_twice);
+    row(
+        "duplicate deliveries",
+        naive.duplicate_deliveries,
+        idem.duplicate_deliveries,
+    );
+    row(
+        "  of which published twice",
+        naive.published_twice,
+        idem.published_twice,
+    );
     row("kills (SIGKILL)", naive.kills, idem.kills);
     for p in Point::ALL {
         let get = |f: &Figures| f.kills_by_point.get(p.name()).copied().unwrap_or(0);
         row(&format!("  at {}", p.name()), get(naive), get(idem));
     }
     row("lost effects", naive.lost, idem.lost);
-    row("effects applied twice", naive.applied_twice, idem.applied_twice);
-    row("extra effects (total)", naive.extra_effects, idem.extra_effects);
-    println!("{:<28} {:>12.1} {:>18.1}", "seconds", naive.seconds, idem.seconds);
+    row(
+        "effects applied twice",
+        naive.applied_twice,
+        idem.applied_twice,
+    );
+    row(
+        "extra effects (total)",
+        naive.extra_effects,
+        idem.extra_effects,
+    );
+    println!(
+        "{:<28} {:>12.1} {:>18.1}",
+        "seconds", naive.seconds, idem.seconds
+    );
     println!();
     if idem.mode == "gate" && idem.applied_twice > 0 {
         println!(
@@ -277,7 +321,10 @@ fn print_table(naive: &Figures, idem: &Figures) {
              ({} kills at after-effect). The Gate re-runs the handler after the lease expires; an effect outside \
              the store must carry `Key::derive(..)` to its own system to close that window, or use inbox mode.",
             idem.applied_twice,
-            idem.kills_by_point.get("after-effect").copied().unwrap_or(0)
+            idem.kills_by_point
+                .get("after-effect")
+                .copied()
+                .unwrap_or(0)
         );
     } else if idem.lost == 0 && idem.applied_twice == 0 {
         println!(
@@ -320,12 +367,18 @@ impl Supervisor<'_> {
             self.planned += 1;
             let point = Point::ALL[self.rng.random_range(0..Point::ALL.len())];
             // die within the first part of the run, so every planned kill happens
-            let span = (self.args.events / (u64::from(self.args.kills) + u64::from(self.args.workers))).max(1);
+            let span = (self.args.events
+                / (u64::from(self.args.kills) + u64::from(self.args.workers)))
+            .max(1);
             let after = self.rng.random_range(1..=span);
             cmd.args(["--die-at", point.name(), "--die-after", &after.to_string()]);
         }
         let log = File::create(self.dir.join(format!("worker-{slot}-{generation}.log")))?;
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).spawn()?;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()?;
         let stdout = child.stdout.take().expect("piped");
         let tx = self.lines.clone();
         std::thread::spawn(move || {
@@ -339,7 +392,13 @@ impl Supervisor<'_> {
     }
 }
 
-fn phase(mode: Mode, args: &DemoArgs, seed: u64, base: &Path, progress: &MultiProgress) -> Result<Figures, BoxError> {
+fn phase(
+    mode: Mode,
+    args: &DemoArgs,
+    seed: u64,
+    base: &Path,
+    progress: &MultiProgress,
+) -> Result<Figures, BoxError> {
     let dir = base.join(mode.name());
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -350,7 +409,10 @@ fn phase(mode: Mode, args: &DemoArgs, seed: u64, base: &Path, progress: &MultiPr
     // the producer: every event once, some twice, the second copy somewhere later in the queue
     let ledger = open_ledger(&dir.join("ledger.db"))?;
     let events: Vec<Event> = (0..args.events)
-        .map(|_| Event { id: EventId::new().to_string(), amount: rng.random_range(1..=100) })
+        .map(|_| Event {
+            id: EventId::new().to_string(),
+            amount: rng.random_range(1..=100),
+        })
         .collect();
     // dup_rate is in [0, 1], so the count is in 0..=events
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -363,21 +425,31 @@ fn phase(mode: Mode, args: &DemoArgs, seed: u64, base: &Path, progress: &MultiPr
         order.insert(at, d);
     }
     {
-        let tx = rusqlite::Transaction::new_unchecked(&ledger, rusqlite::TransactionBehavior::Immediate)?;
+        let tx = rusqlite::Transaction::new_unchecked(
+            &ledger,
+            rusqlite::TransactionBehavior::Immediate,
+        )?;
         for e in &events {
-            tx.execute("INSERT INTO effects (event_id, amount) VALUES (?1, ?2)", params![e.id, e.amount])?;
+            tx.execute(
+                "INSERT INTO effects (event_id, amount) VALUES (?1, ?2)",
+                params![e.id, e.amount],
+            )?;
         }
         tx.commit()?;
     }
     let queue = SqliteQueue::open(dir.join("queue.db"), QUEUE)?;
-    let bodies: Vec<Vec<u8>> = order.iter().map(|&i| serde_json::to_vec(&events[i])).collect::<Result<_, _>>()?;
+    let bodies: Vec<Vec<u8>> = order
+        .iter()
+        .map(|&i| serde_json::to_vec(&events[i]))
+        .collect::<Result<_, _>>()?;
     for chunk in bodies.chunks(1000) {
         queue.send_batch(chunk.iter().map(|b| (b.as_slice(), Duration::ZERO)))?;
     }
 
     let bar = progress.add(ProgressBar::new(args.events));
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} events applied · {msg}")?.progress_chars("=> "),
+        ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} events applied · {msg}")?
+            .progress_chars("=> "),
     );
     bar.set_prefix(mode.name());
 
@@ -394,7 +466,9 @@ fn phase(mode: Mode, args: &DemoArgs, seed: u64, base: &Path, progress: &MultiPr
         by_point: BTreeMap::new(),
     };
     let start = Instant::now();
-    let mut slots = (0..usize::from(args.workers)).map(|i| sup.spawn(i)).collect::<Result<Vec<_>, _>>()?;
+    let mut slots = (0..usize::from(args.workers))
+        .map(|i| sup.spawn(i))
+        .collect::<Result<Vec<_>, _>>()?;
     let result = supervise(&mut sup, &mut slots, &rx, &queue, &ledger, &bar, start);
     for s in &mut slots {
         let _ = s.child.kill();
@@ -443,7 +517,9 @@ fn supervise(
     let mut last_poll = Instant::now() - Duration::from_secs(1);
     loop {
         if let Ok((slot, generation, line)) = rx.recv_timeout(Duration::from_millis(25)) {
-            let point = line.strip_prefix("AT ").and_then(|p| Point::ALL.into_iter().find(|x| x.name() == p));
+            let point = line
+                .strip_prefix("AT ")
+                .and_then(|p| Point::ALL.into_iter().find(|x| x.name() == p));
             if let (Some(point), true) = (point, slots[slot].generation == generation) {
                 // the worker is parked at the point: a real SIGKILL, then a fresh process
                 slots[slot].child.kill()?;
@@ -457,13 +533,19 @@ fn supervise(
             if let Some(status) = s.child.try_wait()? {
                 let log = sup.dir.join(format!("worker-{i}-{}.log", s.generation));
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(format!("worker {i} exited on its own ({status}):\n{}", tail.trim_end()).into());
+                return Err(format!(
+                    "worker {i} exited on its own ({status}):\n{}",
+                    tail.trim_end()
+                )
+                .into());
             }
         }
         if last_poll.elapsed() >= Duration::from_millis(150) {
             last_poll = Instant::now();
             let applied: u64 =
-                ledger.query_row("SELECT count(*) FROM effects WHERE applied > 0", [], |r| r.get(0))?;
+                ledger.query_row("SELECT count(*) FROM effects WHERE applied > 0", [], |r| {
+                    r.get(0)
+                })?;
             let stats = queue.stats()?;
             bar.set_position(applied);
             bar.set_message(format!(
@@ -475,7 +557,12 @@ fn supervise(
             }
         }
         if Instant::now() > deadline {
-            return Err(format!("the {} run did not drain its queue in {}s", sup.mode.name(), sup.args.timeout_secs).into());
+            return Err(format!(
+                "the {} run did not drain its queue in {}s",
+                sup.mode.name(),
+                sup.args.timeout_secs
+            )
+            .into());
         }
     }
 }

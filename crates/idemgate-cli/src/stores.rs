@@ -16,7 +16,9 @@ pub(crate) fn open(url: &str) -> Result<BoxStore, Error> {
     if let Some(path) = url.strip_prefix("sqlite:") {
         let path = path.strip_prefix("//").unwrap_or(path);
         if path.is_empty() {
-            return Err(Error::Config { message: "sqlite: needs a path, as in sqlite:./dedup.db".into() });
+            return Err(Error::Config {
+                message: "sqlite: needs a path, as in sqlite:./dedup.db".into(),
+            });
         }
         return Ok(SqliteStore::open(path)?.boxed());
     }
@@ -48,7 +50,9 @@ pub(crate) struct PurgeArgs {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 pub(crate) fn inspect(args: InspectArgs) -> Result<ExitCode, BoxError> {
@@ -66,11 +70,21 @@ pub(crate) fn inspect(args: InspectArgs) -> Result<ExitCode, BoxError> {
             println!("token         {token}");
             println!("lease_until   {} (unix ms)", ms(*lease_until));
         }
-        State::Completed { token, outcome, completed_at } => {
+        State::Completed {
+            token,
+            outcome,
+            completed_at,
+        } => {
             println!("state         completed");
             println!("token         {token}");
             println!("completed_at  {} (unix ms)", ms(*completed_at));
-            println!("outcome       status {}, {} metadata pairs, {} body bytes ({} stored)", outcome.status, outcome.meta.len(), outcome.body.len(), outcome.encoded_len());
+            println!(
+                "outcome       status {}, {} metadata pairs, {} body bytes ({} stored)",
+                outcome.status,
+                outcome.meta.len(),
+                outcome.body.len(),
+                outcome.encoded_len()
+            );
         }
     }
     println!("attempts      {}", rec.attempts);

@@ -69,8 +69,17 @@ pub(crate) fn run(args: WorkerArgs) -> Result<ExitCode, BoxError> {
         }
         _ => None,
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let mut w = Worker { args, queue, ledger, inbox, gate, seen: 0 };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut w = Worker {
+        args,
+        queue,
+        ledger,
+        inbox,
+        gate,
+        seen: 0,
+    };
     rt.block_on(w.run())
 }
 
@@ -149,11 +158,16 @@ impl Worker {
                     Ok(_) => self.point(Point::AfterComplete),
                     Err(GateError::InProgress { lease_until, .. }) => {
                         // another worker holds it: come back when its lease would run out
-                        let wait = lease_until.duration_since(SystemTime::now()).unwrap_or_default();
-                        self.queue.change_visibility(&msg.receipt, wait + Duration::from_millis(50))?;
+                        let wait = lease_until
+                            .duration_since(SystemTime::now())
+                            .unwrap_or_default();
+                        self.queue
+                            .change_visibility(&msg.receipt, wait + Duration::from_millis(50))?;
                         return Ok(());
                     }
-                    Err(GateError::Store(e)) if e.is_retryable() || matches!(e, idemgate::core::Error::LeaseLost) => {
+                    Err(GateError::Store(e))
+                        if e.is_retryable() || matches!(e, idemgate::core::Error::LeaseLost) =>
+                    {
                         // leave the message to its visibility timeout: it comes back and replays
                         return Ok(());
                     }

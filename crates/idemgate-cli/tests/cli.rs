@@ -8,11 +8,25 @@ use idemgate::sqlite::SqliteStore;
 use serde_json::Value;
 
 fn idemgate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idemgate")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn demo_json(extra: &[&str]) -> Value {
-    let mut args = vec!["demo", "--events", "800", "--workers", "3", "--kills", "8", "--seed", "11", "--json"];
+    let mut args = vec![
+        "demo",
+        "--events",
+        "800",
+        "--workers",
+        "3",
+        "--kills",
+        "8",
+        "--seed",
+        "11",
+        "--json",
+    ];
     args.extend_from_slice(extra);
     let out = idemgate(&args);
     assert!(
@@ -25,7 +39,9 @@ fn demo_json(extra: &[&str]) -> Value {
 }
 
 fn n(v: &Value, run: &str, field: &str) -> u64 {
-    v[run][field].as_u64().unwrap_or_else(|| panic!("{run}.{field} missing in {v}"))
+    v[run][field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{run}.{field} missing in {v}"))
 }
 
 #[test]
@@ -34,9 +50,19 @@ fn demo_inbox_mode_is_exactly_once_under_kills() {
     for run in ["naive", "idemgate"] {
         assert_eq!(n(&v, run, "events"), 800);
         assert!(n(&v, run, "kills") >= 8, "{run}: fewer kills than asked");
-        assert!(n(&v, run, "deliveries") >= 880, "{run}: duplicates were not delivered");
-        assert_eq!(n(&v, run, "duplicate_deliveries"), n(&v, run, "deliveries") - 800);
-        assert_eq!(n(&v, run, "lost"), 0, "{run}: at-least-once delivery lost an effect");
+        assert!(
+            n(&v, run, "deliveries") >= 880,
+            "{run}: duplicates were not delivered"
+        );
+        assert_eq!(
+            n(&v, run, "duplicate_deliveries"),
+            n(&v, run, "deliveries") - 800
+        );
+        assert_eq!(
+            n(&v, run, "lost"),
+            0,
+            "{run}: at-least-once delivery lost an effect"
+        );
     }
     // 10 % published twice: without idempotency every one of them is applied twice
     assert!(n(&v, "naive", "applied_twice") >= 80, "{v}");
@@ -47,10 +73,19 @@ fn demo_inbox_mode_is_exactly_once_under_kills() {
 #[test]
 fn demo_gate_mode_reports_its_crash_window_honestly() {
     // leases and visibility long enough that only kills, never a slow machine, expire a lease
-    let v = demo_json(&["--mode", "gate", "--lease-ms", "3000", "--visibility-ms", "3000"]);
+    let v = demo_json(&[
+        "--mode",
+        "gate",
+        "--lease-ms",
+        "3000",
+        "--visibility-ms",
+        "3000",
+    ]);
     assert_eq!(v["idemgate"]["mode"], "gate");
     assert_eq!(n(&v, "idemgate", "lost"), 0);
-    let window = v["idemgate"]["kills_by_point"]["after-effect"].as_u64().unwrap_or(0);
+    let window = v["idemgate"]["kills_by_point"]["after-effect"]
+        .as_u64()
+        .unwrap_or(0);
     // only a kill between the effect and `complete` may re-apply an effect, and each one does
     assert_eq!(n(&v, "idemgate", "extra_effects"), window, "{v}");
     assert!(n(&v, "idemgate", "applied_twice") <= window, "{v}");
@@ -76,23 +111,56 @@ fn bad_flags_are_refused_with_a_message() {
 fn inspect_and_purge_a_sqlite_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.db");
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-        let store = SqliteStore::open(&path).unwrap();
-        let key = Key::new("orders", "o-1").unwrap();
-        let Claim::Acquired(l) = store.claim_for(&key, Duration::from_secs(30)).await.unwrap() else { panic!() };
-        store.complete(&l, &Outcome::new(201, "created"), Duration::from_secs(3600)).await.unwrap();
-        let short = Key::new("orders", "o-2").unwrap();
-        let Claim::Acquired(l) = store.claim_for(&short, Duration::from_secs(30)).await.unwrap() else { panic!() };
-        store.complete(&l, &Outcome::new(201, "x"), Duration::ZERO).await.unwrap();
-    });
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let store = SqliteStore::open(&path).unwrap();
+            let key = Key::new("orders", "o-1").unwrap();
+            let Claim::Acquired(l) = store
+                .claim_for(&key, Duration::from_secs(30))
+                .await
+                .unwrap()
+            else {
+                panic!()
+            };
+            store
+                .complete(&l, &Outcome::new(201, "created"), Duration::from_secs(3600))
+                .await
+                .unwrap();
+            let short = Key::new("orders", "o-2").unwrap();
+            let Claim::Acquired(l) = store
+                .claim_for(&short, Duration::from_secs(30))
+                .await
+                .unwrap()
+            else {
+                panic!()
+            };
+            store
+                .complete(&l, &Outcome::new(201, "x"), Duration::ZERO)
+                .await
+                .unwrap();
+        });
     let url = format!("sqlite:{}", path.display());
     let out = idemgate(&["inspect", "--store", &url, "--scope", "orders", "o-1"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("completed") && text.contains("status 201") && text.contains("7 body bytes"), "{text}");
-    assert_eq!(idemgate(&["inspect", "--store", &url, "--scope", "orders", "o-2"]).status.code(), Some(1));
+    assert!(
+        text.contains("completed") && text.contains("status 201") && text.contains("7 body bytes"),
+        "{text}"
+    );
+    assert_eq!(
+        idemgate(&["inspect", "--store", &url, "--scope", "orders", "o-2"])
+            .status
+            .code(),
+        Some(1)
+    );
     let out = idemgate(&["purge", "--store", &url]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "purged 1 expired records");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "purged 1 expired records"
+    );
 
     let out = idemgate(&["inspect", "--store", "ftp://x", "--scope", "s", "k"]);
     assert_eq!(out.status.code(), Some(2));
@@ -103,5 +171,9 @@ fn inspect_and_purge_a_sqlite_store() {
     let junk = format!("sqlite:{}", dir.path().join("junk.db").display());
     let out = idemgate(&["purge", "--store", &junk]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt or foreign"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("corrupt or foreign"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

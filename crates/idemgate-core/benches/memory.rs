@@ -8,11 +8,16 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use idemgate_core::{Claim, ClaimOptions, Key, MemoryStore, Outcome, Store};
 
 fn keys(n: u64) -> Vec<Key> {
-    (0..n).map(|i| Key::new("bench", format!("evt-{i:012}")).unwrap()).collect()
+    (0..n)
+        .map(|i| Key::new("bench", format!("evt-{i:012}")).unwrap())
+        .collect()
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mut g = c.benchmark_group("memory claim+complete");
     g.throughput(Throughput::Elements(1));
     let outcome = Outcome::new(0, "ok");
@@ -45,7 +50,10 @@ fn bench(c: &mut Criterion) {
                     let Ok(Claim::Acquired(lease)) = store.claim(key, None, &opts).await else {
                         unreachable!("fresh key")
                     };
-                    store.complete(&lease, &outcome, Duration::from_secs(60)).await.unwrap();
+                    store
+                        .complete(&lease, &outcome, Duration::from_secs(60))
+                        .await
+                        .unwrap();
                 }
                 let t = start.elapsed();
                 black_box(&store);
@@ -59,8 +67,13 @@ fn bench(c: &mut Criterion) {
         let keys = keys(1024);
         rt.block_on(async {
             for key in &keys {
-                let Ok(Claim::Acquired(lease)) = store.claim(key, None, &opts).await else { unreachable!() };
-                store.complete(&lease, &outcome, Duration::from_secs(3600)).await.unwrap();
+                let Ok(Claim::Acquired(lease)) = store.claim(key, None, &opts).await else {
+                    unreachable!()
+                };
+                store
+                    .complete(&lease, &outcome, Duration::from_secs(3600))
+                    .await
+                    .unwrap();
             }
         });
         let mut i = 0;

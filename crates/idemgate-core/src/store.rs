@@ -203,7 +203,12 @@ impl fmt::Debug for BoxStore {
 }
 
 impl Store for BoxStore {
-    async fn claim(&self, key: &Key, fp: Option<&Fingerprint>, opts: &ClaimOptions) -> Result<Claim> {
+    async fn claim(
+        &self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        opts: &ClaimOptions,
+    ) -> Result<Claim> {
         self.0.claim(key, fp, opts).await
     }
 
