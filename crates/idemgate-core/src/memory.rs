@@ -138,86 +138,111 @@ impl MemoryStore {
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn drop_expired(&self, map: &mut HashMap<Key, Record>, now: SystemTime) -> usize {
+    fn drop_expired(&self, map: &mut HashMap<Key, Record>, now: SystemTime) {
         let before = map.len();
         map.retain(|_, r| r.expires_at > now);
-        let dropped = before - map.len();
-        self.len.fetch_sub(dropped, Ordering::Relaxed);
-        dropped
+        self.len.fetch_sub(before - map.len(), Ordering::Relaxed);
     }
 
-    fn claim_sync(
-        &self,
+    /// Takes one slot of the capacity; `false` when the store is full.
+    fn reserve(&self) -> bool {
+        match self.capacity {
+            None => {
+                self.len.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Some(limit) => self
+                .len
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+                .is_ok(),
+        }
+    }
+
+    /// Drops expired records from every shard, one lock at a time.
+    fn sweep(&self, now: SystemTime) {
+        for shard in self.shards.iter() {
+            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            self.drop_expired(&mut map, now);
+        }
+    }
+
+    fn claim_sync(&self, key: &Key, fp: Option<&Fingerprint>, opts: &ClaimOptions) -> Result<Claim> {
+        let now = self.clock.now();
+        let lease_until = now + opts.lease;
+        let mut swept = false;
+        loop {
+            let mut map = self.shard(key);
+            if let Some(r) = map.get_mut(key) {
+                return Ok(Self::claim_existing(r, key, fp, opts, now));
+            }
+            if !self.reserve() {
+                drop(map);
+                if swept {
+                    // full of live records: refuse rather than forget one
+                    return Err(Error::Capacity {
+                        limit: self.capacity.unwrap_or(usize::MAX),
+                    });
+                }
+                // expired records in any shard make room; nothing live is touched
+                self.sweep(now);
+                swept = true;
+                continue;
+            }
+            map.insert(
+                key.clone(),
+                Record {
+                    key: key.clone(),
+                    fingerprint: fp.copied(),
+                    state: State::InProgress {
+                        token: 1,
+                        lease_until,
+                    },
+                    created_at: now,
+                    expires_at: lease_until + opts.retention,
+                    attempts: 1,
+                },
+            );
+            return Ok(Claim::Acquired(Lease::new(key.clone(), 1, lease_until, 1)));
+        }
+    }
+
+    fn claim_existing(
+        r: &mut Record,
         key: &Key,
         fp: Option<&Fingerprint>,
         opts: &ClaimOptions,
-    ) -> Result<Claim> {
-        let now = self.clock.now();
+        now: SystemTime,
+    ) -> Claim {
         let lease_until = now + opts.lease;
-        let mut map = self.shard(key);
-        if let Some(r) = map.get_mut(key) {
-            let (token, attempts) = if r.expires_at <= now {
-                // expired: a fresh record, but the token keeps counting up
-                let token = r.token();
-                r.created_at = now;
-                r.fingerprint = fp.copied();
-                (token + 1, 1)
-            } else {
-                if let Some(stored) = fp_conflict(r.fingerprint.as_ref(), fp) {
-                    return Ok(Claim::Mismatch { stored });
-                }
-                match r.state {
-                    State::Completed { .. } => return Ok(Claim::Completed(r.clone())),
-                    State::InProgress {
-                        lease_until: held, ..
-                    } if held > now => {
-                        return Ok(Claim::InProgress {
-                            lease_until: held,
-                            attempts: r.attempts,
-                        });
-                    }
-                    State::InProgress { token, .. } => {
-                        if r.fingerprint.is_none() {
-                            r.fingerprint = fp.copied();
-                        }
-                        (token + 1, r.attempts.saturating_add(1))
-                    }
-                }
-            };
-            r.state = State::InProgress { token, lease_until };
-            r.expires_at = lease_until + opts.retention;
-            r.attempts = attempts;
-            return Ok(Claim::Acquired(Lease::new(
-                key.clone(),
-                token,
-                lease_until,
-                attempts,
-            )));
-        }
-        if let Some(limit) = self.capacity {
-            if self.len.load(Ordering::Relaxed) >= limit && self.drop_expired(&mut map, now) == 0 {
-                return Err(Error::Capacity { limit });
+        let (token, attempts) = if r.expires_at <= now {
+            // expired: a fresh record, but the token keeps counting up
+            r.created_at = now;
+            r.fingerprint = fp.copied();
+            (r.token() + 1, 1)
+        } else {
+            if let Some(stored) = fp_conflict(r.fingerprint.as_ref(), fp) {
+                return Claim::Mismatch { stored };
             }
-            if self.len.load(Ordering::Relaxed) >= limit {
-                return Err(Error::Capacity { limit });
+            match r.state {
+                State::Completed { .. } => return Claim::Completed(r.clone()),
+                State::InProgress { lease_until: held, .. } if held > now => {
+                    return Claim::InProgress {
+                        lease_until: held,
+                        attempts: r.attempts,
+                    };
+                }
+                State::InProgress { token, .. } => {
+                    if r.fingerprint.is_none() {
+                        r.fingerprint = fp.copied();
+                    }
+                    (token + 1, r.attempts.saturating_add(1))
+                }
             }
-        }
-        map.insert(
-            key.clone(),
-            Record {
-                key: key.clone(),
-                fingerprint: fp.copied(),
-                state: State::InProgress {
-                    token: 1,
-                    lease_until,
-                },
-                created_at: now,
-                expires_at: lease_until + opts.retention,
-                attempts: 1,
-            },
-        );
-        self.len.fetch_add(1, Ordering::Relaxed);
-        Ok(Claim::Acquired(Lease::new(key.clone(), 1, lease_until, 1)))
+        };
+        r.state = State::InProgress { token, lease_until };
+        r.expires_at = lease_until + opts.retention;
+        r.attempts = attempts;
+        Claim::Acquired(Lease::new(key.clone(), token, lease_until, attempts))
     }
 
     /// Runs `f` on the record held by `lease`, or fails with `LeaseLost`.

@@ -39,3 +39,50 @@ fn zero_shards_is_a_config_error() {
         Err(idemgate_core::Error::Config { .. })
     ));
 }
+
+/// A full store makes room from expired records in any shard, and never overshoots its bound
+/// under concurrent claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capacity_is_exact_under_concurrency_and_sweeps_every_shard() {
+    use idemgate_core::{Claim, Error, Key, Outcome, Store, StoreExt};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let clock = ManualClock::new();
+    let store = Arc::new(
+        MemoryStore::builder()
+            .with_clock(clock.clone())
+            .with_capacity(40)
+            .with_shards(16)
+            .build()
+            .unwrap(),
+    );
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .claim_for(&Key::new("cap", format!("k{i}")).unwrap(), Duration::from_secs(1))
+                    .await
+            })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(Claim::Acquired(l)) => won.push(l),
+            Err(Error::Capacity { limit: 40 }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(won.len(), 40, "the bound was not exact");
+    assert_eq!(store.len(), 40);
+    for l in &won {
+        store.complete(l, &Outcome::new(0, "x"), Duration::from_secs(1)).await.unwrap();
+    }
+    clock.advance(Duration::from_secs(2));
+    for i in 0..40 {
+        let key = Key::new("cap", format!("fresh{i}")).unwrap();
+        assert!(matches!(store.claim_for(&key, Duration::from_secs(1)).await, Ok(Claim::Acquired(_))), "expired records did not make room for {key}");
+    }
+}
