@@ -153,7 +153,9 @@ impl MemoryStore {
             }
             Some(limit) => self
                 .len
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < limit).then_some(n + 1)
+                })
                 .is_ok(),
         }
     }
@@ -166,7 +168,12 @@ impl MemoryStore {
         }
     }
 
-    fn claim_sync(&self, key: &Key, fp: Option<&Fingerprint>, opts: &ClaimOptions) -> Result<Claim> {
+    fn claim_sync(
+        &self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        opts: &ClaimOptions,
+    ) -> Result<Claim> {
         let now = self.clock.now();
         let lease_until = now + opts.lease;
         let mut swept = false;
@@ -225,7 +232,9 @@ impl MemoryStore {
             }
             match r.state {
                 State::Completed { .. } => return Claim::Completed(r.clone()),
-                State::InProgress { lease_until: held, .. } if held > now => {
+                State::InProgress {
+                    lease_until: held, ..
+                } if held > now => {
                     return Claim::InProgress {
                         lease_until: held,
                         attempts: r.attempts,

@@ -62,7 +62,10 @@ async fn capacity_is_exact_under_concurrency_and_sweeps_every_shard() {
             let store = Arc::clone(&store);
             tokio::spawn(async move {
                 store
-                    .claim_for(&Key::new("cap", format!("k{i}")).unwrap(), Duration::from_secs(1))
+                    .claim_for(
+                        &Key::new("cap", format!("k{i}")).unwrap(),
+                        Duration::from_secs(1),
+                    )
                     .await
             })
         })
@@ -78,11 +81,20 @@ async fn capacity_is_exact_under_concurrency_and_sweeps_every_shard() {
     assert_eq!(won.len(), 40, "the bound was not exact");
     assert_eq!(store.len(), 40);
     for l in &won {
-        store.complete(l, &Outcome::new(0, "x"), Duration::from_secs(1)).await.unwrap();
+        store
+            .complete(l, &Outcome::new(0, "x"), Duration::from_secs(1))
+            .await
+            .unwrap();
     }
     clock.advance(Duration::from_secs(2));
     for i in 0..40 {
         let key = Key::new("cap", format!("fresh{i}")).unwrap();
-        assert!(matches!(store.claim_for(&key, Duration::from_secs(1)).await, Ok(Claim::Acquired(_))), "expired records did not make room for {key}");
+        assert!(
+            matches!(
+                store.claim_for(&key, Duration::from_secs(1)).await,
+                Ok(Claim::Acquired(_))
+            ),
+            "expired records did not make room for {key}"
+        );
     }
 }
