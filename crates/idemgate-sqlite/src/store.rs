@@ -472,6 +472,20 @@ impl Writer {
         }
     }
 
+    /// Runs an update guarded by the lease's key and token (`?1`, `?2`, `?3`, then `extra` as
+    /// `?4…`): one row changed, or the lease is stale and nothing changed.
+    fn fenced(&self, text: &str, lease: &Lease, extra: &[&dyn rusqlite::ToSql]) -> Result<()> {
+        let token = i64::try_from(lease.token()).unwrap_or(-1);
+        let head: [&dyn rusqlite::ToSql; 3] = [&lease.key().scope(), &lease.key().id(), &token];
+        let mut stmt = sql(self.conn.prepare_cached(text))?;
+        let n = sql(stmt.execute(rusqlite::params_from_iter(head.iter().chain(extra))))?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(Error::LeaseLost)
+        }
+    }
+
     fn execute(&self, op: &Op) -> Result<Answer> {
         let now = self.clock.now();
         let c = &self.conn;
@@ -518,54 +532,26 @@ impl Writer {
                 }))
             }
             Op::Complete(lease, outcome, retention) => {
-                let mut stmt = sql(c.prepare_cached(&self.sql.complete))?;
-                let n = sql(stmt.execute(params![
-                    lease.key().scope(),
-                    lease.key().id(),
-                    i64::try_from(lease.token()).unwrap_or(-1),
-                    outcome.encode(),
-                    ms(now),
-                    ms(now + *retention)
-                ]))?;
-                if n == 1 {
-                    Ok(Answer::Unit)
-                } else {
-                    Err(Error::LeaseLost)
-                }
+                self.fenced(
+                    &self.sql.complete,
+                    lease,
+                    params![outcome.encode(), ms(now), ms(now + *retention)],
+                )?;
+                Ok(Answer::Unit)
             }
             Op::Release(lease) => {
-                let mut stmt = sql(c.prepare_cached(&self.sql.release))?;
-                let n = sql(stmt.execute(params![
-                    lease.key().scope(),
-                    lease.key().id(),
-                    i64::try_from(lease.token()).unwrap_or(-1),
-                    ms(now)
-                ]))?;
-                if n == 1 {
-                    Ok(Answer::Unit)
-                } else {
-                    Err(Error::LeaseLost)
-                }
+                self.fenced(&self.sql.release, lease, params![ms(now)])?;
+                Ok(Answer::Unit)
             }
             Op::Renew(lease, extend) => {
                 let until = now + *extend;
-                let mut stmt = sql(c.prepare_cached(&self.sql.renew))?;
-                let n = sql(stmt.execute(params![
-                    lease.key().scope(),
-                    lease.key().id(),
-                    i64::try_from(lease.token()).unwrap_or(-1),
-                    ms(until)
-                ]))?;
-                if n == 1 {
-                    Ok(Answer::Lease(Lease::new(
-                        lease.key().clone(),
-                        lease.token(),
-                        until,
-                        lease.attempt(),
-                    )))
-                } else {
-                    Err(Error::LeaseLost)
-                }
+                self.fenced(&self.sql.renew, lease, params![ms(until)])?;
+                Ok(Answer::Lease(Lease::new(
+                    lease.key().clone(),
+                    lease.token(),
+                    until,
+                    lease.attempt(),
+                )))
             }
             Op::Get(key) => {
                 let mut stmt = sql(c.prepare_cached(&self.sql.get))?;
