@@ -48,6 +48,7 @@ mod memory;
 mod obs;
 mod outcome;
 mod record;
+mod row;
 mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock, duration_millis, from_millis, to_millis};
@@ -58,4 +59,5 @@ pub use key::{EventId, Key, MAX_KEY_LEN};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use outcome::Outcome;
 pub use record::{Claim, ClaimOptions, Lease, Record, State};
+pub use row::{RecordRow, time_from_ms};
 pub use store::{BoxStore, Store, StoreExt};

@@ -7,8 +7,8 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use idemgate_core::{
-    Claim, ClaimOptions, Clock, Error, Fingerprint, Key, Lease, Outcome, Record, Result, State,
-    Store, SystemClock, from_millis, to_millis,
+    Claim, ClaimOptions, Clock, Error, Fingerprint, Key, Lease, Outcome, Record, RecordRow, Result,
+    State, Store, SystemClock, to_millis,
 };
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
@@ -330,10 +330,6 @@ fn ms(t: SystemTime) -> i64 {
     i64::try_from(to_millis(t)).unwrap_or(i64::MAX)
 }
 
-fn time(v: i64) -> SystemTime {
-    from_millis(u64::try_from(v).unwrap_or(0))
-}
-
 fn token(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -344,38 +340,18 @@ fn count(v: i64) -> u32 {
 
 /// Reads a row of `COLUMNS`; damaged values are `Corrupt`, not panics.
 fn record(key: &Key, row: &Row<'_>) -> rusqlite::Result<Result<Record>> {
-    let fp: Option<Vec<u8>> = row.get(0)?;
-    let state: i64 = row.get(1)?;
-    let tok = token(row.get(2)?);
-    let lease_until: Option<i64> = row.get(3)?;
-    let outcome: Option<Vec<u8>> = row.get(4)?;
-    let completed_at: Option<i64> = row.get(5)?;
-    let created_at = time(row.get(6)?);
-    let expires_at = time(row.get(7)?);
-    let attempts = count(row.get(8)?);
-    Ok((|| {
-        let fingerprint = fp.as_deref().map(Fingerprint::try_from).transpose()?;
-        let state = match (state, lease_until, outcome, completed_at) {
-            (0, Some(until), _, _) => State::InProgress {
-                token: tok,
-                lease_until: time(until),
-            },
-            (1, _, Some(bytes), Some(at)) => State::Completed {
-                token: tok,
-                outcome: Outcome::decode(&bytes)?,
-                completed_at: time(at),
-            },
-            (s, ..) => return Err(corrupt(format!("record {key} has an impossible state {s}"))),
-        };
-        Ok(Record {
-            key: key.clone(),
-            fingerprint,
-            state,
-            created_at,
-            expires_at,
-            attempts,
-        })
-    })())
+    let row = RecordRow {
+        fingerprint: row.get(0)?,
+        state: row.get(1)?,
+        token: row.get(2)?,
+        lease_until: row.get(3)?,
+        outcome: row.get(4)?,
+        completed_at: row.get(5)?,
+        created_at: row.get(6)?,
+        expires_at: row.get(7)?,
+        attempts: row.get(8)?,
+    };
+    Ok(row.into_record(key, "sqlite"))
 }
 
 /// Waits for the next job: spins briefly first, because a caller that just got its answer often

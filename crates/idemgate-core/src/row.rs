@@ -1,0 +1,78 @@
+//! The flat row shape every SQL backend stores a record in.
+
+use crate::clock::from_millis;
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::key::Key;
+use crate::outcome::Outcome;
+use crate::record::{Record, State};
+
+/// A record as SQL backends store it: times in milliseconds since the Unix epoch, the state as
+/// `0` (in progress) or `1` (completed), the outcome in [`Outcome::encode`]'s layout.
+///
+/// For backend authors: read the columns into this, then [`RecordRow::into_record`] checks
+/// them; a damaged row is [`Error::Corrupt`], never a panic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordRow {
+    /// 32 bytes, or none.
+    pub fingerprint: Option<Vec<u8>>,
+    /// 0 in progress, 1 completed.
+    pub state: i64,
+    /// The fencing token.
+    pub token: i64,
+    /// Set while in progress.
+    pub lease_until: Option<i64>,
+    /// Set once completed.
+    pub outcome: Option<Vec<u8>>,
+    /// Set once completed.
+    pub completed_at: Option<i64>,
+    /// First claim.
+    pub created_at: i64,
+    /// Expiry of the record.
+    pub expires_at: i64,
+    /// Executions started.
+    pub attempts: i64,
+}
+
+/// Reads a stored millisecond count; negative values (never written) count as the epoch.
+pub fn time_from_ms(ms: i64) -> std::time::SystemTime {
+    from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+impl RecordRow {
+    /// Whether the record is live at `now_ms` and its lease (if in progress) still runs.
+    pub fn is_held_at(&self, now_ms: i64) -> bool {
+        self.expires_at > now_ms && (self.state == 1 || self.lease_until.is_some_and(|l| l > now_ms))
+    }
+
+    /// The record of `key` this row describes; `backend` names the store in errors.
+    pub fn into_record(self, key: &Key, backend: &'static str) -> Result<Record> {
+        let corrupt = |reason: String| Error::Corrupt { backend, reason };
+        let fingerprint = self
+            .fingerprint
+            .as_deref()
+            .map(Fingerprint::try_from)
+            .transpose()?;
+        let token = u64::try_from(self.token).map_err(|_| corrupt(format!("record {key} has token {}", self.token)))?;
+        let state = match (self.state, self.lease_until, self.outcome, self.completed_at) {
+            (0, Some(until), _, _) => State::InProgress {
+                token,
+                lease_until: time_from_ms(until),
+            },
+            (1, _, Some(bytes), Some(at)) => State::Completed {
+                token,
+                outcome: Outcome::decode(&bytes)?,
+                completed_at: time_from_ms(at),
+            },
+            (s, ..) => return Err(corrupt(format!("record {key} has an impossible state {s}"))),
+        };
+        Ok(Record {
+            key: key.clone(),
+            fingerprint,
+            state,
+            created_at: time_from_ms(self.created_at),
+            expires_at: time_from_ms(self.expires_at),
+            attempts: u32::try_from(self.attempts).unwrap_or(u32::MAX),
+        })
+    }
+}
