@@ -80,6 +80,24 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A compare-and-set of a consumer position found another value than expected: another
+    /// consumer owns the partition now, or this one is replaying. Nothing was changed.
+    #[error(
+        "position of {topic}/{partition} for group {group} is {found:?}, not the expected {expected:?}"
+    )]
+    Fenced {
+        /// The consumer group.
+        group: String,
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// What the writer expected (`None`: no position yet).
+        expected: Option<i64>,
+        /// What is stored.
+        found: Option<i64>,
+    },
+
     /// The operation waited for an in-progress key until its deadline.
     #[error("timed out waiting for an in-progress key (lease until {lease_until:?})")]
     Timeout {

@@ -42,7 +42,8 @@ pub fn time_from_ms(ms: i64) -> std::time::SystemTime {
 impl RecordRow {
     /// Whether the record is live at `now_ms` and its lease (if in progress) still runs.
     pub fn is_held_at(&self, now_ms: i64) -> bool {
-        self.expires_at > now_ms && (self.state == 1 || self.lease_until.is_some_and(|l| l > now_ms))
+        self.expires_at > now_ms
+            && (self.state == 1 || self.lease_until.is_some_and(|l| l > now_ms))
     }
 
     /// The record of `key` this row describes; `backend` names the store in errors.
@@ -53,8 +54,14 @@ impl RecordRow {
             .as_deref()
             .map(Fingerprint::try_from)
             .transpose()?;
-        let token = u64::try_from(self.token).map_err(|_| corrupt(format!("record {key} has token {}", self.token)))?;
-        let state = match (self.state, self.lease_until, self.outcome, self.completed_at) {
+        let token = u64::try_from(self.token)
+            .map_err(|_| corrupt(format!("record {key} has token {}", self.token)))?;
+        let state = match (
+            self.state,
+            self.lease_until,
+            self.outcome,
+            self.completed_at,
+        ) {
             (0, Some(until), _, _) => State::InProgress {
                 token,
                 lease_until: time_from_ms(until),

@@ -21,3 +21,4 @@
 pub mod conformance;
 pub mod fault;
 pub mod model;
+pub mod service;

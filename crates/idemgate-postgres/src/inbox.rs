@@ -1,0 +1,144 @@
+//! The transactional inbox on PostgreSQL.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use idemgate_core::{Key, Result};
+use sqlx::{PgConnection, PgPool};
+
+use crate::error::{check_ident, pg};
+use crate::schema::migrate;
+use crate::store::{NOW, ms};
+
+/// The transactional inbox: records a key as processed inside the caller's transaction, so the
+/// dedup row and the business change commit or roll back together.
+///
+/// Two transactions with the same key: the second waits on the first's row lock; if the first
+/// commits, the second sees `false`; if it rolls back, the second sees `true`. Under
+/// `REPEATABLE READ` or `SERIALIZABLE` the second may instead fail with a retryable
+/// `Error::Unavailable` (a serialization failure): never a duplicate effect.
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool) -> Result<(), idemgate_core::Error> {
+/// use idemgate_core::Key;
+/// use idemgate_postgres::PgInbox;
+///
+/// let inbox = PgInbox::new();
+/// inbox.migrate(&pool).await?;
+/// let mut tx = pool.begin().await.unwrap();
+/// if inbox.first_time(&mut tx, &Key::new("ledger", "evt-1")?).await? {
+///     sqlx::query("UPDATE balance SET total = total + 10").execute(&mut *tx).await.unwrap();
+/// }
+/// tx.commit().await.unwrap();
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PgInbox {
+    table: String,
+    retention: Duration,
+}
+
+impl Default for PgInbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PgInbox {
+    /// An inbox in table `idemgate_inbox`, keeping keys for 7 days.
+    pub fn new() -> Self {
+        PgInbox {
+            table: "idemgate_inbox".into(),
+            retention: Duration::from_secs(7 * 86_400),
+        }
+    }
+
+    /// Another table (a lowercase identifier).
+    pub fn with_table(mut self, table: impl Into<String>) -> Result<Self> {
+        self.table = table.into();
+        check_ident(&self.table)?;
+        Ok(self)
+    }
+
+    /// How long a processed key is remembered: at least the broker's redelivery window.
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Creates the inbox table if missing.
+    pub async fn migrate(&self, pool: &PgPool) -> Result<()> {
+        let t = &self.table;
+        migrate(
+            pool,
+            t,
+            1,
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    scope TEXT NOT NULL, id TEXT NOT NULL,
+                    processed_at BIGINT NOT NULL, expires_at BIGINT NOT NULL,
+                    PRIMARY KEY (scope, id));
+                 CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} (expires_at);"
+            ),
+            &["scope", "id", "processed_at", "expires_at"],
+        )
+        .await
+    }
+
+    /// Records `key` in the caller's transaction; `true` the first time within the retention
+    /// window (apply the effect in the same transaction), `false` for a duplicate.
+    pub async fn first_time(&self, tx: &mut PgConnection, key: &Key) -> Result<bool> {
+        let t = &self.table;
+        let done = pg(sqlx::query(&format!(
+            "INSERT INTO {t} AS i (scope, id, processed_at, expires_at) VALUES ($1, $2, {NOW}, {NOW} + $3)
+             ON CONFLICT (scope, id) DO UPDATE SET processed_at = {NOW}, expires_at = {NOW} + $3
+             WHERE i.expires_at <= {NOW}"
+        ))
+        .bind(key.scope())
+        .bind(key.id())
+        .bind(ms(self.retention))
+        .execute(tx)
+        .await)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// [`first_time`](Self::first_time) for a batch, in one statement: one answer per key, in
+    /// order. A key repeated within the batch is `true` at most once.
+    pub async fn first_time_many(&self, tx: &mut PgConnection, keys: &[Key]) -> Result<Vec<bool>> {
+        let mut seen = HashSet::new();
+        let unique: Vec<&Key> = keys.iter().filter(|k| seen.insert(*k)).collect();
+        let scopes: Vec<&str> = unique.iter().map(|k| k.scope()).collect();
+        let ids: Vec<&str> = unique.iter().map(|k| k.id()).collect();
+        let t = &self.table;
+        let fresh: Vec<(String, String)> = pg(sqlx::query_as(&format!(
+            "INSERT INTO {t} AS i (scope, id, processed_at, expires_at)
+             SELECT s, d, {NOW}, {NOW} + $3 FROM unnest($1::text[], $2::text[]) AS u(s, d)
+             ON CONFLICT (scope, id) DO UPDATE SET processed_at = {NOW}, expires_at = {NOW} + $3
+             WHERE i.expires_at <= {NOW}
+             RETURNING scope, id"
+        ))
+        .bind(&scopes)
+        .bind(&ids)
+        .bind(ms(self.retention))
+        .fetch_all(tx)
+        .await)?;
+        let mut fresh: HashSet<(String, String)> = fresh.into_iter().collect();
+        Ok(keys
+            .iter()
+            .map(|k| fresh.remove(&(k.scope().to_owned(), k.id().to_owned())))
+            .collect())
+    }
+
+    /// Deletes at most `limit` keys past their retention; returns how many.
+    pub async fn purge_expired(&self, pool: &PgPool, limit: usize) -> Result<u64> {
+        let t = &self.table;
+        let done = pg(sqlx::query(&format!(
+            "DELETE FROM {t} WHERE ctid = ANY (ARRAY(
+                SELECT ctid FROM {t} WHERE expires_at <= {NOW} LIMIT $1 FOR UPDATE SKIP LOCKED))"
+        ))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(pool)
+        .await)?;
+        Ok(done.rows_affected())
+    }
+}

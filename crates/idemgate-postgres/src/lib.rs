@@ -1,0 +1,32 @@
+//! PostgreSQL backend for idemgate.
+//!
+//! - [`PostgresStore`]: the [`Store`](idemgate_core::Store) contract on PostgreSQL: each claim
+//!   is one `INSERT … ON CONFLICT … DO UPDATE … WHERE <free> RETURNING` against the primary key,
+//!   expiry judged by the database's clock;
+//! - [`PgInbox`]: the transactional inbox, inside the caller's transaction;
+//! - [`PgOffsets`]: Kafka consumer positions advanced by compare-and-set in that same
+//!   transaction.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use idemgate_core::{Gate, Key};
+//! use idemgate_postgres::PostgresStore;
+//!
+//! # async fn example() -> Result<(), idemgate_core::Error> {
+//! let store = PostgresStore::builder().with_url("postgres://postgres@127.0.0.1/test").build()?;
+//! store.migrate().await?;
+//! let gate = Gate::new(store).lease(Duration::from_secs(30));
+//! let key = Key::compose("payments", ["pay_123", "capture"])?;
+//! let _ = gate.run(&key, None, |_| async { Ok::<_, String>(String::from("captured")) }).await;
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod inbox;
+mod offsets;
+mod schema;
+mod store;
+
+pub use inbox::PgInbox;
+pub use offsets::PgOffsets;
+pub use store::{PostgresStore, PostgresStoreBuilder};

@@ -1,0 +1,32 @@
+//! The conformance suite against the local PostgreSQL, one table per test.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use idemgate_postgres::PostgresStore;
+use idemgate_testkit::conformance::Ctx;
+use idemgate_testkit::service;
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+async fn store() -> Option<PostgresStore> {
+    let url = service::url(
+        "IDEMGATE_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    );
+    let table = format!(
+        "idemgate_t{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let store = PostgresStore::builder()
+        .with_url(url)
+        .with_table(table)
+        .build()
+        .unwrap();
+    service::connect("PostgreSQL", async {
+        store.migrate().await.map(|()| store)
+    })
+    .await
+}
+
+idemgate_testkit::conformance_tests!(async { store().await.map(Ctx::real_time) });

@@ -1,0 +1,394 @@
+//! PostgreSQL-specific behaviour: the inbox under concurrency, offsets, faults, foreign tables.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use idemgate_core::{Claim, Error, Key, Outcome, Store, StoreExt};
+use idemgate_postgres::{PgInbox, PgOffsets, PostgresStore};
+use idemgate_testkit::service;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn unique(what: &str) -> String {
+    format!(
+        "idemgate_{what}{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn url() -> String {
+    service::url(
+        "IDEMGATE_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    )
+}
+
+async fn pool() -> Option<PgPool> {
+    service::connect(
+        "PostgreSQL",
+        PgPoolOptions::new().max_connections(10).connect(&url()),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inbox_second_transaction_waits_then_sees_a_duplicate() {
+    let Some(pool) = pool().await else { return };
+    let inbox = PgInbox::new().with_table(unique("inbox")).unwrap();
+    inbox.migrate(&pool).await.unwrap();
+    let key = Key::new("ledger", "evt-1").unwrap();
+
+    let mut first = pool.begin().await.unwrap();
+    assert!(inbox.first_time(&mut first, &key).await.unwrap());
+    let second = {
+        let (pool, inbox, key) = (pool.clone(), inbox.clone(), key.clone());
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            let seen = inbox.first_time(&mut tx, &key).await.unwrap();
+            tx.commit().await.unwrap();
+            seen
+        })
+    };
+    // the second transaction is blocked on the first's row until it commits
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!second.is_finished(), "the second transaction did not wait");
+    first.commit().await.unwrap();
+    assert!(
+        !second.await.unwrap(),
+        "both transactions saw the key for the first time"
+    );
+
+    // a rolled-back first sighting leaves the key free
+    let other = Key::new("ledger", "evt-2").unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    assert!(inbox.first_time(&mut tx, &other).await.unwrap());
+    tx.rollback().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    assert!(inbox.first_time(&mut tx, &other).await.unwrap());
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_inbox_transactions_apply_each_effect_once() {
+    let Some(pool) = pool().await else { return };
+    let inbox = PgInbox::new().with_table(unique("inbox")).unwrap();
+    inbox.migrate(&pool).await.unwrap();
+    let effects = unique("effects");
+    sqlx::query(&format!(
+        "CREATE TABLE {effects} (id TEXT PRIMARY KEY, n INTEGER NOT NULL)"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, inbox, effects) = (pool.clone(), inbox.clone(), effects.clone());
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    let key = Key::new("c", format!("e{i}")).unwrap();
+                    let mut tx = pool.begin().await.unwrap();
+                    if inbox.first_time(&mut tx, &key).await.unwrap() {
+                        sqlx::query(&format!("INSERT INTO {effects} (id, n) VALUES ($1, 1) ON CONFLICT (id) DO UPDATE SET n = {effects}.n + 1"))
+                            .bind(key.id())
+                            .execute(&mut *tx)
+                            .await
+                            .unwrap();
+                    }
+                    tx.commit().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (rows, max): (i64, i32) =
+        sqlx::query_as(&format!("SELECT count(*), max(n) FROM {effects}"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((rows, max), (50, 1));
+}
+
+#[tokio::test]
+async fn inbox_batches_and_purges() {
+    let Some(pool) = pool().await else { return };
+    let inbox = PgInbox::new()
+        .with_table(unique("inbox"))
+        .unwrap()
+        .with_retention(Duration::from_millis(300));
+    inbox.migrate(&pool).await.unwrap();
+    let keys: Vec<Key> = ["a", "b", "a", "c"]
+        .iter()
+        .map(|id| Key::new("b", *id).unwrap())
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    assert!(inbox.first_time(&mut tx, &keys[1]).await.unwrap());
+    assert_eq!(
+        inbox.first_time_many(&mut tx, &keys).await.unwrap(),
+        [true, false, false, true]
+    );
+    tx.commit().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut purged = 0;
+    while purged < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "keys were never purged"
+        );
+        purged += inbox.purge_expired(&pool, 2).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(purged, 3);
+}
+
+#[tokio::test]
+async fn offsets_advance_by_compare_and_set() {
+    let Some(pool) = pool().await else { return };
+    let offsets = PgOffsets::new().with_table(unique("offsets")).unwrap();
+    offsets.migrate(&pool).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    offsets
+        .advance(&mut tx, "g", "orders", 0, None, 10)
+        .await
+        .unwrap();
+    offsets
+        .advance(&mut tx, "g", "orders", 1, None, 3)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    offsets
+        .advance(&mut tx, "g", "orders", 0, Some(10), 11)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // a zombie consumer still believes partition 0 is at 10
+    let mut tx = pool.begin().await.unwrap();
+    let e = offsets
+        .advance(&mut tx, "g", "orders", 0, Some(10), 11)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Fenced {
+                expected: Some(10),
+                found: Some(11),
+                partition: 0,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    tx.rollback().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let e = offsets
+        .advance(&mut tx, "g", "orders", 1, None, 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Fenced {
+                expected: None,
+                found: Some(3),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    tx.rollback().await.unwrap();
+
+    let mut conn = pool.acquire().await.unwrap();
+    let pos = offsets
+        .load_positions(&mut conn, "g", "orders")
+        .await
+        .unwrap();
+    assert_eq!(pos.into_iter().collect::<Vec<_>>(), [(0, 11), (1, 3)]);
+    assert!(
+        offsets
+            .load_positions(&mut conn, "other", "orders")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// The effect, the inbox row and the position commit together; a stale writer changes nothing.
+#[tokio::test]
+async fn inbox_offsets_and_effect_share_one_transaction() {
+    let Some(pool) = pool().await else { return };
+    let inbox = PgInbox::new().with_table(unique("inbox")).unwrap();
+    let offsets = PgOffsets::new().with_table(unique("offsets")).unwrap();
+    inbox.migrate(&pool).await.unwrap();
+    offsets.migrate(&pool).await.unwrap();
+    let ledger = unique("ledger");
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE {ledger} (total BIGINT NOT NULL); INSERT INTO {ledger} VALUES (0)"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    // consumer A processes offset 0; consumer B, a zombie, replays it after A committed
+    for (expected, who) in [(None, "a"), (None, "b")] {
+        let mut tx = pool.begin().await.unwrap();
+        let fresh = inbox
+            .first_time(&mut tx, &Key::new("ledger", "evt-0").unwrap())
+            .await
+            .unwrap();
+        if fresh {
+            sqlx::query(&format!("UPDATE {ledger} SET total = total + 5"))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+        match offsets.advance(&mut tx, "g", "t", 0, expected, 1).await {
+            Ok(()) => tx.commit().await.unwrap(),
+            Err(Error::Fenced { .. }) => {
+                assert_eq!(who, "b");
+                tx.rollback().await.unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let (total,): (i64,) = sqlx::query_as(&format!("SELECT max(total) FROM {ledger}"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminated_connection_is_unavailable_then_recovers() {
+    let Some(admin) = pool().await else { return };
+    let table = unique("fault");
+    let store = PostgresStore::builder()
+        .with_url(url())
+        .with_table(&table)
+        .with_max_connections(1)
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let held = Key::new("f", "held").unwrap();
+    let Claim::Acquired(held_lease) = store
+        .claim_for(&held, Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let key = Key::new("f", "k").unwrap();
+    let Claim::Acquired(old) = store
+        .claim_for(&key, Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    store.release(old.clone()).await.unwrap();
+
+    // another session locks the row, so the store's next claim blocks mid-statement
+    let mut blocker = admin.begin().await.unwrap();
+    sqlx::query(&format!("SELECT 1 FROM {table} WHERE id = 'k' FOR UPDATE"))
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let claim = {
+        let store = store.clone();
+        let key = key.clone();
+        tokio::spawn(async move { store.claim_for(&key, Duration::from_secs(60)).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let pid: i32 = loop {
+        let found: Option<(i32,)> = sqlx::query_as(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+        )
+        .bind(format!("%INSERT INTO {table}%"))
+        .fetch_optional(&admin)
+        .await
+        .unwrap();
+        if let Some((pid,)) = found {
+            break pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the claim never blocked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&admin)
+        .await
+        .unwrap();
+    let cut = claim.await.unwrap();
+    assert!(
+        matches!(cut, Err(Error::Unavailable { .. })),
+        "a cut connection gave {cut:?}"
+    );
+    blocker.rollback().await.unwrap();
+
+    // the pool reconnects; the cut claim left no lease behind, and old leases stay fenced
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let fresh = loop {
+        match store.claim_for(&key, Duration::from_secs(60)).await {
+            Ok(Claim::Acquired(l)) => break l,
+            Err(Error::Unavailable { .. }) if tokio::time::Instant::now() < deadline => continue,
+            other => panic!("after the cut: {other:?}"),
+        }
+    };
+    assert_eq!(fresh.token(), old.token() + 1, "the cut claim took effect");
+    assert!(matches!(
+        store
+            .complete(&old, &Outcome::new(0, "zombie"), Duration::from_secs(60))
+            .await,
+        Err(Error::LeaseLost)
+    ));
+    store
+        .complete(&held_lease, &Outcome::new(0, "ok"), Duration::from_secs(60))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn foreign_tables_and_bad_names_are_typed_errors() {
+    let Some(pool) = pool().await else { return };
+    let table = unique("foreign");
+    sqlx::query(&format!("CREATE TABLE {table} (a INTEGER)"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let store = PostgresStore::builder()
+        .with_pool(pool.clone())
+        .with_table(&table)
+        .build()
+        .unwrap();
+    assert!(matches!(store.migrate().await, Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        PostgresStore::builder()
+            .with_pool(pool)
+            .with_table("x; drop")
+            .build(),
+        Err(Error::Config { .. })
+    ));
+    assert!(matches!(
+        PostgresStore::builder().build(),
+        Err(Error::Config { .. })
+    ));
+    let down = PostgresStore::builder()
+        .with_url("postgres://postgres@127.0.0.1:1/test")
+        .with_acquire_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    assert!(matches!(
+        down.claim_for(&Key::new("d", "k").unwrap(), Duration::from_secs(1))
+            .await,
+        Err(Error::Unavailable { .. })
+    ));
+}
