@@ -1,0 +1,412 @@
+//! `RedisStore`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idemgate_core::{
+    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, RecordRow, Result, Store,
+    duration_millis, time_from_ms,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{FromRedisValue, RedisError, Script, ScriptInvocation, Value};
+
+use crate::scripts;
+
+fn classify(e: RedisError) -> Error {
+    let retryable = e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::TryAgain
+                | redis::ErrorKind::ClusterDown
+                | redis::ErrorKind::MasterDown
+                | redis::ErrorKind::BusyLoadingError
+        );
+    if retryable {
+        Error::Unavailable {
+            backend: "redis",
+            source: Box::new(e),
+        }
+    } else if matches!(e.kind(), redis::ErrorKind::InvalidClientConfig) {
+        Error::Config {
+            message: e.to_string(),
+        }
+    } else {
+        Error::Backend {
+            backend: "redis",
+            source: Box::new(e),
+        }
+    }
+}
+
+fn corrupt(reason: impl Into<String>) -> Error {
+    Error::Corrupt {
+        backend: "redis",
+        reason: reason.into(),
+    }
+}
+
+/// What a Redis server keeps on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Durability {
+    /// The append-only file is on: completed keys survive a restart (up to `appendfsync`).
+    AppendOnly,
+    /// Only RDB snapshots: a restart forgets the keys written since the last snapshot.
+    Snapshots,
+    /// Nothing: a restart forgets every key and lets duplicates through.
+    None,
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Builds a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    urls: Vec<String>,
+    cluster: bool,
+    prefix: String,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// How long one connection attempt may take (default 2 s); an unreachable server is
+    /// `Error::Unavailable` after a few attempts.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a command may wait for its answer (default 5 s).
+    pub fn with_response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// A standalone server (`redis://host:port/db`).
+    pub fn with_url(mut self, url: impl Into<String>) -> Self {
+        self.urls = vec![url.into()];
+        self.cluster = false;
+        self
+    }
+
+    /// A Redis Cluster, from one or more of its nodes (`redis://host:port`).
+    pub fn with_cluster_nodes<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.urls = nodes.into_iter().map(Into::into).collect();
+        self.cluster = true;
+        self
+    }
+
+    /// A prefix for every key (default `idemgate:`), to share a server between stores.
+    pub fn with_key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Connects, and warns when the server keeps nothing on disk.
+    pub async fn build(self) -> Result<RedisStore> {
+        let conn = if self.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
+                .connection_timeout(self.connect_timeout)
+                .response_timeout(self.response_timeout)
+                .retries(3)
+                .build()
+                .map_err(classify)?;
+            Conn::Cluster(client.get_async_connection().await.map_err(classify)?)
+        } else {
+            let url = self.urls.first().ok_or_else(|| Error::Config {
+                message: "RedisStore needs with_url or with_cluster_nodes".into(),
+            })?;
+            let client = redis::Client::open(url.as_str()).map_err(classify)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(self.connect_timeout)
+                .set_response_timeout(self.response_timeout)
+                .set_number_of_retries(2)
+                .set_max_delay(500);
+            Conn::Single(
+                ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(classify)?,
+            )
+        };
+        let store = RedisStore {
+            conn,
+            prefix: Arc::from(self.prefix),
+            scripts: Arc::new(Scripts {
+                claim: Script::new(&scripts::claim()),
+                complete: Script::new(&scripts::complete()),
+                release: Script::new(&scripts::release()),
+                renew: Script::new(&scripts::renew()),
+                get: Script::new(&scripts::get()),
+            }),
+        };
+        match store.check_durability().await {
+            Ok(Durability::AppendOnly) => {}
+            Ok(d) => tracing::warn!(
+                durability = ?d,
+                "the Redis server does not keep an append-only file: a restart forgets completed keys and lets duplicates through"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not read the Redis persistence settings"),
+        }
+        Ok(store)
+    }
+}
+
+struct Scripts {
+    claim: Script,
+    complete: Script,
+    release: Script,
+    renew: Script,
+    get: Script,
+}
+
+/// The [`Store`] contract on Redis and Redis Cluster.
+///
+/// Fencing tokens of a new record start at the server's millisecond clock, so they keep growing
+/// even after Redis expired an earlier record of the same key. `purge_expired` has nothing to do
+/// (Redis expires records itself) and returns 0.
+///
+/// # Clone
+/// Cheap: clones share the multiplexed connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: Conn,
+    prefix: Arc<str>,
+    scripts: Arc<Scripts>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.conn {
+            Conn::Single(_) => "standalone",
+            Conn::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisStore")
+            .field("kind", &kind)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(duration_millis(d)).unwrap_or(i64::MAX)
+}
+
+fn int(v: &Value) -> Result<i64> {
+    match v {
+        Value::Int(i) => Ok(*i),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt("a number field is not a number")),
+        other => Err(corrupt(format!("expected a number, got {other:?}"))),
+    }
+}
+
+fn opt_int(v: &Value) -> Result<Option<i64>> {
+    match v {
+        Value::Nil => Ok(None),
+        v => int(v).map(Some),
+    }
+}
+
+fn opt_bytes(v: &Value) -> Result<Option<Vec<u8>>> {
+    match v {
+        Value::Nil => Ok(None),
+        Value::BulkString(b) => Ok(Some(b.clone())),
+        other => Err(corrupt(format!("expected bytes, got {other:?}"))),
+    }
+}
+
+/// The nine `RecordRow` fields in script order.
+fn row(f: &[Value]) -> Result<RecordRow> {
+    if f.len() != 9 {
+        return Err(corrupt(format!("a record has {} fields", f.len())));
+    }
+    let need = |v: &Value| opt_int(v)?.ok_or_else(|| corrupt("a record field is missing"));
+    Ok(RecordRow {
+        fingerprint: opt_bytes(&f[0])?,
+        state: need(&f[1])?,
+        token: need(&f[2])?,
+        lease_until: opt_int(&f[3])?,
+        outcome: opt_bytes(&f[4])?,
+        completed_at: opt_int(&f[5])?,
+        created_at: need(&f[6])?,
+        expires_at: need(&f[7])?,
+        attempts: need(&f[8])?,
+    })
+}
+
+impl RedisStore {
+    /// A builder: URL or cluster nodes, key prefix.
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            urls: Vec::new(),
+            cluster: false,
+            prefix: "idemgate:".into(),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// A store on `IDEMGATE_REDIS_URL` (default `redis://127.0.0.1:6379`).
+    pub async fn from_env() -> Result<Self> {
+        let url =
+            std::env::var("IDEMGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        Self::builder().with_url(url).build().await
+    }
+
+    /// What the server keeps on disk (`CONFIG GET appendonly` and `save`).
+    pub async fn check_durability(&self) -> Result<Durability> {
+        let aof: Vec<String> = self
+            .query(redis::cmd("CONFIG").arg("GET").arg("appendonly"))
+            .await?;
+        if aof.get(1).is_some_and(|v| v == "yes") {
+            return Ok(Durability::AppendOnly);
+        }
+        let save: Vec<String> = self
+            .query(redis::cmd("CONFIG").arg("GET").arg("save"))
+            .await?;
+        Ok(if save.get(1).is_some_and(|v| !v.trim().is_empty()) {
+            Durability::Snapshots
+        } else {
+            Durability::None
+        })
+    }
+
+    /// Runs a raw command on the store's connection (for operations and tests).
+    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        match &self.conn {
+            Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+        .map_err(classify)
+    }
+
+    /// The Redis key of a record: the prefix, then the scope length-prefixed, then the id.
+    fn key(&self, key: &Key) -> String {
+        format!(
+            "{}{}:{}{}",
+            self.prefix,
+            key.scope().len(),
+            key.scope(),
+            key.id()
+        )
+    }
+
+    async fn invoke(&self, inv: &ScriptInvocation<'_>) -> Result<Value> {
+        match &self.conn {
+            Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
+            Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+        }
+        .map_err(classify)
+    }
+
+    async fn fenced(&self, script: &Script, lease: &Lease, args: &[Vec<u8>]) -> Result<i64> {
+        let mut inv = script.key(self.key(lease.key()));
+        inv.arg(lease.token());
+        for a in args {
+            inv.arg(a.as_slice());
+        }
+        let v = int(&self.invoke(&inv).await?)?;
+        if v < 0 { Err(Error::LeaseLost) } else { Ok(v) }
+    }
+}
+
+impl Store for RedisStore {
+    async fn claim(
+        &self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        opts: &ClaimOptions,
+    ) -> Result<Claim> {
+        let fp_arg: &[u8] = fp.map(|f| f.as_bytes().as_slice()).unwrap_or(b"");
+        let mut inv = self.scripts.claim.key(self.key(key));
+        inv.arg(fp_arg).arg(ms(opts.lease)).arg(ms(opts.retention));
+        let Value::Array(reply) = self.invoke(&inv).await? else {
+            return Err(corrupt("the claim script answered a non-array"));
+        };
+        let kind = reply.first().map(int).transpose()?;
+        match (kind, reply.len()) {
+            (Some(1), 4) => Ok(Claim::Acquired(Lease::new(
+                key.clone(),
+                u64::try_from(int(&reply[1])?).unwrap_or(0),
+                time_from_ms(int(&reply[3])?),
+                u32::try_from(int(&reply[2])?).unwrap_or(u32::MAX),
+            ))),
+            (Some(2), 10) => Ok(Claim::Completed(
+                row(&reply[1..])?.into_record(key, "redis")?,
+            )),
+            (Some(3), 2) => {
+                let fp = opt_bytes(&reply[1])?
+                    .ok_or_else(|| corrupt("mismatch without a fingerprint"))?;
+                Ok(Claim::Mismatch {
+                    stored: Fingerprint::try_from(fp.as_slice())?,
+                })
+            }
+            (Some(4), 3) => Ok(Claim::InProgress {
+                lease_until: time_from_ms(int(&reply[1])?),
+                attempts: u32::try_from(int(&reply[2])?).unwrap_or(u32::MAX),
+            }),
+            _ => Err(corrupt(format!("the claim script answered {reply:?}"))),
+        }
+    }
+
+    async fn complete(&self, lease: &Lease, outcome: &Outcome, retention: Duration) -> Result<()> {
+        self.fenced(
+            &self.scripts.complete,
+            lease,
+            &[outcome.encode(), ms(retention).to_string().into_bytes()],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn release(&self, lease: Lease) -> Result<()> {
+        self.fenced(&self.scripts.release, &lease, &[])
+            .await
+            .map(drop)
+    }
+
+    async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Lease> {
+        let until = self
+            .fenced(
+                &self.scripts.renew,
+                lease,
+                &[ms(extend).to_string().into_bytes()],
+            )
+            .await?;
+        Ok(Lease::new(
+            lease.key().clone(),
+            lease.token(),
+            time_from_ms(until),
+            lease.attempt(),
+        ))
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Record>> {
+        match self.invoke(&self.scripts.get.key(self.key(key))).await? {
+            Value::Nil => Ok(None),
+            Value::Array(fields) => row(&fields)?.into_record(key, "redis").map(Some),
+            other => Err(corrupt(format!("the get script answered {other:?}"))),
+        }
+    }
+
+    async fn purge_expired(&self, _limit: usize) -> Result<u64> {
+        // every record key carries PEXPIREAT = expires_at: Redis deletes them itself
+        Ok(0)
+    }
+}

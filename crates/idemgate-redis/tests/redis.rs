@@ -1,0 +1,247 @@
+//! Redis-specific behaviour: durability, a restart with AOF, cut connections, key expiry.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use idemgate_core::{Claim, Error, Key, Lease, Outcome, Store, StoreExt};
+use idemgate_redis::{Durability, RedisStore};
+use idemgate_testkit::service;
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn prefix() -> String {
+    format!(
+        "idemgate-rtest:{}:{}:",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn local() -> Option<RedisStore> {
+    let url = service::url("IDEMGATE_REDIS_URL", "redis://127.0.0.1:6379");
+    service::connect(
+        "Redis",
+        RedisStore::builder()
+            .with_url(url)
+            .with_key_prefix(prefix())
+            .build(),
+    )
+    .await
+}
+
+async fn acquire(store: &RedisStore, key: &Key) -> Lease {
+    match store.claim_for(key, Duration::from_secs(60)).await.unwrap() {
+        Claim::Acquired(l) => l,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn records_expire_with_the_record_and_durability_is_reported() {
+    let Some(store) = local().await else { return };
+    // this machine's Redis keeps nothing on disk, which the store must say
+    let d = store.check_durability().await.unwrap();
+    let expected = std::env::var("IDEMGATE_REDIS_DURABILITY").unwrap_or_else(|_| "none".into());
+    if expected == "none" {
+        assert_eq!(d, Durability::None);
+    }
+    let key = Key::new("ttl", "k").unwrap();
+    let lease = acquire(&store, &key).await;
+    store
+        .complete(&lease, &Outcome::new(0, "x"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let rec = store.get(&key).await.unwrap().unwrap();
+    let keys: Vec<String> = store
+        .query(redis::cmd("KEYS").arg("idemgate-rtest:*:ttl*"))
+        .await
+        .unwrap();
+    let mine: Vec<&String> = keys.iter().filter(|k| k.ends_with(":3:ttlk")).collect();
+    assert!(!mine.is_empty(), "record key not found among {keys:?}");
+    let pttl: i64 = store.query(redis::cmd("PTTL").arg(mine[0])).await.unwrap();
+    let left = rec
+        .expires_at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        pttl > 0 && pttl <= 30_000,
+        "PTTL {pttl} does not follow the record's expiry"
+    );
+    assert!((i64::try_from(left.as_millis()).unwrap() - pttl).abs() < 2_000);
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_redis(port: u16, dir: &std::path::Path) -> Server {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed on this machine");
+    Server(child)
+}
+
+async fn connect_retrying(url: &str) -> RedisStore {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match RedisStore::builder().with_url(url).build().await {
+            Ok(s) => return s,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("redis on {url} never came up: {e}"),
+        }
+    }
+}
+
+/// With AOF (fsync always), completed records survive a SIGKILL of the server.
+#[tokio::test(flavor = "multi_thread")]
+async fn completed_records_survive_a_restart_with_aof() {
+    if !service::required()
+        && Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        eprintln!("skipping: redis-server not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let server = start_redis(port, dir.path());
+    let store = connect_retrying(&url).await;
+    assert_eq!(
+        store.check_durability().await.unwrap(),
+        Durability::AppendOnly
+    );
+    let mut held = Vec::new();
+    for i in 0..20 {
+        let key = Key::new("aof", format!("k{i}")).unwrap();
+        let lease = acquire(&store, &key).await;
+        if i % 2 == 0 {
+            store
+                .complete(
+                    &lease,
+                    &Outcome::new(200, format!("done-{i}")),
+                    Duration::from_secs(3600),
+                )
+                .await
+                .unwrap();
+        } else {
+            held.push(lease);
+        }
+    }
+    drop(server); // SIGKILL
+    let _server = start_redis(port, dir.path());
+    let store = connect_retrying(&url).await;
+    for i in (0..20).step_by(2) {
+        let key = Key::new("aof", format!("k{i}")).unwrap();
+        let rec = store
+            .get(&key)
+            .await
+            .unwrap()
+            .expect("completed record lost in the restart");
+        assert_eq!(rec.outcome().unwrap().body, format!("done-{i}").as_bytes());
+        assert!(matches!(
+            store.claim_for(&key, Duration::from_secs(1)).await.unwrap(),
+            Claim::Completed(_)
+        ));
+    }
+    // the leases held across the restart are still the owners, and only they
+    for lease in held {
+        assert!(matches!(
+            store
+                .claim_for(lease.key(), Duration::from_secs(1))
+                .await
+                .unwrap(),
+            Claim::InProgress { .. }
+        ));
+        store
+            .complete(&lease, &Outcome::new(0, "late"), Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_connection_is_unavailable_then_recovers() {
+    let Some(store) = local().await else { return };
+    let Some(admin) = local().await else { return };
+    let key = Key::new("cut", "k").unwrap();
+    let old = acquire(&store, &key).await;
+    store.release(old.clone()).await.unwrap();
+    let id: i64 = store.query(redis::cmd("CLIENT").arg("ID")).await.unwrap();
+    let killed: i64 = admin
+        .query(redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id))
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let fresh = loop {
+        match store.claim_for(&key, Duration::from_secs(60)).await {
+            Ok(Claim::Acquired(l)) => break l,
+            Err(Error::Unavailable { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("after CLIENT KILL: {other:?}"),
+        }
+    };
+    assert_eq!(fresh.token(), old.token() + 1, "a cut claim took effect");
+    assert!(matches!(
+        store
+            .complete(&old, &Outcome::new(0, "zombie"), Duration::from_secs(60))
+            .await,
+        Err(Error::LeaseLost)
+    ));
+    store
+        .complete(&fresh, &Outcome::new(0, "ok"), Duration::from_secs(60))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_unavailable() {
+    let e = RedisStore::builder()
+        .with_url("redis://127.0.0.1:1")
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+    assert!(matches!(
+        RedisStore::builder().build().await,
+        Err(Error::Config { .. })
+    ));
+    assert!(
+        RedisStore::builder()
+            .with_url("not a url")
+            .build()
+            .await
+            .is_err()
+    );
+}
