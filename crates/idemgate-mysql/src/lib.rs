@@ -1,0 +1,28 @@
+//! MySQL and MariaDB backend for idemgate.
+//!
+//! - [`MySqlStore`]: the [`Store`](idemgate_core::Store) contract: each claim is one
+//!   `INSERT … ON DUPLICATE KEY UPDATE` against the primary key whose assignments only take
+//!   effect when the key is free (marked by a per-claim nonce), read back under the row lock in
+//!   the same transaction; expiry judged by the database's clock;
+//! - [`MySqlInbox`]: the transactional inbox, inside the caller's transaction;
+//! - [`MySqlOffsets`]: Kafka consumer positions advanced by compare-and-set in that transaction.
+//!
+//! Keys are stored as `VARBINARY`, so they compare byte for byte whatever the server's collation.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), idemgate_core::Error> {
+//! use idemgate_mysql::MySqlStore;
+//! let store = MySqlStore::builder().with_url("mysql://root@127.0.0.1:3306/test").build()?;
+//! store.migrate().await?;
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod inbox;
+mod offsets;
+mod schema;
+mod store;
+
+pub use inbox::MySqlInbox;
+pub use offsets::MySqlOffsets;
+pub use store::{MySqlStore, MySqlStoreBuilder};
