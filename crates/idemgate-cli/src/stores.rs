@@ -4,12 +4,16 @@ use std::process::ExitCode;
 
 use clap::Args;
 use idemgate::core::{BoxStore, Error, Key, MemoryStore, State, Store, StoreExt, to_millis};
+use idemgate::mysql::MySqlStore;
+use idemgate::postgres::PostgresStore;
+use idemgate::redis::RedisStore;
 use idemgate::sqlite::SqliteStore;
 
 use crate::BoxError;
 
-/// Opens a store from a URL: `memory:` or `sqlite:PATH`.
-pub(crate) fn open(url: &str) -> Result<BoxStore, Error> {
+/// Opens a store from a URL: `memory:`, `sqlite:PATH`, `postgres://…`, `mysql://…`,
+/// `redis://…` or `redis+cluster://host:port,host:port,…`. SQL stores are migrated.
+pub(crate) async fn open(url: &str) -> Result<BoxStore, Error> {
     if url == "memory:" {
         return Ok(MemoryStore::new().boxed());
     }
@@ -22,26 +26,61 @@ pub(crate) fn open(url: &str) -> Result<BoxStore, Error> {
         }
         return Ok(SqliteStore::open(path)?.boxed());
     }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = PostgresStore::builder().with_url(url).build()?;
+        store.migrate().await?;
+        return Ok(store.boxed());
+    }
+    if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        let url = url.replacen("mariadb://", "mysql://", 1);
+        let store = MySqlStore::builder().with_url(url).build()?;
+        store.migrate().await?;
+        return Ok(store.boxed());
+    }
+    if let Some(nodes) = url.strip_prefix("redis+cluster://") {
+        let nodes: Vec<String> = nodes
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(|n| format!("redis://{n}"))
+            .collect();
+        if nodes.is_empty() {
+            return Err(Error::Config {
+                message: "redis+cluster:// needs host:port,host:port,…".into(),
+            });
+        }
+        return Ok(RedisStore::builder()
+            .with_cluster_nodes(nodes)
+            .build()
+            .await?
+            .boxed());
+    }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        return Ok(RedisStore::builder().with_url(url).build().await?.boxed());
+    }
     Err(Error::Config {
-        message: format!("unsupported store URL {url:?}: use memory: or sqlite:PATH"),
+        message: format!(
+            "unsupported store URL {url:?}: use memory:, sqlite:PATH, postgres://…, mysql://…, redis://… or redis+cluster://host:port,…"
+        ),
     })
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct InspectArgs {
-    /// The store: `sqlite:PATH` (or `memory:`).
+    /// The store: `sqlite:PATH`, `postgres://…`, `mysql://…`, `redis://…`,
+    /// `redis+cluster://host:port,…` or `memory:`.
     #[arg(long)]
     store: String,
-    /// The key's scope.
+    /// The key's scope (or give the key as `scope/id`).
     #[arg(long)]
-    scope: String,
-    /// The key's id.
-    id: String,
+    scope: Option<String>,
+    /// The key's id, or `scope/id` without `--scope`.
+    key: String,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct PurgeArgs {
-    /// The store: `sqlite:PATH` (or `memory:`).
+    /// The store: `sqlite:PATH`, `postgres://…`, `mysql://…`, `redis://…`,
+    /// `redis+cluster://host:port,…` or `memory:`.
     #[arg(long)]
     store: String,
     /// Delete at most this many records per batch.
@@ -56,9 +95,16 @@ fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
 }
 
 pub(crate) fn inspect(args: InspectArgs) -> Result<ExitCode, BoxError> {
-    let key = Key::new(&args.scope, &args.id)?;
-    let store = open(&args.store)?;
-    let Some(rec) = runtime()?.block_on(store.get(&key))? else {
+    let key = match &args.scope {
+        Some(scope) => Key::new(scope, &args.key)?,
+        None => match args.key.split_once('/') {
+            Some((scope, id)) => Key::new(scope, id)?,
+            None => return Err("give the key as scope/id, or its scope with --scope".into()),
+        },
+    };
+    let rt = runtime()?;
+    let store = rt.block_on(open(&args.store))?;
+    let Some(rec) = rt.block_on(store.get(&key))? else {
         println!("{key}: no live record");
         return Ok(ExitCode::from(1));
     };
@@ -101,8 +147,8 @@ pub(crate) fn purge(args: PurgeArgs) -> Result<ExitCode, BoxError> {
     if args.batch == 0 {
         return Err("--batch must be at least 1".into());
     }
-    let store = open(&args.store)?;
     let rt = runtime()?;
+    let store = rt.block_on(open(&args.store))?;
     let mut total = 0u64;
     loop {
         let n = rt.block_on(store.purge_expired(args.batch))?;

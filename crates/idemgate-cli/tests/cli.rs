@@ -143,7 +143,7 @@ fn inspect_and_purge_a_sqlite_store() {
                 .unwrap();
         });
     let url = format!("sqlite:{}", path.display());
-    let out = idemgate(&["inspect", "--store", &url, "--scope", "orders", "o-1"]);
+    let out = idemgate(&["inspect", "--store", &url, "orders/o-1"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -176,4 +176,85 @@ fn inspect_and_purge_a_sqlite_store() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `inspect` and `purge` on every server store, by URL.
+#[test]
+fn inspect_and_purge_server_stores_by_url() {
+    let required = std::env::var("IDEMGATE_REQUIRE_SERVICES").is_ok_and(|v| v == "1");
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    let urls = [
+        env(
+            "IDEMGATE_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        ),
+        env("IDEMGATE_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
+        env("IDEMGATE_REDIS_URL", "redis://127.0.0.1:6379"),
+        "redis+cluster://127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".to_owned(),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for url in urls {
+        let id = format!("cli-{}-{}", std::process::id(), url.len());
+        let made = rt.block_on(async {
+            let store = idemgate_cli_test_open(&url).await?;
+            let key = Key::new("cli", &id).unwrap();
+            let Claim::Acquired(l) = store.claim_for(&key, Duration::from_secs(30)).await? else {
+                panic!("{url}: key taken")
+            };
+            store
+                .complete(&l, &Outcome::new(201, "made"), Duration::from_secs(600))
+                .await
+        });
+        if let Err(e) = made {
+            assert!(!required, "{url} unreachable: {e}");
+            eprintln!("skipping {url}: {e}");
+            continue;
+        }
+        let out = idemgate(&["inspect", "--store", &url, &format!("cli/{id}")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("completed") && text.contains("status 201"),
+            "{url}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = idemgate(&["purge", "--store", &url]);
+        assert!(
+            out.status.success(),
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+async fn idemgate_cli_test_open(url: &str) -> Result<idemgate::BoxStore, idemgate::Error> {
+    use idemgate::StoreExt;
+    Ok(if let Some(nodes) = url.strip_prefix("redis+cluster://") {
+        let nodes: Vec<String> = nodes.split(',').map(|n| format!("redis://{n}")).collect();
+        idemgate::redis::RedisStore::builder()
+            .with_cluster_nodes(nodes)
+            .build()
+            .await?
+            .boxed()
+    } else if url.starts_with("redis://") {
+        idemgate::redis::RedisStore::builder()
+            .with_url(url)
+            .build()
+            .await?
+            .boxed()
+    } else if url.starts_with("mysql://") {
+        let s = idemgate::mysql::MySqlStore::builder()
+            .with_url(url)
+            .build()?;
+        s.migrate().await?;
+        s.boxed()
+    } else {
+        let s = idemgate::postgres::PostgresStore::builder()
+            .with_url(url)
+            .build()?;
+        s.migrate().await?;
+        s.boxed()
+    })
 }

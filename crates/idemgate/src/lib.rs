@@ -21,6 +21,9 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `sqlite` | yes | [`sqlite`]: `SqliteStore`, `SqliteInbox`, `SqliteQueue` |
+//! | `postgres` | no | `postgres`: `PostgresStore`, `PgInbox`, `PgOffsets` |
+//! | `mysql` | no | `mysql`: `MySqlStore`, `MySqlInbox`, `MySqlOffsets` (MySQL and MariaDB) |
+//! | `redis` | no | `redis`: `RedisStore` (standalone and cluster) |
 //! | `tracing` | yes | spans from the Gate |
 //! | `metrics` | yes | counters and histograms from the Gate |
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -31,3 +34,15 @@ pub use idemgate_core::*;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use idemgate_sqlite as sqlite;
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use idemgate_postgres as postgres;
+
+#[cfg(feature = "mysql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+pub use idemgate_mysql as mysql;
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use idemgate_redis as redis;
