@@ -254,6 +254,17 @@ impl MemoryStore {
         Claim::Acquired(Lease::new(key.clone(), token, lease_until, attempts))
     }
 
+    fn complete_sync(&self, lease: &Lease, outcome: &Outcome, retention: Duration) -> Result<()> {
+        self.with_lease(lease, |r, now, _| {
+            r.state = State::Completed {
+                token: lease.token(),
+                outcome: outcome.clone(),
+                completed_at: now,
+            };
+            r.expires_at = now + retention;
+        })
+    }
+
     /// Runs `f` on the record held by `lease`, or fails with `LeaseLost`.
     fn with_lease<T>(
         &self,
@@ -285,14 +296,7 @@ impl Store for MemoryStore {
     }
 
     async fn complete(&self, lease: &Lease, outcome: &Outcome, retention: Duration) -> Result<()> {
-        self.with_lease(lease, |r, now, _| {
-            r.state = State::Completed {
-                token: lease.token(),
-                outcome: outcome.clone(),
-                completed_at: now,
-            };
-            r.expires_at = now + retention;
-        })
+        self.complete_sync(lease, outcome, retention)
     }
 
     async fn release(&self, lease: Lease) -> Result<()> {
@@ -349,5 +353,27 @@ impl Store for MemoryStore {
             self.len.fetch_sub(doomed.len(), Ordering::Relaxed);
         }
         Ok(purged as u64)
+    }
+
+    async fn claim_many(
+        &self,
+        claims: &[(Key, Option<Fingerprint>)],
+        opts: &ClaimOptions,
+    ) -> Result<Vec<Claim>> {
+        claims
+            .iter()
+            .map(|(k, fp)| self.claim_sync(k, fp.as_ref(), opts))
+            .collect()
+    }
+
+    async fn complete_many(
+        &self,
+        done: &[(Lease, Outcome)],
+        retention: Duration,
+    ) -> Result<Vec<Result<()>>> {
+        Ok(done
+            .iter()
+            .map(|(l, o)| self.complete_sync(l, o, retention))
+            .collect())
     }
 }

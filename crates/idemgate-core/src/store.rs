@@ -28,8 +28,9 @@ use crate::record::{Claim, ClaimOptions, Lease, Record};
 /// 5. Expiry is judged from stored timestamps against the backend's clock, not from lazy
 ///    deletion.
 /// 6. Duplicate, in-progress and mismatch are [`Claim`] values, never errors.
-/// 7. Batched forms (`claim_many`, `complete_many`) come with the server backends, where one
-///    round trip pays off.
+/// 7. The batched forms [`claim_many`](Store::claim_many) and
+///    [`complete_many`](Store::complete_many) answer exactly as the single forms would, in
+///    order, in one round trip where the backend can.
 /// 8. Nothing is evicted before `expires_at`; a bounded store refuses new keys with
 ///    [`Error::Capacity`](crate::Error::Capacity).
 /// 9. A record of an abandoned or released claim is kept until its lease plus the claim's
@@ -68,6 +69,23 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes at most `limit` expired records; returns how many were deleted.
     fn purge_expired(&self, limit: usize) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Claims several keys in one round trip where the backend allows; the answers are those
+    /// the single `claim`s would give, in order (a key repeated in the batch is acquired at most
+    /// once). `Err` only when the backend fails.
+    fn claim_many(
+        &self,
+        claims: &[(Key, Option<Fingerprint>)],
+        opts: &ClaimOptions,
+    ) -> impl Future<Output = Result<Vec<Claim>>> + Send;
+
+    /// Completes several leases in one round trip where the backend allows; one result per
+    /// lease, in order (`Err(LeaseLost)` for a stale one). The outer `Err` is a backend failure.
+    fn complete_many(
+        &self,
+        done: &[(Lease, Outcome)],
+        retention: Duration,
+    ) -> impl Future<Output = Result<Vec<Result<()>>>> + Send;
 }
 
 impl<S: Store + ?Sized> Store for Arc<S>
@@ -106,6 +124,22 @@ where
 
     fn purge_expired(&self, limit: usize) -> impl Future<Output = Result<u64>> + Send {
         (**self).purge_expired(limit)
+    }
+
+    fn claim_many(
+        &self,
+        claims: &[(Key, Option<Fingerprint>)],
+        opts: &ClaimOptions,
+    ) -> impl Future<Output = Result<Vec<Claim>>> + Send {
+        (**self).claim_many(claims, opts)
+    }
+
+    fn complete_many(
+        &self,
+        done: &[(Lease, Outcome)],
+        retention: Duration,
+    ) -> impl Future<Output = Result<Vec<Result<()>>>> + Send {
+        (**self).complete_many(done, retention)
     }
 }
 
@@ -150,6 +184,16 @@ trait DynStore: Send + Sync + fmt::Debug + 'static {
     fn renew<'a>(&'a self, lease: &'a Lease, extend: Duration) -> BoxFuture<'a, Lease>;
     fn get<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Option<Record>>;
     fn purge_expired(&self, limit: usize) -> BoxFuture<'_, u64>;
+    fn claim_many<'a>(
+        &'a self,
+        claims: &'a [(Key, Option<Fingerprint>)],
+        opts: &'a ClaimOptions,
+    ) -> BoxFuture<'a, Vec<Claim>>;
+    fn complete_many<'a>(
+        &'a self,
+        done: &'a [(Lease, Outcome)],
+        retention: Duration,
+    ) -> BoxFuture<'a, Vec<Result<()>>>;
 }
 
 impl<S: Store> DynStore for S {
@@ -180,6 +224,20 @@ impl<S: Store> DynStore for S {
     }
     fn purge_expired(&self, limit: usize) -> BoxFuture<'_, u64> {
         Box::pin(Store::purge_expired(self, limit))
+    }
+    fn claim_many<'a>(
+        &'a self,
+        claims: &'a [(Key, Option<Fingerprint>)],
+        opts: &'a ClaimOptions,
+    ) -> BoxFuture<'a, Vec<Claim>> {
+        Box::pin(Store::claim_many(self, claims, opts))
+    }
+    fn complete_many<'a>(
+        &'a self,
+        done: &'a [(Lease, Outcome)],
+        retention: Duration,
+    ) -> BoxFuture<'a, Vec<Result<()>>> {
+        Box::pin(Store::complete_many(self, done, retention))
     }
 }
 
@@ -230,5 +288,21 @@ impl Store for BoxStore {
 
     async fn purge_expired(&self, limit: usize) -> Result<u64> {
         self.0.purge_expired(limit).await
+    }
+
+    async fn claim_many(
+        &self,
+        claims: &[(Key, Option<Fingerprint>)],
+        opts: &ClaimOptions,
+    ) -> Result<Vec<Claim>> {
+        self.0.claim_many(claims, opts).await
+    }
+
+    async fn complete_many(
+        &self,
+        done: &[(Lease, Outcome)],
+        retention: Duration,
+    ) -> Result<Vec<Result<()>>> {
+        self.0.complete_many(done, retention).await
     }
 }

@@ -98,6 +98,22 @@ pub struct MySqlStore {
     sql: Arc<Statements>,
 }
 
+impl Statements {
+    fn claim_rows(&self, n: usize) -> String {
+        // one row per key: scope, id, fingerprint, lease, lease + retention, nonce
+        let row = format!("(?, ?, ?, 0, 1, {NOW} + ?, NULL, NULL, {NOW}, {NOW} + ?, 1, ?)");
+        self.claim.replace("{rows}", &vec![row; n].join(", "))
+    }
+
+    fn select_rows(&self, n: usize) -> String {
+        format!(
+            "{}({}) FOR UPDATE",
+            self.select,
+            vec!["(?, ?)"; n].join(", ")
+        )
+    }
+}
+
 #[derive(Debug)]
 struct Statements {
     ddl: Vec<String>,
@@ -139,7 +155,7 @@ impl Statements {
             claim: format!(
                 "INSERT INTO {t} (scope, id, fingerprint, state, token, lease_until, outcome,
                                   completed_at, created_at, expires_at, attempts, nonce)
-                 VALUES (?, ?, ?, 0, 1, {NOW} + ?, NULL, NULL, {NOW}, {NOW} + ?, 1, ?)
+                 VALUES {{rows}}
                  ON DUPLICATE KEY UPDATE
                     nonce = IF({expired} OR (state = 0 AND lease_until <= VALUES(created_at)
                                 AND (fingerprint IS NULL OR VALUES(fingerprint) IS NULL
@@ -156,7 +172,7 @@ impl Statements {
                     completed_at = IF({mine}, NULL, completed_at),
                     expires_at = IF({mine}, VALUES(expires_at), expires_at)"
             ),
-            select: format!("SELECT {COLUMNS}, nonce, {NOW} FROM {t} WHERE scope = ? AND id = ? FOR UPDATE"),
+            select: format!("SELECT {COLUMNS}, nonce, {NOW}, scope, id FROM {t} WHERE (scope, id) IN "),
             complete: format!(
                 "UPDATE {t} SET state = 1, outcome = ?, completed_at = {NOW}, lease_until = NULL,
                     expires_at = {NOW} + ?
@@ -201,7 +217,92 @@ fn row(r: &MySqlRow) -> std::result::Result<RecordRow, sqlx::Error> {
     })
 }
 
+/// What a claim reports from the row read back under its lock: our nonce means acquired.
+fn decide(key: &Key, fp: Option<&Fingerprint>, r: &MySqlRow, nonce: i64) -> Result<Claim> {
+    let stored = my(row(r))?;
+    if my(r.try_get::<i64, _>(9))? == nonce {
+        return Ok(Claim::Acquired(Lease::new(
+            key.clone(),
+            u64::try_from(stored.token).unwrap_or(0),
+            time_from_ms(stored.lease_until.unwrap_or_default()),
+            u32::try_from(stored.attempts).unwrap_or(u32::MAX),
+        )));
+    }
+    let rec = stored.into_record(key, "mysql")?;
+    if let (Some(s), Some(g)) = (rec.fingerprint, fp)
+        && s != *g
+    {
+        return Ok(Claim::Mismatch { stored: s });
+    }
+    Ok(match rec.state {
+        State::Completed { .. } => Claim::Completed(rec),
+        State::InProgress { lease_until, .. } => Claim::InProgress {
+            lease_until,
+            attempts: rec.attempts,
+        },
+    })
+}
+
 impl MySqlStore {
+    /// Claims distinct keys in one transaction: one multi-row upsert (each row with its own
+    /// nonce), one locking read of the rows.
+    async fn claim_many_inner(
+        &self,
+        claims: &[(Key, Option<Fingerprint>)],
+        opts: &ClaimOptions,
+    ) -> Result<Vec<Claim>> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let nonces: Vec<i64> = claims.iter().map(|_| rand::random()).collect();
+        let mut tx = my(self.pool.begin().await)?;
+        let text = self.sql.claim_rows(claims.len());
+        let mut q = sqlx::query(&text);
+        for ((key, fp), nonce) in claims.iter().zip(&nonces) {
+            q = q
+                .bind(key.scope())
+                .bind(key.id())
+                .bind(fp.map(|f| f.as_bytes().to_vec()))
+                .bind(ms(opts.lease))
+                .bind(ms(opts.lease).saturating_add(ms(opts.retention)))
+                .bind(*nonce);
+        }
+        my(q.execute(&mut *tx).await)?;
+        let text = self.sql.select_rows(claims.len());
+        let mut q = sqlx::query(&text);
+        for (key, _) in claims {
+            q = q.bind(key.scope()).bind(key.id());
+        }
+        let rows = my(q.fetch_all(&mut *tx).await)?;
+        my(tx.commit().await)?;
+        let mut by_key = std::collections::HashMap::new();
+        for r in &rows {
+            by_key.insert(
+                (
+                    my(r.try_get::<Vec<u8>, _>(11))?,
+                    my(r.try_get::<Vec<u8>, _>(12))?,
+                ),
+                r,
+            );
+        }
+        claims
+            .iter()
+            .zip(&nonces)
+            .map(|((key, fp), nonce)| {
+                let r = by_key
+                    .get(&(
+                        key.scope().as_bytes().to_vec(),
+                        key.id().as_bytes().to_vec(),
+                    ))
+                    .ok_or_else(|| Error::Corrupt {
+                        backend: "mysql",
+                        reason: format!("claimed row of {key} not found"),
+                    })?;
+                decide(key, fp.as_ref(), r, *nonce)
+            })
+            .collect()
+    }
+
     /// A builder: URL or pool, table, pool size.
     pub fn builder() -> MySqlStoreBuilder {
         MySqlStoreBuilder {
@@ -278,45 +379,10 @@ impl Store for MySqlStore {
         fp: Option<&Fingerprint>,
         opts: &ClaimOptions,
     ) -> Result<Claim> {
-        let nonce: i64 = rand::random();
-        let mut tx = my(self.pool.begin().await)?;
-        my(sqlx::query(&self.sql.claim)
-            .bind(key.scope())
-            .bind(key.id())
-            .bind(fp.map(|f| f.as_bytes().to_vec()))
-            .bind(ms(opts.lease))
-            .bind(ms(opts.lease).saturating_add(ms(opts.retention)))
-            .bind(nonce)
-            .execute(&mut *tx)
-            .await)?;
-        let r = my(sqlx::query(&self.sql.select)
-            .bind(key.scope())
-            .bind(key.id())
-            .fetch_one(&mut *tx)
-            .await)?;
-        my(tx.commit().await)?;
-        let stored = my(row(&r))?;
-        if my(r.try_get::<i64, _>(9))? == nonce {
-            return Ok(Claim::Acquired(Lease::new(
-                key.clone(),
-                u64::try_from(stored.token).unwrap_or(0),
-                time_from_ms(stored.lease_until.unwrap_or_default()),
-                u32::try_from(stored.attempts).unwrap_or(u32::MAX),
-            )));
-        }
-        let rec = stored.into_record(key, "mysql")?;
-        if let (Some(s), Some(g)) = (rec.fingerprint, fp)
-            && s != *g
-        {
-            return Ok(Claim::Mismatch { stored: s });
-        }
-        Ok(match rec.state {
-            State::Completed { .. } => Claim::Completed(rec),
-            State::InProgress { lease_until, .. } => Claim::InProgress {
-                lease_until,
-                attempts: rec.attempts,
-            },
-        })
+        Ok(self
+            .claim_many_inner(&[(key.clone(), fp.copied())], opts)
+            .await?
+            .remove(0))
     }
 
     async fn complete(&self, lease: &Lease, outcome: &Outcome, retention: Duration) -> Result<()> {
@@ -382,5 +448,48 @@ impl Store for MySqlStore {
             .execute(&self.pool)
             .await)?;
         Ok(done.rows_affected())
+    }
+
+    async fn claim_many(
+        &self,
+        claims: &[(Key, Option<Fingerprint>)],
+        opts: &ClaimOptions,
+    ) -> Result<Vec<Claim>> {
+        let mut seen = std::collections::HashSet::new();
+        if claims.iter().all(|(k, _)| seen.insert(k)) {
+            return self.claim_many_inner(claims, opts).await;
+        }
+        // a repeated key: claim in order, as the single forms would
+        let mut out = Vec::with_capacity(claims.len());
+        for (k, fp) in claims {
+            out.push(self.claim(k, fp.as_ref(), opts).await?);
+        }
+        Ok(out)
+    }
+
+    async fn complete_many(
+        &self,
+        done: &[(Lease, Outcome)],
+        retention: Duration,
+    ) -> Result<Vec<Result<()>>> {
+        let mut tx = my(self.pool.begin().await)?;
+        let mut out = Vec::with_capacity(done.len());
+        for (lease, outcome) in done {
+            let n = my(sqlx::query(&self.sql.complete)
+                .bind(outcome.encode())
+                .bind(ms(retention))
+                .bind(lease.key().scope())
+                .bind(lease.key().id())
+                .bind(token_param(lease))
+                .execute(&mut *tx)
+                .await)?;
+            out.push(if n.rows_affected() == 1 {
+                Ok(())
+            } else {
+                Err(Error::LeaseLost)
+            });
+        }
+        my(tx.commit().await)?;
+        Ok(out)
     }
 }

@@ -102,7 +102,10 @@ pub struct PostgresStore {
 struct Statements {
     ddl: String,
     claim: String,
+    claim_many: String,
     select: String,
+    select_many: String,
+    complete_many: String,
     complete: String,
     release: String,
     renew: String,
@@ -112,6 +115,26 @@ struct Statements {
 
 impl Statements {
     fn new(t: &str) -> Self {
+        // the shared conflict arm: take the key over only when it is free. SET expressions read
+        // the row as it was; `excluded` is the proposed row.
+        let upsert = format!(
+            "ON CONFLICT (scope, id) DO UPDATE SET
+                fingerprint = CASE WHEN r.expires_at <= {NOW} THEN excluded.fingerprint
+                                   ELSE coalesce(r.fingerprint, excluded.fingerprint) END,
+                state = 0,
+                token = r.token + 1,
+                lease_until = excluded.lease_until,
+                outcome = NULL,
+                completed_at = NULL,
+                created_at = CASE WHEN r.expires_at <= {NOW} THEN {NOW} ELSE r.created_at END,
+                attempts = CASE WHEN r.expires_at <= {NOW} THEN 1 ELSE r.attempts + 1 END,
+                expires_at = excluded.expires_at
+             WHERE r.expires_at <= {NOW}
+                OR (r.state = 0 AND r.lease_until <= {NOW}
+                    AND (r.fingerprint IS NULL OR excluded.fingerprint IS NULL
+                         OR r.fingerprint = excluded.fingerprint))
+             RETURNING token, attempts, lease_until, scope, id"
+        );
         Statements {
             ddl: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
@@ -134,21 +157,26 @@ impl Statements {
                 "INSERT INTO {t} AS r (scope, id, fingerprint, state, token, lease_until, outcome,
                                        completed_at, created_at, expires_at, attempts)
                  VALUES ($1, $2, $3, 0, 1, {NOW} + $4, NULL, NULL, {NOW}, {NOW} + $4 + $5, 1)
-                 ON CONFLICT (scope, id) DO UPDATE SET
-                    fingerprint = CASE WHEN r.expires_at <= {NOW} THEN $3
-                                       ELSE coalesce(r.fingerprint, $3) END,
-                    state = 0,
-                    token = r.token + 1,
-                    lease_until = {NOW} + $4,
-                    outcome = NULL,
-                    completed_at = NULL,
-                    created_at = CASE WHEN r.expires_at <= {NOW} THEN {NOW} ELSE r.created_at END,
-                    attempts = CASE WHEN r.expires_at <= {NOW} THEN 1 ELSE r.attempts + 1 END,
-                    expires_at = {NOW} + $4 + $5
-                 WHERE r.expires_at <= {NOW}
-                    OR (r.state = 0 AND r.lease_until <= {NOW}
-                        AND (r.fingerprint IS NULL OR $3::bytea IS NULL OR r.fingerprint = $3))
-                 RETURNING token, attempts, lease_until"
+                 {upsert}"
+            ),
+            // $1 scopes $2 ids $3 fingerprints $4 lease ms $5 retention ms
+            claim_many: format!(
+                "INSERT INTO {t} AS r (scope, id, fingerprint, state, token, lease_until, outcome,
+                                       completed_at, created_at, expires_at, attempts)
+                 SELECT s, d, f, 0, 1, {NOW} + $4, NULL, NULL, {NOW}, {NOW} + $4 + $5, 1
+                   FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(s, d, f)
+                 {upsert}"
+            ),
+            select_many: format!(
+                "SELECT {COLUMNS}, {NOW} AS now, scope, id FROM {t}
+                  WHERE (scope, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+            ),
+            complete_many: format!(
+                "UPDATE {t} AS r SET state = 1, outcome = u.o, completed_at = {NOW}, lease_until = NULL,
+                    expires_at = {NOW} + $5
+                   FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[]) AS u(s, d, tok, o)
+                  WHERE r.scope = u.s AND r.id = u.d AND r.state = 0 AND r.token = u.tok
+                 RETURNING r.scope, r.id, r.token"
             ),
             select: format!("SELECT {COLUMNS}, {NOW} AS now FROM {t} WHERE scope = $1 AND id = $2"),
             complete: format!(
@@ -196,6 +224,46 @@ fn row(r: &PgRow) -> std::result::Result<RecordRow, sqlx::Error> {
         expires_at: r.try_get(7)?,
         attempts: r.try_get::<i32, _>(8)?.into(),
     })
+}
+
+/// The lease in a `RETURNING token, attempts, lease_until` row.
+fn acquired(key: &Key, r: &PgRow) -> Result<Claim> {
+    let token: i64 = pg(r.try_get(0))?;
+    let attempts: i32 = pg(r.try_get(1))?;
+    let until: i64 = pg(r.try_get(2))?;
+    Ok(Claim::Acquired(Lease::new(
+        key.clone(),
+        u64::try_from(token).unwrap_or(0),
+        time_from_ms(until),
+        u32::try_from(attempts).unwrap_or(u32::MAX),
+    )))
+}
+
+/// What a claim that did not win reports, from the live row and the database's `now` (column
+/// 9); `None` when the key turned free meanwhile (claim again).
+fn decide(key: &Key, fp: Option<&Fingerprint>, r: &PgRow) -> Result<Option<Claim>> {
+    let now: i64 = pg(r.try_get(9))?;
+    let stored = pg(row(r))?;
+    if stored.expires_at <= now {
+        return Ok(None);
+    }
+    let held = stored.is_held_at(now);
+    let rec = stored.into_record(key, "postgres")?;
+    if let (Some(s), Some(g)) = (rec.fingerprint, fp)
+        && s != *g
+    {
+        return Ok(Some(Claim::Mismatch { stored: s }));
+    }
+    if !held {
+        return Ok(None);
+    }
+    Ok(Some(match rec.state {
+        idemgate_core::State::Completed { .. } => Claim::Completed(rec),
+        idemgate_core::State::InProgress { lease_until, .. } => Claim::InProgress {
+            lease_until,
+            attempts: rec.attempts,
+        },
+    }))
 }
 
 impl PostgresStore {
@@ -293,45 +361,18 @@ impl Store for PostgresStore {
                 .fetch_optional(&self.pool)
                 .await)?;
             if let Some(r) = won {
-                let token: i64 = pg(r.try_get(0))?;
-                let attempts: i32 = pg(r.try_get(1))?;
-                let until: i64 = pg(r.try_get(2))?;
-                return Ok(Claim::Acquired(Lease::new(
-                    key.clone(),
-                    u64::try_from(token).unwrap_or(0),
-                    time_from_ms(until),
-                    u32::try_from(attempts).unwrap_or(u32::MAX),
-                )));
+                return acquired(key, &r);
             }
-            let Some(r) = pg(sqlx::query(&self.sql.select)
+            let r = pg(sqlx::query(&self.sql.select)
                 .bind(key.scope())
                 .bind(key.id())
                 .fetch_optional(&self.pool)
-                .await)?
-            else {
-                continue;
-            };
-            let now: i64 = pg(r.try_get(9))?;
-            let stored = pg(row(&r))?;
-            if stored.expires_at <= now {
-                continue;
-            }
-            let rec = stored.clone().into_record(key, "postgres")?;
-            if let (Some(s), Some(g)) = (rec.fingerprint, fp)
-                && s != *g
+                .await)?;
+            if let Some(r) = r
+                && let Some(claim) = decide(key, fp, &r)?
             {
-                return Ok(Claim::Mismatch { stored: s });
+                return Ok(claim);
             }
-            if !stored.is_held_at(now) {
-                continue;
-            }
-            return Ok(match rec.state {
-                idemgate_core::State::Completed { .. } => Claim::Completed(rec),
-                idemgate_core::State::InProgress { lease_until, .. } => Claim::InProgress {
-                    lease_until,
-                    attempts: rec.attempts,
-                },
-            });
         }
         Err(Error::Unavailable {
             backend: "postgres",
@@ -385,5 +426,113 @@ impl Store for PostgresStore {
             .execute(&self.pool)
             .await)?;
         Ok(done.rows_affected())
+    }
+
+    async fn claim_many(
+        &self,
+        claims: &[(Key, Option<Fingerprint>)],
+        opts: &ClaimOptions,
+    ) -> Result<Vec<Claim>> {
+        let mut seen = std::collections::HashSet::new();
+        if !claims.iter().all(|(k, _)| seen.insert(k)) {
+            // ON CONFLICT may not touch one row twice in a statement: claim in order instead
+            let mut out = Vec::with_capacity(claims.len());
+            for (k, fp) in claims {
+                out.push(self.claim(k, fp.as_ref(), opts).await?);
+            }
+            return Ok(out);
+        }
+        let scopes: Vec<&str> = claims.iter().map(|(k, _)| k.scope()).collect();
+        let ids: Vec<&str> = claims.iter().map(|(k, _)| k.id()).collect();
+        let fps: Vec<Option<Vec<u8>>> = claims
+            .iter()
+            .map(|(_, f)| f.map(|f| f.as_bytes().to_vec()))
+            .collect();
+        let won = pg(sqlx::query(&self.sql.claim_many)
+            .bind(&scopes)
+            .bind(&ids)
+            .bind(&fps)
+            .bind(ms(opts.lease))
+            .bind(ms(opts.retention))
+            .fetch_all(&self.pool)
+            .await)?;
+        let mut by_key = std::collections::HashMap::new();
+        for r in &won {
+            by_key.insert(
+                (
+                    pg(r.try_get::<String, _>(3))?,
+                    pg(r.try_get::<String, _>(4))?,
+                ),
+                r,
+            );
+        }
+        let lost: Vec<usize> = (0..claims.len())
+            .filter(|&i| !by_key.contains_key(&(scopes[i].to_owned(), ids[i].to_owned())))
+            .collect();
+        let mut live = std::collections::HashMap::new();
+        if !lost.is_empty() {
+            let ls: Vec<&str> = lost.iter().map(|&i| scopes[i]).collect();
+            let li: Vec<&str> = lost.iter().map(|&i| ids[i]).collect();
+            for r in pg(sqlx::query(&self.sql.select_many)
+                .bind(&ls)
+                .bind(&li)
+                .fetch_all(&self.pool)
+                .await)?
+            {
+                live.insert(
+                    (
+                        pg(r.try_get::<String, _>(10))?,
+                        pg(r.try_get::<String, _>(11))?,
+                    ),
+                    r,
+                );
+            }
+        }
+        let mut out = Vec::with_capacity(claims.len());
+        for (i, (key, fp)) in claims.iter().enumerate() {
+            let k = (scopes[i].to_owned(), ids[i].to_owned());
+            let decided = match (by_key.get(&k), live.get(&k)) {
+                (Some(r), _) => Some(acquired(key, r)?),
+                (None, Some(r)) => decide(key, fp.as_ref(), r)?,
+                (None, None) => None,
+            };
+            out.push(match decided {
+                Some(c) => c,
+                // it turned free between the statements: claim it on its own
+                None => self.claim(key, fp.as_ref(), opts).await?,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn complete_many(
+        &self,
+        done: &[(Lease, Outcome)],
+        retention: Duration,
+    ) -> Result<Vec<Result<()>>> {
+        let scopes: Vec<&str> = done.iter().map(|(l, _)| l.key().scope()).collect();
+        let ids: Vec<&str> = done.iter().map(|(l, _)| l.key().id()).collect();
+        let tokens: Vec<i64> = done.iter().map(|(l, _)| token_param(l)).collect();
+        let outcomes: Vec<Vec<u8>> = done.iter().map(|(_, o)| o.encode()).collect();
+        let rows: Vec<(String, String, i64)> = pg(sqlx::query_as(&self.sql.complete_many)
+            .bind(&scopes)
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&outcomes)
+            .bind(ms(retention))
+            .fetch_all(&self.pool)
+            .await)?;
+        let mut completed: std::collections::HashSet<(String, String, i64)> =
+            rows.into_iter().collect();
+        // each completed row answers one lease; a repeat of it is stale, as it would be in sequence
+        Ok((0..done.len())
+            .map(|i| {
+                if completed.remove(&(scopes[i].to_owned(), ids[i].to_owned(), tokens[i])) {
+                    Ok(())
+                } else {
+                    Err(Error::LeaseLost)
+                }
+            })
+            .collect())
     }
 }

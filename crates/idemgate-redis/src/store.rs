@@ -409,4 +409,83 @@ impl Store for RedisStore {
         // every record key carries PEXPIREAT = expires_at: Redis deletes them itself
         Ok(0)
     }
+
+    async fn claim_many(
+        &self,
+        claims: &[(Key, Option<Fingerprint>)],
+        opts: &ClaimOptions,
+    ) -> Result<Vec<Claim>> {
+        let mut seen = std::collections::HashSet::new();
+        if claims.iter().all(|(k, _)| seen.insert(k)) {
+            // distinct keys are independent scripts: sent together on the multiplexed
+            // connection, they share round trips (pipelining), on any cluster node
+            let claims: Vec<(Key, Option<Fingerprint>)> = claims.to_vec();
+            let opts = *opts;
+            return self
+                .each(claims, move |store, (key, fp)| async move {
+                    store.claim(&key, fp.as_ref(), &opts).await
+                })
+                .await;
+        }
+        let mut out = Vec::with_capacity(claims.len());
+        for (k, fp) in claims {
+            out.push(self.claim(k, fp.as_ref(), opts).await?);
+        }
+        Ok(out)
+    }
+
+    async fn complete_many(
+        &self,
+        done: &[(Lease, Outcome)],
+        retention: Duration,
+    ) -> Result<Vec<Result<()>>> {
+        // a repeated lease must see its first completion: keep those in order
+        let mut seen = std::collections::HashSet::new();
+        if !done.iter().all(|(l, _)| seen.insert(l.key())) {
+            let mut out = Vec::with_capacity(done.len());
+            for (l, o) in done {
+                out.push(match self.complete(l, o, retention).await {
+                    Err(e) if !matches!(e, Error::LeaseLost) => return Err(e),
+                    r => r,
+                });
+            }
+            return Ok(out);
+        }
+        let done: Vec<(Lease, Outcome)> = done.to_vec();
+        self.each(done, move |store, (lease, outcome)| async move {
+            match store.complete(&lease, &outcome, retention).await {
+                Err(e) if !matches!(e, Error::LeaseLost) => Err(e),
+                r => Ok(r),
+            }
+        })
+        .await
+    }
+}
+
+impl RedisStore {
+    /// Runs `f` for every item concurrently on clones of the store; answers in input order, or
+    /// the first backend error.
+    async fn each<I, T, F, Fut>(&self, items: Vec<I>, f: F) -> Result<Vec<T>>
+    where
+        I: Send + 'static,
+        T: Send + 'static,
+        F: Fn(RedisStore, I) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        let mut set = tokio::task::JoinSet::new();
+        let n = items.len();
+        for (i, item) in items.into_iter().enumerate() {
+            let fut = f(self.clone(), item);
+            set.spawn(async move { (i, fut.await) });
+        }
+        let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+        while let Some(joined) = set.join_next().await {
+            let (i, r) = joined.map_err(|e| Error::Backend {
+                backend: "redis",
+                source: Box::new(e),
+            })?;
+            out[i] = Some(r?);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
 }

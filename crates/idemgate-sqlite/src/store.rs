@@ -230,6 +230,8 @@ enum Op {
     Renew(Lease, Duration),
     Get(Key),
     Purge(usize),
+    ClaimMany(Vec<(Key, Option<Fingerprint>)>, ClaimOptions),
+    CompleteMany(Vec<(Lease, Outcome)>, Duration),
 }
 
 enum Answer {
@@ -238,6 +240,8 @@ enum Answer {
     Lease(Lease),
     Record(Option<Record>),
     Count(u64),
+    Claims(Vec<Claim>),
+    Units(Vec<Result<()>>),
 }
 
 struct Job {
@@ -536,6 +540,32 @@ impl Writer {
                     .optional())?;
                 Ok(Answer::Record(rec.transpose()?))
             }
+            Op::ClaimMany(claims, opts) => {
+                let mut out = Vec::with_capacity(claims.len());
+                for (key, fp) in claims {
+                    match self.execute(&Op::Claim(key.clone(), *fp, *opts))? {
+                        Answer::Claim(c) => out.push(c),
+                        _ => return Err(corrupt("claim answered another operation")),
+                    }
+                }
+                Ok(Answer::Claims(out))
+            }
+            Op::CompleteMany(done, retention) => {
+                let mut out = Vec::with_capacity(done.len());
+                for (lease, outcome) in done {
+                    out.push(
+                        match self.fenced(
+                            &self.sql.complete,
+                            lease,
+                            params![outcome.encode(), ms(now), ms(now + *retention)],
+                        ) {
+                            Err(e) if !matches!(e, Error::LeaseLost) => return Err(e),
+                            r => r,
+                        },
+                    );
+                }
+                Ok(Answer::Units(out))
+            }
             Op::Purge(limit) => {
                 let mut stmt = sql(c.prepare_cached(&self.sql.purge))?;
                 let n =
@@ -598,6 +628,31 @@ impl Store for SqliteStore {
     async fn purge_expired(&self, limit: usize) -> Result<u64> {
         self.call(Op::Purge(limit), |a| match a {
             Answer::Count(n) => Some(n),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn claim_many(
+        &self,
+        claims: &[(Key, Option<Fingerprint>)],
+        opts: &ClaimOptions,
+    ) -> Result<Vec<Claim>> {
+        // one job: the whole batch runs in one transaction
+        self.call(Op::ClaimMany(claims.to_vec(), *opts), |a| match a {
+            Answer::Claims(c) => Some(c),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn complete_many(
+        &self,
+        done: &[(Lease, Outcome)],
+        retention: Duration,
+    ) -> Result<Vec<Result<()>>> {
+        self.call(Op::CompleteMany(done.to_vec(), retention), |a| match a {
+            Answer::Units(u) => Some(u),
             _ => None,
         })
         .await

@@ -452,6 +452,117 @@ pub async fn purge_expired<S: Store>(ctx: &Ctx<S>) {
     );
 }
 
+/// Rule 7: `claim_many` and `complete_many` answer as the single forms would, in order.
+pub async fn batched_forms_match_single_forms<S: Store>(ctx: &Ctx<S>) {
+    let (fa, fb) = (Fingerprint::of(b"a"), Fingerprint::of(b"b"));
+    let (n1, n2, c, d) = (
+        ctx.key("b-n1"),
+        ctx.key("b-n2"),
+        ctx.key("b-c"),
+        ctx.key("b-d"),
+    );
+    let Claim::Acquired(lc) = claim(ctx, &c, Some(&fa)).await else {
+        panic!("c not acquired")
+    };
+    ctx.store.complete(&lc, &outcome("c"), LONG).await.unwrap();
+    let Claim::Acquired(ld) = ctx.store.claim(&d, None, &opts(LONG)).await.unwrap() else {
+        panic!("d not acquired")
+    };
+    assert_eq!(
+        ctx.store.claim_many(&[], &opts(LONG)).await.unwrap(),
+        Vec::<Claim>::new()
+    );
+
+    let batch = [
+        (n1.clone(), None),
+        (n2.clone(), Some(fa)),
+        (n1.clone(), None),
+        (c.clone(), Some(fa)),
+        (c.clone(), Some(fb)),
+        (d.clone(), None),
+    ];
+    let got = ctx.store.claim_many(&batch, &opts(LONG)).await.unwrap();
+    assert_eq!(got.len(), batch.len());
+    let (Claim::Acquired(l1), Claim::Acquired(l2)) = (&got[0], &got[1]) else {
+        panic!("new keys in a batch were not acquired: {got:?}")
+    };
+    assert_eq!((l1.key(), l2.key()), (&n1, &n2));
+    assert!(
+        matches!(got[2], Claim::InProgress { attempts: 1, .. }),
+        "a key repeated in a batch: {:?}",
+        got[2]
+    );
+    assert!(
+        matches!(&got[3], Claim::Completed(r) if r.outcome() == Some(&outcome("c"))),
+        "{:?}",
+        got[3]
+    );
+    assert_eq!(got[4], Claim::Mismatch { stored: fa });
+    assert!(matches!(got[5], Claim::InProgress { .. }), "{:?}", got[5]);
+
+    // the same without a repeated key (backends may take another path for repeats)
+    let (m1, m2) = (ctx.key("b-m1"), ctx.key("b-m2"));
+    let distinct = [
+        (m1.clone(), Some(fb)),
+        (c.clone(), Some(fa)),
+        (m2.clone(), None),
+    ];
+    let got2 = ctx.store.claim_many(&distinct, &opts(LONG)).await.unwrap();
+    assert!(
+        matches!(&got2[..], [Claim::Acquired(a), Claim::Completed(_), Claim::Acquired(b)] if a.key() == &m1 && b.key() == &m2),
+        "{got2:?}"
+    );
+    let got3 = ctx
+        .store
+        .claim_many(
+            &[
+                (m1.clone(), Some(fa)),
+                (m2.clone(), None),
+                (d.clone(), None),
+            ],
+            &opts(LONG),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            &got3[..],
+            [
+                Claim::Mismatch { .. },
+                Claim::InProgress { .. },
+                Claim::InProgress { .. }
+            ]
+        ),
+        "{got3:?}"
+    );
+
+    let stale = Lease::new(d.clone(), ld.token() + 1000, ld.expires_at(), 1);
+    let done = [
+        (l1.clone(), outcome("one")),
+        (l2.clone(), outcome("two")),
+        (stale, outcome("zombie")),
+    ];
+    let results = ctx.store.complete_many(&done, LONG).await.unwrap();
+    assert!(
+        matches!(results[..], [Ok(()), Ok(()), Err(Error::LeaseLost)]),
+        "{results:?}"
+    );
+    assert_eq!(
+        ctx.store.get(&n1).await.unwrap().unwrap().outcome(),
+        Some(&outcome("one"))
+    );
+    assert_eq!(
+        ctx.store.get(&n2).await.unwrap().unwrap().outcome(),
+        Some(&outcome("two"))
+    );
+    assert!(matches!(
+        ctx.store.get(&d).await.unwrap().unwrap().state,
+        State::InProgress { .. }
+    ));
+    // completed by the batch: replayed by single claims
+    assert!(matches!(claim(ctx, &n1, None).await, Claim::Completed(_)));
+}
+
 /// Outcomes of any size and content come back byte for byte.
 pub async fn outcome_round_trip<S: Store>(ctx: &Ctx<S>) {
     let key = ctx.key("bytes");
@@ -514,7 +625,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $make;
             claim_new_key, exclusive_claim_race, completed_is_replayed, release_then_reclaim,
             expiry_frees_key, takeover_after_lease_expiry, fencing, fingerprint_mismatch,
-            renew_extends_lease, abandoned_claim_stays_fenced, purge_expired, outcome_round_trip);
+            renew_extends_lease, abandoned_claim_stays_fenced, purge_expired, outcome_round_trip,
+            batched_forms_match_single_forms);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(

@@ -194,4 +194,22 @@ impl<S: Store> Store for FaultStore<S> {
     async fn purge_expired(&self, limit: usize) -> Result<u64> {
         self.call(Op::Purge, self.inner.purge_expired(limit)).await
     }
+
+    async fn claim_many(
+        &self,
+        claims: &[(Key, Option<Fingerprint>)],
+        opts: &ClaimOptions,
+    ) -> Result<Vec<Claim>> {
+        self.call(Op::Claim, self.inner.claim_many(claims, opts))
+            .await
+    }
+
+    async fn complete_many(
+        &self,
+        done: &[(Lease, Outcome)],
+        retention: Duration,
+    ) -> Result<Vec<Result<()>>> {
+        self.call(Op::Complete, self.inner.complete_many(done, retention))
+            .await
+    }
 }
