@@ -59,5 +59,5 @@ pub use key::{EventId, Key, MAX_KEY_LEN};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use outcome::Outcome;
 pub use record::{Claim, ClaimOptions, Lease, Record, State};
-pub use row::{RecordRow, time_from_ms};
+pub use row::{Appended, LoggedEvent, RecordRow, time_from_ms};
 pub use store::{BoxStore, Store, StoreExt};

@@ -83,3 +83,24 @@ impl RecordRow {
         })
     }
 }
+
+/// The result of appending to an idempotent event log (`PgEventLog`, `MySqlEventLog`,
+/// `SqliteEventLog`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The event's position in its stream (1, 2, 3, … without gaps).
+    pub seq: i64,
+    /// `false` when the event id was already in the stream: nothing was written.
+    pub fresh: bool,
+}
+
+/// One event read back from an event log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedEvent {
+    /// Position in the stream.
+    pub seq: i64,
+    /// The producer's event id.
+    pub event_id: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+}

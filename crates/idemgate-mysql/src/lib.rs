@@ -5,7 +5,8 @@
 //!   effect when the key is free (marked by a per-claim nonce), read back under the row lock in
 //!   the same transaction; expiry judged by the database's clock;
 //! - [`MySqlInbox`]: the transactional inbox, inside the caller's transaction;
-//! - [`MySqlOffsets`]: Kafka consumer positions advanced by compare-and-set in that transaction.
+//! - [`MySqlOffsets`]: Kafka consumer positions advanced by compare-and-set in that transaction;
+//! - [`MySqlEventLog`]: an append-only event log, idempotent by event id, gap-free per stream.
 //!
 //! Keys are stored as `VARBINARY`, so they compare byte for byte whatever the server's collation.
 //!
@@ -19,10 +20,12 @@
 
 mod error;
 mod inbox;
+mod log;
 mod offsets;
 mod schema;
 mod store;
 
 pub use inbox::MySqlInbox;
+pub use log::{Appended, LoggedEvent, MySqlEventLog};
 pub use offsets::MySqlOffsets;
 pub use store::{MySqlStore, MySqlStoreBuilder};

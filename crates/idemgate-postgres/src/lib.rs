@@ -5,7 +5,8 @@
 //!   expiry judged by the database's clock;
 //! - [`PgInbox`]: the transactional inbox, inside the caller's transaction;
 //! - [`PgOffsets`]: Kafka consumer positions advanced by compare-and-set in that same
-//!   transaction.
+//!   transaction;
+//! - [`PgEventLog`]: an append-only event log, idempotent by event id, gap-free per stream.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -23,10 +24,12 @@
 
 mod error;
 mod inbox;
+mod log;
 mod offsets;
 mod schema;
 mod store;
 
 pub use inbox::PgInbox;
+pub use log::{Appended, LoggedEvent, PgEventLog};
 pub use offsets::PgOffsets;
 pub use store::{PostgresStore, PostgresStoreBuilder};

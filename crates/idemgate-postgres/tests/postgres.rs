@@ -392,3 +392,87 @@ async fn foreign_tables_and_bad_names_are_typed_errors() {
         Err(Error::Unavailable { .. })
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn event_log_is_idempotent_and_gap_free() {
+    use idemgate_postgres::{Appended, PgEventLog};
+    let Some(pool) = pool().await else { return };
+    let log = PgEventLog::new().with_table(unique("log")).unwrap();
+    log.migrate(&pool).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(
+        log.append(&mut conn, "acct-1", "e1", b"+5").await.unwrap(),
+        Appended {
+            seq: 1,
+            fresh: true
+        }
+    );
+    assert_eq!(
+        log.append(&mut conn, "acct-1", "e2", b"+7").await.unwrap(),
+        Appended {
+            seq: 2,
+            fresh: true
+        }
+    );
+    assert_eq!(
+        log.append(&mut conn, "acct-1", "e1", b"+5").await.unwrap(),
+        Appended {
+            seq: 1,
+            fresh: false
+        }
+    );
+    assert_eq!(
+        log.append(&mut conn, "acct-2", "e1", b"+1").await.unwrap(),
+        Appended {
+            seq: 1,
+            fresh: true
+        }
+    );
+
+    // inside a transaction that rolls back: no position is used up
+    let mut tx = pool.begin().await.unwrap();
+    assert_eq!(
+        log.append(&mut tx, "acct-1", "e3", b"x").await.unwrap().seq,
+        3
+    );
+    tx.rollback().await.unwrap();
+
+    // 8 writers, each appending every event of 0..40 (so each event 8 times)
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, log) = (pool.clone(), log.clone());
+            tokio::spawn(async move {
+                let mut conn = pool.acquire().await.unwrap();
+                let mut fresh = 0;
+                for i in 0..40 {
+                    if log
+                        .append(&mut conn, "acct-1", &format!("c{i}"), b"p")
+                        .await
+                        .unwrap()
+                        .fresh
+                    {
+                        fresh += 1;
+                    }
+                }
+                fresh
+            })
+        })
+        .collect();
+    let mut fresh = 0;
+    for t in tasks {
+        fresh += t.await.unwrap();
+    }
+    assert_eq!(fresh, 40);
+    let events = log.read(&mut conn, "acct-1", 0, 1000).await.unwrap();
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=42).collect::<Vec<_>>(),
+        "positions have gaps or repeats"
+    );
+    assert_eq!(events[0].payload, b"+5");
+    assert_eq!(
+        log.read(&mut conn, "acct-1", 40, 10).await.unwrap().len(),
+        2
+    );
+}

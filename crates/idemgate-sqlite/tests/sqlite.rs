@@ -435,3 +435,61 @@ async fn boxed_store_works_like_the_store() {
     let rec = store.get(&key).await.unwrap().unwrap();
     assert!(matches!(rec.state, State::Completed { .. }));
 }
+
+#[test]
+fn event_log_is_idempotent_gap_free_and_transactional() {
+    use idemgate_sqlite::{Appended, SqliteEventLog};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.db");
+    let mut conn = Connection::open(&path).unwrap();
+    let log = SqliteEventLog::new();
+    log.migrate(&conn).unwrap();
+    assert_eq!(
+        log.append(&conn, "a", "e1", b"1").unwrap(),
+        Appended {
+            seq: 1,
+            fresh: true
+        }
+    );
+    assert_eq!(
+        log.append(&conn, "a", "e1", b"1").unwrap(),
+        Appended {
+            seq: 1,
+            fresh: false
+        }
+    );
+    let tx = conn.transaction().unwrap();
+    assert_eq!(log.append(&tx, "a", "e2", b"2").unwrap().seq, 2);
+    tx.rollback().unwrap();
+    assert_eq!(
+        log.append(&conn, "a", "e3", b"3").unwrap().seq,
+        2,
+        "a rolled-back append used a position"
+    );
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let conn = Connection::open(&path).unwrap();
+                conn.busy_timeout(Duration::from_secs(30)).unwrap();
+                let log = SqliteEventLog::new();
+                (0..30)
+                    .filter(|i| {
+                        log.append(&conn, "a", &format!("c{i}"), b"p")
+                            .unwrap()
+                            .fresh
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let fresh: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(fresh, 30);
+    let seqs: Vec<i64> = log
+        .read(&conn, "a", 0, 100)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=32).collect::<Vec<_>>());
+}
