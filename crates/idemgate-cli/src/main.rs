@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod stores;
 mod worker;
@@ -21,6 +22,8 @@ enum Command {
     /// Run the exactly-once demo on embedded defaults: a SQLite queue, real worker processes,
     /// real SIGKILLs, first without idempotency, then with idemgate.
     Demo(demo::DemoArgs),
+    /// Measure a store against its raw ceiling, in the same run.
+    Bench(bench::BenchArgs),
     /// Show the stored record of one key.
     Inspect(stores::InspectArgs),
     /// Delete expired records from a store.
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Inspect(args) => stores::inspect(args),
         Command::Purge(args) => stores::purge(args),
         Command::DemoWorker(args) => worker::run(args),

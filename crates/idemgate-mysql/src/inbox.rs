@@ -6,7 +6,7 @@ use std::time::Duration;
 use idemgate_core::{Key, Result};
 use sqlx::{MySqlConnection, MySqlPool};
 
-use crate::error::{check_ident, my};
+use crate::error::{check_ident, keys_condition, my};
 use crate::schema::migrate;
 use crate::store::{NOW, ms};
 
@@ -110,15 +110,7 @@ impl MySqlInbox {
         }
         let t = &self.table;
         let nonce: i64 = rand::random::<i64>() | 1;
-        let pairs = vec!["(?, ?)"; unique.len()].join(", ");
-        let upd = format!(
-            "UPDATE {t} SET processed_at = {NOW}, expires_at = {NOW} + ?, nonce = ? WHERE expires_at <= {NOW} AND (scope, id) IN ({pairs})"
-        );
-        let mut query = sqlx::query(&upd).bind(ms(self.retention)).bind(nonce);
-        for k in &unique {
-            query = query.bind(k.scope()).bind(k.id());
-        }
-        my(query.execute(&mut *tx).await)?;
+        // the common case first: every key new, one multi-row insert
         let values = vec![format!("(?, ?, {NOW}, {NOW} + ?, ?)"); unique.len()].join(", ");
         let ins = format!(
             "INSERT IGNORE INTO {t} (scope, id, processed_at, expires_at, nonce) VALUES {values}"
@@ -131,13 +123,29 @@ impl MySqlInbox {
                 .bind(ms(self.retention))
                 .bind(nonce);
         }
+        let inserted = my(query.execute(&mut *tx).await)?.rows_affected();
+        if inserted == unique.len() as u64 {
+            let mut seen = HashSet::new();
+            return Ok(keys.iter().map(|k| seen.insert(k)).collect());
+        }
+        // some were known: those past their retention count as new again; then read back which
+        // rows carry this batch's nonce. Keys are matched per scope (`scope = ? AND id IN (…)`),
+        // which the primary key serves as ranges.
+        let (cond, params) = keys_condition(unique.iter().copied());
+        let upd = format!(
+            "UPDATE {t} SET processed_at = {NOW}, expires_at = {NOW} + ?, nonce = ? WHERE expires_at <= {NOW} AND ({cond})"
+        );
+        let mut query = sqlx::query(&upd).bind(ms(self.retention)).bind(nonce);
+        for p in &params {
+            query = query.bind(*p);
+        }
         my(query.execute(&mut *tx).await)?;
         let sel = format!(
-            "SELECT CAST(scope AS CHAR), CAST(id AS CHAR) FROM {t} WHERE nonce = ? AND (scope, id) IN ({pairs})"
+            "SELECT CAST(scope AS CHAR), CAST(id AS CHAR) FROM {t} WHERE nonce = ? AND ({cond})"
         );
         let mut query = sqlx::query_as::<_, (String, String)>(&sel).bind(nonce);
-        for k in &unique {
-            query = query.bind(k.scope()).bind(k.id());
+        for p in &params {
+            query = query.bind(*p);
         }
         let mut fresh: HashSet<(String, String)> =
             my(query.fetch_all(&mut *tx).await)?.into_iter().collect();

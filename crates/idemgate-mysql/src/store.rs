@@ -10,7 +10,7 @@ use idemgate_core::{
 use sqlx::mysql::{MySqlPoolOptions, MySqlRow};
 use sqlx::{MySqlPool, Row};
 
-use crate::error::{check_ident, my};
+use crate::error::{check_ident, keys_condition, my};
 use crate::schema::migrate;
 
 /// The database clock in milliseconds, fixed for the statement.
@@ -105,12 +105,8 @@ impl Statements {
         self.claim.replace("{rows}", &vec![row; n].join(", "))
     }
 
-    fn select_rows(&self, n: usize) -> String {
-        format!(
-            "{}({}) FOR UPDATE",
-            self.select,
-            vec!["(?, ?)"; n].join(", ")
-        )
+    fn select_rows(&self, cond: &str) -> String {
+        format!("{}({cond}) FOR UPDATE", self.select)
     }
 }
 
@@ -172,7 +168,7 @@ impl Statements {
                     completed_at = IF({mine}, NULL, completed_at),
                     expires_at = IF({mine}, VALUES(expires_at), expires_at)"
             ),
-            select: format!("SELECT {COLUMNS}, nonce, {NOW}, scope, id FROM {t} WHERE (scope, id) IN "),
+            select: format!("SELECT {COLUMNS}, nonce, {NOW}, scope, id FROM {t} WHERE "),
             complete: format!(
                 "UPDATE {t} SET state = 1, outcome = ?, completed_at = {NOW}, lease_until = NULL,
                     expires_at = {NOW} + ?
@@ -268,10 +264,11 @@ impl MySqlStore {
                 .bind(*nonce);
         }
         my(q.execute(&mut *tx).await)?;
-        let text = self.sql.select_rows(claims.len());
+        let (cond, params) = keys_condition(claims.iter().map(|(k, _)| k));
+        let text = self.sql.select_rows(&cond);
         let mut q = sqlx::query(&text);
-        for (key, _) in claims {
-            q = q.bind(key.scope()).bind(key.id());
+        for p in &params {
+            q = q.bind(*p);
         }
         let rows = my(q.fetch_all(&mut *tx).await)?;
         my(tx.commit().await)?;

@@ -78,7 +78,7 @@ impl PgInbox {
                     scope TEXT NOT NULL, id TEXT NOT NULL,
                     processed_at BIGINT NOT NULL, expires_at BIGINT NOT NULL,
                     PRIMARY KEY (scope, id));
-                 CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} (expires_at);"
+                 CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} USING brin (expires_at);"
             ),
             &["scope", "id", "processed_at", "expires_at"],
         )

@@ -21,9 +21,16 @@ local r = redis.call('HMGET', key, 'fp', 'st', 'tok', 'lu', 'out', 'ca', 'cr', '
 local function acquire(token, attempts, created, newfp)
   local lu = now + lease
   local ex = lu + ret
-  redis.call('HSET', key, 'st', 0, 'tok', token, 'lu', lu, 'cr', created, 'ex', ex, 'at', attempts)
-  redis.call('HDEL', key, 'out', 'ca')
-  if newfp and newfp ~= '' then redis.call('HSET', key, 'fp', newfp) else redis.call('HDEL', key, 'fp') end
+  local fields = {'st', 0, 'tok', token, 'lu', lu, 'cr', created, 'ex', ex, 'at', attempts}
+  if newfp and newfp ~= '' then
+    fields[#fields + 1] = 'fp'
+    fields[#fields + 1] = newfp
+  end
+  redis.call('HSET', key, unpack(fields))
+  -- a new key has nothing to clear; an old record drops its outcome (and fingerprint if none)
+  if r[2] then
+    if newfp and newfp ~= '' then redis.call('HDEL', key, 'out', 'ca') else redis.call('HDEL', key, 'out', 'ca', 'fp') end
+  end
   redis.call('PEXPIREAT', key, ex)
   return {1, token, attempts, lu}
 end

@@ -1,0 +1,499 @@
+//! `idemgate bench store --store URL`: a store beside its raw ceiling, same client library, same
+//! concurrency, same run.
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use idemgate::core::{Claim, ClaimOptions, Key, Outcome, Store};
+use idemgate::mysql::{MySqlInbox, MySqlStore};
+use idemgate::postgres::{PgInbox, PostgresStore};
+use idemgate::redis::RedisStore;
+
+use crate::BoxError;
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchWhat {
+    /// Claim + complete and the inbox against raw `SET NX PX` or a raw insert.
+    Store(StoreBench),
+}
+
+#[derive(Debug, Args)]
+struct StoreBench {
+    /// `postgres://…`, `mysql://…` or `redis://…`.
+    #[arg(long)]
+    store: String,
+    /// Concurrent clients (default: 50 for Redis, 8 for SQL).
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Single operations per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    ops: u64,
+    /// Rows per batch in the batched measurements.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+}
+
+pub(crate) fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
+    let BenchWhat::Store(b) = args.what;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let rows = if b.store.starts_with("redis://") {
+            redis_bench(&b).await?
+        } else if b.store.starts_with("postgres://") || b.store.starts_with("postgresql://") {
+            sql_bench(&b, Sql::Postgres).await?
+        } else if b.store.starts_with("mysql://") {
+            sql_bench(&b, Sql::MySql).await?
+        } else {
+            return Err(format!(
+                "bench store takes postgres://, mysql:// or redis:// URLs, not {:?}",
+                b.store
+            )
+            .into());
+        };
+        println!("{:<58} {:>12} {:>9}", "measurement", "ops/s", "vs raw");
+        for (name, rate, raw) in rows {
+            match raw {
+                Some(raw) => println!("{name:<58} {rate:>12.0} {:>8.0}%", 100.0 * rate / raw),
+                None => println!("{name:<58} {rate:>12.0} {:>9}", "(ceiling)"),
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Runs `op(i)` for `i` in `0..ops` on `clients` concurrent tasks; returns operations per second.
+async fn drive<F, Fut>(clients: usize, ops: u64, op: F) -> Result<f64, BoxError>
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send,
+{
+    let next = Arc::new(AtomicU64::new(0));
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (next, op) = (Arc::clone(&next), Arc::clone(&op));
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= ops {
+                        return Ok::<_, BoxError>(());
+                    }
+                    op(i).await?;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(ops as f64 / start.elapsed().as_secs_f64())
+}
+
+type Row = (String, f64, Option<f64>);
+
+fn run_id() -> String {
+    format!(
+        "{}_{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() % 1000
+    )
+}
+
+async fn redis_bench(b: &StoreBench) -> Result<Vec<Row>, BoxError> {
+    let clients = b.clients.unwrap_or(50);
+    let prefix = format!("idemgate-bench:{}:", run_id());
+    let conn = redis::aio::ConnectionManager::new(redis::Client::open(b.store.as_str())?).await?;
+    let raw_set = |round: u32| {
+        let (conn, prefix) = (conn.clone(), prefix.clone());
+        drive(clients, b.ops, move |i| {
+            let (mut conn, key) = (conn.clone(), format!("{prefix}raw{round}:{i}"));
+            async move {
+                let _: Option<String> = redis::cmd("SET")
+                    .arg(key)
+                    .arg("1")
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(60_000)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(())
+            }
+        })
+    };
+    raw_set(0).await?; // warm-up: connections, server allocations
+    let raw = raw_set(1).await?;
+    // the floor of any one-script operation: EVALSHA of `return 1`, same client, same clients
+    let floor = {
+        let (conn, script) = (conn.clone(), Arc::new(redis::Script::new("return 1")));
+        drive(clients, b.ops, move |i| {
+            let (mut conn, script) = (conn.clone(), Arc::clone(&script));
+            async move {
+                let _: i64 = script.key(format!("x{i}")).invoke_async(&mut conn).await?;
+                Ok(())
+            }
+        })
+        .await?
+    };
+    let store = RedisStore::builder()
+        .with_url(&b.store)
+        .with_key_prefix(format!("{prefix}store:"))
+        .build()
+        .await?;
+    let opts = ClaimOptions {
+        lease: Duration::from_secs(60),
+        retention: Duration::from_secs(60),
+    };
+    let claim = {
+        let store = store.clone();
+        drive(clients, b.ops, move |i| {
+            let store = store.clone();
+            async move {
+                let key = Key::new("bench", format!("c{i}"))?;
+                let _claim = store.claim(&key, None, &opts).await?;
+                Ok(())
+            }
+        })
+        .await?
+    };
+    let both = {
+        let store = store.clone();
+        drive(clients, b.ops, move |i| {
+            let store = store.clone();
+            async move {
+                let key = Key::new("bench", format!("cc{i}"))?;
+                if let Claim::Acquired(l) = store.claim(&key, None, &opts).await? {
+                    store
+                        .complete(&l, &Outcome::new(0, "ok"), Duration::from_secs(60))
+                        .await?;
+                }
+                Ok(())
+            }
+        })
+        .await?
+    };
+    Ok(vec![
+        (format!("raw SET NX PX, {clients} clients"), raw, None),
+        (
+            format!("floor: EVALSHA of `return 1`, {clients} clients"),
+            floor,
+            Some(raw),
+        ),
+        (
+            format!("RedisStore claim, {clients} clients"),
+            claim,
+            Some(raw),
+        ),
+        (
+            format!("RedisStore claim + complete, {clients} clients"),
+            both,
+            Some(raw),
+        ),
+    ])
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Sql {
+    Postgres,
+    MySql,
+}
+
+async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
+    let clients = b.clients.unwrap_or(8);
+    let id = run_id();
+    let (raw_table, inbox_table, store_table) = (
+        format!("bench_raw_{id}"),
+        format!("bench_inbox_{id}"),
+        format!("bench_store_{id}"),
+    );
+    let batch = b.batch.max(1);
+    let batches = (b.ops / batch as u64).max(10);
+    let rows = match kind {
+        Sql::Postgres => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(u32::try_from(clients).unwrap_or(8))
+                .connect(&b.store)
+                .await?;
+            sqlx::query(&format!("CREATE TABLE {raw_table} (scope TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (scope, id))")).execute(&pool).await?;
+            let inbox = PgInbox::new().with_table(&inbox_table)?;
+            inbox.migrate(&pool).await?;
+            let store = PostgresStore::builder()
+                .with_pool(pool.clone())
+                .with_table(&store_table)
+                .build()?;
+            store.migrate().await?;
+            let one = format!(
+                "INSERT INTO {raw_table} (scope, id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+            );
+            let many = format!(
+                "INSERT INTO {raw_table} (scope, id) SELECT 'b', unnest($1::text[]) ON CONFLICT DO NOTHING"
+            );
+            let raw1 = {
+                let (pool, one) = (pool.clone(), one.clone());
+                drive(clients, b.ops, move |i| {
+                    let (pool, one) = (pool.clone(), one.clone());
+                    async move {
+                        let mut tx = pool.begin().await?;
+                        sqlx::query(&one)
+                            .bind("a")
+                            .bind(format!("r{i}"))
+                            .execute(&mut *tx)
+                            .await?;
+                        tx.commit().await?;
+                        Ok(())
+                    }
+                })
+                .await?
+            };
+            let inbox1 = {
+                let (pool, inbox) = (pool.clone(), inbox.clone());
+                drive(clients, b.ops, move |i| {
+                    let (pool, inbox) = (pool.clone(), inbox.clone());
+                    async move {
+                        let mut tx = pool.begin().await?;
+                        inbox
+                            .first_time(&mut tx, &Key::new("a", format!("i{i}"))?)
+                            .await?;
+                        tx.commit().await?;
+                        Ok(())
+                    }
+                })
+                .await?
+            };
+            let rawn = {
+                let (pool, many) = (pool.clone(), many.clone());
+                drive(clients, batches, move |i| {
+                    let (pool, many) = (pool.clone(), many.clone());
+                    async move {
+                        let ids: Vec<String> = (0..batch).map(|j| format!("m{i}-{j}")).collect();
+                        let mut tx = pool.begin().await?;
+                        sqlx::query(&many).bind(&ids).execute(&mut *tx).await?;
+                        tx.commit().await?;
+                        Ok(())
+                    }
+                })
+                .await?
+            };
+            let inboxn = {
+                let (pool, inbox) = (pool.clone(), inbox.clone());
+                drive(clients, batches, move |i| {
+                    let (pool, inbox) = (pool.clone(), inbox.clone());
+                    async move {
+                        let keys: Vec<Key> = (0..batch)
+                            .map(|j| Key::new("b", format!("n{i}-{j}")))
+                            .collect::<Result<_, _>>()?;
+                        let mut tx = pool.begin().await?;
+                        inbox.first_time_many(&mut tx, &keys).await?;
+                        tx.commit().await?;
+                        Ok(())
+                    }
+                })
+                .await?
+            };
+            let (claim1, claimn) = store_rates(store, clients, b.ops, batch, batches).await?;
+            for t in [&raw_table, &inbox_table, &store_table] {
+                let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
+                    .execute(&pool)
+                    .await;
+            }
+            (
+                raw1,
+                inbox1,
+                rawn,
+                inboxn,
+                claim1,
+                claimn,
+                "INSERT … ON CONFLICT DO NOTHING",
+            )
+        }
+        Sql::MySql => {
+            let pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(u32::try_from(clients).unwrap_or(8))
+                .connect(&b.store)
+                .await?;
+            sqlx::query(&format!("CREATE TABLE {raw_table} (scope VARBINARY(255) NOT NULL, id VARBINARY(255) NOT NULL, PRIMARY KEY (scope, id)) ENGINE=InnoDB")).execute(&pool).await?;
+            let inbox = MySqlInbox::new().with_table(&inbox_table)?;
+            inbox.migrate(&pool).await?;
+            let store = MySqlStore::builder()
+                .with_pool(pool.clone())
+                .with_table(&store_table)
+                .build()?;
+            store.migrate().await?;
+            let one = format!("INSERT IGNORE INTO {raw_table} (scope, id) VALUES (?, ?)");
+            let raw1 = {
+                let (pool, one) = (pool.clone(), one.clone());
+                drive(clients, b.ops, move |i| {
+                    let (pool, one) = (pool.clone(), one.clone());
+                    async move {
+                        let mut tx = pool.begin().await?;
+                        sqlx::query(&one)
+                            .bind("a")
+                            .bind(format!("r{i}"))
+                            .execute(&mut *tx)
+                            .await?;
+                        tx.commit().await?;
+                        Ok(())
+                    }
+                })
+                .await?
+            };
+            let inbox1 = {
+                let (pool, inbox) = (pool.clone(), inbox.clone());
+                drive(clients, b.ops, move |i| {
+                    let (pool, inbox) = (pool.clone(), inbox.clone());
+                    async move {
+                        let mut tx = pool.begin().await?;
+                        inbox
+                            .first_time(&mut tx, &Key::new("a", format!("i{i}"))?)
+                            .await?;
+                        tx.commit().await?;
+                        Ok(())
+                    }
+                })
+                .await?
+            };
+            let many = format!(
+                "INSERT IGNORE INTO {raw_table} (scope, id) VALUES {}",
+                vec!["('b', ?)"; batch].join(", ")
+            );
+            let rawn = {
+                let (pool, many) = (pool.clone(), many.clone());
+                drive(clients, batches, move |i| {
+                    let (pool, many) = (pool.clone(), many.clone());
+                    async move {
+                        let mut q = sqlx::query(&many);
+                        for j in 0..batch {
+                            q = q.bind(format!("m{i}-{j}"));
+                        }
+                        let mut tx = pool.begin().await?;
+                        q.execute(&mut *tx).await?;
+                        tx.commit().await?;
+                        Ok(())
+                    }
+                })
+                .await?
+            };
+            let inboxn = {
+                let (pool, inbox) = (pool.clone(), inbox.clone());
+                drive(clients, batches, move |i| {
+                    let (pool, inbox) = (pool.clone(), inbox.clone());
+                    async move {
+                        let keys: Vec<Key> = (0..batch)
+                            .map(|j| Key::new("b", format!("n{i}-{j}")))
+                            .collect::<Result<_, _>>()?;
+                        let mut tx = pool.begin().await?;
+                        inbox.first_time_many(&mut tx, &keys).await?;
+                        tx.commit().await?;
+                        Ok(())
+                    }
+                })
+                .await?
+            };
+            let (claim1, claimn) = store_rates(store, clients, b.ops, batch, batches).await?;
+            for t in [&raw_table, &inbox_table, &store_table] {
+                let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
+                    .execute(&pool)
+                    .await;
+            }
+            (raw1, inbox1, rawn, inboxn, claim1, claimn, "INSERT IGNORE")
+        }
+    };
+    let (raw1, inbox1, rawn, inboxn, claim1, claimn, raw_name) = rows;
+    let rows_per = |r: f64| r * batch as f64;
+    Ok(vec![
+        (
+            format!("raw {raw_name}, 1 row/tx, {clients} clients"),
+            raw1,
+            None,
+        ),
+        (
+            format!("inbox first_time, 1 row/tx, {clients} clients"),
+            inbox1,
+            Some(raw1),
+        ),
+        (
+            format!("store claim + complete, {clients} clients"),
+            claim1,
+            Some(raw1),
+        ),
+        (
+            format!("raw {raw_name}, {batch} rows/tx (rows/s)"),
+            rows_per(rawn),
+            None,
+        ),
+        (
+            format!("inbox first_time_many, {batch} rows/tx (rows/s)"),
+            rows_per(inboxn),
+            Some(rows_per(rawn)),
+        ),
+        (
+            format!("store claim_many + complete_many, {batch}/batch (keys/s)"),
+            rows_per(claimn),
+            Some(rows_per(rawn)),
+        ),
+    ])
+}
+
+/// Claim + complete, single and batched, on any store.
+async fn store_rates<S: Store + Clone>(
+    store: S,
+    clients: usize,
+    ops: u64,
+    batch: usize,
+    batches: u64,
+) -> Result<(f64, f64), BoxError> {
+    let opts = ClaimOptions {
+        lease: Duration::from_secs(60),
+        retention: Duration::from_secs(600),
+    };
+    let single = {
+        let store = store.clone();
+        drive(clients, ops, move |i| {
+            let store = store.clone();
+            async move {
+                if let Claim::Acquired(l) = store
+                    .claim(&Key::new("s", format!("k{i}"))?, None, &opts)
+                    .await?
+                {
+                    store
+                        .complete(&l, &Outcome::new(0, "ok"), Duration::from_secs(600))
+                        .await?;
+                }
+                Ok(())
+            }
+        })
+        .await?
+    };
+    let batched = drive(clients, batches, move |i| {
+        let store = store.clone();
+        async move {
+            let keys: Vec<(Key, Option<idemgate::core::Fingerprint>)> = (0..batch)
+                .map(|j| Key::new("m", format!("k{i}-{j}")).map(|k| (k, None)))
+                .collect::<Result<_, _>>()?;
+            let claims = store.claim_many(&keys, &opts).await?;
+            let done: Vec<_> = claims
+                .into_iter()
+                .filter_map(|c| match c {
+                    Claim::Acquired(l) => Some((l, Outcome::new(0, "ok"))),
+                    _ => None,
+                })
+                .collect();
+            store.complete_many(&done, Duration::from_secs(600)).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok((single, batched))
+}
