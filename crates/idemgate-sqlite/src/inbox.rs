@@ -132,6 +132,14 @@ impl SqliteInbox {
         Ok(n == 1)
     }
 
+    /// [`first_time`](Self::first_time) for a batch: one answer per key, in order; a key
+    /// repeated in the batch is `true` at most once. SQLite runs in-process, so a batch is the
+    /// same prepared statement run per key inside the caller's transaction: no round trips to
+    /// save, and one commit for all.
+    pub fn first_time_many(&self, tx: &Transaction<'_>, keys: &[Key]) -> Result<Vec<bool>> {
+        keys.iter().map(|k| self.first_time(tx, k)).collect()
+    }
+
     /// Deletes at most `limit` keys past their retention; returns how many.
     pub fn purge_expired(&self, conn: &Connection, limit: usize) -> Result<u64> {
         let now = i64::try_from(to_millis(self.clock.now())).unwrap_or(i64::MAX);

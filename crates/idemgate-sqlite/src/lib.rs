@@ -4,6 +4,7 @@
 //!   statement per claim, group commit), shared safely by several processes;
 //! - [`SqliteInbox`]: the transactional inbox, so the dedup row and the business change commit
 //!   in one transaction;
+//! - [`SqliteOffsets`]: Kafka consumer positions, compare-and-set in the inbox transaction;
 //! - [`SqliteEventLog`]: an append-only event log, idempotent by event id;
 //! - [`SqliteQueue`]: an at-least-once queue with SQS semantics (visibility timeout, receive
 //!   count, delete to acknowledge), used by `idemgate demo`.
@@ -29,11 +30,13 @@
 mod error;
 mod inbox;
 mod log;
+mod offsets;
 mod queue;
 mod schema;
 mod store;
 
 pub use inbox::SqliteInbox;
 pub use log::{Appended, LoggedEvent, SqliteEventLog};
+pub use offsets::SqliteOffsets;
 pub use queue::{Message, QueueStats, Receipt, SqliteQueue};
 pub use store::{SqliteStore, SqliteStoreBuilder, Synchronous};

@@ -493,3 +493,24 @@ fn event_log_is_idempotent_gap_free_and_transactional() {
         .collect();
     assert_eq!(seqs, (1..=32).collect::<Vec<_>>());
 }
+
+#[test]
+fn offsets_advance_by_compare_and_set_and_inbox_batches() {
+    use idemgate_sqlite::SqliteOffsets;
+    let mut conn = Connection::open_in_memory().unwrap();
+    let offsets = SqliteOffsets::new();
+    offsets.migrate(&conn).unwrap();
+    let inbox = SqliteInbox::new();
+    inbox.migrate(&conn).unwrap();
+    let tx = conn.transaction().unwrap();
+    offsets.advance(&tx, "g", "t", 0, None, 10).unwrap();
+    offsets.advance(&tx, "g", "t", 0, Some(10), 11).unwrap();
+    let e = offsets.advance(&tx, "g", "t", 0, Some(10), 12).unwrap_err();
+    assert!(matches!(e, Error::Fenced { expected: Some(10), found: Some(11), .. }), "{e:?}");
+    let e = offsets.advance(&tx, "g", "t", 0, None, 1).unwrap_err();
+    assert!(matches!(e, Error::Fenced { expected: None, found: Some(11), .. }), "{e:?}");
+    let keys: Vec<Key> = ["a", "b", "a"].iter().map(|i| Key::new("s", *i).unwrap()).collect();
+    assert_eq!(inbox.first_time_many(&tx, &keys).unwrap(), [true, true, false]);
+    tx.commit().unwrap();
+    assert_eq!(offsets.load_positions(&conn, "g", "t").unwrap().into_iter().collect::<Vec<_>>(), [(0, 11)]);
+}
