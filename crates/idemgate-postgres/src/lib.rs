@@ -32,4 +32,4 @@ mod store;
 pub use inbox::PgInbox;
 pub use log::{Appended, LoggedEvent, PgEventLog};
 pub use offsets::PgOffsets;
-pub use store::{PostgresStore, PostgresStoreBuilder};
+pub use store::{Partitions, PostgresStore, PostgresStoreBuilder};

@@ -25,9 +25,77 @@ pub struct PostgresStoreBuilder {
     table: String,
     max_connections: u32,
     acquire_timeout: Duration,
+    partitions: Option<Partitions>,
+}
+
+/// How a partitioned records table assigns keys to partitions.
+///
+/// A key must land in the same partition every time (its duplicates included), so the
+/// partition is a pure function of the key: by default the day of the UUIDv7 timestamp in the
+/// key's id, which is when its event was produced.
+#[derive(Clone, Copy)]
+pub struct Partitions {
+    bucket: fn(&Key) -> Result<i64>,
+}
+
+impl std::fmt::Debug for Partitions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partitions").finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds in a daily partition.
+const DAY_MS: i64 = 86_400_000;
+
+impl Partitions {
+    /// One partition per day of the event's UUIDv7 timestamp; keys whose id is not a UUIDv7 are
+    /// refused with `Error::InvalidKey`.
+    pub fn uuid_v7_daily() -> Self {
+        Partitions {
+            bucket: |key| {
+                let u = key
+                    .id()
+                    .parse::<idemgate_core::EventId>()
+                    .ok()
+                    .and_then(|e| match e {
+                        idemgate_core::EventId::Uuid(u) if u.get_version_num() == 7 => {
+                            u.get_timestamp()
+                        }
+                        _ => None,
+                    });
+                let Some(ts) = u else {
+                    return Err(Error::InvalidKey {
+                        reason: format!(
+                            "a daily-partitioned store needs UUIDv7 ids; {key} is not one"
+                        ),
+                    });
+                };
+                let (secs, nanos) = ts.to_unix();
+                Ok(i64::try_from(secs)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1000)
+                    .saturating_add(i64::from(nanos / 1_000_000))
+                    / DAY_MS)
+            },
+        }
+    }
+
+    /// Partitions chosen by `bucket`, which must return the same bucket for every claim of a key.
+    pub fn by(bucket: fn(&Key) -> Result<i64>) -> Self {
+        Partitions { bucket }
+    }
 }
 
 impl PostgresStoreBuilder {
+    /// A partitioned records table (`PARTITION BY RANGE (bucket)`, plus a default partition):
+    /// [`PostgresStore::create_partitions`] adds partitions ahead, and
+    /// [`PostgresStore::drop_expired_partitions`] drops whole partitions once every record in
+    /// them has expired, instead of deleting rows.
+    pub fn with_partitions(mut self, partitions: Partitions) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
     /// The database URL (`postgres://user@host:port/db`).
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
         self.url = Some(url.into());
@@ -76,7 +144,8 @@ impl PostgresStoreBuilder {
         };
         Ok(PostgresStore {
             pool,
-            sql: std::sync::Arc::new(Statements::new(&self.table)),
+            sql: std::sync::Arc::new(Statements::new(&self.table, self.partitions.is_some())),
+            partitions: self.partitions,
             table: self.table,
         })
     }
@@ -96,6 +165,7 @@ pub struct PostgresStore {
     pool: PgPool,
     table: String,
     sql: std::sync::Arc<Statements>,
+    partitions: Option<Partitions>,
 }
 
 #[derive(Debug)]
@@ -113,12 +183,28 @@ struct Statements {
     purge: String,
 }
 
+/// The columns of the records table; `bucket` is the partition of a partitioned table (0 in a
+/// plain one), part of the primary key so that key uniqueness holds within each partition.
+const COLUMN_DDL: &str = "scope TEXT NOT NULL,
+    id TEXT NOT NULL,
+    fingerprint BYTEA,
+    state SMALLINT NOT NULL,
+    token BIGINT NOT NULL,
+    lease_until BIGINT,
+    outcome BYTEA,
+    completed_at BIGINT,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    attempts INTEGER NOT NULL,
+    bucket BIGINT NOT NULL,
+    PRIMARY KEY (scope, id, bucket)";
+
 impl Statements {
-    fn new(t: &str) -> Self {
+    fn new(t: &str, partitioned: bool) -> Self {
         // the shared conflict arm: take the key over only when it is free. SET expressions read
         // the row as it was; `excluded` is the proposed row.
         let upsert = format!(
-            "ON CONFLICT (scope, id) DO UPDATE SET
+            "ON CONFLICT (scope, id, bucket) DO UPDATE SET
                 fingerprint = CASE WHEN r.expires_at <= {NOW} THEN excluded.fingerprint
                                    ELSE coalesce(r.fingerprint, excluded.fingerprint) END,
                 state = 0,
@@ -136,68 +222,64 @@ impl Statements {
              RETURNING token, attempts, lease_until, scope, id"
         );
         Statements {
-            ddl: format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
-                    scope TEXT NOT NULL,
-                    id TEXT NOT NULL,
-                    fingerprint BYTEA,
-                    state SMALLINT NOT NULL,
-                    token BIGINT NOT NULL,
-                    lease_until BIGINT,
-                    outcome BYTEA,
-                    completed_at BIGINT,
-                    created_at BIGINT NOT NULL,
-                    expires_at BIGINT NOT NULL,
-                    attempts INTEGER NOT NULL,
-                    PRIMARY KEY (scope, id));
-                 CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} (expires_at);"
-            ),
+            ddl: if partitioned {
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {t} ({COLUMN_DDL}) PARTITION BY RANGE (bucket);
+                     CREATE TABLE IF NOT EXISTS {t}_default PARTITION OF {t} DEFAULT;
+                     CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} (expires_at);"
+                )
+            } else {
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {t} ({COLUMN_DDL});
+                     CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} (expires_at);"
+                )
+            },
             // $1 scope $2 id $3 fingerprint $4 lease ms $5 retention ms
             claim: format!(
                 "INSERT INTO {t} AS r (scope, id, fingerprint, state, token, lease_until, outcome,
-                                       completed_at, created_at, expires_at, attempts)
-                 VALUES ($1, $2, $3, 0, 1, {NOW} + $4, NULL, NULL, {NOW}, {NOW} + $4 + $5, 1)
+                                       completed_at, created_at, expires_at, attempts, bucket)
+                 VALUES ($1, $2, $3, 0, 1, {NOW} + $4, NULL, NULL, {NOW}, {NOW} + $4 + $5, 1, $6)
                  {upsert}"
             ),
             // $1 scopes $2 ids $3 fingerprints $4 lease ms $5 retention ms
             claim_many: format!(
                 "INSERT INTO {t} AS r (scope, id, fingerprint, state, token, lease_until, outcome,
-                                       completed_at, created_at, expires_at, attempts)
-                 SELECT s, d, f, 0, 1, {NOW} + $4, NULL, NULL, {NOW}, {NOW} + $4 + $5, 1
-                   FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(s, d, f)
+                                       completed_at, created_at, expires_at, attempts, bucket)
+                 SELECT s, d, f, 0, 1, {NOW} + $4, NULL, NULL, {NOW}, {NOW} + $4 + $5, 1, b
+                   FROM unnest($1::text[], $2::text[], $3::bytea[], $6::bigint[]) AS u(s, d, f, b)
                  {upsert}"
             ),
             select_many: format!(
                 "SELECT {COLUMNS}, {NOW} AS now, scope, id FROM {t}
-                  WHERE (scope, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+                  WHERE (scope, id, bucket) IN (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]))"
             ),
             complete_many: format!(
                 "UPDATE {t} AS r SET state = 1, outcome = u.o, completed_at = {NOW}, lease_until = NULL,
                     expires_at = {NOW} + $5
-                   FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[]) AS u(s, d, tok, o)
-                  WHERE r.scope = u.s AND r.id = u.d AND r.state = 0 AND r.token = u.tok
+                   FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $6::bigint[]) AS u(s, d, tok, o, b)
+                  WHERE r.scope = u.s AND r.id = u.d AND r.bucket = u.b AND r.state = 0 AND r.token = u.tok
                  RETURNING r.scope, r.id, r.token"
             ),
-            select: format!("SELECT {COLUMNS}, {NOW} AS now FROM {t} WHERE scope = $1 AND id = $2"),
+            select: format!("SELECT {COLUMNS}, {NOW} AS now FROM {t} WHERE scope = $1 AND id = $2 AND bucket = $3"),
             complete: format!(
                 "UPDATE {t} SET state = 1, outcome = $4, completed_at = {NOW}, lease_until = NULL,
                     expires_at = {NOW} + $5
-                 WHERE scope = $1 AND id = $2 AND state = 0 AND token = $3"
+                 WHERE scope = $1 AND id = $2 AND state = 0 AND token = $3 AND bucket = $6"
             ),
             release: format!(
                 "UPDATE {t} SET lease_until = LEAST(lease_until, {NOW})
-                 WHERE scope = $1 AND id = $2 AND state = 0 AND token = $3"
+                 WHERE scope = $1 AND id = $2 AND state = 0 AND token = $3 AND bucket = $4"
             ),
             renew: format!(
                 "UPDATE {t} SET lease_until = {NOW} + $4,
                     expires_at = GREATEST(expires_at, {NOW} + $4 + (expires_at - lease_until))
-                 WHERE scope = $1 AND id = $2 AND state = 0 AND token = $3
+                 WHERE scope = $1 AND id = $2 AND state = 0 AND token = $3 AND bucket = $5
                  RETURNING lease_until"
             ),
-            get: format!("SELECT {COLUMNS} FROM {t} WHERE scope = $1 AND id = $2 AND expires_at > {NOW}"),
+            get: format!("SELECT {COLUMNS} FROM {t} WHERE scope = $1 AND id = $2 AND bucket = $3 AND expires_at > {NOW}"),
             purge: format!(
-                "DELETE FROM {t} WHERE ctid = ANY (ARRAY(
-                    SELECT ctid FROM {t} WHERE expires_at <= {NOW} LIMIT $1 FOR UPDATE SKIP LOCKED))"
+                "DELETE FROM {t} WHERE (scope, id, bucket) IN (
+                    SELECT scope, id, bucket FROM {t} WHERE expires_at <= {NOW} LIMIT $1 FOR UPDATE SKIP LOCKED)"
             ),
         }
     }
@@ -275,6 +357,7 @@ impl PostgresStore {
             table: "idemgate_records".into(),
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            partitions: None,
         }
     }
 
@@ -305,9 +388,78 @@ impl PostgresStore {
                 "created_at",
                 "expires_at",
                 "attempts",
+                "bucket",
             ],
         )
         .await
+    }
+
+    /// The partition bucket of `key` (0 for a plain table).
+    fn bucket(&self, key: &Key) -> Result<i64> {
+        self.partitions.map_or(Ok(0), |p| (p.bucket)(key))
+    }
+
+    /// Creates the partitions for buckets `from..to` that do not exist yet (for daily
+    /// partitions, buckets are days since the epoch: see [`PostgresStore::today`]). Create them
+    /// ahead of the events that fill them; a key without its partition lands in the default one.
+    pub async fn create_partitions(&self, from: i64, to: i64) -> Result<()> {
+        let t = &self.table;
+        for b in from..to {
+            pg(sqlx::query(&format!(
+                "CREATE TABLE IF NOT EXISTS {t}_b{b} PARTITION OF {t} FOR VALUES FROM ({b}) TO ({})",
+                b + 1
+            ))
+            .execute(&self.pool)
+            .await)?;
+        }
+        Ok(())
+    }
+
+    /// Today's daily bucket by the database clock.
+    pub async fn today(&self) -> Result<i64> {
+        let (now,): (i64,) = pg(sqlx::query_as(&format!("SELECT {NOW}"))
+            .fetch_one(&self.pool)
+            .await)?;
+        Ok(now / DAY_MS)
+    }
+
+    /// Drops every bucket partition none of whose records is still live; returns their names.
+    /// The partition is locked while it is checked and dropped, so a claim racing into it waits
+    /// and then fails with a typed error (its retry lands in the default partition).
+    pub async fn drop_expired_partitions(&self) -> Result<Vec<String>> {
+        let parts: Vec<(String,)> = pg(sqlx::query_as(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+              JOIN pg_class p ON p.oid = i.inhparent
+             WHERE p.relname = $1 AND c.relname <> $2 ORDER BY 1",
+        )
+        .bind(&self.table)
+        .bind(format!("{}_default", self.table))
+        .fetch_all(&self.pool)
+        .await)?;
+        let mut dropped = Vec::new();
+        for (part,) in parts {
+            let mut tx = pg(self.pool.begin().await)?;
+            pg(
+                sqlx::query(&format!("LOCK TABLE {part} IN ACCESS EXCLUSIVE MODE"))
+                    .execute(&mut *tx)
+                    .await,
+            )?;
+            let (live,): (bool,) = pg(sqlx::query_as(&format!(
+                "SELECT EXISTS (SELECT 1 FROM {part} WHERE expires_at > {NOW})"
+            ))
+            .fetch_one(&mut *tx)
+            .await)?;
+            if live {
+                pg(tx.rollback().await)?;
+                continue;
+            }
+            pg(sqlx::query(&format!("DROP TABLE {part}"))
+                .execute(&mut *tx)
+                .await)?;
+            pg(tx.commit().await)?;
+            dropped.push(part);
+        }
+        Ok(dropped)
     }
 
     /// The connection pool.
@@ -350,6 +502,7 @@ impl Store for PostgresStore {
         opts: &ClaimOptions,
     ) -> Result<Claim> {
         let fp_bytes = fp.map(|f| f.as_bytes().to_vec());
+        let bucket = self.bucket(key)?;
         // a key that turns free between the two statements is simply claimed again
         for _ in 0..8 {
             let won = pg(sqlx::query(&self.sql.claim)
@@ -358,6 +511,7 @@ impl Store for PostgresStore {
                 .bind(&fp_bytes)
                 .bind(ms(opts.lease))
                 .bind(ms(opts.retention))
+                .bind(bucket)
                 .fetch_optional(&self.pool)
                 .await)?;
             if let Some(r) = won {
@@ -366,6 +520,7 @@ impl Store for PostgresStore {
             let r = pg(sqlx::query(&self.sql.select)
                 .bind(key.scope())
                 .bind(key.id())
+                .bind(bucket)
                 .fetch_optional(&self.pool)
                 .await)?;
             if let Some(r) = r
@@ -381,14 +536,17 @@ impl Store for PostgresStore {
     }
 
     async fn complete(&self, lease: &Lease, outcome: &Outcome, retention: Duration) -> Result<()> {
+        let bucket = self.bucket(lease.key())?;
         self.fenced(&self.sql.complete, lease, |q| {
-            q.bind(outcome.encode()).bind(ms(retention))
+            q.bind(outcome.encode()).bind(ms(retention)).bind(bucket)
         })
         .await
     }
 
     async fn release(&self, lease: Lease) -> Result<()> {
-        self.fenced(&self.sql.release, &lease, |q| q).await
+        let bucket = self.bucket(lease.key())?;
+        self.fenced(&self.sql.release, &lease, |q| q.bind(bucket))
+            .await
     }
 
     async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Lease> {
@@ -397,6 +555,7 @@ impl Store for PostgresStore {
             .bind(lease.key().id())
             .bind(token_param(lease))
             .bind(ms(extend))
+            .bind(self.bucket(lease.key())?)
             .fetch_optional(&self.pool)
             .await)?;
         match r {
@@ -414,6 +573,7 @@ impl Store for PostgresStore {
         let r = pg(sqlx::query(&self.sql.get)
             .bind(key.scope())
             .bind(key.id())
+            .bind(self.bucket(key)?)
             .fetch_optional(&self.pool)
             .await)?;
         r.map(|r| pg(row(&r))?.into_record(key, "postgres"))
@@ -444,6 +604,10 @@ impl Store for PostgresStore {
         }
         let scopes: Vec<&str> = claims.iter().map(|(k, _)| k.scope()).collect();
         let ids: Vec<&str> = claims.iter().map(|(k, _)| k.id()).collect();
+        let buckets: Vec<i64> = claims
+            .iter()
+            .map(|(k, _)| self.bucket(k))
+            .collect::<Result<_>>()?;
         let fps: Vec<Option<Vec<u8>>> = claims
             .iter()
             .map(|(_, f)| f.map(|f| f.as_bytes().to_vec()))
@@ -454,6 +618,7 @@ impl Store for PostgresStore {
             .bind(&fps)
             .bind(ms(opts.lease))
             .bind(ms(opts.retention))
+            .bind(&buckets)
             .fetch_all(&self.pool)
             .await)?;
         let mut by_key = std::collections::HashMap::new();
@@ -476,6 +641,7 @@ impl Store for PostgresStore {
             for r in pg(sqlx::query(&self.sql.select_many)
                 .bind(&ls)
                 .bind(&li)
+                .bind(lost.iter().map(|&i| buckets[i]).collect::<Vec<i64>>())
                 .fetch_all(&self.pool)
                 .await)?
             {
@@ -513,6 +679,10 @@ impl Store for PostgresStore {
         let scopes: Vec<&str> = done.iter().map(|(l, _)| l.key().scope()).collect();
         let ids: Vec<&str> = done.iter().map(|(l, _)| l.key().id()).collect();
         let tokens: Vec<i64> = done.iter().map(|(l, _)| token_param(l)).collect();
+        let buckets: Vec<i64> = done
+            .iter()
+            .map(|(l, _)| self.bucket(l.key()))
+            .collect::<Result<_>>()?;
         let outcomes: Vec<Vec<u8>> = done.iter().map(|(_, o)| o.encode()).collect();
         let rows: Vec<(String, String, i64)> = pg(sqlx::query_as(&self.sql.complete_many)
             .bind(&scopes)
@@ -520,6 +690,7 @@ impl Store for PostgresStore {
             .bind(&tokens)
             .bind(&outcomes)
             .bind(ms(retention))
+            .bind(&buckets)
             .fetch_all(&self.pool)
             .await)?;
         let mut completed: std::collections::HashSet<(String, String, i64)> =

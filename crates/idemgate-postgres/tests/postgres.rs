@@ -476,3 +476,91 @@ async fn event_log_is_idempotent_and_gap_free() {
         2
     );
 }
+
+/// Daily partitions by the event's UUIDv7 time; retention drops whole partitions.
+#[tokio::test]
+async fn daily_partitions_are_dropped_when_every_record_expired() {
+    use idemgate_core::EventId;
+    use idemgate_postgres::Partitions;
+    let Some(pool) = pool().await else { return };
+    let table = unique("daily");
+    let store = PostgresStore::builder()
+        .with_pool(pool.clone())
+        .with_table(&table)
+        .with_partitions(Partitions::uuid_v7_daily())
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let today = store.today().await.unwrap();
+    store.create_partitions(today - 1, today + 2).await.unwrap();
+
+    // an event of today with a short retention, one with a long retention, one from 3 days ago
+    let short = EventId::new().key("orders").unwrap();
+    let long = EventId::new().key("other").unwrap();
+    let old_uuid = uuid_v7_at(today - 3);
+    let old = Key::new("orders", old_uuid).unwrap();
+    for (k, ret) in [(&short, 300u64), (&long, 3_600_000), (&old, 300)] {
+        let Claim::Acquired(l) = store.claim_for(k, Duration::from_secs(30)).await.unwrap() else {
+            panic!()
+        };
+        store
+            .complete(&l, &Outcome::new(0, "ok"), Duration::from_millis(ret))
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        store
+            .claim_for(
+                &Key::new("x", "not-a-uuid").unwrap(),
+                Duration::from_secs(1)
+            )
+            .await,
+        Err(Error::InvalidKey { .. })
+    ));
+    let count = |part: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (i64,)>(&format!("SELECT count(*) FROM {part}"))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    assert_eq!(
+        count(format!("{table}_b{today}")).await,
+        2,
+        "today's events are in today's partition"
+    );
+    assert_eq!(
+        count(format!("{table}_default")).await,
+        1,
+        "an event older than the partitions goes to the default"
+    );
+    // nothing is dropped while today's partition holds a live record
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let dropped = store.drop_expired_partitions().await.unwrap();
+    assert!(
+        !dropped.contains(&format!("{table}_b{today}")),
+        "a partition with a live record was dropped"
+    );
+    assert!(
+        dropped.contains(&format!("{table}_b{}", today - 1))
+            && dropped.contains(&format!("{table}_b{}", today + 1)),
+        "{dropped:?}"
+    );
+    assert!(store.get(&long).await.unwrap().is_some());
+    // the default partition is purged row by row
+    assert_eq!(store.purge_expired(100).await.unwrap(), 2);
+}
+
+/// A UUIDv7 whose timestamp falls at noon of `day` (days since the epoch).
+fn uuid_v7_at(day: i64) -> String {
+    let ms = u64::try_from(day * 86_400_000 + 43_200_000).unwrap();
+    let ts = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        ms / 1000,
+        u32::try_from(ms % 1000).unwrap() * 1_000_000,
+    );
+    uuid::Uuid::new_v7(ts).to_string()
+}

@@ -39,7 +39,9 @@ impl Default for SqliteOffsets {
 impl SqliteOffsets {
     /// Positions in table `idemgate_offsets`.
     pub fn new() -> Self {
-        SqliteOffsets { table: "idemgate_offsets".into() }
+        SqliteOffsets {
+            table: "idemgate_offsets".into(),
+        }
     }
 
     /// Another table (an identifier).
@@ -67,15 +69,31 @@ impl SqliteOffsets {
     }
 
     /// The stored next offset of every partition of `topic` for `group`.
-    pub fn load_positions(&self, conn: &Connection, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
-        let mut stmt = sql(conn.prepare(&format!("SELECT part, next_offset FROM {} WHERE consumer_group = ?1 AND topic = ?2", self.table)))?;
+    pub fn load_positions(
+        &self,
+        conn: &Connection,
+        group: &str,
+        topic: &str,
+    ) -> Result<BTreeMap<i32, i64>> {
+        let mut stmt = sql(conn.prepare(&format!(
+            "SELECT part, next_offset FROM {} WHERE consumer_group = ?1 AND topic = ?2",
+            self.table
+        )))?;
         let rows = sql(stmt.query_map(params![group, topic], |r| Ok((r.get(0)?, r.get(1)?))))?;
         sql(rows.collect())
     }
 
     /// Moves one partition's position from `expected` (`None`: no position yet) to `next`, in
     /// the caller's transaction; [`Error::Fenced`] if the stored position is another.
-    pub fn advance(&self, conn: &Connection, group: &str, topic: &str, partition: i32, expected: Option<i64>, next: i64) -> Result<()> {
+    pub fn advance(
+        &self,
+        conn: &Connection,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        expected: Option<i64>,
+        next: i64,
+    ) -> Result<()> {
         let t = &self.table;
         let n = match expected {
             None => sql(conn.execute(
@@ -97,6 +115,12 @@ impl SqliteOffsets {
                 |r| r.get(0),
             )
             .optional())?;
-        Err(Error::Fenced { group: group.to_owned(), topic: topic.to_owned(), partition, expected, found })
+        Err(Error::Fenced {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            partition,
+            expected,
+            found,
+        })
     }
 }

@@ -506,11 +506,44 @@ fn offsets_advance_by_compare_and_set_and_inbox_batches() {
     offsets.advance(&tx, "g", "t", 0, None, 10).unwrap();
     offsets.advance(&tx, "g", "t", 0, Some(10), 11).unwrap();
     let e = offsets.advance(&tx, "g", "t", 0, Some(10), 12).unwrap_err();
-    assert!(matches!(e, Error::Fenced { expected: Some(10), found: Some(11), .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::Fenced {
+                expected: Some(10),
+                found: Some(11),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let e = offsets.advance(&tx, "g", "t", 0, None, 1).unwrap_err();
-    assert!(matches!(e, Error::Fenced { expected: None, found: Some(11), .. }), "{e:?}");
-    let keys: Vec<Key> = ["a", "b", "a"].iter().map(|i| Key::new("s", *i).unwrap()).collect();
-    assert_eq!(inbox.first_time_many(&tx, &keys).unwrap(), [true, true, false]);
+    assert!(
+        matches!(
+            e,
+            Error::Fenced {
+                expected: None,
+                found: Some(11),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let keys: Vec<Key> = ["a", "b", "a"]
+        .iter()
+        .map(|i| Key::new("s", *i).unwrap())
+        .collect();
+    assert_eq!(
+        inbox.first_time_many(&tx, &keys).unwrap(),
+        [true, true, false]
+    );
     tx.commit().unwrap();
-    assert_eq!(offsets.load_positions(&conn, "g", "t").unwrap().into_iter().collect::<Vec<_>>(), [(0, 11)]);
+    assert_eq!(
+        offsets
+            .load_positions(&conn, "g", "t")
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        [(0, 11)]
+    );
 }
