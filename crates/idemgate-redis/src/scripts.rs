@@ -1,50 +1,86 @@
 //! The Lua scripts: one per operation, each atomic on the server, timed by the server's `TIME`.
 //!
-//! A record is one hash (fields `fp st tok lu out ca cr ex at`, the `RecordRow` columns) whose
-//! key expires at the record's `expires_at` (`PEXPIREAT`), so Redis reclaims the memory.
+//! A record is one string key, expiring at the record's `expires_at` (`PXAT`), so Redis reclaims
+//! the memory. Its value is `1|st|tok|lu|cr|ex|at|fp|ca|out`: version, state (`0` in progress,
+//! `1` completed, `n` fresh), token, lease until, created, expires, attempts, fingerprint (hex),
+//! completed at, then the outcome bytes. A fresh claim is written by the client itself with one
+//! `SET … NX PX` (no script); such a record (`n`) stores the lease and retention lengths instead
+//! of times, and the scripts turn it into times from the key's remaining TTL.
 
-/// Shared prelude: `now` in milliseconds from the server clock.
-const NOW: &str = r#"
+/// Shared prelude: `now` from the server clock, and the record codec.
+const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function load(key)
+  local v = redis.call('GET', key)
+  if not v then return nil end
+  local f, pos = {}, 1
+  for i = 1, 9 do
+    local j = string.find(v, '|', pos, true)
+    if not j then return redis.error_reply('idemgate: damaged record at ' .. key) end
+    f[i] = string.sub(v, pos, j - 1)
+    pos = j + 1
+  end
+  local r = {st = f[2], tok = tonumber(f[3]), lu = tonumber(f[4]), cr = tonumber(f[5]),
+             ex = tonumber(f[6]), at = tonumber(f[7]), fp = f[8], ca = tonumber(f[9]),
+             out = string.sub(v, pos)}
+  if r.st == 'n' then
+    local lease, ret = r.lu, r.ex
+    r.ex = now + redis.call('PTTL', key)
+    r.lu = r.ex - ret
+    r.cr = r.lu - lease
+    r.st = '0'
+  end
+  return r
+end
+local function num(x)
+  if x == nil then return '' end
+  return string.format('%.0f', x)
+end
+local function save(key, r)
+  local v = table.concat({'1', r.st, num(r.tok), num(r.lu), num(r.cr), num(r.ex), num(r.at), r.fp, num(r.ca)}, '|')
+  redis.call('SET', key, v .. '|' .. r.out, 'PXAT', num(r.ex))
+end
+local function fields(r)
+  local fp = false
+  if r.fp ~= '' then fp = r.fp end
+  return {fp, tonumber(r.st), r.tok, r.lu or false, r.out, r.ca or false, r.cr, r.ex, r.at}
+end
 "#;
 
-/// KEYS[1] record; ARGV fp ('' for none), lease ms, retention ms.
+/// KEYS[1] record; ARGV fp hex ('' for none), lease ms, retention ms. Called when the client's
+/// `SET NX` found the key taken.
 /// Replies {1, token, attempts, lease_until} | {2, fields...} | {3, fp} | {4, lease_until, attempts}.
 pub(crate) fn claim() -> String {
     format!(
-        "{NOW}{}",
+        "{PRELUDE}{}",
         r#"
 local key, fp = KEYS[1], ARGV[1]
 local lease, ret = tonumber(ARGV[2]), tonumber(ARGV[3])
-local r = redis.call('HMGET', key, 'fp', 'st', 'tok', 'lu', 'out', 'ca', 'cr', 'ex', 'at')
-local function acquire(token, attempts, created, newfp)
-  local lu = now + lease
-  local ex = lu + ret
-  local fields = {'st', 0, 'tok', token, 'lu', lu, 'cr', created, 'ex', ex, 'at', attempts}
-  if newfp and newfp ~= '' then
-    fields[#fields + 1] = 'fp'
-    fields[#fields + 1] = newfp
-  end
-  redis.call('HSET', key, unpack(fields))
-  -- a new key has nothing to clear; an old record drops its outcome (and fingerprint if none)
-  if r[2] then
-    if newfp and newfp ~= '' then redis.call('HDEL', key, 'out', 'ca') else redis.call('HDEL', key, 'out', 'ca', 'fp') end
-  end
-  redis.call('PEXPIREAT', key, ex)
-  return {1, token, attempts, lu}
-end
-if not r[2] or tonumber(r[8]) <= now then
+local r = load(key)
+if not r or r.ex <= now then
   -- a new record: its token starts at the server's millisecond clock, above every token an
   -- earlier record of this key can have reached (one take-over per lease, each lease >= 1 ms)
-  local token = now
-  if r[3] and tonumber(r[3]) >= token then token = tonumber(r[3]) + 1 end
-  return acquire(token, 1, now, fp)
+  local tok = now
+  if r and r.tok >= tok then tok = r.tok + 1 end
+  local n = {st = '0', tok = tok, lu = now + lease, cr = now, at = 1, fp = fp, out = ''}
+  n.ex = n.lu + ret
+  save(key, n)
+  return {1, n.tok, 1, n.lu}
 end
-if r[1] and fp ~= '' and r[1] ~= fp then return {3, r[1]} end
-if r[2] == '1' then return {2, r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]} end
-if tonumber(r[4]) > now then return {4, tonumber(r[4]), tonumber(r[9])} end
-return acquire(tonumber(r[3]) + 1, tonumber(r[9]) + 1, tonumber(r[7]), r[1] or fp)
+if r.fp ~= '' and fp ~= '' and r.fp ~= fp then return {3, r.fp} end
+if r.st == '1' then
+  local f = fields(r)
+  return {2, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9]}
+end
+if r.lu > now then return {4, r.lu, r.at} end
+r.tok = r.tok + 1
+r.at = r.at + 1
+r.lu = now + lease
+r.ex = r.lu + ret
+if r.fp == '' then r.fp = fp end
+save(key, r)
+return {1, r.tok, r.at, r.lu}
 "#
     )
 }
@@ -52,19 +88,21 @@ return acquire(tonumber(r[3]) + 1, tonumber(r[9]) + 1, tonumber(r[7]), r[1] or f
 /// The guard every fenced script starts with: the record must be in progress under ARGV[1].
 const HELD: &str = r#"
 local key = KEYS[1]
-local r = redis.call('HMGET', key, 'st', 'tok', 'lu', 'ex')
-if r[1] ~= '0' or tonumber(r[2]) ~= tonumber(ARGV[1]) then return -1 end
+local r = load(key)
+if not r or r.st ~= '0' or r.tok ~= tonumber(ARGV[1]) then return -1 end
 "#;
 
 /// KEYS[1]; ARGV token, outcome, retention ms. Replies 1 or -1 (lease lost).
 pub(crate) fn complete() -> String {
     format!(
-        "{NOW}{HELD}{}",
+        "{PRELUDE}{HELD}{}",
         r#"
-local ex = now + tonumber(ARGV[3])
-redis.call('HSET', key, 'st', 1, 'out', ARGV[2], 'ca', now, 'ex', ex)
-redis.call('HDEL', key, 'lu')
-redis.call('PEXPIREAT', key, ex)
+r.st = '1'
+r.out = ARGV[2]
+r.ca = now
+r.ex = now + tonumber(ARGV[3])
+r.lu = nil
+save(key, r)
 return 1
 "#
     )
@@ -73,9 +111,10 @@ return 1
 /// KEYS[1]; ARGV token. Replies 1 or -1.
 pub(crate) fn release() -> String {
     format!(
-        "{NOW}{HELD}{}",
+        "{PRELUDE}{HELD}{}",
         r#"
-if tonumber(r[3]) > now then redis.call('HSET', key, 'lu', now) end
+if r.lu > now then r.lu = now end
+save(key, r)
 return 1
 "#
     )
@@ -84,12 +123,12 @@ return 1
 /// KEYS[1]; ARGV token, extend ms. Replies the new lease_until, or -1.
 pub(crate) fn renew() -> String {
     format!(
-        "{NOW}{HELD}{}",
+        "{PRELUDE}{HELD}{}",
         r#"
 local lu = now + tonumber(ARGV[2])
-local ex = math.max(tonumber(r[4]), lu + (tonumber(r[4]) - tonumber(r[3])))
-redis.call('HSET', key, 'lu', lu, 'ex', ex)
-redis.call('PEXPIREAT', key, ex)
+r.ex = math.max(r.ex, lu + (r.ex - r.lu))
+r.lu = lu
+save(key, r)
 return lu
 "#
     )
@@ -98,11 +137,11 @@ return lu
 /// KEYS[1]. Replies the fields, or nil when absent or expired.
 pub(crate) fn get() -> String {
     format!(
-        "{NOW}{}",
+        "{PRELUDE}{}",
         r#"
-local r = redis.call('HMGET', KEYS[1], 'fp', 'st', 'tok', 'lu', 'out', 'ca', 'cr', 'ex', 'at')
-if not r[2] or tonumber(r[8]) <= now then return false end
-return r
+local r = load(KEYS[1])
+if not r or r.ex <= now then return false end
+return fields(r)
 "#
     )
 }

@@ -231,14 +231,25 @@ fn opt_bytes(v: &Value) -> Result<Option<Vec<u8>>> {
     }
 }
 
+fn hex_fp(hex: &[u8]) -> Result<Fingerprint> {
+    std::str::from_utf8(hex)
+        .ok()
+        .and_then(|h| h.parse().ok())
+        .ok_or_else(|| corrupt("a stored fingerprint is not 64 hex digits"))
+}
+
 /// The nine `RecordRow` fields in script order.
 fn row(f: &[Value]) -> Result<RecordRow> {
     if f.len() != 9 {
         return Err(corrupt(format!("a record has {} fields", f.len())));
     }
     let need = |v: &Value| opt_int(v)?.ok_or_else(|| corrupt("a record field is missing"));
+    let fingerprint = match opt_bytes(&f[0])? {
+        Some(hex) => Some(hex_fp(&hex)?.as_bytes().to_vec()),
+        None => None,
+    };
     Ok(RecordRow {
-        fingerprint: opt_bytes(&f[0])?,
+        fingerprint,
         state: need(&f[1])?,
         token: need(&f[2])?,
         lease_until: opt_int(&f[3])?,
@@ -333,9 +344,36 @@ impl Store for RedisStore {
         fp: Option<&Fingerprint>,
         opts: &ClaimOptions,
     ) -> Result<Claim> {
-        let fp_arg: &[u8] = fp.map(|f| f.as_bytes().as_slice()).unwrap_or(b"");
-        let mut inv = self.scripts.claim.key(self.key(key));
-        inv.arg(fp_arg).arg(ms(opts.lease)).arg(ms(opts.retention));
+        let fp_hex = fp.map(Fingerprint::to_hex).unwrap_or_default();
+        let redis_key = self.key(key);
+        // the common case, a new key, is one native `SET NX PX` (no script): the record stores
+        // lengths, not times, and the scripts read its times off the key's TTL
+        let token = idemgate_core::to_millis(std::time::SystemTime::now()).max(1);
+        let fresh = format!(
+            "1|n|{token}|{}|0|{}|1|{fp_hex}||",
+            ms(opts.lease),
+            ms(opts.retention)
+        );
+        let set: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(&redis_key)
+                    .arg(fresh)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms(opts.lease).saturating_add(ms(opts.retention)).max(1)),
+            )
+            .await?;
+        if set.is_some() {
+            return Ok(Claim::Acquired(Lease::new(
+                key.clone(),
+                token,
+                std::time::SystemTime::now() + opts.lease,
+                1,
+            )));
+        }
+        let mut inv = self.scripts.claim.key(redis_key);
+        inv.arg(fp_hex).arg(ms(opts.lease)).arg(ms(opts.retention));
         let Value::Array(reply) = self.invoke(&inv).await? else {
             return Err(corrupt("the claim script answered a non-array"));
         };
@@ -354,7 +392,7 @@ impl Store for RedisStore {
                 let fp = opt_bytes(&reply[1])?
                     .ok_or_else(|| corrupt("mismatch without a fingerprint"))?;
                 Ok(Claim::Mismatch {
-                    stored: Fingerprint::try_from(fp.as_slice())?,
+                    stored: hex_fp(&fp)?,
                 })
             }
             (Some(4), 3) => Ok(Claim::InProgress {
