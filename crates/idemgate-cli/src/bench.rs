@@ -41,6 +41,9 @@ struct StoreBench {
     /// Rows per batch in the batched measurements.
     #[arg(long, default_value_t = 100)]
     batch: usize,
+    /// Rounds; each figure is the median of its rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
 }
 
 pub(crate) fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
@@ -49,19 +52,38 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let rows = if b.store.starts_with("redis://") {
-            redis_bench(&b).await?
-        } else if b.store.starts_with("postgres://") || b.store.starts_with("postgresql://") {
-            sql_bench(&b, Sql::Postgres).await?
-        } else if b.store.starts_with("mysql://") {
-            sql_bench(&b, Sql::MySql).await?
-        } else {
-            return Err(format!(
-                "bench store takes postgres://, mysql:// or redis:// URLs, not {:?}",
-                b.store
-            )
-            .into());
+        // several rounds, each measuring every row once, so slow phases of a noisy machine hit
+        // the ceiling and the store alike; each figure is the median of its rounds
+        let mut rounds = Vec::new();
+        for _ in 0..b.rounds.max(1) {
+            rounds.push(if b.store.starts_with("redis://") {
+                redis_bench(&b).await?
+            } else if b.store.starts_with("postgres://") || b.store.starts_with("postgresql://") {
+                sql_bench(&b, Sql::Postgres).await?
+            } else if b.store.starts_with("mysql://") {
+                sql_bench(&b, Sql::MySql).await?
+            } else {
+                return Err(format!(
+                    "bench store takes postgres://, mysql:// or redis:// URLs, not {:?}",
+                    b.store
+                )
+                .into());
+            });
+        }
+        let median = |i: usize, pick: fn(&Row) -> Option<f64>| {
+            let mut v: Vec<f64> = rounds.iter().filter_map(|r| pick(&r[i])).collect();
+            v.sort_by(f64::total_cmp);
+            (!v.is_empty()).then(|| v[v.len() / 2])
         };
+        let rows: Vec<Row> = (0..rounds[0].len())
+            .map(|i| {
+                (
+                    rounds[0][i].0.clone(),
+                    median(i, |r| Some(r.1)).unwrap_or(0.0),
+                    median(i, |r| r.2),
+                )
+            })
+            .collect();
         println!("{:<58} {:>12} {:>9}", "measurement", "ops/s", "vs raw");
         for (name, rate, raw) in rows {
             match raw {
@@ -79,7 +101,11 @@ where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), BoxError>> + Send,
 {
-    let next = Arc::new(AtomicU64::new(0));
+    // every measurement gets its own range of ids, so none of them meets another's keys
+    let base = NEXT_ID.fetch_add(ops, Ordering::Relaxed);
+    let next = Arc::new(AtomicU64::new(base));
+    let ops = base + ops;
+    let count = ops - base;
     let op = Arc::new(op);
     let start = Instant::now();
     let tasks: Vec<_> = (0..clients)
@@ -99,8 +125,11 @@ where
     for t in tasks {
         t.await??;
     }
-    Ok(ops as f64 / start.elapsed().as_secs_f64())
+    Ok(count as f64 / start.elapsed().as_secs_f64())
 }
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+static NEXT_RUN: AtomicU64 = AtomicU64::new(0);
 
 type Row = (String, f64, Option<f64>);
 
@@ -108,7 +137,7 @@ fn run_id() -> String {
     format!(
         "{}_{}",
         std::process::id(),
-        Instant::now().elapsed().as_nanos() % 1000
+        NEXT_RUN.fetch_add(1, Ordering::Relaxed)
     )
 }
 

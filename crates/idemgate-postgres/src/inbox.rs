@@ -110,19 +110,39 @@ impl PgInbox {
         let scopes: Vec<&str> = unique.iter().map(|k| k.scope()).collect();
         let ids: Vec<&str> = unique.iter().map(|k| k.id()).collect();
         let t = &self.table;
-        let fresh: Vec<(String, String)> = pg(sqlx::query_as(&format!(
-            "INSERT INTO {t} AS i (scope, id, processed_at, expires_at)
+        // new keys: one insert that skips known ones
+        let inserted: Vec<(String, String)> = pg(sqlx::query_as(&format!(
+            "INSERT INTO {t} (scope, id, processed_at, expires_at)
              SELECT s, d, {NOW}, {NOW} + $3 FROM unnest($1::text[], $2::text[]) AS u(s, d)
-             ON CONFLICT (scope, id) DO UPDATE SET processed_at = {NOW}, expires_at = {NOW} + $3
-             WHERE i.expires_at <= {NOW}
+             ON CONFLICT (scope, id) DO NOTHING
              RETURNING scope, id"
         ))
         .bind(&scopes)
         .bind(&ids)
         .bind(ms(self.retention))
-        .fetch_all(tx)
+        .fetch_all(&mut *tx)
         .await)?;
-        let mut fresh: HashSet<(String, String)> = fresh.into_iter().collect();
+        let mut fresh: HashSet<(String, String)> = inserted.into_iter().collect();
+        if fresh.len() < unique.len() {
+            // known keys count as new again once their retention ran out
+            let (ks, kd): (Vec<&str>, Vec<&str>) = unique
+                .iter()
+                .filter(|k| !fresh.contains(&(k.scope().to_owned(), k.id().to_owned())))
+                .map(|k| (k.scope(), k.id()))
+                .unzip();
+            let renewed: Vec<(String, String)> = pg(sqlx::query_as(&format!(
+                "UPDATE {t} AS i SET processed_at = {NOW}, expires_at = {NOW} + $3
+                   FROM unnest($1::text[], $2::text[]) AS u(s, d)
+                  WHERE i.scope = u.s AND i.id = u.d AND i.expires_at <= {NOW}
+                 RETURNING i.scope, i.id"
+            ))
+            .bind(&ks)
+            .bind(&kd)
+            .bind(ms(self.retention))
+            .fetch_all(&mut *tx)
+            .await)?;
+            fresh.extend(renewed);
+        }
         Ok(keys
             .iter()
             .map(|k| fresh.remove(&(k.scope().to_owned(), k.id().to_owned())))
