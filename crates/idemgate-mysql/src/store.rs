@@ -469,24 +469,55 @@ impl Store for MySqlStore {
         done: &[(Lease, Outcome)],
         retention: Duration,
     ) -> Result<Vec<Result<()>>> {
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        // one multi-table UPDATE joins the leases; the rows it changed carry this batch's nonce
+        let nonce: i64 = rand::random::<i64>() | 1;
+        let rows = vec!["SELECT ? AS s, ? AS d, ? AS tok, ? AS o"; done.len()].join(" UNION ALL ");
+        let t = &self.table;
+        let update = format!(
+            "UPDATE {t} r JOIN ({rows}) u ON r.scope = u.s AND r.id = u.d AND r.token = u.tok
+                SET r.state = 1, r.outcome = u.o, r.completed_at = {NOW}, r.lease_until = NULL,
+                    r.expires_at = {NOW} + ?, r.nonce = ?
+              WHERE r.state = 0"
+        );
+        let (cond, params) = keys_condition(done.iter().map(|(l, _)| l.key()));
+        let select = format!(
+            "SELECT CAST(scope AS CHAR), CAST(id AS CHAR), token FROM {t} WHERE nonce = ? AND ({cond})"
+        );
         let mut tx = my(self.pool.begin().await)?;
-        let mut out = Vec::with_capacity(done.len());
+        let mut q = sqlx::query(&update);
         for (lease, outcome) in done {
-            let n = my(sqlx::query(&self.sql.complete)
-                .bind(outcome.encode())
-                .bind(ms(retention))
+            q = q
                 .bind(lease.key().scope())
                 .bind(lease.key().id())
                 .bind(token_param(lease))
-                .execute(&mut *tx)
-                .await)?;
-            out.push(if n.rows_affected() == 1 {
-                Ok(())
-            } else {
-                Err(Error::LeaseLost)
-            });
+                .bind(outcome.encode());
         }
+        my(q.bind(ms(retention)).bind(nonce).execute(&mut *tx).await)?;
+        let mut q = sqlx::query_as::<_, (String, String, i64)>(&select).bind(nonce);
+        for p in &params {
+            q = q.bind(*p);
+        }
+        let mut completed: std::collections::HashSet<(String, String, i64)> =
+            my(q.fetch_all(&mut *tx).await)?.into_iter().collect();
         my(tx.commit().await)?;
-        Ok(out)
+        // each changed row answers one lease; a repeat of it is stale, as it would be in sequence
+        Ok(done
+            .iter()
+            .map(|(l, _)| {
+                let k = (
+                    l.key().scope().to_owned(),
+                    l.key().id().to_owned(),
+                    token_param(l),
+                );
+                if completed.remove(&k) {
+                    Ok(())
+                } else {
+                    Err(Error::LeaseLost)
+                }
+            })
+            .collect())
     }
 }
