@@ -239,6 +239,80 @@ enum Sql {
     MySql,
 }
 
+/// The four inbox measurements, the same for every SQL driver: the raw insert and the inbox,
+/// one row per transaction and `batch` rows per transaction. `$bind_many` binds the batch's ids
+/// (`$ids`) to the raw multi-row statement (`$q`).
+macro_rules! inbox_rates {
+    ($clients:expr, $ops:expr, $batch:expr, $batches:expr, $pool:expr, $inbox:expr, $one:expr, $many:expr,
+     |$q:ident, $ids:ident| $bind_many:expr) => {{
+        let (clients, batch) = ($clients, $batch);
+        let raw1 = {
+            let (pool, one) = ($pool.clone(), $one.clone());
+            drive(clients, $ops, move |i| {
+                let (pool, one) = (pool.clone(), one.clone());
+                async move {
+                    let mut tx = pool.begin().await?;
+                    sqlx::query(&one)
+                        .bind("a")
+                        .bind(format!("r{i}"))
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+            })
+            .await?
+        };
+        let inbox1 = {
+            let (pool, inbox) = ($pool.clone(), $inbox.clone());
+            drive(clients, $ops, move |i| {
+                let (pool, inbox) = (pool.clone(), inbox.clone());
+                async move {
+                    let mut tx = pool.begin().await?;
+                    inbox
+                        .first_time(&mut tx, &Key::new("a", format!("i{i}"))?)
+                        .await?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+            })
+            .await?
+        };
+        let rawn = {
+            let (pool, many) = ($pool.clone(), $many.clone());
+            drive(clients, $batches, move |i| {
+                let (pool, many) = (pool.clone(), many.clone());
+                async move {
+                    let $ids: Vec<String> = (0..batch).map(|j| format!("m{i}-{j}")).collect();
+                    let $q = sqlx::query(&many);
+                    let mut tx = pool.begin().await?;
+                    $bind_many.execute(&mut *tx).await?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+            })
+            .await?
+        };
+        let inboxn = {
+            let (pool, inbox) = ($pool.clone(), $inbox.clone());
+            drive(clients, $batches, move |i| {
+                let (pool, inbox) = (pool.clone(), inbox.clone());
+                async move {
+                    let keys: Vec<Key> = (0..batch)
+                        .map(|j| Key::new("b", format!("n{i}-{j}")))
+                        .collect::<Result<_, _>>()?;
+                    let mut tx = pool.begin().await?;
+                    inbox.first_time_many(&mut tx, &keys).await?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+            })
+            .await?
+        };
+        (raw1, inbox1, rawn, inboxn)
+    }};
+}
+
 async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
     let clients = b.clients.unwrap_or(8);
     let id = run_id();
@@ -249,10 +323,12 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
     );
     let batch = b.batch.max(1);
     let batches = (b.ops / batch as u64).max(10);
-    let rows = match kind {
+    let max = u32::try_from(clients).unwrap_or(8);
+    let drop_all = format!("DROP TABLE IF EXISTS {raw_table}, {inbox_table}, {store_table}");
+    let (raw1, inbox1, rawn, inboxn, claim1, claimn, raw_name) = match kind {
         Sql::Postgres => {
             let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(u32::try_from(clients).unwrap_or(8))
+                .max_connections(max)
                 .connect(&b.store)
                 .await?;
             sqlx::query(&format!("CREATE TABLE {raw_table} (scope TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (scope, id))")).execute(&pool).await?;
@@ -269,74 +345,19 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
             let many = format!(
                 "INSERT INTO {raw_table} (scope, id) SELECT 'b', unnest($1::text[]) ON CONFLICT DO NOTHING"
             );
-            let raw1 = {
-                let (pool, one) = (pool.clone(), one.clone());
-                drive(clients, b.ops, move |i| {
-                    let (pool, one) = (pool.clone(), one.clone());
-                    async move {
-                        let mut tx = pool.begin().await?;
-                        sqlx::query(&one)
-                            .bind("a")
-                            .bind(format!("r{i}"))
-                            .execute(&mut *tx)
-                            .await?;
-                        tx.commit().await?;
-                        Ok(())
-                    }
-                })
-                .await?
-            };
-            let inbox1 = {
-                let (pool, inbox) = (pool.clone(), inbox.clone());
-                drive(clients, b.ops, move |i| {
-                    let (pool, inbox) = (pool.clone(), inbox.clone());
-                    async move {
-                        let mut tx = pool.begin().await?;
-                        inbox
-                            .first_time(&mut tx, &Key::new("a", format!("i{i}"))?)
-                            .await?;
-                        tx.commit().await?;
-                        Ok(())
-                    }
-                })
-                .await?
-            };
-            let rawn = {
-                let (pool, many) = (pool.clone(), many.clone());
-                drive(clients, batches, move |i| {
-                    let (pool, many) = (pool.clone(), many.clone());
-                    async move {
-                        let ids: Vec<String> = (0..batch).map(|j| format!("m{i}-{j}")).collect();
-                        let mut tx = pool.begin().await?;
-                        sqlx::query(&many).bind(&ids).execute(&mut *tx).await?;
-                        tx.commit().await?;
-                        Ok(())
-                    }
-                })
-                .await?
-            };
-            let inboxn = {
-                let (pool, inbox) = (pool.clone(), inbox.clone());
-                drive(clients, batches, move |i| {
-                    let (pool, inbox) = (pool.clone(), inbox.clone());
-                    async move {
-                        let keys: Vec<Key> = (0..batch)
-                            .map(|j| Key::new("b", format!("n{i}-{j}")))
-                            .collect::<Result<_, _>>()?;
-                        let mut tx = pool.begin().await?;
-                        inbox.first_time_many(&mut tx, &keys).await?;
-                        tx.commit().await?;
-                        Ok(())
-                    }
-                })
-                .await?
-            };
+            let (raw1, inbox1, rawn, inboxn) = inbox_rates!(
+                clients,
+                b.ops,
+                batch,
+                batches,
+                pool,
+                inbox,
+                one,
+                many,
+                |q, ids| q.bind(ids)
+            );
             let (claim1, claimn) = store_rates(store, clients, b.ops, batch, batches).await?;
-            for t in [&raw_table, &inbox_table, &store_table] {
-                let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
-                    .execute(&pool)
-                    .await;
-            }
+            let _ = sqlx::query(&drop_all).execute(&pool).await;
             (
                 raw1,
                 inbox1,
@@ -349,10 +370,14 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
         }
         Sql::MySql => {
             let pool = sqlx::mysql::MySqlPoolOptions::new()
-                .max_connections(u32::try_from(clients).unwrap_or(8))
+                .max_connections(max)
                 .connect(&b.store)
                 .await?;
-            sqlx::query(&format!("CREATE TABLE {raw_table} (scope VARBINARY(255) NOT NULL, id VARBINARY(255) NOT NULL, PRIMARY KEY (scope, id)) ENGINE=InnoDB")).execute(&pool).await?;
+            sqlx::query(&format!(
+                "CREATE TABLE {raw_table} (scope VARBINARY(255) NOT NULL, id VARBINARY(255) NOT NULL, PRIMARY KEY (scope, id)) ENGINE=InnoDB"
+            ))
+            .execute(&pool)
+            .await?;
             let inbox = MySqlInbox::new().with_table(&inbox_table)?;
             inbox.migrate(&pool).await?;
             let store = MySqlStore::builder()
@@ -361,85 +386,26 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
                 .build()?;
             store.migrate().await?;
             let one = format!("INSERT IGNORE INTO {raw_table} (scope, id) VALUES (?, ?)");
-            let raw1 = {
-                let (pool, one) = (pool.clone(), one.clone());
-                drive(clients, b.ops, move |i| {
-                    let (pool, one) = (pool.clone(), one.clone());
-                    async move {
-                        let mut tx = pool.begin().await?;
-                        sqlx::query(&one)
-                            .bind("a")
-                            .bind(format!("r{i}"))
-                            .execute(&mut *tx)
-                            .await?;
-                        tx.commit().await?;
-                        Ok(())
-                    }
-                })
-                .await?
-            };
-            let inbox1 = {
-                let (pool, inbox) = (pool.clone(), inbox.clone());
-                drive(clients, b.ops, move |i| {
-                    let (pool, inbox) = (pool.clone(), inbox.clone());
-                    async move {
-                        let mut tx = pool.begin().await?;
-                        inbox
-                            .first_time(&mut tx, &Key::new("a", format!("i{i}"))?)
-                            .await?;
-                        tx.commit().await?;
-                        Ok(())
-                    }
-                })
-                .await?
-            };
             let many = format!(
                 "INSERT IGNORE INTO {raw_table} (scope, id) VALUES {}",
                 vec!["('b', ?)"; batch].join(", ")
             );
-            let rawn = {
-                let (pool, many) = (pool.clone(), many.clone());
-                drive(clients, batches, move |i| {
-                    let (pool, many) = (pool.clone(), many.clone());
-                    async move {
-                        let mut q = sqlx::query(&many);
-                        for j in 0..batch {
-                            q = q.bind(format!("m{i}-{j}"));
-                        }
-                        let mut tx = pool.begin().await?;
-                        q.execute(&mut *tx).await?;
-                        tx.commit().await?;
-                        Ok(())
-                    }
-                })
-                .await?
-            };
-            let inboxn = {
-                let (pool, inbox) = (pool.clone(), inbox.clone());
-                drive(clients, batches, move |i| {
-                    let (pool, inbox) = (pool.clone(), inbox.clone());
-                    async move {
-                        let keys: Vec<Key> = (0..batch)
-                            .map(|j| Key::new("b", format!("n{i}-{j}")))
-                            .collect::<Result<_, _>>()?;
-                        let mut tx = pool.begin().await?;
-                        inbox.first_time_many(&mut tx, &keys).await?;
-                        tx.commit().await?;
-                        Ok(())
-                    }
-                })
-                .await?
-            };
+            let (raw1, inbox1, rawn, inboxn) = inbox_rates!(
+                clients,
+                b.ops,
+                batch,
+                batches,
+                pool,
+                inbox,
+                one,
+                many,
+                |q, ids| { ids.into_iter().fold(q, |q, id| q.bind(id)) }
+            );
             let (claim1, claimn) = store_rates(store, clients, b.ops, batch, batches).await?;
-            for t in [&raw_table, &inbox_table, &store_table] {
-                let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
-                    .execute(&pool)
-                    .await;
-            }
+            let _ = sqlx::query(&drop_all).execute(&pool).await;
             (raw1, inbox1, rawn, inboxn, claim1, claimn, "INSERT IGNORE")
         }
     };
-    let (raw1, inbox1, rawn, inboxn, claim1, claimn, raw_name) = rows;
     let rows_per = |r: f64| r * batch as f64;
     Ok(vec![
         (
