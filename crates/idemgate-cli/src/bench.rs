@@ -239,6 +239,25 @@ enum Sql {
     MySql,
 }
 
+/// Raw multi-row inserts of `batch` ids per transaction; returns transactions per second.
+macro_rules! batch_rate {
+    ($clients:expr, $batches:expr, $batch:expr, $pool:expr, $many:expr, |$q:ident, $ids:ident| $bind_many:expr) => {{
+        let (pool, many, batch) = ($pool.clone(), $many.clone(), $batch);
+        drive($clients, $batches, move |i| {
+            let (pool, many) = (pool.clone(), many.clone());
+            async move {
+                let $ids: Vec<String> = (0..batch).map(|j| format!("m{i}-{j}")).collect();
+                let $q = sqlx::query(&many);
+                let mut tx = pool.begin().await?;
+                $bind_many.execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        })
+        .await?
+    }};
+}
+
 /// The four inbox measurements, the same for every SQL driver: the raw insert and the inbox,
 /// one row per transaction and `batch` rows per transaction. `$bind_many` binds the batch's ids
 /// (`$ids`) to the raw multi-row statement (`$q`).
@@ -278,21 +297,9 @@ macro_rules! inbox_rates {
             })
             .await?
         };
-        let rawn = {
-            let (pool, many) = ($pool.clone(), $many.clone());
-            drive(clients, $batches, move |i| {
-                let (pool, many) = (pool.clone(), many.clone());
-                async move {
-                    let $ids: Vec<String> = (0..batch).map(|j| format!("m{i}-{j}")).collect();
-                    let $q = sqlx::query(&many);
-                    let mut tx = pool.begin().await?;
-                    $bind_many.execute(&mut *tx).await?;
-                    tx.commit().await?;
-                    Ok(())
-                }
-            })
-            .await?
-        };
+        let rawn = batch_rate!(clients, $batches, batch, $pool, $many, |$q, $ids| {
+            $bind_many
+        });
         let inboxn = {
             let (pool, inbox) = ($pool.clone(), $inbox.clone());
             drive(clients, $batches, move |i| {
@@ -325,7 +332,7 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
     let batches = (b.ops / batch as u64).max(10);
     let max = u32::try_from(clients).unwrap_or(8);
     let drop_all = format!("DROP TABLE IF EXISTS {raw_table}, {inbox_table}, {store_table}");
-    let (raw1, inbox1, rawn, inboxn, claim1, claimn, raw_name) = match kind {
+    let (raw1, inbox1, rawn, shapen, inboxn, claim1, claimn, raw_name) = match kind {
         Sql::Postgres => {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(max)
@@ -356,12 +363,27 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
                 many,
                 |q, ids| q.bind(ids)
             );
+            // the same insert into a table shaped like the inbox (its columns and retention index)
+            sqlx::query(&format!(
+                "CREATE TABLE {raw_table}_shape (LIKE {inbox_table} INCLUDING ALL)"
+            ))
+            .execute(&pool)
+            .await?;
+            let shaped = format!(
+                "INSERT INTO {raw_table}_shape (scope, id, processed_at, expires_at)
+                 SELECT 'b', unnest($1::text[]), 0, 0 ON CONFLICT DO NOTHING"
+            );
+            let shapen = batch_rate!(clients, batches, batch, pool, shaped, |q, ids| q.bind(ids));
             let (claim1, claimn) = store_rates(store, clients, b.ops, batch, batches).await?;
             let _ = sqlx::query(&drop_all).execute(&pool).await;
+            let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {raw_table}_shape"))
+                .execute(&pool)
+                .await;
             (
                 raw1,
                 inbox1,
                 rawn,
+                shapen,
                 inboxn,
                 claim1,
                 claimn,
@@ -401,9 +423,33 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
                 many,
                 |q, ids| { ids.into_iter().fold(q, |q, id| q.bind(id)) }
             );
+            sqlx::query(&format!(
+                "CREATE TABLE {raw_table}_shape LIKE {inbox_table}"
+            ))
+            .execute(&pool)
+            .await?;
+            let shaped = format!(
+                "INSERT IGNORE INTO {raw_table}_shape (scope, id, processed_at, expires_at, nonce) VALUES {}",
+                vec!["('b', ?, 0, 0, 0)"; batch].join(", ")
+            );
+            let shapen = batch_rate!(clients, batches, batch, pool, shaped, |q, ids| {
+                ids.into_iter().fold(q, |q, id| q.bind(id))
+            });
             let (claim1, claimn) = store_rates(store, clients, b.ops, batch, batches).await?;
             let _ = sqlx::query(&drop_all).execute(&pool).await;
-            (raw1, inbox1, rawn, inboxn, claim1, claimn, "INSERT IGNORE")
+            let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {raw_table}_shape"))
+                .execute(&pool)
+                .await;
+            (
+                raw1,
+                inbox1,
+                rawn,
+                shapen,
+                inboxn,
+                claim1,
+                claimn,
+                "INSERT IGNORE",
+            )
         }
     };
     let rows_per = |r: f64| r * batch as f64;
@@ -432,6 +478,16 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
             format!("inbox first_time_many, {batch} rows/tx (rows/s)"),
             rows_per(inboxn),
             Some(rows_per(rawn)),
+        ),
+        (
+            format!("  raw {raw_name} into the inbox's table shape (rows/s)"),
+            rows_per(shapen),
+            Some(rows_per(rawn)),
+        ),
+        (
+            format!("  inbox first_time_many vs that same-shape insert"),
+            rows_per(inboxn),
+            Some(rows_per(shapen)),
         ),
         (
             format!("store claim_many + complete_many, {batch}/batch (keys/s)"),

@@ -111,7 +111,16 @@ impl MySqlInbox {
         let t = &self.table;
         let nonce: i64 = rand::random::<i64>() | 1;
         // the common case first: every key new, one multi-row insert
-        let values = vec![format!("(?, ?, {NOW}, {NOW} + ?, ?)"); unique.len()].join(", ");
+        // the clock is read once, by the first row, and reused by the others
+        let values = std::iter::once(format!(
+            "(?, ?, @idemgate_now := {NOW}, @idemgate_now + ?, ?)"
+        ))
+        .chain(std::iter::repeat_n(
+            "(?, ?, @idemgate_now, @idemgate_now + ?, ?)".to_owned(),
+            unique.len() - 1,
+        ))
+        .collect::<Vec<_>>()
+        .join(", ");
         let ins = format!(
             "INSERT IGNORE INTO {t} (scope, id, processed_at, expires_at, nonce) VALUES {values}"
         );

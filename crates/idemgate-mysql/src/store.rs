@@ -101,8 +101,15 @@ pub struct MySqlStore {
 impl Statements {
     fn claim_rows(&self, n: usize) -> String {
         // one row per key: scope, id, fingerprint, lease, lease + retention, nonce
-        let row = format!("(?, ?, ?, 0, 1, {NOW} + ?, NULL, NULL, {NOW}, {NOW} + ?, 1, ?)");
-        self.claim.replace("{rows}", &vec![row; n].join(", "))
+        // the clock is read once, by the first row, and reused by the others
+        let first = format!(
+            "(?, ?, ?, 0, 1, (@idemgate_now := {NOW}) + ?, NULL, NULL, @idemgate_now, @idemgate_now + ?, 1, ?)"
+        );
+        let rest = "(?, ?, ?, 0, 1, @idemgate_now + ?, NULL, NULL, @idemgate_now, @idemgate_now + ?, 1, ?)";
+        let rows: Vec<&str> = std::iter::once(first.as_str())
+            .chain(std::iter::repeat_n(rest, n.saturating_sub(1)))
+            .collect();
+        self.claim.replace("{rows}", &rows.join(", "))
     }
 
     fn select_rows(&self, cond: &str) -> String {
