@@ -421,7 +421,7 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
                 inbox,
                 one,
                 many,
-                |q, ids| { ids.into_iter().fold(q, |q, id| q.bind(id)) }
+                |q, ids| ids.into_iter().fold(q, |q, id| q.bind(id))
             );
             sqlx::query(&format!(
                 "CREATE TABLE {raw_table}_shape LIKE {inbox_table}"
@@ -485,7 +485,7 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
             Some(rows_per(rawn)),
         ),
         (
-            format!("  inbox first_time_many vs that same-shape insert"),
+            "  inbox first_time_many vs that same-shape insert".to_owned(),
             rows_per(inboxn),
             Some(rows_per(shapen)),
         ),
