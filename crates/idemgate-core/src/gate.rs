@@ -291,11 +291,9 @@ impl<S: Store> Gate<S> {
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let mut guard = ReleaseOnDrop {
-            store: Arc::clone(&self.store),
-            lease: Some(lease.clone()),
-        };
-        let (result, lost) = self.with_heartbeat(&lease, handler(lease.clone())).await;
+        let mut guard = LeaseGuard::new(Arc::clone(&self.store), lease.clone());
+        let (result, lost) =
+            keep_alive(&*self.store, &lease, self.lease, handler(lease.clone())).await;
         if lost {
             obs::outcome("lease_lost");
         }
@@ -309,7 +307,7 @@ impl<S: Store> Gate<S> {
             }
             Err(_) => None,
         };
-        let lease = guard.lease.take().expect("lease is held until here");
+        let lease = guard.disarm();
         match done {
             Some(outcome) => {
                 if let Err(e) = obs::timed(
@@ -332,30 +330,6 @@ impl<S: Store> Gate<S> {
         obs::outcome(if result.is_ok() { "fresh" } else { "failed" });
         result.map(Run::Fresh).map_err(GateError::Handler)
     }
-
-    /// Drives `fut` while renewing `lease`; returns its output and whether the lease was lost.
-    async fn with_heartbeat<O>(&self, lease: &Lease, fut: impl Future<Output = O>) -> (O, bool) {
-        let mut current = lease.clone();
-        let period = (self.lease / 3).max(Duration::from_millis(1));
-        let mut lost = false;
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut fut = std::pin::pin!(fut);
-        loop {
-            tokio::select! {
-                out = &mut fut => return (out, lost),
-                _ = ticker.tick(), if !lost => {
-                    match obs::timed("renew", self.store.renew(&current, self.lease)).await {
-                        Ok(renewed) => current = renewed,
-                        Err(Error::LeaseLost) => lost = true,
-                        // a failed renewal is retried at the next tick; the lease still has
-                        // two thirds of its length
-                        Err(_e) => obs::renew_failed(&_e),
-                    }
-                }
-            }
-        }
-    }
 }
 
 fn replay<T: DeserializeOwned, E>(outcome: &Outcome) -> Result<Run<T>, GateError<E>> {
@@ -373,14 +347,61 @@ fn replay<T: DeserializeOwned, E>(outcome: &Outcome) -> Result<Run<T>, GateError
     }
 }
 
-/// Releases the lease if the run is abandoned (a panic, or the future dropped) before it
-/// completed or released.
-struct ReleaseOnDrop<S: Store> {
+/// Drives `fut` while renewing `lease` every third of `length`; returns its output and whether
+/// the lease was lost on the way (then the work's result must not be completed).
+///
+/// A failed renewal (the store is down) is retried at the next tick: the lease still has two
+/// thirds of its length.
+pub async fn keep_alive<S: Store + ?Sized, O>(
+    store: &S,
+    lease: &Lease,
+    length: Duration,
+    fut: impl Future<Output = O>,
+) -> (O, bool) {
+    let mut current = lease.clone();
+    let period = (length / 3).max(Duration::from_millis(1));
+    let mut lost = false;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return (out, lost),
+            _ = ticker.tick(), if !lost => {
+                match obs::timed("renew", store.renew(&current, length)).await {
+                    Ok(renewed) => current = renewed,
+                    Err(Error::LeaseLost) => lost = true,
+                    Err(_e) => obs::renew_failed(&_e),
+                }
+            }
+        }
+    }
+}
+
+/// Holds a lease for a piece of work and releases it if the work is abandoned (a panic, or its
+/// future dropped, as when an HTTP client disconnects) before [`disarm`](Self::disarm).
+#[derive(Debug)]
+pub struct LeaseGuard<S: Store> {
     store: Arc<S>,
     lease: Option<Lease>,
 }
 
-impl<S: Store> Drop for ReleaseOnDrop<S> {
+impl<S: Store> LeaseGuard<S> {
+    /// Guards `lease`.
+    pub fn new(store: Arc<S>, lease: Lease) -> Self {
+        LeaseGuard {
+            store,
+            lease: Some(lease),
+        }
+    }
+
+    /// The work finished: hands the lease back for `complete` or `release`.
+    pub fn disarm(&mut self) -> Lease {
+        self.lease.take().expect("a guard is disarmed once")
+    }
+}
+
+impl<S: Store> Drop for LeaseGuard<S> {
     fn drop(&mut self) {
         if let (Some(lease), Ok(rt)) = (self.lease.take(), tokio::runtime::Handle::try_current()) {
             let store = Arc::clone(&self.store);

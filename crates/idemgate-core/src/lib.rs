@@ -54,7 +54,7 @@ mod store;
 pub use clock::{Clock, ManualClock, SystemClock, duration_millis, from_millis, to_millis};
 pub use error::{BoxError, Error, Result};
 pub use fingerprint::Fingerprint;
-pub use gate::{ErrorPolicy, Gate, GateError, InProgressPolicy, Run};
+pub use gate::{ErrorPolicy, Gate, GateError, InProgressPolicy, LeaseGuard, Run, keep_alive};
 pub use key::{EventId, Key, MAX_KEY_LEN};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use outcome::Outcome;

@@ -1,0 +1,450 @@
+//! `IdempotencyLayer` and the `Idempotency` service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as HttpBody;
+use http_body_util::{BodyExt, Limited};
+use idemgate_core::{
+    Claim, ClaimOptions, Fingerprint, Key, LeaseGuard, Outcome, Store, keep_alive,
+};
+use tower::{Layer, Service};
+
+use crate::future::ResponseFuture;
+use crate::header::parse_key;
+use crate::problem::Problem;
+
+/// A boxed error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Picks the principal a key belongs to from the request (an authenticated user or tenant in
+/// the request extensions, an API key's owner); `None` when the request has none.
+pub type ScopeFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
+
+/// Which responses are stored and replayed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Profile {
+    /// 2xx and 4xx except 408, 409, 425 and 429 are stored; a 5xx (or one of those) releases the
+    /// key so a retry runs again. The default, after the IETF draft.
+    #[default]
+    Ietf,
+    /// Every response is stored once the handler has started, 5xx included (Stripe's behaviour).
+    Stripe,
+}
+
+impl Profile {
+    fn stores(self, status: StatusCode) -> bool {
+        match self {
+            Profile::Stripe => true,
+            Profile::Ietf => {
+                status.is_success()
+                    || (status.is_client_error()
+                        && !matches!(status.as_u16(), 408 | 409 | 425 | 429))
+            }
+        }
+    }
+}
+
+struct Config<St> {
+    store: Arc<St>,
+    scope: Option<ScopeFn>,
+    methods: Vec<Method>,
+    required: bool,
+    max_body: usize,
+    max_response: usize,
+    lease: Duration,
+    retention: Duration,
+    profile: Profile,
+    wait: Option<Duration>,
+    fingerprint_headers: Vec<HeaderName>,
+}
+
+/// A tower [`Layer`] that makes POST and PATCH (by default) idempotent by their
+/// `Idempotency-Key` header: the first request runs, a retry gets the stored response replayed
+/// byte for byte (with `Idempotent-Replayed: true`), a retry while the first still runs gets 409
+/// with `Retry-After`, and the same key with a different request gets 422. Errors are RFC 9457
+/// `application/problem+json` with a stable `type` per case ([`Problem`]).
+///
+/// Keys are scoped by a [`ScopeFn`] (the authenticated principal), so one client can never
+/// receive another's stored response; running without a scope is an explicit opt-in
+/// ([`IdempotencyLayer::unscoped`]).
+///
+/// # Clone
+/// Cheap: clones share the configuration and the store.
+pub struct IdempotencyLayer<St> {
+    config: Arc<Config<St>>,
+}
+
+impl<St> Clone for IdempotencyLayer<St> {
+    fn clone(&self) -> Self {
+        IdempotencyLayer {
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+impl<St> std::fmt::Debug for IdempotencyLayer<St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("methods", &self.config.methods)
+            .field("required", &self.config.required)
+            .field("profile", &self.config.profile)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<St: Store> IdempotencyLayer<St> {
+    /// A layer over `store`, scoping every key by `scope` (the request's principal).
+    pub fn new(
+        store: St,
+        scope: impl Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        Self::build(store, Some(Arc::new(scope)))
+    }
+
+    /// A layer whose keys share one scope: any client can replay any key's response. Only for
+    /// services where every caller is the same principal.
+    pub fn unscoped(store: St) -> Self {
+        Self::build(store, None)
+    }
+
+    fn build(store: St, scope: Option<ScopeFn>) -> Self {
+        IdempotencyLayer {
+            config: Arc::new(Config {
+                store: Arc::new(store),
+                scope,
+                methods: vec![Method::POST, Method::PATCH],
+                required: true,
+                max_body: 1 << 20,
+                max_response: 1 << 20,
+                lease: Duration::from_secs(30),
+                retention: Duration::from_secs(86_400),
+                profile: Profile::Ietf,
+                wait: None,
+                fingerprint_headers: Vec::new(),
+            }),
+        }
+    }
+
+    fn with(mut self, f: impl FnOnce(&mut Config<St>)) -> Self {
+        let config = Arc::get_mut(&mut self.config).expect("configure a layer before cloning it");
+        f(config);
+        self
+    }
+
+    /// The guarded methods (default POST and PATCH).
+    pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
+        let methods = methods.into_iter().collect();
+        self.with(|c| c.methods = methods)
+    }
+
+    /// Whether a guarded request without a key is refused with 400 (default `true`) or passed
+    /// through without idempotency.
+    pub fn with_key_required(self, required: bool) -> Self {
+        self.with(|c| c.required = required)
+    }
+
+    /// The largest request body buffered for the fingerprint (default 1 MiB; larger: 413).
+    pub fn with_max_body(self, bytes: usize) -> Self {
+        self.with(|c| c.max_body = bytes)
+    }
+
+    /// The largest response stored (default 1 MiB); a larger one is returned but not stored, and
+    /// the key is released.
+    pub fn with_max_response(self, bytes: usize) -> Self {
+        self.with(|c| c.max_response = bytes)
+    }
+
+    /// The lease of a running request (default 30 s), renewed while the handler runs.
+    pub fn with_lease(self, lease: Duration) -> Self {
+        self.with(|c| c.lease = lease)
+    }
+
+    /// How long responses are replayed (default 24 h).
+    pub fn with_retention(self, retention: Duration) -> Self {
+        self.with(|c| c.retention = retention)
+    }
+
+    /// Which responses are stored ([`Profile::Ietf`] by default).
+    pub fn with_profile(self, profile: Profile) -> Self {
+        self.with(|c| c.profile = profile)
+    }
+
+    /// A retry of a running request waits up to `timeout` for the first one's response instead
+    /// of getting 409.
+    pub fn with_wait(self, timeout: Duration) -> Self {
+        self.with(|c| c.wait = Some(timeout))
+    }
+
+    /// Request headers that take part in the fingerprint (besides method, path, query, body).
+    pub fn with_fingerprint_headers(self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
+        let headers = headers.into_iter().collect();
+        self.with(|c| c.fingerprint_headers = headers)
+    }
+}
+
+impl<S, St> Layer<S> for IdempotencyLayer<St> {
+    type Service = Idempotency<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency {
+            inner,
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+/// The service [`IdempotencyLayer`] wraps around another.
+pub struct Idempotency<S, St> {
+    inner: S,
+    config: Arc<Config<St>>,
+}
+
+impl<S: Clone, St> Clone for Idempotency<S, St> {
+    fn clone(&self) -> Self {
+        Idempotency {
+            inner: self.inner.clone(),
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, St> std::fmt::Debug for Idempotency<S, St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St, B, ResB> Service<Request<B>> for Idempotency<S, St>
+where
+    S: Service<Request<Body>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    ResB: HttpBody<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+    St: Store,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // the ready service serves this call; a clone takes its place for the next
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(handle(Arc::clone(&self.config), inner, req))
+    }
+}
+
+/// Counts one outcome: `fresh`, `replayed`, `conflict`, `mismatch`, `missing_key`,
+/// `invalid_key`, `released`, `store_unavailable`.
+fn count(outcome: &'static str) {
+    tracing::debug!(outcome, "idempotency-key request");
+    metrics::counter!("idemgate_http_total", "outcome" => outcome).increment(1);
+}
+
+async fn pass<S, ResB>(mut inner: S, req: Request<Body>) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<ResB>>,
+    ResB: HttpBody<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    Ok(inner.call(req).await?.map(Body::new))
+}
+
+async fn handle<S, St, B, ResB>(
+    config: Arc<Config<St>>,
+    inner: S,
+    req: Request<B>,
+) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<ResB>>,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    ResB: HttpBody<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+    St: Store,
+{
+    let (parts, body) = req.into_parts();
+    if !config.methods.contains(&parts.method) {
+        return pass(inner, Request::from_parts(parts, Body::new(body))).await;
+    }
+    let raw = match parts.headers.get("idempotency-key") {
+        Some(v) => v.as_bytes().to_vec(),
+        None if config.required => {
+            count("missing_key");
+            return Ok(
+                Problem::MissingKey.response("send an Idempotency-Key header with this request")
+            );
+        }
+        None => return pass(inner, Request::from_parts(parts, Body::new(body))).await,
+    };
+    let id = match parse_key(&raw) {
+        Ok(id) => id,
+        Err(e) => {
+            count("invalid_key");
+            return Ok(Problem::InvalidKey.response(&e.to_string()));
+        }
+    };
+    let scope = match &config.scope {
+        None => String::new(),
+        Some(f) => match f(&parts) {
+            Some(s) => s,
+            None => return Ok(Problem::MissingScope.response("the request carries no principal")),
+        },
+    };
+    // the principal and the client's key, length-prefixed: no two principals share a key
+    let Ok(key) = Key::compose("http", [scope.as_bytes(), id.as_bytes()]) else {
+        return Ok(Problem::InvalidKey.response("the key cannot be stored"));
+    };
+    let bytes = match Limited::new(body, config.max_body).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Ok(Problem::BodyTooLarge
+                .response(&format!("the body is over {} bytes", config.max_body)));
+        }
+        Err(_) => return Ok(Problem::BodyTooLarge.response("the request body could not be read")),
+    };
+    let fp = {
+        let mut fp_parts: Vec<&[u8]> = vec![
+            parts.method.as_str().as_bytes(),
+            parts.uri.path().as_bytes(),
+            parts.uri.query().unwrap_or("").as_bytes(),
+            &bytes,
+        ];
+        for h in &config.fingerprint_headers {
+            fp_parts.push(h.as_str().as_bytes());
+            fp_parts.push(
+                parts
+                    .headers
+                    .get(h)
+                    .map(HeaderValue::as_bytes)
+                    .unwrap_or(b""),
+            );
+        }
+        Fingerprint::of_parts(fp_parts)
+    };
+    let opts = ClaimOptions {
+        lease: config.lease,
+        retention: config.retention,
+    };
+    let deadline = config.wait.map(|w| tokio::time::Instant::now() + w);
+    let mut backoff = Duration::from_millis(10);
+    let lease = loop {
+        match config.store.claim(&key, Some(&fp), &opts).await {
+            Err(e) => {
+                count("store_unavailable");
+                return Ok(Problem::StoreUnavailable.response(&e.to_string()));
+            }
+            Ok(Claim::Acquired(lease)) => break lease,
+            Ok(Claim::Completed(record)) => {
+                count("replayed");
+                return Ok(match record.outcome() {
+                    Some(o) => replay(o),
+                    None => {
+                        Problem::StoreUnavailable.response("a completed record has no response")
+                    }
+                });
+            }
+            Ok(Claim::Mismatch { .. }) => {
+                count("mismatch");
+                return Ok(Problem::Mismatch.response(
+                    "the method, path, query or body differ from the first request with this key",
+                ));
+            }
+            Ok(Claim::InProgress { lease_until, .. }) => {
+                let now = tokio::time::Instant::now();
+                if let Some(deadline) = deadline.filter(|d| *d > now) {
+                    tokio::time::sleep(backoff.min(deadline - now)).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                    continue;
+                }
+                count("conflict");
+                let secs = lease_until
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .as_secs()
+                    .max(1);
+                let mut res = Problem::InProgress
+                    .response("the first request with this key is still running; retry later");
+                res.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+                return Ok(res);
+            }
+        }
+    };
+    let mut guard = LeaseGuard::new(Arc::clone(&config.store), lease.clone());
+    let req = Request::from_parts(parts, Body::from(bytes));
+    let mut inner = inner;
+    let (result, _lost) = keep_alive(&*config.store, &lease, config.lease, inner.call(req)).await;
+    // an error of the service itself leaves the guard armed: dropping it releases the key
+    let response = result?;
+    let (rparts, rbody) = response.into_parts();
+    let collected = rbody.collect().await.map(|c| c.to_bytes()).map_err(drop);
+    let body = match collected {
+        Ok(b) => b,
+        Err(()) => {
+            let lease = guard.disarm();
+            let _ = config.store.release(lease).await;
+            let mut res = Response::new(Body::from("the response body failed"));
+            *res.status_mut() = StatusCode::BAD_GATEWAY;
+            return Ok(res);
+        }
+    };
+    let lease = guard.disarm();
+    if config.profile.stores(rparts.status) && body.len() <= config.max_response {
+        let mut outcome = Outcome::new(rparts.status.as_u16(), body.clone());
+        for (name, value) in &rparts.headers {
+            outcome.meta.push((
+                name.as_str().to_owned(),
+                Bytes::copy_from_slice(value.as_bytes()),
+            ));
+        }
+        if let Err(e) = config
+            .store
+            .complete(&lease, &outcome, config.retention)
+            .await
+        {
+            tracing::warn!(error = %e, "could not store the response; a retry will run again");
+        }
+        count("fresh");
+    } else {
+        let _ = config.store.release(lease).await;
+        count("released");
+    }
+    Ok(Response::from_parts(rparts, Body::from(body)))
+}
+
+/// The stored response, byte for byte, marked as a replay.
+fn replay(o: &Outcome) -> Response<Body> {
+    let mut res = Response::new(Body::from(o.body.clone()));
+    *res.status_mut() = StatusCode::from_u16(o.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    for (name, value) in &o.meta {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            res.headers_mut().append(n, v);
+        }
+    }
+    res.headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    res
+}

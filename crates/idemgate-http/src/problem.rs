@@ -1,0 +1,87 @@
+//! RFC 9457 problem details for every error the layer answers with.
+
+use axum::body::Body;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// The cases the layer answers itself, each with a stable problem `type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// 400: the request needs an `Idempotency-Key` and has none. Terminal.
+    MissingKey,
+    /// 400: the key is empty, too long or malformed. Terminal.
+    InvalidKey,
+    /// 400: the scope function found no principal for the request. Terminal.
+    MissingScope,
+    /// 409: the first request with this key is still running. Retryable (`Retry-After`).
+    InProgress,
+    /// 413: the body is over the layer's buffer limit. Terminal.
+    BodyTooLarge,
+    /// 422: the key was used with a different request. Terminal.
+    Mismatch,
+    /// 503: the idempotency store failed. Retryable.
+    StoreUnavailable,
+}
+
+impl Problem {
+    /// The problem's stable `type` URI.
+    pub fn type_uri(self) -> &'static str {
+        match self {
+            Problem::MissingKey => "https://idemgate.dev/problems/missing-idempotency-key",
+            Problem::InvalidKey => "https://idemgate.dev/problems/invalid-idempotency-key",
+            Problem::MissingScope => "https://idemgate.dev/problems/missing-scope",
+            Problem::InProgress => "https://idemgate.dev/problems/request-in-progress",
+            Problem::BodyTooLarge => "https://idemgate.dev/problems/body-too-large",
+            Problem::Mismatch => "https://idemgate.dev/problems/idempotency-key-reused",
+            Problem::StoreUnavailable => "https://idemgate.dev/problems/store-unavailable",
+        }
+    }
+
+    /// The status code.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Problem::MissingKey | Problem::InvalidKey | Problem::MissingScope => {
+                StatusCode::BAD_REQUEST
+            }
+            Problem::InProgress => StatusCode::CONFLICT,
+            Problem::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Problem::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Problem::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Problem::MissingKey => "This request requires an Idempotency-Key header",
+            Problem::InvalidKey => "The Idempotency-Key header is invalid",
+            Problem::MissingScope => "The request has no principal to scope its Idempotency-Key",
+            Problem::InProgress => "A request with this Idempotency-Key is still being processed",
+            Problem::BodyTooLarge => "The request body is too large to be made idempotent",
+            Problem::Mismatch => "This Idempotency-Key was already used with a different request",
+            Problem::StoreUnavailable => "The idempotency store is unavailable",
+        }
+    }
+
+    /// Whether retrying the same request later may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, Problem::InProgress | Problem::StoreUnavailable)
+    }
+
+    /// The `application/problem+json` response, with `detail`.
+    pub fn response(self, detail: &str) -> Response<Body> {
+        let body = serde_json::json!({
+            "type": self.type_uri(),
+            "title": self.title(),
+            "status": self.status().as_u16(),
+            "detail": detail,
+            "retryable": self.is_retryable(),
+        });
+        let mut res = Response::new(Body::from(body.to_string()));
+        *res.status_mut() = self.status();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        res
+    }
+}

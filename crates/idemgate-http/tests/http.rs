@@ -1,0 +1,398 @@
+//! The layer behind a real axum server on 127.0.0.1, driven by a real HTTP client.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use idemgate_core::{MemoryStore, Store};
+use idemgate_http::{IdempotencyLayer, Profile, format_key};
+use idemgate_sqlite::SqliteStore;
+
+#[derive(Clone, Default)]
+struct Calls(Arc<AtomicU32>);
+
+async fn pay(
+    State(calls): State<Calls>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, [(&'static str, String); 1], String) {
+    let n = calls.0.fetch_add(1, Ordering::SeqCst) + 1;
+    if let Some(ms) = headers
+        .get("x-delay-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let user = headers
+        .get("x-user")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    (
+        StatusCode::CREATED,
+        [("x-payment-id", format!("pay_{n}"))],
+        format!(
+            "{{\"n\":{n},\"user\":\"{user}\",\"body\":{:?}}}",
+            String::from_utf8_lossy(&body)
+        ),
+    )
+}
+
+async fn flaky(State(calls): State<Calls>) -> StatusCode {
+    if calls.0.fetch_add(1, Ordering::SeqCst) == 0 {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+async fn boom(State(calls): State<Calls>) -> &'static str {
+    if calls.0.fetch_add(1, Ordering::SeqCst) == 0 {
+        panic!("handler bug");
+    }
+    "recovered"
+}
+
+async fn serve<St: Store>(layer: IdempotencyLayer<St>) -> (String, Calls) {
+    let calls = Calls::default();
+    let app = Router::new()
+        .route("/payments", post(pay))
+        .route("/flaky", post(flaky))
+        .route("/boom", post(boom))
+        .route("/ping", get(|| async { "pong" }))
+        .with_state(calls.clone())
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), calls)
+}
+
+fn scoped<St: Store>(store: St) -> IdempotencyLayer<St> {
+    IdempotencyLayer::new(store, |p| {
+        p.headers
+            .get("x-user")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    })
+    .with_lease(Duration::from_secs(5))
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post_with(
+    base: &str,
+    path: &str,
+    user: &str,
+    key: Option<&str>,
+    body: &str,
+    delay_ms: u64,
+) -> reqwest::Response {
+    let mut rb = client()
+        .post(format!("{base}{path}"))
+        .header("x-user", user)
+        .header("x-delay-ms", delay_ms.to_string())
+        .body(body.to_owned());
+    if let Some(k) = key {
+        rb = rb.header("idempotency-key", k);
+    }
+    rb.send().await.unwrap()
+}
+
+async fn problem_type(res: reqwest::Response) -> (u16, String, serde_json::Value) {
+    let status = res.status().as_u16();
+    let ct = res
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: serde_json::Value = res.json().await.unwrap();
+    (status, ct, body)
+}
+
+async fn statuses_and_replay<St: Store>(store: St) {
+    let (base, calls) = serve(scoped(store)).await;
+    let first = post_with(
+        &base,
+        "/payments",
+        "alice",
+        Some(&format_key("k-1")),
+        "amount=10",
+        0,
+    )
+    .await;
+    assert_eq!(first.status(), 201);
+    let pid = first.headers()["x-payment-id"].clone();
+    let first_body = first.bytes().await.unwrap();
+    // bare (Stripe-style) and structured forms name the same key
+    for key in ["k-1", "\"k-1\""] {
+        let again = post_with(&base, "/payments", "alice", Some(key), "amount=10", 0).await;
+        assert_eq!(again.status(), 201);
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+        assert_eq!(again.headers()["x-payment-id"], pid);
+        assert_eq!(
+            again.bytes().await.unwrap(),
+            first_body,
+            "replay is not byte for byte"
+        );
+    }
+    assert_eq!(calls.0.load(Ordering::SeqCst), 1);
+
+    // same key, other body: 422, terminal
+    let (status, ct, p) =
+        problem_type(post_with(&base, "/payments", "alice", Some("k-1"), "amount=99", 0).await)
+            .await;
+    assert_eq!((status, ct.as_str()), (422, "application/problem+json"));
+    assert_eq!(
+        p["type"],
+        "https://idemgate.dev/problems/idempotency-key-reused"
+    );
+    assert_eq!(p["retryable"], false);
+
+    // missing and invalid keys: 400 with distinct types; GET is not guarded
+    let (status, _, p) =
+        problem_type(post_with(&base, "/payments", "alice", None, "x", 0).await).await;
+    assert_eq!(
+        (status, p["type"].as_str().unwrap()),
+        (400, "https://idemgate.dev/problems/missing-idempotency-key")
+    );
+    for bad in [
+        "\"\"".to_owned(),
+        "x".repeat(256),
+        "\"unterminated".to_owned(),
+    ] {
+        let (status, _, p) =
+            problem_type(post_with(&base, "/payments", "alice", Some(&bad), "x", 0).await).await;
+        assert_eq!(
+            (status, p["type"].as_str().unwrap()),
+            (400, "https://idemgate.dev/problems/invalid-idempotency-key"),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        client()
+            .get(format!("{base}/ping"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "pong"
+    );
+
+    // a request still running: 409 with Retry-After, retryable
+    let slow = {
+        let base = base.clone();
+        tokio::spawn(async move {
+            post_with(&base, "/payments", "alice", Some("k-slow"), "s", 600)
+                .await
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let busy = post_with(&base, "/payments", "alice", Some("k-slow"), "s", 0).await;
+    assert_eq!(busy.status(), 409);
+    assert!(busy.headers().get("retry-after").is_some());
+    let (_, _, p) = problem_type(busy).await;
+    assert_eq!(p["retryable"], true);
+    assert_eq!(slow.await.unwrap(), 201);
+
+    // over the body limit: 413
+    let big = "x".repeat((1 << 20) + 1);
+    let (status, _, _) =
+        problem_type(post_with(&base, "/payments", "alice", Some("k-big"), &big, 0).await).await;
+    assert_eq!(status, 413);
+}
+
+async fn five_hundreds_release_and_panics_leave_nothing_stuck<St: Store>(store: St) {
+    let (base, calls) = serve(scoped(store)).await;
+    assert_eq!(
+        post_with(&base, "/flaky", "u", Some("f"), "", 0)
+            .await
+            .status(),
+        503
+    );
+    let again = post_with(&base, "/flaky", "u", Some("f"), "", 0).await;
+    assert_eq!(again.status(), 200, "a 5xx must release the key");
+    assert!(again.headers().get("idempotent-replayed").is_none());
+    assert_eq!(calls.0.load(Ordering::SeqCst), 2);
+
+    // the handler panics: the connection dies, and the key is released for the retry
+    calls.0.store(0, Ordering::SeqCst);
+    let _ = client()
+        .post(format!("{base}/boom"))
+        .header("x-user", "u")
+        .header("idempotency-key", "p")
+        .send()
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let res = client()
+            .post(format!("{base}/boom"))
+            .header("x-user", "u")
+            .header("idempotency-key", "p")
+            .send()
+            .await;
+        if let Ok(res) = res
+            && res.status() == 200
+        {
+            assert_eq!(res.text().await.unwrap(), "recovered");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the key stayed stuck after a panic"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn tenants_never_see_each_other<St: Store>(store: St) {
+    let (base, calls) = serve(scoped(store)).await;
+    let (a, b) = tokio::join!(
+        post_with(&base, "/payments", "alice", Some("same"), "x", 100),
+        post_with(&base, "/payments", "bob", Some("same"), "x", 100)
+    );
+    let (a, b) = (a.text().await.unwrap(), b.text().await.unwrap());
+    assert!(
+        a.contains("\"user\":\"alice\"") && b.contains("\"user\":\"bob\""),
+        "{a} / {b}"
+    );
+    assert_eq!(calls.0.load(Ordering::SeqCst), 2);
+    let replay = post_with(&base, "/payments", "bob", Some("same"), "x", 0)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(replay, b);
+    // no principal, no idempotency: refused
+    let res = client()
+        .post(format!("{base}/payments"))
+        .header("idempotency-key", "same")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+}
+
+async fn hundred_concurrent_retries_run_once<St: Store>(store: St, wait: bool) {
+    let layer = scoped(store);
+    let layer = if wait {
+        layer.with_wait(Duration::from_secs(10))
+    } else {
+        layer
+    };
+    let (base, calls) = serve(layer).await;
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let base = base.clone();
+            tokio::spawn(async move {
+                let res =
+                    post_with(&base, "/payments", "carol", Some("once"), "amount=5", 50).await;
+                (res.status().as_u16(), res.text().await.unwrap())
+            })
+        })
+        .collect();
+    let mut bodies = std::collections::HashSet::new();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        match status {
+            201 => {
+                bodies.insert(body);
+            }
+            409 if !wait => {}
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(
+        calls.0.load(Ordering::SeqCst),
+        1,
+        "the handler ran more than once"
+    );
+    assert_eq!(bodies.len(), 1, "retries got different responses");
+}
+
+async fn stripe_profile_stores_5xx<St: Store>(store: St) {
+    let (base, calls) = serve(scoped(store).with_profile(Profile::Stripe)).await;
+    assert_eq!(
+        post_with(&base, "/flaky", "u", Some("s"), "", 0)
+            .await
+            .status(),
+        503
+    );
+    let again = post_with(&base, "/flaky", "u", Some("s"), "", 0).await;
+    assert_eq!(again.status(), 503);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(calls.0.load(Ordering::SeqCst), 1);
+}
+
+fn sqlite() -> (SqliteStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (SqliteStore::open(dir.path().join("http.db")).unwrap(), dir)
+}
+
+macro_rules! on_stores {
+    ($($name:ident => |$s:ident| $body:expr;)*) => {
+        mod memory {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let $s = MemoryStore::new();
+                $body.await;
+            })*
+        }
+        mod sqlite_store {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let (store, _dir) = sqlite();
+                let $s = store;
+                $body.await;
+            })*
+        }
+    };
+}
+
+on_stores! {
+    statuses => |s| statuses_and_replay(s);
+    releases => |s| five_hundreds_release_and_panics_leave_nothing_stuck(s);
+    tenants => |s| tenants_never_see_each_other(s);
+    concurrent_reject => |s| hundred_concurrent_retries_run_once(s, false);
+    concurrent_wait => |s| hundred_concurrent_retries_run_once(s, true);
+    stripe => |s| stripe_profile_stores_5xx(s);
+}
+
+mod parser {
+    use idemgate_http::{format_key, parse_key};
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn structured_form_round_trips(key in "[ -~]{1,255}") {
+            let parsed = parse_key(format_key(&key).as_bytes());
+            prop_assert_eq!(parsed, Ok(key));
+        }
+
+        #[test]
+        fn bare_visible_keys_parse_as_themselves(key in "[!-~]{1,255}") {
+            prop_assume!(!key.starts_with('"'));
+            let parsed = parse_key(key.as_bytes());
+            prop_assert_eq!(parsed, Ok(key));
+        }
+
+        #[test]
+        fn anything_else_is_an_error_not_a_panic(raw in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_key(&raw);
+        }
+    }
+}
