@@ -322,6 +322,36 @@ async fn hundred_concurrent_retries_run_once<St: Store>(store: St, wait: bool) {
     assert_eq!(bodies.len(), 1, "retries got different responses");
 }
 
+/// A client that gives up mid-request leaves no key stuck: a later retry is answered.
+async fn a_disconnected_client_leaves_no_key_stuck<St: Store>(store: St) {
+    let (base, _calls) = serve(scoped(store)).await;
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let gone = quick
+        .post(format!("{base}/payments"))
+        .header("x-user", "d")
+        .header("idempotency-key", "gone")
+        .header("x-delay-ms", "400")
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client should have timed out");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = post_with(&base, "/payments", "d", Some("gone"), "", 0).await;
+        if res.status() == 201 {
+            break;
+        }
+        assert_eq!(res.status(), 409, "unexpected answer while the key settles");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the key stayed in progress"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn stripe_profile_stores_5xx<St: Store>(store: St) {
     let (base, calls) = serve(scoped(store).with_profile(Profile::Stripe)).await;
     assert_eq!(
@@ -360,7 +390,63 @@ macro_rules! on_stores {
                 $body.await;
             })*
         }
+        mod postgres {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let Some($s) = postgres().await else { return };
+                $body.await;
+            })*
+        }
+        mod redis {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let Some($s) = redis().await else { return };
+                $body.await;
+            })*
+        }
     };
+}
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+async fn postgres() -> Option<idemgate_postgres::PostgresStore> {
+    let url = idemgate_testkit::service::url(
+        "IDEMGATE_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    );
+    let table = format!(
+        "idemgate_http{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let store = idemgate_postgres::PostgresStore::builder()
+        .with_url(url)
+        .with_table(table)
+        .build()
+        .unwrap();
+    idemgate_testkit::service::connect("PostgreSQL", async {
+        store.migrate().await.map(|()| store)
+    })
+    .await
+}
+
+async fn redis() -> Option<idemgate_redis::RedisStore> {
+    let url = idemgate_testkit::service::url("IDEMGATE_REDIS_URL", "redis://127.0.0.1:6379");
+    let prefix = format!(
+        "idemgate-http:{}:{}:",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    idemgate_testkit::service::connect(
+        "Redis",
+        idemgate_redis::RedisStore::builder()
+            .with_url(url)
+            .with_key_prefix(prefix)
+            .build(),
+    )
+    .await
 }
 
 on_stores! {
@@ -370,6 +456,7 @@ on_stores! {
     concurrent_reject => |s| hundred_concurrent_retries_run_once(s, false);
     concurrent_wait => |s| hundred_concurrent_retries_run_once(s, true);
     stripe => |s| stripe_profile_stores_5xx(s);
+    disconnect => |s| a_disconnected_client_leaves_no_key_stuck(s);
 }
 
 mod parser {
