@@ -25,6 +25,24 @@ pub(crate) struct BenchArgs {
 enum BenchWhat {
     /// Claim + complete and the inbox against raw `SET NX PX` or a raw insert.
     Store(StoreBench),
+    /// A trivial axum handler over HTTP on 127.0.0.1, with and without the Idempotency-Key layer.
+    Http(HttpBench),
+}
+
+#[derive(Debug, Args)]
+struct HttpBench {
+    /// The layer's store: `memory:` or any store URL.
+    #[arg(long, default_value = "memory:")]
+    store: String,
+    /// Concurrent clients (keep-alive connections).
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Requests per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    requests: u64,
+    /// Rounds; each figure is the median of its rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
 }
 
 #[derive(Debug, Args)]
@@ -47,10 +65,13 @@ struct StoreBench {
 }
 
 pub(crate) fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
-    let BenchWhat::Store(b) = args.what;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let b = match args.what {
+        BenchWhat::Store(b) => b,
+        BenchWhat::Http(h) => return rt.block_on(http_bench(h)),
+    };
     rt.block_on(async {
         // several rounds, each measuring every row once, so slow phases of a noisy machine hit
         // the ceiling and the store alike; each figure is the median of its rounds
@@ -495,6 +516,88 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
             Some(rows_per(rawn)),
         ),
     ])
+}
+
+/// A server on 127.0.0.1 with a trivial POST handler, optionally behind the layer.
+async fn http_server(store: Option<idemgate::BoxStore>) -> Result<String, BoxError> {
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/orders",
+        post(|| async { (axum::http::StatusCode::CREATED, "{\"ok\":true}") }),
+    );
+    let app = match store {
+        Some(store) => app.layer(idemgate_http::IdempotencyLayer::unscoped(store)),
+        None => app,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(format!("http://{addr}/orders"))
+}
+
+async fn http_bench(h: HttpBench) -> Result<ExitCode, BoxError> {
+    let store = crate::stores::open(&h.store).await?;
+    let plain = http_server(None).await?;
+    let guarded = http_server(Some(store)).await?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(h.clients)
+        .build()?;
+    let run = |url: String, keys: Option<u64>| {
+        let client = client.clone();
+        drive(h.clients, h.requests, move |i| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let mut rb = client.post(&url).body("{\"sku\":\"A1\",\"qty\":2}");
+                if let Some(k) = keys {
+                    // fresh keys, or `k` keys replayed over and over
+                    let id = if k == 0 { i } else { i % k };
+                    rb = rb.header("idempotency-key", format!("\"bench-{id}\""));
+                }
+                let res = rb.send().await?;
+                if !res.status().is_success() {
+                    return Err(format!("status {}", res.status()).into());
+                }
+                res.bytes().await?;
+                Ok(())
+            }
+        })
+    };
+    // warm-up: connections, the replay set
+    run(plain.clone(), None).await?;
+    run(guarded.clone(), Some(1000)).await?;
+    let mut rows: Vec<[f64; 3]> = Vec::new();
+    for _ in 0..h.rounds.max(1) {
+        rows.push([
+            run(plain.clone(), None).await?,
+            run(guarded.clone(), Some(0)).await?,
+            run(guarded.clone(), Some(1000)).await?,
+        ]);
+    }
+    let median = |i: usize| {
+        let mut v: Vec<f64> = rows.iter().map(|r| r[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (raw, fresh, replay) = (median(0), median(1), median(2));
+    println!("{:<58} {:>12} {:>9}", "measurement", "req/s", "vs raw");
+    println!(
+        "{:<58} {raw:>12.0} {:>9}",
+        format!("trivial handler, no layer, {} clients", h.clients),
+        "(ceiling)"
+    );
+    println!(
+        "{:<58} {fresh:>12.0} {:>8.0}%",
+        format!("with the layer ({}), fresh keys", h.store),
+        100.0 * fresh / raw
+    );
+    println!(
+        "{:<58} {replay:>12.0} {:>8.0}%",
+        format!("with the layer ({}), replays", h.store),
+        100.0 * replay / raw
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Claim + complete, single and batched, on any store.

@@ -358,12 +358,22 @@ pub async fn keep_alive<S: Store + ?Sized, O>(
     length: Duration,
     fut: impl Future<Output = O>,
 ) -> (O, bool) {
+    let mut fut = std::pin::pin!(fut);
+    // work that finishes at its first poll needs no timer
+    let mut first = Some(());
+    let ready = std::future::poll_fn(|cx| match first.take() {
+        Some(()) => std::task::Poll::Ready(fut.as_mut().poll(cx)),
+        None => std::task::Poll::Ready(std::task::Poll::Pending),
+    })
+    .await;
+    if let std::task::Poll::Ready(out) = ready {
+        return (out, false);
+    }
     let mut current = lease.clone();
     let period = (length / 3).max(Duration::from_millis(1));
     let mut lost = false;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut fut = std::pin::pin!(fut);
     loop {
         tokio::select! {
             out = &mut fut => return (out, lost),
