@@ -19,6 +19,11 @@ use crate::future::ResponseFuture;
 use crate::header::parse_key;
 use crate::problem::Problem;
 
+/// The idempotency key of the request being handled, in the request's extensions: pass
+/// `key.derive("step")` to downstream systems so a re-run after a crash is harmless there too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestKey(pub Key);
+
 /// A boxed error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -391,7 +396,9 @@ where
         }
     };
     let mut guard = LeaseGuard::new(Arc::clone(&config.store), lease.clone());
-    let req = Request::from_parts(parts, Body::from(bytes));
+    let mut req = Request::from_parts(parts, Body::from(bytes));
+    // the handler can derive downstream keys from it (`RequestKey(key).0.derive("charge")`)
+    req.extensions_mut().insert(RequestKey(key));
     let mut inner = inner;
     let (result, _lost) = keep_alive(&*config.store, &lease, config.lease, inner.call(req)).await;
     // an error of the service itself leaves the guard armed: dropping it releases the key

@@ -23,7 +23,7 @@ mod layer;
 mod problem;
 
 pub use header::{KeyError, format_key, parse_key};
-pub use layer::{BoxError, Idempotency, IdempotencyLayer, Profile, ScopeFn};
+pub use layer::{BoxError, Idempotency, IdempotencyLayer, Profile, RequestKey, ScopeFn};
 pub use problem::Problem;
 
 /// The layer's response future.
