@@ -1,7 +1,9 @@
 //! The in-process store.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -37,7 +39,7 @@ use crate::store::Store;
 /// ```
 #[derive(Debug)]
 pub struct MemoryStore {
-    shards: Box<[Mutex<HashMap<Key, Record>>]>,
+    shards: Box<[Mutex<HashMap<Key, Record, RandomState>>]>,
     hasher: RandomState,
     len: AtomicUsize,
     capacity: Option<usize>,
@@ -80,7 +82,7 @@ impl MemoryStoreBuilder {
         }
         Ok(MemoryStore {
             shards: (0..self.shards).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             len: AtomicUsize::new(0),
             capacity: self.capacity,
             clock: self.clock,
@@ -130,7 +132,7 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn shard(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, Record>> {
+    fn shard(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, Record, RandomState>> {
         // `shards.len()` is never 0 (the builder refuses it), so the index is in range.
         let i = usize::try_from(self.hasher.hash_one(key) % self.shards.len() as u64).unwrap_or(0);
         // A poisoned lock only means another thread panicked while holding it; every update
@@ -138,7 +140,7 @@ impl MemoryStore {
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn drop_expired(&self, map: &mut HashMap<Key, Record>, now: SystemTime) {
+    fn drop_expired(&self, map: &mut HashMap<Key, Record, RandomState>, now: SystemTime) {
         let before = map.len();
         map.retain(|_, r| r.expires_at > now);
         self.len.fetch_sub(before - map.len(), Ordering::Relaxed);
