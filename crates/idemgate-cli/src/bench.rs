@@ -523,7 +523,11 @@ async fn http_server(store: Option<idemgate::BoxStore>) -> Result<String, BoxErr
     use axum::routing::post;
     let app = axum::Router::new().route(
         "/orders",
-        post(|| async { (axum::http::StatusCode::CREATED, "{\"ok\":true}") }),
+        // a POST handler reads its body, with or without the layer
+        post(|body: axum::body::Bytes| async move {
+            std::hint::black_box(body);
+            (axum::http::StatusCode::CREATED, "{\"ok\":true}")
+        }),
     );
     let app = match store {
         Some(store) => app.layer(idemgate_http::IdempotencyLayer::unscoped(store)),
