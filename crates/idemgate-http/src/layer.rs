@@ -56,6 +56,24 @@ impl Profile {
     }
 }
 
+impl<St> Clone for Config<St> {
+    fn clone(&self) -> Self {
+        Config {
+            store: Arc::clone(&self.store),
+            scope: self.scope.clone(),
+            methods: self.methods.clone(),
+            required: self.required,
+            max_body: self.max_body,
+            max_response: self.max_response,
+            lease: self.lease,
+            retention: self.retention,
+            profile: self.profile,
+            wait: self.wait,
+            fingerprint_headers: self.fingerprint_headers.clone(),
+        }
+    }
+}
+
 struct Config<St> {
     store: Arc<St>,
     scope: Option<ScopeFn>,
@@ -138,8 +156,8 @@ impl<St: Store> IdempotencyLayer<St> {
     }
 
     fn with(mut self, f: impl FnOnce(&mut Config<St>)) -> Self {
-        let config = Arc::get_mut(&mut self.config).expect("configure a layer before cloning it");
-        f(config);
+        // a layer configured after it was cloned gets its own copy of the configuration
+        f(Arc::make_mut(&mut self.config));
         self
     }
 
@@ -325,7 +343,7 @@ where
             return Ok(Problem::BodyTooLarge
                 .response(&format!("the body is over {} bytes", config.max_body)));
         }
-        Err(_) => return Ok(Problem::BodyTooLarge.response("the request body could not be read")),
+        Err(_) => return Ok(Problem::UnreadableBody.response("the request body could not be read")),
     };
     let fp = {
         let mut fp_parts: Vec<&[u8]> = vec![

@@ -17,6 +17,8 @@ pub enum Problem {
     InProgress,
     /// 413: the body is over the layer's buffer limit. Terminal.
     BodyTooLarge,
+    /// 400: the request body could not be read (the client went away mid-body). Retryable.
+    UnreadableBody,
     /// 422: the key was used with a different request. Terminal.
     Mismatch,
     /// 503: the idempotency store failed. Retryable.
@@ -32,6 +34,7 @@ impl Problem {
             Problem::MissingScope => "https://idemgate.dev/problems/missing-scope",
             Problem::InProgress => "https://idemgate.dev/problems/request-in-progress",
             Problem::BodyTooLarge => "https://idemgate.dev/problems/body-too-large",
+            Problem::UnreadableBody => "https://idemgate.dev/problems/unreadable-body",
             Problem::Mismatch => "https://idemgate.dev/problems/idempotency-key-reused",
             Problem::StoreUnavailable => "https://idemgate.dev/problems/store-unavailable",
         }
@@ -40,9 +43,10 @@ impl Problem {
     /// The status code.
     pub fn status(self) -> StatusCode {
         match self {
-            Problem::MissingKey | Problem::InvalidKey | Problem::MissingScope => {
-                StatusCode::BAD_REQUEST
-            }
+            Problem::MissingKey
+            | Problem::InvalidKey
+            | Problem::MissingScope
+            | Problem::UnreadableBody => StatusCode::BAD_REQUEST,
             Problem::InProgress => StatusCode::CONFLICT,
             Problem::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
@@ -57,6 +61,7 @@ impl Problem {
             Problem::MissingScope => "The request has no principal to scope its Idempotency-Key",
             Problem::InProgress => "A request with this Idempotency-Key is still being processed",
             Problem::BodyTooLarge => "The request body is too large to be made idempotent",
+            Problem::UnreadableBody => "The request body could not be read",
             Problem::Mismatch => "This Idempotency-Key was already used with a different request",
             Problem::StoreUnavailable => "The idempotency store is unavailable",
         }
@@ -64,7 +69,10 @@ impl Problem {
 
     /// Whether retrying the same request later may succeed.
     pub fn is_retryable(self) -> bool {
-        matches!(self, Problem::InProgress | Problem::StoreUnavailable)
+        matches!(
+            self,
+            Problem::InProgress | Problem::StoreUnavailable | Problem::UnreadableBody
+        )
     }
 
     /// The `application/problem+json` response, with `detail`.

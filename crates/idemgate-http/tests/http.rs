@@ -483,3 +483,14 @@ mod parser {
         }
     }
 }
+
+#[test]
+fn configuring_a_cloned_layer_does_not_touch_the_original() {
+    let layer = IdempotencyLayer::unscoped(MemoryStore::new());
+    let copy = layer
+        .clone()
+        .with_profile(Profile::Stripe)
+        .with_max_body(10);
+    assert!(format!("{copy:?}").contains("Stripe"));
+    assert!(format!("{layer:?}").contains("Ietf"));
+}
