@@ -1,6 +1,7 @@
 //! The transactional inbox on MySQL and MariaDB.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use idemgate_core::{Key, Result};
@@ -20,6 +21,28 @@ use crate::store::{NOW, ms};
 pub struct MySqlInbox {
     table: String,
     retention: Duration,
+    sql: Arc<Statements>,
+}
+
+/// The single-row statements, written once per table rather than on every delivery (batch
+/// statements depend on the batch's size).
+#[derive(Debug)]
+struct Statements {
+    insert: String,
+    renew: String,
+}
+
+impl Statements {
+    fn new(t: &str) -> Self {
+        Statements {
+            insert: format!(
+                "INSERT IGNORE INTO {t} (scope, id, processed_at, expires_at, nonce) VALUES (?, ?, {NOW}, {NOW} + ?, 0)"
+            ),
+            renew: format!(
+                "UPDATE {t} SET processed_at = {NOW}, expires_at = {NOW} + ? WHERE scope = ? AND id = ? AND expires_at <= {NOW}"
+            ),
+        }
+    }
 }
 
 impl Default for MySqlInbox {
@@ -31,9 +54,11 @@ impl Default for MySqlInbox {
 impl MySqlInbox {
     /// An inbox in table `idemgate_inbox`, keeping keys for 7 days.
     pub fn new() -> Self {
+        let table = "idemgate_inbox";
         MySqlInbox {
-            table: "idemgate_inbox".into(),
+            table: table.into(),
             retention: Duration::from_secs(7 * 86_400),
+            sql: Arc::new(Statements::new(table)),
         }
     }
 
@@ -41,6 +66,7 @@ impl MySqlInbox {
     pub fn with_table(mut self, table: impl Into<String>) -> Result<Self> {
         self.table = table.into();
         check_ident(&self.table)?;
+        self.sql = Arc::new(Statements::new(&self.table));
         Ok(self)
     }
 
@@ -71,27 +97,22 @@ impl MySqlInbox {
     /// Records `key` in the caller's transaction; `true` the first time within the retention
     /// window (apply the effect in the same transaction), `false` for a duplicate.
     pub async fn first_time(&self, tx: &mut MySqlConnection, key: &Key) -> Result<bool> {
-        let t = &self.table;
-        let inserted = my(sqlx::query(&format!(
-            "INSERT IGNORE INTO {t} (scope, id, processed_at, expires_at, nonce) VALUES (?, ?, {NOW}, {NOW} + ?, 0)"
-        ))
-        .bind(key.scope())
-        .bind(key.id())
-        .bind(ms(self.retention))
-        .execute(&mut *tx)
-        .await)?;
+        let inserted = my(sqlx::query(&self.sql.insert)
+            .bind(key.scope())
+            .bind(key.id())
+            .bind(ms(self.retention))
+            .execute(&mut *tx)
+            .await)?;
         if inserted.rows_affected() == 1 {
             return Ok(true);
         }
         // known: first time again only if its retention ran out
-        let renewed = my(sqlx::query(&format!(
-            "UPDATE {t} SET processed_at = {NOW}, expires_at = {NOW} + ? WHERE scope = ? AND id = ? AND expires_at <= {NOW}"
-        ))
-        .bind(ms(self.retention))
-        .bind(key.scope())
-        .bind(key.id())
-        .execute(&mut *tx)
-        .await)?;
+        let renewed = my(sqlx::query(&self.sql.renew)
+            .bind(ms(self.retention))
+            .bind(key.scope())
+            .bind(key.id())
+            .execute(&mut *tx)
+            .await)?;
         Ok(renewed.rows_affected() == 1)
     }
 

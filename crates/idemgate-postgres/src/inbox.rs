@@ -1,6 +1,7 @@
 //! The transactional inbox on PostgreSQL.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use idemgate_core::{Key, Result};
@@ -36,6 +37,44 @@ use crate::store::{NOW, ms};
 pub struct PgInbox {
     table: String,
     retention: Duration,
+    sql: Arc<Statements>,
+}
+
+/// The inbox's statements, written once per table rather than on every delivery.
+#[derive(Debug)]
+struct Statements {
+    first_time: String,
+    insert_many: String,
+    renew_many: String,
+    purge: String,
+}
+
+impl Statements {
+    fn new(t: &str) -> Self {
+        Statements {
+            first_time: format!(
+                "INSERT INTO {t} AS i (scope, id, processed_at, expires_at) VALUES ($1, $2, {NOW}, {NOW} + $3)
+                 ON CONFLICT (scope, id) DO UPDATE SET processed_at = {NOW}, expires_at = {NOW} + $3
+                 WHERE i.expires_at <= {NOW}"
+            ),
+            insert_many: format!(
+                "INSERT INTO {t} (scope, id, processed_at, expires_at)
+                 SELECT s, d, {NOW}, {NOW} + $3 FROM unnest($1::text[], $2::text[]) AS u(s, d)
+                 ON CONFLICT (scope, id) DO NOTHING
+                 RETURNING scope, id"
+            ),
+            renew_many: format!(
+                "UPDATE {t} AS i SET processed_at = {NOW}, expires_at = {NOW} + $3
+                   FROM unnest($1::text[], $2::text[]) AS u(s, d)
+                  WHERE i.scope = u.s AND i.id = u.d AND i.expires_at <= {NOW}
+                 RETURNING i.scope, i.id"
+            ),
+            purge: format!(
+                "DELETE FROM {t} WHERE ctid = ANY (ARRAY(
+                    SELECT ctid FROM {t} WHERE expires_at <= {NOW} LIMIT $1 FOR UPDATE SKIP LOCKED))"
+            ),
+        }
+    }
 }
 
 impl Default for PgInbox {
@@ -47,9 +86,11 @@ impl Default for PgInbox {
 impl PgInbox {
     /// An inbox in table `idemgate_inbox`, keeping keys for 7 days.
     pub fn new() -> Self {
+        let table = "idemgate_inbox";
         PgInbox {
-            table: "idemgate_inbox".into(),
+            table: table.into(),
             retention: Duration::from_secs(7 * 86_400),
+            sql: Arc::new(Statements::new(table)),
         }
     }
 
@@ -57,6 +98,7 @@ impl PgInbox {
     pub fn with_table(mut self, table: impl Into<String>) -> Result<Self> {
         self.table = table.into();
         check_ident(&self.table)?;
+        self.sql = Arc::new(Statements::new(&self.table));
         Ok(self)
     }
 
@@ -88,17 +130,12 @@ impl PgInbox {
     /// Records `key` in the caller's transaction; `true` the first time within the retention
     /// window (apply the effect in the same transaction), `false` for a duplicate.
     pub async fn first_time(&self, tx: &mut PgConnection, key: &Key) -> Result<bool> {
-        let t = &self.table;
-        let done = pg(sqlx::query(&format!(
-            "INSERT INTO {t} AS i (scope, id, processed_at, expires_at) VALUES ($1, $2, {NOW}, {NOW} + $3)
-             ON CONFLICT (scope, id) DO UPDATE SET processed_at = {NOW}, expires_at = {NOW} + $3
-             WHERE i.expires_at <= {NOW}"
-        ))
-        .bind(key.scope())
-        .bind(key.id())
-        .bind(ms(self.retention))
-        .execute(tx)
-        .await)?;
+        let done = pg(sqlx::query(&self.sql.first_time)
+            .bind(key.scope())
+            .bind(key.id())
+            .bind(ms(self.retention))
+            .execute(tx)
+            .await)?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -109,19 +146,13 @@ impl PgInbox {
         let unique: Vec<&Key> = keys.iter().filter(|k| seen.insert(*k)).collect();
         let scopes: Vec<&str> = unique.iter().map(|k| k.scope()).collect();
         let ids: Vec<&str> = unique.iter().map(|k| k.id()).collect();
-        let t = &self.table;
         // new keys: one insert that skips known ones
-        let inserted: Vec<(String, String)> = pg(sqlx::query_as(&format!(
-            "INSERT INTO {t} (scope, id, processed_at, expires_at)
-             SELECT s, d, {NOW}, {NOW} + $3 FROM unnest($1::text[], $2::text[]) AS u(s, d)
-             ON CONFLICT (scope, id) DO NOTHING
-             RETURNING scope, id"
-        ))
-        .bind(&scopes)
-        .bind(&ids)
-        .bind(ms(self.retention))
-        .fetch_all(&mut *tx)
-        .await)?;
+        let inserted: Vec<(String, String)> = pg(sqlx::query_as(&self.sql.insert_many)
+            .bind(&scopes)
+            .bind(&ids)
+            .bind(ms(self.retention))
+            .fetch_all(&mut *tx)
+            .await)?;
         let mut fresh: HashSet<(String, String)> = inserted.into_iter().collect();
         if fresh.len() < unique.len() {
             // known keys count as new again once their retention ran out
@@ -130,17 +161,12 @@ impl PgInbox {
                 .filter(|k| !fresh.contains(&(k.scope().to_owned(), k.id().to_owned())))
                 .map(|k| (k.scope(), k.id()))
                 .unzip();
-            let renewed: Vec<(String, String)> = pg(sqlx::query_as(&format!(
-                "UPDATE {t} AS i SET processed_at = {NOW}, expires_at = {NOW} + $3
-                   FROM unnest($1::text[], $2::text[]) AS u(s, d)
-                  WHERE i.scope = u.s AND i.id = u.d AND i.expires_at <= {NOW}
-                 RETURNING i.scope, i.id"
-            ))
-            .bind(&ks)
-            .bind(&kd)
-            .bind(ms(self.retention))
-            .fetch_all(&mut *tx)
-            .await)?;
+            let renewed: Vec<(String, String)> = pg(sqlx::query_as(&self.sql.renew_many)
+                .bind(&ks)
+                .bind(&kd)
+                .bind(ms(self.retention))
+                .fetch_all(&mut *tx)
+                .await)?;
             fresh.extend(renewed);
         }
         Ok(keys
@@ -151,14 +177,10 @@ impl PgInbox {
 
     /// Deletes at most `limit` keys past their retention; returns how many.
     pub async fn purge_expired(&self, pool: &PgPool, limit: usize) -> Result<u64> {
-        let t = &self.table;
-        let done = pg(sqlx::query(&format!(
-            "DELETE FROM {t} WHERE ctid = ANY (ARRAY(
-                SELECT ctid FROM {t} WHERE expires_at <= {NOW} LIMIT $1 FOR UPDATE SKIP LOCKED))"
-        ))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .execute(pool)
-        .await)?;
+        let done = pg(sqlx::query(&self.sql.purge)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .execute(pool)
+            .await)?;
         Ok(done.rows_affected())
     }
 }
