@@ -11,6 +11,33 @@ async fn serve(router: axum::Router) -> String {
     format!("http://{addr}")
 }
 
+/// Sends `n` copies of one request at once; each answer must be `ok` or 409 (the first copy
+/// still running); returns the distinct `ok` bodies.
+async fn retried(
+    n: usize,
+    ok: u16,
+    request: impl Fn() -> reqwest::RequestBuilder,
+) -> std::collections::HashSet<String> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let req = request();
+            tokio::spawn(async move {
+                let res = req.send().await.unwrap();
+                (res.status().as_u16(), res.text().await.unwrap())
+            })
+        })
+        .collect();
+    let mut bodies = std::collections::HashSet::new();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert!(status == ok || status == 409, "{status}: {body}");
+        if status == ok {
+            bodies.insert(body);
+        }
+    }
+    bodies
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_create_one_payment_and_one_charge() {
     let url = service::url(
@@ -41,31 +68,14 @@ async fn retries_create_one_payment_and_one_charge() {
     let http = reqwest::Client::new();
 
     // 100 concurrent retries of one create: one payment
-    let creates: Vec<_> = (0..100)
-        .map(|_| {
-            let (http, api) = (http.clone(), api.clone());
-            tokio::spawn(async move {
-                let res = http
-                    .post(format!("{api}/payments"))
-                    .header("x-api-key", "shop-1")
-                    .header("idempotency-key", "\"order-77\"")
-                    .header("content-type", "application/json")
-                    .body(r#"{"amount":1250,"currency":"EUR"}"#)
-                    .send()
-                    .await
-                    .unwrap();
-                (res.status().as_u16(), res.text().await.unwrap())
-            })
-        })
-        .collect();
-    let mut created = std::collections::HashSet::new();
-    for t in creates {
-        let (status, body) = t.await.unwrap();
-        assert!(status == 201 || status == 409, "{status}: {body}");
-        if status == 201 {
-            created.insert(body);
-        }
-    }
+    let created = retried(100, 201, || {
+        http.post(format!("{api}/payments"))
+            .header("x-api-key", "shop-1")
+            .header("idempotency-key", "\"order-77\"")
+            .header("content-type", "application/json")
+            .body(r#"{"amount":1250,"currency":"EUR"}"#)
+    })
+    .await;
     assert_eq!(created.len(), 1, "retries created different payments");
     let payment: Payment = serde_json::from_str(created.iter().next().unwrap()).unwrap();
     let (rows,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {table}"))
@@ -75,29 +85,12 @@ async fn retries_create_one_payment_and_one_charge() {
     assert_eq!(rows, 1);
 
     // 100 concurrent retries of one capture: one charge at the card network
-    let captures: Vec<_> = (0..100)
-        .map(|_| {
-            let (http, api, id) = (http.clone(), api.clone(), payment.id.clone());
-            tokio::spawn(async move {
-                let res = http
-                    .post(format!("{api}/payments/{id}/capture"))
-                    .header("x-api-key", "shop-1")
-                    .header("idempotency-key", "cap-1")
-                    .send()
-                    .await
-                    .unwrap();
-                (res.status().as_u16(), res.text().await.unwrap())
-            })
-        })
-        .collect();
-    let mut captured = std::collections::HashSet::new();
-    for t in captures {
-        let (status, body) = t.await.unwrap();
-        assert!(status == 200 || status == 409, "{status}: {body}");
-        if status == 200 {
-            captured.insert(body);
-        }
-    }
+    let captured = retried(100, 200, || {
+        http.post(format!("{api}/payments/{}/capture", payment.id))
+            .header("x-api-key", "shop-1")
+            .header("idempotency-key", "cap-1")
+    })
+    .await;
     assert_eq!(captured.len(), 1);
     let stats: NetworkStats = http
         .get(format!("{network}/stats"))
