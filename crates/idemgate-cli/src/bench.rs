@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use idemgate::core::{Claim, ClaimOptions, Key, Outcome, Store};
+use idemgate::core::{Claim, ClaimOptions, Key, MemoryStore, Outcome, Store};
 use idemgate::mysql::{MySqlInbox, MySqlStore};
 use idemgate::postgres::{PgInbox, PostgresStore};
 use idemgate::redis::RedisStore;
@@ -519,7 +519,7 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
 }
 
 /// A server on 127.0.0.1 with a trivial POST handler, optionally behind the layer.
-async fn http_server(store: Option<idemgate::BoxStore>) -> Result<String, BoxError> {
+async fn http_server<St: Store>(store: Option<St>) -> Result<String, BoxError> {
     use axum::routing::post;
     let app = axum::Router::new().route(
         "/orders",
@@ -542,24 +542,30 @@ async fn http_server(store: Option<idemgate::BoxStore>) -> Result<String, BoxErr
 }
 
 async fn http_bench(h: HttpBench) -> Result<ExitCode, BoxError> {
-    let store = crate::stores::open(&h.store).await?;
-    let plain = http_server(None).await?;
-    let guarded = http_server(Some(store)).await?;
+    // the memory store as a service would hold it; any other behind the erased `BoxStore`
+    let guarded = if h.store == "memory:" {
+        http_server(Some(MemoryStore::new())).await?
+    } else {
+        http_server(Some(crate::stores::open(&h.store).await?)).await?
+    };
+    let plain = http_server::<MemoryStore>(None).await?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(h.clients)
         .build()?;
-    let run = |url: String, keys: Option<u64>| {
+    // both servers get the same requests, key header included: only the layer differs
+    let run = |url: String, keys: u64| {
         let client = client.clone();
         drive(h.clients, h.requests, move |i| {
             let (client, url) = (client.clone(), url.clone());
             async move {
-                let mut rb = client.post(&url).body("{\"sku\":\"A1\",\"qty\":2}");
-                if let Some(k) = keys {
-                    // fresh keys, or `k` keys replayed over and over
-                    let id = if k == 0 { i } else { i % k };
-                    rb = rb.header("idempotency-key", format!("\"bench-{id}\""));
-                }
-                let res = rb.send().await?;
+                // fresh keys, or `keys` keys replayed over and over
+                let id = if keys == 0 { i } else { i % keys };
+                let res = client
+                    .post(&url)
+                    .body("{\"sku\":\"A1\",\"qty\":2}")
+                    .header("idempotency-key", format!("\"bench-{id}\""))
+                    .send()
+                    .await?;
                 if !res.status().is_success() {
                     return Err(format!("status {}", res.status()).into());
                 }
@@ -569,14 +575,14 @@ async fn http_bench(h: HttpBench) -> Result<ExitCode, BoxError> {
         })
     };
     // warm-up: connections, the replay set
-    run(plain.clone(), None).await?;
-    run(guarded.clone(), Some(1000)).await?;
+    run(plain.clone(), 0).await?;
+    run(guarded.clone(), 1000).await?;
     let mut rows: Vec<[f64; 3]> = Vec::new();
     for _ in 0..h.rounds.max(1) {
         rows.push([
-            run(plain.clone(), None).await?,
-            run(guarded.clone(), Some(0)).await?,
-            run(guarded.clone(), Some(1000)).await?,
+            run(plain.clone(), 0).await?,
+            run(guarded.clone(), 0).await?,
+            run(guarded.clone(), 1000).await?,
         ]);
     }
     let median = |i: usize| {

@@ -291,7 +291,7 @@ impl<S: Store> Gate<S> {
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let mut guard = LeaseGuard::new(Arc::clone(&self.store), lease.clone());
+        let mut guard = LeaseGuard::new(&self.store, lease.clone());
         let (result, lost) =
             keep_alive(&*self.store, &lease, self.lease, handler(lease.clone())).await;
         if lost {
@@ -369,21 +369,26 @@ pub async fn keep_alive<S: Store + ?Sized, O>(
     if let std::task::Poll::Ready(out) = ready {
         return (out, false);
     }
-    let mut current = lease.clone();
+    // the heartbeat lives in its own allocation, made only for work that waits: the common
+    // future stays small
+    let mut heartbeat = Box::pin(heartbeat(store, lease.clone(), length));
+    tokio::select! {
+        out = &mut fut => (out, false),
+        () = &mut heartbeat => (fut.await, true),
+    }
+}
+
+/// Renews `lease` every third of `length`; returns when the lease is lost.
+async fn heartbeat<S: Store + ?Sized>(store: &S, mut current: Lease, length: Duration) {
     let period = (length / 3).max(Duration::from_millis(1));
-    let mut lost = false;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            out = &mut fut => return (out, lost),
-            _ = ticker.tick(), if !lost => {
-                match obs::timed("renew", store.renew(&current, length)).await {
-                    Ok(renewed) => current = renewed,
-                    Err(Error::LeaseLost) => lost = true,
-                    Err(_e) => obs::renew_failed(&_e),
-                }
-            }
+        ticker.tick().await;
+        match obs::timed("renew", store.renew(&current, length)).await {
+            Ok(renewed) => current = renewed,
+            Err(Error::LeaseLost) => return,
+            Err(_e) => obs::renew_failed(&_e),
         }
     }
 }
@@ -391,14 +396,15 @@ pub async fn keep_alive<S: Store + ?Sized, O>(
 /// Holds a lease for a piece of work and releases it if the work is abandoned (a panic, or its
 /// future dropped, as when an HTTP client disconnects) before [`disarm`](Self::disarm).
 #[derive(Debug)]
-pub struct LeaseGuard<S: Store> {
-    store: Arc<S>,
+pub struct LeaseGuard<'a, S: Store> {
+    // borrowed: the store is only cloned (to release in the background) if the work is abandoned
+    store: &'a Arc<S>,
     lease: Option<Lease>,
 }
 
-impl<S: Store> LeaseGuard<S> {
+impl<'a, S: Store> LeaseGuard<'a, S> {
     /// Guards `lease`.
-    pub fn new(store: Arc<S>, lease: Lease) -> Self {
+    pub fn new(store: &'a Arc<S>, lease: Lease) -> Self {
         LeaseGuard {
             store,
             lease: Some(lease),
@@ -411,10 +417,10 @@ impl<S: Store> LeaseGuard<S> {
     }
 }
 
-impl<S: Store> Drop for LeaseGuard<S> {
+impl<S: Store> Drop for LeaseGuard<'_, S> {
     fn drop(&mut self) {
         if let (Some(lease), Ok(rt)) = (self.lease.take(), tokio::runtime::Handle::try_current()) {
-            let store = Arc::clone(&self.store);
+            let store = Arc::clone(self.store);
             // if no runtime is left, the lease simply expires
             rt.spawn(async move {
                 let _ = store.release(lease).await;

@@ -33,13 +33,23 @@ pub const MAX_KEY_LEN: usize = 255;
 /// assert_eq!(downstream, key.derive("charge"));
 /// # Ok::<(), idemgate_core::Error>(())
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(Arc<KeyInner>);
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    // the scope and the id in one allocation: one pointer to follow when a store compares keys
+    text: Arc<str>,
+    scope_len: u8,
+}
 
-#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct KeyInner {
-    scope: Box<str>,
-    id: Box<str>,
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.scope(), self.id()).cmp(&(other.scope(), other.id()))
+    }
+}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 fn check(what: &str, s: &str) -> Result<()> {
@@ -66,11 +76,12 @@ where
     I: IntoIterator,
     I::Item: AsRef<[u8]>,
 {
-    let mut out = Vec::new();
+    use std::io::Write as _;
+    let mut out = Vec::with_capacity(64);
     for part in parts {
         let part = part.as_ref();
-        out.extend_from_slice(part.len().to_string().as_bytes());
-        out.push(b':');
+        // writing to a Vec cannot fail
+        let _ = write!(out, "{}:", part.len());
         out.extend_from_slice(part);
     }
     out
@@ -82,10 +93,20 @@ impl Key {
         let (scope, id) = (scope.as_ref(), id.as_ref());
         check("scope", scope)?;
         check("id", id)?;
-        Ok(Key(Arc::new(KeyInner {
-            scope: scope.into(),
-            id: id.into(),
-        })))
+        Ok(Key::joined(scope, id))
+    }
+
+    /// Both parts already checked.
+    fn joined(scope: &str, id: &str) -> Self {
+        let mut buf = [0u8; 2 * MAX_KEY_LEN];
+        let len = scope.len() + id.len();
+        buf[..scope.len()].copy_from_slice(scope.as_bytes());
+        buf[scope.len()..len].copy_from_slice(id.as_bytes());
+        Key {
+            // both parts are ASCII, so their concatenation is UTF-8
+            text: Arc::from(std::str::from_utf8(&buf[..len]).unwrap_or_default()),
+            scope_len: u8::try_from(scope.len()).unwrap_or(u8::MAX),
+        }
     }
 
     /// A business key built from several parts (payment id + operation, order id + SKU, user id
@@ -120,20 +141,17 @@ impl Key {
     pub fn derive(&self, step: &str) -> Key {
         let encoded = length_prefixed([self.scope(), self.id(), step]);
         let id = format!("d3:{}", blake3::hash(&encoded).to_hex());
-        Key(Arc::new(KeyInner {
-            scope: self.scope().into(),
-            id: id.into(),
-        }))
+        Key::joined(self.scope(), &id)
     }
 
     /// The scope: consumer, operation or tenant.
     pub fn scope(&self) -> &str {
-        &self.0.scope
+        &self.text[..usize::from(self.scope_len)]
     }
 
     /// The id within the scope.
     pub fn id(&self) -> &str {
-        &self.0.id
+        &self.text[usize::from(self.scope_len)..]
     }
 }
 

@@ -1,9 +1,10 @@
 //! The in-process store.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -39,7 +40,8 @@ use crate::store::Store;
 /// ```
 #[derive(Debug)]
 pub struct MemoryStore {
-    shards: Box<[Mutex<HashMap<Key, Record, RandomState>>]>,
+    // records keyed by their own `key`: one hash per operation picks the shard and the slot
+    shards: Box<[Mutex<HashTable<Record>>]>,
     hasher: RandomState,
     len: AtomicUsize,
     capacity: Option<usize>,
@@ -132,17 +134,27 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn shard(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, Record, RandomState>> {
-        // `shards.len()` is never 0 (the builder refuses it), so the index is in range.
-        let i = usize::try_from(self.hasher.hash_one(key) % self.shards.len() as u64).unwrap_or(0);
-        // A poisoned lock only means another thread panicked while holding it; every update
-        // below is a single assignment, so the map is consistent.
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    fn hash(&self, key: &Key) -> u64 {
+        self.hasher.hash_one(key)
     }
 
-    fn drop_expired(&self, map: &mut HashMap<Key, Record, RandomState>, now: SystemTime) {
+    /// The shard holding `key`, locked, and the key's hash.
+    fn shard(&self, key: &Key) -> (MutexGuard<'_, HashTable<Record>>, u64) {
+        let hash = self.hash(key);
+        // bits the table uses for neither its index (low) nor its tags (top 7);
+        // `shards.len()` is never 0 (the builder refuses it), so the index is in range
+        let i = usize::try_from((hash >> 32) % self.shards.len() as u64).unwrap_or(0);
+        // A poisoned lock only means another thread panicked while holding it; every update
+        // below is a single assignment, so the map is consistent.
+        (
+            self.shards[i].lock().unwrap_or_else(|e| e.into_inner()),
+            hash,
+        )
+    }
+
+    fn drop_expired(&self, map: &mut HashTable<Record>, now: SystemTime) {
         let before = map.len();
-        map.retain(|_, r| r.expires_at > now);
+        map.retain(|r| r.expires_at > now);
         self.len.fetch_sub(before - map.len(), Ordering::Relaxed);
     }
 
@@ -180,10 +192,13 @@ impl MemoryStore {
         let lease_until = now + opts.lease;
         let mut swept = false;
         loop {
-            let mut map = self.shard(key);
-            if let Some(r) = map.get_mut(key) {
-                return Ok(Self::claim_existing(r, key, fp, opts, now));
-            }
+            let (mut map, hash) = self.shard(key);
+            let vacant = match map.entry(hash, |r| r.key == *key, |r| self.hash(&r.key)) {
+                Entry::Occupied(mut r) => {
+                    return Ok(Self::claim_existing(r.get_mut(), key, fp, opts, now));
+                }
+                Entry::Vacant(v) => v,
+            };
             if !self.reserve() {
                 drop(map);
                 if swept {
@@ -197,20 +212,17 @@ impl MemoryStore {
                 swept = true;
                 continue;
             }
-            map.insert(
-                key.clone(),
-                Record {
-                    key: key.clone(),
-                    fingerprint: fp.copied(),
-                    state: State::InProgress {
-                        token: 1,
-                        lease_until,
-                    },
-                    created_at: now,
-                    expires_at: lease_until + opts.retention,
-                    attempts: 1,
+            vacant.insert(Record {
+                key: key.clone(),
+                fingerprint: fp.copied(),
+                state: State::InProgress {
+                    token: 1,
+                    lease_until,
                 },
-            );
+                created_at: now,
+                expires_at: lease_until + opts.retention,
+                attempts: 1,
+            });
             return Ok(Claim::Acquired(Lease::new(key.clone(), 1, lease_until, 1)));
         }
     }
@@ -274,8 +286,8 @@ impl MemoryStore {
         f: impl FnOnce(&mut Record, SystemTime, SystemTime) -> T,
     ) -> Result<T> {
         let now = self.clock.now();
-        let mut map = self.shard(lease.key());
-        match map.get_mut(lease.key()) {
+        let (mut map, hash) = self.shard(lease.key());
+        match map.find_mut(hash, |r| r.key == *lease.key()) {
             Some(r) => match r.state {
                 State::InProgress { token, lease_until } if token == lease.token() => {
                     Ok(f(r, now, lease_until))
@@ -327,9 +339,9 @@ impl Store for MemoryStore {
 
     async fn get(&self, key: &Key) -> Result<Option<Record>> {
         let now = self.clock.now();
-        Ok(self
-            .shard(key)
-            .get(key)
+        let (map, hash) = self.shard(key);
+        Ok(map
+            .find(hash, |r| r.key == *key)
             .filter(|r| r.expires_at > now)
             .cloned())
     }
@@ -342,17 +354,13 @@ impl Store for MemoryStore {
                 break;
             }
             let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
-            let doomed: Vec<Key> = map
-                .iter()
-                .filter(|(_, r)| r.expires_at <= now)
-                .map(|(k, _)| k.clone())
-                .take(limit - purged)
-                .collect();
-            for k in &doomed {
-                map.remove(k);
-            }
-            purged += doomed.len();
-            self.len.fetch_sub(doomed.len(), Ordering::Relaxed);
+            let before = purged;
+            map.retain(|r| {
+                let doomed = r.expires_at <= now && purged < limit;
+                purged += usize::from(doomed);
+                !doomed
+            });
+            self.len.fetch_sub(purged - before, Ordering::Relaxed);
         }
         Ok(purged as u64)
     }

@@ -24,6 +24,9 @@ use crate::problem::Problem;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestKey(pub Key);
 
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
 /// A boxed error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -306,8 +309,16 @@ where
     if !config.methods.contains(&parts.method) {
         return pass(inner, Request::from_parts(parts, Body::new(body))).await;
     }
-    let raw = match parts.headers.get("idempotency-key") {
-        Some(v) => v.as_bytes().to_vec(),
+    let id = match parts
+        .headers
+        .get(IDEMPOTENCY_KEY)
+        .map(|v| parse_key(v.as_bytes()))
+    {
+        Some(Ok(id)) => id,
+        Some(Err(e)) => {
+            count("invalid_key");
+            return Ok(Problem::InvalidKey.response(&e.to_string()));
+        }
         None if config.required => {
             count("missing_key");
             return Ok(
@@ -315,13 +326,6 @@ where
             );
         }
         None => return pass(inner, Request::from_parts(parts, Body::new(body))).await,
-    };
-    let id = match parse_key(&raw) {
-        Ok(id) => id,
-        Err(e) => {
-            count("invalid_key");
-            return Ok(Problem::InvalidKey.response(&e.to_string()));
-        }
     };
     let scope = match &config.scope {
         None => String::new(),
@@ -345,25 +349,19 @@ where
         }
         Err(_) => return Ok(Problem::UnreadableBody.response("the request body could not be read")),
     };
-    let fp = {
-        let mut fp_parts: Vec<&[u8]> = vec![
+    let fp = Fingerprint::of_parts(
+        [
             parts.method.as_str().as_bytes(),
             parts.uri.path().as_bytes(),
             parts.uri.query().unwrap_or("").as_bytes(),
             &bytes,
-        ];
-        for h in &config.fingerprint_headers {
-            fp_parts.push(h.as_str().as_bytes());
-            fp_parts.push(
-                parts
-                    .headers
-                    .get(h)
-                    .map(HeaderValue::as_bytes)
-                    .unwrap_or(b""),
-            );
-        }
-        Fingerprint::of_parts(fp_parts)
-    };
+        ]
+        .into_iter()
+        .chain(config.fingerprint_headers.iter().flat_map(|h| {
+            let value = parts.headers.get(h).map_or(&b""[..], HeaderValue::as_bytes);
+            [h.as_str().as_bytes(), value]
+        })),
+    );
     let opts = ClaimOptions {
         lease: config.lease,
         retention: config.retention,
@@ -413,7 +411,7 @@ where
             }
         }
     };
-    let mut guard = LeaseGuard::new(Arc::clone(&config.store), lease.clone());
+    let mut guard = LeaseGuard::new(&config.store, lease.clone());
     let mut req = Request::from_parts(parts, Body::from(bytes));
     // the handler can derive downstream keys from it (`RequestKey(key).0.derive("charge")`)
     req.extensions_mut().insert(RequestKey(key));
@@ -436,6 +434,7 @@ where
     let lease = guard.disarm();
     if config.profile.stores(rparts.status) && body.len() <= config.max_response {
         let mut outcome = Outcome::new(rparts.status.as_u16(), body.clone());
+        outcome.meta.reserve_exact(rparts.headers.len());
         for (name, value) in &rparts.headers {
             outcome.meta.push((
                 name.as_str().to_owned(),
@@ -470,6 +469,6 @@ fn replay(o: &Outcome) -> Response<Body> {
         }
     }
     res.headers_mut()
-        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     res
 }
