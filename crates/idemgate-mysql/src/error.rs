@@ -13,11 +13,16 @@ fn retryable(number: u16) -> bool {
 }
 
 pub(crate) fn my<T>(r: Result<T, sqlx::Error>) -> idemgate_core::Result<T> {
-    r.map_err(|e| {
-        idemgate_sql::classify("mysql", e, |db| {
-            db.try_downcast_ref::<MySqlDatabaseError>()
-                .is_some_and(|m| retryable(m.number()))
-        })
+    r.map_err(classify_error)
+}
+
+/// A `sqlx` failure of this database as idemgate's error: `Unavailable` when a retry on a fresh
+/// connection may cure it (a lost connection, a deadlock, a serialization failure), otherwise
+/// `Backend`. For the transactions a caller opens around an inbox.
+pub fn classify_error(e: sqlx::Error) -> idemgate_core::Error {
+    idemgate_sql::classify("mysql", e, |db| {
+        db.try_downcast_ref::<MySqlDatabaseError>()
+            .is_some_and(|m| retryable(m.number()))
     })
 }
 

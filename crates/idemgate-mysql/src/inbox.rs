@@ -76,6 +76,11 @@ impl MySqlInbox {
         self
     }
 
+    /// How long a processed key is remembered.
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
     /// Creates the inbox table if missing.
     pub async fn migrate(&self, pool: &MySqlPool) -> Result<()> {
         let t = &self.table;

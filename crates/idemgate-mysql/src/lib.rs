@@ -25,6 +25,7 @@ mod offsets;
 mod schema;
 mod store;
 
+pub use error::classify_error;
 pub use inbox::MySqlInbox;
 pub use log::{Appended, LoggedEvent, MySqlEventLog};
 pub use offsets::MySqlOffsets;

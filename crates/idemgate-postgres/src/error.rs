@@ -14,7 +14,12 @@ fn retryable(code: &str) -> bool {
 
 /// `sqlx::Result` classified into idemgate's `Result`.
 pub(crate) fn pg<T>(r: Result<T, sqlx::Error>) -> idemgate_core::Result<T> {
-    r.map_err(|e| {
-        idemgate_sql::classify("postgres", e, |db| db.code().is_some_and(|c| retryable(&c)))
-    })
+    r.map_err(classify_error)
+}
+
+/// A `sqlx` failure of this database as idemgate's error: `Unavailable` when a retry on a fresh
+/// connection may cure it (a lost connection, a deadlock, a serialization failure), otherwise
+/// `Backend`. For the transactions a caller opens around an inbox.
+pub fn classify_error(e: sqlx::Error) -> idemgate_core::Error {
+    idemgate_sql::classify("postgres", e, |db| db.code().is_some_and(|c| retryable(&c)))
 }

@@ -108,6 +108,11 @@ impl PgInbox {
         self
     }
 
+    /// How long a processed key is remembered.
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
     /// Creates the inbox table if missing.
     pub async fn migrate(&self, pool: &PgPool) -> Result<()> {
         let t = &self.table;

@@ -29,6 +29,7 @@ mod offsets;
 mod schema;
 mod store;
 
+pub use error::classify_error;
 pub use inbox::PgInbox;
 pub use log::{Appended, LoggedEvent, PgEventLog};
 pub use offsets::PgOffsets;

@@ -1,0 +1,45 @@
+//! What a broker adapter implements.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::{Message, Outgoing, Result};
+
+/// One delivery of a message, to be settled exactly once: acked, nacked or dead-lettered.
+///
+/// Dropping a delivery without settling it must leave the message to be redelivered (the broker's
+/// visibility timeout, the connection's unacked messages, the consumer's ack wait).
+pub trait Delivery: Send + Sync + 'static {
+    /// The message.
+    fn message(&self) -> &Message;
+
+    /// Done: the broker forgets the message.
+    fn ack(self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Not done: the broker redelivers it, after `delay` where it supports one.
+    fn nack(self, delay: Duration) -> impl Future<Output = Result<()>> + Send;
+
+    /// Never to be retried: moved to the broker's dead-letter destination with `reason`.
+    fn dead_letter(self, reason: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Still working: extends the broker's redelivery timer (NATS `+WPI`, SQS visibility).
+    /// Called in step with lease renewal while a handler runs. The default does nothing.
+    fn in_progress(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// A stream of deliveries from one queue, subject, topic or subscription.
+pub trait Source: Send + 'static {
+    /// The delivery type.
+    type Delivery: Delivery;
+
+    /// The next delivery; `None` when the source has ended (it was closed or drained).
+    fn recv(&mut self) -> impl Future<Output = Result<Option<Self::Delivery>>> + Send;
+}
+
+/// A producer: publishes a message with its event id stamped where the broker can see it.
+pub trait Sink: Send + Sync + 'static {
+    /// Publishes `msg` and waits until the broker has it (a confirm, an ack, a `PUBACK`).
+    fn publish(&self, msg: &Outgoing) -> impl Future<Output = Result<()>> + Send;
+}

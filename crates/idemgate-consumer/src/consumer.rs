@@ -1,0 +1,732 @@
+//! The `Consumer` runtime.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use idemgate_core::{Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Store, keep_alive};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::inbox::{Inbox, InboxHandler};
+use crate::window::{Horizon, check_window};
+use crate::{Delivery, Error, Message, Result, Source};
+
+/// Extracts a message's key: the event id by default, or a business key (order id + SKU).
+/// An `Err` makes the message poison: it is dead-lettered with that reason.
+pub type KeyFn = Arc<dyn Fn(&Message) -> std::result::Result<Key, String> + Send + Sync>;
+
+/// What a consumer did, counted from its start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Deliveries received.
+    pub received: u64,
+    /// Handler runs that completed (or committed) and were acked.
+    pub handled: u64,
+    /// Duplicates of completed keys, acked without running the handler.
+    pub duplicates: u64,
+    /// Duplicates of keys still being handled elsewhere, nacked with a delay.
+    pub in_progress: u64,
+    /// Failed handler runs nacked for a retry.
+    pub retried: u64,
+    /// Messages dead-lettered (poison, mismatch, out of attempts).
+    pub dead_lettered: u64,
+    /// Completions refused because the lease had been taken over (a zombie fenced off).
+    pub fenced: u64,
+    /// Acks, nacks or dead-letters the broker refused (it will redeliver).
+    pub settle_failures: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    received: AtomicU64,
+    handled: AtomicU64,
+    duplicates: AtomicU64,
+    in_progress: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    fenced: AtomicU64,
+    settle_failures: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn snapshot(&self) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            received: get(&self.received),
+            handled: get(&self.handled),
+            duplicates: get(&self.duplicates),
+            in_progress: get(&self.in_progress),
+            retried: get(&self.retried),
+            dead_lettered: get(&self.dead_lettered),
+            fenced: get(&self.fenced),
+            settle_failures: get(&self.settle_failures),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Config {
+    name: String,
+    concurrency: usize,
+    max_attempts: u32,
+    retry_delay: Duration,
+    busy_delay: Duration,
+    lease: Duration,
+    retention: Duration,
+    batch: usize,
+    key: Option<KeyFn>,
+    horizon: Option<Horizon>,
+    strict: bool,
+}
+
+/// Gate mode: keys claimed in a [`Store`].
+#[derive(Debug)]
+pub struct GateMode<St>(Arc<St>);
+
+/// Inbox mode: keys recorded in the handler's own transaction.
+#[derive(Debug)]
+pub struct InboxMode<I>(Arc<I>);
+
+/// An idempotent consumer: receive, extract the key, claim it (or open the inbox transaction),
+/// handle, complete (or commit), and only then ack.
+///
+/// - A duplicate of a completed key is acked without running the handler.
+/// - A duplicate of a key being handled elsewhere is nacked with a delay (default 1 s).
+/// - The same key with a different payload (Gate mode), or a message without a key, is
+///   dead-lettered with the reason.
+/// - A failing (or panicking) handler is nacked with a growing delay and dead-lettered after
+///   `max_attempts` (default 5), counted by the store (Gate mode) or by the broker's delivery
+///   count where it has one.
+/// - Up to `concurrency` messages run at once; messages with the same ordering key run one at a
+///   time, in order. Claims of messages that are ready together are batched (`claim_many`).
+/// - While a handler runs, the lease is renewed and the broker is told the message is in
+///   progress ([`Delivery::in_progress`]) every third of the lease.
+/// - [`run`](Consumer::run)'s `shutdown` future stops receiving; what was received is finished,
+///   settled, and then `run` returns the [`Stats`].
+pub struct Consumer<M> {
+    cfg: Config,
+    mode: M,
+}
+
+impl<M> fmt::Debug for Consumer<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("name", &self.cfg.name)
+            .field("concurrency", &self.cfg.concurrency)
+            .field("max_attempts", &self.cfg.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+fn config(name: String) -> Config {
+    Config {
+        name,
+        concurrency: 8,
+        max_attempts: 5,
+        retry_delay: Duration::from_millis(500),
+        busy_delay: Duration::from_secs(1),
+        lease: Duration::from_secs(30),
+        retention: Duration::from_secs(7 * 86_400),
+        batch: 64,
+        key: None,
+        horizon: None,
+        strict: false,
+    }
+}
+
+impl<St: Store> Consumer<GateMode<St>> {
+    /// A consumer named `name` (the scope of its keys) claiming keys in `store`.
+    pub fn gate(name: impl Into<String>, store: St) -> Self {
+        Consumer {
+            cfg: config(name.into()),
+            mode: GateMode(Arc::new(store)),
+        }
+    }
+
+    /// How long completed keys are remembered (default 7 days): at least the broker's
+    /// redelivery horizon.
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.cfg.retention = retention;
+        self
+    }
+
+    /// The lease of a running handler (default 30 s), renewed while it runs.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.cfg.lease = lease;
+        self
+    }
+
+    /// The most claims sent to the store in one `claim_many` (default 64).
+    pub fn with_batch(mut self, batch: usize) -> Self {
+        self.cfg.batch = batch.max(1);
+        self
+    }
+
+    /// Runs `handler` on every message of `source` until `shutdown` resolves or the source
+    /// ends.
+    ///
+    /// # Errors
+    /// A broker failure while receiving (after the messages in flight are settled), or the
+    /// window check under [`strict`](Consumer::strict).
+    pub async fn run<S, H, Fut, E>(
+        self,
+        source: S,
+        handler: H,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<Stats>
+    where
+        S: Source,
+        H: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: fmt::Display + Send + 'static,
+    {
+        check(&self.cfg, self.cfg.retention)?;
+        let store = self.mode.0;
+        let opts = ClaimOptions {
+            lease: self.cfg.lease,
+            retention: self.cfg.retention,
+        };
+        let claims = Claimer::spawn(Arc::clone(&store), self.cfg.batch, opts);
+        let rt = Runtime::new(self.cfg);
+        let process = Arc::new(GateProcess {
+            rt: Arc::clone(&rt),
+            store,
+            claims,
+            handler,
+        });
+        drive(&rt, source, process, shutdown).await
+    }
+}
+
+impl<I: Inbox> Consumer<InboxMode<I>> {
+    /// A consumer named `name` (the scope of its keys) recording keys in `inbox`, inside the
+    /// transaction its handler writes in.
+    pub fn inbox(name: impl Into<String>, inbox: I) -> Self {
+        Consumer {
+            cfg: config(name.into()),
+            mode: InboxMode(Arc::new(inbox)),
+        }
+    }
+
+    /// Runs `handler` on every message of `source`, in a transaction that also records the key,
+    /// until `shutdown` resolves or the source ends.
+    ///
+    /// # Errors
+    /// A broker failure while receiving (after the messages in flight are settled), or the
+    /// window check under [`strict`](Consumer::strict).
+    pub async fn run<S, H>(
+        self,
+        source: S,
+        handler: H,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<Stats>
+    where
+        S: Source,
+        H: InboxHandler<I::Tx>,
+    {
+        let inbox = self.mode.0;
+        check(&self.cfg, inbox.retention())?;
+        let rt = Runtime::new(self.cfg);
+        let process = Arc::new(InboxProcess {
+            rt: Arc::clone(&rt),
+            inbox,
+            handler: Arc::new(handler),
+        });
+        drive(&rt, source, process, shutdown).await
+    }
+}
+
+impl<M> Consumer<M> {
+    /// How many messages are handled at once (default 8).
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.cfg.concurrency = n.max(1);
+        self
+    }
+
+    /// Handler runs before a failing message is dead-lettered (default 5).
+    pub fn with_max_attempts(mut self, n: u32) -> Self {
+        self.cfg.max_attempts = n.max(1);
+        self
+    }
+
+    /// The first retry delay after a handler failure (default 500 ms), doubled per attempt up to
+    /// 30 s.
+    pub fn with_retry_delay(mut self, delay: Duration) -> Self {
+        self.cfg.retry_delay = delay;
+        self
+    }
+
+    /// The delay before a duplicate of a running key is redelivered (default 1 s).
+    pub fn with_busy_delay(mut self, delay: Duration) -> Self {
+        self.cfg.busy_delay = delay;
+        self
+    }
+
+    /// A business key instead of the event id: `|msg| Key::compose("reservations", [order, sku])`.
+    pub fn with_key(
+        mut self,
+        f: impl Fn(&Message) -> std::result::Result<Key, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.cfg.key = Some(Arc::new(f));
+        self
+    }
+
+    /// The broker's redelivery horizon, checked against the retention at start.
+    pub fn with_horizon(mut self, horizon: Horizon) -> Self {
+        self.cfg.horizon = Some(horizon);
+        self
+    }
+
+    /// Refuse to start (with [`Error::Window`]) when the retention is shorter than the horizon,
+    /// instead of warning.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.cfg.strict = strict;
+        self
+    }
+}
+
+fn check(cfg: &Config, retention: Duration) -> Result<()> {
+    let Some(horizon) = cfg.horizon.clone() else {
+        return Ok(());
+    };
+    let verdict = check_window(retention, horizon);
+    if verdict.is_ok() {
+        tracing::debug!(consumer = %cfg.name, "{verdict}");
+    } else if cfg.strict {
+        return Err(Error::Window(verdict));
+    } else {
+        tracing::warn!(consumer = %cfg.name, "{verdict}");
+    }
+    Ok(())
+}
+
+/// What both modes share: configuration, counters, local attempt counts, and settling.
+struct Runtime {
+    cfg: Config,
+    counters: Counters,
+    // attempts of keys that failed here, for brokers that do not count deliveries
+    attempts: Mutex<HashMap<Key, u32>>,
+}
+
+impl Runtime {
+    fn new(cfg: Config) -> Arc<Self> {
+        Arc::new(Runtime {
+            cfg,
+            counters: Counters::default(),
+            attempts: Mutex::default(),
+        })
+    }
+
+    fn key(&self, msg: &Message) -> std::result::Result<Key, String> {
+        match &self.cfg.key {
+            Some(f) => f(msg),
+            None => match &msg.event_id {
+                Some(id) => Key::new(&self.cfg.name, id).map_err(|e| e.to_string()),
+                None => Err("the message has no event id".into()),
+            },
+        }
+    }
+
+    async fn ack<D: Delivery>(&self, d: D) {
+        if let Err(e) = d.ack().await {
+            bump(&self.counters.settle_failures);
+            tracing::warn!(error = %e, "ack failed; the broker will redeliver");
+        }
+    }
+
+    async fn nack<D: Delivery>(&self, d: D, delay: Duration) {
+        if let Err(e) = d.nack(delay).await {
+            bump(&self.counters.settle_failures);
+            tracing::warn!(error = %e, "nack failed; the broker will redeliver");
+        }
+    }
+
+    async fn dead_letter<D: Delivery>(&self, d: D, reason: String) {
+        bump(&self.counters.dead_lettered);
+        tracing::warn!(consumer = %self.cfg.name, %reason, "dead-lettering a message");
+        if let Err(e) = d.dead_letter(&reason).await {
+            bump(&self.counters.settle_failures);
+            tracing::warn!(error = %e, "dead-lettering failed; the broker will redeliver");
+        }
+    }
+
+    /// This run's attempt number for `key`: the store's count (Gate mode), the broker's delivery
+    /// count, or our own, whichever is highest.
+    fn attempt(&self, key: &Key, store: Option<u32>, msg: &Message) -> u32 {
+        let mut map = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 100_000 {
+            map.clear();
+        }
+        let local = map.entry(key.clone()).or_insert(0);
+        *local += 1;
+        (*local)
+            .max(store.unwrap_or(0))
+            .max(msg.deliveries.unwrap_or(0))
+    }
+
+    fn forget(&self, key: &Key) {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// A failed run: nacked with a growing delay, or dead-lettered when out of attempts.
+    async fn failed<D: Delivery>(&self, d: D, key: &Key, attempt: u32, error: String) {
+        if attempt >= self.cfg.max_attempts {
+            self.forget(key);
+            let reason = format!("the handler failed {attempt} times; last error: {error}");
+            return self.dead_letter(d, reason).await;
+        }
+        bump(&self.counters.retried);
+        tracing::info!(%key, attempt, %error, "handler failed; retrying through the broker");
+        let delay = self
+            .cfg
+            .retry_delay
+            .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+            .min(Duration::from_secs(30));
+        self.nack(d, delay).await;
+    }
+
+    /// Tells the broker every third of the lease that `d` is still being worked on.
+    async fn broker_ticks<D: Delivery>(&self, d: &D) -> Infallible {
+        let period = (self.cfg.lease / 3).max(Duration::from_millis(1));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            ticker.tick().await;
+            if let Err(e) = d.in_progress().await {
+                tracing::debug!(error = %e, "in-progress signal failed");
+            }
+        }
+    }
+}
+
+/// Handles one delivery from start to settlement.
+trait Process<D: Delivery>: Send + Sync + 'static {
+    fn process(&self, d: D) -> impl Future<Output = ()> + Send;
+}
+
+/// Receives, dispatches to `concurrency` lanes (same ordering key, same lane), and on shutdown
+/// or the source's end lets the lanes finish what they hold.
+async fn drive<S, P>(
+    rt: &Runtime,
+    mut source: S,
+    process: Arc<P>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<Stats>
+where
+    S: Source,
+    P: Process<S::Delivery>,
+{
+    let n = rt.cfg.concurrency;
+    let mut lanes = Vec::with_capacity(n);
+    let mut tasks = JoinSet::new();
+    for _ in 0..n {
+        let (tx, mut rx) = mpsc::channel::<S::Delivery>(1);
+        let process = Arc::clone(&process);
+        tasks.spawn(async move {
+            while let Some(d) = rx.recv().await {
+                process.process(d).await;
+            }
+        });
+        lanes.push(tx);
+    }
+    let hasher = RandomState::new();
+    let mut next = 0usize;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let result = loop {
+        let received = tokio::select! {
+            biased;
+            () = &mut shutdown => break Ok(()),
+            r = source.recv() => r,
+        };
+        let d = match received {
+            Ok(Some(d)) => d,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        bump(&rt.counters.received);
+        let d = match &d.message().ordering_key {
+            Some(k) => {
+                let lane = usize::try_from(hasher.hash_one(k) % n as u64).unwrap_or(0);
+                lanes[lane].send(d).await.err().map(|e| e.0)
+            }
+            None => {
+                // the first free lane from a rotating start, else wait for the next in turn
+                let mut d = Some(d);
+                for i in 0..n {
+                    let lane = &lanes[(next + i) % n];
+                    match lane.try_send(d.take().expect("held until sent")) {
+                        Ok(()) => break,
+                        Err(mpsc::error::TrySendError::Full(back)) => d = Some(back),
+                        Err(mpsc::error::TrySendError::Closed(back)) => d = Some(back),
+                    }
+                }
+                next = (next + 1) % n;
+                match d {
+                    Some(d) => lanes[next].send(d).await.err().map(|e| e.0),
+                    None => None,
+                }
+            }
+        };
+        if let Some(d) = d {
+            // a lane is gone (its task panicked): leave the message to the broker
+            drop(d);
+            break Err(Error::Config("a consumer lane stopped".into()));
+        }
+    };
+    drop(lanes);
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(error = %e, "a consumer lane failed");
+        }
+    }
+    result.map(|()| rt.counters.snapshot())
+}
+
+type ClaimRequest = (
+    Key,
+    Fingerprint,
+    oneshot::Sender<idemgate_core::Result<Claim>>,
+);
+
+/// Batches the claims of deliveries that are ready at the same time into one `claim_many`.
+struct Claimer {
+    tx: mpsc::Sender<ClaimRequest>,
+}
+
+impl Claimer {
+    fn spawn<St: Store>(store: Arc<St>, batch: usize, opts: ClaimOptions) -> Self {
+        let (tx, mut rx) = mpsc::channel::<ClaimRequest>(batch * 2);
+        tokio::spawn(async move {
+            let mut pending = Vec::with_capacity(batch);
+            while rx.recv_many(&mut pending, batch).await > 0 {
+                let (claims, waiters): (Vec<_>, Vec<_>) = pending
+                    .drain(..)
+                    .map(|(k, fp, w)| ((k, Some(fp)), w))
+                    .unzip();
+                let results = if let [(key, fp)] = &claims[..] {
+                    store.claim(key, fp.as_ref(), &opts).await.map(|c| vec![c])
+                } else {
+                    store.claim_many(&claims, &opts).await
+                };
+                match results {
+                    Ok(results) => {
+                        for (w, r) in waiters.into_iter().zip(results) {
+                            let _ = w.send(Ok(r));
+                        }
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        for w in waiters {
+                            let _ = w.send(Err(idemgate_core::Error::Unavailable {
+                                backend: "store",
+                                source: msg.clone().into(),
+                            }));
+                        }
+                    }
+                }
+            }
+        });
+        Claimer { tx }
+    }
+
+    async fn claim(&self, key: Key, fp: Fingerprint) -> idemgate_core::Result<Claim> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || idemgate_core::Error::Unavailable {
+            backend: "store",
+            source: "the claim batcher stopped".into(),
+        };
+        self.tx.send((key, fp, tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+struct GateProcess<St, H> {
+    rt: Arc<Runtime>,
+    store: Arc<St>,
+    claims: Claimer,
+    handler: H,
+}
+
+impl<St, H, Fut, E, D> Process<D> for GateProcess<St, H>
+where
+    St: Store,
+    H: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+    E: fmt::Display + Send + 'static,
+    D: Delivery,
+{
+    async fn process(&self, d: D) {
+        let rt = &*self.rt;
+        let key = match rt.key(d.message()) {
+            Ok(key) => key,
+            Err(reason) => return rt.dead_letter(d, format!("poison message: {reason}")).await,
+        };
+        let fp = Fingerprint::of(&d.message().payload);
+        let lease = match self.claims.claim(key.clone(), fp).await {
+            Ok(Claim::Acquired(lease)) => lease,
+            Ok(Claim::Completed(_)) => {
+                bump(&rt.counters.duplicates);
+                return rt.ack(d).await;
+            }
+            Ok(Claim::InProgress { .. }) => {
+                bump(&rt.counters.in_progress);
+                return rt.nack(d, rt.cfg.busy_delay).await;
+            }
+            Ok(Claim::Mismatch { .. }) => {
+                let reason = format!(
+                    "fingerprint mismatch: key {key} was first handled with a different payload"
+                );
+                return rt.dead_letter(d, reason).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %key, "claim failed; the message will be redelivered");
+                return rt.nack(d, rt.cfg.retry_delay).await;
+            }
+        };
+        let attempt = rt.attempt(&key, Some(lease.attempt()), d.message());
+        // the handler runs in its own task: a panic is a failed attempt, not a dead lane
+        let run = tokio::spawn((self.handler)(d.message().clone()));
+        let (joined, lost) = tokio::select! {
+            r = keep_alive(&*self.store, &lease, rt.cfg.lease, run) => r,
+            never = rt.broker_ticks(&d) => match never {},
+        };
+        match joined {
+            Ok(Ok(())) if !lost => self.complete(d, &key, &lease).await,
+            Ok(Ok(())) => {
+                // another consumer took the key over while this one ran: it will settle it
+                bump(&rt.counters.fenced);
+                rt.nack(d, rt.cfg.busy_delay).await;
+            }
+            Ok(Err(e)) => {
+                let _ = self.store.release(lease).await;
+                rt.failed(d, &key, attempt, e.to_string()).await;
+            }
+            Err(e) => {
+                let _ = self.store.release(lease).await;
+                let error = if e.is_panic() {
+                    "the handler panicked"
+                } else {
+                    "the handler was cancelled"
+                };
+                rt.failed(d, &key, attempt, error.into()).await;
+            }
+        }
+    }
+}
+
+impl<St: Store, H> GateProcess<St, H> {
+    async fn complete<D: Delivery>(&self, d: D, key: &Key, lease: &Lease) {
+        let rt = &*self.rt;
+        let done = Outcome::new(Outcome::OK, Bytes::new());
+        match self.store.complete(lease, &done, rt.cfg.retention).await {
+            Ok(()) => {
+                rt.forget(key);
+                bump(&rt.counters.handled);
+                rt.ack(d).await;
+            }
+            Err(idemgate_core::Error::LeaseLost) => {
+                bump(&rt.counters.fenced);
+                tracing::warn!(%key, "completion fenced: another consumer took the key over");
+                rt.nack(d, rt.cfg.busy_delay).await;
+            }
+            Err(e) => {
+                // the effect happened but is not recorded: a redelivery runs it again (the Gate
+                // window; pass `Key::derive` downstream to close it)
+                tracing::warn!(error = %e, %key, "could not record completion");
+                rt.nack(d, rt.cfg.retry_delay).await;
+            }
+        }
+    }
+}
+
+struct InboxProcess<I: Inbox, H> {
+    rt: Arc<Runtime>,
+    inbox: Arc<I>,
+    handler: Arc<H>,
+}
+
+impl<I, H, D> Process<D> for InboxProcess<I, H>
+where
+    I: Inbox,
+    H: InboxHandler<I::Tx>,
+    D: Delivery,
+{
+    async fn process(&self, d: D) {
+        let rt = &*self.rt;
+        let key = match rt.key(d.message()) {
+            Ok(key) => key,
+            Err(reason) => return rt.dead_letter(d, format!("poison message: {reason}")).await,
+        };
+        let mut tx = match self.inbox.begin().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not open the inbox transaction");
+                return rt.nack(d, rt.cfg.retry_delay).await;
+            }
+        };
+        // a concurrent duplicate waits here for the first transaction, then sees `false`
+        let first = tokio::select! {
+            r = self.inbox.first_time(&mut tx, &key) => r,
+            never = rt.broker_ticks(&d) => match never {},
+        };
+        match first {
+            Ok(true) => {}
+            Ok(false) => {
+                drop(tx);
+                bump(&rt.counters.duplicates);
+                return rt.ack(d).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %key, "inbox insert failed");
+                return rt.nack(d, rt.cfg.retry_delay).await;
+            }
+        }
+        let attempt = rt.attempt(&key, None, d.message());
+        let (handler, msg) = (Arc::clone(&self.handler), d.message().clone());
+        // the handler runs in its own task: a panic rolls the transaction back
+        let run = tokio::spawn(async move {
+            let r = handler
+                .handle(&mut tx, &msg)
+                .await
+                .map_err(|e| e.to_string());
+            (tx, r)
+        });
+        let joined = tokio::select! {
+            r = run => r,
+            never = rt.broker_ticks(&d) => match never {},
+        };
+        match joined {
+            Ok((tx, Ok(()))) => match self.inbox.commit(tx).await {
+                Ok(()) => {
+                    rt.forget(&key);
+                    bump(&rt.counters.handled);
+                    rt.ack(d).await;
+                }
+                Err(e) => {
+                    // nothing was committed: the redelivery runs the handler again
+                    tracing::warn!(error = %e, %key, "commit failed");
+                    rt.nack(d, rt.cfg.retry_delay).await;
+                }
+            },
+            Ok((_rolled_back, Err(error))) => rt.failed(d, &key, attempt, error).await,
+            Err(_) => {
+                rt.failed(d, &key, attempt, "the handler panicked".into())
+                    .await
+            }
+        }
+    }
+}

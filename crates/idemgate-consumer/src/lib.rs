@@ -1,0 +1,91 @@
+//! Idempotent consumers on top of at-least-once brokers.
+//!
+//! A broker adapter is a [`Source`] of [`Delivery`] values and, for producers, a [`Sink`] that
+//! stamps an event id. The [`Consumer`] runtime receives, extracts the key, claims it in a
+//! [`Store`](idemgate_core::Store) (Gate mode) or opens an [`Inbox`] transaction (Inbox mode),
+//! runs the handler, completes (or commits), and only then acks. A duplicate of a completed key
+//! is acked without running the handler; an in-progress duplicate is nacked with a delay; a
+//! fingerprint mismatch or a poison message is dead-lettered with its reason; a failing handler
+//! is retried through the broker and dead-lettered after a configurable number of attempts.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use idemgate_consumer::{Consumer, Message, memory::MemoryBroker};
+//! use idemgate_core::MemoryStore;
+//!
+//! # async fn f() -> Result<(), idemgate_consumer::Error> {
+//! let broker = MemoryBroker::new();
+//! let stats = Consumer::gate("emails", MemoryStore::new())
+//!     .with_concurrency(8)
+//!     .run(broker.source(), |msg: Message| async move {
+//!         // send the email; a duplicate delivery never gets here
+//!         Ok::<_, std::io::Error>(())
+//!     }, tokio::time::sleep(Duration::from_secs(1)))
+//!     .await?;
+//! println!("{stats:?}");
+//! # Ok(()) }
+//! ```
+
+mod broker;
+mod consumer;
+mod inbox;
+pub mod memory;
+mod message;
+mod window;
+
+pub use broker::{Delivery, Sink, Source};
+pub use consumer::{Consumer, GateMode, InboxMode, KeyFn, Stats};
+#[cfg(feature = "mysql")]
+pub use inbox::MySqlInboxPool;
+#[cfg(feature = "postgres")]
+pub use inbox::PgInboxPool;
+pub use inbox::{HandlerFuture, Inbox, InboxHandler};
+pub use message::{DEAD_LETTER_REASON, EVENT_ID, Message, Outgoing};
+pub use window::{Horizon, WindowCheck, check_window};
+
+/// A boxed error, as adapters and handlers return them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What stops a consumer or a producer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker failed (a lost connection, a refused publish, a missing confirm).
+    #[error("{broker} failed: {message}")]
+    Broker {
+        /// Which broker (`"rabbitmq"`, `"nats"`, ...).
+        broker: &'static str,
+        /// What was being done.
+        message: String,
+        /// The underlying failure.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The dedup store or the inbox failed.
+    #[error(transparent)]
+    Store(#[from] idemgate_core::Error),
+    /// The store keeps records for less time than the broker may redeliver (strict mode).
+    #[error("{0}")]
+    Window(WindowCheck),
+    /// A configuration value is wrong.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// A broker failure with its source.
+    pub fn broker(
+        broker: &'static str,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Broker {
+            broker,
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,134 @@
+//! Messages as the runtime sees them, and as producers send them.
+
+use bytes::Bytes;
+use idemgate_core::{EventId, Key};
+
+/// The header that carries a message's event id when the broker has no native one.
+pub const EVENT_ID: &str = "idemgate-event-id";
+
+/// The header a dead-lettered message carries with the reason it was dead-lettered.
+pub const DEAD_LETTER_REASON: &str = "idemgate-dead-letter-reason";
+
+/// A received message: what the handler sees.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Message {
+    /// The queue, subject or topic it came from.
+    pub source: String,
+    /// The body.
+    pub payload: Bytes,
+    /// Headers (properties, user properties), in the broker's order.
+    pub headers: Vec<(String, Bytes)>,
+    /// The producer's event id: the broker's native message id, or the [`EVENT_ID`] header.
+    pub event_id: Option<String>,
+    /// The broker says it delivered this message before. A hint only: the store decides.
+    pub redelivered: bool,
+    /// How many times the broker has delivered it, this time included, where it counts.
+    pub deliveries: Option<u32>,
+    /// Messages with the same ordering key are handled one at a time, in order.
+    pub ordering_key: Option<String>,
+}
+
+impl Message {
+    /// A message with a payload and nothing else, for adapters and tests to fill in.
+    pub fn new(source: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Message {
+            source: source.into(),
+            payload: payload.into(),
+            ..Message::default()
+        }
+    }
+
+    /// The first header named `name` (ASCII case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// Sets the event id.
+    pub fn with_event_id(mut self, id: impl Into<String>) -> Self {
+        self.event_id = Some(id.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets the ordering key.
+    pub fn with_ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.ordering_key = Some(key.into());
+        self
+    }
+}
+
+/// A message to publish: a payload with its event id stamped by the producer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Outgoing {
+    /// The queue, subject, topic or routing key to publish to.
+    pub destination: String,
+    /// The body.
+    pub payload: Bytes,
+    /// The event id: the same for every retry of this publish, so the broker (where it can) and
+    /// every consumer recognise a re-publish as the same event.
+    pub event_id: String,
+    /// Extra headers.
+    pub headers: Vec<(String, Bytes)>,
+    /// Kafka's message key, SQS FIFO's message group, MQTT's topic suffix: what orders messages.
+    pub ordering_key: Option<String>,
+}
+
+impl Outgoing {
+    /// A message with a fresh UUIDv7 event id. Keep the value and re-publish *it* on retry.
+    pub fn new(destination: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Outgoing::with_event_id(destination, payload, EventId::new())
+    }
+
+    /// A message with the given event id (a producer id and sequence, or a stored UUID).
+    pub fn with_event_id(
+        destination: impl Into<String>,
+        payload: impl Into<Bytes>,
+        id: EventId,
+    ) -> Self {
+        Outgoing {
+            destination: destination.into(),
+            payload: payload.into(),
+            event_id: id.to_string(),
+            headers: Vec::new(),
+            ordering_key: None,
+        }
+    }
+
+    /// A message whose event id is a business key's id (order id + SKU, user id + email type):
+    /// two producers that publish the same business fact publish the same event.
+    pub fn for_business_key(
+        destination: impl Into<String>,
+        payload: impl Into<Bytes>,
+        key: &Key,
+    ) -> Self {
+        Outgoing {
+            destination: destination.into(),
+            payload: payload.into(),
+            event_id: key.id().to_owned(),
+            headers: Vec::new(),
+            ordering_key: None,
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets the ordering key.
+    pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.ordering_key = Some(key.into());
+        self
+    }
+}

@@ -1,0 +1,342 @@
+//! The runtime's semantics on the in-process broker: duplicates, redeliveries, slow handlers,
+//! poison, mismatches, retries, ordering and shutdown.
+
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idemgate_consumer::memory::{MemoryBroker, MemoryDelivery, MemorySource};
+use idemgate_consumer::{Consumer, Delivery, Message, Result, Source, Stats};
+use std::future::Future;
+
+use idemgate_core::{MemoryStore, Store};
+
+fn event(id: &str, payload: &str) -> Message {
+    Message::new("orders", payload.to_owned()).with_event_id(id)
+}
+
+/// Runs a gate consumer over `broker` until the broker is closed and drained.
+async fn run_gate<St, F, Fut>(broker: &MemoryBroker, store: St, handler: F) -> Stats
+where
+    St: Store,
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), String>> + Send + 'static,
+{
+    Consumer::gate("orders", store)
+        .with_retry_delay(Duration::from_millis(5))
+        .with_busy_delay(Duration::from_millis(20))
+        .run(broker.source(), handler, std::future::pending())
+        .await
+        .unwrap()
+}
+
+type Ready = std::future::Ready<std::result::Result<(), String>>;
+
+/// A handler that counts its runs.
+fn counting() -> (
+    Arc<AtomicUsize>,
+    impl Fn(Message) -> Ready + Clone + Send + Sync + 'static,
+) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let m = Arc::clone(&n);
+    (n, move |_msg: Message| {
+        m.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(()))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_event_twice_runs_once() {
+    let broker = MemoryBroker::new();
+    for _ in 0..2 {
+        for i in 0..50 {
+            broker.send(event(&format!("e-{i}"), "{}"));
+        }
+    }
+    broker.close();
+    let (effects, handler) = counting();
+    let stats = run_gate(&broker, MemoryStore::new(), handler).await;
+    assert_eq!(effects.load(Ordering::SeqCst), 50);
+    assert_eq!(stats.handled, 50);
+    assert_eq!(stats.duplicates, 50, "{stats:?}");
+    assert!(broker.dead_letters().is_empty());
+}
+
+/// A source whose first delivery's ack never finishes, as if the consumer died between the
+/// completion and the ack.
+struct StuckFirstAck {
+    inner: MemorySource,
+    stuck: Arc<AtomicU32>,
+}
+
+struct MaybeStuck {
+    inner: MemoryDelivery,
+    stuck: bool,
+}
+
+impl Delivery for MaybeStuck {
+    fn message(&self) -> &Message {
+        self.inner.message()
+    }
+    async fn ack(self) -> Result<()> {
+        if self.stuck {
+            std::future::pending::<()>().await;
+        }
+        self.inner.ack().await
+    }
+    async fn nack(self, delay: Duration) -> Result<()> {
+        self.inner.nack(delay).await
+    }
+    async fn dead_letter(self, reason: &str) -> Result<()> {
+        self.inner.dead_letter(reason).await
+    }
+}
+
+impl Source for StuckFirstAck {
+    type Delivery = MaybeStuck;
+    async fn recv(&mut self) -> Result<Option<MaybeStuck>> {
+        Ok(self.inner.recv().await?.map(|inner| MaybeStuck {
+            inner,
+            stuck: self.stuck.fetch_add(1, Ordering::SeqCst) == 0,
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_dropped_before_its_ack_is_redelivered_and_not_rerun() {
+    let broker = MemoryBroker::new();
+    broker.send(event("e-1", "{}"));
+    let store = Arc::new(MemoryStore::new());
+    let (effects, handler) = counting();
+    let source = StuckFirstAck {
+        inner: broker.source(),
+        stuck: Arc::new(AtomicU32::new(0)),
+    };
+    let first = Consumer::gate("orders", Arc::clone(&store)).run(
+        source,
+        handler.clone(),
+        std::future::pending(),
+    );
+    // the first consumer completes the key and hangs in its ack; then it dies
+    let _ = tokio::time::timeout(Duration::from_millis(300), first).await;
+    assert_eq!(effects.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        broker.queued(),
+        1,
+        "the dropped delivery went back to the broker"
+    );
+    broker.close();
+    let stats = run_gate(&broker, store, handler).await;
+    assert_eq!(
+        effects.load(Ordering::SeqCst),
+        1,
+        "the redelivery did not run again"
+    );
+    assert_eq!(stats.duplicates, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_its_lease_keeps_it_and_runs_once() {
+    let broker = MemoryBroker::new();
+    let effects = Arc::new(AtomicUsize::new(0));
+    let e = Arc::clone(&effects);
+    let handler = move |_m: Message| {
+        let e = Arc::clone(&e);
+        async move {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            e.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), String>(())
+        }
+    };
+    // the duplicate arrives while the first copy runs, long after the lease's first expiry
+    broker.send(event("slow", "{}"));
+    let b = broker.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        b.send(event("slow", "{}"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        b.close();
+    });
+    let stats = Consumer::gate("orders", MemoryStore::new())
+        .with_lease(Duration::from_millis(150))
+        .with_busy_delay(Duration::from_millis(50))
+        .run(broker.source(), handler, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(effects.load(Ordering::SeqCst), 1, "{stats:?}");
+    assert!(
+        stats.in_progress >= 1,
+        "the duplicate found the key held: {stats:?}"
+    );
+    assert_eq!(
+        stats.duplicates, 1,
+        "and was acked once the first completed: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_and_mismatched_messages_are_dead_lettered_with_their_reason() {
+    let broker = MemoryBroker::new();
+    broker.send(Message::new("orders", "no id"));
+    broker.send(event("e-1", "amount=10"));
+    broker.close();
+    let store = Arc::new(MemoryStore::new());
+    let (effects, handler) = counting();
+    run_gate(&broker, Arc::clone(&store), handler.clone()).await;
+    // the same id with another payload, after the first was handled
+    let broker2 = MemoryBroker::new();
+    broker2.send(event("e-1", "amount=99"));
+    broker2.close();
+    let stats = run_gate(&broker2, store, handler).await;
+    assert_eq!(effects.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.dead_lettered, 1);
+    let dead = broker.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].1.contains("no event id"), "{}", dead[0].1);
+    let dead2 = broker2.dead_letters();
+    assert!(dead2[0].1.contains("mismatch"), "{}", dead2[0].1);
+    assert_eq!(dead2[0].0.payload, "amount=99");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_handler_is_retried_then_dead_lettered_and_a_panic_counts_as_a_failure() {
+    let broker = MemoryBroker::new();
+    broker.send(event("flaky", "{}"));
+    broker.send(event("broken", "{}"));
+    broker.send(event("panics", "{}"));
+    broker.close();
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let r = Arc::clone(&runs);
+    let handler = move |m: Message| {
+        let r = Arc::clone(&r);
+        async move {
+            let id = m.event_id.clone().unwrap_or_default();
+            let n = {
+                let mut runs = r.lock().unwrap();
+                runs.push(id.clone());
+                runs.iter().filter(|x| **x == id).count()
+            };
+            match id.as_str() {
+                "flaky" if n < 3 => Err(format!("flaky failure {n}")),
+                "broken" => Err("always broken".to_owned()),
+                "panics" => panic!("handler bug"),
+                _ => Ok(()),
+            }
+        }
+    };
+    let stats = Consumer::gate("orders", MemoryStore::new())
+        .with_max_attempts(4)
+        .with_retry_delay(Duration::from_millis(5))
+        .run(broker.source(), handler, std::future::pending())
+        .await
+        .unwrap();
+    let runs = runs.lock().unwrap().clone();
+    let count = |id: &str| runs.iter().filter(|x| *x == id).count();
+    assert_eq!(count("flaky"), 3, "succeeds on its third run");
+    assert_eq!(count("broken"), 4, "max_attempts runs");
+    assert_eq!(count("panics"), 4);
+    assert_eq!(stats.handled, 1);
+    assert_eq!(stats.dead_lettered, 2);
+    let dead = broker.dead_letters();
+    let reason = |id: &str| {
+        dead.iter()
+            .find(|(m, _)| m.event_id.as_deref() == Some(id))
+            .map(|(_, r)| r.clone())
+            .unwrap()
+    };
+    assert!(reason("broken").contains("failed 4 times; last error: always broken"));
+    assert!(reason("panics").contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_with_one_ordering_key_run_one_at_a_time_in_order() {
+    let broker = MemoryBroker::new();
+    for i in 0..40 {
+        let account = if i % 2 == 0 { "acct-a" } else { "acct-b" };
+        broker.send(event(&format!("e-{i}"), &i.to_string()).with_ordering_key(account));
+    }
+    broker.close();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = Arc::clone(&seen);
+    let handler = move |m: Message| {
+        let s = Arc::clone(&s);
+        async move {
+            // a little work, so that concurrent lanes interleave
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let n: u32 = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+            s.lock().unwrap().push((m.ordering_key.clone().unwrap(), n));
+            Ok::<(), String>(())
+        }
+    };
+    Consumer::gate("orders", MemoryStore::new())
+        .with_concurrency(8)
+        .run(broker.source(), handler, std::future::pending())
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    for account in ["acct-a", "acct-b"] {
+        let order: Vec<u32> = seen
+            .iter()
+            .filter(|(a, _)| a == account)
+            .map(|(_, n)| *n)
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(order, sorted, "{account} in order");
+        assert_eq!(order.len(), 20);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_and_acks_what_is_in_flight() {
+    let broker = MemoryBroker::new();
+    for i in 0..4 {
+        broker.send(event(&format!("e-{i}"), "{}"));
+    }
+    let effects = Arc::new(AtomicUsize::new(0));
+    let e = Arc::clone(&effects);
+    let handler = move |_m: Message| {
+        let e = Arc::clone(&e);
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            e.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), String>(())
+        }
+    };
+    let stats = Consumer::gate("orders", MemoryStore::new())
+        .with_concurrency(4)
+        .run(
+            broker.source(),
+            handler,
+            tokio::time::sleep(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    // received before the shutdown: finished and acked, nothing left in flight
+    assert_eq!(stats.handled, stats.received);
+    assert_eq!(effects.load(Ordering::SeqCst) as u64, stats.handled);
+    assert_eq!(broker.in_flight(), 0);
+    assert_eq!(broker.queued() as u64, 4 - stats.received);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_key_dedups_different_events_of_the_same_fact() {
+    let broker = MemoryBroker::new();
+    // two producers published the same reservation under different event ids
+    broker.send(event("e-1", "order-7:sku-1"));
+    broker.send(event("e-2", "order-7:sku-1"));
+    broker.send(event("e-3", "order-7:sku-2"));
+    broker.close();
+    let (effects, handler) = counting();
+    let stats = Consumer::gate("reservations", MemoryStore::new())
+        .with_key(|m: &Message| {
+            let body = std::str::from_utf8(&m.payload).map_err(|e| e.to_string())?;
+            let (order, sku) = body.split_once(':').ok_or("no order:sku")?;
+            idemgate_core::Key::compose("reservations", [order, sku]).map_err(|e| e.to_string())
+        })
+        .run(broker.source(), handler, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(effects.load(Ordering::SeqCst), 2);
+    assert_eq!(stats.duplicates, 1);
+}
