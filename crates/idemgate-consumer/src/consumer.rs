@@ -44,6 +44,17 @@ pub struct Stats {
     pub settle_failures: u64,
 }
 
+/// A live view of a running consumer's [`Stats`], from [`Consumer::stats_handle`].
+#[derive(Clone, Debug)]
+pub struct StatsHandle(Arc<Counters>);
+
+impl StatsHandle {
+    /// The counts so far.
+    pub fn get(&self) -> Stats {
+        self.0.snapshot()
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     received: AtomicU64,
@@ -89,6 +100,7 @@ struct Config {
     key: Option<KeyFn>,
     horizon: Option<Horizon>,
     strict: bool,
+    counters: Arc<Counters>,
 }
 
 /// Gate mode: keys claimed in a [`Store`].
@@ -143,6 +155,7 @@ fn config(name: String) -> Config {
         key: None,
         horizon: None,
         strict: false,
+        counters: Arc::default(),
     }
 }
 
@@ -249,6 +262,11 @@ impl<I: Inbox> Consumer<InboxMode<I>> {
 }
 
 impl<M> Consumer<M> {
+    /// A live view of this consumer's counts, for monitoring (and tests) while it runs.
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(Arc::clone(&self.cfg.counters))
+    }
+
     /// How many messages are handled at once (default 8).
     pub fn with_concurrency(mut self, n: usize) -> Self {
         self.cfg.concurrency = n.max(1);
@@ -315,7 +333,7 @@ fn check(cfg: &Config, retention: Duration) -> Result<()> {
 /// What both modes share: configuration, counters, local attempt counts, and settling.
 struct Runtime {
     cfg: Config,
-    counters: Counters,
+    counters: Arc<Counters>,
     // attempts of keys that failed here, for brokers that do not count deliveries
     attempts: Mutex<HashMap<Key, u32>>,
 }
@@ -323,8 +341,8 @@ struct Runtime {
 impl Runtime {
     fn new(cfg: Config) -> Arc<Self> {
         Arc::new(Runtime {
+            counters: Arc::clone(&cfg.counters),
             cfg,
-            counters: Counters::default(),
             attempts: Mutex::default(),
         })
     }
@@ -628,7 +646,7 @@ where
     }
 }
 
-impl<St: Store, H> GateProcess<St, H> {
+impl<St: Store, H: Sync> GateProcess<St, H> {
     async fn complete<D: Delivery>(&self, d: D, key: &Key, lease: &Lease) {
         let rt = &*self.rt;
         let done = Outcome::new(Outcome::OK, Bytes::new());

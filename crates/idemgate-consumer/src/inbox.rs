@@ -90,7 +90,7 @@ mod pg {
         }
 
         async fn first_time(&self, tx: &mut Self::Tx, key: &Key) -> Result<bool> {
-            self.inbox.first_time(&mut **tx, key).await
+            self.inbox.first_time(tx, key).await
         }
 
         async fn commit(&self, tx: Self::Tx) -> Result<()> {
@@ -134,7 +134,7 @@ mod my {
         }
 
         async fn first_time(&self, tx: &mut Self::Tx, key: &Key) -> Result<bool> {
-            self.inbox.first_time(&mut **tx, key).await
+            self.inbox.first_time(tx, key).await
         }
 
         async fn commit(&self, tx: Self::Tx) -> Result<()> {

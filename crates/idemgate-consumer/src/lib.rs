@@ -34,7 +34,7 @@ mod message;
 mod window;
 
 pub use broker::{Delivery, Sink, Source};
-pub use consumer::{Consumer, GateMode, InboxMode, KeyFn, Stats};
+pub use consumer::{Consumer, GateMode, InboxMode, KeyFn, Stats, StatsHandle};
 #[cfg(feature = "mysql")]
 pub use inbox::MySqlInboxPool;
 #[cfg(feature = "postgres")]

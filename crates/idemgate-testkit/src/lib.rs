@@ -18,6 +18,7 @@
 //! # });
 //! ```
 
+pub mod broker;
 pub mod conformance;
 pub mod fault;
 pub mod model;

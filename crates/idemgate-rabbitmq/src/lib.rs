@@ -1,0 +1,336 @@
+//! RabbitMQ for idemgate consumers and producers, on [lapin].
+//!
+//! - [`RabbitMq::declare`] declares a durable queue whose dead-letter exchange routes to a
+//!   `<queue>.dead` queue.
+//! - [`RabbitSource`]: manual acks, a prefetch limit; the `redelivered` flag is passed on as a
+//!   hint only (the store decides); `nack` with a delay requeues after it; `dead_letter`
+//!   publishes the message with its reason (header `idemgate-dead-letter-reason`) through the
+//!   queue's dead-letter exchange, confirmed, and then acks it.
+//! - [`RabbitSink`]: persistent messages with publisher confirms; the event id travels as the
+//!   AMQP `message-id` and the `idemgate-event-id` header.
+//!
+//! A delivery dropped unsettled (the consumer died) stays unacked on its channel; RabbitMQ
+//! requeues it when the channel or connection closes.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use idemgate_consumer::{
+    DEAD_LETTER_REASON, Delivery, EVENT_ID, Error, Message, Outgoing, Result, Sink, Source,
+};
+use lapin::acker::Acker;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+const BROKER: &str = "rabbitmq";
+
+fn err(what: &str) -> impl FnOnce(lapin::Error) -> Error + '_ {
+    move |e| Error::broker(BROKER, what, e)
+}
+
+/// A connection to RabbitMQ.
+#[derive(Debug)]
+pub struct RabbitMq {
+    conn: Connection,
+}
+
+impl RabbitMq {
+    /// Connects to `amqp://user:pass@host:port/vhost`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let props = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio);
+        let conn = Connection::connect(url, props)
+            .await
+            .map_err(err("connecting"))?;
+        Ok(RabbitMq { conn })
+    }
+
+    /// Declares the durable queue `queue`, dead-lettering (through the default exchange) to the
+    /// durable queue `<queue>.dead`, which it declares too.
+    pub async fn declare(&self, queue: &str) -> Result<()> {
+        let ch = self.channel().await?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        ch.queue_declare(&dead_queue(queue), durable, FieldTable::default())
+            .await
+            .map_err(err("declaring the dead-letter queue"))?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(dead_queue(queue).into()),
+        );
+        ch.queue_declare(queue, durable, args)
+            .await
+            .map_err(err("declaring the queue"))?;
+        let _ = ch.close(200, "declared").await;
+        Ok(())
+    }
+
+    /// Deletes `queue` and its dead-letter queue.
+    pub async fn delete(&self, queue: &str) -> Result<()> {
+        let ch = self.channel().await?;
+        for q in [queue.to_owned(), dead_queue(queue)] {
+            ch.queue_delete(&q, lapin::options::QueueDeleteOptions::default())
+                .await
+                .map_err(err("deleting a queue"))?;
+        }
+        let _ = ch.close(200, "deleted").await;
+        Ok(())
+    }
+
+    /// Empties `queue`; returns how many messages it held.
+    pub async fn purge(&self, queue: &str) -> Result<u32> {
+        let ch = self.channel().await?;
+        let n = ch
+            .queue_purge(queue, QueuePurgeOptions::default())
+            .await
+            .map_err(err("purging"))?;
+        let _ = ch.close(200, "purged").await;
+        Ok(n)
+    }
+
+    async fn channel(&self) -> Result<Channel> {
+        self.conn
+            .create_channel()
+            .await
+            .map_err(err("opening a channel"))
+    }
+
+    /// A consumer of `queue` on its own channel, with at most `prefetch` unacked deliveries.
+    pub async fn source(&self, queue: &str, prefetch: u16) -> Result<RabbitSource> {
+        let ch = self.channel().await?;
+        ch.basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(err("setting the prefetch"))?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(err("enabling confirms"))?;
+        let consumer = ch
+            .basic_consume(
+                queue,
+                "",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(err("consuming"))?;
+        Ok(RabbitSource {
+            consumer,
+            dead: dead_queue(queue),
+            channel: ch,
+        })
+    }
+
+    /// A producer on its own channel, with publisher confirms.
+    pub async fn sink(&self) -> Result<RabbitSink> {
+        let ch = self.channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(err("enabling confirms"))?;
+        Ok(RabbitSink { channel: ch })
+    }
+
+    /// Closes the connection: unacked deliveries go back to their queues.
+    pub async fn close(&self) -> Result<()> {
+        self.conn.close(200, "bye").await.map_err(err("closing"))
+    }
+}
+
+/// The queue a queue's dead letters go to.
+pub fn dead_queue(queue: &str) -> String {
+    format!("{queue}.dead")
+}
+
+fn long_string(v: &[u8]) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v.to_vec()))
+}
+
+/// Publishes on `ch` to the default exchange (routing key = queue) and waits for the confirm.
+async fn publish(
+    ch: &Channel,
+    routing_key: &str,
+    payload: &[u8],
+    props: BasicProperties,
+) -> Result<()> {
+    let confirm = ch
+        .basic_publish(
+            "",
+            routing_key,
+            BasicPublishOptions::default(),
+            payload,
+            props,
+        )
+        .await
+        .map_err(err("publishing"))?
+        .await
+        .map_err(err("waiting for the publisher confirm"))?;
+    match confirm {
+        Confirmation::Nack(_) => Err(Error::Broker {
+            broker: BROKER,
+            message: format!("the broker refused a message for {routing_key} (nack)"),
+            source: None,
+        }),
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+    }
+}
+
+/// A RabbitMQ producer: persistent messages, publisher confirms, the event id as `message-id`.
+#[derive(Debug)]
+pub struct RabbitSink {
+    channel: Channel,
+}
+
+impl Sink for RabbitSink {
+    async fn publish(&self, out: &Outgoing) -> Result<()> {
+        let mut headers = FieldTable::default();
+        headers.insert(EVENT_ID.into(), long_string(out.event_id.as_bytes()));
+        for (name, value) in &out.headers {
+            headers.insert(name.as_str().into(), long_string(value));
+        }
+        let props = BasicProperties::default()
+            .with_message_id(ShortString::from(out.event_id.clone()))
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        publish(&self.channel, &out.destination, &out.payload, props).await
+    }
+}
+
+/// A consumer of one queue.
+#[derive(Debug)]
+pub struct RabbitSource {
+    consumer: lapin::Consumer,
+    channel: Channel,
+    dead: String,
+}
+
+impl Source for RabbitSource {
+    type Delivery = RabbitDelivery;
+
+    async fn recv(&mut self) -> Result<Option<RabbitDelivery>> {
+        let Some(next) = self.consumer.next().await else {
+            return Ok(None);
+        };
+        let d = next.map_err(err("receiving"))?;
+        let headers: Vec<(String, Bytes)> = d
+            .properties
+            .headers()
+            .as_ref()
+            .map(|t| {
+                t.inner()
+                    .iter()
+                    .filter_map(|(k, v)| header_bytes(v).map(|b| (k.to_string(), b)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut msg = Message::new(d.routing_key.to_string(), Bytes::from(d.data));
+        msg.event_id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(ToString::to_string)
+            .or_else(|| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k == EVENT_ID)
+                    .and_then(|(_, v)| std::str::from_utf8(v).ok().map(str::to_owned))
+            })
+            .filter(|id| !id.is_empty());
+        // quorum queues count deliveries; classic queues only flag a redelivery
+        msg.deliveries = headers
+            .iter()
+            .find(|(k, _)| k == "x-delivery-count")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
+            .map(|n| n + 1);
+        msg.redelivered = d.redelivered;
+        msg.headers = headers;
+        Ok(Some(RabbitDelivery {
+            msg,
+            acker: d.acker,
+            channel: self.channel.clone(),
+            dead: self.dead.clone(),
+        }))
+    }
+}
+
+fn header_bytes(v: &AMQPValue) -> Option<Bytes> {
+    match v {
+        AMQPValue::LongString(s) => Some(Bytes::copy_from_slice(s.as_bytes())),
+        AMQPValue::ShortString(s) => Some(Bytes::copy_from_slice(s.as_str().as_bytes())),
+        AMQPValue::LongLongInt(n) => Some(Bytes::from(n.to_string())),
+        AMQPValue::LongInt(n) => Some(Bytes::from(n.to_string())),
+        AMQPValue::LongUInt(n) => Some(Bytes::from(n.to_string())),
+        AMQPValue::ShortInt(n) => Some(Bytes::from(n.to_string())),
+        _ => None,
+    }
+}
+
+/// One delivery from a [`RabbitSource`].
+#[derive(Debug)]
+pub struct RabbitDelivery {
+    msg: Message,
+    acker: Acker,
+    channel: Channel,
+    dead: String,
+}
+
+impl Delivery for RabbitDelivery {
+    fn message(&self) -> &Message {
+        &self.msg
+    }
+
+    async fn ack(self) -> Result<()> {
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(err("acking"))
+    }
+
+    async fn nack(self, delay: Duration) -> Result<()> {
+        // RabbitMQ requeues at once: hold the delivery (unacked) for the delay in the
+        // background, so the lane moves on; if this process dies first, the broker requeues it
+        let requeue = BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        };
+        if delay.is_zero() {
+            return self.acker.nack(requeue).await.map_err(err("nacking"));
+        }
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Err(e) = self.acker.nack(requeue).await {
+                tracing::debug!(error = %e, "delayed nack failed; the broker requeues on close");
+            }
+        });
+        Ok(())
+    }
+
+    async fn dead_letter(self, reason: &str) -> Result<()> {
+        let mut headers = FieldTable::default();
+        for (k, v) in &self.msg.headers {
+            headers.insert(k.as_str().into(), long_string(v));
+        }
+        headers.insert(DEAD_LETTER_REASON.into(), long_string(reason.as_bytes()));
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        if let Some(id) = &self.msg.event_id {
+            props = props.with_message_id(ShortString::from(id.clone()));
+        }
+        // confirmed in the dead-letter queue before the original is acked
+        publish(&self.channel, &self.dead, &self.msg.payload, props).await?;
+        self.ack().await
+    }
+}

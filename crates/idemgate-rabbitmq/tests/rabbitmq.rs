@@ -1,0 +1,97 @@
+//! The adapter suite against the local RabbitMQ (`RABBITMQ_URL`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`); each test declares its own queues.
+
+use idemgate_consumer::{DEAD_LETTER_REASON, Outgoing, Sink, Source};
+use idemgate_rabbitmq::{RabbitMq, dead_queue};
+use idemgate_testkit::{broker, service};
+
+fn url() -> String {
+    service::url("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+}
+
+async fn connect() -> Option<RabbitMq> {
+    service::connect("RabbitMQ", RabbitMq::connect(&url())).await
+}
+
+/// A fresh queue (and dead-letter queue) for one test.
+async fn queue(rabbit: &RabbitMq, test: &str) -> String {
+    let name = format!(
+        "idemgate-test-{test}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    rabbit.declare(&name).await.unwrap();
+    name
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_event_published_twice_runs_once() {
+    let Some(rabbit) = connect().await else {
+        return;
+    };
+    let q = queue(&rabbit, "twice").await;
+    let sink = rabbit.sink().await.unwrap();
+    broker::published_twice_runs_once(&sink, &q, rabbit.source(&q, 16).await.unwrap()).await;
+    rabbit.delete(&q).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_dropped_before_its_ack_is_redelivered_and_not_rerun() {
+    let Some(rabbit) = connect().await else {
+        return;
+    };
+    let q = queue(&rabbit, "redeliver").await;
+    let sink = rabbit.sink().await.unwrap();
+    // the first consumer on its own connection, closed under it
+    let doomed = RabbitMq::connect(&url()).await.unwrap();
+    let first = doomed.source(&q, 16).await.unwrap();
+    let second = async { rabbit.source(&q, 16).await.unwrap() };
+    broker::dropped_before_ack_is_redelivered_not_rerun(
+        &sink,
+        &q,
+        first,
+        async { doomed.close().await.unwrap() },
+        second,
+    )
+    .await;
+    rabbit.delete(&q).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_its_lease_runs_once() {
+    let Some(rabbit) = connect().await else {
+        return;
+    };
+    let q = queue(&rabbit, "slow").await;
+    let sink = rabbit.sink().await.unwrap();
+    broker::slower_than_lease_runs_once(&sink, &q, rabbit.source(&q, 16).await.unwrap()).await;
+    rabbit.delete(&q).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_goes_to_the_dead_letter_queue_with_its_reason() {
+    let Some(rabbit) = connect().await else {
+        return;
+    };
+    let q = queue(&rabbit, "poison").await;
+    // published by a foreign producer: no message id, no event-id header
+    let raw = rabbit.sink().await.unwrap();
+    let mut out = Outgoing::new(&q, "no id");
+    out.event_id = String::new();
+    raw.publish(&out).await.unwrap();
+    broker::poison_is_dead_lettered(rabbit.source(&q, 16).await.unwrap()).await;
+    let mut dead = rabbit.source(&dead_queue(&q), 1).await.unwrap();
+    let d = tokio::time::timeout(std::time::Duration::from_secs(10), dead.recv())
+        .await
+        .expect("a dead letter")
+        .unwrap()
+        .unwrap();
+    let m = idemgate_consumer::Delivery::message(&d);
+    assert_eq!(m.payload, "no id");
+    let reason = std::str::from_utf8(m.header(DEAD_LETTER_REASON).unwrap()).unwrap();
+    assert!(reason.contains("no event id"), "{reason}");
+    rabbit.delete(&q).await.unwrap();
+}

@@ -1,0 +1,243 @@
+//! The scenarios every broker adapter must pass against its real broker: the same event
+//! published twice, a redelivery forced by a consumer that dies before its ack, and a handler
+//! slower than its lease. Each takes the adapter's sink and sources, so one body of test code
+//! serves RabbitMQ, NATS, MQTT, Kafka and SQS.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use idemgate_consumer::{
+    Consumer, Delivery, Message, Outgoing, Result, Sink, Source, Stats, StatsHandle,
+};
+use idemgate_core::{EventId, MemoryStore};
+
+/// Waits until `done(stats)` holds, checking every 20 ms, for at most `limit`.
+pub async fn until(stats: StatsHandle, limit: Duration, done: impl Fn(&Stats) -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done(&stats.get()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn counting(
+    effects: &Arc<AtomicUsize>,
+) -> impl Fn(Message) -> std::future::Ready<Result<(), String>> + Send + Sync + 'static {
+    let effects = Arc::clone(effects);
+    move |_m: Message| {
+        effects.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(()))
+    }
+}
+
+/// Publishes 10 events, one of them twice (same event id), and consumes them: 10 effects and
+/// one duplicate acked without running the handler.
+pub async fn published_twice_runs_once<K: Sink, S: Source>(sink: &K, destination: &str, source: S) {
+    let twice = Outgoing::new(destination, "twice");
+    sink.publish(&twice).await.expect("publish");
+    for i in 0..9 {
+        sink.publish(&Outgoing::new(destination, format!("event {i}")))
+            .await
+            .expect("publish");
+    }
+    sink.publish(&twice)
+        .await
+        .expect("re-publish of the same event");
+    let effects = Arc::new(AtomicUsize::new(0));
+    let consumer = Consumer::gate("adapter-suite", MemoryStore::new()).with_concurrency(4);
+    let stats = consumer.stats_handle();
+    let stats = consumer
+        .run(
+            source,
+            counting(&effects),
+            until(stats, Duration::from_secs(20), |s| {
+                s.handled + s.duplicates >= 11
+            }),
+        )
+        .await
+        .expect("consumer");
+    assert_eq!(effects.load(Ordering::SeqCst), 10, "{stats:?}");
+    assert_eq!(stats.handled, 10, "{stats:?}");
+    assert_eq!(stats.duplicates, 1, "{stats:?}");
+}
+
+/// A source whose deliveries never finish their ack: a consumer that dies between completing a
+/// key and acking its message.
+#[derive(Debug)]
+pub struct DiesBeforeAck<S> {
+    inner: S,
+    acking: Arc<AtomicBool>,
+}
+
+impl<S> DiesBeforeAck<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        DiesBeforeAck {
+            inner,
+            acking: Arc::default(),
+        }
+    }
+
+    /// Set once a delivery has reached its (never finishing) ack.
+    pub fn acking(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.acking)
+    }
+}
+
+/// A delivery of [`DiesBeforeAck`].
+#[derive(Debug)]
+pub struct HangingAck<D> {
+    inner: D,
+    acking: Arc<AtomicBool>,
+}
+
+impl<D: Delivery> Delivery for HangingAck<D> {
+    fn message(&self) -> &Message {
+        self.inner.message()
+    }
+    async fn ack(self) -> Result<()> {
+        self.acking.store(true, Ordering::SeqCst);
+        // the process "dies" here: the delivery is held, never acked
+        std::future::pending::<()>().await;
+        self.inner.ack().await
+    }
+    async fn nack(self, delay: Duration) -> Result<()> {
+        self.inner.nack(delay).await
+    }
+    async fn dead_letter(self, reason: &str) -> Result<()> {
+        self.inner.dead_letter(reason).await
+    }
+    async fn in_progress(&self) -> Result<()> {
+        self.inner.in_progress().await
+    }
+}
+
+impl<S: Source> Source for DiesBeforeAck<S> {
+    type Delivery = HangingAck<S::Delivery>;
+    async fn recv(&mut self) -> Result<Option<Self::Delivery>> {
+        Ok(self.inner.recv().await?.map(|inner| HangingAck {
+            inner,
+            acking: Arc::clone(&self.acking),
+        }))
+    }
+}
+
+/// The first consumer handles an event and dies before its ack (`kill` closes its connection);
+/// the broker redelivers to `second`, which acks it as a duplicate without running the handler.
+pub async fn dropped_before_ack_is_redelivered_not_rerun<K, S1, S2, Kill, Next>(
+    sink: &K,
+    destination: &str,
+    first: S1,
+    kill: Kill,
+    second: Next,
+) where
+    K: Sink,
+    S1: Source,
+    S2: Source,
+    Kill: Future<Output = ()>,
+    Next: Future<Output = S2>,
+{
+    let store = Arc::new(MemoryStore::new());
+    let effects = Arc::new(AtomicUsize::new(0));
+    sink.publish(&Outgoing::with_event_id(
+        destination,
+        "once",
+        EventId::new(),
+    ))
+    .await
+    .expect("publish");
+    let first = DiesBeforeAck::new(first);
+    let acking = first.acking();
+    let consumer = Consumer::gate("adapter-suite", Arc::clone(&store));
+    let run = consumer.run(first, counting(&effects), std::future::pending());
+    let wait = async {
+        while !acking.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        _ = run => panic!("the first consumer stopped on its own"),
+        () = wait => {}
+        () = tokio::time::sleep(Duration::from_secs(20)) => panic!("the first consumer never got to its ack"),
+    }
+    assert_eq!(effects.load(Ordering::SeqCst), 1);
+    // the consumer is dropped with its unacked delivery; its connection goes
+    kill.await;
+    let consumer = Consumer::gate("adapter-suite", store);
+    let handle = consumer.stats_handle();
+    let stats = consumer
+        .run(
+            second.await,
+            counting(&effects),
+            until(handle, Duration::from_secs(30), |s| s.duplicates >= 1),
+        )
+        .await
+        .expect("second consumer");
+    assert_eq!(
+        stats.duplicates, 1,
+        "the redelivery was recognised: {stats:?}"
+    );
+    assert_eq!(
+        effects.load(Ordering::SeqCst),
+        1,
+        "and not run again: {stats:?}"
+    );
+}
+
+/// A handler that runs 4× longer than its lease while a duplicate arrives: the lease is
+/// renewed (and the broker told the message is in progress), the duplicate is nacked until the
+/// first completes and then acked, and the effect happens once.
+pub async fn slower_than_lease_runs_once<K: Sink, S: Source>(
+    sink: &K,
+    destination: &str,
+    source: S,
+) {
+    let effects = Arc::new(AtomicUsize::new(0));
+    let e = Arc::clone(&effects);
+    let handler = move |_m: Message| {
+        let e = Arc::clone(&e);
+        async move {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            e.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), String>(())
+        }
+    };
+    let slow = Outgoing::new(destination, "slow");
+    sink.publish(&slow).await.expect("publish");
+    sink.publish(&slow).await.expect("publish the duplicate");
+    let consumer = Consumer::gate("adapter-suite", MemoryStore::new())
+        .with_concurrency(2)
+        .with_lease(Duration::from_millis(300))
+        .with_busy_delay(Duration::from_millis(100));
+    let handle = consumer.stats_handle();
+    let stats = consumer
+        .run(
+            source,
+            handler,
+            until(handle, Duration::from_secs(30), |s| {
+                s.handled + s.duplicates >= 2
+            }),
+        )
+        .await
+        .expect("consumer");
+    assert_eq!(effects.load(Ordering::SeqCst), 1, "{stats:?}");
+    assert_eq!((stats.handled, stats.duplicates), (1, 1), "{stats:?}");
+}
+
+/// A message without an event id is dead-lettered, with the reason, and not handled.
+pub async fn poison_is_dead_lettered<S: Source>(source: S) {
+    let effects = Arc::new(AtomicUsize::new(0));
+    let consumer = Consumer::gate("adapter-suite", MemoryStore::new());
+    let handle = consumer.stats_handle();
+    let stats = consumer
+        .run(
+            source,
+            counting(&effects),
+            until(handle, Duration::from_secs(20), |s| s.dead_lettered >= 1),
+        )
+        .await
+        .expect("consumer");
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+    assert_eq!(effects.load(Ordering::SeqCst), 0);
+}
