@@ -1,6 +1,8 @@
 //! The adapter suite against the local RabbitMQ (`RABBITMQ_URL`, default
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`); each test declares its own queues.
 
+use std::time::Duration;
+
 use idemgate_consumer::{DEAD_LETTER_REASON, Outgoing, Sink, Source};
 use idemgate_rabbitmq::{RabbitMq, dead_queue};
 use idemgate_testkit::{broker, service};
@@ -34,7 +36,13 @@ async fn the_same_event_published_twice_runs_once() {
     };
     let q = queue(&rabbit, "twice").await;
     let sink = rabbit.sink().await.unwrap();
-    broker::published_twice_runs_once(&sink, &q, rabbit.source(&q, 16).await.unwrap()).await;
+    broker::published_twice_runs_once(
+        &sink,
+        &q,
+        rabbit.source(&q, 16).await.unwrap(),
+        Duration::ZERO,
+    )
+    .await;
     rabbit.delete(&q).await.unwrap();
 }
 
@@ -67,7 +75,13 @@ async fn a_handler_slower_than_its_lease_runs_once() {
     };
     let q = queue(&rabbit, "slow").await;
     let sink = rabbit.sink().await.unwrap();
-    broker::slower_than_lease_runs_once(&sink, &q, rabbit.source(&q, 16).await.unwrap()).await;
+    broker::slower_than_lease_runs_once(
+        &sink,
+        &q,
+        rabbit.source(&q, 16).await.unwrap(),
+        Duration::ZERO,
+    )
+    .await;
     rabbit.delete(&q).await.unwrap();
 }
 

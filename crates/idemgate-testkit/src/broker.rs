@@ -31,9 +31,15 @@ fn counting(
     }
 }
 
-/// Publishes 10 events, one of them twice (same event id), and consumes them: 10 effects and
-/// one duplicate acked without running the handler.
-pub async fn published_twice_runs_once<K: Sink, S: Source>(sink: &K, destination: &str, source: S) {
+/// Publishes 10 events, one of them twice (same event id, `gap` apart: past the broker's own
+/// duplicate window where it has one), and consumes them: 10 effects and one duplicate acked
+/// without running the handler.
+pub async fn published_twice_runs_once<K: Sink, S: Source>(
+    sink: &K,
+    destination: &str,
+    source: S,
+    gap: Duration,
+) {
     let twice = Outgoing::new(destination, "twice");
     sink.publish(&twice).await.expect("publish");
     for i in 0..9 {
@@ -41,6 +47,7 @@ pub async fn published_twice_runs_once<K: Sink, S: Source>(sink: &K, destination
             .await
             .expect("publish");
     }
+    tokio::time::sleep(gap).await;
     sink.publish(&twice)
         .await
         .expect("re-publish of the same event");
@@ -185,42 +192,46 @@ pub async fn dropped_before_ack_is_redelivered_not_rerun<K, S1, S2, Kill, Next>(
     );
 }
 
-/// A handler that runs 4× longer than its lease while a duplicate arrives: the lease is
-/// renewed (and the broker told the message is in progress), the duplicate is nacked until the
+/// A handler that runs 4× longer than its lease (and longer than the broker's ack wait, where
+/// the caller set a short one) while a duplicate arrives (`gap` after the first): the lease is
+/// renewed and the broker told the message is in progress, the duplicate is nacked until the
 /// first completes and then acked, and the effect happens once.
 pub async fn slower_than_lease_runs_once<K: Sink, S: Source>(
     sink: &K,
     destination: &str,
     source: S,
+    gap: Duration,
 ) {
     let effects = Arc::new(AtomicUsize::new(0));
     let e = Arc::clone(&effects);
     let handler = move |_m: Message| {
         let e = Arc::clone(&e);
         async move {
-            tokio::time::sleep(Duration::from_millis(1200)).await;
+            tokio::time::sleep(Duration::from_millis(1200) + gap).await;
             e.fetch_add(1, Ordering::SeqCst);
             Ok::<(), String>(())
         }
     };
     let slow = Outgoing::new(destination, "slow");
     sink.publish(&slow).await.expect("publish");
-    sink.publish(&slow).await.expect("publish the duplicate");
     let consumer = Consumer::gate("adapter-suite", MemoryStore::new())
         .with_concurrency(2)
         .with_lease(Duration::from_millis(300))
         .with_busy_delay(Duration::from_millis(100));
     let handle = consumer.stats_handle();
-    let stats = consumer
-        .run(
-            source,
-            handler,
-            until(handle, Duration::from_secs(30), |s| {
-                s.handled + s.duplicates >= 2
-            }),
-        )
-        .await
-        .expect("consumer");
+    let republish = async {
+        tokio::time::sleep(gap).await;
+        sink.publish(&slow).await.expect("publish the duplicate");
+    };
+    let run = consumer.run(
+        source,
+        handler,
+        until(handle, Duration::from_secs(30), |s| {
+            s.handled + s.duplicates >= 2
+        }),
+    );
+    let (stats, ()) = tokio::join!(run, republish);
+    let stats = stats.expect("consumer");
     assert_eq!(effects.load(Ordering::SeqCst), 1, "{stats:?}");
     assert_eq!((stats.handled, stats.duplicates), (1, 1), "{stats:?}");
 }

@@ -1,0 +1,167 @@
+//! The adapter suite against the local NATS server with JetStream (`NATS_URL`, default
+//! `nats://127.0.0.1:4222`); each test makes its own stream.
+
+use std::time::Duration;
+
+use idemgate_consumer::{DEAD_LETTER_REASON, Delivery, Outgoing, Sink, Source};
+use idemgate_nats::{ConsumerOptions, Nats};
+use idemgate_testkit::{broker, service};
+
+/// The stream's duplicate window: the suite re-publishes past it, so the copy reaches the
+/// consumer and idemgate (not the server) recognises it.
+const WINDOW: Duration = Duration::from_secs(1);
+const PAST_WINDOW: Duration = Duration::from_millis(1300);
+
+fn url() -> String {
+    service::url("NATS_URL", "nats://127.0.0.1:4222")
+}
+
+async fn connect() -> Option<Nats> {
+    service::connect("NATS", Nats::connect(&url())).await
+}
+
+/// A fresh stream for one test: its name and its subject prefix.
+async fn stream(nats: &Nats, test: &str) -> (String, String) {
+    let id = format!(
+        "{test}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let (name, prefix) = (format!("IDEMGATE_{id}"), format!("idemgate.{id}"));
+    nats.stream(
+        &name,
+        vec![format!("{prefix}.events"), format!("{prefix}.dead")],
+        WINDOW,
+    )
+    .await
+    .unwrap();
+    (name, prefix)
+}
+
+fn opts(prefix: &str) -> ConsumerOptions {
+    ConsumerOptions::default().dead_letter_subject(format!("{prefix}.dead"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_event_published_twice_runs_once() {
+    let Some(nats) = connect().await else { return };
+    let (name, prefix) = stream(&nats, "twice").await;
+    let events = format!("{prefix}.events");
+    let source = nats
+        .source(&name, "c", &events, opts(&prefix))
+        .await
+        .unwrap();
+    broker::published_twice_runs_once(&nats.sink(), &events, source, PAST_WINDOW).await;
+    nats.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn within_the_duplicate_window_the_server_drops_the_republish() {
+    let Some(nats) = connect().await else { return };
+    let (name, prefix) = stream(&nats, "window").await;
+    let events = format!("{prefix}.events");
+    let sink = nats.sink();
+    let out = Outgoing::new(&events, "once");
+    sink.publish(&out).await.unwrap();
+    sink.publish(&out).await.unwrap();
+    let mut source = nats
+        .source(&name, "c", &events, opts(&prefix))
+        .await
+        .unwrap();
+    let d = source.recv().await.unwrap().unwrap();
+    assert_eq!(d.message().event_id.as_deref(), Some(out.event_id.as_str()));
+    d.ack().await.unwrap();
+    let next = tokio::time::timeout(Duration::from_millis(500), source.recv()).await;
+    assert!(next.is_err(), "the re-publish within the window was stored");
+    nats.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_dropped_before_its_ack_is_redelivered_and_not_rerun() {
+    let Some(nats) = connect().await else { return };
+    let (name, prefix) = stream(&nats, "redeliver").await;
+    let events = format!("{prefix}.events");
+    // the server redelivers an unacked message after the ack wait
+    let short = opts(&prefix).ack_wait(Duration::from_secs(1));
+    let doomed = Nats::connect(&url()).await.unwrap();
+    let first = doomed
+        .source(&name, "c", &events, short.clone())
+        .await
+        .unwrap();
+    let second = async {
+        nats.source(&name, "c", &events, short.clone())
+            .await
+            .unwrap()
+    };
+    broker::dropped_before_ack_is_redelivered_not_rerun(
+        &nats.sink(),
+        &events,
+        first,
+        async { drop(doomed) },
+        second,
+    )
+    .await;
+    nats.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_its_lease_and_the_ack_wait_runs_once() {
+    let Some(nats) = connect().await else { return };
+    let (name, prefix) = stream(&nats, "slow").await;
+    let events = format!("{prefix}.events");
+    // without the in-progress acks the server would redeliver after 1 s
+    let short = opts(&prefix).ack_wait(Duration::from_secs(1));
+    let source = nats.source(&name, "c", &events, short).await.unwrap();
+    broker::slower_than_lease_runs_once(&nats.sink(), &events, source, PAST_WINDOW).await;
+    nats.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_goes_to_the_dead_letter_subject_with_its_reason() {
+    let Some(nats) = connect().await else { return };
+    let (name, prefix) = stream(&nats, "poison").await;
+    let events = format!("{prefix}.events");
+    let mut out = Outgoing::new(&events, "no id");
+    out.event_id = String::new();
+    nats.sink().publish(&out).await.unwrap();
+    let source = nats
+        .source(&name, "c", &events, opts(&prefix))
+        .await
+        .unwrap();
+    broker::poison_is_dead_lettered(source).await;
+    let dead = format!("{prefix}.dead");
+    let mut dead = nats
+        .source(&name, "dead", &dead, ConsumerOptions::default())
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), dead.recv())
+        .await
+        .expect("a dead letter")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.message().payload, "no id");
+    let reason = std::str::from_utf8(d.message().header(DEAD_LETTER_REASON).unwrap()).unwrap();
+    assert!(reason.contains("no event id"), "{reason}");
+    nats.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_horizon_is_ack_wait_times_max_deliver() {
+    let Some(nats) = connect().await else { return };
+    let (name, prefix) = stream(&nats, "horizon").await;
+    let events = format!("{prefix}.events");
+    let source = nats
+        .source(&name, "c", &events, opts(&prefix))
+        .await
+        .unwrap();
+    let h = source.horizon();
+    assert_eq!(h.redelivery, Duration::from_secs(30 * 20));
+    let short = idemgate_consumer::check_window(Duration::from_secs(60), h.clone());
+    assert!(!short.is_ok());
+    assert!(short.to_string().contains("AckWait"), "{short}");
+    assert!(idemgate_consumer::check_window(Duration::from_secs(3600), h).is_ok());
+    nats.delete_stream(&name).await.unwrap();
+}
