@@ -34,7 +34,7 @@ pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BoxError>> +
 
 /// An Inbox-mode handler: writes its effect in the consumer's transaction.
 ///
-/// Any `Fn(&mut Tx, &Message) -> HandlerFuture` is one; [`inbox_handler`](InboxHandler::from_fn)
+/// Any `Fn(&mut Tx, &Message) -> HandlerFuture` is one; `<dyn InboxHandler<Tx>>::from_fn`
 /// helps the compiler see a closure as one.
 pub trait InboxHandler<Tx>: Send + Sync + 'static {
     /// Applies `msg` inside `tx`.

@@ -108,7 +108,7 @@ async fn postgres_inbox_applies_every_event_exactly_once() {
     assert_eq!(stats.handled, 200);
     assert_eq!(stats.duplicates, 250, "{stats:?}");
     assert!(failures.load(Ordering::SeqCst) >= 1);
-    assert_eq!(stats.retried as usize, failures.load(Ordering::SeqCst));
+    assert_eq!(stats.retried, failures.load(Ordering::SeqCst) as u64);
     for t in [effects, inbox_table] {
         sqlx::query(&format!("DROP TABLE {t}"))
             .execute(&pool)
