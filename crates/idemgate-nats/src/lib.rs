@@ -142,12 +142,15 @@ impl Nats {
             )
             .await
             .map_err(err("creating the consumer"))?;
+        // the server's own settings: an existing durable keeps its config, whatever `opts` say
+        let config = &consumer.cached_info().config;
+        let horizon = horizon(config.ack_wait, config.max_deliver, duplicate_window);
         let messages = consumer.messages().await.map_err(err("pulling"))?;
         Ok(NatsSource {
             messages,
             js: self.js.clone(),
             dead: opts.dead_letter_subject.clone(),
-            horizon: horizon(&opts, duplicate_window),
+            horizon,
         })
     }
 
@@ -159,13 +162,12 @@ impl Nats {
     }
 }
 
-fn horizon(opts: &ConsumerOptions, duplicate_window: Duration) -> Horizon {
-    let (redelivery, basis) = match u32::try_from(opts.max_deliver) {
+fn horizon(ack_wait: Duration, max_deliver: i64, duplicate_window: Duration) -> Horizon {
+    let (redelivery, basis) = match u32::try_from(max_deliver) {
         Ok(n) if n > 0 => (
-            opts.ack_wait.saturating_mul(n).max(duplicate_window),
+            ack_wait.saturating_mul(n).max(duplicate_window),
             format!(
-                "AckWait {:?} × MaxDeliver {n}; stream duplicate window {duplicate_window:?}",
-                opts.ack_wait
+                "AckWait {ack_wait:?} × MaxDeliver {n}; stream duplicate window {duplicate_window:?}"
             ),
         ),
         _ => (
