@@ -488,8 +488,7 @@ where
                     let lane = &lanes[(next + i) % n];
                     match lane.try_send(d.take().expect("held until sent")) {
                         Ok(()) => break,
-                        Err(mpsc::error::TrySendError::Full(back)) => d = Some(back),
-                        Err(mpsc::error::TrySendError::Closed(back)) => d = Some(back),
+                        Err(full_or_closed) => d = Some(full_or_closed.into_inner()),
                     }
                 }
                 next = (next + 1) % n;

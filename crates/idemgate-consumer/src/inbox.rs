@@ -61,90 +61,66 @@ impl<Tx> dyn InboxHandler<Tx> {
     }
 }
 
-#[cfg(feature = "postgres")]
-mod pg {
-    use idemgate_core::{Key, Result};
-    use idemgate_postgres::{PgInbox, classify_error};
-    use sqlx::{PgPool, Postgres, Transaction};
-
-    /// A [`PgInbox`](idemgate_postgres::PgInbox) on a pool: the consumer's Inbox mode on
-    /// PostgreSQL. The handler's `tx` is a `sqlx::Transaction<'static, Postgres>`.
-    #[derive(Debug, Clone)]
-    pub struct PgInboxPool {
-        inbox: PgInbox,
-        pool: PgPool,
-    }
-
-    impl PgInboxPool {
-        /// An inbox on `pool`. Call [`PgInbox::migrate`] once first.
-        pub fn new(inbox: PgInbox, pool: PgPool) -> Self {
-            PgInboxPool { inbox, pool }
-        }
-    }
-
-    impl super::Inbox for PgInboxPool {
-        type Tx = Transaction<'static, Postgres>;
-
-        async fn begin(&self) -> Result<Self::Tx> {
-            self.pool.begin().await.map_err(classify_error)
+/// A SQL inbox on a `sqlx` pool: the same shape for every database (each behind its feature).
+macro_rules! sql_inbox_pool {
+    ($feature:literal, $name:ident, $inbox:ident, $pool:ident, $db:ident, $krate:ident, $doc:literal) => {
+        #[cfg(feature = $feature)]
+        #[doc = $doc]
+        #[derive(Debug, Clone)]
+        pub struct $name {
+            inbox: $krate::$inbox,
+            pool: sqlx::$pool,
         }
 
-        async fn first_time(&self, tx: &mut Self::Tx, key: &Key) -> Result<bool> {
-            self.inbox.first_time(tx, key).await
+        #[cfg(feature = $feature)]
+        impl $name {
+            /// An inbox on `pool`. Call the inbox's `migrate` once first.
+            pub fn new(inbox: $krate::$inbox, pool: sqlx::$pool) -> Self {
+                $name { inbox, pool }
+            }
         }
 
-        async fn commit(&self, tx: Self::Tx) -> Result<()> {
-            tx.commit().await.map_err(classify_error)
-        }
+        #[cfg(feature = $feature)]
+        impl Inbox for $name {
+            type Tx = sqlx::Transaction<'static, sqlx::$db>;
 
-        fn retention(&self) -> std::time::Duration {
-            self.inbox.retention()
+            async fn begin(&self) -> Result<Self::Tx> {
+                self.pool.begin().await.map_err($krate::classify_error)
+            }
+
+            async fn first_time(&self, tx: &mut Self::Tx, key: &Key) -> Result<bool> {
+                self.inbox.first_time(tx, key).await
+            }
+
+            async fn commit(&self, tx: Self::Tx) -> Result<()> {
+                tx.commit().await.map_err($krate::classify_error)
+            }
+
+            fn retention(&self) -> std::time::Duration {
+                self.inbox.retention()
+            }
         }
-    }
+    };
 }
-#[cfg(feature = "postgres")]
-pub use pg::PgInboxPool;
 
-#[cfg(feature = "mysql")]
-mod my {
-    use idemgate_core::{Key, Result};
-    use idemgate_mysql::{MySqlInbox, classify_error};
-    use sqlx::{MySql, MySqlPool, Transaction};
+sql_inbox_pool!(
+    "postgres",
+    PgInboxPool,
+    PgInbox,
+    PgPool,
+    Postgres,
+    idemgate_postgres,
+    "A `PgInbox` on a pool: the consumer's Inbox mode on PostgreSQL. The handler's `tx` is a \
+     `sqlx::Transaction<'static, Postgres>`."
+);
 
-    /// A [`MySqlInbox`](idemgate_mysql::MySqlInbox) on a pool: the consumer's Inbox mode on
-    /// MySQL and MariaDB. The handler's `tx` is a `sqlx::Transaction<'static, MySql>`.
-    #[derive(Debug, Clone)]
-    pub struct MySqlInboxPool {
-        inbox: MySqlInbox,
-        pool: MySqlPool,
-    }
-
-    impl MySqlInboxPool {
-        /// An inbox on `pool`. Call [`MySqlInbox::migrate`] once first.
-        pub fn new(inbox: MySqlInbox, pool: MySqlPool) -> Self {
-            MySqlInboxPool { inbox, pool }
-        }
-    }
-
-    impl super::Inbox for MySqlInboxPool {
-        type Tx = Transaction<'static, MySql>;
-
-        async fn begin(&self) -> Result<Self::Tx> {
-            self.pool.begin().await.map_err(classify_error)
-        }
-
-        async fn first_time(&self, tx: &mut Self::Tx, key: &Key) -> Result<bool> {
-            self.inbox.first_time(tx, key).await
-        }
-
-        async fn commit(&self, tx: Self::Tx) -> Result<()> {
-            tx.commit().await.map_err(classify_error)
-        }
-
-        fn retention(&self) -> std::time::Duration {
-            self.inbox.retention()
-        }
-    }
-}
-#[cfg(feature = "mysql")]
-pub use my::MySqlInboxPool;
+sql_inbox_pool!(
+    "mysql",
+    MySqlInboxPool,
+    MySqlInbox,
+    MySqlPool,
+    MySql,
+    idemgate_mysql,
+    "A `MySqlInbox` on a pool: the consumer's Inbox mode on MySQL and MariaDB. The handler's `tx` \
+     is a `sqlx::Transaction<'static, MySql>`."
+);

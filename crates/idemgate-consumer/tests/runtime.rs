@@ -1,15 +1,15 @@
 //! The runtime's semantics on the in-process broker: duplicates, redeliveries, slow handlers,
 //! poison, mismatches, retries, ordering and shutdown.
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idemgate_consumer::memory::{MemoryBroker, MemoryDelivery, MemorySource};
-use idemgate_consumer::{Consumer, Delivery, Message, Result, Source, Stats};
-use std::future::Future;
-
+use idemgate_consumer::memory::MemoryBroker;
+use idemgate_consumer::{Consumer, Message, Stats};
 use idemgate_core::{MemoryStore, Store};
+use idemgate_testkit::broker::DiesBeforeAck;
 
 fn event(id: &str, payload: &str) -> Message {
     Message::new("orders", payload.to_owned()).with_event_id(id)
@@ -62,56 +62,13 @@ async fn the_same_event_twice_runs_once() {
     assert!(broker.dead_letters().is_empty());
 }
 
-/// A source whose first delivery's ack never finishes, as if the consumer died between the
-/// completion and the ack.
-struct StuckFirstAck {
-    inner: MemorySource,
-    stuck: Arc<AtomicU32>,
-}
-
-struct MaybeStuck {
-    inner: MemoryDelivery,
-    stuck: bool,
-}
-
-impl Delivery for MaybeStuck {
-    fn message(&self) -> &Message {
-        self.inner.message()
-    }
-    async fn ack(self) -> Result<()> {
-        if self.stuck {
-            std::future::pending::<()>().await;
-        }
-        self.inner.ack().await
-    }
-    async fn nack(self, delay: Duration) -> Result<()> {
-        self.inner.nack(delay).await
-    }
-    async fn dead_letter(self, reason: &str) -> Result<()> {
-        self.inner.dead_letter(reason).await
-    }
-}
-
-impl Source for StuckFirstAck {
-    type Delivery = MaybeStuck;
-    async fn recv(&mut self) -> Result<Option<MaybeStuck>> {
-        Ok(self.inner.recv().await?.map(|inner| MaybeStuck {
-            inner,
-            stuck: self.stuck.fetch_add(1, Ordering::SeqCst) == 0,
-        }))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_dropped_before_its_ack_is_redelivered_and_not_rerun() {
     let broker = MemoryBroker::new();
     broker.send(event("e-1", "{}"));
     let store = Arc::new(MemoryStore::new());
     let (effects, handler) = counting();
-    let source = StuckFirstAck {
-        inner: broker.source(),
-        stuck: Arc::new(AtomicU32::new(0)),
-    };
+    let source = DiesBeforeAck::new(broker.source());
     let first = Consumer::gate("orders", Arc::clone(&store)).run(
         source,
         handler.clone(),
