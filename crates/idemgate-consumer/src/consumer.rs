@@ -175,12 +175,6 @@ impl<St: Store> Consumer<GateMode<St>> {
         self
     }
 
-    /// The lease of a running handler (default 30 s), renewed while it runs.
-    pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.cfg.lease = lease;
-        self
-    }
-
     /// The most claims sent to the store in one `claim_many` (default 64).
     pub fn with_batch(mut self, batch: usize) -> Self {
         self.cfg.batch = batch.max(1);
@@ -265,6 +259,14 @@ impl<M> Consumer<M> {
     /// A live view of this consumer's counts, for monitoring (and tests) while it runs.
     pub fn stats_handle(&self) -> StatsHandle {
         StatsHandle(Arc::clone(&self.cfg.counters))
+    }
+
+    /// The lease of a running handler (default 30 s): renewed (Gate mode), and the broker told
+    /// the message is in progress (both modes), every third of it while the handler runs. Keep it
+    /// under the broker's ack wait.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.cfg.lease = lease;
+        self
     }
 
     /// How many messages are handled at once (default 8).

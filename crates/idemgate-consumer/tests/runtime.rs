@@ -76,6 +76,13 @@ async fn a_consumer_dropped_before_its_ack_is_redelivered_and_not_rerun() {
     );
     // the first consumer completes the key and hangs in its ack; then it dies
     let _ = tokio::time::timeout(Duration::from_millis(300), first).await;
+    // its lanes are aborted on their worker threads: wait until they have let go of the delivery
+    for _ in 0..500 {
+        if broker.in_flight() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(effects.load(Ordering::SeqCst), 1);
     assert_eq!(
         broker.queued(),
