@@ -702,17 +702,37 @@ where
             r = self.inbox.first_time(&mut tx, &key) => r,
             never = rt.broker_ticks(&d) => match never {},
         };
-        match first {
-            Ok(true) => {}
-            Ok(false) => {
-                drop(tx);
-                bump(&rt.counters.duplicates);
-                return rt.ack(d).await;
-            }
+        let first = match first {
+            Ok(first) => first,
             Err(e) => {
                 tracing::warn!(error = %e, %key, "inbox insert failed");
                 return rt.nack(d, rt.cfg.retry_delay).await;
             }
+        };
+        // a partitioned log's position moves in the same transaction, duplicate or not
+        if let Some(position) = &d.message().position {
+            match self.inbox.advance(&mut tx, position).await {
+                Ok(()) => {}
+                Err(e @ idemgate_core::Error::Fenced { .. }) => {
+                    bump(&rt.counters.fenced);
+                    tracing::warn!(error = %e, "position fenced: another consumer moved it");
+                    return rt.nack(d, rt.cfg.busy_delay).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "position update failed");
+                    return rt.nack(d, rt.cfg.retry_delay).await;
+                }
+            }
+        }
+        if !first {
+            bump(&rt.counters.duplicates);
+            if d.message().position.is_some()
+                && let Err(e) = self.inbox.commit(tx).await
+            {
+                tracing::warn!(error = %e, %key, "commit of the position failed");
+                return rt.nack(d, rt.cfg.retry_delay).await;
+            }
+            return rt.ack(d).await;
         }
         let attempt = rt.attempt(&key, None, d.message());
         let (handler, msg) = (Arc::clone(&self.handler), d.message().clone());

@@ -1,11 +1,12 @@
 //! Inbox mode: the processed-event row in the same transaction as the handler's effect.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
 use idemgate_core::{Key, Result};
 
-use crate::{BoxError, Message};
+use crate::{BoxError, Message, Position};
 
 /// A transactional inbox the consumer opens transactions on: [`first_time`](Inbox::first_time)
 /// inserts the key inside the transaction, so the row and the handler's effect commit together or
@@ -27,6 +28,30 @@ pub trait Inbox: Send + Sync + 'static {
 
     /// How long a processed key is remembered (for the window check).
     fn retention(&self) -> std::time::Duration;
+
+    /// Moves a partitioned log's stored position from `position.expected` to `position.offset
+    /// + 1` in `tx` (compare-and-set), for every message that carries a [`Position`]: the
+    /// effect and the position commit together. A stale `expected` is
+    /// [`Error::Fenced`](idemgate_core::Error::Fenced). The default keeps no positions.
+    fn advance(
+        &self,
+        tx: &mut Self::Tx,
+        position: &Position,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (tx, position);
+        async { Ok(()) }
+    }
+
+    /// The stored next offset of every partition of `topic` for `group`, to seek to when a
+    /// partition is assigned. The default keeps no positions.
+    fn load_positions(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> impl Future<Output = Result<BTreeMap<i32, i64>>> + Send {
+        let _ = (group, topic);
+        async { Ok(BTreeMap::new()) }
+    }
 }
 
 /// A boxed handler future borrowing the transaction and the message.
@@ -63,20 +88,43 @@ impl<Tx> dyn InboxHandler<Tx> {
 
 /// A SQL inbox on a `sqlx` pool: the same shape for every database (each behind its feature).
 macro_rules! sql_inbox_pool {
-    ($feature:literal, $name:ident, $inbox:ident, $pool:ident, $db:ident, $krate:ident, $doc:literal) => {
+    ($feature:literal, $name:ident, $inbox:ident, $offsets:ident, $pool:ident, $db:ident, $krate:ident, $doc:literal) => {
         #[cfg(feature = $feature)]
         #[doc = $doc]
         #[derive(Debug, Clone)]
         pub struct $name {
             inbox: $krate::$inbox,
+            offsets: $krate::$offsets,
             pool: sqlx::$pool,
         }
 
         #[cfg(feature = $feature)]
         impl $name {
-            /// An inbox on `pool`. Call the inbox's `migrate` once first.
+            /// An inbox on `pool`, keeping partitioned-log positions (Kafka) in the default
+            /// offsets table. Call [`migrate`](Self::migrate) once first.
             pub fn new(inbox: $krate::$inbox, pool: sqlx::$pool) -> Self {
-                $name { inbox, pool }
+                $name {
+                    inbox,
+                    offsets: $krate::$offsets::new(),
+                    pool,
+                }
+            }
+
+            /// Keeps positions in another offsets table.
+            pub fn with_offsets(mut self, offsets: $krate::$offsets) -> Self {
+                self.offsets = offsets;
+                self
+            }
+
+            /// Creates the inbox and offsets tables if missing.
+            pub async fn migrate(&self) -> Result<()> {
+                self.inbox.migrate(&self.pool).await?;
+                self.offsets.migrate(&self.pool).await
+            }
+
+            /// The pool.
+            pub fn pool(&self) -> &sqlx::$pool {
+                &self.pool
             }
         }
 
@@ -99,6 +147,18 @@ macro_rules! sql_inbox_pool {
             fn retention(&self) -> std::time::Duration {
                 self.inbox.retention()
             }
+
+            async fn advance(&self, tx: &mut Self::Tx, p: &Position) -> Result<()> {
+                let next = p.offset + 1;
+                self.offsets
+                    .advance(tx, &p.group, &p.topic, p.partition, p.expected, next)
+                    .await
+            }
+
+            async fn load_positions(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
+                let mut conn = self.pool.acquire().await.map_err($krate::classify_error)?;
+                self.offsets.load_positions(&mut conn, group, topic).await
+            }
         }
     };
 }
@@ -107,6 +167,7 @@ sql_inbox_pool!(
     "postgres",
     PgInboxPool,
     PgInbox,
+    PgOffsets,
     PgPool,
     Postgres,
     idemgate_postgres,
@@ -118,6 +179,7 @@ sql_inbox_pool!(
     "mysql",
     MySqlInboxPool,
     MySqlInbox,
+    MySqlOffsets,
     MySqlPool,
     MySql,
     idemgate_mysql,

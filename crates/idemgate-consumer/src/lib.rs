@@ -40,7 +40,7 @@ pub use inbox::MySqlInboxPool;
 #[cfg(feature = "postgres")]
 pub use inbox::PgInboxPool;
 pub use inbox::{HandlerFuture, Inbox, InboxHandler};
-pub use message::{DEAD_LETTER_REASON, EVENT_ID, Message, Outgoing};
+pub use message::{DEAD_LETTER_REASON, EVENT_ID, Message, Outgoing, Position};
 pub use window::{Horizon, WindowCheck, check_window};
 
 /// A boxed error, as adapters and handlers return them.
@@ -51,7 +51,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[non_exhaustive]
 pub enum Error {
     /// The broker failed (a lost connection, a refused publish, a missing confirm).
-    #[error("{broker} failed: {message}")]
+    #[error("{broker} failed: {message}{}", source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
     Broker {
         /// Which broker (`"rabbitmq"`, `"nats"`, ...).
         broker: &'static str,

@@ -1,0 +1,281 @@
+//! The adapter suite against the local Kafka-protocol broker (`KAFKA_BOOTSTRAP`, default
+//! `127.0.0.1:9092`; `scripts/brokers kafka` starts tansu there), plus Inbox mode with the
+//! positions kept in PostgreSQL. Each test makes its own topics and group.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use idemgate_consumer::{
+    Consumer, DEAD_LETTER_REASON, Delivery, HandlerFuture, Inbox, InboxHandler, Outgoing,
+    PgInboxPool, Sink, Source,
+};
+use idemgate_kafka::{Kafka, SourceOptions};
+use idemgate_postgres::{PgInbox, PgOffsets};
+use idemgate_testkit::broker::{self, DiesBeforeAck, until};
+use idemgate_testkit::service;
+use sqlx::{Postgres, Transaction};
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn unique(what: &str) -> String {
+    format!(
+        "idemgate_{what}_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            % 1_000_000
+    )
+}
+
+fn kafka() -> Kafka {
+    let kafka = Kafka::new(&service::url("KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+        // tansu answers group joins slowly with the default session timeout
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .set("max.poll.interval.ms", "10000");
+    // RUST_LOG=librdkafka=debug KAFKA_DEBUG=cgrp: librdkafka's own debug lines
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+    match std::env::var("KAFKA_DEBUG") {
+        Ok(debug) => kafka.set("debug", debug).set("log_level", "7"),
+        Err(_) => kafka,
+    }
+}
+
+/// A fresh topic (and its dead-letter topic) with `partitions` partitions.
+async fn topic(test: &str, partitions: i32) -> Option<(Kafka, String)> {
+    let kafka = kafka();
+    let topic = unique(test);
+    let k = kafka.clone();
+    let t = topic.clone();
+    service::connect("Kafka", async move {
+        k.create_topic(&t, partitions).await?;
+        k.create_topic(&format!("{t}.dead"), 1).await
+    })
+    .await?;
+    Some((kafka, topic))
+}
+
+/// tansu 0.6 ignores LeaveGroup and drops a member only when its session times out, and a
+/// member that joins before then is never assigned anything: the next member joins after the
+/// session timeout (a real Kafka broker would rebalance at once).
+async fn tansu_forgets_the_member() {
+    tokio::time::sleep(Duration::from_secs(7)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_event_published_twice_runs_once() {
+    let Some((kafka, topic)) = topic("twice", 1).await else {
+        return;
+    };
+    let source = kafka
+        .source(&unique("g"), &[&topic], SourceOptions::new())
+        .unwrap();
+    // Kafka keeps every copy: there is no duplicate window to wait out
+    broker::published_twice_runs_once(&kafka.sink().unwrap(), &topic, source, Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_dropped_before_its_ack_is_redelivered_and_not_rerun() {
+    let Some((kafka, topic)) = topic("redeliver", 1).await else {
+        return;
+    };
+    let group = unique("g");
+    let first = kafka
+        .source(&group, &[&topic], SourceOptions::new())
+        .unwrap();
+    // the first source is dropped with the consumer: it leaves the group, nothing committed
+    let second = async {
+        kafka
+            .source(&group, &[&topic], SourceOptions::new())
+            .unwrap()
+    };
+    broker::dropped_before_ack_is_redelivered_not_rerun(
+        &kafka.sink().unwrap(),
+        &topic,
+        first,
+        tansu_forgets_the_member(),
+        second,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_its_lease_runs_once() {
+    // two partitions: the duplicate can be fetched while the first copy is still running
+    let Some((kafka, topic)) = topic("slow", 2).await else {
+        return;
+    };
+    let source = kafka
+        .source(&unique("g"), &[&topic], SourceOptions::new())
+        .unwrap();
+    broker::slower_than_lease_runs_once(
+        &kafka.sink().unwrap(),
+        &topic,
+        source,
+        Duration::from_millis(300),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_goes_to_the_dead_letter_topic_with_its_reason() {
+    let Some((kafka, topic)) = topic("poison", 1).await else {
+        return;
+    };
+    // a message with no event id: a raw producer, not our sink
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let raw: FutureProducer = rdkafka::ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            service::url("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+        )
+        .create()
+        .unwrap();
+    raw.send(
+        FutureRecord::<(), _>::to(&topic).payload("no id"),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let source = kafka
+        .source(&unique("g"), &[&topic], SourceOptions::new())
+        .unwrap();
+    broker::poison_is_dead_lettered(source).await;
+    let mut dead = kafka
+        .source(
+            &unique("g"),
+            &[&format!("{topic}.dead")],
+            SourceOptions::new(),
+        )
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(30), dead.recv())
+        .await
+        .expect("a dead letter")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&d.message().payload[..], b"no id");
+    let reason = String::from_utf8_lossy(d.message().header(DEAD_LETTER_REASON).unwrap());
+    assert!(reason.contains("no event id"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_refuses_to_run_without_idempotence() {
+    let err = kafka()
+        .set("enable.idempotence", "false")
+        .sink()
+        .unwrap_err();
+    assert!(err.to_string().contains("enable.idempotence"), "{err}");
+}
+
+fn counting_handler(effects: String) -> impl InboxHandler<Transaction<'static, Postgres>> {
+    <dyn InboxHandler<Transaction<'static, Postgres>>>::from_fn(move |tx, msg| {
+        let (effects, id) = (effects.clone(), msg.event_id.clone().unwrap_or_default());
+        let fut: HandlerFuture<'_> = Box::pin(async move {
+            // deliberately not idempotent: a second run would add a second row
+            sqlx::query(&format!("INSERT INTO {effects} (event) VALUES ($1)"))
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+            Ok(())
+        });
+        fut
+    })
+}
+
+/// Inbox mode: effects, inbox rows and positions commit together. A consumer that dies after
+/// its commit and before Kafka's offset commit leaves Kafka's offset behind; the next member of
+/// the group seeks to the stored position instead and never sees those messages again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_mode_keeps_positions_with_the_effect_and_seeks_to_them() {
+    let Some((kafka, topic)) = topic("inbox", 2).await else {
+        return;
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(6)
+        .connect(&service::url(
+            "IDEMGATE_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        ))
+        .await
+        .expect("PostgreSQL");
+    let effects = unique("keffects");
+    let inbox = PgInboxPool::new(
+        PgInbox::new().with_table(unique("kinbox")).unwrap(),
+        pool.clone(),
+    )
+    .with_offsets(PgOffsets::new().with_table(unique("koffsets")).unwrap());
+    inbox.migrate().await.unwrap();
+    sqlx::query(&format!("CREATE TABLE {effects} (event TEXT NOT NULL)"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let sink = kafka.sink().unwrap();
+    let events: Vec<Outgoing> = (0..40)
+        .map(|i| Outgoing::new(&topic, format!("{i}")).ordering_key(format!("k{}", i % 5)))
+        .collect();
+    for e in &events {
+        sink.publish(e).await.unwrap();
+    }
+    // a quarter re-published by a retrying producer: new offsets, same event ids
+    for e in events.iter().step_by(4) {
+        sink.publish(e).await.unwrap();
+    }
+    let group = unique("g");
+    let options = || SourceOptions::new().positions_from(inbox.clone());
+
+    // the first member handles everything, then "dies" on its last ack (after the commit)
+    let first = DiesBeforeAck::new(kafka.source(&group, &[&topic], options()).unwrap());
+    let consumer = Consumer::inbox("billing", inbox.clone());
+    let stats = consumer.stats_handle();
+    let run = consumer.run(
+        first,
+        counting_handler(effects.clone()),
+        std::future::pending(),
+    );
+    tokio::select! {
+        _ = run => panic!("the consumer stopped"),
+        () = until(stats.clone(), Duration::from_secs(60), |s| s.handled + s.duplicates >= 1) => {}
+    }
+    // the hanging ack blocked its partitions (one message each at most); a fresh member picks
+    // up from the stored positions
+    tansu_forgets_the_member().await;
+    let first = stats.get();
+    let settled = first.handled + first.duplicates;
+    assert!((1..=2).contains(&settled), "{first:?}");
+    let second = kafka.source(&group, &[&topic], options()).unwrap();
+    let consumer = Consumer::inbox("billing", inbox.clone());
+    let handle = consumer.stats_handle();
+    let stats = consumer
+        .run(
+            second,
+            counting_handler(effects.clone()),
+            until(handle, Duration::from_secs(60), |s| {
+                s.handled + s.duplicates >= 50 - settled
+            }),
+        )
+        .await
+        .unwrap();
+    // 50 messages (40 events, 10 copies): what the first member committed is not seen again,
+    // although Kafka never got its offset
+    assert_eq!(stats.received, 50 - settled, "{first:?} {stats:?}");
+    assert_eq!(first.handled + stats.handled, 40, "{first:?} {stats:?}");
+    let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT event, count(*) FROM {effects} GROUP BY event"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 40);
+    assert!(rows.iter().all(|(_, n)| *n == 1), "an effect applied twice");
+    let positions = inbox.load_positions(&group, &topic).await.unwrap();
+    let total: i64 = positions.values().sum();
+    assert_eq!(total, 50, "positions {positions:?} cover every message");
+}
