@@ -1,0 +1,507 @@
+//! MQTT 5 for idemgate consumers and producers, on [rumqttc](rumqttc) at QoS 1.
+//!
+//! - [`MqttSink`] publishes at QoS 1 with the event id as the `idemgate-event-id` user property,
+//!   and waits for the broker's `PUBACK`.
+//! - [`MqttSource`] receives at QoS 1 with manual acks: the `PUBACK` is sent only when the
+//!   runtime acks, after the effect is recorded. With a persistent session
+//!   ([`Session::persistent`]) the broker keeps the subscription and the unacknowledged messages
+//!   while the consumer is away, and redelivers them (with the DUP flag, a hint only) when it
+//!   connects again. MQTT has no negative ack: `nack` hands the message back to this source after
+//!   the delay, and `dead_letter` publishes it, with the reason as a user property, to a
+//!   dead-letter topic and then acks it.
+//! - [`MqttSource::horizon`]: the session expiry interval, as long as the broker may redeliver.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use idemgate_consumer::{
+    DEAD_LETTER_REASON, Delivery, EVENT_ID, Error, Horizon, Message, Outgoing, Result, Sink, Source,
+};
+use rumqttc::Outgoing as Sent;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, Publish, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+const BROKER: &str = "mqtt";
+
+fn err<E: Into<idemgate_consumer::BoxError>>(what: &str) -> impl FnOnce(E) -> Error + '_ {
+    move |e| Error::broker(BROKER, what, e)
+}
+
+/// How the broker keeps this client's session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Session {
+    /// Keep the subscriptions and unacknowledged messages across disconnects.
+    pub persistent: bool,
+    /// How long the broker keeps a persistent session after a disconnect (default 1 day).
+    pub expiry: Duration,
+    /// Unacknowledged QoS 1 messages the broker sends at once (default 64).
+    pub receive_maximum: u16,
+}
+
+impl Session {
+    /// A session the broker forgets on disconnect (a producer's).
+    pub fn clean() -> Self {
+        Session {
+            persistent: false,
+            expiry: Duration::ZERO,
+            receive_maximum: 64,
+        }
+    }
+
+    /// A session the broker keeps for `expiry` after a disconnect (a consumer's).
+    pub fn persistent(expiry: Duration) -> Self {
+        Session {
+            persistent: true,
+            expiry,
+            receive_maximum: 64,
+        }
+    }
+
+    /// Sets the receive maximum.
+    pub fn receive_maximum(mut self, n: u16) -> Self {
+        self.receive_maximum = n.max(1);
+        self
+    }
+}
+
+type Waiter = oneshot::Sender<std::result::Result<(), String>>;
+
+/// Waiters for the broker's acks: publishes and subscribes are sent in request order, so the
+/// event loop's `Outgoing` events name their packet ids in that order.
+#[derive(Default)]
+struct Acks {
+    publishes: VecDeque<Waiter>,
+    subscribes: VecDeque<Waiter>,
+    by_pkid: HashMap<u16, Waiter>,
+    subs_by_pkid: HashMap<u16, Waiter>,
+}
+
+struct Link {
+    client: AsyncClient,
+    acks: Mutex<Acks>,
+    // publishes and subscribes are queued to the event loop in the order their waiters are
+    order: tokio::sync::Mutex<()>,
+}
+
+impl Link {
+    fn acks(&self) -> MutexGuard<'_, Acks> {
+        self.acks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn publish(&self, topic: &str, payload: Bytes, props: PublishProperties) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let _order = self.order.lock().await;
+            self.acks().publishes.push_back(tx);
+            if let Err(e) = self
+                .client
+                .publish_bytes_with_properties(topic, QoS::AtLeastOnce, false, payload, props)
+                .await
+            {
+                self.acks().publishes.pop_back();
+                return Err(Error::broker(BROKER, "publishing", e));
+            }
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::broker(BROKER, format!("publishing to {topic}"), e)),
+            Err(_) => Err(Error::broker(
+                BROKER,
+                "publishing",
+                "the connection closed before the PUBACK",
+            )),
+        }
+    }
+
+    async fn subscribe(&self, filter: &str) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let _order = self.order.lock().await;
+            self.acks().subscribes.push_back(tx);
+            if let Err(e) = self.client.subscribe(filter, QoS::AtLeastOnce).await {
+                self.acks().subscribes.pop_back();
+                return Err(Error::broker(BROKER, "subscribing", e));
+            }
+        }
+        rx.await
+            .map_err(|_| "the connection closed before the SUBACK".to_owned())
+            .and_then(|r| r)
+            .map_err(|e| Error::broker(BROKER, format!("subscribing to {filter}"), e))
+    }
+
+    /// Fails every waiting publish and subscribe (the connection dropped).
+    fn fail_all(&self, why: &str) {
+        let mut acks = self.acks();
+        let acks = &mut *acks;
+        let waiting = acks.publishes.drain(..).chain(acks.subscribes.drain(..));
+        let sent = acks.by_pkid.drain().chain(acks.subs_by_pkid.drain());
+        for w in waiting.chain(sent.map(|(_, w)| w)) {
+            let _ = w.send(Err(why.to_owned()));
+        }
+    }
+}
+
+/// A connection to an MQTT 5 broker, driven by its own task: the [`MqttSink`] and
+/// [`MqttSource`] made from it share it.
+pub struct Mqtt {
+    link: Arc<Link>,
+    incoming: Mutex<Option<mpsc::UnboundedReceiver<Publish>>>,
+    driver: JoinHandle<()>,
+    session: Session,
+}
+
+impl fmt::Debug for Mqtt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mqtt")
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mqtt {
+    /// Connects to `host:port` as `client_id` (a persistent session is found again by its
+    /// client id) and waits for the broker's `CONNACK`.
+    pub async fn connect(host: &str, port: u16, client_id: &str, session: Session) -> Result<Self> {
+        let mut opts = MqttOptions::new(client_id, host, port);
+        opts.set_keep_alive(Duration::from_secs(10))
+            .set_clean_start(!session.persistent)
+            .set_manual_acks(true)
+            .set_receive_maximum(Some(session.receive_maximum));
+        if session.persistent {
+            let secs = u32::try_from(session.expiry.as_secs()).unwrap_or(u32::MAX);
+            opts.set_session_expiry_interval(Some(secs));
+        }
+        let (client, mut events) = AsyncClient::new(opts, 256);
+        // the first event is the CONNACK, or the reason there is none
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(Error::broker(
+                        BROKER,
+                        format!("connecting to {host}:{port}"),
+                        e,
+                    ));
+                }
+            }
+        }
+        let link = Arc::new(Link {
+            client,
+            acks: Mutex::default(),
+            order: tokio::sync::Mutex::new(()),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let driver = tokio::spawn(drive(Arc::clone(&link), events, tx));
+        Ok(Mqtt {
+            link,
+            incoming: Mutex::new(Some(rx)),
+            driver,
+            session,
+        })
+    }
+
+    /// A producer on this connection.
+    pub fn sink(&self) -> MqttSink {
+        MqttSink {
+            link: Arc::clone(&self.link),
+        }
+    }
+
+    /// Subscribes to `filter` at QoS 1 (waiting for the `SUBACK`) and returns the source of
+    /// this connection's messages (once per connection). Dead letters go to
+    /// `idemgate-dead/<topic>` unless [`MqttSource::dead_letter_topic`] says otherwise.
+    pub async fn source(&self, filter: &str) -> Result<MqttSource> {
+        let incoming = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| Error::Config("this connection's source was already taken".into()))?;
+        self.link.subscribe(filter).await?;
+        let (again_tx, again_rx) = mpsc::unbounded_channel();
+        Ok(MqttSource {
+            link: Arc::clone(&self.link),
+            incoming,
+            again_tx,
+            again_rx,
+            dead_letter_topic: None,
+            horizon: Horizon {
+                broker: BROKER,
+                redelivery: self.session.expiry,
+                basis: format!("session expiry interval {:?}", self.session.expiry),
+            },
+        })
+    }
+
+    /// Disconnects cleanly (a persistent session stays on the broker).
+    pub async fn disconnect(self) -> Result<()> {
+        self.link
+            .client
+            .disconnect()
+            .await
+            .map_err(err("disconnecting"))?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.driver.abort();
+        Ok(())
+    }
+}
+
+impl Drop for Mqtt {
+    /// Dropping the connection closes it without a `DISCONNECT`, as a crash would.
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Drives the event loop: incoming publishes to the source, acks to their waiters; reconnects
+/// after a failure (a persistent session resumes where it was).
+async fn drive(link: Arc<Link>, mut events: EventLoop, incoming: mpsc::UnboundedSender<Publish>) {
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let _ = incoming.send(p);
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let w = link.acks().by_pkid.remove(&ack.pkid);
+                if let Some(w) = w {
+                    let r = match ack.reason {
+                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
+                        other => Err(format!("the broker refused the publish: {other:?}")),
+                    };
+                    let _ = w.send(r);
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let w = link.acks().subs_by_pkid.remove(&ack.pkid);
+                if let Some(w) = w {
+                    let refused = ack.return_codes.iter().find(|c| {
+                        !matches!(
+                            c,
+                            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+                        )
+                    });
+                    let _ = w.send(match refused {
+                        None => Ok(()),
+                        Some(c) => Err(format!("the broker refused the subscription: {c:?}")),
+                    });
+                }
+            }
+            Ok(Event::Outgoing(Sent::Publish(pkid))) => {
+                let mut acks = link.acks();
+                if let Some(w) = acks.publishes.pop_front() {
+                    acks.by_pkid.insert(pkid, w);
+                }
+            }
+            Ok(Event::Outgoing(Sent::Subscribe(pkid))) => {
+                let mut acks = link.acks();
+                if let Some(w) = acks.subscribes.pop_front() {
+                    acks.subs_by_pkid.insert(pkid, w);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "mqtt connection failed; reconnecting");
+                link.fail_all(&e.to_string());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+fn properties(event_id: Option<&str>, headers: &[(String, Bytes)]) -> PublishProperties {
+    let mut user_properties = Vec::with_capacity(headers.len() + 1);
+    if let Some(id) = event_id {
+        user_properties.push((EVENT_ID.to_owned(), id.to_owned()));
+    }
+    user_properties.extend(
+        headers
+            .iter()
+            .filter(|(k, _)| k != EVENT_ID)
+            .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned())),
+    );
+    PublishProperties {
+        user_properties,
+        ..PublishProperties::default()
+    }
+}
+
+/// A QoS 1 producer: see the [crate docs](crate).
+#[derive(Clone)]
+pub struct MqttSink {
+    link: Arc<Link>,
+}
+
+impl fmt::Debug for MqttSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttSink").finish_non_exhaustive()
+    }
+}
+
+impl Sink for MqttSink {
+    async fn publish(&self, msg: &Outgoing) -> Result<()> {
+        let props = properties(Some(&msg.event_id), &msg.headers);
+        self.link
+            .publish(&msg.destination, msg.payload.clone(), props)
+            .await
+    }
+}
+
+/// A QoS 1 subscription with manual acks: see the [crate docs](crate).
+pub struct MqttSource {
+    link: Arc<Link>,
+    incoming: mpsc::UnboundedReceiver<Publish>,
+    again_tx: mpsc::UnboundedSender<(Publish, Message)>,
+    again_rx: mpsc::UnboundedReceiver<(Publish, Message)>,
+    dead_letter_topic: Option<String>,
+    horizon: Horizon,
+}
+
+impl fmt::Debug for MqttSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttSource")
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MqttSource {
+    /// Dead letters go to `topic` instead of `idemgate-dead/<topic>`.
+    pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+        self.dead_letter_topic = Some(topic.into());
+        self
+    }
+
+    /// How long the broker may redeliver an unacknowledged message: the session expiry.
+    pub fn horizon(&self) -> Horizon {
+        self.horizon.clone()
+    }
+
+    fn delivery(&self, publish: Publish, msg: Message) -> MqttDelivery {
+        MqttDelivery {
+            link: Arc::clone(&self.link),
+            again: Some(self.again_tx.clone()),
+            dead_letter_topic: self.dead_letter_topic.clone(),
+            publish,
+            msg,
+        }
+    }
+}
+
+fn message(p: &Publish) -> Message {
+    let mut msg = Message::new(String::from_utf8_lossy(&p.topic), p.payload.clone());
+    if let Some(props) = &p.properties {
+        for (k, v) in &props.user_properties {
+            if k == EVENT_ID {
+                msg.event_id = Some(v.clone());
+            }
+            msg.headers.push((k.clone(), Bytes::from(v.clone())));
+        }
+    }
+    msg.redelivered = p.dup;
+    msg
+}
+
+impl Source for MqttSource {
+    type Delivery = MqttDelivery;
+
+    async fn recv(&mut self) -> Result<Option<MqttDelivery>> {
+        let (publish, msg) = tokio::select! {
+            biased;
+            Some(again) = self.again_rx.recv() => again,
+            p = self.incoming.recv() => match p {
+                Some(p) => { let m = message(&p); (p, m) }
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(self.delivery(publish, msg)))
+    }
+}
+
+/// One QoS 1 message, unacknowledged until settled.
+pub struct MqttDelivery {
+    link: Arc<Link>,
+    again: Option<mpsc::UnboundedSender<(Publish, Message)>>,
+    dead_letter_topic: Option<String>,
+    publish: Publish,
+    msg: Message,
+}
+
+impl fmt::Debug for MqttDelivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttDelivery")
+            .field("topic", &self.msg.source)
+            .field("pkid", &self.publish.pkid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MqttDelivery {
+    /// Hands the message back to its source as a redelivery.
+    fn requeue(&mut self) {
+        if let Some(again) = self.again.take() {
+            let mut msg = std::mem::take(&mut self.msg);
+            msg.redelivered = true;
+            msg.deliveries = Some(msg.deliveries.unwrap_or(1) + 1);
+            let _ = again.send((self.publish.clone(), msg));
+        }
+    }
+
+    async fn puback(mut self) -> Result<()> {
+        self.again = None;
+        self.link
+            .client
+            .ack(&self.publish)
+            .await
+            .map_err(err("acknowledging"))
+    }
+}
+
+impl Drop for MqttDelivery {
+    /// Dropped unsettled (a cancelled handler): handed back, never lost. If the whole consumer
+    /// is gone, the broker redelivers it when the session reconnects.
+    fn drop(&mut self) {
+        self.requeue();
+    }
+}
+
+impl Delivery for MqttDelivery {
+    fn message(&self) -> &Message {
+        &self.msg
+    }
+
+    async fn ack(self) -> Result<()> {
+        self.puback().await
+    }
+
+    async fn nack(mut self, delay: Duration) -> Result<()> {
+        // MQTT has no negative ack: the message comes back here after the delay
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            self.requeue();
+        });
+        Ok(())
+    }
+
+    async fn dead_letter(self, reason: &str) -> Result<()> {
+        let topic = match &self.dead_letter_topic {
+            Some(t) => t.clone(),
+            None => format!("idemgate-dead/{}", self.msg.source),
+        };
+        let mut props = properties(self.msg.event_id.as_deref(), &self.msg.headers);
+        props
+            .user_properties
+            .push((DEAD_LETTER_REASON.to_owned(), reason.to_owned()));
+        self.link
+            .publish(&topic, self.msg.payload.clone(), props)
+            .await?;
+        self.puback().await
+    }
+}

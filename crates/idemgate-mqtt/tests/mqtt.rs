@@ -1,0 +1,129 @@
+//! The adapter suite against the local Mosquitto (`MQTT_HOST`/`MQTT_PORT`, default
+//! `127.0.0.1:1883`), MQTT 5 at QoS 1; each test uses its own topic and client ids.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use idemgate_consumer::{DEAD_LETTER_REASON, Delivery, Outgoing, Sink, Source};
+use idemgate_mqtt::{Mqtt, Session};
+use idemgate_testkit::{broker, service};
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn unique(what: &str) -> String {
+    format!(
+        "idemgate-{what}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            % 1_000_000
+    )
+}
+
+async fn connect(client_id: &str, session: Session) -> Option<Mqtt> {
+    let host = service::url("MQTT_HOST", "127.0.0.1");
+    let port = service::url("MQTT_PORT", "1883").parse().unwrap();
+    service::connect("MQTT", Mqtt::connect(&host, port, client_id, session)).await
+}
+
+fn persistent() -> Session {
+    Session::persistent(Duration::from_secs(600))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_event_published_twice_runs_once() {
+    let topic = unique("twice");
+    let Some(consumer) = connect(&unique("c"), persistent()).await else {
+        return;
+    };
+    let producer = connect(&unique("p"), Session::clean()).await.unwrap();
+    let source = consumer.source(&topic).await.unwrap();
+    broker::published_twice_runs_once(&producer.sink(), &topic, source, Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_dropped_before_its_ack_is_redelivered_and_not_rerun() {
+    let topic = unique("redeliver");
+    let id = unique("c");
+    let Some(first) = connect(&id, persistent()).await else {
+        return;
+    };
+    let producer = connect(&unique("p"), Session::clean()).await.unwrap();
+    let source = first.source(&topic).await.unwrap();
+    // dropping the connection closes it with no DISCONNECT; the same client id reconnects to
+    // its session and the broker redelivers the unacknowledged message
+    let second = async {
+        connect(&id, persistent())
+            .await
+            .unwrap()
+            .source(&topic)
+            .await
+            .unwrap()
+    };
+    broker::dropped_before_ack_is_redelivered_not_rerun(
+        &producer.sink(),
+        &topic,
+        source,
+        async { drop(first) },
+        second,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_its_lease_runs_once() {
+    let topic = unique("slow");
+    let Some(consumer) = connect(&unique("c"), persistent()).await else {
+        return;
+    };
+    let producer = connect(&unique("p"), Session::clean()).await.unwrap();
+    let source = consumer.source(&topic).await.unwrap();
+    broker::slower_than_lease_runs_once(
+        &producer.sink(),
+        &topic,
+        source,
+        Duration::from_millis(300),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_goes_to_the_dead_letter_topic_with_its_reason() {
+    let topic = unique("poison");
+    let Some(consumer) = connect(&unique("c"), persistent()).await else {
+        return;
+    };
+    let watcher = connect(&unique("w"), Session::clean()).await.unwrap();
+    let mut dead = watcher
+        .source(&format!("idemgate-dead/{topic}"))
+        .await
+        .unwrap();
+    let source = consumer.source(&topic).await.unwrap();
+    // an empty event id gives no key: poison
+    let producer = connect(&unique("p"), Session::clean()).await.unwrap();
+    let mut out = Outgoing::new(&topic, "no id");
+    out.event_id = String::new();
+    producer.sink().publish(&out).await.unwrap();
+    broker::poison_is_dead_lettered(source).await;
+    let d = tokio::time::timeout(Duration::from_secs(10), dead.recv())
+        .await
+        .expect("a dead letter")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&d.message().payload[..], b"no id");
+    let reason = String::from_utf8_lossy(d.message().header(DEAD_LETTER_REASON).unwrap());
+    assert!(reason.contains("poison"), "{reason}");
+    d.ack().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_horizon_is_the_session_expiry() {
+    let Some(consumer) = connect(&unique("c"), persistent()).await else {
+        return;
+    };
+    let source = consumer.source(&unique("h")).await.unwrap();
+    assert_eq!(source.horizon().redelivery, Duration::from_secs(600));
+}
