@@ -1,4 +1,4 @@
-//! Kafka for idemgate consumers and producers, on [rdkafka](rdkafka) (librdkafka).
+//! Kafka for idemgate consumers and producers, on [`rdkafka`] (librdkafka).
 //!
 //! - [`KafkaSink`] is an idempotent producer: `enable.idempotence=true` and `acks=all` are
 //!   enforced (librdkafka leaves idempotence off by default, and a retried produce can then
@@ -9,7 +9,7 @@
 //!   hands the same message back after the delay, ahead of the rest of its partition (the
 //!   offset is not committed past it); `dead_letter` produces it with its reason to a
 //!   dead-letter topic and then acks.
-//! - With [`SourceOptions::positions`] (Inbox mode), every message carries its
+//! - With [`SourceOptions::positions_from`] (Inbox mode), every message carries its
 //!   [`Position`](idemgate_consumer::Position): the inbox moves the stored position in the same
 //!   transaction as the effect, and on partition assignment the source seeks to the stored
 //!   positions instead of trusting Kafka's committed offsets. Before a partition is revoked,

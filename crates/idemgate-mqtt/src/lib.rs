@@ -1,4 +1,4 @@
-//! MQTT 5 for idemgate consumers and producers, on [rumqttc](rumqttc) at QoS 1.
+//! MQTT 5 for idemgate consumers and producers, on [`rumqttc`] at QoS 1.
 //!
 //! - [`MqttSink`] publishes at QoS 1 with the event id as the `idemgate-event-id` user property,
 //!   and waits for the broker's `PUBACK`.
