@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::{Message, Outgoing, Result};
+use crate::{Horizon, Message, Outgoing, Result};
 
 /// One delivery of a message, to be settled exactly once: acked, nacked or dead-lettered.
 ///
@@ -36,6 +36,13 @@ pub trait Source: Send + 'static {
 
     /// The next delivery; `None` when the source has ended (it was closed or drained).
     fn recv(&mut self) -> impl Future<Output = Result<Option<Self::Delivery>>> + Send;
+
+    /// How long after a first delivery the broker may still redeliver a message, as read from
+    /// the broker where it can be (SQS queue attributes, the NATS consumer's config): the
+    /// consumer checks its retention against it at start-up. `None`: unknown.
+    fn horizon(&self) -> Option<Horizon> {
+        None
+    }
 }
 
 /// A producer: publishes a message with its event id stamped where the broker can see it.

@@ -199,7 +199,7 @@ impl<St: Store> Consumer<GateMode<St>> {
         Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
         E: fmt::Display + Send + 'static,
     {
-        check(&self.cfg, self.cfg.retention)?;
+        check(&self.cfg, self.cfg.retention, source.horizon())?;
         let store = self.mode.0;
         let opts = ClaimOptions {
             lease: self.cfg.lease,
@@ -244,7 +244,7 @@ impl<I: Inbox> Consumer<InboxMode<I>> {
         H: InboxHandler<I::Tx>,
     {
         let inbox = self.mode.0;
-        check(&self.cfg, inbox.retention())?;
+        check(&self.cfg, inbox.retention(), source.horizon())?;
         let rt = Runtime::new(self.cfg);
         let process = Arc::new(InboxProcess {
             rt: Arc::clone(&rt),
@@ -303,7 +303,8 @@ impl<M> Consumer<M> {
         self
     }
 
-    /// The broker's redelivery horizon, checked against the retention at start.
+    /// The broker's redelivery horizon, checked against the retention at start (default: the
+    /// source's own, [`Source::horizon`]).
     pub fn with_horizon(mut self, horizon: Horizon) -> Self {
         self.cfg.horizon = Some(horizon);
         self
@@ -317,8 +318,10 @@ impl<M> Consumer<M> {
     }
 }
 
-fn check(cfg: &Config, retention: Duration) -> Result<()> {
-    let Some(horizon) = cfg.horizon.clone() else {
+/// The window check at start-up: the horizon given, else the one the source read from its
+/// broker.
+fn check(cfg: &Config, retention: Duration, from_source: Option<Horizon>) -> Result<()> {
+    let Some(horizon) = cfg.horizon.clone().or(from_source) else {
         return Ok(());
     };
     let verdict = check_window(retention, horizon);

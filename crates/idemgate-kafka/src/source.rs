@@ -417,13 +417,6 @@ impl KafkaSource {
             horizon,
         })
     }
-
-    /// How long after a first delivery Kafka may hand a message out again: a member that stops
-    /// is noticed within the session timeout (or the poll interval), and its partitions are
-    /// replayed from the last commit.
-    pub fn horizon(&self) -> Horizon {
-        self.horizon.clone()
-    }
 }
 
 impl Drop for KafkaSource {
@@ -479,6 +472,13 @@ fn poll_loop(shared: &Shared, stop: &AtomicBool) {
 
 impl Source for KafkaSource {
     type Delivery = KafkaDelivery;
+
+    /// How long after a first delivery Kafka may hand a message out again: a member that stops
+    /// is noticed within the session timeout (or the poll interval), and its partitions are
+    /// replayed from the last commit.
+    fn horizon(&self) -> Option<Horizon> {
+        Some(self.horizon.clone())
+    }
 
     async fn recv(&mut self) -> Result<Option<KafkaDelivery>> {
         let inner = &self.shared.inner;

@@ -379,11 +379,6 @@ impl MqttSource {
         self
     }
 
-    /// How long the broker may redeliver an unacknowledged message: the session expiry.
-    pub fn horizon(&self) -> Horizon {
-        self.horizon.clone()
-    }
-
     fn delivery(&self, publish: Publish, msg: Message) -> MqttDelivery {
         MqttDelivery {
             link: Arc::clone(&self.link),
@@ -411,6 +406,11 @@ fn message(p: &Publish) -> Message {
 
 impl Source for MqttSource {
     type Delivery = MqttDelivery;
+
+    /// How long the broker may redeliver an unacknowledged message: the session expiry.
+    fn horizon(&self) -> Option<Horizon> {
+        Some(self.horizon.clone())
+    }
 
     async fn recv(&mut self) -> Result<Option<MqttDelivery>> {
         let (publish, msg) = tokio::select! {

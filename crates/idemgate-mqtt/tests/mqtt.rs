@@ -125,5 +125,8 @@ async fn the_horizon_is_the_session_expiry() {
         return;
     };
     let source = consumer.source(&unique("h")).await.unwrap();
-    assert_eq!(source.horizon().redelivery, Duration::from_secs(600));
+    assert_eq!(
+        source.horizon().unwrap().redelivery,
+        Duration::from_secs(600)
+    );
 }

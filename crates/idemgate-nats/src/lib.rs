@@ -238,15 +238,15 @@ impl std::fmt::Debug for NatsSource {
     }
 }
 
-impl NatsSource {
-    /// How long after a first delivery the server may still deliver the message again.
-    pub fn horizon(&self) -> Horizon {
-        self.horizon.clone()
-    }
-}
+impl NatsSource {}
 
 impl Source for NatsSource {
     type Delivery = NatsDelivery;
+
+    /// How long after a first delivery the server may still deliver the message again.
+    fn horizon(&self) -> Option<Horizon> {
+        Some(self.horizon.clone())
+    }
 
     async fn recv(&mut self) -> Result<Option<NatsDelivery>> {
         let Some(next) = self.messages.next().await else {

@@ -157,11 +157,25 @@ async fn the_horizon_is_ack_wait_times_max_deliver() {
         .source(&name, "c", &events, opts(&prefix))
         .await
         .unwrap();
-    let h = source.horizon();
+    let h = source.horizon().unwrap();
     assert_eq!(h.redelivery, Duration::from_secs(30 * 20));
     let short = idemgate_consumer::check_window(Duration::from_secs(60), h.clone());
     assert!(!short.is_ok());
     assert!(short.to_string().contains("AckWait"), "{short}");
     assert!(idemgate_consumer::check_window(Duration::from_secs(3600), h).is_ok());
+    // at start-up the consumer reads the horizon from its source and, strict, refuses to run
+    let refused = idemgate_consumer::Consumer::gate("c", idemgate_core::MemoryStore::new())
+        .with_retention(Duration::from_secs(60))
+        .strict(true)
+        .run(
+            source,
+            |_m| async { Ok::<(), String>(()) },
+            std::future::pending(),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(idemgate_consumer::Error::Window(_))),
+        "{refused:?}"
+    );
     nats.delete_stream(&name).await.unwrap();
 }

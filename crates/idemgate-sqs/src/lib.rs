@@ -361,11 +361,6 @@ impl fmt::Debug for SqsSource {
 }
 
 impl SqsSource {
-    /// The redelivery horizon, from the queue's attributes.
-    pub fn horizon(&self) -> Horizon {
-        self.horizon.clone()
-    }
-
     /// Dead letters go to the queue at `url` (default: the redrive policy's target).
     pub fn dead_letter_url(mut self, url: impl Into<String>) -> Self {
         self.dead_letter_url = Some(url.into());
@@ -414,6 +409,11 @@ impl SqsSource {
 
 impl Source for SqsSource {
     type Delivery = SqsDelivery;
+
+    /// The redelivery horizon, from the queue's attributes.
+    fn horizon(&self) -> Option<Horizon> {
+        Some(self.horizon.clone())
+    }
 
     async fn recv(&mut self) -> Result<Option<SqsDelivery>> {
         loop {

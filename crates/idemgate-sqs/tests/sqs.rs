@@ -123,7 +123,7 @@ async fn poison_goes_to_the_dead_letter_queue_with_its_reason() {
     out.event_id = String::new();
     sqs.sink().publish(&out).await.unwrap();
     let source = sqs.source(&url).await.unwrap();
-    let horizon = source.horizon();
+    let horizon = source.horizon().unwrap();
     assert_eq!(
         horizon.redelivery,
         Duration::from_secs(30 * 5),

@@ -122,6 +122,9 @@ impl<D: Delivery> Delivery for HangingAck<D> {
 
 impl<S: Source> Source for DiesBeforeAck<S> {
     type Delivery = HangingAck<S::Delivery>;
+    fn horizon(&self) -> Option<idemgate_consumer::Horizon> {
+        self.inner.horizon()
+    }
     async fn recv(&mut self) -> Result<Option<Self::Delivery>> {
         Ok(self.inner.recv().await?.map(|inner| HangingAck {
             inner,
