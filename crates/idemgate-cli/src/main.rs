@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod stores;
+mod window;
 mod worker;
 
 /// Exactly-once effects on top of at-least-once delivery.
@@ -28,6 +29,8 @@ enum Command {
     Inspect(stores::InspectArgs),
     /// Delete expired records from a store.
     Purge(stores::PurgeArgs),
+    /// Check that a retention covers a broker's redelivery horizon (exit status 1 if not).
+    CheckWindow(window::CheckWindowArgs),
     /// A demo worker process (started by `idemgate demo`).
     #[command(hide = true)]
     DemoWorker(worker::WorkerArgs),
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Inspect(args) => stores::inspect(args),
         Command::Purge(args) => stores::purge(args),
+        Command::CheckWindow(args) => window::run(args),
         Command::DemoWorker(args) => worker::run(args),
     };
     match result {

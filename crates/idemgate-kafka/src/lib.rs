@@ -23,7 +23,7 @@ mod source;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use idemgate_consumer::{EVENT_ID, Error, Outgoing, Result, Sink};
+use idemgate_consumer::{EVENT_ID, Error, Horizon, Outgoing, Result, Sink};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -146,6 +146,29 @@ impl Kafka {
             .set("acks", "all")
             .create()
             .map_err(err("creating a producer"))
+    }
+
+    /// How long after a first delivery a group may hand a message out again: a member that
+    /// stops is noticed within the session timeout (or the poll interval), and its partitions
+    /// are replayed from the last commit. From this value's settings (librdkafka's defaults
+    /// where unset).
+    pub fn horizon(&self) -> Horizon {
+        let millis = |key: &str, default: u64| {
+            self.setting(key)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let session = millis("session.timeout.ms", 45_000);
+        let poll = millis("max.poll.interval.ms", 300_000);
+        let commit = millis("auto.commit.interval.ms", 5_000);
+        Horizon {
+            broker: BROKER,
+            redelivery: Duration::from_millis(session + poll + commit),
+            basis: format!(
+                "session.timeout.ms {session} + max.poll.interval.ms {poll} + \
+                 auto.commit.interval.ms {commit}"
+            ),
+        }
     }
 
     /// A consumer in `group` of `topics`. See [`SourceOptions`].

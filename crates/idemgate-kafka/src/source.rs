@@ -338,13 +338,6 @@ impl fmt::Debug for KafkaSource {
     }
 }
 
-fn millis(kafka: &Kafka, key: &str, default: u64) -> u64 {
-    kafka
-        .setting(key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 impl KafkaSource {
     pub(crate) fn start(
         kafka: &Kafka,
@@ -384,17 +377,7 @@ impl KafkaSource {
             .create_with_context(Ctx(Arc::clone(&inner)))
             .map_err(err("creating a consumer"))?;
         consumer.subscribe(topics).map_err(err("subscribing"))?;
-        let session = millis(kafka, "session.timeout.ms", 45_000);
-        let poll = millis(kafka, "max.poll.interval.ms", 300_000);
-        let commit = millis(kafka, "auto.commit.interval.ms", 5_000);
-        let horizon = Horizon {
-            broker: BROKER,
-            redelivery: Duration::from_millis(session + poll + commit),
-            basis: format!(
-                "session.timeout.ms {session} + max.poll.interval.ms {poll} + \
-                 auto.commit.interval.ms {commit}"
-            ),
-        };
+        let horizon = kafka.horizon();
         let shared = Arc::new(Shared {
             inner,
             consumer,

@@ -154,6 +154,27 @@ impl Nats {
         })
     }
 
+    /// The redelivery horizon of the existing durable consumer `durable` of `stream`, from the
+    /// server's config (for `idemgate check-window`).
+    pub async fn horizon(&self, stream: &str, durable: &str) -> Result<Horizon> {
+        let s = self
+            .js
+            .get_stream(stream)
+            .await
+            .map_err(err("finding the stream"))?;
+        let duplicate_window = s.cached_info().config.duplicate_window;
+        let consumer = s
+            .get_consumer::<pull::Config>(durable)
+            .await
+            .map_err(err("finding the consumer"))?;
+        let config = &consumer.cached_info().config;
+        Ok(horizon(
+            config.ack_wait,
+            config.max_deliver,
+            duplicate_window,
+        ))
+    }
+
     /// A producer.
     pub fn sink(&self) -> NatsSink {
         NatsSink {
@@ -237,8 +258,6 @@ impl std::fmt::Debug for NatsSource {
             .finish_non_exhaustive()
     }
 }
-
-impl NatsSource {}
 
 impl Source for NatsSource {
     type Delivery = NatsDelivery;

@@ -84,6 +84,11 @@ impl Sqs {
 
     /// A local SQS-compatible endpoint (`http://127.0.0.1:4566`) with static test credentials.
     pub fn local(endpoint: &str) -> Self {
+        Self::endpoint(endpoint, "us-east-1", "test", "test")
+    }
+
+    /// An endpoint with static credentials (without pulling in `aws-config`).
+    pub fn endpoint(endpoint: &str, region: &str, access_key: &str, secret_key: &str) -> Self {
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
                 aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
@@ -92,8 +97,10 @@ impl Sqs {
         let config = aws_sdk_sqs::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .endpoint_url(endpoint)
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("test", "test", None, None, "idemgate"))
+            .region(Region::new(region.to_owned()))
+            .credentials_provider(Credentials::new(
+                access_key, secret_key, None, None, "idemgate",
+            ))
             .http_client(http)
             .build();
         Sqs {
@@ -180,9 +187,14 @@ impl Sqs {
         }
     }
 
-    /// A consumer of the queue at `url`. Reads the queue's visibility timeout and redrive policy
-    /// (for the horizon and the dead-letter queue).
-    pub async fn source(&self, url: &str) -> Result<SqsSource> {
+    /// The redelivery horizon of the queue at `url`, from its attributes: visibility timeout ×
+    /// `maxReceiveCount`, or the retention period when there is no redrive policy.
+    pub async fn horizon(&self, url: &str) -> Result<Horizon> {
+        Ok(self.queue_info(url).await?.0)
+    }
+
+    /// The horizon and the dead-letter queue's name, from the queue's attributes.
+    async fn queue_info(&self, url: &str) -> Result<(Horizon, Duration, Option<String>)> {
         let out = self
             .client
             .get_queue_attributes()
@@ -218,7 +230,15 @@ impl Sqs {
                 basis: format!("no redrive policy: MessageRetentionPeriod {retention}s"),
             },
         };
-        let dead_letter_url = match redrive.and_then(|r| r.target_name) {
+        let dead = redrive.and_then(|r| r.target_name);
+        Ok((horizon, Duration::from_secs(visibility), dead))
+    }
+
+    /// A consumer of the queue at `url`. Reads the queue's visibility timeout and redrive policy
+    /// (for the horizon and the dead-letter queue).
+    pub async fn source(&self, url: &str) -> Result<SqsSource> {
+        let (horizon, visibility, dead) = self.queue_info(url).await?;
+        let dead_letter_url = match dead {
             Some(name) => Some(
                 self.client
                     .get_queue_url()
@@ -234,7 +254,7 @@ impl Sqs {
         Ok(SqsSource {
             client: self.client.clone(),
             url: url.to_owned(),
-            visibility: Duration::from_secs(visibility),
+            visibility,
             wait: Duration::from_secs(1),
             dead_letter_url,
             buffer: VecDeque::new(),

@@ -24,6 +24,9 @@
 //! | `postgres` | no | `postgres`: `PostgresStore`, `PgInbox`, `PgOffsets` |
 //! | `mysql` | no | `mysql`: `MySqlStore`, `MySqlInbox`, `MySqlOffsets` (MySQL and MariaDB) |
 //! | `redis` | no | `redis`: `RedisStore` (standalone and cluster) |
+//! | `http` | no | `http`: the `Idempotency-Key` layer for tower and axum |
+//! | `consumer` | no | `consumer`: the consumer runtime (Gate and Inbox modes), `Source` / `Delivery` / `Sink` |
+//! | `rabbitmq`, `nats`, `kafka`, `mqtt`, `sqs` | no | the broker adapters (each turns `consumer` on) |
 //! | `tracing` | yes | spans from the Gate |
 //! | `metrics` | yes | counters and histograms from the Gate |
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -46,3 +49,31 @@ pub use idemgate_mysql as mysql;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use idemgate_redis as redis;
+
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub use idemgate_http as http;
+
+#[cfg(feature = "consumer")]
+#[cfg_attr(docsrs, doc(cfg(feature = "consumer")))]
+pub use idemgate_consumer as consumer;
+
+#[cfg(feature = "rabbitmq")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
+pub use idemgate_rabbitmq as rabbitmq;
+
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub use idemgate_nats as nats;
+
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub use idemgate_kafka as kafka;
+
+#[cfg(feature = "mqtt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mqtt")))]
+pub use idemgate_mqtt as mqtt;
+
+#[cfg(feature = "sqs")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqs")))]
+pub use idemgate_sqs as sqs;
