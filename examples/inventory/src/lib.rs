@@ -1,0 +1,294 @@
+//! Inventory reservations from order-created events, exactly once.
+//!
+//! Each order line (`order id`, `SKU`, quantity) arrives over RabbitMQ. The consumer runs in
+//! Inbox mode on PostgreSQL: the inbox row, keyed by the business key `(order id, SKU)`, and the
+//! reservation (a conditional decrement of the stock, never below zero) commit in one
+//! transaction. A producer that retries with a fresh event id, a redelivery after a crash, or a
+//! copy running concurrently all meet the same inbox row, so a line is reserved once and stock
+//! is never oversold.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use idemgate_consumer::{
+    Consumer, HandlerFuture, InboxHandler, InboxMode, Message, Outgoing, PgInboxPool, Sink, Stats,
+};
+use idemgate_core::Key;
+use idemgate_postgres::PgInbox;
+use idemgate_rabbitmq::RabbitMq;
+use idemgate_testkit::broker::{DiesBeforeAck, until};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Postgres, Transaction};
+
+/// A boxed error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One line of a created order: reserve `qty` of `sku` for `order_id`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderLine {
+    /// The order.
+    pub order_id: String,
+    /// The stock-keeping unit.
+    pub sku: String,
+    /// How many.
+    pub qty: i32,
+}
+
+/// The reservation's business key: `(order id, SKU)`, whatever event id the message carries.
+pub fn reservation_key(msg: &Message) -> Result<Key, String> {
+    let line: OrderLine = serde_json::from_slice(&msg.payload).map_err(|e| e.to_string())?;
+    Key::compose("reservations", [line.order_id.as_str(), line.sku.as_str()])
+        .map_err(|e| e.to_string())
+}
+
+/// The service's tables (named with a prefix, so several instances can share a database).
+#[derive(Clone, Debug)]
+pub struct Inventory {
+    pool: PgPool,
+    stock: String,
+    reservations: String,
+    inbox: PgInboxPool,
+}
+
+impl Inventory {
+    /// Creates the stock, reservation and inbox tables under `prefix` and stocks `skus`.
+    pub async fn setup(pool: PgPool, prefix: &str, skus: &[(&str, i32)]) -> Result<Self, BoxError> {
+        let (stock, reservations) = (format!("{prefix}_stock"), format!("{prefix}_reservations"));
+        let inbox = PgInboxPool::new(
+            PgInbox::new().with_table(format!("{prefix}_inbox"))?,
+            pool.clone(),
+        );
+        inbox.migrate().await?;
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {stock} (sku TEXT PRIMARY KEY, initial INT NOT NULL,
+                 available INT NOT NULL CHECK (available >= 0))"
+        ))
+        .execute(&pool)
+        .await?;
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {reservations} (order_id TEXT NOT NULL, sku TEXT NOT NULL,
+                 qty INT NOT NULL, status TEXT NOT NULL)"
+        ))
+        .execute(&pool)
+        .await?;
+        for (sku, qty) in skus {
+            sqlx::query(&format!(
+                "INSERT INTO {stock} (sku, initial, available) VALUES ($1, $2, $2)
+                 ON CONFLICT (sku) DO UPDATE SET initial = $2, available = $2"
+            ))
+            .bind(sku)
+            .bind(qty)
+            .execute(&pool)
+            .await?;
+        }
+        Ok(Inventory {
+            pool,
+            stock,
+            reservations,
+            inbox,
+        })
+    }
+
+    /// The consumer: Inbox mode, keyed by `(order id, SKU)`.
+    pub fn consumer(&self) -> Consumer<InboxMode<PgInboxPool>> {
+        Consumer::inbox("inventory", self.inbox.clone())
+            .with_key(reservation_key)
+            .with_concurrency(8)
+    }
+
+    /// The handler: reserve if there is stock, else record the rejection. Deliberately a plain
+    /// decrement: only the inbox stands between a duplicate and a second reservation (there is
+    /// no unique constraint on the reservations).
+    pub fn handler(&self) -> impl InboxHandler<Transaction<'static, Postgres>> {
+        let (stock, reservations) = (self.stock.clone(), self.reservations.clone());
+        <dyn InboxHandler<Transaction<'static, Postgres>>>::from_fn(move |tx, msg| {
+            let (stock, reservations) = (stock.clone(), reservations.clone());
+            let fut: HandlerFuture<'_> = Box::pin(async move {
+                let line: OrderLine = serde_json::from_slice(&msg.payload)?;
+                let taken = sqlx::query(&format!(
+                    "UPDATE {stock} SET available = available - $2
+                      WHERE sku = $1 AND available >= $2"
+                ))
+                .bind(&line.sku)
+                .bind(line.qty)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+                let status = if taken == 1 {
+                    "reserved"
+                } else {
+                    "out-of-stock"
+                };
+                sqlx::query(&format!(
+                    "INSERT INTO {reservations} (order_id, sku, qty, status) VALUES ($1, $2, $3, $4)"
+                ))
+                .bind(&line.order_id)
+                .bind(&line.sku)
+                .bind(line.qty)
+                .bind(status)
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            });
+            fut
+        })
+    }
+
+    /// What the tables say now.
+    pub async fn report(&self) -> Result<Report, BoxError> {
+        let skus: Vec<(String, i32, i32, i64)> = sqlx::query_as(&format!(
+            "SELECT s.sku, s.initial, s.available,
+                    COALESCE(SUM(r.qty) FILTER (WHERE r.status = 'reserved'), 0)
+               FROM {} s LEFT JOIN {} r ON r.sku = s.sku GROUP BY s.sku ORDER BY s.sku",
+            self.stock, self.reservations
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let (lines, twice): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT COUNT(*), COUNT(*) - COUNT(DISTINCT (order_id, sku)) FROM {}",
+            self.reservations
+        ))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Report { skus, lines, twice })
+    }
+}
+
+/// Stock and reservations after a run.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Per SKU: initial stock, available now, reserved quantity.
+    pub skus: Vec<(String, i32, i32, i64)>,
+    /// Order lines with a reservation row (reserved or out of stock).
+    pub lines: i64,
+    /// Order lines with more than one row: must be 0.
+    pub twice: i64,
+}
+
+impl Report {
+    /// Every line handled once, and for every SKU `available + reserved = initial`, `available
+    /// ≥ 0`: nothing oversold, nothing lost.
+    pub fn check(&self, lines: i64) -> Result<(), String> {
+        if self.twice != 0 {
+            return Err(format!("{} order lines were handled twice", self.twice));
+        }
+        if self.lines != lines {
+            return Err(format!(
+                "{} of {lines} order lines were handled",
+                self.lines
+            ));
+        }
+        for (sku, initial, available, reserved) in &self.skus {
+            if *available < 0 || i64::from(*available) + reserved != i64::from(*initial) {
+                return Err(format!(
+                    "{sku}: {initial} in stock, {reserved} reserved, {available} left"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:<8} {:>8} {:>9} {:>10}",
+            "sku", "initial", "reserved", "available"
+        )?;
+        for (sku, initial, available, reserved) in &self.skus {
+            writeln!(f, "{sku:<8} {initial:>8} {reserved:>9} {available:>10}")?;
+        }
+        write!(
+            f,
+            "order lines handled: {}, handled twice: {}",
+            self.lines, self.twice
+        )
+    }
+}
+
+/// The published order lines: `orders` orders of up to three lines over `skus`, each line
+/// published once, then a third of them again with a fresh event id (a producer that lost its
+/// confirm and rebuilt the message), and a sixth a third time with the first event id.
+pub async fn publish_orders<K: Sink>(
+    sink: &K,
+    queue: &str,
+    orders: usize,
+    skus: &[&str],
+) -> Result<usize, BoxError> {
+    let mut published = 0;
+    let mut first = Vec::new();
+    for o in 0..orders {
+        for l in 0..=(o % 3) {
+            let line = OrderLine {
+                order_id: format!("order-{o}"),
+                sku: skus[(o + l) % skus.len()].to_owned(),
+                qty: i32::try_from(1 + (o * 7 + l) % 5)?,
+            };
+            let out = Outgoing::new(queue, serde_json::to_vec(&line)?);
+            sink.publish(&out).await?;
+            published += 1;
+            if published % 3 == 0 {
+                let fresh = Outgoing::new(queue, serde_json::to_vec(&line)?);
+                sink.publish(&fresh).await?;
+                published += 1;
+            }
+            first.push(out);
+        }
+    }
+    for out in first.iter().step_by(6) {
+        sink.publish(out).await?;
+        published += 1;
+    }
+    Ok(published)
+}
+
+/// A run: publish, a first consumer that dies on its first ack (its connection closed: RabbitMQ
+/// requeues everything it held, including a line it had committed), then a second consumer
+/// that drains the queue.
+pub async fn run(
+    rabbit_url: &str,
+    inventory: &Inventory,
+    queue: &str,
+    orders: usize,
+    skus: &[&str],
+) -> Result<(usize, Stats, Stats), BoxError> {
+    let rabbit = RabbitMq::connect(rabbit_url).await?;
+    rabbit.declare(queue).await?;
+    let published = publish_orders(&rabbit.sink().await?, queue, orders, skus).await?;
+
+    let doomed = RabbitMq::connect(rabbit_url).await?;
+    let first = DiesBeforeAck::new(doomed.source(queue, 16).await?);
+    let acking: Arc<AtomicBool> = first.acking();
+    let consumer = inventory.consumer();
+    let first_stats = consumer.stats_handle();
+    let wait = async {
+        while !acking.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        r = consumer.run(first, inventory.handler(), std::future::pending()) => { r?; }
+        () = wait => {}
+    }
+    doomed.close().await?;
+    let first = first_stats.get();
+
+    let consumer = inventory.consumer();
+    let handle = consumer.stats_handle();
+    let settled = first.handled + first.duplicates;
+    let left = u64::try_from(published)? - settled;
+    let second = consumer
+        .run(
+            rabbit.source(queue, 32).await?,
+            inventory.handler(),
+            until(handle, Duration::from_secs(120), move |s| {
+                s.handled + s.duplicates >= left
+            }),
+        )
+        .await?;
+    rabbit.delete(queue).await?;
+    rabbit.close().await?;
+    Ok((published, first, second))
+}
