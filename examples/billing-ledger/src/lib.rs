@@ -1,0 +1,282 @@
+//! One Kafka stream of charges, consumed by two services that must agree.
+//!
+//! - **billing** keeps a running total per customer in PostgreSQL
+//!   (`total = total + amount`: a duplicate would double-bill).
+//! - **ledger** appends one entry per charge in MariaDB (a duplicate would add a second entry).
+//!
+//! Each runs in Inbox mode with Kafka positions: the inbox row, the effect and the partition's
+//! next offset commit in one transaction, and on assignment the consumer seeks to the stored
+//! positions, so neither Kafka's own (later, possibly lost) offset commit nor a producer's
+//! re-publish of the same event makes a total drift.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use idemgate_consumer::{
+    Consumer, HandlerFuture, Inbox, InboxHandler, MySqlInboxPool, Outgoing, PgInboxPool, Sink,
+    Stats,
+};
+use idemgate_kafka::{Kafka, SourceOptions};
+use idemgate_mysql::{MySqlInbox, MySqlOffsets};
+use idemgate_postgres::{PgInbox, PgOffsets};
+use idemgate_testkit::broker::{DiesBeforeAck, until};
+use serde::{Deserialize, Serialize};
+use sqlx::{MySql, MySqlPool, PgPool, Postgres, Transaction};
+
+/// A boxed error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A charge to a customer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Charge {
+    /// Who pays.
+    pub customer: String,
+    /// How much, in cents.
+    pub cents: i64,
+}
+
+/// Totals per customer.
+pub type Totals = BTreeMap<String, i64>;
+
+/// The billing service: running totals in PostgreSQL.
+#[derive(Clone, Debug)]
+pub struct Billing {
+    pool: PgPool,
+    totals: String,
+    inbox: PgInboxPool,
+}
+
+impl Billing {
+    /// Creates its tables under `prefix`.
+    pub async fn setup(pool: PgPool, prefix: &str) -> Result<Self, BoxError> {
+        let totals = format!("{prefix}_billing_totals");
+        let inbox = PgInboxPool::new(
+            PgInbox::new().with_table(format!("{prefix}_billing_inbox"))?,
+            pool.clone(),
+        )
+        .with_offsets(PgOffsets::new().with_table(format!("{prefix}_billing_offsets"))?);
+        inbox.migrate().await?;
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {totals} (customer TEXT PRIMARY KEY, cents BIGINT NOT NULL)"
+        ))
+        .execute(&pool)
+        .await?;
+        Ok(Billing {
+            pool,
+            totals,
+            inbox,
+        })
+    }
+
+    fn handler(&self) -> impl InboxHandler<Transaction<'static, Postgres>> {
+        let totals = self.totals.clone();
+        <dyn InboxHandler<Transaction<'static, Postgres>>>::from_fn(move |tx, msg| {
+            let totals = totals.clone();
+            let fut: HandlerFuture<'_> = Box::pin(async move {
+                let c: Charge = serde_json::from_slice(&msg.payload)?;
+                sqlx::query(&format!(
+                    "INSERT INTO {totals} (customer, cents) VALUES ($1, $2)
+                     ON CONFLICT (customer) DO UPDATE SET cents = {totals}.cents + $2"
+                ))
+                .bind(&c.customer)
+                .bind(c.cents)
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            });
+            fut
+        })
+    }
+
+    /// Billed totals.
+    pub async fn totals(&self) -> Result<Totals, BoxError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as(&format!("SELECT customer, cents FROM {}", self.totals))
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+}
+
+/// The ledger service: one entry per charge in MariaDB.
+#[derive(Clone, Debug)]
+pub struct Ledger {
+    pool: MySqlPool,
+    entries: String,
+    inbox: MySqlInboxPool,
+}
+
+impl Ledger {
+    /// Creates its tables under `prefix`.
+    pub async fn setup(pool: MySqlPool, prefix: &str) -> Result<Self, BoxError> {
+        let entries = format!("{prefix}_ledger_entries");
+        let inbox = MySqlInboxPool::new(
+            MySqlInbox::new().with_table(format!("{prefix}_ledger_inbox"))?,
+            pool.clone(),
+        )
+        .with_offsets(MySqlOffsets::new().with_table(format!("{prefix}_ledger_offsets"))?);
+        inbox.migrate().await?;
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {entries} (id BIGINT AUTO_INCREMENT PRIMARY KEY,
+                 customer VARCHAR(64) NOT NULL, cents BIGINT NOT NULL)"
+        ))
+        .execute(&pool)
+        .await?;
+        Ok(Ledger {
+            pool,
+            entries,
+            inbox,
+        })
+    }
+
+    fn handler(&self) -> impl InboxHandler<Transaction<'static, MySql>> {
+        let entries = self.entries.clone();
+        <dyn InboxHandler<Transaction<'static, MySql>>>::from_fn(move |tx, msg| {
+            let entries = entries.clone();
+            let fut: HandlerFuture<'_> = Box::pin(async move {
+                let c: Charge = serde_json::from_slice(&msg.payload)?;
+                sqlx::query(&format!(
+                    "INSERT INTO {entries} (customer, cents) VALUES (?, ?)"
+                ))
+                .bind(&c.customer)
+                .bind(c.cents)
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            });
+            fut
+        })
+    }
+
+    /// Ledger balances.
+    pub async fn totals(&self) -> Result<Totals, BoxError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT customer, CAST(SUM(cents) AS SIGNED) FROM {} GROUP BY customer",
+            self.entries
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+}
+
+/// Publishes `charges` charges over `customers` customers (the customer is the message key, so
+/// a customer's charges keep their order) and re-publishes every fifth with the same event id,
+/// as a producer retrying after a lost ack does. Returns the messages published and the true
+/// totals.
+pub async fn publish<K: Sink>(
+    sink: &K,
+    topic: &str,
+    charges: usize,
+    customers: usize,
+) -> Result<(usize, Totals), BoxError> {
+    let mut expected = Totals::new();
+    let mut published = 0;
+    for i in 0..charges {
+        let charge = Charge {
+            customer: format!("cust-{}", i % customers),
+            cents: i64::try_from(100 + (i * 37) % 900)?,
+        };
+        *expected.entry(charge.customer.clone()).or_default() += charge.cents;
+        let out = Outgoing::new(topic, serde_json::to_vec(&charge)?).ordering_key(&charge.customer);
+        sink.publish(&out).await?;
+        published += 1;
+        if i % 5 == 0 {
+            sink.publish(&out).await?;
+            published += 1;
+        }
+    }
+    Ok((published, expected))
+}
+
+/// tansu 0.6 drops a group member only when its session times out (6 s here), and a member that
+/// joins before then waits: a restarted service waits this long first.
+pub const REJOIN_AFTER: Duration = Duration::from_secs(7);
+
+/// The client settings both services use (a short session for quick rebalances).
+pub fn kafka(bootstrap: &str) -> Kafka {
+    Kafka::new(bootstrap)
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .set("max.poll.interval.ms", "10000")
+}
+
+/// One service's life: a first instance that dies on its first acks (after committing), then,
+/// after [`REJOIN_AFTER`], a second that resumes from the stored positions and handles the
+/// rest. `total` is the number of messages on the topic.
+pub async fn crash_and_resume<I, H>(
+    kafka: &Kafka,
+    group: &str,
+    topic: &str,
+    inbox: I,
+    handler: impl Fn() -> H,
+    total: u64,
+) -> Result<(Stats, Stats), BoxError>
+where
+    I: Inbox + Clone,
+    H: InboxHandler<I::Tx>,
+{
+    let options = || SourceOptions::new().positions_from(inbox.clone());
+    let first = DiesBeforeAck::new(kafka.source(group, &[topic], options())?);
+    let acking: Arc<AtomicBool> = first.acking();
+    let consumer = Consumer::inbox(group, inbox.clone());
+    let first_stats = consumer.stats_handle();
+    let wait = async {
+        while !acking.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::select! {
+        r = consumer.run(first, handler(), std::future::pending()) => { r?; }
+        () = wait => {}
+    }
+    tokio::time::sleep(REJOIN_AFTER).await;
+    let first = first_stats.get();
+    // what the first committed is never seen again, though Kafka never got its offsets
+    let left = total - (first.handled + first.duplicates);
+    let consumer = Consumer::inbox(group, inbox.clone());
+    let handle = consumer.stats_handle();
+    let second = consumer
+        .run(
+            kafka.source(group, &[topic], options())?,
+            handler(),
+            until(handle, Duration::from_secs(120), move |s| {
+                s.handled + s.duplicates >= left
+            }),
+        )
+        .await?;
+    Ok((first, second))
+}
+
+/// Both services through their crash and resumption, side by side.
+pub async fn run_services(
+    kafka: &Kafka,
+    topic: &str,
+    billing: &Billing,
+    ledger: &Ledger,
+    total: u64,
+) -> Result<[(Stats, Stats); 2], BoxError> {
+    let (billing_group, ledger_group) = (format!("{topic}-billing"), format!("{topic}-ledger"));
+    let (b, l) = tokio::join!(
+        crash_and_resume(
+            kafka,
+            &billing_group,
+            topic,
+            billing.inbox.clone(),
+            || billing.handler(),
+            total
+        ),
+        crash_and_resume(
+            kafka,
+            &ledger_group,
+            topic,
+            ledger.inbox.clone(),
+            || ledger.handler(),
+            total
+        ),
+    );
+    Ok([b?, l?])
+}
