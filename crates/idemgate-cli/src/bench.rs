@@ -27,6 +27,8 @@ enum BenchWhat {
     Store(StoreBench),
     /// A trivial axum handler over HTTP on 127.0.0.1, with and without the Idempotency-Key layer.
     Http(HttpBench),
+    /// A consumer on a real broker: bare, in Gate mode and in Inbox mode.
+    Consumer(crate::bench_consumer::ConsumerBench),
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +73,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
     let b = match args.what {
         BenchWhat::Store(b) => b,
         BenchWhat::Http(h) => return rt.block_on(http_bench(h)),
+        BenchWhat::Consumer(c) => return rt.block_on(crate::bench_consumer::run(c)),
     };
     rt.block_on(async {
         // several rounds, each measuring every row once, so slow phases of a noisy machine hit

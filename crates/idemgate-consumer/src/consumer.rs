@@ -205,12 +205,14 @@ impl<St: Store> Consumer<GateMode<St>> {
             lease: self.cfg.lease,
             retention: self.cfg.retention,
         };
-        let claims = Claimer::spawn(Arc::clone(&store), self.cfg.batch, opts);
+        let claims = claimer(Arc::clone(&store), self.cfg.batch, opts);
+        let completions = completer(Arc::clone(&store), self.cfg.batch, self.cfg.retention);
         let rt = Runtime::new(self.cfg);
         let process = Arc::new(GateProcess {
             rt: Arc::clone(&rt),
             store,
             claims,
+            completions,
             handler,
         });
         drive(&rt, source, process, shutdown).await
@@ -518,36 +520,27 @@ where
     result.map(|()| rt.counters.snapshot())
 }
 
-type ClaimRequest = (
-    Key,
-    Fingerprint,
-    oneshot::Sender<idemgate_core::Result<Claim>>,
-);
-
-/// Batches the claims of deliveries that are ready at the same time into one `claim_many`.
-struct Claimer {
-    tx: mpsc::Sender<ClaimRequest>,
+/// Batches requests that are ready at the same time into one call of the store (`claim_many`,
+/// `complete_many`): group commit, with no added latency when only one is ready.
+struct Batcher<Req, Res> {
+    tx: mpsc::Sender<(Req, oneshot::Sender<idemgate_core::Result<Res>>)>,
 }
 
-impl Claimer {
-    fn spawn<St: Store>(store: Arc<St>, batch: usize, opts: ClaimOptions) -> Self {
-        let (tx, mut rx) = mpsc::channel::<ClaimRequest>(batch * 2);
+impl<Req: Send + 'static, Res: Send + 'static> Batcher<Req, Res> {
+    fn spawn<F, Fut>(batch: usize, run: F) -> Self
+    where
+        F: Fn(Vec<Req>) -> Fut + Send + 'static,
+        Fut: Future<Output = idemgate_core::Result<Vec<idemgate_core::Result<Res>>>> + Send,
+    {
+        let (tx, mut rx) = mpsc::channel::<(Req, oneshot::Sender<_>)>(batch * 2);
         tokio::spawn(async move {
             let mut pending = Vec::with_capacity(batch);
             while rx.recv_many(&mut pending, batch).await > 0 {
-                let (claims, waiters): (Vec<_>, Vec<_>) = pending
-                    .drain(..)
-                    .map(|(k, fp, w)| ((k, Some(fp)), w))
-                    .unzip();
-                let results = if let [(key, fp)] = &claims[..] {
-                    store.claim(key, fp.as_ref(), &opts).await.map(|c| vec![c])
-                } else {
-                    store.claim_many(&claims, &opts).await
-                };
-                match results {
+                let (reqs, waiters): (Vec<_>, Vec<_>) = pending.drain(..).unzip();
+                match run(reqs).await {
                     Ok(results) => {
                         for (w, r) in waiters.into_iter().zip(results) {
-                            let _ = w.send(Ok(r));
+                            let _ = w.send(r);
                         }
                     }
                     Err(e) => {
@@ -562,24 +555,64 @@ impl Claimer {
                 }
             }
         });
-        Claimer { tx }
+        Batcher { tx }
     }
 
-    async fn claim(&self, key: Key, fp: Fingerprint) -> idemgate_core::Result<Claim> {
+    async fn call(&self, req: Req) -> idemgate_core::Result<Res> {
         let (tx, rx) = oneshot::channel();
         let gone = || idemgate_core::Error::Unavailable {
             backend: "store",
-            source: "the claim batcher stopped".into(),
+            source: "the store batcher stopped".into(),
         };
-        self.tx.send((key, fp, tx)).await.map_err(|_| gone())?;
+        self.tx.send((req, tx)).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
+}
+
+/// The claim batcher: `claim_many` (or `claim` for one).
+fn claimer<St: Store>(
+    store: Arc<St>,
+    batch: usize,
+    opts: ClaimOptions,
+) -> Batcher<(Key, Option<Fingerprint>), Claim> {
+    Batcher::spawn(batch, move |claims: Vec<(Key, Option<Fingerprint>)>| {
+        let (store, opts) = (Arc::clone(&store), opts.clone());
+        async move {
+            let claimed = if let [(key, fp)] = &claims[..] {
+                vec![store.claim(key, fp.as_ref(), &opts).await?]
+            } else {
+                store.claim_many(&claims, &opts).await?
+            };
+            Ok(claimed.into_iter().map(Ok).collect())
+        }
+    })
+}
+
+/// The completion batcher: `complete_many` (or `complete` for one), each result its own.
+fn completer<St: Store>(
+    store: Arc<St>,
+    batch: usize,
+    retention: Duration,
+) -> Batcher<(Lease, Outcome), ()> {
+    Batcher::spawn(batch, move |done: Vec<(Lease, Outcome)>| {
+        let store = Arc::clone(&store);
+        async move {
+            if let [(lease, outcome)] = &done[..] {
+                return match store.complete(lease, outcome, retention).await {
+                    Err(e @ idemgate_core::Error::LeaseLost) => Ok(vec![Err(e)]),
+                    other => other.map(|()| vec![Ok(())]),
+                };
+            }
+            store.complete_many(&done, retention).await
+        }
+    })
 }
 
 struct GateProcess<St, H> {
     rt: Arc<Runtime>,
     store: Arc<St>,
-    claims: Claimer,
+    claims: Batcher<(Key, Option<Fingerprint>), Claim>,
+    completions: Batcher<(Lease, Outcome), ()>,
     handler: H,
 }
 
@@ -598,7 +631,7 @@ where
             Err(reason) => return rt.dead_letter(d, format!("poison message: {reason}")).await,
         };
         let fp = Fingerprint::of(&d.message().payload);
-        let lease = match self.claims.claim(key.clone(), fp).await {
+        let lease = match self.claims.call((key.clone(), Some(fp))).await {
             Ok(Claim::Acquired(lease)) => lease,
             Ok(Claim::Completed(_)) => {
                 bump(&rt.counters.duplicates);
@@ -627,7 +660,7 @@ where
             never = rt.broker_ticks(&d) => match never {},
         };
         match joined {
-            Ok(Ok(())) if !lost => self.complete(d, &key, &lease).await,
+            Ok(Ok(())) if !lost => self.complete(d, &key, lease).await,
             Ok(Ok(())) => {
                 // another consumer took the key over while this one ran: it will settle it
                 bump(&rt.counters.fenced);
@@ -651,10 +684,10 @@ where
 }
 
 impl<St: Store, H: Sync> GateProcess<St, H> {
-    async fn complete<D: Delivery>(&self, d: D, key: &Key, lease: &Lease) {
+    async fn complete<D: Delivery>(&self, d: D, key: &Key, lease: Lease) {
         let rt = &*self.rt;
         let done = Outcome::new(Outcome::OK, Bytes::new());
-        match self.store.complete(lease, &done, rt.cfg.retention).await {
+        match self.completions.call((lease, done)).await {
             Ok(()) => {
                 rt.forget(key);
                 bump(&rt.counters.handled);

@@ -1,0 +1,494 @@
+//! `idemgate bench consumer --broker B --store S`: the same consumer without idemgate, in Gate
+//! mode and in Inbox mode, on the same broker in the same run.
+//!
+//! Every measurement gets a fresh queue (topic, stream, subject) with the same number of
+//! distinct events already published, and consumes them all with the same concurrency. The
+//! ceilings are hand-written consumers: receive, run the handler, ack; for Inbox mode the bare
+//! consumer writes the same effect row in its own transaction, so the difference is idemgate's
+//! inbox row alone.
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use idemgate::consumer::memory::MemoryBroker;
+use idemgate::consumer::{
+    Consumer, Delivery, HandlerFuture, Inbox, InboxHandler, Message, MySqlInboxPool, Outgoing,
+    PgInboxPool, Sink, Source, StatsHandle,
+};
+use idemgate::core::{BoxStore, EventId};
+use idemgate::mysql::MySqlInbox;
+use idemgate::postgres::PgInbox;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::BoxError;
+
+/// The broker to measure on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BenchBroker {
+    /// The in-process at-least-once broker (no network: the runtime's own cost).
+    Memory,
+    /// RabbitMQ (`amqp://guest:guest@127.0.0.1:5672/%2f`).
+    Rabbitmq,
+    /// NATS JetStream (`nats://127.0.0.1:4222`).
+    Nats,
+    /// Kafka protocol (`127.0.0.1:9092`).
+    Kafka,
+    /// MQTT 5 (`127.0.0.1:1883`).
+    Mqtt,
+    /// SQS (`http://127.0.0.1:4566`).
+    Sqs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ConsumerBench {
+    /// The broker.
+    #[arg(long, value_enum, default_value = "memory")]
+    broker: BenchBroker,
+    /// The broker's URL (default: the local one).
+    #[arg(long)]
+    url: Option<String>,
+    /// The Gate's store (any store URL); a `postgres://` or `mysql://` URL also measures Inbox
+    /// mode on that database.
+    #[arg(long, default_value = "memory:")]
+    store: String,
+    /// Messages per measurement.
+    #[arg(long, default_value_t = 5_000)]
+    messages: u64,
+    /// Messages handled at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Rounds; each figure is the median of its rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+}
+
+/// A broker that can fill a fresh destination with `n` events and hand out a source for it.
+trait Fill {
+    type Source: Source;
+    fn fill(&self, n: u64) -> impl Future<Output = Result<Self::Source, BoxError>> + Send;
+}
+
+static FRESH: AtomicU64 = AtomicU64::new(0);
+
+fn fresh(what: &str) -> String {
+    format!(
+        "idemgate-bench-{what}-{}-{}",
+        std::process::id(),
+        FRESH.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Publishes `n` distinct events to `destination` from 32 concurrent publishers.
+async fn publish<K: Sink>(sink: Arc<K>, destination: &str, n: u64) -> Result<(), BoxError> {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..32 {
+        let (sink, next, dest) = (Arc::clone(&sink), Arc::clone(&next), destination.to_owned());
+        tasks.spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                sink.publish(&Outgoing::new(&dest, "{\"amount\":1}"))
+                    .await?;
+            }
+            Ok::<_, BoxError>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+struct Memory;
+
+impl Fill for Memory {
+    type Source = idemgate::consumer::memory::MemorySource;
+    async fn fill(&self, n: u64) -> Result<Self::Source, BoxError> {
+        let broker = MemoryBroker::new();
+        for _ in 0..n {
+            broker.send(
+                Message::new("bench", "{\"amount\":1}").with_event_id(EventId::new().to_string()),
+            );
+        }
+        Ok(broker.source())
+    }
+}
+
+struct Rabbit(
+    idemgate::rabbitmq::RabbitMq,
+    Arc<idemgate::rabbitmq::RabbitSink>,
+);
+
+impl Fill for Rabbit {
+    type Source = idemgate::rabbitmq::RabbitSource;
+    async fn fill(&self, n: u64) -> Result<Self::Source, BoxError> {
+        let queue = fresh("q");
+        self.0.declare(&queue).await?;
+        publish(Arc::clone(&self.1), &queue, n).await?;
+        Ok(self.0.source(&queue, 256).await?)
+    }
+}
+
+struct Nats(idemgate::nats::Nats);
+
+impl Fill for Nats {
+    type Source = idemgate::nats::NatsSource;
+    async fn fill(&self, n: u64) -> Result<Self::Source, BoxError> {
+        let name = fresh("s").replace('-', "_");
+        let subject = format!("{name}.events");
+        self.0
+            .stream(&name, vec![subject.clone()], Duration::from_secs(60))
+            .await?;
+        publish(Arc::new(self.0.sink()), &subject, n).await?;
+        let mut opts = idemgate::nats::ConsumerOptions::default();
+        opts.max_ack_pending = 1024;
+        Ok(self.0.source(&name, "bench", &subject, opts).await?)
+    }
+}
+
+struct Kafka(
+    idemgate::kafka::Kafka,
+    Option<idemgate::kafka::SourceOptions>,
+);
+
+impl Fill for Kafka {
+    type Source = idemgate::kafka::KafkaSource;
+    async fn fill(&self, n: u64) -> Result<Self::Source, BoxError> {
+        let topic = fresh("t");
+        self.0.create_topic(&topic, 16).await?;
+        publish(Arc::new(self.0.sink()?), &topic, n).await?;
+        let options = self.1.clone().unwrap_or_default();
+        Ok(self.0.source(&fresh("g"), &[&topic], options)?)
+    }
+}
+
+struct Mqtt(String, u16);
+
+impl Fill for Mqtt {
+    type Source = idemgate::mqtt::MqttSource;
+    async fn fill(&self, n: u64) -> Result<Self::Source, BoxError> {
+        use idemgate::mqtt::{Mqtt, Session};
+        let topic = fresh("m");
+        let session = Session::persistent(Duration::from_secs(600)).receive_maximum(1024);
+        let consumer = Mqtt::connect(&self.0, self.1, &fresh("c"), session).await?;
+        let source = consumer.source(&topic).await?;
+        let producer = Mqtt::connect(&self.0, self.1, &fresh("p"), Session::clean()).await?;
+        publish(Arc::new(producer.sink()), &topic, n).await?;
+        // the connection lives as long as the process: the bench is short
+        std::mem::forget(consumer);
+        Ok(source)
+    }
+}
+
+struct Sqs(idemgate::sqs::Sqs);
+
+impl Fill for Sqs {
+    type Source = idemgate::sqs::SqsSource;
+    async fn fill(&self, n: u64) -> Result<Self::Source, BoxError> {
+        let url = self
+            .0
+            .create_queue(&fresh("q"), idemgate::sqs::QueueOptions::default())
+            .await?;
+        publish(Arc::new(self.0.sink()), &url, n).await?;
+        Ok(self.0.source(&url).await?)
+    }
+}
+
+/// Waits until `handled` reaches `n` and notes when.
+async fn finished(stats: StatsHandle, n: u64, at: Arc<OnceLock<Instant>>) {
+    while stats.get().handled < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let _ = at.set(Instant::now());
+}
+
+fn rate(n: u64, start: Instant, at: &OnceLock<Instant>) -> f64 {
+    let end = at.get().copied().unwrap_or_else(Instant::now);
+    n as f64 / (end - start).as_secs_f64()
+}
+
+/// A hand-written consumer: receive, run `effect`, ack; `concurrency` at once.
+async fn bare<S, F, Fut>(
+    mut source: S,
+    n: u64,
+    concurrency: usize,
+    effect: F,
+) -> Result<f64, BoxError>
+where
+    S: Source,
+    F: Fn(Message) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send,
+{
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = JoinSet::new();
+    let start = Instant::now();
+    for _ in 0..n {
+        let permit = Arc::clone(&permits).acquire_owned().await?;
+        let d = source.recv().await?.ok_or("the source ended early")?;
+        let effect = effect.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            effect(d.message().clone()).await?;
+            d.ack().await?;
+            Ok::<_, BoxError>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn gate<S: Source>(source: S, store: &BoxStore, n: u64, c: usize) -> Result<f64, BoxError> {
+    let consumer = Consumer::gate("bench", store.clone())
+        .with_concurrency(c)
+        .with_retention(Duration::from_secs(3600));
+    let at = Arc::new(OnceLock::new());
+    let done = finished(consumer.stats_handle(), n, Arc::clone(&at));
+    let start = Instant::now();
+    consumer
+        .run(source, |_m: Message| async { Ok::<_, String>(()) }, done)
+        .await?;
+    Ok(rate(n, start, &at))
+}
+
+async fn inbox_mode<S: Source, I: Inbox>(
+    source: S,
+    inbox: I,
+    handler: impl InboxHandler<I::Tx>,
+    n: u64,
+    c: usize,
+) -> Result<f64, BoxError> {
+    let consumer = Consumer::inbox("bench", inbox).with_concurrency(c);
+    let at = Arc::new(OnceLock::new());
+    let done = finished(consumer.stats_handle(), n, Arc::clone(&at));
+    let start = Instant::now();
+    consumer.run(source, handler, done).await?;
+    Ok(rate(n, start, &at))
+}
+
+/// The SQL side of the Inbox measurements: the pool, the effect table and the inbox.
+enum Sql {
+    Postgres(sqlx::PgPool, String, PgInboxPool),
+    MySql(sqlx::MySqlPool, String, MySqlInboxPool),
+}
+
+impl Sql {
+    async fn open(url: &str) -> Result<Option<Self>, BoxError> {
+        let effects = fresh("effects").replace('-', "_");
+        let inbox_table = fresh("inbox").replace('-', "_");
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(32)
+                .connect(url)
+                .await?;
+            sqlx::query(&format!("CREATE TABLE {effects} (event TEXT NOT NULL)"))
+                .execute(&pool)
+                .await?;
+            let inbox = PgInboxPool::new(PgInbox::new().with_table(inbox_table)?, pool.clone());
+            inbox.migrate().await?;
+            return Ok(Some(Sql::Postgres(pool, effects, inbox)));
+        }
+        if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            let url = url.replacen("mariadb://", "mysql://", 1);
+            let pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(32)
+                .connect(&url)
+                .await?;
+            sqlx::query(&format!(
+                "CREATE TABLE {effects} (event VARCHAR(64) NOT NULL)"
+            ))
+            .execute(&pool)
+            .await?;
+            let inbox =
+                MySqlInboxPool::new(MySqlInbox::new().with_table(inbox_table)?, pool.clone());
+            inbox.migrate().await?;
+            return Ok(Some(Sql::MySql(pool, effects, inbox)));
+        }
+        Ok(None)
+    }
+
+    /// The bare consumer's effect: the same row, in its own transaction.
+    async fn bare<S: Source>(&self, source: S, n: u64, c: usize) -> Result<f64, BoxError> {
+        match self {
+            Sql::Postgres(pool, effects, _) => {
+                let (pool, q) = (
+                    pool.clone(),
+                    Arc::new(format!("INSERT INTO {effects} (event) VALUES ($1)")),
+                );
+                bare(source, n, c, move |m: Message| {
+                    let (pool, q) = (pool.clone(), Arc::clone(&q));
+                    async move {
+                        let mut tx = pool.begin().await?;
+                        sqlx::query(&q).bind(m.event_id).execute(&mut *tx).await?;
+                        tx.commit().await?;
+                        Ok(())
+                    }
+                })
+                .await
+            }
+            Sql::MySql(pool, effects, _) => {
+                let (pool, q) = (
+                    pool.clone(),
+                    Arc::new(format!("INSERT INTO {effects} (event) VALUES (?)")),
+                );
+                bare(source, n, c, move |m: Message| {
+                    let (pool, q) = (pool.clone(), Arc::clone(&q));
+                    async move {
+                        let mut tx = pool.begin().await?;
+                        sqlx::query(&q).bind(m.event_id).execute(&mut *tx).await?;
+                        tx.commit().await?;
+                        Ok(())
+                    }
+                })
+                .await
+            }
+        }
+    }
+
+    /// Inbox mode: the inbox row and the same effect row in one transaction.
+    async fn inbox<S: Source>(&self, source: S, n: u64, c: usize) -> Result<f64, BoxError> {
+        match self {
+            Sql::Postgres(_, effects, inbox) => {
+                let q = format!("INSERT INTO {effects} (event) VALUES ($1)");
+                let h = <dyn InboxHandler<sqlx::Transaction<'static, sqlx::Postgres>>>::from_fn(
+                    move |tx, msg| {
+                        let q = q.clone();
+                        let fut: HandlerFuture<'_> = Box::pin(async move {
+                            sqlx::query(&q)
+                                .bind(&msg.event_id)
+                                .execute(&mut **tx)
+                                .await?;
+                            Ok(())
+                        });
+                        fut
+                    },
+                );
+                inbox_mode(source, inbox.clone(), h, n, c).await
+            }
+            Sql::MySql(_, effects, inbox) => {
+                let q = format!("INSERT INTO {effects} (event) VALUES (?)");
+                let h = <dyn InboxHandler<sqlx::Transaction<'static, sqlx::MySql>>>::from_fn(
+                    move |tx, msg| {
+                        let q = q.clone();
+                        let fut: HandlerFuture<'_> = Box::pin(async move {
+                            sqlx::query(&q)
+                                .bind(&msg.event_id)
+                                .execute(&mut **tx)
+                                .await?;
+                            Ok(())
+                        });
+                        fut
+                    },
+                );
+                inbox_mode(source, inbox.clone(), h, n, c).await
+            }
+        }
+    }
+}
+
+/// One round: every measurement once, each on a fresh destination.
+async fn round<F: Fill>(
+    broker: &F,
+    store: &BoxStore,
+    sql: Option<&Sql>,
+    b: &ConsumerBench,
+) -> Result<Vec<f64>, BoxError> {
+    let (n, c) = (b.messages, b.concurrency);
+    let mut rates = vec![
+        bare(broker.fill(n).await?, n, c, |_m| async { Ok(()) }).await?,
+        gate(broker.fill(n).await?, store, n, c).await?,
+    ];
+    if let Some(sql) = sql {
+        rates.push(sql.bare(broker.fill(n).await?, n, c).await?);
+        rates.push(sql.inbox(broker.fill(n).await?, n, c).await?);
+    }
+    Ok(rates)
+}
+
+async fn rounds<F: Fill>(broker: F, b: &ConsumerBench) -> Result<Vec<Vec<f64>>, BoxError> {
+    let store = crate::stores::open(&b.store).await?;
+    let sql = Sql::open(&b.store).await?;
+    let mut all = Vec::new();
+    for _ in 0..b.rounds.max(1) {
+        all.push(round(&broker, &store, sql.as_ref(), b).await?);
+    }
+    Ok(all)
+}
+
+pub(crate) async fn run(b: ConsumerBench) -> Result<ExitCode, BoxError> {
+    let url = |default: &str| b.url.clone().unwrap_or_else(|| default.to_owned());
+    let all = match b.broker {
+        BenchBroker::Memory => rounds(Memory, &b).await?,
+        BenchBroker::Rabbitmq => {
+            let rabbit = idemgate::rabbitmq::RabbitMq::connect(&url(
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            ))
+            .await?;
+            let sink = Arc::new(rabbit.sink().await?);
+            rounds(Rabbit(rabbit, sink), &b).await?
+        }
+        BenchBroker::Nats => {
+            rounds(
+                Nats(idemgate::nats::Nats::connect(&url("nats://127.0.0.1:4222")).await?),
+                &b,
+            )
+            .await?
+        }
+        BenchBroker::Kafka => {
+            let kafka = idemgate::kafka::Kafka::new(&url("127.0.0.1:9092"))
+                .set("session.timeout.ms", "6000")
+                .set("heartbeat.interval.ms", "500");
+            rounds(Kafka(kafka, None), &b).await?
+        }
+        BenchBroker::Mqtt => {
+            let u = url("127.0.0.1:1883");
+            let (host, port) = u.rsplit_once(':').ok_or("--url for mqtt is host:port")?;
+            rounds(Mqtt(host.to_owned(), port.parse()?), &b).await?
+        }
+        BenchBroker::Sqs => {
+            rounds(
+                Sqs(idemgate::sqs::Sqs::local(&url("http://127.0.0.1:4566"))),
+                &b,
+            )
+            .await?
+        }
+    };
+    let median = |i: usize| {
+        let mut v: Vec<f64> = all.iter().map(|r| r[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let names = [
+        "bare consumer (receive, handle, ack)",
+        "Gate mode (claim, handle, complete, ack)",
+        "bare consumer + effect row in a transaction",
+        "Inbox mode (inbox row + effect row in one transaction)",
+    ];
+    println!(
+        "{:?} broker, store {}, {} messages, concurrency {}, median of {} rounds",
+        b.broker,
+        b.store,
+        b.messages,
+        b.concurrency,
+        all.len()
+    );
+    println!("{:<58} {:>10} {:>9}", "measurement", "msg/s", "vs bare");
+    for i in 0..all[0].len() {
+        let r = median(i);
+        if i % 2 == 0 {
+            println!("{:<58} {r:>10.0} {:>9}", names[i], "(ceiling)");
+        } else {
+            println!(
+                "{:<58} {r:>10.0} {:>8.0}%",
+                names[i],
+                100.0 * r / median(i - 1)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
