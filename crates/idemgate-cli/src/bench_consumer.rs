@@ -52,10 +52,14 @@ pub(crate) struct ConsumerBench {
     /// The broker's URL (default: the local one).
     #[arg(long)]
     url: Option<String>,
-    /// The Gate's store (any store URL); a `postgres://` or `mysql://` URL also measures Inbox
-    /// mode on that database.
+    /// The Gate's store (any store URL).
     #[arg(long, default_value = "memory:")]
     store: String,
+    /// The handler's effect: one row written per message to this `postgres://` or `mysql://`
+    /// database, in its own transaction (bare consumer, Gate mode) or in the inbox transaction
+    /// (Inbox mode, measured only with an effect database). Default: no effect.
+    #[arg(long)]
+    effect: Option<String>,
     /// Messages per measurement.
     #[arg(long, default_value_t = 5_000)]
     messages: u64,
@@ -243,16 +247,25 @@ where
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-async fn gate<S: Source>(source: S, store: &BoxStore, n: u64, c: usize) -> Result<f64, BoxError> {
+async fn gate<S, F, Fut>(
+    source: S,
+    store: &BoxStore,
+    n: u64,
+    c: usize,
+    effect: F,
+) -> Result<f64, BoxError>
+where
+    S: Source,
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
     let consumer = Consumer::gate("bench", store.clone())
         .with_concurrency(c)
         .with_retention(Duration::from_secs(3600));
     let at = Arc::new(OnceLock::new());
     let done = finished(consumer.stats_handle(), n, Arc::clone(&at));
     let start = Instant::now();
-    consumer
-        .run(source, |_m: Message| async { Ok::<_, String>(()) }, done)
-        .await?;
+    consumer.run(source, effect, done).await?;
     Ok(rate(n, start, &at))
 }
 
@@ -271,7 +284,15 @@ async fn inbox_mode<S: Source, I: Inbox>(
     Ok(rate(n, start, &at))
 }
 
-/// The SQL side of the Inbox measurements: the pool, the effect table and the inbox.
+type EffectFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+#[derive(Clone)]
+enum Effect {
+    Postgres(sqlx::PgPool, Arc<String>),
+    MySql(sqlx::MySqlPool, Arc<String>),
+}
+
+/// The SQL side: the pool, the effect table and the inbox.
 enum Sql {
     Postgres(sqlx::PgPool, String, PgInboxPool),
     MySql(sqlx::MySqlPool, String, MySqlInboxPool),
@@ -312,41 +333,35 @@ impl Sql {
         Ok(None)
     }
 
-    /// The bare consumer's effect: the same row, in its own transaction.
-    async fn bare<S: Source>(&self, source: S, n: u64, c: usize) -> Result<f64, BoxError> {
-        match self {
-            Sql::Postgres(pool, effects, _) => {
-                let (pool, q) = (
-                    pool.clone(),
-                    Arc::new(format!("INSERT INTO {effects} (event) VALUES ($1)")),
-                );
-                bare(source, n, c, move |m: Message| {
-                    let (pool, q) = (pool.clone(), Arc::clone(&q));
-                    async move {
+    /// The effect outside the inbox: the row, in its own transaction.
+    fn effect(&self) -> impl Fn(Message) -> EffectFuture + Clone + Send + Sync + 'static {
+        let sql = match self {
+            Sql::Postgres(pool, effects, _) => Effect::Postgres(
+                pool.clone(),
+                Arc::new(format!("INSERT INTO {effects} (event) VALUES ($1)")),
+            ),
+            Sql::MySql(pool, effects, _) => Effect::MySql(
+                pool.clone(),
+                Arc::new(format!("INSERT INTO {effects} (event) VALUES (?)")),
+            ),
+        };
+        move |m: Message| -> EffectFuture {
+            let sql = sql.clone();
+            Box::pin(async move {
+                match sql {
+                    Effect::Postgres(pool, q) => {
                         let mut tx = pool.begin().await?;
                         sqlx::query(&q).bind(m.event_id).execute(&mut *tx).await?;
                         tx.commit().await?;
-                        Ok(())
                     }
-                })
-                .await
-            }
-            Sql::MySql(pool, effects, _) => {
-                let (pool, q) = (
-                    pool.clone(),
-                    Arc::new(format!("INSERT INTO {effects} (event) VALUES (?)")),
-                );
-                bare(source, n, c, move |m: Message| {
-                    let (pool, q) = (pool.clone(), Arc::clone(&q));
-                    async move {
+                    Effect::MySql(pool, q) => {
                         let mut tx = pool.begin().await?;
                         sqlx::query(&q).bind(m.event_id).execute(&mut *tx).await?;
                         tx.commit().await?;
-                        Ok(())
                     }
-                })
-                .await
-            }
+                }
+                Ok(())
+            })
         }
     }
 
@@ -399,20 +414,32 @@ async fn round<F: Fill>(
     b: &ConsumerBench,
 ) -> Result<Vec<f64>, BoxError> {
     let (n, c) = (b.messages, b.concurrency);
-    let mut rates = vec![
-        bare(broker.fill(n).await?, n, c, |_m| async { Ok(()) }).await?,
-        gate(broker.fill(n).await?, store, n, c).await?,
-    ];
-    if let Some(sql) = sql {
-        rates.push(sql.bare(broker.fill(n).await?, n, c).await?);
-        rates.push(sql.inbox(broker.fill(n).await?, n, c).await?);
-    }
-    Ok(rates)
+    Ok(match sql {
+        None => {
+            let none = |_m: Message| async { Ok::<(), BoxError>(()) };
+            vec![
+                bare(broker.fill(n).await?, n, c, none).await?,
+                gate(broker.fill(n).await?, store, n, c, none).await?,
+            ]
+        }
+        Some(sql) => vec![
+            bare(broker.fill(n).await?, n, c, sql.effect()).await?,
+            gate(broker.fill(n).await?, store, n, c, sql.effect()).await?,
+            sql.inbox(broker.fill(n).await?, n, c).await?,
+        ],
+    })
 }
 
 async fn rounds<F: Fill>(broker: F, b: &ConsumerBench) -> Result<Vec<Vec<f64>>, BoxError> {
     let store = crate::stores::open(&b.store).await?;
-    let sql = Sql::open(&b.store).await?;
+    let sql = match &b.effect {
+        Some(url) => Some(
+            Sql::open(url)
+                .await?
+                .ok_or("--effect takes a postgres:// or mysql:// URL")?,
+        ),
+        None => None,
+    };
     let mut all = Vec::new();
     for _ in 0..b.rounds.max(1) {
         all.push(round(&broker, &store, sql.as_ref(), b).await?);
@@ -463,32 +490,25 @@ pub(crate) async fn run(b: ConsumerBench) -> Result<ExitCode, BoxError> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    let effect = b.effect.as_deref().unwrap_or("none");
     let names = [
-        "bare consumer (receive, handle, ack)",
-        "Gate mode (claim, handle, complete, ack)",
-        "bare consumer + effect row in a transaction",
-        "Inbox mode (inbox row + effect row in one transaction)",
+        "bare consumer (receive, effect, ack)".to_owned(),
+        format!("Gate mode on {} (claim, effect, complete, ack)", b.store),
+        "Inbox mode (inbox row + effect in one transaction, ack)".to_owned(),
     ];
     println!(
-        "{:?} broker, store {}, {} messages, concurrency {}, median of {} rounds",
+        "{:?} broker, effect {effect}, {} messages, concurrency {}, median of {} rounds",
         b.broker,
-        b.store,
         b.messages,
         b.concurrency,
         all.len()
     );
-    println!("{:<58} {:>10} {:>9}", "measurement", "msg/s", "vs bare");
-    for i in 0..all[0].len() {
+    println!("{:<66} {:>9} {:>8}", "measurement", "msg/s", "vs bare");
+    let bare = median(0);
+    println!("{:<66} {bare:>9.0} {:>8}", names[0], "(ceil.)");
+    for (i, name) in names.iter().enumerate().take(all[0].len()).skip(1) {
         let r = median(i);
-        if i % 2 == 0 {
-            println!("{:<58} {r:>10.0} {:>9}", names[i], "(ceiling)");
-        } else {
-            println!(
-                "{:<58} {r:>10.0} {:>8.0}%",
-                names[i],
-                100.0 * r / median(i - 1)
-            );
-        }
+        println!("{name:<66} {r:>9.0} {:>7.0}%", 100.0 * r / bare);
     }
     Ok(ExitCode::SUCCESS)
 }
