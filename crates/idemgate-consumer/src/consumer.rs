@@ -122,7 +122,8 @@ pub struct InboxMode<I>(Arc<I>);
 ///   `max_attempts` (default 5), counted by the store (Gate mode) or by the broker's delivery
 ///   count where it has one.
 /// - Up to `concurrency` messages run at once; messages with the same ordering key run one at a
-///   time, in order. Claims of messages that are ready together are batched (`claim_many`).
+///   time, in order. Claims of messages that are ready together are batched (`claim_many`), and
+///   so are their completions (`complete_many`).
 /// - While a handler runs, the lease is renewed and the broker is told the message is in
 ///   progress ([`Delivery::in_progress`]) every third of the lease.
 /// - [`run`](Consumer::run)'s `shutdown` future stops receiving; what was received is finished,
@@ -175,7 +176,8 @@ impl<St: Store> Consumer<GateMode<St>> {
         self
     }
 
-    /// The most claims sent to the store in one `claim_many` (default 64).
+    /// The most claims (or completions) sent to the store in one `claim_many` (`complete_many`)
+    /// (default 64).
     pub fn with_batch(mut self, batch: usize) -> Self {
         self.cfg.batch = batch.max(1);
         self

@@ -15,8 +15,8 @@
 //!   positions instead of trusting Kafka's committed offsets. Before a partition is revoked,
 //!   the source waits for the message it has in flight to settle, so the next owner loads a
 //!   position that is final.
-//! - [`KafkaSource::horizon`]: the window check's redelivery horizon, from the group's session
-//!   timeout and poll interval.
+//! - [`Kafka::horizon`] (and the source's): the window check's redelivery horizon, from the
+//!   group's session timeout and poll interval.
 
 mod source;
 

@@ -9,7 +9,13 @@
 //!   connects again. MQTT has no negative ack: `nack` hands the message back to this source after
 //!   the delay, and `dead_letter` publishes it, with the reason as a user property, to a
 //!   dead-letter topic and then acks it.
-//! - [`MqttSource::horizon`]: the session expiry interval, as long as the broker may redeliver.
+//! - The source's horizon ([`Source::horizon`]): the session expiry interval, as long as the
+//!   broker may redeliver.
+//!
+//! A broker keeps a bounded queue per session: Mosquitto drops QoS 1 messages beyond
+//! `max_queued_messages` (default 1000) plus the client's receive maximum while the consumer is
+//! away or behind. That loss happens before any consumer sees the message; raise the limit for
+//! consumers that may fall far behind.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
