@@ -72,7 +72,7 @@ pub(crate) struct ConsumerBench {
 }
 
 /// A broker that can fill a fresh destination with `n` events and hand out a source for it.
-trait Fill {
+trait Fill: Send + Sync {
     type Source: Source;
     fn fill(&self, n: u64) -> impl Future<Output = Result<Self::Source, BoxError>> + Send;
 }

@@ -578,7 +578,7 @@ fn claimer<St: Store>(
     opts: ClaimOptions,
 ) -> Batcher<(Key, Option<Fingerprint>), Claim> {
     Batcher::spawn(batch, move |claims: Vec<(Key, Option<Fingerprint>)>| {
-        let (store, opts) = (Arc::clone(&store), opts.clone());
+        let store = Arc::clone(&store);
         async move {
             let claimed = if let [(key, fp)] = &claims[..] {
                 vec![store.claim(key, fp.as_ref(), &opts).await?]
