@@ -20,6 +20,7 @@
 
 pub mod broker;
 pub mod conformance;
+pub mod exactly_once;
 pub mod fault;
 pub mod model;
 pub mod service;
