@@ -28,6 +28,7 @@ enum BenchWhat {
     /// A trivial axum handler over HTTP on 127.0.0.1, with and without the Idempotency-Key layer.
     Http(HttpBench),
     /// A consumer on a real broker: bare, in Gate mode and in Inbox mode.
+    #[cfg(feature = "brokers")]
     Consumer(crate::bench_consumer::ConsumerBench),
 }
 
@@ -73,6 +74,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
     let b = match args.what {
         BenchWhat::Store(b) => b,
         BenchWhat::Http(h) => return rt.block_on(http_bench(h)),
+        #[cfg(feature = "brokers")]
         BenchWhat::Consumer(c) => return rt.block_on(crate::bench_consumer::run(c)),
     };
     rt.block_on(async {

@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+#[cfg(feature = "brokers")]
 mod bench_consumer;
 mod demo;
 mod stores;
+#[cfg(feature = "brokers")]
 mod window;
 mod worker;
 
@@ -31,6 +33,7 @@ enum Command {
     /// Delete expired records from a store.
     Purge(stores::PurgeArgs),
     /// Check that a retention covers a broker's redelivery horizon (exit status 1 if not).
+    #[cfg(feature = "brokers")]
     CheckWindow(window::CheckWindowArgs),
     /// A demo worker process (started by `idemgate demo`).
     #[command(hide = true)]
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Inspect(args) => stores::inspect(args),
         Command::Purge(args) => stores::purge(args),
+        #[cfg(feature = "brokers")]
         Command::CheckWindow(args) => window::run(args),
         Command::DemoWorker(args) => worker::run(args),
     };
