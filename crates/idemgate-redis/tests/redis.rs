@@ -46,7 +46,16 @@ async fn records_expire_with_the_record_and_durability_is_reported() {
     if expected == "none" {
         assert_eq!(d, Durability::None);
     }
-    let key = Key::new("ttl", "k").unwrap();
+    // an id of this run's own: records of earlier runs may still be alive
+    let id = format!(
+        "k{}x{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let key = Key::new("ttl", &id).unwrap();
     let lease = acquire(&store, &key).await;
     store
         .complete(&lease, &Outcome::new(0, "x"), Duration::from_secs(30))
@@ -57,7 +66,10 @@ async fn records_expire_with_the_record_and_durability_is_reported() {
         .query(redis::cmd("KEYS").arg("idemgate-rtest:*:ttl*"))
         .await
         .unwrap();
-    let mine: Vec<&String> = keys.iter().filter(|k| k.ends_with(":3:ttlk")).collect();
+    let mine: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.ends_with(&format!(":3:ttl{id}")))
+        .collect();
     assert!(!mine.is_empty(), "record key not found among {keys:?}");
     let pttl: i64 = store.query(redis::cmd("PTTL").arg(mine[0])).await.unwrap();
     let left = rec
