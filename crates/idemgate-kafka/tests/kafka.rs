@@ -2,7 +2,6 @@
 //! `127.0.0.1:9092`; `scripts/brokers kafka` starts tansu there), plus Inbox mode with the
 //! positions kept in PostgreSQL. Each test makes its own topics and group.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use idemgate_consumer::{
@@ -13,22 +12,8 @@ use idemgate_kafka::{Kafka, SourceOptions};
 use idemgate_postgres::{PgInbox, PgOffsets};
 use idemgate_testkit::broker::{self, DiesBeforeAck, until};
 use idemgate_testkit::service;
+use idemgate_testkit::service::unique;
 use sqlx::{Postgres, Transaction};
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-fn unique(what: &str) -> String {
-    format!(
-        "idemgate_{what}_{}_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-            % 1_000_000
-    )
-}
 
 fn kafka() -> Kafka {
     let kafka = Kafka::new(&service::url("KAFKA_BOOTSTRAP", "127.0.0.1:9092"))

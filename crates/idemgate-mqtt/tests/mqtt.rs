@@ -1,27 +1,12 @@
 //! The adapter suite against the local Mosquitto (`MQTT_HOST`/`MQTT_PORT`, default
 //! `127.0.0.1:1883`), MQTT 5 at QoS 1; each test uses its own topic and client ids.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use idemgate_consumer::{DEAD_LETTER_REASON, Delivery, Outgoing, Sink, Source};
 use idemgate_mqtt::{Mqtt, Session};
+use idemgate_testkit::service::unique;
 use idemgate_testkit::{broker, service};
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-fn unique(what: &str) -> String {
-    format!(
-        "idemgate-{what}-{}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-            % 1_000_000
-    )
-}
 
 async fn connect(client_id: &str, session: Session) -> Option<Mqtt> {
     let host = service::url("MQTT_HOST", "127.0.0.1");

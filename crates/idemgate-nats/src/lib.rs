@@ -121,12 +121,7 @@ impl Nats {
         filter_subject: &str,
         opts: ConsumerOptions,
     ) -> Result<NatsSource> {
-        let s = self
-            .js
-            .get_stream(stream)
-            .await
-            .map_err(err("finding the stream"))?;
-        let duplicate_window = s.cached_info().config.duplicate_window;
+        let (s, duplicate_window) = self.find_stream(stream).await?;
         let consumer = s
             .get_or_create_consumer(
                 durable,
@@ -157,12 +152,7 @@ impl Nats {
     /// The redelivery horizon of the existing durable consumer `durable` of `stream`, from the
     /// server's config (for `idemgate check-window`).
     pub async fn horizon(&self, stream: &str, durable: &str) -> Result<Horizon> {
-        let s = self
-            .js
-            .get_stream(stream)
-            .await
-            .map_err(err("finding the stream"))?;
-        let duplicate_window = s.cached_info().config.duplicate_window;
+        let (s, duplicate_window) = self.find_stream(stream).await?;
         let consumer = s
             .get_consumer::<pull::Config>(durable)
             .await
@@ -173,6 +163,17 @@ impl Nats {
             config.max_deliver,
             duplicate_window,
         ))
+    }
+
+    /// The stream `name` and its duplicate window.
+    async fn find_stream(&self, name: &str) -> Result<(stream::Stream, Duration)> {
+        let s = self
+            .js
+            .get_stream(name)
+            .await
+            .map_err(err("finding the stream"))?;
+        let duplicate_window = s.cached_info().config.duplicate_window;
+        Ok((s, duplicate_window))
     }
 
     /// A producer.

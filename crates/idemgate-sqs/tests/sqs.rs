@@ -2,27 +2,12 @@
 //! `http://127.0.0.1:4566`; `scripts/brokers sqs` starts moto there). Each test makes its own
 //! queues, so tests run in parallel without resetting the server.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use idemgate_consumer::{DEAD_LETTER_REASON, Delivery, Outgoing, Sink, Source};
 use idemgate_sqs::{QueueOptions, Sqs};
+use idemgate_testkit::service::unique;
 use idemgate_testkit::{broker, service};
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-fn unique(what: &str) -> String {
-    format!(
-        "idemgate-{what}-{}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-            % 1_000_000
-    )
-}
 
 /// A fresh queue (with its `-dead` queue): the endpoint and the queue URL.
 async fn queue(name: &str, options: QueueOptions) -> Option<(Sqs, String)> {

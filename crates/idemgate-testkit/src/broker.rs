@@ -86,9 +86,15 @@ impl<S> DiesBeforeAck<S> {
         }
     }
 
-    /// Set once a delivery has reached its (never finishing) ack.
-    pub fn acking(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.acking)
+    /// Resolves once a delivery has reached its (never finishing) ack: the moment to "kill"
+    /// the consumer.
+    pub fn reached_ack(&self) -> impl Future<Output = ()> + Send + 'static {
+        let acking = Arc::clone(&self.acking);
+        async move {
+            while !acking.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
     }
 }
 
@@ -158,14 +164,9 @@ pub async fn dropped_before_ack_is_redelivered_not_rerun<K, S1, S2, Kill, Next>(
     .await
     .expect("publish");
     let first = DiesBeforeAck::new(first);
-    let acking = first.acking();
+    let wait = first.reached_ack();
     let consumer = Consumer::gate("adapter-suite", Arc::clone(&store));
     let run = consumer.run(first, counting(&effects), std::future::pending());
-    let wait = async {
-        while !acking.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
     tokio::select! {
         _ = run => panic!("the first consumer stopped on its own"),
         () = wait => {}

@@ -3,6 +3,22 @@
 use std::fmt::Display;
 use std::future::Future;
 
+/// A name no other test uses, in this process or a concurrent one:
+/// `idemgate_<what>_<pid>_<n>_<ms>`, for tables, queues, topics, streams and client ids.
+pub fn unique(what: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "idemgate_{what}_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+            % 1_000_000
+    )
+}
+
 /// The URL of a service from `env`, or this machine's default.
 pub fn url(env: &str, default: &str) -> String {
     std::env::var(env).unwrap_or_else(|_| default.to_owned())

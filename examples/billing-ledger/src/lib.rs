@@ -10,8 +10,6 @@
 //! re-publish of the same event makes a total drift.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use idemgate_consumer::{
@@ -220,13 +218,11 @@ where
 {
     let options = || SourceOptions::new().positions_from(inbox.clone());
     let first = DiesBeforeAck::new(kafka.source(group, &[topic], options())?);
-    let acking: Arc<AtomicBool> = first.acking();
+    let reached_ack = first.reached_ack();
     let consumer = Consumer::inbox(group, inbox.clone());
     let first_stats = consumer.stats_handle();
     let wait = async {
-        while !acking.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        reached_ack.await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     tokio::select! {

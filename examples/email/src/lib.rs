@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -238,13 +238,11 @@ pub async fn run(
             .source(name, "emails", &subject, opts.clone())
             .await?,
     );
-    let acking: Arc<AtomicBool> = first.acking();
+    let reached_ack = first.reached_ack();
     let consumer = emails.consumer().with_lease(Duration::from_millis(900));
     let first_stats = consumer.stats_handle();
     let wait = async {
-        while !acking.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        reached_ack.await;
         // let the other lanes reach their acks too
         tokio::time::sleep(Duration::from_millis(100)).await;
     };

@@ -7,8 +7,6 @@
 //! copy running concurrently all meet the same inbox row, so a line is reserved once and stock
 //! is never oversold.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use idemgate_consumer::{
@@ -260,13 +258,13 @@ pub async fn run(
 
     let doomed = RabbitMq::connect(rabbit_url).await?;
     let first = DiesBeforeAck::new(doomed.source(queue, 16).await?);
-    let acking: Arc<AtomicBool> = first.acking();
+    let reached_ack = first.reached_ack();
     let consumer = inventory.consumer();
     let first_stats = consumer.stats_handle();
     let wait = async {
-        while !acking.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        reached_ack.await;
+        // let the other lanes finish their commits and reach their acks too
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     tokio::select! {
         r = consumer.run(first, inventory.handler(), std::future::pending()) => { r?; }
