@@ -68,7 +68,7 @@ pub(crate) struct DemoArgs {
     json: bool,
 }
 
-fn parse_rate(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_rate(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     if (0.0..=1.0).contains(&v) {
         Ok(v)
@@ -81,6 +81,15 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 pub(crate) enum IdemMode {
     Inbox,
     Gate,
+}
+
+impl IdemMode {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            IdemMode::Inbox => "inbox",
+            IdemMode::Gate => "gate",
+        }
+    }
 }
 
 /// How a worker processes a message.
@@ -118,7 +127,7 @@ pub(crate) enum Point {
 }
 
 impl Point {
-    const ALL: [Point; 4] = [
+    pub(crate) const ALL: [Point; 4] = [
         Point::AfterClaim,
         Point::AfterEffect,
         Point::AfterComplete,

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 mod bench;
 #[cfg(feature = "brokers")]
 mod bench_consumer;
+#[cfg(feature = "brokers")]
+mod chaos;
 mod demo;
 mod stores;
 #[cfg(feature = "brokers")]
@@ -35,6 +37,14 @@ enum Command {
     /// Check that a retention covers a broker's redelivery horizon (exit status 1 if not).
     #[cfg(feature = "brokers")]
     CheckWindow(window::CheckWindowArgs),
+    /// Run the chaos harness against a real broker and store: worker processes killed at named
+    /// points, zombies, restarts and cut connections, naive and idemgate side by side.
+    #[cfg(feature = "brokers")]
+    Chaos(chaos::ChaosArgs),
+    /// A chaos worker process (started by `idemgate chaos`).
+    #[cfg(feature = "brokers")]
+    #[command(hide = true)]
+    ChaosWorker(chaos::worker::ChaosWorkerArgs),
     /// A demo worker process (started by `idemgate demo`).
     #[command(hide = true)]
     DemoWorker(worker::WorkerArgs),
@@ -50,6 +60,10 @@ fn main() -> ExitCode {
         #[cfg(feature = "brokers")]
         Command::CheckWindow(args) => window::run(args),
         Command::DemoWorker(args) => worker::run(args),
+        #[cfg(feature = "brokers")]
+        Command::Chaos(args) => chaos::run(args),
+        #[cfg(feature = "brokers")]
+        Command::ChaosWorker(args) => chaos::worker::run(args),
     };
     match result {
         Ok(code) => code,

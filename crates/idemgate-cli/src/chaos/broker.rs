@@ -1,0 +1,431 @@
+//! The brokers a chaos run goes through: setting up a phase's destination, the producer, and
+//! the embedded SQLite queue as a [`Source`].
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::ValueEnum;
+use idemgate::consumer::{Delivery, Message, Outgoing, Sink, Source};
+use idemgate::core::EventId;
+use idemgate::sqlite::{Receipt, SqliteQueue};
+
+use super::Event;
+use crate::BoxError;
+
+/// The broker under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ChaosBroker {
+    /// The embedded SQLite queue with visibility timeouts (no server).
+    Embedded,
+    /// RabbitMQ (`amqp://guest:guest@127.0.0.1:5672/%2f`).
+    Rabbitmq,
+    /// NATS JetStream (`nats://127.0.0.1:4222`).
+    Nats,
+    /// A Kafka-protocol broker (`127.0.0.1:9092`).
+    Kafka,
+    /// MQTT 5 (`127.0.0.1:1883`).
+    Mqtt,
+    /// SQS (`http://127.0.0.1:4566`).
+    Sqs,
+}
+
+impl ChaosBroker {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            ChaosBroker::Embedded => "embedded",
+            ChaosBroker::Rabbitmq => "rabbitmq",
+            ChaosBroker::Nats => "nats",
+            ChaosBroker::Kafka => "kafka",
+            ChaosBroker::Mqtt => "mqtt",
+            ChaosBroker::Sqs => "sqs",
+        }
+    }
+
+    /// The local default URL.
+    pub(crate) fn default_url(self) -> &'static str {
+        match self {
+            ChaosBroker::Embedded => "",
+            ChaosBroker::Rabbitmq => "amqp://guest:guest@127.0.0.1:5672/%2f",
+            ChaosBroker::Nats => "nats://127.0.0.1:4222",
+            ChaosBroker::Kafka => "127.0.0.1:9092",
+            ChaosBroker::Mqtt => "127.0.0.1:1883",
+            ChaosBroker::Sqs => "http://127.0.0.1:4566",
+        }
+    }
+
+    /// How long an unacknowledged message of a dead worker takes to come back (at most).
+    pub(crate) fn redelivery(self, visibility: Duration) -> Duration {
+        match self {
+            // the group rebalances once the dead member's session (6 s) times out
+            ChaosBroker::Kafka => Duration::from_secs(8),
+            // the connection closes with the process: requeued (RabbitMQ) or kept for the
+            // session (MQTT) at once
+            ChaosBroker::Rabbitmq | ChaosBroker::Mqtt => Duration::from_secs(1),
+            _ => visibility,
+        }
+    }
+
+    /// How long to wait before a killed worker's replacement joins.
+    pub(crate) fn rejoin_delay(self) -> Duration {
+        match self {
+            // tansu 0.6 ignores LeaveGroup: a member that joins before the dead member's
+            // session times out is never assigned anything
+            ChaosBroker::Kafka => Duration::from_secs(7),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// Kafka client settings for the chaos run (a short session, so a dead member is noticed).
+pub(crate) fn kafka(url: &str) -> idemgate::kafka::Kafka {
+    idemgate::kafka::Kafka::new(url)
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+}
+
+fn mqtt_addr(url: &str) -> Result<(String, u16), BoxError> {
+    let (host, port) = url
+        .rsplit_once(':')
+        .ok_or("the MQTT URL is host:port, as in 127.0.0.1:1883")?;
+    Ok((host.to_owned(), port.parse()?))
+}
+
+/// The MQTT topic of worker slot `slot`: each slot has its own persistent session and topic.
+pub(crate) fn mqtt_topic(name: &str, slot: usize) -> String {
+    format!("{name}/{slot}")
+}
+
+/// A phase's destination, where the producer publishes.
+pub(crate) enum Producer {
+    Embedded(Arc<Mutex<SqliteQueue>>),
+    Rabbit {
+        // the connection the sink's channel lives on
+        _connection: idemgate::rabbitmq::RabbitMq,
+        sink: idemgate::rabbitmq::RabbitSink,
+        queue: String,
+    },
+    Nats(idemgate::nats::NatsSink, String),
+    Kafka(idemgate::kafka::KafkaSink, String),
+    Mqtt(idemgate::mqtt::Mqtt, String, usize),
+    Sqs(idemgate::sqs::SqsSink, String),
+}
+
+/// The embedded queue's file in a phase directory.
+pub(crate) fn queue_path(dir: &Path) -> PathBuf {
+    dir.join("queue.db")
+}
+
+/// Creates the destination `name` of a phase; returns it as workers and producers are told it
+/// (the SQS queue URL, the NATS stream, the name otherwise).
+pub(crate) async fn create_destination(
+    broker: ChaosBroker,
+    url: &str,
+    name: &str,
+    workers: usize,
+    visibility: Duration,
+) -> Result<String, BoxError> {
+    Ok(match broker {
+        ChaosBroker::Embedded | ChaosBroker::Mqtt => name.to_owned(),
+        ChaosBroker::Rabbitmq => {
+            let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
+            rabbit.declare(name).await?;
+            rabbit.close().await?;
+            name.to_owned()
+        }
+        ChaosBroker::Nats => {
+            let nats = idemgate::nats::Nats::connect(url).await?;
+            let stream = name.replace('-', "_");
+            // a short duplicate window: the harness's re-publishes must reach the consumers
+            nats.stream(
+                &stream,
+                vec![format!("{stream}.events")],
+                Duration::from_millis(100),
+            )
+            .await?;
+            stream
+        }
+        ChaosBroker::Kafka => {
+            let partitions = i32::try_from(workers.max(4) * 2).unwrap_or(8);
+            kafka(url).create_topic(name, partitions).await?;
+            name.to_owned()
+        }
+        ChaosBroker::Sqs => {
+            let mut options = idemgate::sqs::QueueOptions::default().visibility_timeout(visibility);
+            // kills must not dead-letter a message: no redrive
+            options.max_receive_count = None;
+            idemgate::sqs::Sqs::local(url)
+                .create_queue(name, options)
+                .await?
+        }
+    })
+}
+
+/// Deletes a phase's destination.
+pub(crate) async fn delete_destination(
+    broker: ChaosBroker,
+    url: &str,
+    destination: &str,
+) -> Result<(), BoxError> {
+    match broker {
+        ChaosBroker::Embedded | ChaosBroker::Mqtt => {}
+        ChaosBroker::Rabbitmq => {
+            let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
+            rabbit.delete(destination).await?;
+            rabbit
+                .delete(&idemgate::rabbitmq::dead_queue(destination))
+                .await?;
+            rabbit.close().await?;
+        }
+        ChaosBroker::Nats => {
+            idemgate::nats::Nats::connect(url)
+                .await?
+                .delete_stream(destination)
+                .await?;
+        }
+        ChaosBroker::Kafka => kafka(url).delete_topic(destination).await?,
+        ChaosBroker::Sqs => {
+            idemgate::sqs::Sqs::local(url)
+                .delete_queue(destination)
+                .await?
+        }
+    }
+    Ok(())
+}
+
+impl Producer {
+    /// Connects a producer to an existing destination (again, after a broker restart).
+    pub(crate) async fn connect(
+        broker: ChaosBroker,
+        url: &str,
+        destination: &str,
+        dir: &Path,
+        workers: usize,
+    ) -> Result<Self, BoxError> {
+        Ok(match broker {
+            ChaosBroker::Embedded => {
+                let queue = SqliteQueue::open(queue_path(dir), &destination.replace('-', "_"))?;
+                Producer::Embedded(Arc::new(Mutex::new(queue)))
+            }
+            ChaosBroker::Rabbitmq => {
+                let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
+                let sink = rabbit.sink().await?;
+                Producer::Rabbit {
+                    _connection: rabbit,
+                    sink,
+                    queue: destination.to_owned(),
+                }
+            }
+            ChaosBroker::Nats => {
+                let nats = idemgate::nats::Nats::connect(url).await?;
+                Producer::Nats(nats.sink(), destination.to_owned())
+            }
+            ChaosBroker::Kafka => Producer::Kafka(kafka(url).sink()?, destination.to_owned()),
+            ChaosBroker::Mqtt => {
+                let (host, port) = mqtt_addr(url)?;
+                let client = format!("{destination}-producer-{}", rand::random::<u32>());
+                let mqtt = idemgate::mqtt::Mqtt::connect(
+                    &host,
+                    port,
+                    &client,
+                    idemgate::mqtt::Session::clean(),
+                )
+                .await?;
+                Producer::Mqtt(mqtt, destination.to_owned(), workers)
+            }
+            ChaosBroker::Sqs => {
+                let sqs = idemgate::sqs::Sqs::local(url);
+                Producer::Sqs(sqs.sink(), destination.to_owned())
+            }
+        })
+    }
+
+    /// Publishes `e` (its `index` picks the MQTT slot).
+    pub(crate) async fn publish(&self, e: &Event, index: usize) -> Result<(), BoxError> {
+        let body = serde_json::to_vec(e)?;
+        let id: EventId = e.id.parse()?;
+        let out = |dest: &str| Outgoing::with_event_id(dest, body.clone(), id.clone());
+        match self {
+            Producer::Embedded(queue) => {
+                queue
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(&body)?;
+            }
+            Producer::Rabbit { sink, queue, .. } => sink.publish(&out(queue)).await?,
+            Producer::Nats(sink, stream) => {
+                sink.publish(&out(&format!("{stream}.events"))).await?;
+            }
+            Producer::Kafka(sink, topic) => sink.publish(&out(topic)).await?,
+            Producer::Mqtt(mqtt, name, workers) => {
+                let topic = mqtt_topic(name, index % workers);
+                mqtt.sink().publish(&out(&topic)).await?;
+            }
+            Producer::Sqs(sink, url) => sink.publish(&out(url)).await?,
+        }
+        Ok(())
+    }
+}
+
+/// Connects worker slot `slot` to the destination and hands its source to `serve`.
+pub(crate) async fn with_source<R>(
+    broker: ChaosBroker,
+    url: &str,
+    destination: &str,
+    dir: &Path,
+    slot: usize,
+    visibility: Duration,
+    kafka_options: impl FnOnce() -> idemgate::kafka::SourceOptions,
+    serve: impl AsyncServe<Output = R>,
+) -> Result<R, BoxError> {
+    Ok(match broker {
+        ChaosBroker::Embedded => {
+            let queue = SqliteQueue::open(queue_path(dir), &destination.replace('-', "_"))?;
+            serve.serve(EmbeddedSource::new(queue, visibility)).await
+        }
+        ChaosBroker::Rabbitmq => {
+            let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
+            serve.serve(rabbit.source(destination, 64).await?).await
+        }
+        ChaosBroker::Nats => {
+            let nats = idemgate::nats::Nats::connect(url).await?;
+            let mut opts = idemgate::nats::ConsumerOptions::default().ack_wait(visibility);
+            opts.max_deliver = -1;
+            let subject = format!("{destination}.events");
+            serve
+                .serve(nats.source(destination, "chaos", &subject, opts).await?)
+                .await
+        }
+        ChaosBroker::Kafka => {
+            let source = kafka(url).source(destination, &[destination], kafka_options())?;
+            serve.serve(source).await
+        }
+        ChaosBroker::Mqtt => {
+            let (host, port) = mqtt_addr(url)?;
+            let session =
+                idemgate::mqtt::Session::persistent(Duration::from_secs(3600)).receive_maximum(64);
+            let client = format!("{destination}-{slot}");
+            let mqtt = idemgate::mqtt::Mqtt::connect(&host, port, &client, session).await?;
+            let source = mqtt.source(&mqtt_topic(destination, slot)).await?;
+            let r = serve.serve(source).await;
+            drop(mqtt);
+            r
+        }
+        ChaosBroker::Sqs => {
+            let sqs = idemgate::sqs::Sqs::local(url);
+            serve.serve(sqs.source(destination).await?).await
+        }
+    })
+}
+
+/// What runs on a worker's source, whatever its type.
+pub(crate) trait AsyncServe {
+    type Output;
+    async fn serve<S: Source>(self, source: S) -> Self::Output;
+}
+
+/// The embedded SQLite queue as a [`Source`]: receive with a visibility timeout, delete on ack.
+pub(crate) struct EmbeddedSource {
+    queue: Arc<Mutex<SqliteQueue>>,
+    visibility: Duration,
+    ready: VecDeque<idemgate::sqlite::Message>,
+}
+
+impl EmbeddedSource {
+    fn new(queue: SqliteQueue, visibility: Duration) -> Self {
+        EmbeddedSource {
+            queue: Arc::new(Mutex::new(queue)),
+            visibility,
+            ready: VecDeque::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SqliteQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn queue_error(what: &str) -> impl Fn(idemgate::core::Error) -> idemgate::consumer::Error + '_ {
+    move |e| idemgate::consumer::Error::broker("embedded", what, e)
+}
+
+impl Source for EmbeddedSource {
+    type Delivery = EmbeddedDelivery;
+
+    async fn recv(&mut self) -> idemgate::consumer::Result<Option<EmbeddedDelivery>> {
+        loop {
+            if let Some(m) = self.ready.pop_front() {
+                let event: Event = match serde_json::from_slice(&m.body) {
+                    Ok(e) => e,
+                    Err(_) => Event::default(),
+                };
+                let mut msg = Message::new("embedded", m.body.clone());
+                if !event.id.is_empty() {
+                    msg = msg.with_event_id(event.id);
+                }
+                msg.deliveries = Some(m.receive_count);
+                return Ok(Some(EmbeddedDelivery {
+                    queue: Arc::clone(&self.queue),
+                    receipt: m.receipt,
+                    msg,
+                    visibility: self.visibility,
+                }));
+            }
+            let batch = self
+                .lock()
+                .receive(8, self.visibility)
+                .map_err(queue_error("receiving"))?;
+            if batch.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.ready.extend(batch);
+        }
+    }
+}
+
+/// One receive of a message of the embedded queue.
+pub(crate) struct EmbeddedDelivery {
+    queue: Arc<Mutex<SqliteQueue>>,
+    receipt: Receipt,
+    msg: Message,
+    visibility: Duration,
+}
+
+impl EmbeddedDelivery {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SqliteQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Delivery for EmbeddedDelivery {
+    fn message(&self) -> &Message {
+        &self.msg
+    }
+
+    async fn ack(self) -> idemgate::consumer::Result<()> {
+        self.lock()
+            .delete(&self.receipt)
+            .map_err(queue_error("deleting"))?;
+        Ok(())
+    }
+
+    async fn nack(self, delay: Duration) -> idemgate::consumer::Result<()> {
+        self.lock()
+            .change_visibility(&self.receipt, delay)
+            .map_err(queue_error("changing visibility"))?;
+        Ok(())
+    }
+
+    async fn dead_letter(self, _reason: &str) -> idemgate::consumer::Result<()> {
+        // the embedded queue has no dead-letter queue: the supervisor counts the loss
+        self.ack().await
+    }
+
+    async fn in_progress(&self) -> idemgate::consumer::Result<()> {
+        self.lock()
+            .change_visibility(&self.receipt, self.visibility)
+            .map_err(queue_error("extending visibility"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,403 @@
+//! The effect ledger: one row per event whose `applied` counter and the shared balance are
+//! incremented by every application of the effect, deliberately not idempotently, so the
+//! ledger tells afterwards how often each event's effect happened.
+//!
+//! An effect given a derived key ([`Key::derive`]) is recorded under that key first and applied
+//! only if the key is new: the external system honours idempotency keys, as a payment API does.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idemgate::core::Key;
+use rusqlite::OptionalExtension;
+use sqlx::{MySqlConnection, PgConnection};
+
+use super::Event;
+use crate::BoxError;
+
+/// Where the effects land.
+#[derive(Clone)]
+pub(crate) enum Ledger {
+    Sqlite(Arc<Mutex<rusqlite::Connection>>, Tables),
+    Postgres(sqlx::PgPool, Tables),
+    MySql(sqlx::MySqlPool, Tables),
+}
+
+/// The ledger's tables, named after the run and phase.
+#[derive(Clone, Debug)]
+pub(crate) struct Tables {
+    pub(crate) effects: String,
+    pub(crate) balance: String,
+    pub(crate) keys: String,
+}
+
+impl Tables {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Tables {
+            effects: format!("{prefix}_effects"),
+            balance: format!("{prefix}_balance"),
+            keys: format!("{prefix}_keys"),
+        }
+    }
+}
+
+/// What the ledger says of a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    /// Events applied at least once.
+    pub(crate) touched: u64,
+    /// Events never applied.
+    pub(crate) lost: u64,
+    /// Events applied more than once.
+    pub(crate) twice: u64,
+    /// Applications in all.
+    pub(crate) applications: u64,
+    /// The balance equals the sum of amount × applications.
+    pub(crate) balance_ok: bool,
+}
+
+/// Is `url` a PostgreSQL URL?
+pub(crate) fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Is `url` a MySQL or MariaDB URL?
+pub(crate) fn is_mysql(url: &str) -> bool {
+    url.starts_with("mysql://") || url.starts_with("mariadb://")
+}
+
+impl Ledger {
+    /// Connects to the ledger at `url` (`sqlite:PATH`, `postgres://…`, `mysql://…`).
+    pub(crate) async fn open(url: &str, prefix: &str, pool: u32) -> Result<Self, BoxError> {
+        let tables = Tables::new(prefix);
+        if let Some(path) = url.strip_prefix("sqlite:") {
+            let path = PathBuf::from(path.strip_prefix("//").unwrap_or(path));
+            let conn = rusqlite::Connection::open(path)?;
+            conn.busy_timeout(Duration::from_secs(60))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            return Ok(Ledger::Sqlite(Arc::new(Mutex::new(conn)), tables));
+        }
+        if is_postgres(url) {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(pool)
+                .connect(url)
+                .await?;
+            return Ok(Ledger::Postgres(pool, tables));
+        }
+        if is_mysql(url) {
+            let pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(pool)
+                .connect(&url.replacen("mariadb://", "mysql://", 1))
+                .await?;
+            return Ok(Ledger::MySql(pool, tables));
+        }
+        Err(
+            format!("unsupported ledger URL {url:?}: use sqlite:PATH, postgres://… or mysql://…")
+                .into(),
+        )
+    }
+
+    fn tables(&self) -> &Tables {
+        match self {
+            Ledger::Sqlite(_, t) | Ledger::Postgres(_, t) | Ledger::MySql(_, t) => t,
+        }
+    }
+
+    /// Creates the tables and one zero row per event.
+    pub(crate) async fn create(&self, events: &[Event]) -> Result<(), BoxError> {
+        let t = self.tables().clone();
+        let ddl = [
+            format!(
+                "CREATE TABLE {} (event_id VARCHAR(64) PRIMARY KEY, amount INTEGER NOT NULL, \
+                 applied INTEGER NOT NULL DEFAULT 0)",
+                t.effects
+            ),
+            format!(
+                "CREATE TABLE {} (id INTEGER PRIMARY KEY, total BIGINT NOT NULL)",
+                t.balance
+            ),
+            format!("INSERT INTO {} (id, total) VALUES (1, 0)", t.balance),
+            format!("CREATE TABLE {} (k VARCHAR(255) PRIMARY KEY)", t.keys),
+        ];
+        match self {
+            Ledger::Sqlite(conn, _) => {
+                let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+                let tx = conn.transaction()?;
+                for stmt in &ddl {
+                    tx.execute(stmt, [])?;
+                }
+                {
+                    let mut insert = tx.prepare(&format!(
+                        "INSERT INTO {} (event_id, amount) VALUES (?1, ?2)",
+                        t.effects
+                    ))?;
+                    for e in events {
+                        insert.execute(rusqlite::params![e.id, e.amount])?;
+                    }
+                }
+                tx.commit()?;
+            }
+            Ledger::Postgres(pool, _) => {
+                for stmt in &ddl {
+                    sqlx::query(stmt).execute(pool).await?;
+                }
+                for chunk in events.chunks(1000) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
+                        "INSERT INTO {} (event_id, amount) ",
+                        t.effects
+                    ));
+                    q.push_values(chunk, |mut row, e| {
+                        row.push_bind(&e.id).push_bind(e.amount);
+                    });
+                    q.build().execute(pool).await?;
+                }
+            }
+            Ledger::MySql(pool, _) => {
+                for stmt in &ddl {
+                    sqlx::query(stmt).execute(pool).await?;
+                }
+                for chunk in events.chunks(1000) {
+                    let mut q = sqlx::QueryBuilder::<sqlx::MySql>::new(format!(
+                        "INSERT INTO {} (event_id, amount) ",
+                        t.effects
+                    ));
+                    q.push_values(chunk, |mut row, e| {
+                        row.push_bind(&e.id).push_bind(e.amount);
+                    });
+                    q.build().execute(pool).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the tables.
+    pub(crate) async fn drop_tables(&self) -> Result<(), BoxError> {
+        let t = self.tables();
+        for table in [&t.effects, &t.balance, &t.keys] {
+            let stmt = format!("DROP TABLE IF EXISTS {table}");
+            match self {
+                Ledger::Sqlite(conn, _) => {
+                    conn.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .execute(&stmt, [])?;
+                }
+                Ledger::Postgres(pool, _) => {
+                    sqlx::query(&stmt).execute(pool).await?;
+                }
+                Ledger::MySql(pool, _) => {
+                    sqlx::query(&stmt).execute(pool).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `e` in a transaction of its own; with `derived`, only if that key is new.
+    pub(crate) async fn apply(&self, e: &Event, derived: Option<&Key>) -> Result<(), BoxError> {
+        match self {
+            Ledger::Sqlite(conn, t) => {
+                let conn = Arc::clone(conn);
+                let (t, e, derived) = (t.clone(), e.clone(), derived.map(Key::to_string));
+                tokio::task::spawn_blocking(move || -> Result<(), BoxError> {
+                    let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+                    let tx =
+                        conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                    let fresh = match &derived {
+                        Some(k) => {
+                            tx.execute(
+                                &format!("INSERT OR IGNORE INTO {} (k) VALUES (?1)", t.keys),
+                                [k],
+                            )? == 1
+                        }
+                        None => true,
+                    };
+                    if fresh {
+                        tx.execute(
+                            &format!(
+                                "UPDATE {} SET applied = applied + 1 WHERE event_id = ?1",
+                                t.effects
+                            ),
+                            [&e.id],
+                        )?;
+                        tx.execute(
+                            &format!("UPDATE {} SET total = total + ?1 WHERE id = 1", t.balance),
+                            [e.amount],
+                        )?;
+                    }
+                    tx.commit()?;
+                    Ok(())
+                })
+                .await?
+            }
+            Ledger::Postgres(pool, t) => {
+                let mut tx = pool.begin().await?;
+                if let Some(k) = derived {
+                    let q = format!(
+                        "INSERT INTO {} (k) VALUES ($1) ON CONFLICT DO NOTHING",
+                        t.keys
+                    );
+                    if sqlx::query(&q)
+                        .bind(k.to_string())
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 0
+                    {
+                        return Ok(());
+                    }
+                }
+                apply_pg(&mut tx, t, e).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            Ledger::MySql(pool, t) => {
+                let mut tx = pool.begin().await?;
+                if let Some(k) = derived {
+                    let q = format!("INSERT IGNORE INTO {} (k) VALUES (?)", t.keys);
+                    if sqlx::query(&q)
+                        .bind(k.to_string())
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 0
+                    {
+                        return Ok(());
+                    }
+                }
+                apply_mysql(&mut tx, t, e).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// How often `event_id`'s effect has been applied.
+    pub(crate) async fn applied(&self, event_id: &str) -> Result<u64, BoxError> {
+        let t = self.tables();
+        let n: i64 = match self {
+            Ledger::Sqlite(conn, _) => conn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .query_row(
+                    &format!("SELECT applied FROM {} WHERE event_id = ?1", t.effects),
+                    [event_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(0),
+            Ledger::Postgres(pool, _) => {
+                let q = format!(
+                    "SELECT applied::BIGINT FROM {} WHERE event_id = $1",
+                    t.effects
+                );
+                sqlx::query_scalar(&q)
+                    .bind(event_id)
+                    .fetch_optional(pool)
+                    .await?
+                    .unwrap_or(0)
+            }
+            Ledger::MySql(pool, _) => {
+                let q = format!(
+                    "SELECT CAST(applied AS SIGNED) FROM {} WHERE event_id = ?",
+                    t.effects
+                );
+                sqlx::query_scalar(&q)
+                    .bind(event_id)
+                    .fetch_optional(pool)
+                    .await?
+                    .unwrap_or(0)
+            }
+        };
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Counts every event's applications.
+    pub(crate) async fn tally(&self) -> Result<Tally, BoxError> {
+        let t = self.tables();
+        let cast = match self {
+            Ledger::MySql(..) => "SIGNED",
+            _ => "BIGINT",
+        };
+        let q = format!(
+            "SELECT CAST(COALESCE(SUM(CASE WHEN applied > 0 THEN 1 ELSE 0 END), 0) AS {cast}),
+                    CAST(COALESCE(SUM(CASE WHEN applied = 0 THEN 1 ELSE 0 END), 0) AS {cast}),
+                    CAST(COALESCE(SUM(CASE WHEN applied > 1 THEN 1 ELSE 0 END), 0) AS {cast}),
+                    CAST(COALESCE(SUM(applied), 0) AS {cast}),
+                    CAST(COALESCE(SUM(amount * applied), 0) AS {cast}),
+                    (SELECT CAST(total AS {cast}) FROM {} WHERE id = 1)
+               FROM {}",
+            t.balance, t.effects
+        );
+        let row: (i64, i64, i64, i64, i64, i64) = match self {
+            Ledger::Sqlite(conn, _) => {
+                conn.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .query_row(&q, [], |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                        ))
+                    })?
+            }
+            Ledger::Postgres(pool, _) => sqlx::query_as(&q).fetch_one(pool).await?,
+            Ledger::MySql(pool, _) => sqlx::query_as(&q).fetch_one(pool).await?,
+        };
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(Tally {
+            touched: n(row.0),
+            lost: n(row.1),
+            twice: n(row.2),
+            applications: n(row.3),
+            balance_ok: row.4 == row.5,
+        })
+    }
+}
+
+/// The effect inside a PostgreSQL transaction (Inbox mode: the inbox's own).
+pub(crate) async fn apply_pg(conn: &mut PgConnection, t: &Tables, e: &Event) -> sqlx::Result<()> {
+    sqlx::query(&format!(
+        "UPDATE {} SET applied = applied + 1 WHERE event_id = $1",
+        t.effects
+    ))
+    .bind(&e.id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(&format!(
+        "UPDATE {} SET total = total + $1 WHERE id = 1",
+        t.balance
+    ))
+    .bind(e.amount)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The effect inside a MySQL transaction (Inbox mode: the inbox's own).
+pub(crate) async fn apply_mysql(
+    conn: &mut MySqlConnection,
+    t: &Tables,
+    e: &Event,
+) -> sqlx::Result<()> {
+    sqlx::query(&format!(
+        "UPDATE {} SET applied = applied + 1 WHERE event_id = ?",
+        t.effects
+    ))
+    .bind(&e.id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(&format!(
+        "UPDATE {} SET total = total + ? WHERE id = 1",
+        t.balance
+    ))
+    .bind(e.amount)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,1149 @@
+//! `idemgate chaos`: the chaos harness against real brokers and stores.
+//!
+//! A producer publishes events (some twice) to a real broker; worker *processes* run the real
+//! consumer runtime (or, for the naive run, a plain receive-apply-ack loop) and apply each
+//! event's effect to a ledger with a deliberately non-idempotent increment. The supervisor
+//! SIGKILLs workers at named points, freezes one past its lease (SIGSTOP, SIGCONT), restarts the
+//! store and the broker, cuts store connections, and counts from the ledger how often every
+//! event's effect happened. The same seed gives the same fault schedule.
+
+mod broker;
+mod ledger;
+mod report;
+pub(crate) mod worker;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use idemgate::core::EventId;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use self::broker::{ChaosBroker, Producer};
+use self::ledger::{Ledger, Tally, is_mysql, is_postgres};
+use self::worker::{SqlInbox, WorkerMode};
+use crate::BoxError;
+use crate::demo::{IdemMode, Point};
+
+/// The consumer's name: the scope of every event's key.
+pub(crate) const CONSUMER: &str = "chaos";
+
+/// One event: its id and the amount its effect adds to the balance.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Event {
+    pub(crate) id: String,
+    pub(crate) amount: i32,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ChaosArgs {
+    /// The broker.
+    #[arg(long, value_enum, default_value = "embedded")]
+    broker: ChaosBroker,
+    /// The broker's URL (default: the local one).
+    #[arg(long)]
+    url: Option<String>,
+    /// The dedup store: any store URL in gate mode (default: SQLite in the run directory); a
+    /// `postgres://` or `mysql://` database in inbox mode, which then also holds the ledger.
+    #[arg(long)]
+    store: Option<String>,
+    /// `inbox`: the dedup row commits with the effect; `gate`: a claim in the store, the effect
+    /// in the ledger outside its transaction.
+    #[arg(long, value_enum, default_value = "gate")]
+    mode: IdemMode,
+    /// Where effects are counted in gate mode: `sqlite:PATH` (default: in the run directory),
+    /// `postgres://…` or `mysql://…`. In inbox mode the ledger is the store's database.
+    #[arg(long)]
+    ledger: Option<String>,
+    /// Events to produce.
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    events: u64,
+    /// Fraction of events published twice.
+    #[arg(long, default_value_t = 0.1, value_parser = crate::demo::parse_rate)]
+    dup_rate: f64,
+    /// Worker processes.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
+    /// Messages each worker handles at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    concurrency: u16,
+    /// SIGKILLs per run, each at one of the named points.
+    #[arg(long, default_value_t = 10)]
+    kills: u32,
+    /// Workers frozen (SIGSTOP) at `after-claim` past their lease while a duplicate is handled
+    /// elsewhere, then thawed (SIGCONT): fencing must refuse their late completion.
+    #[arg(long, default_value_t = 0)]
+    zombies: u32,
+    /// Restarts of the store (and ledger) server, at even steps of progress, by
+    /// `--store-restart-cmd`.
+    #[arg(long, default_value_t = 0)]
+    store_restarts: u32,
+    /// The shell command that restarts the store, run with `sh -c`.
+    #[arg(long)]
+    store_restart_cmd: Option<String>,
+    /// Restarts of the broker, at even steps of progress, by `--broker-restart-cmd`.
+    #[arg(long, default_value_t = 0)]
+    broker_restarts: u32,
+    /// The shell command that restarts the broker, run with `sh -c`.
+    #[arg(long)]
+    broker_restart_cmd: Option<String>,
+    /// Cuts of every client connection to the store, at even steps of progress
+    /// (`pg_terminate_backend`, MySQL `KILL`, Redis `CLIENT KILL`).
+    #[arg(long, default_value_t = 0)]
+    cuts: u32,
+    /// Seed of the events and the fault schedule (random if not given; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Gate lease, in milliseconds.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    lease_ms: u64,
+    /// Visibility timeout (embedded, SQS) or ack wait (NATS), in milliseconds.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1000..=600_000))]
+    visibility_ms: u64,
+    /// Apply the gate-mode effect without the derived key, to show what the window between the
+    /// effect and `complete` costs.
+    #[arg(long)]
+    no_derived_keys: bool,
+    /// Skip the naive run.
+    #[arg(long)]
+    no_naive: bool,
+    /// Keep the run directory, tables and destinations here (default: a temporary directory,
+    /// removed afterwards, and the tables dropped).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Give up on a run after this many seconds (what is not applied by then is lost).
+    #[arg(long, default_value_t = 1800)]
+    timeout_secs: u64,
+    /// Give up on a run when nothing has been delivered or applied for this many seconds.
+    #[arg(long, default_value_t = 90)]
+    stall_secs: u64,
+    /// Print the figures as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Write a self-contained HTML report with a timeline of throughput, faults and duplicates.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// A fault the supervisor injects when progress reaches a point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Fault {
+    StoreRestart,
+    BrokerRestart,
+    Cut,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::StoreRestart => "store restart",
+            Fault::BrokerRestart => "broker restart",
+            Fault::Cut => "connection cut",
+        }
+    }
+}
+
+/// What a given seed decides: the events, the duplicates, and every fault.
+#[derive(Debug, Serialize)]
+struct Schedule {
+    #[serde(skip)]
+    events: Vec<Event>,
+    /// Publish order: event indexes, the duplicated ones twice.
+    #[serde(skip)]
+    order: Vec<usize>,
+    published_twice: u64,
+    /// Kill plans in spawn order: the point and the delivery count it waits for.
+    kills: Vec<(&'static str, u64)>,
+    /// Zombie plans in spawn order: the delivery count.
+    zombies: Vec<u64>,
+    /// Faults at fractions of the events applied.
+    faults: Vec<(f64, Fault)>,
+}
+
+impl Schedule {
+    fn new(args: &ChaosArgs, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let events: Vec<Event> = (0..args.events)
+            .map(|_| Event {
+                id: EventId::new().to_string(),
+                amount: rng.random_range(1..=100),
+            })
+            .collect();
+        // dup_rate is in [0, 1], so the count is in 0..=events
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let dup_count = ((args.events as f64) * args.dup_rate).ceil() as usize;
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        let mut dups: Vec<usize> = (0..events.len()).collect();
+        dups.shuffle(&mut rng);
+        for &d in dups.iter().take(dup_count) {
+            // the second copy somewhere later, up to a few hundred messages on
+            let at = rng.random_range(d + 1..=order.len().min(d + 500));
+            order.insert(at, d);
+        }
+        // every planned kill and zombie happens in the first part of a worker's life, so they
+        // all happen before the events run out
+        let lives = u64::from(args.kills + args.zombies) + u64::from(args.workers);
+        let span = (args.events / lives).max(1);
+        let kills = (0..args.kills)
+            .map(|_| {
+                let p = Point::ALL[rng.random_range(0..Point::ALL.len())];
+                (p.name(), rng.random_range(1..=span))
+            })
+            .collect();
+        let zombies = (0..args.zombies)
+            .map(|_| rng.random_range(1..=span))
+            .collect();
+        let mut faults = Vec::new();
+        for (n, fault) in [
+            (args.store_restarts, Fault::StoreRestart),
+            (args.broker_restarts, Fault::BrokerRestart),
+            (args.cuts, Fault::Cut),
+        ] {
+            for i in 0..n {
+                // even steps, shifted a little per kind so two faults rarely coincide
+                let at = f64::from(i + 1) / f64::from(n + 1) + rng.random_range(-0.03..0.03);
+                faults.push((at.clamp(0.05, 0.9), fault));
+            }
+        }
+        faults.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Schedule {
+            events,
+            order,
+            published_twice: dup_count as u64,
+            kills,
+            zombies,
+            faults,
+        }
+    }
+}
+
+/// The figures of one run.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct Figures {
+    mode: &'static str,
+    events: u64,
+    deliveries: u64,
+    duplicate_deliveries: u64,
+    published_twice: u64,
+    publish_retries: u64,
+    kills: u64,
+    kills_by_point: BTreeMap<&'static str, u64>,
+    zombies: u64,
+    zombies_fenced: u64,
+    store_restarts: u64,
+    broker_restarts: u64,
+    connection_cuts: u64,
+    worker_exits: u64,
+    dead_letters: u64,
+    lost: u64,
+    applied_twice: u64,
+    extra_effects: u64,
+    balance_ok: bool,
+    seconds: f64,
+    #[serde(skip)]
+    timeline: Vec<Sample>,
+    #[serde(skip)]
+    fault_log: Vec<(f64, String)>,
+}
+
+/// One point of the timeline.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Sample {
+    t: f64,
+    deliveries: u64,
+    duplicates: u64,
+    applications: u64,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    seed: u64,
+    broker: &'static str,
+    store: &'a str,
+    ledger: &'a str,
+    schedule: &'a Schedule,
+    naive: Option<&'a Figures>,
+    idemgate: &'a Figures,
+}
+
+/// Where a run's pieces are.
+struct Setup {
+    broker_url: String,
+    store: Option<String>,
+    ledger: String,
+    run_id: String,
+}
+
+pub(crate) fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let tmp;
+    let base = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    let setup = validate(&args, seed, &base)?;
+    if !args.json {
+        eprintln!(
+            "idemgate chaos: {} broker, {} mode, store {}, ledger {}; {} events ({}% published twice), \
+             {} workers, {} kills, {} zombies, {} store / {} broker restarts, {} cuts; seed {seed}",
+            args.broker.name(),
+            args.mode.name(),
+            setup.store.as_deref().unwrap_or("-"),
+            setup.ledger,
+            args.events,
+            args.dup_rate * 100.0,
+            args.workers,
+            args.kills,
+            args.zombies,
+            args.store_restarts,
+            args.broker_restarts,
+            args.cuts
+        );
+    }
+    let schedule = Schedule::new(&args, seed);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let progress = MultiProgress::new();
+    if args.json {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let naive = if args.no_naive {
+        None
+    } else {
+        Some(rt.block_on(phase(
+            WorkerMode::Naive,
+            &args,
+            &setup,
+            &schedule,
+            &base,
+            &progress,
+        ))?)
+    };
+    let mode = match args.mode {
+        IdemMode::Inbox => WorkerMode::Inbox,
+        IdemMode::Gate => WorkerMode::Gate,
+    };
+    let idem = rt.block_on(phase(mode, &args, &setup, &schedule, &base, &progress))?;
+    let _ = progress.clear();
+
+    if args.json {
+        let r = Report {
+            seed,
+            broker: args.broker.name(),
+            store: setup.store.as_deref().unwrap_or("-"),
+            ledger: &setup.ledger,
+            schedule: &schedule,
+            naive: naive.as_ref(),
+            idemgate: &idem,
+        };
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        report::table(naive.as_ref(), &idem);
+    }
+    if let Some(path) = &args.report {
+        let title = format!(
+            "idemgate chaos: {} broker, {} mode, {} events, seed {seed}",
+            args.broker.name(),
+            args.mode.name(),
+            args.events
+        );
+        std::fs::write(path, report::html(&title, naive.as_ref(), &idem))?;
+        if !args.json {
+            eprintln!("report written to {}", path.display());
+        }
+    }
+
+    let mut failures = Vec::new();
+    if idem.lost > 0 {
+        failures.push(format!("{} effects lost", idem.lost));
+    }
+    if idem.applied_twice > 0 {
+        failures.push(format!("{} effects applied twice", idem.applied_twice));
+    }
+    if !idem.balance_ok {
+        failures.push("the ledger balance disagrees with its effects".into());
+    }
+    if idem.kills < u64::from(args.kills) {
+        failures.push(format!(
+            "only {} of {} kills happened",
+            idem.kills, args.kills
+        ));
+    }
+    if idem.zombies < u64::from(args.zombies) {
+        failures.push(format!(
+            "only {} of {} zombies happened",
+            idem.zombies, args.zombies
+        ));
+    }
+    if failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("idemgate chaos FAILED: {}", failures.join("; "));
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Checks the flags against each other and settles the store and ledger URLs.
+fn validate(args: &ChaosArgs, seed: u64, base: &Path) -> Result<Setup, BoxError> {
+    let broker_url = args
+        .url
+        .clone()
+        .unwrap_or_else(|| args.broker.default_url().to_owned());
+    let sqlite = |name: &str| format!("sqlite:{}", base.join(name).display());
+    let (store, ledger) = match args.mode {
+        IdemMode::Inbox => {
+            let store = args.store.clone().ok_or(
+                "inbox mode needs --store postgres://… or mysql://… (the ledger lives there)",
+            )?;
+            if !is_postgres(&store) && !is_mysql(&store) {
+                return Err(format!(
+                    "inbox mode needs a postgres:// or mysql:// store, not {store:?}"
+                )
+                .into());
+            }
+            if args.ledger.as_ref().is_some_and(|l| *l != store) {
+                return Err(
+                    "in inbox mode the ledger is the store's database: drop --ledger".into(),
+                );
+            }
+            (store.clone(), store)
+        }
+        IdemMode::Gate => (
+            args.store.clone().unwrap_or_else(|| sqlite("store.db")),
+            args.ledger.clone().unwrap_or_else(|| sqlite("ledger.db")),
+        ),
+    };
+    if args.zombies > 0 && args.mode != IdemMode::Gate {
+        return Err(
+            "--zombies needs gate mode: a lease to outlive and a completion to fence".into(),
+        );
+    }
+    if args.store_restarts > 0 && args.store_restart_cmd.is_none() {
+        return Err("--store-restarts needs --store-restart-cmd".into());
+    }
+    if args.broker_restarts > 0 && args.broker_restart_cmd.is_none() {
+        return Err("--broker-restarts needs --broker-restart-cmd".into());
+    }
+    if args.cuts > 0 && !(is_postgres(&store) || is_mysql(&store) || store.starts_with("redis://"))
+    {
+        return Err(format!(
+            "--cuts works on a postgres://, mysql:// or redis:// store, not {store:?}"
+        )
+        .into());
+    }
+    Ok(Setup {
+        broker_url,
+        store: Some(store),
+        ledger,
+        run_id: format!(
+            "{:08x}",
+            (seed ^ u64::from(std::process::id())) & 0xffff_ffff
+        ),
+    })
+}
+
+/// One worker slot.
+struct Slot {
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    generation: u64,
+    /// When a replacement may start (a killed Kafka member waits out its session).
+    respawn_at: Option<Instant>,
+    /// Last reported (handled, duplicates, fenced) of the current generation.
+    stats: (u64, u64, u64),
+    ready: bool,
+}
+
+/// A worker frozen past its lease.
+struct Zombie {
+    slot: usize,
+    pid: u32,
+    id: String,
+    since: Instant,
+}
+
+/// One phase (the naive run or the idemgate run) in progress.
+struct Phase<'a> {
+    args: &'a ChaosArgs,
+    setup: &'a Setup,
+    mode: WorkerMode,
+    dir: PathBuf,
+    prefix: String,
+    destination: String,
+    lines: mpsc::UnboundedSender<(usize, u64, String)>,
+    next_generation: u64,
+    kill_plans: std::slice::Iter<'a, (&'static str, u64)>,
+    zombie_plans: std::slice::Iter<'a, u64>,
+    slots: Vec<Slot>,
+    fig: Figures,
+    seen: HashSet<String>,
+    /// Stats of finished generations: (handled, duplicates, fenced).
+    past: (u64, u64, u64),
+    start: Instant,
+}
+
+fn signal(pid: u32, sig: &str) -> Result<(), BoxError> {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("kill {sig} {pid} failed").into())
+    }
+}
+
+impl Phase<'_> {
+    fn t(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    fn log_fault(&mut self, what: impl Into<String>) {
+        let t = self.t();
+        self.fig.fault_log.push((t, what.into()));
+    }
+
+    /// Starts a worker in `slot` with the next kill or zombie plan, if any is left.
+    fn spawn(&mut self, slot: usize) -> Result<(), BoxError> {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let a = self.args;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("chaos-worker")
+            .args(["--broker", a.broker.name(), "--url", &self.setup.broker_url])
+            .args(["--destination", &self.destination])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--slot", &slot.to_string()])
+            .args(["--mode", self.mode.name()])
+            .args(["--ledger", &self.setup.ledger, "--prefix", &self.prefix])
+            .args(["--lease-ms", &a.lease_ms.to_string()])
+            .args(["--visibility-ms", &a.visibility_ms.to_string()])
+            .args(["--concurrency", &a.concurrency.to_string()]);
+        if self.mode != WorkerMode::Naive
+            && let Some(store) = &self.setup.store
+        {
+            cmd.args(["--store", store]);
+        }
+        if a.no_derived_keys {
+            cmd.arg("--no-derived-keys");
+        }
+        if let Some(after) = self.zombie_plans.next() {
+            cmd.args(["--zombie-after", &after.to_string()]);
+        } else if let Some((point, after)) = self.kill_plans.next() {
+            cmd.args(["--die-at", point, "--die-after", &after.to_string()]);
+        }
+        let log = File::create(self.dir.join(format!("worker-{slot}-{generation}.log")))?;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no worker stdout")?;
+        let stdin = child.stdin.take();
+        let tx = self.lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send((slot, generation, line)).is_err() {
+                    return;
+                }
+            }
+        });
+        let s = &mut self.slots[slot];
+        s.child = Some(child);
+        s.stdin = stdin;
+        s.generation = generation;
+        s.respawn_at = None;
+        s.stats = (0, 0, 0);
+        s.ready = false;
+        Ok(())
+    }
+
+    /// Ends the current generation of `slot` (its stats kept) and schedules its replacement.
+    fn retire(&mut self, slot: usize, delay: Duration) {
+        let s = &mut self.slots[slot];
+        if let Some(mut c) = s.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        s.stdin = None;
+        self.past.0 += s.stats.0;
+        self.past.1 += s.stats.1;
+        self.past.2 += s.stats.2;
+        s.stats = (0, 0, 0);
+        s.respawn_at = Some(Instant::now() + delay);
+    }
+
+    fn worker_log(&self, slot: usize) -> String {
+        let g = self.slots[slot].generation;
+        let log = self.dir.join(format!("worker-{slot}-{g}.log"));
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// Handles one line a worker said. Returns a zombie to handle, if it froze itself.
+    fn line(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        line: &str,
+    ) -> Result<Option<Zombie>, BoxError> {
+        if self.slots[slot].generation != generation {
+            return Ok(None);
+        }
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match word {
+            "READY" => self.slots[slot].ready = true,
+            "RECV" => {
+                self.fig.deliveries += 1;
+                if !self.seen.insert(rest.to_owned()) {
+                    self.fig.duplicate_deliveries += 1;
+                }
+            }
+            "DEAD" => self.fig.dead_letters += 1,
+            "STATS" => {
+                let n: Vec<u64> = rest.split(' ').filter_map(|v| v.parse().ok()).collect();
+                if let [h, d, f] = n[..] {
+                    self.slots[slot].stats = (h, d, f);
+                }
+            }
+            "AT" => {
+                let point = rest.split(' ').next().unwrap_or("");
+                let point = Point::ALL
+                    .into_iter()
+                    .find(|p| p.name() == point)
+                    .ok_or_else(|| format!("a worker stopped at an unknown point: {line}"))?;
+                // the worker is parked at the point: a real SIGKILL, then a fresh process
+                self.fig.kills += 1;
+                *self.fig.kills_by_point.entry(point.name()).or_default() += 1;
+                self.log_fault(format!("SIGKILL at {}", point.name()));
+                self.retire(slot, self.args.broker.rejoin_delay());
+            }
+            "ZOMBIE" => {
+                let pid = self.slots[slot]
+                    .child
+                    .as_ref()
+                    .map(Child::id)
+                    .ok_or("a zombie without a process")?;
+                signal(pid, "-STOP")?;
+                self.log_fault("SIGSTOP (zombie)");
+                return Ok(Some(Zombie {
+                    slot,
+                    pid,
+                    id: rest.to_owned(),
+                    since: Instant::now(),
+                }));
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    fn stats(&self) -> (u64, u64, u64) {
+        self.slots.iter().fold(self.past, |acc, s| {
+            (acc.0 + s.stats.0, acc.1 + s.stats.1, acc.2 + s.stats.2)
+        })
+    }
+}
+
+/// Runs `cmd` with `sh -c`; its output goes to the phase directory's log.
+async fn shell(cmd: &str, log: &Path) -> Result<(), BoxError> {
+    let (cmd, log) = (cmd.to_owned(), log.to_owned());
+    tokio::task::spawn_blocking(move || -> Result<(), BoxError> {
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        writeln!(out, "$ {cmd}")?;
+        let status = Command::new("sh")
+            .args(["-c", &cmd])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("`{cmd}` failed ({status}); see {}", log.display()).into())
+        }
+    })
+    .await?
+}
+
+/// Cuts every other client connection of the store at `url`.
+async fn cut(url: &str) -> Result<u64, BoxError> {
+    if is_postgres(url) {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()
+                AND backend_type = 'client backend'",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        return Ok(u64::try_from(n).unwrap_or(0));
+    }
+    if is_mysql(url) {
+        let url = url.replacen("mariadb://", "mysql://", 1);
+        let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(&url).await?;
+        let ids: Vec<u64> = sqlx::query_scalar(
+            "SELECT CAST(ID AS UNSIGNED) FROM information_schema.PROCESSLIST
+              WHERE ID <> CONNECTION_ID() AND DB = DATABASE() AND COMMAND <> 'Daemon'",
+        )
+        .fetch_all(&mut conn)
+        .await?;
+        let mut n = 0;
+        for id in ids {
+            // a connection may be gone by now
+            if sqlx::query(&format!("KILL {id}"))
+                .execute(&mut conn)
+                .await
+                .is_ok()
+            {
+                n += 1;
+            }
+        }
+        return Ok(n);
+    }
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let n: u64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"][..])
+        .query_async(&mut conn)
+        .await?;
+    Ok(n)
+}
+
+/// The producer: publishes the schedule's order, keeping at most `backlog` events ahead of
+/// those applied, and re-publishes what the supervisor asks for (a frozen worker's event).
+async fn produce(
+    args: Arc<(ChaosBroker, String, String, PathBuf, usize)>,
+    events: Arc<Vec<Event>>,
+    order: Vec<usize>,
+    backlog: u64,
+    touched: Arc<AtomicU64>,
+    published: Arc<AtomicU64>,
+    retries: Arc<AtomicU64>,
+    mut again: mpsc::UnboundedReceiver<usize>,
+) -> Result<(), BoxError> {
+    let (broker, url, destination, dir, workers) = &*args;
+    let connect = || Producer::connect(*broker, url, destination, dir, *workers);
+    let mut producer = connect().await?;
+    let mut next = 0usize;
+    loop {
+        let i = match again.try_recv() {
+            Ok(i) => i,
+            Err(_) if next < order.len() => {
+                let ahead = next as u64;
+                if ahead >= touched.load(Ordering::Relaxed) + backlog {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                next += 1;
+                order[next - 1]
+            }
+            Err(_) => match again.recv().await {
+                Some(i) => i,
+                None => return Ok(()),
+            },
+        };
+        // a failed publish is retried on a fresh connection (a broker restart): a publish that
+        // did land before the failure arrives twice, as it would in production
+        while let Err(e) = producer.publish(&events[i], i).await {
+            retries.fetch_add(1, Ordering::Relaxed);
+            let _ = e;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Ok(p) = connect().await {
+                producer = p;
+            }
+        }
+        published.store(next as u64, Ordering::Relaxed);
+    }
+}
+
+async fn phase(
+    mode: WorkerMode,
+    args: &ChaosArgs,
+    setup: &Setup,
+    schedule: &Schedule,
+    base: &Path,
+    progress: &MultiProgress,
+) -> Result<Figures, BoxError> {
+    let dir = base.join(mode.name());
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let prefix = format!("chaos_{}_{}", setup.run_id, mode.name());
+    let name = format!("idemgate-chaos-{}-{}", setup.run_id, mode.name());
+    let workers = usize::from(args.workers);
+    let visibility = Duration::from_millis(args.visibility_ms);
+    let faults_log = dir.join("faults.log");
+
+    // the ledger, the inbox (its tables beside the ledger's) or the store, and the destination
+    let ledger = Ledger::open(&setup.ledger, &prefix, 4).await?;
+    ledger.create(&schedule.events).await?;
+    let inbox = match (mode, &setup.store) {
+        (WorkerMode::Inbox, Some(url)) => {
+            let inbox = SqlInbox::open(url, &prefix, 2).await?;
+            inbox.migrate().await?;
+            Some(inbox)
+        }
+        _ => None,
+    };
+    if let (WorkerMode::Gate, Some(url)) = (mode, &setup.store) {
+        // migrates a SQL store once, before the workers open it
+        crate::stores::open(url).await?;
+    }
+    let destination =
+        broker::create_destination(args.broker, &setup.broker_url, &name, workers, visibility)
+            .await?;
+
+    let bar = progress.add(ProgressBar::new(args.events));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} events applied · {msg}")?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(mode.name());
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut ph = Phase {
+        args,
+        setup,
+        mode,
+        dir: dir.clone(),
+        prefix: prefix.clone(),
+        destination: destination.clone(),
+        lines: tx,
+        next_generation: 0,
+        kill_plans: schedule.kills.iter(),
+        zombie_plans: schedule.zombies.iter(),
+        slots: (0..workers)
+            .map(|_| Slot {
+                child: None,
+                stdin: None,
+                generation: 0,
+                respawn_at: None,
+                stats: (0, 0, 0),
+                ready: false,
+            })
+            .collect(),
+        fig: Figures {
+            mode: mode.name(),
+            events: args.events,
+            published_twice: schedule.published_twice,
+            ..Figures::default()
+        },
+        seen: HashSet::new(),
+        past: (0, 0, 0),
+        start: Instant::now(),
+    };
+    let result = supervise(&mut ph, &mut rx, schedule, &ledger, &bar, &faults_log).await;
+    for s in &mut ph.slots {
+        if let Some(c) = &mut s.child {
+            let _ = signal(c.id(), "-CONT");
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    let seconds = ph.start.elapsed().as_secs_f64();
+    result?;
+    bar.finish_with_message(format!("done in {seconds:.1}s, {} kills", ph.fig.kills));
+
+    let tally = ledger.tally().await?;
+    let fig = &mut ph.fig;
+    fig.lost = tally.lost;
+    fig.applied_twice = tally.twice;
+    fig.extra_effects = (tally.applications + tally.lost).saturating_sub(args.events);
+    fig.balance_ok = tally.balance_ok;
+    fig.seconds = seconds;
+    if args.dir.is_none() {
+        ledger.drop_tables().await?;
+        if let Some(inbox) = &inbox {
+            inbox.drop_tables(&prefix).await?;
+        }
+        broker::delete_destination(args.broker, &setup.broker_url, &destination).await?;
+    }
+    Ok(std::mem::take(&mut ph.fig))
+}
+
+async fn supervise(
+    ph: &mut Phase<'_>,
+    rx: &mut mpsc::UnboundedReceiver<(usize, u64, String)>,
+    schedule: &Schedule,
+    ledger: &Ledger,
+    bar: &ProgressBar,
+    faults_log: &Path,
+) -> Result<(), BoxError> {
+    let args = ph.args;
+    for slot in 0..ph.slots.len() {
+        ph.spawn(slot)?;
+    }
+    // every initial worker subscribed (MQTT sessions exist) before anything is published
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while !ph.slots.iter().all(|s| s.ready) {
+        match tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+            Ok(Some((slot, g, line))) => {
+                ph.line(slot, g, &line)?;
+            }
+            Ok(None) => return Err("the workers' output closed".into()),
+            Err(_) => {}
+        }
+        for slot in 0..ph.slots.len() {
+            if let Some(Some(status)) = ph.slots[slot]
+                .child
+                .as_mut()
+                .map(Child::try_wait)
+                .transpose()?
+            {
+                return Err(format!(
+                    "worker {slot} could not start ({status}):\n{}",
+                    ph.worker_log(slot)
+                )
+                .into());
+            }
+        }
+        if Instant::now() > ready_by {
+            return Err("the workers did not connect within 60 s".into());
+        }
+    }
+    ph.start = Instant::now();
+
+    let touched = Arc::new(AtomicU64::new(0));
+    let published = Arc::new(AtomicU64::new(0));
+    let retries = Arc::new(AtomicU64::new(0));
+    let (again_tx, again_rx) = mpsc::unbounded_channel();
+    let backlog = match args.broker {
+        // Mosquitto keeps at most 1000 messages per session: stay well under it per slot
+        ChaosBroker::Mqtt => 50 * ph.slots.len() as u64,
+        _ => 1000,
+    };
+    let producer = tokio::spawn(produce(
+        Arc::new((
+            args.broker,
+            ph.setup.broker_url.clone(),
+            ph.destination.clone(),
+            ph.dir.clone(),
+            ph.slots.len(),
+        )),
+        Arc::new(schedule.events.clone()),
+        schedule.order.clone(),
+        backlog,
+        Arc::clone(&touched),
+        Arc::clone(&published),
+        Arc::clone(&retries),
+        again_rx,
+    ));
+    let index: HashMap<&str, usize> = schedule
+        .events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.id.as_str(), i))
+        .collect();
+
+    let deadline = ph.start + Duration::from_secs(args.timeout_secs);
+    let lease = Duration::from_millis(args.lease_ms);
+    let quiet_for = args
+        .broker
+        .redelivery(Duration::from_millis(args.visibility_ms))
+        .max(Duration::from_secs(1))
+        + Duration::from_secs(1);
+    let mut faults = schedule.faults.iter().peekable();
+    let mut zombie: Option<Zombie> = None;
+    let mut last_poll = Instant::now() - Duration::from_secs(1);
+    let mut last_change = Instant::now();
+    let mut last = (0u64, Tally::default());
+    let mut exits_allowed =
+        20 + 10 * u64::from(args.store_restarts + args.broker_restarts + args.cuts);
+    let result = loop {
+        // lines first, as many as there are
+        let mut got = match tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {
+            Ok(Some(l)) => vec![l],
+            Ok(None) => break Err("the workers' output closed".into()),
+            Err(_) => Vec::new(),
+        };
+        while let Ok(l) = rx.try_recv() {
+            got.push(l);
+        }
+        for (slot, g, line) in got {
+            if let Some(z) = ph.line(slot, g, &line)? {
+                let i = *index
+                    .get(z.id.as_str())
+                    .ok_or_else(|| format!("a zombie on an unknown event {}", z.id))?;
+                // a duplicate reaches another worker while this one is frozen
+                let _ = again_tx.send(i);
+                zombie = Some(z);
+            }
+        }
+        // a zombie thaws once its event was applied elsewhere and its lease is long gone
+        if let Some(z) = &zombie {
+            let elsewhere = ledger.applied(&z.id).await? > 0;
+            let waited = z.since.elapsed();
+            if (elsewhere && waited > lease + Duration::from_millis(500))
+                || waited > Duration::from_secs(60)
+            {
+                signal(z.pid, "-CONT")?;
+                if let Some(stdin) = &mut ph.slots[z.slot].stdin {
+                    let _ = writeln!(stdin);
+                    let _ = stdin.flush();
+                }
+                ph.fig.zombies += 1;
+                ph.log_fault("SIGCONT (zombie)");
+                zombie = None;
+            }
+        }
+        // workers that exited on their own (a broker or store restart) start again
+        for slot in 0..ph.slots.len() {
+            let exited = match ph.slots[slot].child.as_mut() {
+                Some(c) => c.try_wait()?.is_some(),
+                None => false,
+            };
+            if exited {
+                ph.fig.worker_exits += 1;
+                if ph.fig.worker_exits > exits_allowed {
+                    break;
+                }
+                ph.log_fault("worker exited");
+                ph.retire(slot, Duration::from_secs(1).max(args.broker.rejoin_delay()));
+            }
+            if ph.slots[slot]
+                .respawn_at
+                .is_some_and(|at| Instant::now() >= at)
+            {
+                ph.spawn(slot)?;
+            }
+        }
+        if ph.fig.worker_exits > exits_allowed {
+            let slot = ph.slots.len() - 1;
+            break Err(format!(
+                "workers keep exiting ({} times); the last log:\n{}",
+                ph.fig.worker_exits,
+                ph.worker_log(slot)
+            )
+            .into());
+        }
+        if last_poll.elapsed() < Duration::from_millis(300) {
+            continue;
+        }
+        last_poll = Instant::now();
+        let tally = ledger.tally().await?;
+        touched.store(tally.touched, Ordering::Relaxed);
+        if (ph.fig.deliveries, tally) != last {
+            last = (ph.fig.deliveries, tally);
+            last_change = Instant::now();
+        }
+        let t = ph.t();
+        ph.fig.timeline.push(Sample {
+            t,
+            deliveries: ph.fig.deliveries,
+            duplicates: ph.fig.duplicate_deliveries,
+            applications: tally.applications,
+        });
+        ph.fig.publish_retries = retries.load(Ordering::Relaxed);
+        let (_, dups, fenced) = ph.stats();
+        ph.fig.zombies_fenced = fenced;
+        bar.set_position(tally.touched);
+        bar.set_message(format!(
+            "{} deliveries ({} dup) · {} skipped · {} kills · {} zombies · {} restarts/cuts",
+            ph.fig.deliveries,
+            ph.fig.duplicate_deliveries,
+            dups,
+            ph.fig.kills,
+            ph.fig.zombies,
+            ph.fig.store_restarts + ph.fig.broker_restarts + ph.fig.connection_cuts
+        ));
+        // faults at their share of progress
+        #[allow(clippy::cast_precision_loss)]
+        let done = tally.touched as f64 / args.events as f64;
+        if zombie.is_none()
+            && let Some(&&(at, fault)) = faults.peek()
+            && done >= at
+        {
+            faults.next();
+            ph.log_fault(fault.name());
+            match fault {
+                Fault::StoreRestart => {
+                    shell(
+                        args.store_restart_cmd.as_deref().unwrap_or("true"),
+                        faults_log,
+                    )
+                    .await?;
+                    ph.fig.store_restarts += 1;
+                }
+                Fault::BrokerRestart => {
+                    shell(
+                        args.broker_restart_cmd.as_deref().unwrap_or("true"),
+                        faults_log,
+                    )
+                    .await?;
+                    ph.fig.broker_restarts += 1;
+                }
+                Fault::Cut => {
+                    let store = ph.setup.store.as_deref().unwrap_or_default();
+                    let n = cut(store).await?;
+                    let mut log = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(faults_log)?;
+                    writeln!(log, "cut {n} connections of {store}")?;
+                    ph.fig.connection_cuts += 1;
+                }
+            }
+            exits_allowed += u64::from(args.workers);
+            last_change = Instant::now();
+        }
+        let all_published = published.load(Ordering::Relaxed) == schedule.order.len() as u64;
+        if all_published
+            && tally.touched == args.events
+            && zombie.is_none()
+            && faults.peek().is_none()
+            && last_change.elapsed() >= quiet_for
+        {
+            break Ok(());
+        }
+        if Instant::now() > deadline {
+            bar.println(format!(
+                "{}: gave up after {} s with {} of {} events applied",
+                ph.mode.name(),
+                args.timeout_secs,
+                tally.touched,
+                args.events
+            ));
+            break Ok(());
+        }
+        if zombie.is_none() && last_change.elapsed() > Duration::from_secs(args.stall_secs) {
+            bar.println(format!(
+                "{}: nothing moved for {} s with {} of {} events applied",
+                ph.mode.name(),
+                args.stall_secs,
+                tally.touched,
+                args.events
+            ));
+            break Ok(());
+        }
+    };
+    drop(again_tx);
+    producer.abort();
+    result
+}

@@ -1,0 +1,591 @@
+//! One chaos worker process: the real consumer runtime (or a naive consumer) on a real broker,
+//! applying each event's effect to the ledger.
+//!
+//! It tells the supervisor on stdout what it does: `READY` once subscribed, `RECV <id>` per
+//! delivery, `DEAD <id>` per dead letter, `STATS <handled> <duplicates> <fenced>` now and then.
+//! At its planned kill point it says `AT <point> <id>` and parks for the supervisor's SIGKILL; at
+//! its planned zombie point it says `ZOMBIE <id>` and waits for a line on stdin, which the
+//! supervisor sends after SIGSTOP, a wait past the lease, and SIGCONT.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use idemgate::consumer::{
+    Consumer, Delivery, HandlerFuture, Horizon, Inbox, InboxHandler, Message, MySqlInboxPool,
+    PgInboxPool, Source, StatsHandle,
+};
+use idemgate::core::{
+    BoxStore, Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Record, Store,
+};
+use idemgate::mysql::{MySqlInbox, MySqlOffsets};
+use idemgate::postgres::{PgInbox, PgOffsets};
+use tokio::sync::Semaphore;
+
+use super::broker::{AsyncServe, ChaosBroker, with_source};
+use super::ledger::{Ledger, Tables, apply_mysql, apply_pg, is_mysql, is_postgres};
+use super::{CONSUMER, Event};
+use crate::BoxError;
+use crate::demo::Point;
+
+/// How a worker handles a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum WorkerMode {
+    /// Receive, apply, ack: no idempotency.
+    Naive,
+    /// The consumer runtime in Gate mode on `--store`.
+    Gate,
+    /// The consumer runtime in Inbox mode on the `--store` database (which holds the ledger).
+    Inbox,
+}
+
+impl WorkerMode {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            WorkerMode::Naive => "naive",
+            WorkerMode::Gate => "gate",
+            WorkerMode::Inbox => "inbox",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ChaosWorkerArgs {
+    #[arg(long, value_enum)]
+    broker: ChaosBroker,
+    #[arg(long, default_value = "")]
+    url: String,
+    /// The queue, stream, topic or queue URL.
+    #[arg(long)]
+    destination: String,
+    /// The phase directory (the embedded queue lives there).
+    #[arg(long)]
+    dir: PathBuf,
+    /// This worker's slot (its MQTT session and topic).
+    #[arg(long)]
+    slot: usize,
+    #[arg(long, value_enum)]
+    mode: WorkerMode,
+    #[arg(long)]
+    store: Option<String>,
+    #[arg(long)]
+    ledger: String,
+    /// Prefix of the ledger's (and inbox's) tables.
+    #[arg(long)]
+    prefix: String,
+    #[arg(long)]
+    lease_ms: u64,
+    #[arg(long)]
+    visibility_ms: u64,
+    #[arg(long)]
+    concurrency: usize,
+    /// Apply the Gate-mode effect without a derived key.
+    #[arg(long)]
+    no_derived_keys: bool,
+    #[arg(long, value_enum)]
+    die_at: Option<Point>,
+    #[arg(long, default_value_t = 0)]
+    die_after: u64,
+    #[arg(long)]
+    zombie_after: Option<u64>,
+}
+
+/// Says one line to the supervisor.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// The planned kill and zombie points.
+#[derive(Debug)]
+struct Hooks {
+    die_at: Option<Point>,
+    die_after: u64,
+    zombie_after: Option<u64>,
+    seen: AtomicU64,
+    zombied: AtomicBool,
+}
+
+impl Hooks {
+    /// Parks here for the SIGKILL if this is the planned point.
+    fn at(&self, p: Point, id: &str) {
+        if self.die_at == Some(p) && self.seen.load(Ordering::Relaxed) >= self.die_after {
+            say(&format!("AT {} {id}", p.name()));
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+
+    /// Stops the whole process here (it blocks the runtime's only thread) until the supervisor
+    /// has frozen and thawed it, if this is the planned zombie.
+    fn zombie(&self, id: &str) {
+        let due = self
+            .zombie_after
+            .is_some_and(|n| self.seen.load(Ordering::Relaxed) >= n);
+        if due && !self.zombied.swap(true, Ordering::Relaxed) {
+            say(&format!("ZOMBIE {id}"));
+            let mut line = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut line);
+        }
+    }
+}
+
+fn event_of(msg: &Message) -> Result<Event, BoxError> {
+    Ok(serde_json::from_slice(&msg.payload)?)
+}
+
+fn id_of(msg: &Message) -> &str {
+    msg.event_id.as_deref().unwrap_or("-")
+}
+
+/// A source that reports every delivery and stops at `before-ack`.
+struct Watched<S> {
+    inner: S,
+    hooks: Arc<Hooks>,
+}
+
+impl<S: Source> Source for Watched<S> {
+    type Delivery = WatchedDelivery<S::Delivery>;
+
+    async fn recv(&mut self) -> idemgate::consumer::Result<Option<Self::Delivery>> {
+        let Some(d) = self.inner.recv().await? else {
+            return Ok(None);
+        };
+        self.hooks.seen.fetch_add(1, Ordering::Relaxed);
+        say(&format!("RECV {}", id_of(d.message())));
+        Ok(Some(WatchedDelivery {
+            inner: d,
+            hooks: Arc::clone(&self.hooks),
+        }))
+    }
+
+    fn horizon(&self) -> Option<Horizon> {
+        self.inner.horizon()
+    }
+}
+
+struct WatchedDelivery<D> {
+    inner: D,
+    hooks: Arc<Hooks>,
+}
+
+impl<D: Delivery> Delivery for WatchedDelivery<D> {
+    fn message(&self) -> &Message {
+        self.inner.message()
+    }
+
+    async fn ack(self) -> idemgate::consumer::Result<()> {
+        self.hooks.at(Point::BeforeAck, id_of(self.inner.message()));
+        self.inner.ack().await
+    }
+
+    async fn nack(self, delay: Duration) -> idemgate::consumer::Result<()> {
+        self.inner.nack(delay).await
+    }
+
+    async fn dead_letter(self, reason: &str) -> idemgate::consumer::Result<()> {
+        say(&format!("DEAD {}", id_of(self.inner.message())));
+        self.inner.dead_letter(reason).await
+    }
+
+    async fn in_progress(&self) -> idemgate::consumer::Result<()> {
+        self.inner.in_progress().await
+    }
+}
+
+/// A store that stops at `after-complete`.
+#[derive(Debug)]
+struct HookedStore {
+    inner: BoxStore,
+    hooks: Arc<Hooks>,
+}
+
+impl Store for HookedStore {
+    async fn claim(
+        &self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        opts: &ClaimOptions,
+    ) -> idemgate::core::Result<Claim> {
+        self.inner.claim(key, fp, opts).await
+    }
+
+    async fn complete(
+        &self,
+        lease: &Lease,
+        outcome: &Outcome,
+        retention: Duration,
+    ) -> idemgate::core::Result<()> {
+        self.inner.complete(lease, outcome, retention).await?;
+        self.hooks.at(Point::AfterComplete, lease.key().id());
+        Ok(())
+    }
+
+    async fn release(&self, lease: Lease) -> idemgate::core::Result<()> {
+        self.inner.release(lease).await
+    }
+
+    async fn renew(&self, lease: &Lease, extend: Duration) -> idemgate::core::Result<Lease> {
+        self.inner.renew(lease, extend).await
+    }
+
+    async fn get(&self, key: &Key) -> idemgate::core::Result<Option<Record>> {
+        self.inner.get(key).await
+    }
+
+    async fn purge_expired(&self, limit: usize) -> idemgate::core::Result<u64> {
+        self.inner.purge_expired(limit).await
+    }
+
+    async fn claim_many(
+        &self,
+        claims: &[(Key, Option<Fingerprint>)],
+        opts: &ClaimOptions,
+    ) -> idemgate::core::Result<Vec<Claim>> {
+        self.inner.claim_many(claims, opts).await
+    }
+
+    async fn complete_many(
+        &self,
+        done: &[(Lease, Outcome)],
+        retention: Duration,
+    ) -> idemgate::core::Result<Vec<idemgate::core::Result<()>>> {
+        let results = self.inner.complete_many(done, retention).await?;
+        if let Some(((lease, _), _)) = done.iter().zip(&results).find(|(_, r)| r.is_ok()) {
+            self.hooks.at(Point::AfterComplete, lease.key().id());
+        }
+        Ok(results)
+    }
+}
+
+/// An inbox that stops at `after-complete` (after its commit).
+struct HookedInbox<I> {
+    inner: I,
+    hooks: Arc<Hooks>,
+}
+
+impl<I: Inbox> Inbox for HookedInbox<I> {
+    type Tx = I::Tx;
+
+    async fn begin(&self) -> idemgate::core::Result<I::Tx> {
+        self.inner.begin().await
+    }
+
+    async fn first_time(&self, tx: &mut I::Tx, key: &Key) -> idemgate::core::Result<bool> {
+        self.inner.first_time(tx, key).await
+    }
+
+    async fn commit(&self, tx: I::Tx) -> idemgate::core::Result<()> {
+        self.inner.commit(tx).await?;
+        self.hooks.at(Point::AfterComplete, "-");
+        Ok(())
+    }
+
+    fn retention(&self) -> Duration {
+        self.inner.retention()
+    }
+
+    async fn advance(
+        &self,
+        tx: &mut I::Tx,
+        position: &idemgate::consumer::Position,
+    ) -> idemgate::core::Result<()> {
+        self.inner.advance(tx, position).await
+    }
+
+    async fn load_positions(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> idemgate::core::Result<std::collections::BTreeMap<i32, i64>> {
+        self.inner.load_positions(group, topic).await
+    }
+}
+
+/// The inbox on the store's database, with the ledger's tables beside it.
+#[derive(Clone)]
+pub(crate) enum SqlInbox {
+    Postgres(PgInboxPool),
+    MySql(MySqlInboxPool),
+}
+
+impl SqlInbox {
+    /// The inbox of a phase, on `url`, named after `prefix`.
+    pub(crate) async fn open(url: &str, prefix: &str, pool: u32) -> Result<Self, BoxError> {
+        let (inbox, offsets) = (format!("{prefix}_inbox"), format!("{prefix}_offsets"));
+        if is_postgres(url) {
+            let p = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(pool)
+                .connect(url)
+                .await?;
+            let i = PgInboxPool::new(PgInbox::new().with_table(inbox)?, p)
+                .with_offsets(PgOffsets::new().with_table(offsets)?);
+            return Ok(SqlInbox::Postgres(i));
+        }
+        if is_mysql(url) {
+            let p = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(pool)
+                .connect(&url.replacen("mariadb://", "mysql://", 1))
+                .await?;
+            let i = MySqlInboxPool::new(MySqlInbox::new().with_table(inbox)?, p)
+                .with_offsets(MySqlOffsets::new().with_table(offsets)?);
+            return Ok(SqlInbox::MySql(i));
+        }
+        Err(format!(
+            "inbox mode needs a postgres:// or mysql:// store (the inbox commits with the effect), not {url:?}"
+        )
+        .into())
+    }
+
+    pub(crate) async fn migrate(&self) -> Result<(), BoxError> {
+        match self {
+            SqlInbox::Postgres(i) => i.migrate().await?,
+            SqlInbox::MySql(i) => i.migrate().await?,
+        }
+        Ok(())
+    }
+
+    /// Drops the inbox and offsets tables.
+    pub(crate) async fn drop_tables(&self, prefix: &str) -> Result<(), BoxError> {
+        for t in ["inbox", "offsets"] {
+            let stmt = format!("DROP TABLE IF EXISTS {prefix}_{t}");
+            match self {
+                SqlInbox::Postgres(i) => {
+                    sqlx::query(&stmt).execute(i.pool()).await?;
+                }
+                SqlInbox::MySql(i) => {
+                    sqlx::query(&stmt).execute(i.pool()).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn kafka_options(&self) -> idemgate::kafka::SourceOptions {
+        match self {
+            SqlInbox::Postgres(i) => {
+                idemgate::kafka::SourceOptions::new().positions_from(i.clone())
+            }
+            SqlInbox::MySql(i) => idemgate::kafka::SourceOptions::new().positions_from(i.clone()),
+        }
+    }
+}
+
+pub(crate) fn run(args: ChaosWorkerArgs) -> Result<ExitCode, BoxError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let hooks = Arc::new(Hooks {
+            die_at: args.die_at,
+            die_after: args.die_after,
+            zombie_after: args.zombie_after,
+            seen: AtomicU64::new(0),
+            zombied: AtomicBool::new(false),
+        });
+        let pool = u32::try_from(args.concurrency).unwrap_or(8).clamp(2, 32);
+        let store = match (args.mode, &args.store) {
+            (WorkerMode::Gate, Some(url)) => Some(crate::stores::open(url).await?),
+            (WorkerMode::Gate, None) => return Err("gate mode needs --store".into()),
+            _ => None,
+        };
+        let inbox = match (args.mode, &args.store) {
+            (WorkerMode::Inbox, Some(url)) => Some(SqlInbox::open(url, &args.prefix, pool).await?),
+            (WorkerMode::Inbox, None) => return Err("inbox mode needs --store".into()),
+            _ => None,
+        };
+        let ledger = Ledger::open(&args.ledger, &args.prefix, pool).await?;
+        let kafka_options = || match (&inbox, args.broker) {
+            (Some(inbox), ChaosBroker::Kafka) => inbox.kafka_options(),
+            _ => idemgate::kafka::SourceOptions::new(),
+        };
+        let serve = Serve {
+            args: &args,
+            hooks,
+            ledger,
+            store,
+            inbox: inbox.clone(),
+        };
+        with_source(
+            args.broker,
+            &args.url,
+            &args.destination,
+            &args.dir,
+            args.slot,
+            Duration::from_millis(args.visibility_ms),
+            kafka_options,
+            serve,
+        )
+        .await?
+    })?;
+    // a source only ends when the broker closes it: the supervisor starts another worker
+    Ok(ExitCode::from(3))
+}
+
+struct Serve<'a> {
+    args: &'a ChaosWorkerArgs,
+    hooks: Arc<Hooks>,
+    ledger: Ledger,
+    store: Option<BoxStore>,
+    inbox: Option<SqlInbox>,
+}
+
+/// Reports `stats` every 250 ms.
+fn report(stats: impl Fn() -> (u64, u64, u64) + Send + 'static) {
+    tokio::spawn(async move {
+        loop {
+            let (handled, duplicates, fenced) = stats();
+            say(&format!("STATS {handled} {duplicates} {fenced}"));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+}
+
+fn report_consumer(stats: StatsHandle) {
+    report(move || {
+        let s = stats.get();
+        (s.handled, s.duplicates, s.fenced)
+    });
+}
+
+impl AsyncServe for Serve<'_> {
+    type Output = Result<(), BoxError>;
+
+    async fn serve<S: Source>(self, source: S) -> Result<(), BoxError> {
+        let Serve {
+            args,
+            hooks,
+            ledger,
+            store,
+            inbox,
+        } = self;
+        let source = Watched {
+            inner: source,
+            hooks: Arc::clone(&hooks),
+        };
+        let lease = Duration::from_millis(args.lease_ms);
+        let forever = std::future::pending::<()>();
+        say("READY");
+        match args.mode {
+            WorkerMode::Naive => naive(source, ledger, hooks, args.concurrency).await,
+            WorkerMode::Gate => {
+                let store = HookedStore {
+                    inner: store.ok_or("gate mode needs a store")?,
+                    hooks: Arc::clone(&hooks),
+                };
+                let consumer = Consumer::gate(CONSUMER, store)
+                    .with_concurrency(args.concurrency)
+                    .with_lease(lease)
+                    .with_busy_delay(lease / 2)
+                    .with_retry_delay(Duration::from_millis(200))
+                    .with_max_attempts(1000)
+                    .with_retention(Duration::from_secs(86_400));
+                report_consumer(consumer.stats_handle());
+                let derived = !args.no_derived_keys;
+                let handler = move |msg: Message| {
+                    let (ledger, hooks) = (ledger.clone(), Arc::clone(&hooks));
+                    async move {
+                        let e = event_of(&msg)?;
+                        hooks.zombie(&e.id);
+                        hooks.at(Point::AfterClaim, &e.id);
+                        // the external effect honours the key derived from the event's key, so
+                        // a re-run after a crash before `complete` is a no-op there
+                        let key = Key::new(CONSUMER, &e.id)?.derive("ledger");
+                        ledger.apply(&e, derived.then_some(&key)).await?;
+                        hooks.at(Point::AfterEffect, &e.id);
+                        Ok::<(), BoxError>(())
+                    }
+                };
+                consumer.run(source, handler, forever).await?;
+                Ok(())
+            }
+            WorkerMode::Inbox => {
+                let inbox = inbox.ok_or("inbox mode needs a store")?;
+                let tables = Tables::new(&args.prefix);
+                macro_rules! inbox_consumer {
+                    ($inbox:expr, $db:ty, $apply:ident) => {{
+                        let h = Arc::clone(&hooks);
+                        let handler = <dyn InboxHandler<sqlx::Transaction<'static, $db>>>::from_fn(
+                            move |tx, msg| {
+                                let (h, tables) = (Arc::clone(&h), tables.clone());
+                                let fut: HandlerFuture<'_> = Box::pin(async move {
+                                    let e = event_of(msg)?;
+                                    h.at(Point::AfterClaim, &e.id);
+                                    $apply(&mut **tx, &tables, &e).await?;
+                                    h.at(Point::AfterEffect, &e.id);
+                                    Ok(())
+                                });
+                                fut
+                            },
+                        );
+                        let inbox = HookedInbox {
+                            inner: $inbox,
+                            hooks: Arc::clone(&hooks),
+                        };
+                        let consumer = Consumer::inbox(CONSUMER, inbox)
+                            .with_concurrency(args.concurrency)
+                            .with_lease(lease)
+                            .with_retry_delay(Duration::from_millis(200))
+                            .with_max_attempts(1000);
+                        report_consumer(consumer.stats_handle());
+                        consumer.run(source, handler, forever).await?;
+                    }};
+                }
+                match inbox {
+                    SqlInbox::Postgres(i) => inbox_consumer!(i, sqlx::Postgres, apply_pg),
+                    SqlInbox::MySql(i) => inbox_consumer!(i, sqlx::MySql, apply_mysql),
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The consumer without idemgate: receive, apply, ack.
+async fn naive<S: Source>(
+    mut source: S,
+    ledger: Ledger,
+    hooks: Arc<Hooks>,
+    concurrency: usize,
+) -> Result<(), BoxError> {
+    let handled = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&handled);
+    report(move || (counter.load(Ordering::Relaxed), 0, 0));
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    loop {
+        let permit = Arc::clone(&permits).acquire_owned().await?;
+        let Some(d) = source.recv().await? else {
+            return Ok(());
+        };
+        let (ledger, hooks, handled) = (ledger.clone(), Arc::clone(&hooks), Arc::clone(&handled));
+        tokio::spawn(async move {
+            let _permit = permit;
+            let applied = async {
+                let e = event_of(d.message())?;
+                hooks.zombie(&e.id);
+                hooks.at(Point::AfterClaim, &e.id);
+                ledger.apply(&e, None).await?;
+                hooks.at(Point::AfterEffect, &e.id);
+                hooks.at(Point::AfterComplete, &e.id);
+                Ok::<(), BoxError>(())
+            }
+            .await;
+            match applied {
+                Ok(()) => {
+                    handled.fetch_add(1, Ordering::Relaxed);
+                    let _ = d.ack().await;
+                }
+                Err(e) => {
+                    eprintln!("effect failed: {e}");
+                    let _ = d.nack(Duration::from_millis(200)).await;
+                }
+            }
+        });
+    }
+}
