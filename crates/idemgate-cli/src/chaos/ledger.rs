@@ -314,6 +314,24 @@ impl Ledger {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    /// Up to 10 events never applied, to look for in the logs.
+    pub(crate) async fn lost_ids(&self) -> Result<Vec<String>, BoxError> {
+        let q = format!(
+            "SELECT event_id FROM {} WHERE applied = 0 ORDER BY event_id LIMIT 10",
+            self.tables().effects
+        );
+        Ok(match self {
+            Ledger::Sqlite(conn, _) => {
+                let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+                let mut stmt = conn.prepare(&q)?;
+                stmt.query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?
+            }
+            Ledger::Postgres(pool, _) => sqlx::query_scalar(&q).fetch_all(pool).await?,
+            Ledger::MySql(pool, _) => sqlx::query_scalar(&q).fetch_all(pool).await?,
+        })
+    }
+
     /// Counts every event's applications.
     pub(crate) async fn tally(&self) -> Result<Tally, BoxError> {
         let t = self.tables();

@@ -237,6 +237,8 @@ pub(crate) struct Figures {
     deliveries: u64,
     duplicate_deliveries: u64,
     published_twice: u64,
+    /// Messages the producer had published (and the broker confirmed) when the run ended.
+    published: u64,
     publish_retries: u64,
     kills: u64,
     kills_by_point: BTreeMap<&'static str, u64>,
@@ -248,6 +250,9 @@ pub(crate) struct Figures {
     worker_exits: u64,
     dead_letters: u64,
     lost: u64,
+    /// Up to 10 of the lost events, to look for in the workers' logs (`--dir`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    lost_events: Vec<String>,
     applied_twice: u64,
     extra_effects: u64,
     balance_ok: bool,
@@ -500,6 +505,12 @@ struct Phase<'a> {
     /// Stats of finished generations: (handled, duplicates, fenced).
     past: (u64, u64, u64),
     start: Instant,
+    /// With `--dir`: every line the workers said, with its slot and generation.
+    trace: Option<std::io::BufWriter<File>>,
+    /// When a worker last died: no replacement joins a Kafka group within the rejoin delay of
+    /// *any* death (tansu never assigns partitions to a member that joined while a dead
+    /// member's session was still open).
+    last_death: Instant,
 }
 
 fn signal(pid: u32, sig: &str) -> Result<(), BoxError> {
@@ -592,6 +603,7 @@ impl Phase<'_> {
         self.past.2 += s.stats.2;
         s.stats = (0, 0, 0);
         s.respawn_at = Some(Instant::now() + delay);
+        self.last_death = Instant::now();
     }
 
     fn worker_log(&self, slot: usize) -> String {
@@ -609,6 +621,13 @@ impl Phase<'_> {
         generation: u64,
         line: &str,
     ) -> Result<Option<Zombie>, BoxError> {
+        if let Some(trace) = &mut self.trace {
+            writeln!(
+                trace,
+                "{:.3} {slot}/{generation} {line}",
+                self.start.elapsed().as_secs_f64()
+            )?;
+        }
         if self.slots[slot].generation != generation {
             return Ok(None);
         }
@@ -735,6 +754,9 @@ async fn cut(url: &str) -> Result<u64, BoxError> {
     Ok(n)
 }
 
+/// The producer's count of published messages carries this bit once the whole schedule is out.
+const ALL_OUT: u64 = 1 << 63;
+
 /// The producer: publishes the schedule's order, keeping at most `backlog` events ahead of
 /// those applied, and re-publishes what the supervisor asks for (a frozen worker's event).
 async fn produce(
@@ -750,12 +772,22 @@ async fn produce(
     let (broker, url, destination, dir, workers) = &*args;
     let connect = || Producer::connect(*broker, url, destination, dir, *workers);
     let mut producer = connect().await?;
+    // distinct events among the first n published, to compare with the events applied (a
+    // count of messages would run ahead by the duplicates and wait for ever at the end)
+    let mut firsts = vec![false; events.len()];
+    let distinct: Vec<u64> = order
+        .iter()
+        .scan(0u64, |n, &i| {
+            *n += u64::from(!std::mem::replace(&mut firsts[i], true));
+            Some(*n)
+        })
+        .collect();
     let mut next = 0usize;
     loop {
         let i = match again.try_recv() {
             Ok(i) => i,
             Err(_) if next < order.len() => {
-                let ahead = next as u64;
+                let ahead = if next == 0 { 0 } else { distinct[next - 1] };
                 if ahead >= touched.load(Ordering::Relaxed) + backlog {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
@@ -778,7 +810,11 @@ async fn produce(
                 producer = p;
             }
         }
-        published.store(next as u64, Ordering::Relaxed);
+        published.fetch_add(1, Ordering::Relaxed);
+        if next == order.len() {
+            // the whole schedule is out (set again after a re-publish: no harm)
+            published.fetch_or(ALL_OUT, Ordering::Relaxed);
+        }
     }
 }
 
@@ -858,6 +894,13 @@ async fn phase(
         seen: HashSet::new(),
         past: (0, 0, 0),
         start: Instant::now(),
+        trace: match &args.dir {
+            Some(_) => Some(std::io::BufWriter::new(File::create(
+                dir.join("lines.log"),
+            )?)),
+            None => None,
+        },
+        last_death: Instant::now(),
     };
     let result = supervise(&mut ph, &mut rx, schedule, &ledger, &bar, &faults_log).await;
     for s in &mut ph.slots {
@@ -874,6 +917,9 @@ async fn phase(
     let tally = ledger.tally().await?;
     let fig = &mut ph.fig;
     fig.lost = tally.lost;
+    if tally.lost > 0 {
+        fig.lost_events = ledger.lost_ids().await?;
+    }
     fig.applied_twice = tally.twice;
     fig.extra_effects = (tally.applications + tally.lost).saturating_sub(args.events);
     fig.balance_ok = tally.balance_ok;
@@ -1061,6 +1107,7 @@ async fn supervise(
             applications: tally.applications,
         });
         ph.fig.publish_retries = retries.load(Ordering::Relaxed);
+        ph.fig.published = published.load(Ordering::Relaxed) & !ALL_OUT;
         let (_, dups, fenced) = ph.stats();
         ph.fig.zombies_fenced = fenced;
         bar.set_position(tally.touched);
@@ -1113,7 +1160,7 @@ async fn supervise(
             exits_allowed += u64::from(args.workers);
             last_change = Instant::now();
         }
-        let all_published = published.load(Ordering::Relaxed) == schedule.order.len() as u64;
+        let all_published = published.load(Ordering::Relaxed) & ALL_OUT != 0;
         if all_published
             && tally.touched == args.events
             && zombie.is_none()

@@ -109,6 +109,11 @@ struct Hooks {
     zombie_after: Option<u64>,
     seen: AtomicU64,
     zombied: AtomicBool,
+    /// Held (shared) by every effect in flight; the zombie takes it exclusively before it
+    /// freezes, so it freezes holding its lease but no ledger transaction (a frozen process
+    /// inside a transaction would stall every other worker on its row locks: a different fault,
+    /// which the database's own timeouts answer, not fencing).
+    effects: tokio::sync::RwLock<()>,
 }
 
 impl Hooks {
@@ -124,11 +129,12 @@ impl Hooks {
 
     /// Stops the whole process here (it blocks the runtime's only thread) until the supervisor
     /// has frozen and thawed it, if this is the planned zombie.
-    fn zombie(&self, id: &str) {
+    async fn zombie(&self, id: &str) {
         let due = self
             .zombie_after
             .is_some_and(|n| self.seen.load(Ordering::Relaxed) >= n);
         if due && !self.zombied.swap(true, Ordering::Relaxed) {
+            let _no_effects = self.effects.write().await;
             say(&format!("ZOMBIE {id}"));
             let mut line = String::new();
             let _ = std::io::stdin().lock().read_line(&mut line);
@@ -388,6 +394,7 @@ pub(crate) fn run(args: ChaosWorkerArgs) -> Result<ExitCode, BoxError> {
             zombie_after: args.zombie_after,
             seen: AtomicU64::new(0),
             zombied: AtomicBool::new(false),
+            effects: tokio::sync::RwLock::new(()),
         });
         let pool = u32::try_from(args.concurrency).unwrap_or(8).clamp(2, 32);
         let store = match (args.mode, &args.store) {
@@ -492,12 +499,14 @@ impl AsyncServe for Serve<'_> {
                     let (ledger, hooks) = (ledger.clone(), Arc::clone(&hooks));
                     async move {
                         let e = event_of(&msg)?;
-                        hooks.zombie(&e.id);
+                        hooks.zombie(&e.id).await;
                         hooks.at(Point::AfterClaim, &e.id);
                         // the external effect honours the key derived from the event's key, so
                         // a re-run after a crash before `complete` is a no-op there
                         let key = Key::new(CONSUMER, &e.id)?.derive("ledger");
+                        let effects = hooks.effects.read().await;
                         ledger.apply(&e, derived.then_some(&key)).await?;
+                        drop(effects);
                         hooks.at(Point::AfterEffect, &e.id);
                         Ok::<(), BoxError>(())
                     }
@@ -568,9 +577,11 @@ async fn naive<S: Source>(
             let _permit = permit;
             let applied = async {
                 let e = event_of(d.message())?;
-                hooks.zombie(&e.id);
+                hooks.zombie(&e.id).await;
                 hooks.at(Point::AfterClaim, &e.id);
+                let effects = hooks.effects.read().await;
                 ledger.apply(&e, None).await?;
+                drop(effects);
                 hooks.at(Point::AfterEffect, &e.id);
                 hooks.at(Point::AfterComplete, &e.id);
                 Ok::<(), BoxError>(())
