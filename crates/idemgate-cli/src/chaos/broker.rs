@@ -123,11 +123,17 @@ pub(crate) async fn create_destination(
     broker: ChaosBroker,
     url: &str,
     name: &str,
+    dir: &Path,
     workers: usize,
     visibility: Duration,
 ) -> Result<String, BoxError> {
     Ok(match broker {
-        ChaosBroker::Embedded | ChaosBroker::Mqtt => name.to_owned(),
+        ChaosBroker::Embedded => {
+            // created here, once, before the workers open it at the same moment
+            SqliteQueue::open(queue_path(dir), &name.replace('-', "_"))?;
+            name.to_owned()
+        }
+        ChaosBroker::Mqtt => name.to_owned(),
         ChaosBroker::Rabbitmq => {
             let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
             rabbit.declare(name).await?;

@@ -516,6 +516,7 @@ struct Phase<'a> {
 fn signal(pid: u32, sig: &str) -> Result<(), BoxError> {
     let status = Command::new("kill")
         .args([sig, &pid.to_string()])
+        .stderr(Stdio::null())
         .status()?;
     if status.success() {
         Ok(())
@@ -852,9 +853,15 @@ async fn phase(
         // migrates a SQL store once, before the workers open it
         crate::stores::open(url).await?;
     }
-    let destination =
-        broker::create_destination(args.broker, &setup.broker_url, &name, workers, visibility)
-            .await?;
+    let destination = broker::create_destination(
+        args.broker,
+        &setup.broker_url,
+        &name,
+        &dir,
+        workers,
+        visibility,
+    )
+    .await?;
 
     let bar = progress.add(ProgressBar::new(args.events));
     bar.set_style(
