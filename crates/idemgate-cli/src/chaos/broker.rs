@@ -274,17 +274,34 @@ impl Producer {
     }
 }
 
-/// Connects worker slot `slot` to the destination and hands its source to `serve`.
+/// Where a worker consumes from.
+pub(crate) struct Route<'a> {
+    pub(crate) broker: ChaosBroker,
+    pub(crate) url: &'a str,
+    /// The queue, stream, topic or queue URL.
+    pub(crate) destination: &'a str,
+    /// The phase directory (the embedded queue's file).
+    pub(crate) dir: &'a Path,
+    /// The worker's slot (its MQTT session and topic).
+    pub(crate) slot: usize,
+    /// Visibility timeout (embedded, SQS) or ack wait (NATS).
+    pub(crate) visibility: Duration,
+}
+
+/// Connects a worker to its route and hands its source to `serve`.
 pub(crate) async fn with_source<R>(
-    broker: ChaosBroker,
-    url: &str,
-    destination: &str,
-    dir: &Path,
-    slot: usize,
-    visibility: Duration,
+    route: Route<'_>,
     kafka_options: impl FnOnce() -> idemgate::kafka::SourceOptions,
     serve: impl AsyncServe<Output = R>,
 ) -> Result<R, BoxError> {
+    let Route {
+        broker,
+        url,
+        destination,
+        dir,
+        slot,
+        visibility,
+    } = route;
     Ok(match broker {
         ChaosBroker::Embedded => {
             let queue = SqliteQueue::open(queue_path(dir), &destination.replace('-', "_"))?;
@@ -362,10 +379,7 @@ impl Source for EmbeddedSource {
     async fn recv(&mut self) -> idemgate::consumer::Result<Option<EmbeddedDelivery>> {
         loop {
             if let Some(m) = self.ready.pop_front() {
-                let event: Event = match serde_json::from_slice(&m.body) {
-                    Ok(e) => e,
-                    Err(_) => Event::default(),
-                };
+                let event: Event = serde_json::from_slice(&m.body).unwrap_or_default();
                 let mut msg = Message::new("embedded", m.body.clone());
                 if !event.id.is_empty() {
                     msg = msg.with_event_id(event.id);

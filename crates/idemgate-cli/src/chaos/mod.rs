@@ -760,18 +760,39 @@ const ALL_OUT: u64 = 1 << 63;
 
 /// The producer: publishes the schedule's order, keeping at most `backlog` events ahead of
 /// those applied, and re-publishes what the supervisor asks for (a frozen worker's event).
-async fn produce(
-    args: Arc<(ChaosBroker, String, String, PathBuf, usize)>,
-    events: Arc<Vec<Event>>,
+struct Production {
+    broker: ChaosBroker,
+    url: String,
+    destination: String,
+    dir: PathBuf,
+    workers: usize,
+    events: Vec<Event>,
     order: Vec<usize>,
+    /// At most this many distinct events published and not yet applied.
     backlog: u64,
+    /// Events applied (from the ledger).
     touched: Arc<AtomicU64>,
+    /// Messages published, with [`ALL_OUT`] once the schedule is out.
     published: Arc<AtomicU64>,
+    /// Publishes retried on a fresh connection.
     retries: Arc<AtomicU64>,
-    mut again: mpsc::UnboundedReceiver<usize>,
-) -> Result<(), BoxError> {
-    let (broker, url, destination, dir, workers) = &*args;
-    let connect = || Producer::connect(*broker, url, destination, dir, *workers);
+}
+
+async fn produce(p: Production, mut again: mpsc::UnboundedReceiver<usize>) -> Result<(), BoxError> {
+    let Production {
+        broker,
+        url,
+        destination,
+        dir,
+        workers,
+        events,
+        order,
+        backlog,
+        touched,
+        published,
+        retries,
+    } = p;
+    let connect = || Producer::connect(broker, &url, &destination, &dir, workers);
     let mut producer = connect().await?;
     // distinct events among the first n published, to compare with the events applied (a
     // count of messages would run ahead by the duplicates and wait for ever at the end)
@@ -993,19 +1014,19 @@ async fn supervise(
         _ => 1000,
     };
     let producer = tokio::spawn(produce(
-        Arc::new((
-            args.broker,
-            ph.setup.broker_url.clone(),
-            ph.destination.clone(),
-            ph.dir.clone(),
-            ph.slots.len(),
-        )),
-        Arc::new(schedule.events.clone()),
-        schedule.order.clone(),
-        backlog,
-        Arc::clone(&touched),
-        Arc::clone(&published),
-        Arc::clone(&retries),
+        Production {
+            broker: args.broker,
+            url: ph.setup.broker_url.clone(),
+            destination: ph.destination.clone(),
+            dir: ph.dir.clone(),
+            workers: ph.slots.len(),
+            events: schedule.events.clone(),
+            order: schedule.order.clone(),
+            backlog,
+            touched: Arc::clone(&touched),
+            published: Arc::clone(&published),
+            retries: Arc::clone(&retries),
+        },
         again_rx,
     ));
     let index: HashMap<&str, usize> = schedule

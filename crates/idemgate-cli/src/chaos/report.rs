@@ -5,12 +5,15 @@ use std::fmt::Write;
 use super::{Figures, Sample};
 use crate::demo::Point;
 
-/// The rows of the report: a name and the figure of a run.
-fn rows() -> Vec<(String, Box<dyn Fn(&Figures) -> String>)> {
+/// A row of the report: its name and how to read it off a run.
+type Row = (String, Box<dyn Fn(&Figures) -> String>);
+
+/// The rows of the report.
+fn rows() -> Vec<Row> {
     let n = |f: fn(&Figures) -> u64| -> Box<dyn Fn(&Figures) -> String> {
         Box::new(move |x| f(x).to_string())
     };
-    let mut rows: Vec<(String, Box<dyn Fn(&Figures) -> String>)> = vec![
+    let mut rows: Vec<Row> = vec![
         ("events".into(), n(|f| f.events)),
         ("deliveries".into(), n(|f| f.deliveries)),
         ("duplicate deliveries".into(), n(|f| f.duplicate_deliveries)),

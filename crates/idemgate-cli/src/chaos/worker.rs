@@ -26,7 +26,7 @@ use idemgate::mysql::{MySqlInbox, MySqlOffsets};
 use idemgate::postgres::{PgInbox, PgOffsets};
 use tokio::sync::Semaphore;
 
-use super::broker::{AsyncServe, ChaosBroker, with_source};
+use super::broker::{AsyncServe, ChaosBroker, Route, with_source};
 use super::ledger::{Ledger, Tables, apply_mysql, apply_pg, is_mysql, is_postgres};
 use super::{CONSUMER, Event};
 use crate::BoxError;
@@ -419,17 +419,15 @@ pub(crate) fn run(args: ChaosWorkerArgs) -> Result<ExitCode, BoxError> {
             store,
             inbox: inbox.clone(),
         };
-        with_source(
-            args.broker,
-            &args.url,
-            &args.destination,
-            &args.dir,
-            args.slot,
-            Duration::from_millis(args.visibility_ms),
-            kafka_options,
-            serve,
-        )
-        .await?
+        let route = Route {
+            broker: args.broker,
+            url: &args.url,
+            destination: &args.destination,
+            dir: &args.dir,
+            slot: args.slot,
+            visibility: Duration::from_millis(args.visibility_ms),
+        };
+        with_source(route, kafka_options, serve).await?
     })?;
     // a source only ends when the broker closes it: the supervisor starts another worker
     Ok(ExitCode::from(3))
