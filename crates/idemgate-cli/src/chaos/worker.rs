@@ -109,11 +109,11 @@ struct Hooks {
     zombie_after: Option<u64>,
     seen: AtomicU64,
     zombied: AtomicBool,
-    /// Held (shared) by every effect in flight; the zombie takes it exclusively before it
-    /// freezes, so it freezes holding its lease but no ledger transaction (a frozen process
-    /// inside a transaction would stall every other worker on its row locks: a different fault,
-    /// which the database's own timeouts answer, not fencing).
-    effects: tokio::sync::RwLock<()>,
+    /// Held (shared) by every ledger and store operation in flight; the zombie takes it
+    /// exclusively before it freezes, so it freezes holding its lease but no transaction or
+    /// database lock (a process frozen inside one stalls every other worker on its locks: a
+    /// different fault, which the database's own timeouts answer, not fencing).
+    io: tokio::sync::RwLock<()>,
 }
 
 impl Hooks {
@@ -134,7 +134,7 @@ impl Hooks {
             .zombie_after
             .is_some_and(|n| self.seen.load(Ordering::Relaxed) >= n);
         if due && !self.zombied.swap(true, Ordering::Relaxed) {
-            let _no_effects = self.effects.write().await;
+            let _no_io = self.io.write().await;
             say(&format!("ZOMBIE {id}"));
             let mut line = String::new();
             let _ = std::io::stdin().lock().read_line(&mut line);
@@ -219,6 +219,7 @@ impl Store for HookedStore {
         fp: Option<&Fingerprint>,
         opts: &ClaimOptions,
     ) -> idemgate::core::Result<Claim> {
+        let _io = self.hooks.io.read().await;
         self.inner.claim(key, fp, opts).await
     }
 
@@ -228,24 +229,30 @@ impl Store for HookedStore {
         outcome: &Outcome,
         retention: Duration,
     ) -> idemgate::core::Result<()> {
+        let io = self.hooks.io.read().await;
         self.inner.complete(lease, outcome, retention).await?;
+        drop(io);
         self.hooks.at(Point::AfterComplete, lease.key().id());
         Ok(())
     }
 
     async fn release(&self, lease: Lease) -> idemgate::core::Result<()> {
+        let _io = self.hooks.io.read().await;
         self.inner.release(lease).await
     }
 
     async fn renew(&self, lease: &Lease, extend: Duration) -> idemgate::core::Result<Lease> {
+        let _io = self.hooks.io.read().await;
         self.inner.renew(lease, extend).await
     }
 
     async fn get(&self, key: &Key) -> idemgate::core::Result<Option<Record>> {
+        let _io = self.hooks.io.read().await;
         self.inner.get(key).await
     }
 
     async fn purge_expired(&self, limit: usize) -> idemgate::core::Result<u64> {
+        let _io = self.hooks.io.read().await;
         self.inner.purge_expired(limit).await
     }
 
@@ -254,6 +261,7 @@ impl Store for HookedStore {
         claims: &[(Key, Option<Fingerprint>)],
         opts: &ClaimOptions,
     ) -> idemgate::core::Result<Vec<Claim>> {
+        let _io = self.hooks.io.read().await;
         self.inner.claim_many(claims, opts).await
     }
 
@@ -262,7 +270,9 @@ impl Store for HookedStore {
         done: &[(Lease, Outcome)],
         retention: Duration,
     ) -> idemgate::core::Result<Vec<idemgate::core::Result<()>>> {
+        let io = self.hooks.io.read().await;
         let results = self.inner.complete_many(done, retention).await?;
+        drop(io);
         if let Some(((lease, _), _)) = done.iter().zip(&results).find(|(_, r)| r.is_ok()) {
             self.hooks.at(Point::AfterComplete, lease.key().id());
         }
@@ -394,7 +404,7 @@ pub(crate) fn run(args: ChaosWorkerArgs) -> Result<ExitCode, BoxError> {
             zombie_after: args.zombie_after,
             seen: AtomicU64::new(0),
             zombied: AtomicBool::new(false),
-            effects: tokio::sync::RwLock::new(()),
+            io: tokio::sync::RwLock::new(()),
         });
         let pool = u32::try_from(args.concurrency).unwrap_or(8).clamp(2, 32);
         let store = match (args.mode, &args.store) {
@@ -502,9 +512,9 @@ impl AsyncServe for Serve<'_> {
                         // the external effect honours the key derived from the event's key, so
                         // a re-run after a crash before `complete` is a no-op there
                         let key = Key::new(CONSUMER, &e.id)?.derive("ledger");
-                        let effects = hooks.effects.read().await;
+                        let io = hooks.io.read().await;
                         ledger.apply(&e, derived.then_some(&key)).await?;
-                        drop(effects);
+                        drop(io);
                         hooks.at(Point::AfterEffect, &e.id);
                         Ok::<(), BoxError>(())
                     }
@@ -577,9 +587,9 @@ async fn naive<S: Source>(
                 let e = event_of(d.message())?;
                 hooks.zombie(&e.id).await;
                 hooks.at(Point::AfterClaim, &e.id);
-                let effects = hooks.effects.read().await;
+                let io = hooks.io.read().await;
                 ledger.apply(&e, None).await?;
-                drop(effects);
+                drop(io);
                 hooks.at(Point::AfterEffect, &e.id);
                 hooks.at(Point::AfterComplete, &e.id);
                 Ok::<(), BoxError>(())
