@@ -477,6 +477,17 @@ struct Slot {
     /// Last reported (handled, duplicates, fenced) of the current generation.
     stats: (u64, u64, u64),
     ready: bool,
+    /// The plan the current generation carries, until it fires.
+    plan: Option<Plan>,
+}
+
+/// A fault planned for one worker's life.
+#[derive(Clone, Copy, Debug)]
+enum Plan {
+    /// SIGKILL at the point, at or after this many deliveries.
+    Kill(&'static str, u64),
+    /// Frozen past its lease at or after this many deliveries.
+    Zombie(u64),
 }
 
 /// A worker frozen past its lease.
@@ -497,8 +508,9 @@ struct Phase<'a> {
     destination: String,
     lines: mpsc::UnboundedSender<(usize, u64, String)>,
     next_generation: u64,
-    kill_plans: std::slice::Iter<'a, (&'static str, u64)>,
-    zombie_plans: std::slice::Iter<'a, u64>,
+    /// Plans not yet handed to a worker; a worker that exits before its plan fired gives it
+    /// back, so every planned fault happens.
+    plans: std::collections::VecDeque<Plan>,
     slots: Vec<Slot>,
     fig: Figures,
     seen: HashSet<String>,
@@ -560,10 +572,15 @@ impl Phase<'_> {
         if a.no_derived_keys {
             cmd.arg("--no-derived-keys");
         }
-        if let Some(after) = self.zombie_plans.next() {
-            cmd.args(["--zombie-after", &after.to_string()]);
-        } else if let Some((point, after)) = self.kill_plans.next() {
-            cmd.args(["--die-at", point, "--die-after", &after.to_string()]);
+        let plan = self.plans.pop_front();
+        match plan {
+            Some(Plan::Zombie(after)) => {
+                cmd.args(["--zombie-after", &after.to_string()]);
+            }
+            Some(Plan::Kill(point, after)) => {
+                cmd.args(["--die-at", point, "--die-after", &after.to_string()]);
+            }
+            None => {}
         }
         let log = File::create(self.dir.join(format!("worker-{slot}-{generation}.log")))?;
         let mut child = cmd
@@ -588,12 +605,17 @@ impl Phase<'_> {
         s.respawn_at = None;
         s.stats = (0, 0, 0);
         s.ready = false;
+        s.plan = plan;
         Ok(())
     }
 
     /// Ends the current generation of `slot` (its stats kept) and schedules its replacement.
     fn retire(&mut self, slot: usize, delay: Duration) {
         let s = &mut self.slots[slot];
+        // a plan that did not fire goes to the next worker
+        if let Some(plan) = s.plan.take() {
+            self.plans.push_front(plan);
+        }
         if let Some(mut c) = s.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -658,6 +680,7 @@ impl Phase<'_> {
                 self.fig.kills += 1;
                 *self.fig.kills_by_point.entry(point.name()).or_default() += 1;
                 self.log_fault(format!("SIGKILL at {}", point.name()));
+                self.slots[slot].plan = None;
                 self.retire(slot, self.args.broker.rejoin_delay());
             }
             "ZOMBIE" => {
@@ -667,6 +690,7 @@ impl Phase<'_> {
                     .map(Child::id)
                     .ok_or("a zombie without a process")?;
                 signal(pid, "-STOP")?;
+                self.slots[slot].plan = None;
                 self.log_fault("SIGSTOP (zombie)");
                 return Ok(Some(Zombie {
                     slot,
@@ -901,8 +925,17 @@ async fn phase(
         destination: destination.clone(),
         lines: tx,
         next_generation: 0,
-        kill_plans: schedule.kills.iter(),
-        zombie_plans: schedule.zombies.iter(),
+        plans: schedule
+            .zombies
+            .iter()
+            .map(|&after| Plan::Zombie(after))
+            .chain(
+                schedule
+                    .kills
+                    .iter()
+                    .map(|&(p, after)| Plan::Kill(p, after)),
+            )
+            .collect(),
         slots: (0..workers)
             .map(|_| Slot {
                 child: None,
@@ -911,6 +944,7 @@ async fn phase(
                 respawn_at: None,
                 stats: (0, 0, 0),
                 ready: false,
+                plan: None,
             })
             .collect(),
         fig: Figures {
