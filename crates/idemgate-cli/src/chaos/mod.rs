@@ -525,6 +525,16 @@ struct Phase<'a> {
     last_death: Instant,
 }
 
+/// The binary workers run: this very image. On Linux `/proc/self/exe` still works after the
+/// file was replaced (a rebuild during a long run), where the path of `current_exe` is gone.
+fn worker_exe() -> std::io::Result<PathBuf> {
+    let proc_exe = Path::new("/proc/self/exe");
+    if proc_exe.exists() {
+        return Ok(proc_exe.to_owned());
+    }
+    std::env::current_exe()
+}
+
 fn signal(pid: u32, sig: &str) -> Result<(), BoxError> {
     let status = Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -552,7 +562,7 @@ impl Phase<'_> {
         self.next_generation += 1;
         let generation = self.next_generation;
         let a = self.args;
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let mut cmd = Command::new(worker_exe()?);
         cmd.arg("chaos-worker")
             .args(["--broker", a.broker.name(), "--url", &self.setup.broker_url])
             .args(["--destination", &self.destination])
