@@ -84,6 +84,8 @@ pub(crate) enum IdemMode {
 }
 
 impl IdemMode {
+    /// Used by `idemgate chaos` (feature `brokers`).
+    #[cfg_attr(not(feature = "brokers"), allow(dead_code))]
     pub(crate) fn name(self) -> &'static str {
         match self {
             IdemMode::Inbox => "inbox",
@@ -149,6 +151,33 @@ impl Point {
 pub(crate) struct Event {
     pub(crate) id: String,
     pub(crate) amount: i64,
+}
+
+/// Events with fresh ids and amounts of 1 to 100, and their publish order: every event once,
+/// `dup_rate` of them (rounded up) a second time somewhere later, at most `spread` positions
+/// after the event's own index where given. Returns the events, the order (indexes) and how
+/// many were published twice.
+pub(crate) fn publish_plan(
+    rng: &mut StdRng,
+    events: u64,
+    dup_rate: f64,
+    spread: Option<usize>,
+) -> (Vec<(String, i64)>, Vec<usize>, usize) {
+    let events: Vec<(String, i64)> = (0..events)
+        .map(|_| (EventId::new().to_string(), rng.random_range(1..=100)))
+        .collect();
+    // dup_rate is in [0, 1], so the count is in 0..=events
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let dup_count = ((events.len() as f64) * dup_rate).ceil() as usize;
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    let mut dups: Vec<usize> = (0..events.len()).collect();
+    dups.shuffle(rng);
+    for &d in dups.iter().take(dup_count) {
+        let last = spread.map_or(order.len(), |s| order.len().min(d + s));
+        let at = rng.random_range(d + 1..=last);
+        order.insert(at, d);
+    }
+    (events, order, dup_count)
 }
 
 /// Opens the ledger (creating its tables); shared by the supervisor and the workers.
@@ -417,22 +446,11 @@ fn phase(
 
     // the producer: every event once, some twice, the second copy somewhere later in the queue
     let ledger = open_ledger(&dir.join("ledger.db"))?;
-    let events: Vec<Event> = (0..args.events)
-        .map(|_| Event {
-            id: EventId::new().to_string(),
-            amount: rng.random_range(1..=100),
-        })
+    let (events, order, dup_count) = publish_plan(&mut rng, args.events, args.dup_rate, None);
+    let events: Vec<Event> = events
+        .into_iter()
+        .map(|(id, amount)| Event { id, amount })
         .collect();
-    // dup_rate is in [0, 1], so the count is in 0..=events
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let dup_count = ((args.events as f64) * args.dup_rate).ceil() as usize;
-    let mut order: Vec<usize> = (0..events.len()).collect();
-    let mut dups: Vec<usize> = (0..events.len()).collect();
-    dups.shuffle(&mut rng);
-    for &d in dups.iter().take(dup_count) {
-        let at = rng.random_range(d + 1..=order.len());
-        order.insert(at, d);
-    }
     {
         let tx = rusqlite::Transaction::new_unchecked(
             &ledger,

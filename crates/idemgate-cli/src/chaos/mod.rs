@@ -22,10 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use idemgate::core::EventId;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -175,23 +173,17 @@ struct Schedule {
 impl Schedule {
     fn new(args: &ChaosArgs, seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let events: Vec<Event> = (0..args.events)
-            .map(|_| Event {
-                id: EventId::new().to_string(),
-                amount: rng.random_range(1..=100),
+        // the second copy of a duplicate somewhere later, up to a few hundred messages on
+        let (events, order, dup_count) =
+            crate::demo::publish_plan(&mut rng, args.events, args.dup_rate, Some(500));
+        let events: Vec<Event> = events
+            .into_iter()
+            .map(|(id, amount)| Event {
+                id,
+                // 1..=100
+                amount: i32::try_from(amount).unwrap_or(i32::MAX),
             })
             .collect();
-        // dup_rate is in [0, 1], so the count is in 0..=events
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let dup_count = ((args.events as f64) * args.dup_rate).ceil() as usize;
-        let mut order: Vec<usize> = (0..events.len()).collect();
-        let mut dups: Vec<usize> = (0..events.len()).collect();
-        dups.shuffle(&mut rng);
-        for &d in dups.iter().take(dup_count) {
-            // the second copy somewhere later, up to a few hundred messages on
-            let at = rng.random_range(d + 1..=order.len().min(d + 500));
-            order.insert(at, d);
-        }
         // every planned kill and zombie happens in the first part of a worker's life, so they
         // all happen before the events run out
         let lives = u64::from(args.kills + args.zombies) + u64::from(args.workers);
