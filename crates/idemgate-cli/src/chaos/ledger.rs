@@ -378,44 +378,32 @@ impl Ledger {
     }
 }
 
-/// The effect inside a PostgreSQL transaction (Inbox mode: the inbox's own).
-pub(crate) async fn apply_pg(conn: &mut PgConnection, t: &Tables, e: &Event) -> sqlx::Result<()> {
-    sqlx::query(&format!(
-        "UPDATE {} SET applied = applied + 1 WHERE event_id = $1",
-        t.effects
-    ))
-    .bind(&e.id)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(&format!(
-        "UPDATE {} SET total = total + $1 WHERE id = 1",
-        t.balance
-    ))
-    .bind(e.amount)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+/// The effect inside the caller's transaction (Inbox mode: the inbox's own); `$p` is the
+/// database's placeholder.
+macro_rules! apply_in_tx {
+    ($name:ident, $conn:ty, $p:literal, $db:literal) => {
+        #[doc = concat!("The effect inside a ", $db, " transaction (Inbox mode: the inbox's own).")]
+        pub(crate) async fn $name(conn: &mut $conn, t: &Tables, e: &Event) -> sqlx::Result<()> {
+            let applied = format!(
+                "UPDATE {} SET applied = applied + 1 WHERE event_id = {}",
+                t.effects, $p
+            );
+            sqlx::query(&applied)
+                .bind(&e.id)
+                .execute(&mut *conn)
+                .await?;
+            let total = format!(
+                "UPDATE {} SET total = total + {} WHERE id = 1",
+                t.balance, $p
+            );
+            sqlx::query(&total)
+                .bind(e.amount)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+    };
 }
 
-/// The effect inside a MySQL transaction (Inbox mode: the inbox's own).
-pub(crate) async fn apply_mysql(
-    conn: &mut MySqlConnection,
-    t: &Tables,
-    e: &Event,
-) -> sqlx::Result<()> {
-    sqlx::query(&format!(
-        "UPDATE {} SET applied = applied + 1 WHERE event_id = ?",
-        t.effects
-    ))
-    .bind(&e.id)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(&format!(
-        "UPDATE {} SET total = total + ? WHERE id = 1",
-        t.balance
-    ))
-    .bind(e.amount)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
+apply_in_tx!(apply_pg, PgConnection, "$1", "PostgreSQL");
+apply_in_tx!(apply_mysql, MySqlConnection, "?", "MySQL");
