@@ -142,6 +142,17 @@ async fn inbox_batches_and_purges() {
         inbox.first_time_many(&mut tx, &keys).await.unwrap(),
         [true, false, false, true]
     );
+    // two scopes in one batch: the same id in another scope is another key
+    let mixed = [
+        Key::new("b", "a").unwrap(),
+        Key::new("other", "a").unwrap(),
+        Key::new("other", "f").unwrap(),
+        Key::new("other", "a").unwrap(),
+    ];
+    assert_eq!(
+        inbox.first_time_many(&mut tx, &mixed).await.unwrap(),
+        [false, true, true, false]
+    );
     tx.commit().await.unwrap();
     // after the retention the batch sees them as new again
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -153,7 +164,7 @@ async fn inbox_batches_and_purges() {
     tx.commit().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut purged = 0;
-    while purged < 3 {
+    while purged < 5 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "keys were never purged"
@@ -161,7 +172,7 @@ async fn inbox_batches_and_purges() {
         purged += inbox.purge_expired(&pool, 2).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(purged, 3);
+    assert_eq!(purged, 5);
 }
 
 #[tokio::test]

@@ -45,6 +45,7 @@ pub struct PgInbox {
 struct Statements {
     first_time: String,
     insert_many: String,
+    insert_many_scoped: String,
     renew_many: String,
     purge: String,
 }
@@ -62,6 +63,13 @@ impl Statements {
                  SELECT s, d, {NOW}, {NOW} + $3 FROM unnest($1::text[], $2::text[]) AS u(s, d)
                  ON CONFLICT (scope, id) DO NOTHING
                  RETURNING scope, id"
+            ),
+            // the usual batch (one consumer's keys): the scope sent once, the clock read once
+            insert_many_scoped: format!(
+                "INSERT INTO {t} (scope, id, processed_at, expires_at)
+                 SELECT $1, d, n.t, n.t + $3 FROM (SELECT {NOW} AS t) AS n, unnest($2::text[]) AS u(d)
+                 ON CONFLICT (scope, id) DO NOTHING
+                 RETURNING id"
             ),
             renew_many: format!(
                 "UPDATE {t} AS i SET processed_at = {NOW}, expires_at = {NOW} + $3
@@ -149,31 +157,55 @@ impl PgInbox {
     pub async fn first_time_many(&self, tx: &mut PgConnection, keys: &[Key]) -> Result<Vec<bool>> {
         let mut seen = HashSet::new();
         let unique: Vec<&Key> = keys.iter().filter(|k| seen.insert(*k)).collect();
-        let scopes: Vec<&str> = unique.iter().map(|k| k.scope()).collect();
         let ids: Vec<&str> = unique.iter().map(|k| k.id()).collect();
+        let one_scope = unique
+            .first()
+            .map(|k| k.scope())
+            .filter(|s| unique.iter().all(|k| k.scope() == *s));
         // new keys: one insert that skips known ones
-        let inserted: Vec<(String, String)> = pg(sqlx::query_as(&self.sql.insert_many)
-            .bind(&scopes)
-            .bind(&ids)
+        let mut fresh: HashSet<(String, String)> = match one_scope {
+            Some(scope) => {
+                let inserted: Vec<(String,)> = pg(sqlx::query_as(&self.sql.insert_many_scoped)
+                    .bind(scope)
+                    .bind(&ids)
+                    .bind(ms(self.retention))
+                    .fetch_all(&mut *tx)
+                    .await)?;
+                inserted
+                    .into_iter()
+                    .map(|(id,)| (scope.to_owned(), id))
+                    .collect()
+            }
+            None => {
+                let scopes: Vec<&str> = unique.iter().map(|k| k.scope()).collect();
+                pg(sqlx::query_as(&self.sql.insert_many)
+                    .bind(&scopes)
+                    .bind(&ids)
+                    .bind(ms(self.retention))
+                    .fetch_all(&mut *tx)
+                    .await)?
+                .into_iter()
+                .collect()
+            }
+        };
+        if fresh.len() == unique.len() {
+            // the common case: every key new (a repeat within the batch counts once)
+            let mut seen = HashSet::new();
+            return Ok(keys.iter().map(|k| seen.insert(k)).collect());
+        }
+        // known keys count as new again once their retention ran out
+        let (ks, kd): (Vec<&str>, Vec<&str>) = unique
+            .iter()
+            .filter(|k| !fresh.contains(&(k.scope().to_owned(), k.id().to_owned())))
+            .map(|k| (k.scope(), k.id()))
+            .unzip();
+        let renewed: Vec<(String, String)> = pg(sqlx::query_as(&self.sql.renew_many)
+            .bind(&ks)
+            .bind(&kd)
             .bind(ms(self.retention))
             .fetch_all(&mut *tx)
             .await)?;
-        let mut fresh: HashSet<(String, String)> = inserted.into_iter().collect();
-        if fresh.len() < unique.len() {
-            // known keys count as new again once their retention ran out
-            let (ks, kd): (Vec<&str>, Vec<&str>) = unique
-                .iter()
-                .filter(|k| !fresh.contains(&(k.scope().to_owned(), k.id().to_owned())))
-                .map(|k| (k.scope(), k.id()))
-                .unzip();
-            let renewed: Vec<(String, String)> = pg(sqlx::query_as(&self.sql.renew_many)
-                .bind(&ks)
-                .bind(&kd)
-                .bind(ms(self.retention))
-                .fetch_all(&mut *tx)
-                .await)?;
-            fresh.extend(renewed);
-        }
+        fresh.extend(renewed);
         Ok(keys
             .iter()
             .map(|k| fresh.remove(&(k.scope().to_owned(), k.id().to_owned())))

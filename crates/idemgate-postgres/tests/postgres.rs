@@ -131,10 +131,42 @@ async fn inbox_batches_and_purges() {
         inbox.first_time_many(&mut tx, &keys).await.unwrap(),
         [true, false, false, true]
     );
+    // every key new, one repeated: the one-scope fast path
+    let fresh: Vec<Key> = ["d", "e", "d"]
+        .iter()
+        .map(|id| Key::new("b", *id).unwrap())
+        .collect();
+    assert_eq!(
+        inbox.first_time_many(&mut tx, &fresh).await.unwrap(),
+        [true, true, false]
+    );
+    // two scopes in one batch: the same id in another scope is another key
+    let mixed = [
+        Key::new("b", "a").unwrap(),
+        Key::new("other", "a").unwrap(),
+        Key::new("other", "f").unwrap(),
+    ];
+    assert_eq!(
+        inbox.first_time_many(&mut tx, &mixed).await.unwrap(),
+        [false, true, true]
+    );
     tx.commit().await.unwrap();
+    // after the retention the batch sees them as new again, beside a new key
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut tx = pool.begin().await.unwrap();
+    let again = [
+        keys[0].clone(),
+        Key::new("b", "g").unwrap(),
+        keys[1].clone(),
+    ];
+    assert_eq!(
+        inbox.first_time_many(&mut tx, &again).await.unwrap(),
+        [true, true, true]
+    );
+    tx.rollback().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut purged = 0;
-    while purged < 3 {
+    while purged < 7 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "keys were never purged"
@@ -142,7 +174,7 @@ async fn inbox_batches_and_purges() {
         purged += inbox.purge_expired(&pool, 2).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(purged, 3);
+    assert_eq!(purged, 7);
 }
 
 #[tokio::test]
