@@ -5,11 +5,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::request::Parts;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as HttpBody;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use idemgate_core::{
     Claim, ClaimOptions, Fingerprint, Key, LeaseGuard, Outcome, Store, keep_alive,
 };
@@ -277,10 +277,57 @@ where
 }
 
 /// Counts one outcome: `fresh`, `replayed`, `conflict`, `mismatch`, `missing_key`,
-/// `invalid_key`, `released`, `store_unavailable`.
-fn count(outcome: &'static str) {
-    tracing::debug!(outcome, "idempotency-key request");
-    metrics::counter!("idemgate_http_total", "outcome" => outcome).increment(1);
+/// `invalid_key`, `released`, `store_unavailable`. A literal, so the metric's key is a static
+/// (no allocation per request).
+macro_rules! count {
+    ($outcome:literal) => {{
+        tracing::debug!(outcome = $outcome, "idempotency-key request");
+        metrics::counter!("idemgate_http_total", "outcome" => $outcome).increment(1);
+    }};
+}
+
+/// Why a body could not be read whole.
+enum ReadError {
+    TooLarge,
+    Body,
+}
+
+/// Reads a whole body, refusing one over `limit` bytes. A body of one data frame (the usual
+/// case) is returned as it is, without a copy; more frames are joined. Trailers are dropped.
+async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, ReadError>
+where
+    B: HttpBody<Data = Bytes>,
+{
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ReadError::TooLarge);
+    }
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| ReadError::Body)?.into_data() else {
+            continue;
+        };
+        len = len.saturating_add(data.len());
+        if len > limit {
+            return Err(ReadError::TooLarge);
+        }
+        match (&first, &mut joined) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut all = BytesMut::with_capacity(len);
+                all.extend_from_slice(f);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+            (Some(_), Some(all)) => all.extend_from_slice(&data),
+        }
+    }
+    Ok(match joined {
+        Some(all) => all.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 async fn pass<S, ResB>(mut inner: S, req: Request<Body>) -> Result<Response<Body>, S::Error>
@@ -316,11 +363,11 @@ where
     {
         Some(Ok(id)) => id,
         Some(Err(e)) => {
-            count("invalid_key");
+            count!("invalid_key");
             return Ok(Problem::InvalidKey.response(&e.to_string()));
         }
         None if config.required => {
-            count("missing_key");
+            count!("missing_key");
             return Ok(
                 Problem::MissingKey.response("send an Idempotency-Key header with this request")
             );
@@ -338,16 +385,15 @@ where
     let Ok(key) = Key::compose("http", [scope.as_bytes(), id.as_bytes()]) else {
         return Ok(Problem::InvalidKey.response("the key cannot be stored"));
     };
-    let bytes = match Limited::new(body, config.max_body).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+    let bytes = match read_body(body, config.max_body).await {
+        Ok(bytes) => bytes,
+        Err(ReadError::TooLarge) => {
             return Ok(Problem::BodyTooLarge
                 .response(&format!("the body is over {} bytes", config.max_body)));
         }
-        Err(_) => return Ok(Problem::UnreadableBody.response("the request body could not be read")),
+        Err(ReadError::Body) => {
+            return Ok(Problem::UnreadableBody.response("the request body could not be read"));
+        }
     };
     let fp = Fingerprint::of_parts(
         [
@@ -371,12 +417,12 @@ where
     let lease = loop {
         match config.store.claim(&key, Some(&fp), &opts).await {
             Err(e) => {
-                count("store_unavailable");
+                count!("store_unavailable");
                 return Ok(Problem::StoreUnavailable.response(&e.to_string()));
             }
             Ok(Claim::Acquired(lease)) => break lease,
             Ok(Claim::Completed(record)) => {
-                count("replayed");
+                count!("replayed");
                 return Ok(match record.outcome() {
                     Some(o) => replay(o),
                     None => {
@@ -385,7 +431,7 @@ where
                 });
             }
             Ok(Claim::Mismatch { .. }) => {
-                count("mismatch");
+                count!("mismatch");
                 return Ok(Problem::Mismatch.response(
                     "the method, path, query or body differ from the first request with this key",
                 ));
@@ -397,7 +443,7 @@ where
                     backoff = (backoff * 2).min(Duration::from_millis(200));
                     continue;
                 }
-                count("conflict");
+                count!("conflict");
                 let secs = lease_until
                     .duration_since(SystemTime::now())
                     .unwrap_or_default()
@@ -420,10 +466,9 @@ where
     // an error of the service itself leaves the guard armed: dropping it releases the key
     let response = result?;
     let (rparts, rbody) = response.into_parts();
-    let collected = rbody.collect().await.map(|c| c.to_bytes()).map_err(drop);
-    let body = match collected {
+    let body = match read_body(rbody, usize::MAX).await {
         Ok(b) => b,
-        Err(()) => {
+        Err(_) => {
             let lease = guard.disarm();
             let _ = config.store.release(lease).await;
             let mut res = Response::new(Body::from("the response body failed"));
@@ -448,10 +493,10 @@ where
         {
             tracing::warn!(error = %e, "could not store the response; a retry will run again");
         }
-        count("fresh");
+        count!("fresh");
     } else {
         let _ = config.store.release(lease).await;
-        count("released");
+        count!("released");
     }
     Ok(Response::from_parts(rparts, Body::from(body)))
 }

@@ -494,3 +494,110 @@ fn configuring_a_cloned_layer_does_not_touch_the_original() {
     assert!(format!("{copy:?}").contains("Stripe"));
     assert!(format!("{layer:?}").contains("Ietf"));
 }
+
+/// A body in several frames and of unknown length, as a chunked upload or a streamed response.
+struct Chunks(std::collections::VecDeque<Bytes>);
+
+impl Chunks {
+    fn of(parts: &[&'static str]) -> Self {
+        Chunks(
+            parts
+                .iter()
+                .map(|p| Bytes::from_static(p.as_bytes()))
+                .collect(),
+        )
+    }
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+#[tokio::test]
+async fn bodies_in_several_frames_are_read_whole_and_limited() {
+    use tower::ServiceExt;
+    let calls = Calls::default();
+    // the handler answers in three frames: the body's first two bytes, the rest, then "!"
+    let app = Router::new()
+        .route(
+            "/echo",
+            post(|State(calls): State<Calls>, body: Bytes| async move {
+                calls.0.fetch_add(1, Ordering::SeqCst);
+                let (head, tail) = body.split_at(2.min(body.len()));
+                let frames = [
+                    Bytes::copy_from_slice(head),
+                    Bytes::copy_from_slice(tail),
+                    Bytes::from_static(b"!"),
+                ];
+                axum::body::Body::new(Chunks(frames.into_iter().collect()))
+            }),
+        )
+        .with_state(calls.clone())
+        .layer(IdempotencyLayer::unscoped(MemoryStore::new()).with_max_body(10));
+    let request = |key: &str, body: axum::body::Body| {
+        axum::http::Request::post("/echo")
+            .header("idempotency-key", format_key(key))
+            .body(body)
+            .unwrap()
+    };
+    let read = |res: axum::response::Response| async move {
+        let replayed = res.headers().contains_key("idempotent-replayed");
+        let status = res.status().as_u16();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, replayed, body)
+    };
+
+    let first = app
+        .clone()
+        .oneshot(request(
+            "k1",
+            axum::body::Body::new(Chunks::of(&["abc", "def"])),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        read(first).await,
+        (200, false, Bytes::from_static(b"abcdef!"))
+    );
+    // the same bytes in one frame are the same request: replayed, byte for byte
+    let retry = app
+        .clone()
+        .oneshot(request("k1", axum::body::Body::from("abcdef")))
+        .await
+        .unwrap();
+    assert_eq!(
+        read(retry).await,
+        (200, true, Bytes::from_static(b"abcdef!"))
+    );
+    // different bytes under the same key: a mismatch, whatever the framing
+    let other = app
+        .clone()
+        .oneshot(request(
+            "k1",
+            axum::body::Body::new(Chunks::of(&["abc", "xyz"])),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 422);
+    // over the limit with no length announced: 413 once the frames pass it
+    let big = app
+        .clone()
+        .oneshot(request(
+            "k2",
+            axum::body::Body::new(Chunks::of(&["0123456", "789ab"])),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
+    assert_eq!(calls.0.load(Ordering::SeqCst), 1);
+}
