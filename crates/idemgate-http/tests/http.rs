@@ -542,62 +542,38 @@ async fn bodies_in_several_frames_are_read_whole_and_limited() {
         )
         .with_state(calls.clone())
         .layer(IdempotencyLayer::unscoped(MemoryStore::new()).with_max_body(10));
-    let request = |key: &str, body: axum::body::Body| {
-        axum::http::Request::post("/echo")
+    // sends one request with `key`; answers status, whether replayed, and the body
+    let send = |key: &str, body: axum::body::Body| {
+        let req = axum::http::Request::post("/echo")
             .header("idempotency-key", format_key(key))
             .body(body)
-            .unwrap()
-    };
-    let read = |res: axum::response::Response| async move {
-        let replayed = res.headers().contains_key("idempotent-replayed");
-        let status = res.status().as_u16();
-        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
-            .await
             .unwrap();
-        (status, replayed, body)
+        let app = app.clone();
+        async move {
+            let res = app.oneshot(req).await.unwrap();
+            let replayed = res.headers().contains_key("idempotent-replayed");
+            let status = res.status().as_u16();
+            let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, replayed, body)
+        }
     };
+    let chunks = |parts| axum::body::Body::new(Chunks::of(parts));
+    let echoed = Bytes::from_static(b"abcdef!");
 
-    let first = app
-        .clone()
-        .oneshot(request(
-            "k1",
-            axum::body::Body::new(Chunks::of(&["abc", "def"])),
-        ))
-        .await
-        .unwrap();
     assert_eq!(
-        read(first).await,
-        (200, false, Bytes::from_static(b"abcdef!"))
+        send("k1", chunks(&["abc", "def"])).await,
+        (200, false, echoed.clone())
     );
     // the same bytes in one frame are the same request: replayed, byte for byte
-    let retry = app
-        .clone()
-        .oneshot(request("k1", axum::body::Body::from("abcdef")))
-        .await
-        .unwrap();
     assert_eq!(
-        read(retry).await,
-        (200, true, Bytes::from_static(b"abcdef!"))
+        send("k1", axum::body::Body::from("abcdef")).await,
+        (200, true, echoed)
     );
     // different bytes under the same key: a mismatch, whatever the framing
-    let other = app
-        .clone()
-        .oneshot(request(
-            "k1",
-            axum::body::Body::new(Chunks::of(&["abc", "xyz"])),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(other.status(), 422);
+    assert_eq!(send("k1", chunks(&["abc", "xyz"])).await.0, 422);
     // over the limit with no length announced: 413 once the frames pass it
-    let big = app
-        .clone()
-        .oneshot(request(
-            "k2",
-            axum::body::Body::new(Chunks::of(&["0123456", "789ab"])),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(big.status(), 413);
+    assert_eq!(send("k2", chunks(&["0123456", "789ab"])).await.0, 413);
     assert_eq!(calls.0.load(Ordering::SeqCst), 1);
 }
