@@ -52,6 +52,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // warnings go to stderr (a store that keeps nothing on disk, a retention shorter than the
+    // broker's redelivery window, a broker error); `RUST_LOG` asks for more
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
