@@ -557,12 +557,16 @@ impl KafkaDelivery {
                 None => {
                     part.expected = Some(self.offset + 1);
                     let (topic, partition) = (&*self.key.0, self.key.1);
-                    if let Err(e) =
-                        self.shared
-                            .consumer
-                            .store_offset(topic, partition, self.offset + 1)
-                    {
-                        tracing::debug!(error = %e, topic, partition, "storing the offset");
+                    // the next offset to consume, stored as given (`store_offsets`); the
+                    // single-partition `store_offset` is librdkafka's `rd_kafka_offset_store`,
+                    // which adds 1 itself: given `offset + 1` it committed one message past the
+                    // acked one, and the partition's next owner skipped that message
+                    let mut next = TopicPartitionList::new();
+                    let stored = next
+                        .add_partition_offset(topic, partition, Offset::Offset(self.offset + 1))
+                        .and_then(|()| self.shared.consumer.store_offsets(&next));
+                    if let Err(e) = stored {
+                        tracing::warn!(error = %e, topic, partition, "storing the offset");
                     }
                 }
                 Some(msg) => part.queue.push_front(Pending {
