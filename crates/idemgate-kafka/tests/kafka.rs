@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use idemgate_consumer::{
     Consumer, DEAD_LETTER_REASON, Delivery, HandlerFuture, Inbox, InboxHandler, Outgoing,
-    PgInboxPool, Sink, Source,
+    PgInboxPool, Sink,
 };
 use idemgate_kafka::{Kafka, SourceOptions};
 use idemgate_postgres::{PgInbox, PgOffsets};
@@ -141,11 +141,7 @@ async fn poison_goes_to_the_dead_letter_topic_with_its_reason() {
             SourceOptions::new(),
         )
         .unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(30), dead.recv())
-        .await
-        .expect("a dead letter")
-        .unwrap()
-        .unwrap();
+    let d = broker::next(&mut dead, Duration::from_secs(30), "a dead letter").await;
     assert_eq!(&d.message().payload[..], b"no id");
     let reason = String::from_utf8_lossy(d.message().header(DEAD_LETTER_REASON).unwrap());
     assert!(reason.contains("no event id"), "{reason}");
@@ -285,11 +281,12 @@ async fn a_member_leaving_commits_what_it_acked_not_what_it_fetched() {
     let mut first = kafka
         .source(&group, &[&topic], SourceOptions::new())
         .unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(60), first.recv())
-        .await
-        .expect("the first member got nothing")
-        .unwrap()
-        .unwrap();
+    let d = broker::next(
+        &mut first,
+        Duration::from_secs(60),
+        "the first member got nothing",
+    )
+    .await;
     assert_eq!(&d.message().payload[..], b"0");
     // let the rest of the partition be fetched into the member's queue, then ack only e0
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -300,10 +297,11 @@ async fn a_member_leaving_commits_what_it_acked_not_what_it_fetched() {
     let mut second = kafka
         .source(&group, &[&topic], SourceOptions::new())
         .unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(60), second.recv())
-        .await
-        .expect("the next member got nothing: the commit went past what was acked")
-        .unwrap()
-        .unwrap();
+    let next = broker::next(
+        &mut second,
+        Duration::from_secs(60),
+        "the next member got nothing: the commit went past what was acked",
+    )
+    .await;
     assert_eq!(&next.message().payload[..], b"1");
 }

@@ -137,11 +137,7 @@ async fn poison_goes_to_the_dead_letter_subject_with_its_reason() {
         .source(&name, "dead", &dead, ConsumerOptions::default())
         .await
         .unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), dead.recv())
-        .await
-        .expect("a dead letter")
-        .unwrap()
-        .unwrap();
+    let d = broker::next(&mut dead, Duration::from_secs(10), "a dead letter").await;
     assert_eq!(d.message().payload, "no id");
     let reason = std::str::from_utf8(d.message().header(DEAD_LETTER_REASON).unwrap()).unwrap();
     assert!(reason.contains("no event id"), "{reason}");

@@ -117,11 +117,7 @@ async fn poison_goes_to_the_dead_letter_queue_with_its_reason() {
     broker::poison_is_dead_lettered(source).await;
     let dead_url = url.replace(&name, &format!("{name}-dead"));
     let mut dead = sqs.source(&dead_url).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), dead.recv())
-        .await
-        .expect("a dead letter")
-        .unwrap()
-        .unwrap();
+    let d = broker::next(&mut dead, Duration::from_secs(10), "a dead letter").await;
     assert_eq!(&d.message().payload[..], b"no id");
     let reason = String::from_utf8_lossy(d.message().header(DEAD_LETTER_REASON).unwrap());
     assert!(reason.contains("poison"), "{reason}");

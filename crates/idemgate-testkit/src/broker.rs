@@ -240,6 +240,16 @@ pub async fn slower_than_lease_runs_once<K: Sink, S: Source>(
     assert_eq!((stats.handled, stats.duplicates), (1, 1), "{stats:?}");
 }
 
+/// The next delivery of `source` within `limit`; panics saying `what` was expected if none comes.
+pub async fn next<S: Source>(source: &mut S, limit: Duration, what: &str) -> S::Delivery {
+    match tokio::time::timeout(limit, source.recv()).await {
+        Ok(Ok(Some(d))) => d,
+        Ok(Ok(None)) => panic!("{what}: the source ended"),
+        Ok(Err(e)) => panic!("{what}: {e}"),
+        Err(_) => panic!("{what}: nothing within {limit:?}"),
+    }
+}
+
 /// A message without an event id is dead-lettered, with the reason, and not handled.
 pub async fn poison_is_dead_lettered<S: Source>(source: S) {
     let effects = Arc::new(AtomicUsize::new(0));
