@@ -162,9 +162,12 @@ pub(crate) fn publish_plan(
     events: u64,
     dup_rate: f64,
     spread: Option<usize>,
-) -> (Vec<(String, i64)>, Vec<usize>, usize) {
-    let events: Vec<(String, i64)> = (0..events)
-        .map(|_| (EventId::new().to_string(), rng.random_range(1..=100)))
+) -> (Vec<Event>, Vec<usize>, usize) {
+    let events: Vec<Event> = (0..events)
+        .map(|_| Event {
+            id: EventId::new().to_string(),
+            amount: rng.random_range(1..=100),
+        })
         .collect();
     // dup_rate is in [0, 1], so the count is in 0..=events
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -447,10 +450,6 @@ fn phase(
     // the producer: every event once, some twice, the second copy somewhere later in the queue
     let ledger = open_ledger(&dir.join("ledger.db"))?;
     let (events, order, dup_count) = publish_plan(&mut rng, args.events, args.dup_rate, None);
-    let events: Vec<Event> = events
-        .into_iter()
-        .map(|(id, amount)| Event { id, amount })
-        .collect();
     {
         let tx = rusqlite::Transaction::new_unchecked(
             &ledger,

@@ -178,10 +178,10 @@ impl Schedule {
             crate::demo::publish_plan(&mut rng, args.events, args.dup_rate, Some(500));
         let events: Vec<Event> = events
             .into_iter()
-            .map(|(id, amount)| Event {
-                id,
+            .map(|e| Event {
+                id: e.id,
                 // 1..=100
-                amount: i32::try_from(amount).unwrap_or(i32::MAX),
+                amount: i32::try_from(e.amount).unwrap_or(i32::MAX),
             })
             .collect();
         // every planned kill and zombie happens in the first part of a worker's life, so they
