@@ -66,6 +66,9 @@ pub(crate) struct ConsumerBench {
     /// Messages handled at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Deliveries per transaction in the batched Inbox-mode measurement.
+    #[arg(long, default_value_t = 16)]
+    inbox_batch: usize,
     /// Rounds; each figure is the median of its rounds.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
@@ -215,7 +218,9 @@ fn rate(n: u64, start: Instant, at: &OnceLock<Instant>) -> f64 {
     n as f64 / (end - start).as_secs_f64()
 }
 
-/// A hand-written consumer: receive, run `effect`, ack; `concurrency` at once.
+/// A hand-written consumer: receive, run `effect`, ack; `concurrency` effects at once. Like the
+/// runtime, it acks behind the effect (up to `concurrency` acks in flight), so the two differ
+/// only in what idemgate adds.
 async fn bare<S, F, Fut>(
     mut source: S,
     n: u64,
@@ -228,16 +233,19 @@ where
     Fut: Future<Output = Result<(), BoxError>> + Send,
 {
     let permits = Arc::new(Semaphore::new(concurrency));
+    let acking = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
     let start = Instant::now();
     for _ in 0..n {
         let permit = Arc::clone(&permits).acquire_owned().await?;
         let d = source.recv().await?.ok_or("the source ended early")?;
-        let effect = effect.clone();
+        let (effect, acking) = (effect.clone(), Arc::clone(&acking));
         tasks.spawn(async move {
-            let _permit = permit;
             effect(d.message().clone()).await?;
+            let ack_slot = acking.acquire_owned().await?;
+            drop(permit);
             d.ack().await?;
+            drop(ack_slot);
             Ok::<_, BoxError>(())
         });
     }
@@ -275,8 +283,11 @@ async fn inbox_mode<S: Source, I: Inbox>(
     handler: impl InboxHandler<I::Tx>,
     n: u64,
     c: usize,
+    batch: usize,
 ) -> Result<f64, BoxError> {
-    let consumer = Consumer::inbox("bench", inbox).with_concurrency(c);
+    let consumer = Consumer::inbox("bench", inbox)
+        .with_concurrency(c)
+        .with_batch(batch);
     let at = Arc::new(OnceLock::new());
     let done = finished(consumer.stats_handle(), n, Arc::clone(&at));
     let start = Instant::now();
@@ -366,7 +377,13 @@ impl Sql {
     }
 
     /// Inbox mode: the inbox row and the same effect row in one transaction.
-    async fn inbox<S: Source>(&self, source: S, n: u64, c: usize) -> Result<f64, BoxError> {
+    async fn inbox<S: Source>(
+        &self,
+        source: S,
+        n: u64,
+        c: usize,
+        batch: usize,
+    ) -> Result<f64, BoxError> {
         match self {
             Sql::Postgres(_, effects, inbox) => {
                 let q = format!("INSERT INTO {effects} (event) VALUES ($1)");
@@ -383,7 +400,7 @@ impl Sql {
                         fut
                     },
                 );
-                inbox_mode(source, inbox.clone(), h, n, c).await
+                inbox_mode(source, inbox.clone(), h, n, c, batch).await
             }
             Sql::MySql(_, effects, inbox) => {
                 let q = format!("INSERT INTO {effects} (event) VALUES (?)");
@@ -400,7 +417,7 @@ impl Sql {
                         fut
                     },
                 );
-                inbox_mode(source, inbox.clone(), h, n, c).await
+                inbox_mode(source, inbox.clone(), h, n, c, batch).await
             }
         }
     }
@@ -425,7 +442,9 @@ async fn round<F: Fill>(
         Some(sql) => vec![
             bare(broker.fill(n).await?, n, c, sql.effect()).await?,
             gate(broker.fill(n).await?, store, n, c, sql.effect()).await?,
-            sql.inbox(broker.fill(n).await?, n, c).await?,
+            sql.inbox(broker.fill(n).await?, n, c, 1).await?,
+            sql.inbox(broker.fill(n).await?, n, c, b.inbox_batch)
+                .await?,
         ],
     })
 }
@@ -495,6 +514,10 @@ pub(crate) async fn run(b: ConsumerBench) -> Result<ExitCode, BoxError> {
         "bare consumer (receive, effect, ack)".to_owned(),
         format!("Gate mode on {} (claim, effect, complete, ack)", b.store),
         "Inbox mode (inbox row + effect in one transaction, ack)".to_owned(),
+        format!(
+            "Inbox mode, up to {} deliveries per transaction",
+            b.inbox_batch
+        ),
     ];
     println!(
         "{:?} broker, effect {effect}, {} messages, concurrency {}, median of {} rounds",

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use idemgate_core::{Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Store, keep_alive};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::inbox::{Inbox, InboxHandler};
@@ -97,6 +97,8 @@ struct Config {
     lease: Duration,
     retention: Duration,
     batch: usize,
+    // deliveries per inbox transaction
+    tx_batch: usize,
     key: Option<KeyFn>,
     horizon: Option<Horizon>,
     strict: bool,
@@ -153,6 +155,7 @@ fn config(name: String) -> Config {
         lease: Duration::from_secs(30),
         retention: Duration::from_secs(7 * 86_400),
         batch: 64,
+        tx_batch: 1,
         key: None,
         horizon: None,
         strict: false,
@@ -210,14 +213,17 @@ impl<St: Store> Consumer<GateMode<St>> {
         let claims = claimer(Arc::clone(&store), self.cfg.batch, opts);
         let completions = completer(Arc::clone(&store), self.cfg.batch, self.cfg.retention);
         let rt = Runtime::new(self.cfg);
+        let concurrency = rt.cfg.concurrency;
         let process = Arc::new(GateProcess {
             rt: Arc::clone(&rt),
+            running: Semaphore::new(concurrency),
             store,
             claims,
             completions,
             handler,
         });
-        drive(&rt, source, process, shutdown).await
+        // a message's claim runs while the lanes' handlers still hold every slot
+        drive(&rt, source, process, 2 * concurrency, shutdown).await
     }
 }
 
@@ -229,6 +235,17 @@ impl<I: Inbox> Consumer<InboxMode<I>> {
             cfg: config(name.into()),
             mode: InboxMode(Arc::new(inbox)),
         }
+    }
+
+    /// Up to `n` deliveries that are ready together (on one lane) share one transaction
+    /// (default 1): one `first_time_many` for their keys, each new message's handler in turn,
+    /// their positions, one commit, then every ack. Fewer round trips and commits per message;
+    /// the handlers' locks are held until the batch commits. If any step fails (a handler error
+    /// or panic, a fenced position, a failed commit), the batch is rolled back and its messages
+    /// run again one per transaction, so one bad message costs the others only a retry.
+    pub fn with_batch(mut self, n: usize) -> Self {
+        self.cfg.tx_batch = n.max(1);
+        self
     }
 
     /// Runs `handler` on every message of `source`, in a transaction that also records the key,
@@ -255,7 +272,8 @@ impl<I: Inbox> Consumer<InboxMode<I>> {
             inbox,
             handler: Arc::new(handler),
         });
-        drive(&rt, source, process, shutdown).await
+        let lanes = rt.cfg.concurrency;
+        drive(&rt, source, process, lanes, shutdown).await
     }
 }
 
@@ -345,15 +363,46 @@ struct Runtime {
     counters: Arc<Counters>,
     // attempts of keys that failed here, for brokers that do not count deliveries
     attempts: Mutex<HashMap<Key, u32>>,
+    // settlements running behind the lanes: one permit each, `settle_slots` in all; their tasks
+    // belong to the running consumer (aborted with it, like its lanes)
+    settling: Arc<Semaphore>,
+    settle_slots: u32,
+    behind: Mutex<JoinSet<()>>,
 }
 
 impl Runtime {
     fn new(cfg: Config) -> Arc<Self> {
+        // as many settlements behind the lanes as lanes: a slow store or broker holds the lanes
+        // back instead of piling up completed work
+        let settle_slots = u32::try_from(cfg.concurrency).unwrap_or(u32::MAX);
         Arc::new(Runtime {
             counters: Arc::clone(&cfg.counters),
             cfg,
             attempts: Mutex::default(),
+            settling: Arc::new(Semaphore::new(settle_slots as usize)),
+            settle_slots,
+            behind: Mutex::default(),
         })
+    }
+
+    /// Runs `settle` (a completion and an ack) behind the lane, so the lane takes its next
+    /// delivery while the store and the broker answer. Waits for a free slot first.
+    async fn behind(&self, settle: impl Future<Output = ()> + Send + 'static) {
+        let Ok(permit) = Arc::clone(&self.settling).acquire_owned().await else {
+            // never closed; settle in the lane if it were
+            return settle.await;
+        };
+        let mut tasks = self.behind.lock().unwrap_or_else(|e| e.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            settle.await;
+            drop(permit);
+        });
+    }
+
+    /// Waits until every settlement running behind the lanes has finished.
+    async fn settled(&self) {
+        let _all = self.settling.acquire_many(self.settle_slots).await;
     }
 
     fn key(&self, msg: &Message) -> std::result::Result<Key, String> {
@@ -427,14 +476,16 @@ impl Runtime {
         self.nack(d, delay).await;
     }
 
-    /// Tells the broker every third of the lease that `d` is still being worked on.
-    async fn broker_ticks<D: Delivery>(&self, d: &D) -> Infallible {
+    /// Tells the broker every third of the lease that `ds` are still being worked on.
+    async fn broker_ticks<D: Delivery>(&self, ds: &[D]) -> Infallible {
         let period = (self.cfg.lease / 3).max(Duration::from_millis(1));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             ticker.tick().await;
-            if let Err(e) = d.in_progress().await {
-                tracing::debug!(error = %e, "in-progress signal failed");
+            for d in ds {
+                if let Err(e) = d.in_progress().await {
+                    tracing::debug!(error = %e, "in-progress signal failed");
+                }
             }
         }
     }
@@ -443,29 +494,48 @@ impl Runtime {
 /// Handles one delivery from start to settlement.
 trait Process<D: Delivery>: Send + Sync + 'static {
     fn process(&self, d: D) -> impl Future<Output = ()> + Send;
+
+    /// Handles deliveries that were ready together on one lane, in order.
+    fn process_many(&self, ds: Vec<D>) -> impl Future<Output = ()> + Send {
+        async move {
+            for d in ds {
+                self.process(d).await;
+            }
+        }
+    }
 }
 
-/// Receives, dispatches to `concurrency` lanes (same ordering key, same lane), and on shutdown
-/// or the source's end lets the lanes finish what they hold.
+/// Receives, dispatches to `n` lanes (same ordering key, same lane), and on shutdown or the
+/// source's end lets the lanes finish what they hold.
 async fn drive<S, P>(
     rt: &Runtime,
     mut source: S,
     process: Arc<P>,
+    n: usize,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<Stats>
 where
     S: Source,
     P: Process<S::Delivery>,
 {
-    let n = rt.cfg.concurrency;
+    let batch = rt.cfg.tx_batch;
+    // a consumer dropped mid-run (its process "dies") drops its settlements too
+    let _abort = AbortBehind(rt);
     let mut lanes = Vec::with_capacity(n);
     let mut tasks = JoinSet::new();
     for _ in 0..n {
-        let (tx, mut rx) = mpsc::channel::<S::Delivery>(1);
+        let (tx, mut rx) = mpsc::channel::<S::Delivery>(batch);
         let process = Arc::clone(&process);
         tasks.spawn(async move {
-            while let Some(d) = rx.recv().await {
-                process.process(d).await;
+            if batch == 1 {
+                while let Some(d) = rx.recv().await {
+                    process.process(d).await;
+                }
+            } else {
+                let mut ready = Vec::with_capacity(batch);
+                while rx.recv_many(&mut ready, batch).await > 0 {
+                    process.process_many(std::mem::take(&mut ready)).await;
+                }
             }
         });
         lanes.push(tx);
@@ -519,13 +589,35 @@ where
             tracing::error!(error = %e, "a consumer lane failed");
         }
     }
+    rt.settled().await;
     result.map(|()| rt.counters.snapshot())
+}
+
+/// Aborts the settlements still running behind the lanes when `drive` is dropped.
+struct AbortBehind<'a>(&'a Runtime);
+
+impl Drop for AbortBehind<'_> {
+    fn drop(&mut self) {
+        self.0
+            .behind
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .abort_all();
+    }
 }
 
 /// Batches requests that are ready at the same time into one call of the store (`claim_many`,
 /// `complete_many`): group commit, with no added latency when only one is ready.
 struct Batcher<Req, Res> {
     tx: mpsc::Sender<(Req, oneshot::Sender<idemgate_core::Result<Res>>)>,
+}
+
+impl<Req, Res> Clone for Batcher<Req, Res> {
+    fn clone(&self) -> Self {
+        Batcher {
+            tx: self.tx.clone(),
+        }
+    }
 }
 
 impl<Req: Send + 'static, Res: Send + 'static> Batcher<Req, Res> {
@@ -612,6 +704,8 @@ fn completer<St: Store>(
 
 struct GateProcess<St, H> {
     rt: Arc<Runtime>,
+    // handlers running at once (`concurrency`); twice as many lanes claim ahead of them
+    running: Semaphore,
     store: Arc<St>,
     claims: Batcher<(Key, Option<Fingerprint>), Claim>,
     completions: Batcher<(Lease, Outcome), ()>,
@@ -637,7 +731,8 @@ where
             Ok(Claim::Acquired(lease)) => lease,
             Ok(Claim::Completed(_)) => {
                 bump(&rt.counters.duplicates);
-                return rt.ack(d).await;
+                let rt2 = Arc::clone(&self.rt);
+                return rt.behind(async move { rt2.ack(d).await }).await;
             }
             Ok(Claim::InProgress { .. }) => {
                 bump(&rt.counters.in_progress);
@@ -654,15 +749,29 @@ where
                 return rt.nack(d, rt.cfg.retry_delay).await;
             }
         };
+        // a slot for the handler; the lease is kept while the claim waits for one
+        let (slot, lost) = tokio::select! {
+            r = keep_alive(&*self.store, &lease, rt.cfg.lease, self.running.acquire()) => r,
+            never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
+        };
+        if lost {
+            bump(&rt.counters.fenced);
+            return rt.nack(d, rt.cfg.busy_delay).await;
+        }
         let attempt = rt.attempt(&key, Some(lease.attempt()), d.message());
         // the handler runs in its own task: a panic is a failed attempt, not a dead lane
         let run = tokio::spawn((self.handler)(d.message().clone()));
         let (joined, lost) = tokio::select! {
             r = keep_alive(&*self.store, &lease, rt.cfg.lease, run) => r,
-            never = rt.broker_ticks(&d) => match never {},
+            never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
         };
+        drop(slot);
         match joined {
-            Ok(Ok(())) if !lost => self.complete(d, &key, lease).await,
+            Ok(Ok(())) if !lost => {
+                // the completion and the ack run behind the lane
+                let (rt2, completions) = (Arc::clone(&self.rt), self.completions.clone());
+                rt.behind(complete(rt2, completions, d, key, lease)).await;
+            }
             Ok(Ok(())) => {
                 // another consumer took the key over while this one ran: it will settle it
                 bump(&rt.counters.fenced);
@@ -685,27 +794,31 @@ where
     }
 }
 
-impl<St: Store, H: Sync> GateProcess<St, H> {
-    async fn complete<D: Delivery>(&self, d: D, key: &Key, lease: Lease) {
-        let rt = &*self.rt;
-        let done = Outcome::new(Outcome::OK, Bytes::new());
-        match self.completions.call((lease, done)).await {
-            Ok(()) => {
-                rt.forget(key);
-                bump(&rt.counters.handled);
-                rt.ack(d).await;
-            }
-            Err(idemgate_core::Error::LeaseLost) => {
-                bump(&rt.counters.fenced);
-                tracing::warn!(%key, "completion fenced: another consumer took the key over");
-                rt.nack(d, rt.cfg.busy_delay).await;
-            }
-            Err(e) => {
-                // the effect happened but is not recorded: a redelivery runs it again (the Gate
-                // window; pass `Key::derive` downstream to close it)
-                tracing::warn!(error = %e, %key, "could not record completion");
-                rt.nack(d, rt.cfg.retry_delay).await;
-            }
+/// Records a run's completion, then acks; nacks if the store refused it.
+async fn complete<D: Delivery>(
+    rt: Arc<Runtime>,
+    completions: Batcher<(Lease, Outcome), ()>,
+    d: D,
+    key: Key,
+    lease: Lease,
+) {
+    let done = Outcome::new(Outcome::OK, Bytes::new());
+    match completions.call((lease, done)).await {
+        Ok(()) => {
+            rt.forget(&key);
+            bump(&rt.counters.handled);
+            rt.ack(d).await;
+        }
+        Err(idemgate_core::Error::LeaseLost) => {
+            bump(&rt.counters.fenced);
+            tracing::warn!(%key, "completion fenced: another consumer took the key over");
+            rt.nack(d, rt.cfg.busy_delay).await;
+        }
+        Err(e) => {
+            // the effect happened but is not recorded: a redelivery runs it again (the Gate
+            // window; pass `Key::derive` downstream to close it)
+            tracing::warn!(error = %e, %key, "could not record completion");
+            rt.nack(d, rt.cfg.retry_delay).await;
         }
     }
 }
@@ -722,6 +835,50 @@ where
     H: InboxHandler<I::Tx>,
     D: Delivery,
 {
+    async fn process_many(&self, mut ds: Vec<D>) {
+        if ds.len() < 2 {
+            if let Some(d) = ds.pop() {
+                self.process(d).await;
+            }
+            return;
+        }
+        let rt = &*self.rt;
+        let (mut batch, mut keys) = (Vec::with_capacity(ds.len()), Vec::with_capacity(ds.len()));
+        for d in ds {
+            match rt.key(d.message()) {
+                Ok(key) => {
+                    keys.push(key);
+                    batch.push(d);
+                }
+                Err(reason) => rt.dead_letter(d, format!("poison message: {reason}")).await,
+            }
+        }
+        let committed = tokio::select! {
+            r = self.run_batch(&batch, &keys) => r,
+            never = rt.broker_ticks(&batch) => match never {},
+        };
+        match committed {
+            Ok(firsts) => {
+                for ((d, key), first) in batch.into_iter().zip(keys).zip(firsts) {
+                    if first {
+                        rt.forget(&key);
+                        bump(&rt.counters.handled);
+                    } else {
+                        bump(&rt.counters.duplicates);
+                    }
+                    let rt2 = Arc::clone(&self.rt);
+                    rt.behind(async move { rt2.ack(d).await }).await;
+                }
+            }
+            Err(why) => {
+                tracing::debug!(%why, n = batch.len(), "batch rolled back; one transaction each");
+                for d in batch {
+                    self.process(d).await;
+                }
+            }
+        }
+    }
+
     async fn process(&self, d: D) {
         let rt = &*self.rt;
         let key = match rt.key(d.message()) {
@@ -738,7 +895,7 @@ where
         // a concurrent duplicate waits here for the first transaction, then sees `false`
         let first = tokio::select! {
             r = self.inbox.first_time(&mut tx, &key) => r,
-            never = rt.broker_ticks(&d) => match never {},
+            never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
         };
         let first = match first {
             Ok(first) => first,
@@ -770,7 +927,8 @@ where
                 tracing::warn!(error = %e, %key, "commit of the position failed");
                 return rt.nack(d, rt.cfg.retry_delay).await;
             }
-            return rt.ack(d).await;
+            let rt2 = Arc::clone(&self.rt);
+            return rt.behind(async move { rt2.ack(d).await }).await;
         }
         let attempt = rt.attempt(&key, None, d.message());
         let (handler, msg) = (Arc::clone(&self.handler), d.message().clone());
@@ -784,14 +942,15 @@ where
         });
         let joined = tokio::select! {
             r = run => r,
-            never = rt.broker_ticks(&d) => match never {},
+            never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
         };
         match joined {
             Ok((tx, Ok(()))) => match self.inbox.commit(tx).await {
                 Ok(()) => {
                     rt.forget(&key);
                     bump(&rt.counters.handled);
-                    rt.ack(d).await;
+                    let rt2 = Arc::clone(&self.rt);
+                    rt.behind(async move { rt2.ack(d).await }).await;
                 }
                 Err(e) => {
                     // nothing was committed: the redelivery runs the handler again
@@ -805,5 +964,49 @@ where
                     .await
             }
         }
+    }
+}
+
+impl<I: Inbox, H: InboxHandler<I::Tx>> InboxProcess<I, H> {
+    /// One transaction for `batch`: its keys, its positions, the handler for each new message in
+    /// order, one commit. `Ok` holds which messages were new; `Err` says why nothing committed.
+    async fn run_batch<D: Delivery>(
+        &self,
+        batch: &[D],
+        keys: &[Key],
+    ) -> std::result::Result<Vec<bool>, String> {
+        let mut tx = self.inbox.begin().await.map_err(|e| e.to_string())?;
+        let firsts = self
+            .inbox
+            .first_time_many(&mut tx, keys)
+            .await
+            .map_err(|e| e.to_string())?;
+        for d in batch {
+            if let Some(position) = &d.message().position {
+                self.inbox
+                    .advance(&mut tx, position)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let new: Vec<Message> = batch
+            .iter()
+            .zip(&firsts)
+            .filter(|(_, first)| **first)
+            .map(|(d, _)| d.message().clone())
+            .collect();
+        let handler = Arc::clone(&self.handler);
+        // the handlers run in their own task: a panic rolls the batch back
+        let run = tokio::spawn(async move {
+            for msg in &new {
+                if let Err(e) = handler.handle(&mut tx, msg).await {
+                    return Err(e.to_string());
+                }
+            }
+            Ok(tx)
+        });
+        let tx = run.await.map_err(|_| "a handler panicked".to_owned())??;
+        self.inbox.commit(tx).await.map_err(|e| e.to_string())?;
+        Ok(firsts)
     }
 }

@@ -23,6 +23,23 @@ pub trait Inbox: Send + Sync + 'static {
     fn first_time(&self, tx: &mut Self::Tx, key: &Key)
     -> impl Future<Output = Result<bool>> + Send;
 
+    /// [`first_time`](Inbox::first_time) for several keys in one call (one statement where the
+    /// database allows): one answer per key, in order; a key repeated in `keys` is `true` at most
+    /// once. The default asks key by key.
+    fn first_time_many(
+        &self,
+        tx: &mut Self::Tx,
+        keys: &[Key],
+    ) -> impl Future<Output = Result<Vec<bool>>> + Send {
+        async move {
+            let mut answers = Vec::with_capacity(keys.len());
+            for key in keys {
+                answers.push(self.first_time(tx, key).await?);
+            }
+            Ok(answers)
+        }
+    }
+
     /// Commits `tx`. Dropping a transaction rolls it back.
     fn commit(&self, tx: Self::Tx) -> impl Future<Output = Result<()>> + Send;
 
@@ -138,6 +155,10 @@ macro_rules! sql_inbox_pool {
 
             async fn first_time(&self, tx: &mut Self::Tx, key: &Key) -> Result<bool> {
                 self.inbox.first_time(tx, key).await
+            }
+
+            async fn first_time_many(&self, tx: &mut Self::Tx, keys: &[Key]) -> Result<Vec<bool>> {
+                self.inbox.first_time_many(tx, keys).await
             }
 
             async fn commit(&self, tx: Self::Tx) -> Result<()> {

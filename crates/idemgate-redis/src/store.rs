@@ -326,52 +326,14 @@ impl RedisStore {
         .map_err(classify)
     }
 
-    async fn fenced(&self, script: &Script, lease: &Lease, args: &[Vec<u8>]) -> Result<i64> {
-        let mut inv = script.key(self.key(lease.key()));
-        inv.arg(lease.token());
-        for a in args {
-            inv.arg(a.as_slice());
-        }
-        let v = int(&self.invoke(&inv).await?)?;
-        if v < 0 { Err(Error::LeaseLost) } else { Ok(v) }
-    }
-}
-
-impl Store for RedisStore {
-    async fn claim(
+    /// A claim whose `SET NX` found the key taken: the claim script decides.
+    async fn claim_taken(
         &self,
         key: &Key,
-        fp: Option<&Fingerprint>,
+        redis_key: String,
+        fp_hex: String,
         opts: &ClaimOptions,
     ) -> Result<Claim> {
-        let fp_hex = fp.map(Fingerprint::to_hex).unwrap_or_default();
-        let redis_key = self.key(key);
-        // the common case, a new key, is one native `SET NX PX` (no script): the record stores
-        // lengths, not times, and the scripts read its times off the key's TTL
-        let token = idemgate_core::to_millis(std::time::SystemTime::now()).max(1);
-        let fresh = format!(
-            "1|n|{token}|{}|0|{}|1|{fp_hex}||",
-            ms(opts.lease),
-            ms(opts.retention)
-        );
-        let set: Option<String> = self
-            .query(
-                redis::cmd("SET")
-                    .arg(&redis_key)
-                    .arg(fresh)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ms(opts.lease).saturating_add(ms(opts.retention)).max(1)),
-            )
-            .await?;
-        if set.is_some() {
-            return Ok(Claim::Acquired(Lease::new(
-                key.clone(),
-                token,
-                std::time::SystemTime::now() + opts.lease,
-                1,
-            )));
-        }
         let mut inv = self.scripts.claim.key(redis_key);
         inv.arg(fp_hex).arg(ms(opts.lease)).arg(ms(opts.retention));
         let Value::Array(reply) = self.invoke(&inv).await? else {
@@ -401,6 +363,175 @@ impl Store for RedisStore {
             }),
             _ => Err(corrupt(format!("the claim script answered {reply:?}"))),
         }
+    }
+
+    /// Sends `pipe` (`n` commands) as one pipeline on the standalone connection: one answer per
+    /// command, a server error as `Value::ServerError` in its place.
+    async fn pipelined(
+        &self,
+        c: &ConnectionManager,
+        pipe: &redis::Pipeline,
+        n: usize,
+    ) -> Result<Vec<Value>> {
+        use redis::aio::ConnectionLike;
+        if n == 0 {
+            // nothing to send (the connection would wait for answers that never come)
+            return Ok(Vec::new());
+        }
+        let replies = c
+            .clone()
+            .req_packed_commands(pipe, 0, n)
+            .await
+            .map_err(classify)?;
+        if replies.len() == n {
+            Ok(replies)
+        } else {
+            Err(corrupt(format!(
+                "{} answers to a pipeline of {n}",
+                replies.len()
+            )))
+        }
+    }
+
+    /// `claim_many` of distinct keys on a standalone server: every `SET NX` in one pipeline,
+    /// then the claim script for the keys that were taken.
+    async fn claim_pipelined(
+        &self,
+        c: &ConnectionManager,
+        claims: &[(Key, Option<Fingerprint>)],
+        opts: &ClaimOptions,
+    ) -> Result<Vec<Claim>> {
+        let mut pipe = redis::pipe();
+        let mut pending = Vec::with_capacity(claims.len());
+        for (key, fp) in claims {
+            let fresh = Fresh::new(fp.as_ref());
+            let redis_key = self.key(key);
+            pipe.add_command(fresh.set(&redis_key, opts));
+            pending.push((redis_key, fresh));
+        }
+        let replies = self.pipelined(c, &pipe, claims.len()).await?;
+        let mut out = Vec::with_capacity(claims.len());
+        for (((key, _), (redis_key, fresh)), reply) in claims.iter().zip(pending).zip(replies) {
+            out.push(match reply {
+                Value::Nil => self.claim_taken(key, redis_key, fresh.fp_hex, opts).await?,
+                Value::ServerError(e) => return Err(classify(e.into())),
+                _ => fresh.acquired(key, opts),
+            });
+        }
+        Ok(out)
+    }
+
+    /// `complete_many` of distinct keys on a standalone server: every completion script in one
+    /// pipeline; a completion the server could not run (its script cache was flushed) runs again
+    /// on its own, which loads the script.
+    async fn complete_pipelined(
+        &self,
+        c: &ConnectionManager,
+        done: &[(Lease, Outcome)],
+        retention: Duration,
+    ) -> Result<Vec<Result<()>>> {
+        let retention = ms(retention).to_string();
+        let mut pipe = redis::pipe();
+        for (lease, outcome) in done {
+            let mut inv = self.scripts.complete.key(self.key(lease.key()));
+            inv.arg(lease.token())
+                .arg(outcome.encode())
+                .arg(retention.as_str());
+            pipe.invoke_script(&inv);
+        }
+        let replies = self.pipelined(c, &pipe, done.len()).await?;
+        let mut out = Vec::with_capacity(done.len());
+        for ((lease, outcome), reply) in done.iter().zip(replies) {
+            let v = match reply {
+                Value::ServerError(e) if e.code() == "NOSCRIPT" => {
+                    self.fenced(
+                        &self.scripts.complete,
+                        lease,
+                        &[outcome.encode(), retention.clone().into_bytes()],
+                    )
+                    .await
+                }
+                Value::ServerError(e) => return Err(classify(e.into())),
+                other => match int(&other)? {
+                    v if v < 0 => Err(Error::LeaseLost),
+                    v => Ok(v),
+                },
+            };
+            out.push(match v {
+                Err(e) if !matches!(e, Error::LeaseLost) => return Err(e),
+                r => r.map(drop),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn fenced(&self, script: &Script, lease: &Lease, args: &[Vec<u8>]) -> Result<i64> {
+        let mut inv = script.key(self.key(lease.key()));
+        inv.arg(lease.token());
+        for a in args {
+            inv.arg(a.as_slice());
+        }
+        let v = int(&self.invoke(&inv).await?)?;
+        if v < 0 { Err(Error::LeaseLost) } else { Ok(v) }
+    }
+}
+
+/// A fresh claim's record, written by the client with one `SET NX PX` (no script): it stores the
+/// lease and retention lengths, not times, and the scripts read its times off the key's TTL.
+struct Fresh {
+    token: u64,
+    fp_hex: String,
+}
+
+impl Fresh {
+    fn new(fp: Option<&Fingerprint>) -> Self {
+        Fresh {
+            token: idemgate_core::to_millis(std::time::SystemTime::now()).max(1),
+            fp_hex: fp.map(Fingerprint::to_hex).unwrap_or_default(),
+        }
+    }
+
+    fn set(&self, redis_key: &str, opts: &ClaimOptions) -> redis::Cmd {
+        let record = format!(
+            "1|n|{}|{}|0|{}|1|{}||",
+            self.token,
+            ms(opts.lease),
+            ms(opts.retention),
+            self.fp_hex
+        );
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(redis_key)
+            .arg(record)
+            .arg("NX")
+            .arg("PX")
+            .arg(ms(opts.lease).saturating_add(ms(opts.retention)).max(1));
+        cmd
+    }
+
+    fn acquired(&self, key: &Key, opts: &ClaimOptions) -> Claim {
+        Claim::Acquired(Lease::new(
+            key.clone(),
+            self.token,
+            std::time::SystemTime::now() + opts.lease,
+            1,
+        ))
+    }
+}
+
+impl Store for RedisStore {
+    async fn claim(
+        &self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        opts: &ClaimOptions,
+    ) -> Result<Claim> {
+        let fresh = Fresh::new(fp);
+        let redis_key = self.key(key);
+        let set: Option<String> = self.query(&fresh.set(&redis_key, opts)).await?;
+        if set.is_some() {
+            return Ok(fresh.acquired(key, opts));
+        }
+        self.claim_taken(key, redis_key, fresh.fp_hex, opts).await
     }
 
     async fn complete(&self, lease: &Lease, outcome: &Outcome, retention: Duration) -> Result<()> {
@@ -455,6 +586,9 @@ impl Store for RedisStore {
     ) -> Result<Vec<Claim>> {
         let mut seen = std::collections::HashSet::new();
         if claims.iter().all(|(k, _)| seen.insert(k)) {
+            if let Conn::Single(c) = &self.conn {
+                return self.claim_pipelined(c, claims, opts).await;
+            }
             // distinct keys are independent scripts: sent together on the multiplexed
             // connection, they share round trips (pipelining), on any cluster node
             let claims: Vec<(Key, Option<Fingerprint>)> = claims.to_vec();
@@ -488,6 +622,9 @@ impl Store for RedisStore {
                 });
             }
             return Ok(out);
+        }
+        if let Conn::Single(c) = &self.conn {
+            return self.complete_pipelined(c, done, retention).await;
         }
         let done: Vec<(Lease, Outcome)> = done.to_vec();
         self.each(done, move |store, (lease, outcome)| async move {

@@ -257,3 +257,57 @@ async fn an_unreachable_server_is_unavailable() {
             .is_err()
     );
 }
+
+/// Batches go out as one pipeline on a standalone server. A completion whose script the server
+/// no longer has (`SCRIPT FLUSH`, a restart) runs again on its own and loads it; a taken key in
+/// a claim batch goes through the claim script; a stale lease is refused in its own slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_batches_survive_a_flushed_script_cache() {
+    let Some(store) = local().await else { return };
+    let keys: Vec<Key> = (0..4)
+        .map(|i| Key::new("pipe", format!("k{i}")).unwrap())
+        .collect();
+    let held = acquire(&store, &keys[3]).await;
+    let opts = idemgate_core::ClaimOptions {
+        lease: Duration::from_secs(60),
+        retention: Duration::from_secs(60),
+    };
+    let batch: Vec<_> = keys.iter().map(|k| (k.clone(), None)).collect();
+    let claims = store.claim_many(&batch, &opts).await.unwrap();
+    let mut leases: Vec<Lease> = claims[..3]
+        .iter()
+        .map(|c| match c {
+            Claim::Acquired(l) => l.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(
+        matches!(claims[3], Claim::InProgress { .. }),
+        "{:?}",
+        claims[3]
+    );
+    let _: () = store
+        .query(redis::cmd("SCRIPT").arg("FLUSH"))
+        .await
+        .unwrap();
+    // the held key's lease, taken over in the meantime: stale in the batch
+    store.release(held.clone()).await.unwrap();
+    let _taker = acquire(&store, &keys[3]).await;
+    leases.push(held);
+    let done: Vec<_> = leases
+        .iter()
+        .map(|l| (l.clone(), Outcome::new(0, "ok")))
+        .collect();
+    let results = store
+        .complete_many(&done, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(results[..3].iter().all(Result::is_ok), "{results:?}");
+    assert!(matches!(results[3], Err(Error::LeaseLost)), "{results:?}");
+    for k in &keys[..3] {
+        assert!(matches!(
+            store.claim_for(k, Duration::from_secs(60)).await.unwrap(),
+            Claim::Completed(_)
+        ));
+    }
+}
