@@ -521,27 +521,19 @@ where
     let batch = rt.cfg.tx_batch;
     // a consumer dropped mid-run (its process "dies") drops its settlements too
     let _abort = AbortBehind(rt);
+    // messages without an ordering key wait in one queue that every idle lane takes from (as
+    // many as are ready, up to a batch); keyed ones go to their own lane, in order
+    let (queue, shared) = mpsc::channel::<S::Delivery>(n * batch);
+    let shared = Arc::new(tokio::sync::Mutex::new(shared));
     let mut lanes = Vec::with_capacity(n);
     let mut tasks = JoinSet::new();
     for _ in 0..n {
-        let (tx, mut rx) = mpsc::channel::<S::Delivery>(batch);
-        let process = Arc::clone(&process);
-        tasks.spawn(async move {
-            if batch == 1 {
-                while let Some(d) = rx.recv().await {
-                    process.process(d).await;
-                }
-            } else {
-                let mut ready = Vec::with_capacity(batch);
-                while rx.recv_many(&mut ready, batch).await > 0 {
-                    process.process_many(std::mem::take(&mut ready)).await;
-                }
-            }
-        });
+        let (tx, own) = mpsc::channel::<S::Delivery>(batch);
+        tasks.spawn(lane(Arc::clone(&process), own, Arc::clone(&shared), batch));
         lanes.push(tx);
     }
+    drop(shared);
     let hasher = RandomState::new();
-    let mut next = 0usize;
     let mut shutdown = std::pin::pin!(shutdown);
     let result = loop {
         let received = tokio::select! {
@@ -555,34 +547,20 @@ where
             Err(e) => break Err(e),
         };
         bump(&rt.counters.received);
-        let d = match &d.message().ordering_key {
+        let sent = match &d.message().ordering_key {
             Some(k) => {
                 let lane = usize::try_from(hasher.hash_one(k) % n as u64).unwrap_or(0);
-                lanes[lane].send(d).await.err().map(|e| e.0)
+                lanes[lane].send(d).await.map_err(|e| e.0)
             }
-            None => {
-                // the first free lane from a rotating start, else wait for the next in turn
-                let mut d = Some(d);
-                for i in 0..n {
-                    let lane = &lanes[(next + i) % n];
-                    match lane.try_send(d.take().expect("held until sent")) {
-                        Ok(()) => break,
-                        Err(full_or_closed) => d = Some(full_or_closed.into_inner()),
-                    }
-                }
-                next = (next + 1) % n;
-                match d {
-                    Some(d) => lanes[next].send(d).await.err().map(|e| e.0),
-                    None => None,
-                }
-            }
+            None => queue.send(d).await.map_err(|e| e.0),
         };
-        if let Some(d) = d {
+        if let Err(d) = sent {
             // a lane is gone (its task panicked): leave the message to the broker
             drop(d);
             break Err(Error::Config("a consumer lane stopped".into()));
         }
     };
+    drop(queue);
     drop(lanes);
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = joined {
@@ -591,6 +569,32 @@ where
     }
     rt.settled().await;
     result.map(|()| rt.counters.snapshot())
+}
+
+/// One lane: its own (keyed) deliveries first, else whatever the shared queue has ready, up to
+/// `batch` at a time; ends when both channels have closed and drained.
+async fn lane<D: Delivery, P: Process<D>>(
+    process: Arc<P>,
+    mut own: mpsc::Receiver<D>,
+    shared: Arc<tokio::sync::Mutex<mpsc::Receiver<D>>>,
+    batch: usize,
+) {
+    let (mut own_open, mut shared_open) = (true, true);
+    let (mut mine, mut taken) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
+    while own_open || shared_open {
+        tokio::select! {
+            biased;
+            k = own.recv_many(&mut mine, batch), if own_open => own_open = k > 0,
+            k = async { shared.lock().await.recv_many(&mut taken, batch).await }, if shared_open => {
+                shared_open = k > 0;
+            }
+        }
+        for ready in [&mut mine, &mut taken] {
+            if !ready.is_empty() {
+                process.process_many(std::mem::take(ready)).await;
+            }
+        }
+    }
 }
 
 /// Aborts the settlements still running behind the lanes when `drive` is dropped.
