@@ -1,7 +1,7 @@
 //! The transactional inbox on MySQL and MariaDB.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idemgate_core::{Key, Result};
@@ -22,6 +22,8 @@ pub struct MySqlInbox {
     table: String,
     retention: Duration,
     sql: Arc<Statements>,
+    // where the retention purge's walk stopped, in primary-key order
+    purged_to: Arc<Mutex<Option<(Vec<u8>, Vec<u8>)>>>,
 }
 
 /// The single-row statements, written once per table rather than on every delivery (batch
@@ -30,6 +32,12 @@ pub struct MySqlInbox {
 struct Statements {
     insert: String,
     renew: String,
+    chunk_end_first: String,
+    chunk_end: String,
+    purge_first: String,
+    purge: String,
+    purge_last: String,
+    purge_all: String,
 }
 
 impl Statements {
@@ -41,9 +49,27 @@ impl Statements {
             renew: format!(
                 "UPDATE {t} SET processed_at = {NOW}, expires_at = {NOW} + ? WHERE scope = ? AND id = ? AND expires_at <= {NOW}"
             ),
+            // the retention purge walks the primary key in chunks: the last key of the next one
+            chunk_end_first: format!(
+                "SELECT scope, id FROM {t} ORDER BY scope, id LIMIT 1 OFFSET ?"
+            ),
+            chunk_end: format!(
+                "SELECT scope, id FROM {t} WHERE {AFTER} ORDER BY scope, id LIMIT 1 OFFSET ?"
+            ),
+            // ... and deletes the expired keys in it: (start, end], from the table's start, or to
+            // its end
+            purge_first: format!("DELETE FROM {t} WHERE {UP_TO} AND expires_at <= {NOW}"),
+            purge: format!("DELETE FROM {t} WHERE {AFTER} AND {UP_TO} AND expires_at <= {NOW}"),
+            purge_last: format!("DELETE FROM {t} WHERE {AFTER} AND expires_at <= {NOW}"),
+            purge_all: format!("DELETE FROM {t} WHERE expires_at <= {NOW}"),
         }
     }
 }
+
+/// Keys after the chunk's start `(scope, id)`, in primary-key order (a range of the key).
+const AFTER: &str = "(scope > ? OR (scope = ? AND id > ?))";
+/// Keys up to the chunk's end `(scope, id)`.
+const UP_TO: &str = "(scope < ? OR (scope = ? AND id <= ?))";
 
 impl Default for MySqlInbox {
     fn default() -> Self {
@@ -59,6 +85,7 @@ impl MySqlInbox {
             table: table.into(),
             retention: Duration::from_secs(7 * 86_400),
             sql: Arc::new(Statements::new(table)),
+            purged_to: Arc::default(),
         }
     }
 
@@ -67,6 +94,7 @@ impl MySqlInbox {
         self.table = table.into();
         check_ident(&self.table)?;
         self.sql = Arc::new(Statements::new(&self.table));
+        self.purged_to = Arc::default();
         Ok(self)
     }
 
@@ -81,7 +109,8 @@ impl MySqlInbox {
         self.retention
     }
 
-    /// Creates the inbox table if missing.
+    /// Creates the inbox table if missing: the key as the primary key and nothing else indexed,
+    /// so recording a key costs one index insert (the purge walks the primary key instead).
     pub async fn migrate(&self, pool: &MySqlPool) -> Result<()> {
         let t = &self.table;
         migrate(
@@ -92,7 +121,7 @@ impl MySqlInbox {
                 "CREATE TABLE IF NOT EXISTS {t} (
                     scope VARBINARY(255) NOT NULL, id VARBINARY(255) NOT NULL,
                     processed_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, nonce BIGINT NOT NULL,
-                    PRIMARY KEY (scope, id), KEY {t}_expires_at (expires_at)) ENGINE=InnoDB"
+                    PRIMARY KEY (scope, id)) ENGINE=InnoDB"
             )],
             &["scope", "id", "processed_at", "expires_at", "nonce"],
         )
@@ -136,27 +165,33 @@ impl MySqlInbox {
         }
         let t = &self.table;
         let nonce: i64 = rand::random::<i64>() | 1;
-        // the common case first: every key new, one multi-row insert
-        // the clock is read once, by the first row, and reused by the others
-        let values = std::iter::once(format!(
-            "(?, ?, @idemgate_now := {NOW}, @idemgate_now + ?, ?)"
-        ))
-        .chain(std::iter::repeat_n(
-            "(?, ?, @idemgate_now, @idemgate_now + ?, ?)".to_owned(),
-            unique.len() - 1,
-        ))
-        .collect::<Vec<_>>()
-        .join(", ");
-        let ins = format!(
-            "INSERT IGNORE INTO {t} (scope, id, processed_at, expires_at, nonce) VALUES {values}"
+        // the common case first: every key new, one multi-row insert. The first row reads the
+        // clock and takes the expiry, the batch's nonce (and the scope, when the batch has one);
+        // the others reuse them, so each row sends only its id (and scope)
+        let one_scope = unique.iter().all(|k| k.scope() == unique[0].scope());
+        let (first, rest) = if one_scope {
+            ("@idemgate_scope := ?", "@idemgate_scope")
+        } else {
+            ("?", "?")
+        };
+        let mut ins = format!(
+            "INSERT IGNORE INTO {t} (scope, id, processed_at, expires_at, nonce) VALUES \
+             ({first}, ?, @idemgate_now := {NOW}, @idemgate_exp := @idemgate_now + ?, @idemgate_nonce := ?)"
         );
+        for _ in 1..unique.len() {
+            ins.push_str(", (");
+            ins.push_str(rest);
+            ins.push_str(", ?, @idemgate_now, @idemgate_exp, @idemgate_nonce)");
+        }
         let mut query = sqlx::query(&ins);
-        for k in &unique {
-            query = query
-                .bind(k.scope())
-                .bind(k.id())
-                .bind(ms(self.retention))
-                .bind(nonce);
+        for (i, k) in unique.iter().enumerate() {
+            if i == 0 || !one_scope {
+                query = query.bind(k.scope());
+            }
+            query = query.bind(k.id());
+            if i == 0 {
+                query = query.bind(ms(self.retention)).bind(nonce);
+            }
         }
         let inserted = my(query.execute(&mut *tx).await)?.rows_affected();
         if inserted == unique.len() as u64 {
@@ -190,15 +225,58 @@ impl MySqlInbox {
             .collect())
     }
 
-    /// Deletes at most `limit` keys past their retention; returns how many.
+    /// Deletes at most `limit` keys past their retention; returns how many, 0 once a pass over
+    /// the table has found nothing more to delete.
+    ///
+    /// The table has no index on the expiry (every recorded key would pay for one): the purge
+    /// walks the primary key in chunks of `limit` keys from where its last call stopped, each
+    /// chunk one bounded `DELETE`, until a chunk deleted something or the walk reached the end
+    /// (the next call starts over). One pass reads the whole table in key order.
     pub async fn purge_expired(&self, pool: &MySqlPool, limit: usize) -> Result<u64> {
-        let done = my(sqlx::query(&format!(
-            "DELETE FROM {} WHERE expires_at <= {NOW} ORDER BY expires_at LIMIT ?",
-            self.table
-        ))
-        .bind(u64::try_from(limit).unwrap_or(u64::MAX))
-        .execute(pool)
-        .await)?;
-        Ok(done.rows_affected())
+        let limit = limit.max(1);
+        let offset = u64::try_from(limit - 1).unwrap_or(u64::MAX);
+        let mut from = self
+            .purged_to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let deleted = loop {
+            let end: Option<(Vec<u8>, Vec<u8>)> = match &from {
+                None => my(sqlx::query_as(&self.sql.chunk_end_first)
+                    .bind(offset)
+                    .fetch_optional(pool)
+                    .await)?,
+                Some((s, i)) => my(sqlx::query_as(&self.sql.chunk_end)
+                    .bind(s)
+                    .bind(s)
+                    .bind(i)
+                    .bind(offset)
+                    .fetch_optional(pool)
+                    .await)?,
+            };
+            let query = match (&from, &end) {
+                (None, None) => sqlx::query(&self.sql.purge_all),
+                (None, Some((es, ei))) => sqlx::query(&self.sql.purge_first)
+                    .bind(es)
+                    .bind(es)
+                    .bind(ei),
+                (Some((s, i)), None) => sqlx::query(&self.sql.purge_last).bind(s).bind(s).bind(i),
+                (Some((s, i)), Some((es, ei))) => sqlx::query(&self.sql.purge)
+                    .bind(s)
+                    .bind(s)
+                    .bind(i)
+                    .bind(es)
+                    .bind(es)
+                    .bind(ei),
+            };
+            let n = my(query.execute(pool).await)?.rows_affected();
+            let done = end.is_none();
+            from = end;
+            if n > 0 || done {
+                break n;
+            }
+        };
+        *self.purged_to.lock().unwrap_or_else(|e| e.into_inner()) = from;
+        Ok(deleted)
     }
 }

@@ -175,6 +175,56 @@ async fn inbox_batches_and_purges() {
     assert_eq!(purged, 5);
 }
 
+/// The purge walks the primary key in chunks: every call deletes at most its limit, live keys
+/// stay, and calls until one answers 0 leave no expired key behind.
+#[tokio::test]
+async fn inbox_purge_walks_the_key_in_bounded_chunks() {
+    let Some(pool) = pool().await else { return };
+    let table = unique("inbox");
+    let short = MySqlInbox::new()
+        .with_table(&table)
+        .unwrap()
+        .with_retention(Duration::from_millis(200));
+    short.migrate(&pool).await.unwrap();
+    let long = MySqlInbox::new()
+        .with_table(&table)
+        .unwrap()
+        .with_retention(Duration::from_secs(600));
+    let mut tx = pool.begin().await.unwrap();
+    let expiring: Vec<Key> = (0..30)
+        .map(|i| Key::new(["a", "m", "z"][i % 3], format!("e{i:02}")).unwrap())
+        .collect();
+    let live: Vec<Key> = (0..10)
+        .map(|i| Key::new(["a", "m", "z"][i % 3], format!("l{i:02}")).unwrap())
+        .collect();
+    assert!(short.first_time_many(&mut tx, &expiring).await.unwrap().iter().all(|b| *b));
+    assert!(long.first_time_many(&mut tx, &live).await.unwrap().iter().all(|b| *b));
+    tx.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (mut total, mut calls) = (0, 0);
+    loop {
+        let n = short.purge_expired(&pool, 4).await.unwrap();
+        assert!(n <= 4, "a purge call deleted {n} keys, over its limit of 4");
+        total += n;
+        calls += 1;
+        assert!(calls < 100, "the purge never finished");
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(total, 30);
+    let (left,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 10, "a live key was purged");
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        long.first_time_many(&mut tx, &live).await.unwrap().iter().all(|b| !*b),
+        "the live keys are still known"
+    );
+}
+
 #[tokio::test]
 async fn offsets_advance_by_compare_and_set() {
     let Some(pool) = pool().await else { return };
