@@ -197,8 +197,21 @@ async fn inbox_purge_walks_the_key_in_bounded_chunks() {
     let live: Vec<Key> = (0..10)
         .map(|i| Key::new(["a", "m", "z"][i % 3], format!("l{i:02}")).unwrap())
         .collect();
-    assert!(short.first_time_many(&mut tx, &expiring).await.unwrap().iter().all(|b| *b));
-    assert!(long.first_time_many(&mut tx, &live).await.unwrap().iter().all(|b| *b));
+    assert!(
+        short
+            .first_time_many(&mut tx, &expiring)
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| *b)
+    );
+    assert!(
+        long.first_time_many(&mut tx, &live)
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| *b)
+    );
     tx.commit().await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (mut total, mut calls) = (0, 0);
@@ -220,7 +233,11 @@ async fn inbox_purge_walks_the_key_in_bounded_chunks() {
     assert_eq!(left, 10, "a live key was purged");
     let mut tx = pool.begin().await.unwrap();
     assert!(
-        long.first_time_many(&mut tx, &live).await.unwrap().iter().all(|b| !*b),
+        long.first_time_many(&mut tx, &live)
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| !*b),
         "the live keys are still known"
     );
 }

@@ -64,12 +64,15 @@ impl Statements {
                  ON CONFLICT (scope, id) DO NOTHING
                  RETURNING scope, id"
             ),
-            // the usual batch (one consumer's keys): the scope sent once, the clock read once
+            // the usual batch (one consumer's keys): the scope sent once, the clock read once, and
+            // one row back: NULL when every key was new ($4 of them), else the ids inserted
             insert_many_scoped: format!(
-                "INSERT INTO {t} (scope, id, processed_at, expires_at)
-                 SELECT $1, d, n.t, n.t + $3 FROM (SELECT {NOW} AS t) AS n, unnest($2::text[]) AS u(d)
-                 ON CONFLICT (scope, id) DO NOTHING
-                 RETURNING id"
+                "WITH ins AS (
+                   INSERT INTO {t} (scope, id, processed_at, expires_at)
+                   SELECT $1, d, n.t, n.t + $3 FROM (SELECT {NOW} AS t) AS n, unnest($2::text[]) AS u(d)
+                   ON CONFLICT (scope, id) DO NOTHING
+                   RETURNING id)
+                 SELECT CASE WHEN count(*) = $4 THEN NULL ELSE coalesce(array_agg(id), '{{}}') END FROM ins"
             ),
             renew_many: format!(
                 "UPDATE {t} AS i SET processed_at = {NOW}, expires_at = {NOW} + $3
@@ -155,44 +158,50 @@ impl PgInbox {
     /// [`first_time`](Self::first_time) for a batch, in one statement: one answer per key, in
     /// order. A key repeated within the batch is `true` at most once.
     pub async fn first_time_many(&self, tx: &mut PgConnection, keys: &[Key]) -> Result<Vec<bool>> {
-        let mut seen = HashSet::new();
-        let unique: Vec<&Key> = keys.iter().filter(|k| seen.insert(*k)).collect();
+        // the answer when every key is new: true for a key's first appearance in the batch
+        let mut seen = HashSet::with_capacity(keys.len());
+        let if_all_new: Vec<bool> = keys.iter().map(|k| seen.insert(k)).collect();
+        let unique: Vec<&Key> = keys
+            .iter()
+            .zip(&if_all_new)
+            .filter_map(|(k, first)| first.then_some(k))
+            .collect();
+        let Some(first) = unique.first() else {
+            return Ok(if_all_new);
+        };
         let ids: Vec<&str> = unique.iter().map(|k| k.id()).collect();
-        let one_scope = unique
-            .first()
-            .map(|k| k.scope())
-            .filter(|s| unique.iter().all(|k| k.scope() == *s));
+        let one_scope = unique.iter().all(|k| k.scope() == first.scope());
         // new keys: one insert that skips known ones
-        let mut fresh: HashSet<(String, String)> = match one_scope {
-            Some(scope) => {
-                let inserted: Vec<(String,)> = pg(sqlx::query_as(&self.sql.insert_many_scoped)
+        let mut fresh: HashSet<(String, String)> = if one_scope {
+            let scope = first.scope();
+            let inserted: Option<Vec<String>> =
+                pg(sqlx::query_scalar(&self.sql.insert_many_scoped)
                     .bind(scope)
                     .bind(&ids)
                     .bind(ms(self.retention))
-                    .fetch_all(&mut *tx)
+                    .bind(i64::try_from(unique.len()).unwrap_or(i64::MAX))
+                    .fetch_one(&mut *tx)
                     .await)?;
-                inserted
-                    .into_iter()
-                    .map(|(id,)| (scope.to_owned(), id))
-                    .collect()
+            match inserted {
+                // the common case: every key new
+                None => return Ok(if_all_new),
+                Some(ids) => ids.into_iter().map(|id| (scope.to_owned(), id)).collect(),
             }
-            None => {
-                let scopes: Vec<&str> = unique.iter().map(|k| k.scope()).collect();
-                pg(sqlx::query_as(&self.sql.insert_many)
-                    .bind(&scopes)
-                    .bind(&ids)
-                    .bind(ms(self.retention))
-                    .fetch_all(&mut *tx)
-                    .await)?
-                .into_iter()
-                .collect()
+        } else {
+            let scopes: Vec<&str> = unique.iter().map(|k| k.scope()).collect();
+            let fresh: HashSet<(String, String)> = pg(sqlx::query_as(&self.sql.insert_many)
+                .bind(&scopes)
+                .bind(&ids)
+                .bind(ms(self.retention))
+                .fetch_all(&mut *tx)
+                .await)?
+            .into_iter()
+            .collect();
+            if fresh.len() == unique.len() {
+                return Ok(if_all_new);
             }
+            fresh
         };
-        if fresh.len() == unique.len() {
-            // the common case: every key new (a repeat within the batch counts once)
-            let mut seen = HashSet::new();
-            return Ok(keys.iter().map(|k| seen.insert(k)).collect());
-        }
         // known keys count as new again once their retention ran out
         let (ks, kd): (Vec<&str>, Vec<&str>) = unique
             .iter()

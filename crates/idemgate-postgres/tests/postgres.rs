@@ -140,6 +140,11 @@ async fn inbox_batches_and_purges() {
         inbox.first_time_many(&mut tx, &fresh).await.unwrap(),
         [true, true, false]
     );
+    // every key known: nothing inserted, every answer false
+    assert_eq!(
+        inbox.first_time_many(&mut tx, &fresh).await.unwrap(),
+        [false, false, false]
+    );
     // two scopes in one batch: the same id in another scope is another key
     let mixed = [
         Key::new("b", "a").unwrap(),
@@ -149,6 +154,10 @@ async fn inbox_batches_and_purges() {
     assert_eq!(
         inbox.first_time_many(&mut tx, &mixed).await.unwrap(),
         [false, true, true]
+    );
+    assert_eq!(
+        inbox.first_time_many(&mut tx, &mixed).await.unwrap(),
+        [false, false, false]
     );
     tx.commit().await.unwrap();
     // after the retention the batch sees them as new again, beside a new key
