@@ -238,16 +238,24 @@ where
     let acking = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
     let start = Instant::now();
+    // a receiving task feeds a queue (a source's `recv` need not survive being cancelled), from
+    // which the effects take what is ready
+    let (queue, mut ready) = tokio::sync::mpsc::channel(concurrency * batch);
+    let receiver = tokio::spawn(async move {
+        for _ in 0..n {
+            let d = source.recv().await?.ok_or("the source ended early")?;
+            if queue.send(d).await.is_err() {
+                break;
+            }
+        }
+        Ok::<_, BoxError>(())
+    });
     let mut received = 0;
     while received < n {
         let permit = Arc::clone(&permits).acquire_owned().await?;
-        let mut ds = vec![source.recv().await?.ok_or("the source ended early")?];
-        // what else is ready now, without waiting
-        while ds.len() < batch && received + (ds.len() as u64) < n {
-            match tokio::time::timeout(Duration::ZERO, source.recv()).await {
-                Ok(d) => ds.push(d?.ok_or("the source ended early")?),
-                Err(_) => break,
-            }
+        let mut ds = Vec::with_capacity(batch);
+        if ready.recv_many(&mut ds, batch).await == 0 {
+            break;
         }
         received += ds.len() as u64;
         let (effect, acking) = (effect.clone(), Arc::clone(&acking));
@@ -262,6 +270,7 @@ where
             Ok::<_, BoxError>(())
         });
     }
+    receiver.await??;
     while let Some(r) = tasks.join_next().await {
         r??;
     }
