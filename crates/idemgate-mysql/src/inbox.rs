@@ -23,8 +23,11 @@ pub struct MySqlInbox {
     retention: Duration,
     sql: Arc<Statements>,
     // where the retention purge's walk stopped, in primary-key order
-    purged_to: Arc<Mutex<Option<(Vec<u8>, Vec<u8>)>>>,
+    purged_to: Arc<Mutex<Option<KeyBytes>>>,
 }
+
+/// A key as the table holds it: `(scope, id)`.
+type KeyBytes = (Vec<u8>, Vec<u8>);
 
 /// The single-row statements, written once per table rather than on every delivery (batch
 /// statements depend on the batch's size).
@@ -241,7 +244,7 @@ impl MySqlInbox {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let deleted = loop {
-            let end: Option<(Vec<u8>, Vec<u8>)> = match &from {
+            let end: Option<KeyBytes> = match &from {
                 None => my(sqlx::query_as(&self.sql.chunk_end_first)
                     .bind(offset)
                     .fetch_optional(pool)
