@@ -76,6 +76,9 @@ pub(crate) struct ChaosArgs {
     /// Messages each worker handles at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     concurrency: u16,
+    /// Inbox mode: deliveries that share one transaction (`Consumer::with_batch`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    inbox_batch: u16,
     /// SIGKILLs per run, each at one of the named points.
     #[arg(long, default_value_t = 10)]
     kills: u32,
@@ -565,7 +568,8 @@ impl Phase<'_> {
             .args(["--ledger", &self.setup.ledger, "--prefix", &self.prefix])
             .args(["--lease-ms", &a.lease_ms.to_string()])
             .args(["--visibility-ms", &a.visibility_ms.to_string()])
-            .args(["--concurrency", &a.concurrency.to_string()]);
+            .args(["--concurrency", &a.concurrency.to_string()])
+            .args(["--inbox-batch", &a.inbox_batch.to_string()]);
         if self.mode != WorkerMode::Naive
             && let Some(store) = &self.setup.store
         {

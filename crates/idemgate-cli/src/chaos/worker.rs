@@ -83,6 +83,9 @@ pub(crate) struct ChaosWorkerArgs {
     visibility_ms: u64,
     #[arg(long)]
     concurrency: usize,
+    /// Inbox mode: deliveries that share one transaction.
+    #[arg(long, default_value_t = 1)]
+    inbox_batch: usize,
     /// Apply the Gate-mode effect without a derived key.
     #[arg(long)]
     no_derived_keys: bool,
@@ -295,6 +298,14 @@ impl<I: Inbox> Inbox for HookedInbox<I> {
 
     async fn first_time(&self, tx: &mut I::Tx, key: &Key) -> idemgate::core::Result<bool> {
         self.inner.first_time(tx, key).await
+    }
+
+    async fn first_time_many(
+        &self,
+        tx: &mut I::Tx,
+        keys: &[Key],
+    ) -> idemgate::core::Result<Vec<bool>> {
+        self.inner.first_time_many(tx, keys).await
     }
 
     async fn commit(&self, tx: I::Tx) -> idemgate::core::Result<()> {
@@ -547,6 +558,7 @@ impl AsyncServe for Serve<'_> {
                         };
                         let consumer = Consumer::inbox(CONSUMER, inbox)
                             .with_concurrency(args.concurrency)
+                            .with_batch(args.inbox_batch)
                             .with_lease(lease)
                             .with_retry_delay(Duration::from_millis(200))
                             .with_max_attempts(1000);
