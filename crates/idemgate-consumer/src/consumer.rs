@@ -123,9 +123,12 @@ pub struct InboxMode<I>(Arc<I>);
 /// - A failing (or panicking) handler is nacked with a growing delay and dead-lettered after
 ///   `max_attempts` (default 5), counted by the store (Gate mode) or by the broker's delivery
 ///   count where it has one.
-/// - Up to `concurrency` messages run at once; messages with the same ordering key run one at a
+/// - Up to `concurrency` handlers run at once; messages with the same ordering key run one at a
 ///   time, in order. Claims of messages that are ready together are batched (`claim_many`), and
-///   so are their completions (`complete_many`).
+///   so are their completions (`complete_many`). Completions and acks run behind the handlers,
+///   and in Gate mode the next claims run ahead of them, so neither holds a handler's slot.
+/// - Inbox mode can share one transaction among the deliveries that are ready together
+///   (`with_batch` on an Inbox-mode consumer).
 /// - While a handler runs, the lease is renewed and the broker is told the message is in
 ///   progress ([`Delivery::in_progress`]) every third of the lease.
 /// - [`run`](Consumer::run)'s `shutdown` future stops receiving; what was received is finished,
