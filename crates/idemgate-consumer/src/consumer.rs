@@ -403,6 +403,12 @@ impl Runtime {
         });
     }
 
+    /// Acks `d` behind the lane.
+    async fn ack_behind<D: Delivery>(self: &Arc<Self>, d: D) {
+        let rt = Arc::clone(self);
+        self.behind(async move { rt.ack(d).await }).await;
+    }
+
     /// Waits until every settlement running behind the lanes has finished.
     async fn settled(&self) {
         let _all = self.settling.acquire_many(self.settle_slots).await;
@@ -738,8 +744,7 @@ where
             Ok(Claim::Acquired(lease)) => lease,
             Ok(Claim::Completed(_)) => {
                 bump(&rt.counters.duplicates);
-                let rt2 = Arc::clone(&self.rt);
-                return rt.behind(async move { rt2.ack(d).await }).await;
+                return self.rt.ack_behind(d).await;
             }
             Ok(Claim::InProgress { .. }) => {
                 bump(&rt.counters.in_progress);
@@ -873,8 +878,7 @@ where
                     } else {
                         bump(&rt.counters.duplicates);
                     }
-                    let rt2 = Arc::clone(&self.rt);
-                    rt.behind(async move { rt2.ack(d).await }).await;
+                    self.rt.ack_behind(d).await;
                 }
             }
             Err(why) => {
@@ -934,8 +938,7 @@ where
                 tracing::warn!(error = %e, %key, "commit of the position failed");
                 return rt.nack(d, rt.cfg.retry_delay).await;
             }
-            let rt2 = Arc::clone(&self.rt);
-            return rt.behind(async move { rt2.ack(d).await }).await;
+            return self.rt.ack_behind(d).await;
         }
         let attempt = rt.attempt(&key, None, d.message());
         let (handler, msg) = (Arc::clone(&self.handler), d.message().clone());
@@ -956,8 +959,7 @@ where
                 Ok(()) => {
                     rt.forget(&key);
                     bump(&rt.counters.handled);
-                    let rt2 = Arc::clone(&self.rt);
-                    rt.behind(async move { rt2.ack(d).await }).await;
+                    self.rt.ack_behind(d).await;
                 }
                 Err(e) => {
                     // nothing was committed: the redelivery runs the handler again

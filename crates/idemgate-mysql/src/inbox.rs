@@ -22,8 +22,9 @@ pub struct MySqlInbox {
     table: String,
     retention: Duration,
     sql: Arc<Statements>,
-    // where the retention purge's walk stopped, in primary-key order
-    purged_to: Arc<Mutex<Option<KeyBytes>>>,
+    // where the retention purge's walk stopped, in primary-key order; empty: the table's start
+    // (every key sorts after it: scope and id are never empty)
+    purged_to: Arc<Mutex<KeyBytes>>,
 }
 
 /// A key as the table holds it: `(scope, id)`.
@@ -35,12 +36,9 @@ type KeyBytes = (Vec<u8>, Vec<u8>);
 struct Statements {
     insert: String,
     renew: String,
-    chunk_end_first: String,
     chunk_end: String,
-    purge_first: String,
     purge: String,
     purge_last: String,
-    purge_all: String,
 }
 
 impl Statements {
@@ -53,18 +51,12 @@ impl Statements {
                 "UPDATE {t} SET processed_at = {NOW}, expires_at = {NOW} + ? WHERE scope = ? AND id = ? AND expires_at <= {NOW}"
             ),
             // the retention purge walks the primary key in chunks: the last key of the next one
-            chunk_end_first: format!(
-                "SELECT scope, id FROM {t} ORDER BY scope, id LIMIT 1 OFFSET ?"
-            ),
             chunk_end: format!(
                 "SELECT scope, id FROM {t} WHERE {AFTER} ORDER BY scope, id LIMIT 1 OFFSET ?"
             ),
-            // ... and deletes the expired keys in it: (start, end], from the table's start, or to
-            // its end
-            purge_first: format!("DELETE FROM {t} WHERE {UP_TO} AND expires_at <= {NOW}"),
+            // ... and deletes the expired keys in it: (start, end], or to the table's end
             purge: format!("DELETE FROM {t} WHERE {AFTER} AND {UP_TO} AND expires_at <= {NOW}"),
             purge_last: format!("DELETE FROM {t} WHERE {AFTER} AND expires_at <= {NOW}"),
-            purge_all: format!("DELETE FROM {t} WHERE expires_at <= {NOW}"),
         }
     }
 }
@@ -244,37 +236,28 @@ impl MySqlInbox {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let deleted = loop {
-            let end: Option<KeyBytes> = match &from {
-                None => my(sqlx::query_as(&self.sql.chunk_end_first)
-                    .bind(offset)
-                    .fetch_optional(pool)
-                    .await)?,
-                Some((s, i)) => my(sqlx::query_as(&self.sql.chunk_end)
-                    .bind(s)
-                    .bind(s)
-                    .bind(i)
-                    .bind(offset)
-                    .fetch_optional(pool)
-                    .await)?,
-            };
-            let query = match (&from, &end) {
-                (None, None) => sqlx::query(&self.sql.purge_all),
-                (None, Some((es, ei))) => sqlx::query(&self.sql.purge_first)
-                    .bind(es)
-                    .bind(es)
-                    .bind(ei),
-                (Some((s, i)), None) => sqlx::query(&self.sql.purge_last).bind(s).bind(s).bind(i),
-                (Some((s, i)), Some((es, ei))) => sqlx::query(&self.sql.purge)
+            let (s, i) = &from;
+            let end: Option<KeyBytes> = my(sqlx::query_as(&self.sql.chunk_end)
+                .bind(s)
+                .bind(s)
+                .bind(i)
+                .bind(offset)
+                .fetch_optional(pool)
+                .await)?;
+            let query = match &end {
+                Some((es, ei)) => sqlx::query(&self.sql.purge)
                     .bind(s)
                     .bind(s)
                     .bind(i)
                     .bind(es)
                     .bind(es)
                     .bind(ei),
+                None => sqlx::query(&self.sql.purge_last).bind(s).bind(s).bind(i),
             };
             let n = my(query.execute(pool).await)?.rows_affected();
+            // the walk reached the table's end: the next call starts over
             let done = end.is_none();
-            from = end;
+            from = end.unwrap_or_default();
             if n > 0 || done {
                 break n;
             }

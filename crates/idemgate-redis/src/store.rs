@@ -430,32 +430,24 @@ impl RedisStore {
         done: &[(Lease, Outcome)],
         retention: Duration,
     ) -> Result<Vec<Result<()>>> {
-        let retention = ms(retention).to_string();
+        let retention = ms(retention).to_string().into_bytes();
+        let args: Vec<[Vec<u8>; 2]> = done
+            .iter()
+            .map(|(_, outcome)| [outcome.encode(), retention.clone()])
+            .collect();
         let mut pipe = redis::pipe();
-        for (lease, outcome) in done {
-            let mut inv = self.scripts.complete.key(self.key(lease.key()));
-            inv.arg(lease.token())
-                .arg(outcome.encode())
-                .arg(retention.as_str());
-            pipe.invoke_script(&inv);
+        for ((lease, _), args) in done.iter().zip(&args) {
+            pipe.invoke_script(&self.fenced_invocation(&self.scripts.complete, lease, args));
         }
         let replies = self.pipelined(c, &pipe, done.len()).await?;
         let mut out = Vec::with_capacity(done.len());
-        for ((lease, outcome), reply) in done.iter().zip(replies) {
+        for (((lease, _), args), reply) in done.iter().zip(&args).zip(replies) {
             let v = match reply {
                 Value::ServerError(e) if e.code() == "NOSCRIPT" => {
-                    self.fenced(
-                        &self.scripts.complete,
-                        lease,
-                        &[outcome.encode(), retention.clone().into_bytes()],
-                    )
-                    .await
+                    self.fenced(&self.scripts.complete, lease, args).await
                 }
                 Value::ServerError(e) => return Err(classify(e.into())),
-                other => match int(&other)? {
-                    v if v < 0 => Err(Error::LeaseLost),
-                    v => Ok(v),
-                },
+                other => fenced_reply(&other),
             };
             out.push(match v {
                 Err(e) if !matches!(e, Error::LeaseLost) => return Err(e),
@@ -465,15 +457,31 @@ impl RedisStore {
         Ok(out)
     }
 
-    async fn fenced(&self, script: &Script, lease: &Lease, args: &[Vec<u8>]) -> Result<i64> {
+    /// A fenced script's call: the record's key, the lease's token, then `args`.
+    fn fenced_invocation<'s>(
+        &self,
+        script: &'s Script,
+        lease: &Lease,
+        args: &[Vec<u8>],
+    ) -> ScriptInvocation<'s> {
         let mut inv = script.key(self.key(lease.key()));
         inv.arg(lease.token());
         for a in args {
             inv.arg(a.as_slice());
         }
-        let v = int(&self.invoke(&inv).await?)?;
-        if v < 0 { Err(Error::LeaseLost) } else { Ok(v) }
+        inv
     }
+
+    async fn fenced(&self, script: &Script, lease: &Lease, args: &[Vec<u8>]) -> Result<i64> {
+        let inv = self.fenced_invocation(script, lease, args);
+        fenced_reply(&self.invoke(&inv).await?)
+    }
+}
+
+/// A fenced script's answer: its number, or `LeaseLost` when it refused (-1).
+fn fenced_reply(v: &Value) -> Result<i64> {
+    let v = int(v)?;
+    if v < 0 { Err(Error::LeaseLost) } else { Ok(v) }
 }
 
 /// A fresh claim's record, written by the client with one `SET NX PX` (no script): it stores the
