@@ -2,7 +2,9 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -352,29 +354,68 @@ fn replay<T: DeserializeOwned, E>(outcome: &Outcome) -> Result<Run<T>, GateError
 ///
 /// A failed renewal (the store is down) is retried at the next tick: the lease still has two
 /// thirds of its length.
-pub async fn keep_alive<S: Store + ?Sized, O>(
-    store: &S,
-    lease: &Lease,
+///
+/// The future is `fut` and a few words: the heartbeat (a timer and the renewals) is allocated
+/// only for work that is still pending after its first poll.
+pub fn keep_alive<'a, S: Store + ?Sized, F: Future>(
+    store: &'a S,
+    lease: &'a Lease,
     length: Duration,
-    fut: impl Future<Output = O>,
-) -> (O, bool) {
-    let mut fut = std::pin::pin!(fut);
-    // work that finishes at its first poll needs no timer
-    let mut first = Some(());
-    let ready = std::future::poll_fn(|cx| match first.take() {
-        Some(()) => std::task::Poll::Ready(fut.as_mut().poll(cx)),
-        None => std::task::Poll::Ready(std::task::Poll::Pending),
-    })
-    .await;
-    if let std::task::Poll::Ready(out) = ready {
-        return (out, false);
+    fut: F,
+) -> KeepAlive<'a, S, F> {
+    KeepAlive {
+        fut,
+        heartbeat: None,
+        store,
+        lease,
+        length,
+        lost: false,
     }
-    // the heartbeat lives in its own allocation, made only for work that waits: the common
-    // future stays small
-    let mut heartbeat = Box::pin(heartbeat(store, lease.clone(), length));
-    tokio::select! {
-        out = &mut fut => (out, false),
-        () = &mut heartbeat => (fut.await, true),
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`keep_alive`]: `(output, lost)`.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct KeepAlive<'a, S: ?Sized, F> {
+        #[pin]
+        fut: F,
+        heartbeat: Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
+        store: &'a S,
+        lease: &'a Lease,
+        length: Duration,
+        lost: bool,
+    }
+}
+
+impl<S: ?Sized, F> fmt::Debug for KeepAlive<'_, S, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeepAlive")
+            .field("lease", self.lease)
+            .field("lost", &self.lost)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, S: Store + ?Sized, F: Future> Future for KeepAlive<'a, S, F> {
+    type Output = (F::Output, bool);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            return Poll::Ready((out, *this.lost));
+        }
+        if !*this.lost {
+            let (store, lease, length) = (*this.store, *this.lease, *this.length);
+            let beat = this
+                .heartbeat
+                .get_or_insert_with(|| Box::pin(heartbeat(store, lease.clone(), length)));
+            // the heartbeat ends only when the lease is lost; the work still runs to its end
+            if beat.as_mut().poll(cx).is_ready() {
+                *this.lost = true;
+                *this.heartbeat = None;
+            }
+        }
+        Poll::Pending
     }
 }
 

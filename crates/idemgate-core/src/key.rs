@@ -70,21 +70,58 @@ fn check(what: &str, s: &str) -> Result<()> {
     Ok(())
 }
 
-/// Writes parts as `len:part` pairs, which no other list of parts can produce.
-fn length_prefixed<I>(parts: I) -> Vec<u8>
+/// Parts written as `len:part` pairs, which no other list of parts can produce.
+enum Encoded {
+    /// No parts.
+    Empty,
+    /// The encoding is a valid id: the first this many bytes of the buffer.
+    Id(usize),
+    /// The BLAKE3 digest of the encoding: it is too long for an id or has a byte outside
+    /// visible ASCII (or the caller wanted the digest).
+    Digest(blake3::Hash),
+}
+
+/// Encodes `parts` into `buf` while the encoding fits and is visible ASCII, and into a BLAKE3
+/// hasher (made only then) once it does not: no heap allocation either way.
+fn length_prefixed<I>(parts: I, buf: &mut [u8; MAX_KEY_LEN], digest: bool) -> Encoded
 where
     I: IntoIterator,
     I::Item: AsRef<[u8]>,
 {
-    let mut out = Vec::with_capacity(64);
-    for part in parts {
+    let mut parts = parts.into_iter();
+    let (mut len, mut graphic, mut any) = (0, true, false);
+    while let Some(part) = parts.next() {
         let part = part.as_ref();
+        any = true;
         // the length in decimal, then ':' (`itoa`: `write!` cost more than the rest)
-        out.extend_from_slice(itoa::Buffer::new().format(part.len()).as_bytes());
-        out.push(b':');
-        out.extend_from_slice(part);
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(part.len()).as_bytes();
+        let end = len + digits.len() + 1 + part.len();
+        if end > MAX_KEY_LEN {
+            // too long for an id: hash what was written and all that is left
+            let mut h = blake3::Hasher::new();
+            h.update(&buf[..len])
+                .update(digits)
+                .update(b":")
+                .update(part);
+            for part in parts {
+                let part = part.as_ref();
+                h.update(itoa::Buffer::new().format(part.len()).as_bytes());
+                h.update(b":").update(part);
+            }
+            return Encoded::Digest(h.finalize());
+        }
+        buf[len..len + digits.len()].copy_from_slice(digits);
+        buf[len + digits.len()] = b':';
+        buf[end - part.len()..end].copy_from_slice(part);
+        graphic &= part.iter().all(u8::is_ascii_graphic);
+        len = end;
     }
-    out
+    match (any, graphic && !digest) {
+        (false, _) => Encoded::Empty,
+        (true, true) => Encoded::Id(len),
+        (true, false) => Encoded::Digest(blake3::hash(&buf[..len])),
+    }
 }
 
 impl Key {
@@ -93,15 +130,18 @@ impl Key {
         let (scope, id) = (scope.as_ref(), id.as_ref());
         check("scope", scope)?;
         check("id", id)?;
-        Ok(Key::joined(scope, id))
+        Ok(Key::joined(scope, &[id]))
     }
 
-    /// Both parts already checked.
-    fn joined(scope: &str, id: &str) -> Self {
+    /// Both parts already checked; the id given in pieces.
+    fn joined(scope: &str, id: &[&str]) -> Self {
         let mut buf = [0u8; 2 * MAX_KEY_LEN];
-        let len = scope.len() + id.len();
-        buf[..scope.len()].copy_from_slice(scope.as_bytes());
-        buf[scope.len()..len].copy_from_slice(id.as_bytes());
+        let mut len = scope.len();
+        buf[..len].copy_from_slice(scope.as_bytes());
+        for piece in id {
+            buf[len..len + piece.len()].copy_from_slice(piece.as_bytes());
+            len += piece.len();
+        }
         Key {
             // both parts are ASCII, so their concatenation is UTF-8
             text: Arc::from(std::str::from_utf8(&buf[..len]).unwrap_or_default()),
@@ -121,15 +161,22 @@ impl Key {
         I: IntoIterator,
         I::Item: AsRef<[u8]>,
     {
-        let encoded = length_prefixed(parts);
-        if encoded.is_empty() {
-            return Err(Error::invalid_key("a composed key needs at least one part"));
-        }
-        match std::str::from_utf8(&encoded) {
-            Ok(s) if s.len() <= MAX_KEY_LEN && s.bytes().all(|b| b.is_ascii_graphic()) => {
-                Key::new(scope, s)
+        let mut buf = [0; MAX_KEY_LEN];
+        match length_prefixed(parts, &mut buf, false) {
+            Encoded::Empty => Err(Error::invalid_key("a composed key needs at least one part")),
+            // 1..=255 bytes of visible ASCII: a valid id as it is
+            Encoded::Id(len) => {
+                let scope = scope.as_ref();
+                check("scope", scope)?;
+                let id = std::str::from_utf8(&buf[..len])
+                    .map_err(|_| Error::invalid_key("a composed id is not ASCII"))?;
+                Ok(Key::joined(scope, &[id]))
             }
-            _ => Key::new(scope, format!("b3:{}", blake3::hash(&encoded).to_hex())),
+            Encoded::Digest(digest) => {
+                let scope = scope.as_ref();
+                check("scope", scope)?;
+                Ok(Key::joined(scope, &["b3:", &digest.to_hex()]))
+            }
         }
     }
 
@@ -139,9 +186,13 @@ impl Key {
     /// `key.derive("charge")` to the payment provider as *its* idempotency key makes that second
     /// run harmless. The same key and step always give the same derived key.
     pub fn derive(&self, step: &str) -> Key {
-        let encoded = length_prefixed([self.scope(), self.id(), step]);
-        let id = format!("d3:{}", blake3::hash(&encoded).to_hex());
-        Key::joined(self.scope(), &id)
+        let mut buf = [0; MAX_KEY_LEN];
+        let digest = match length_prefixed([self.scope(), self.id(), step], &mut buf, true) {
+            Encoded::Digest(digest) => digest,
+            // three parts are never empty, and a digest was asked for
+            Encoded::Empty | Encoded::Id(_) => blake3::hash(b""),
+        };
+        Key::joined(self.scope(), &["d3:", &digest.to_hex()])
     }
 
     /// The scope: consumer, operation or tenant.
@@ -285,6 +336,29 @@ mod tests {
         let binary = Key::compose("s", [&b"\x00\xff"[..]]).unwrap();
         assert!(binary.id().starts_with("b3:"));
         assert!(Key::compose("s", Vec::<&str>::new()).is_err());
+        // the digest is of the whole `len:part` encoding, however it was gathered: past the
+        // stack buffer at a part's boundary, in the middle of one, or with a binary byte early
+        let x300 = "x".repeat(300);
+        let y200 = "y".repeat(200);
+        for parts in [
+            vec![&x300.as_bytes()[..]],
+            vec![y200.as_bytes(), y200.as_bytes()],
+            vec![&b"\x00\xff"[..], y200.as_bytes(), x300.as_bytes()],
+        ] {
+            let mut encoding = Vec::new();
+            for p in &parts {
+                encoding.extend_from_slice(format!("{}:", p.len()).as_bytes());
+                encoding.extend_from_slice(p);
+            }
+            let want = format!("b3:{}", blake3::hash(&encoding).to_hex());
+            assert_eq!(Key::compose("s", &parts).unwrap().id(), want);
+        }
+        // a 255-byte encoding is still the id itself
+        let fits = "z".repeat(251);
+        assert_eq!(
+            Key::compose("s", [fits.as_str()]).unwrap().id(),
+            format!("251:{fits}")
+        );
     }
 
     #[test]

@@ -54,10 +54,12 @@ mod store;
 pub use clock::{Clock, ManualClock, SystemClock, duration_millis, from_millis, to_millis};
 pub use error::{BoxError, Error, Result};
 pub use fingerprint::Fingerprint;
-pub use gate::{ErrorPolicy, Gate, GateError, InProgressPolicy, LeaseGuard, Run, keep_alive};
+pub use gate::{
+    ErrorPolicy, Gate, GateError, InProgressPolicy, KeepAlive, LeaseGuard, Run, keep_alive,
+};
 pub use key::{EventId, Key, MAX_KEY_LEN};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
-pub use outcome::Outcome;
+pub use outcome::{Meta, Outcome};
 pub use record::{Claim, ClaimOptions, Lease, Record, State};
 pub use row::{Appended, LoggedEvent, RecordRow, time_from_ms};
 pub use store::{BoxStore, Store, StoreExt};

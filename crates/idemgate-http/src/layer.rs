@@ -269,10 +269,21 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        // what needs no waiting is decided here: the request's future is only as large as the
+        // path it takes
+        let key = match admit(&self.config, &parts) {
+            Admit::Refuse(response) => return Box::pin(std::future::ready(Ok(response))),
+            Admit::Pass => None,
+            Admit::Guard(key) => Some(key),
+        };
         // the ready service serves this call; a clone takes its place for the next
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(handle(Arc::clone(&self.config), inner, req))
+        match key {
+            None => Box::pin(pass(inner, Request::from_parts(parts, Body::new(body)))),
+            Some(key) => Box::pin(handle(Arc::clone(&self.config), inner, key, parts, body)),
+        }
     }
 }
 
@@ -339,22 +350,19 @@ where
     Ok(inner.call(req).await?.map(Body::new))
 }
 
-async fn handle<S, St, B, ResB>(
-    config: Arc<Config<St>>,
-    inner: S,
-    req: Request<B>,
-) -> Result<Response<Body>, S::Error>
-where
-    S: Service<Request<Body>, Response = Response<ResB>>,
-    B: HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-    ResB: HttpBody<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-    St: Store,
-{
-    let (parts, body) = req.into_parts();
+/// What a request gets before anything is awaited.
+enum Admit {
+    /// Not guarded (another method, or no key where none is required): straight to the service.
+    Pass,
+    /// Refused: a missing or invalid key, or no principal.
+    Refuse(Response<Body>),
+    /// Guarded by this key.
+    Guard(Key),
+}
+
+fn admit<St>(config: &Config<St>, parts: &Parts) -> Admit {
     if !config.methods.contains(&parts.method) {
-        return pass(inner, Request::from_parts(parts, Body::new(body))).await;
+        return Admit::Pass;
     }
     let id = match parts
         .headers
@@ -364,27 +372,49 @@ where
         Some(Ok(id)) => id,
         Some(Err(e)) => {
             count!("invalid_key");
-            return Ok(Problem::InvalidKey.response(&e.to_string()));
+            return Admit::Refuse(Problem::InvalidKey.response(&e.to_string()));
         }
         None if config.required => {
             count!("missing_key");
-            return Ok(
-                Problem::MissingKey.response("send an Idempotency-Key header with this request")
+            return Admit::Refuse(
+                Problem::MissingKey.response("send an Idempotency-Key header with this request"),
             );
         }
-        None => return pass(inner, Request::from_parts(parts, Body::new(body))).await,
+        None => return Admit::Pass,
     };
     let scope = match &config.scope {
         None => String::new(),
-        Some(f) => match f(&parts) {
+        Some(f) => match f(parts) {
             Some(s) => s,
-            None => return Ok(Problem::MissingScope.response("the request carries no principal")),
+            None => {
+                return Admit::Refuse(
+                    Problem::MissingScope.response("the request carries no principal"),
+                );
+            }
         },
     };
     // the principal and the client's key, length-prefixed: no two principals share a key
-    let Ok(key) = Key::compose("http", [scope.as_bytes(), id.as_bytes()]) else {
-        return Ok(Problem::InvalidKey.response("the key cannot be stored"));
-    };
+    match Key::compose("http", [scope.as_bytes(), id.as_bytes()]) {
+        Ok(key) => Admit::Guard(key),
+        Err(_) => Admit::Refuse(Problem::InvalidKey.response("the key cannot be stored")),
+    }
+}
+
+async fn handle<S, St, B, ResB>(
+    config: Arc<Config<St>>,
+    inner: S,
+    key: Key,
+    parts: Parts,
+    body: B,
+) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<ResB>>,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    ResB: HttpBody<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+    St: Store,
+{
     let bytes = match read_body(body, config.max_body).await {
         Ok(bytes) => bytes,
         Err(ReadError::TooLarge) => {
@@ -478,14 +508,11 @@ where
     };
     let lease = guard.disarm();
     if config.profile.stores(rparts.status) && body.len() <= config.max_response {
-        let mut outcome = Outcome::new(rparts.status.as_u16(), body.clone());
-        outcome.meta.reserve_exact(rparts.headers.len());
-        for (name, value) in &rparts.headers {
-            outcome.meta.push((
-                name.as_str().to_owned(),
-                Bytes::copy_from_slice(value.as_bytes()),
-            ));
-        }
+        let outcome = Outcome {
+            status: rparts.status.as_u16(),
+            meta: rparts.headers.iter().collect(),
+            body: body.clone(),
+        };
         if let Err(e) = config
             .store
             .complete(&lease, &outcome, config.retention)
@@ -505,10 +532,11 @@ where
 fn replay(o: &Outcome) -> Response<Body> {
     let mut res = Response::new(Body::from(o.body.clone()));
     *res.status_mut() = StatusCode::from_u16(o.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    for (name, value) in &o.meta {
+    for (name, value) in o.meta.iter_shared() {
+        // the value shares the stored buffer: no copy
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(value),
+            HeaderValue::from_maybe_shared(value),
         ) {
             res.headers_mut().append(n, v);
         }
