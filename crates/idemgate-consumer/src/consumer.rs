@@ -896,15 +896,22 @@ where
             Ok(key) => key,
             Err(reason) => return rt.dead_letter(d, format!("poison message: {reason}")).await,
         };
+        let mut tx = match self.inbox.begin().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not open the inbox transaction");
+                return rt.nack(d, rt.cfg.retry_delay).await;
+            }
+        };
         // a concurrent duplicate waits here for the first transaction, then sees `false`
-        let opened = tokio::select! {
-            r = self.inbox.begin_first_time(&key) => r,
+        let first = tokio::select! {
+            r = self.inbox.first_time(&mut tx, &key) => r,
             never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
         };
-        let (mut tx, first) = match opened {
-            Ok(opened) => opened,
+        let first = match first {
+            Ok(first) => first,
             Err(e) => {
-                tracing::warn!(error = %e, %key, "could not open the inbox transaction");
+                tracing::warn!(error = %e, %key, "inbox insert failed");
                 return rt.nack(d, rt.cfg.retry_delay).await;
             }
         };
@@ -977,9 +984,10 @@ impl<I: Inbox, H: InboxHandler<I::Tx>> InboxProcess<I, H> {
         batch: &[D],
         keys: &[Key],
     ) -> std::result::Result<Vec<bool>, String> {
-        let (mut tx, firsts) = self
+        let mut tx = self.inbox.begin().await.map_err(|e| e.to_string())?;
+        let firsts = self
             .inbox
-            .begin_first_time_many(keys)
+            .first_time_many(&mut tx, keys)
             .await
             .map_err(|e| e.to_string())?;
         for d in batch {

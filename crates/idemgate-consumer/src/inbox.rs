@@ -23,31 +23,6 @@ pub trait Inbox: Send + Sync + 'static {
     fn first_time(&self, tx: &mut Self::Tx, key: &Key)
     -> impl Future<Output = Result<bool>> + Send;
 
-    /// Opens a transaction with `key` recorded in it: [`begin`](Inbox::begin) then
-    /// [`first_time`](Inbox::first_time), which is the default; an inbox that can do both in one
-    /// round trip (PostgreSQL) overrides it.
-    fn begin_first_time(&self, key: &Key) -> impl Future<Output = Result<(Self::Tx, bool)>> + Send {
-        async move {
-            let mut tx = self.begin().await?;
-            let first = self.first_time(&mut tx, key).await?;
-            Ok((tx, first))
-        }
-    }
-
-    /// Opens a transaction with `keys` recorded in it: [`begin`](Inbox::begin) then
-    /// [`first_time_many`](Inbox::first_time_many), which is the default; an inbox that can do
-    /// both in one round trip (PostgreSQL) overrides it.
-    fn begin_first_time_many(
-        &self,
-        keys: &[Key],
-    ) -> impl Future<Output = Result<(Self::Tx, Vec<bool>)>> + Send {
-        async move {
-            let mut tx = self.begin().await?;
-            let firsts = self.first_time_many(&mut tx, keys).await?;
-            Ok((tx, firsts))
-        }
-    }
-
     /// [`first_time`](Inbox::first_time) for several keys in one call (one statement where the
     /// database allows): one answer per key, in order; a key repeated in `keys` is `true` at most
     /// once. The default asks key by key.
@@ -180,14 +155,6 @@ macro_rules! sql_inbox_pool {
 
             async fn first_time(&self, tx: &mut Self::Tx, key: &Key) -> Result<bool> {
                 self.inbox.first_time(tx, key).await
-            }
-
-            async fn begin_first_time(&self, key: &Key) -> Result<(Self::Tx, bool)> {
-                self.inbox.begin_first_time(&self.pool, key).await
-            }
-
-            async fn begin_first_time_many(&self, keys: &[Key]) -> Result<(Self::Tx, Vec<bool>)> {
-                self.inbox.begin_first_time_many(&self.pool, keys).await
             }
 
             async fn first_time_many(&self, tx: &mut Self::Tx, keys: &[Key]) -> Result<Vec<bool>> {

@@ -5,9 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use idemgate_core::{Key, Result};
-use sqlx::{MySql, MySqlConnection, MySqlPool, Transaction};
+use sqlx::{MySqlConnection, MySqlPool};
 
-use crate::error::{check_ident, classify_error, keys_condition, my};
+use crate::error::{check_ident, keys_condition, my};
 use crate::schema::migrate;
 use crate::store::{NOW, ms};
 
@@ -121,31 +121,6 @@ impl MySqlInbox {
             &["scope", "id", "processed_at", "expires_at", "nonce"],
         )
         .await
-    }
-
-    /// Opens a transaction on `pool` with `key` recorded in it: `pool.begin()` then
-    /// [`first_time`](Self::first_time). (PostgreSQL's inbox does both in one round trip; a
-    /// MySQL client sends one statement per round trip unless multi-statements are on.)
-    pub async fn begin_first_time(
-        &self,
-        pool: &MySqlPool,
-        key: &Key,
-    ) -> Result<(Transaction<'static, MySql>, bool)> {
-        let mut tx = pool.begin().await.map_err(classify_error)?;
-        let first = self.first_time(&mut tx, key).await?;
-        Ok((tx, first))
-    }
-
-    /// Opens a transaction on `pool` with `keys` recorded in it: `pool.begin()` then
-    /// [`first_time_many`](Self::first_time_many).
-    pub async fn begin_first_time_many(
-        &self,
-        pool: &MySqlPool,
-        keys: &[Key],
-    ) -> Result<(Transaction<'static, MySql>, Vec<bool>)> {
-        let mut tx = pool.begin().await.map_err(classify_error)?;
-        let firsts = self.first_time_many(&mut tx, keys).await?;
-        Ok((tx, firsts))
     }
 
     /// Records `key` in the caller's transaction; `true` the first time within the retention

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idemgate_core::{Key, Result};
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool};
 
-use crate::error::{check_ident, classify_error, pg};
+use crate::error::{check_ident, pg};
 use crate::schema::migrate;
 use crate::store::{NOW, ms};
 
@@ -155,92 +155,6 @@ impl PgInbox {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Opens a transaction on `pool` with `key` recorded in it: `true` the first time within the
-    /// retention window, `false` for a duplicate. The same as `pool.begin()` then
-    /// [`first_time`](Self::first_time), in one round trip instead of two for a new key.
-    ///
-    /// The insert and `BEGIN` go as one simple query, `INSERT …; BEGIN`: PostgreSQL runs the
-    /// insert in an implicit transaction that the `BEGIN` turns into the transaction returned,
-    /// so the key commits or rolls back with the caller's effect. A known key fails that insert
-    /// (unique violation), which rolls the implicit transaction back and leaves the connection
-    /// idle; it then takes the two steps (which also renew a key whose retention ran out). The
-    /// key travels as an escaped literal (`E'…'`), since a simple query binds no parameters.
-    pub async fn begin_first_time(
-        &self,
-        pool: &PgPool,
-        key: &Key,
-    ) -> Result<(Transaction<'static, Postgres>, bool)> {
-        if let Some(tx) = self.insert_then_begin(pool, [key]).await? {
-            return Ok((tx, true));
-        }
-        let mut tx = pool.begin().await.map_err(classify_error)?;
-        let first = self.first_time(&mut tx, key).await?;
-        Ok((tx, first))
-    }
-
-    /// [`begin_first_time`](Self::begin_first_time) for a batch: one answer per key, in order,
-    /// and one round trip when every key is new. Otherwise `pool.begin()` then
-    /// [`first_time_many`](Self::first_time_many).
-    pub async fn begin_first_time_many(
-        &self,
-        pool: &PgPool,
-        keys: &[Key],
-    ) -> Result<(Transaction<'static, Postgres>, Vec<bool>)> {
-        // the answer when every key is new: true for a key's first appearance in the batch
-        let mut seen = HashSet::with_capacity(keys.len());
-        let if_all_new: Vec<bool> = keys.iter().map(|k| seen.insert(k)).collect();
-        let unique = keys
-            .iter()
-            .zip(&if_all_new)
-            .filter_map(|(k, &f)| f.then_some(k));
-        if let Some(tx) = self.insert_then_begin(pool, unique).await? {
-            return Ok((tx, if_all_new));
-        }
-        let mut tx = pool.begin().await.map_err(classify_error)?;
-        let firsts = self.first_time_many(&mut tx, keys).await?;
-        Ok((tx, firsts))
-    }
-
-    /// `INSERT …; BEGIN` for `keys` (distinct): the open transaction holding them when every
-    /// one was new, `None` when one was known (nothing was written and the connection is idle)
-    /// or a key cannot be written as a literal.
-    async fn insert_then_begin<'k>(
-        &self,
-        pool: &PgPool,
-        keys: impl IntoIterator<Item = &'k Key>,
-    ) -> Result<Option<Transaction<'static, Postgres>>> {
-        let mut statement = format!(
-            "INSERT INTO {} (scope, id, processed_at, expires_at) SELECT s, d, n.t, n.t + {} \
-             FROM (SELECT {NOW} AS t) AS n, (VALUES ",
-            self.table,
-            ms(self.retention)
-        );
-        let mut rows = 0;
-        for key in keys {
-            statement.push_str(if rows == 0 { "(" } else { ", (" });
-            let written = push_literal(&mut statement, key.scope()) && {
-                statement.push_str(", ");
-                push_literal(&mut statement, key.id())
-            };
-            if !written {
-                return Ok(None);
-            }
-            statement.push(')');
-            rows += 1;
-        }
-        if rows == 0 {
-            return Ok(None);
-        }
-        statement.push_str(") AS k(s, d); BEGIN");
-        match pool.begin_with(statement).await {
-            Ok(tx) => Ok(Some(tx)),
-            Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("23505") => {
-                Ok(None)
-            }
-            Err(e) => Err(classify_error(e)),
-        }
-    }
-
     /// [`first_time`](Self::first_time) for a batch, in one statement: one answer per key, in
     /// order. A key repeated within the batch is `true` at most once.
     pub async fn first_time_many(&self, tx: &mut PgConnection, keys: &[Key]) -> Result<Vec<bool>> {
@@ -314,69 +228,5 @@ impl PgInbox {
             .execute(pool)
             .await)?;
         Ok(done.rows_affected())
-    }
-}
-
-/// Appends `s` as an escape-string literal, `E'…'`, its backslashes and quotes escaped: the
-/// same text whatever `standard_conforming_strings` says. `false` (and nothing appended) outside
-/// printable ASCII, which a key never is.
-fn push_literal(out: &mut String, s: &str) -> bool {
-    if !s.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
-        return false;
-    }
-    out.push_str("E'");
-    for c in s.chars() {
-        if c == '\\' || c == '\'' {
-            out.push(c);
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    true
-}
-
-#[cfg(test)]
-mod tests {
-    fn literal(s: &str) -> Option<String> {
-        let mut out = String::new();
-        super::push_literal(&mut out, s).then_some(out)
-    }
-
-    /// The one-round-trip path itself (the public methods fall back to two steps, so their
-    /// tests alone would not notice it failing).
-    #[tokio::test]
-    async fn insert_then_begin_answers_for_new_keys_only() {
-        use idemgate_core::Key;
-        use idemgate_testkit::service;
-        let url = service::url(
-            "IDEMGATE_POSTGRES_URL",
-            "postgres://postgres@127.0.0.1:5432/test",
-        );
-        let Some(pool) = service::connect("PostgreSQL", sqlx::PgPool::connect(&url)).await else {
-            return;
-        };
-        let table = format!("idemgate_inbox_unit{}", std::process::id());
-        let inbox = super::PgInbox::new().with_table(&table).unwrap();
-        inbox.migrate(&pool).await.unwrap();
-        let keys = [Key::new("u", "a'\\").unwrap(), Key::new("u", "b").unwrap()];
-        let tx = inbox.insert_then_begin(&pool, &keys).await.unwrap();
-        tx.expect("new keys: one round trip")
-            .commit()
-            .await
-            .unwrap();
-        let again = inbox.insert_then_begin(&pool, &keys[1..]).await.unwrap();
-        assert!(again.is_none(), "a known key fails the insert");
-        assert!(inbox.insert_then_begin(&pool, &[]).await.unwrap().is_none());
-        sqlx::query(&format!("DROP TABLE {table}"))
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
-
-    #[test]
-    fn literals_escape_quotes_and_backslashes() {
-        assert_eq!(literal("a'b\\c").as_deref(), Some(r"E'a''b\\c'"));
-        assert_eq!(literal("evt-1").as_deref(), Some("E'evt-1'"));
-        assert_eq!(literal("a\nb"), None);
     }
 }

@@ -71,145 +71,6 @@ async fn inbox_second_transaction_waits_then_sees_a_duplicate() {
     tx.commit().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn begin_first_time_opens_and_records_in_one_step_and_leaves_the_pool_clean() {
-    // one connection: a duplicate that left it inside a failed transaction would break the next
-    // use (25P02)
-    let Some(pool) = service::connect(
-        "PostgreSQL",
-        PgPoolOptions::new().max_connections(1).connect(&url()),
-    )
-    .await
-    else {
-        return;
-    };
-    let table = unique("inbox");
-    let inbox = PgInbox::new().with_table(&table).unwrap();
-    inbox.migrate(&pool).await.unwrap();
-    // quotes and backslashes travel as an escaped literal
-    let key = Key::new("led'ger", r"evt\'1\").unwrap();
-
-    let (tx, first) = inbox.begin_first_time(&pool, &key).await.unwrap();
-    assert!(first);
-    // the key is part of the transaction: rolled back, it is free again
-    tx.rollback().await.unwrap();
-    let (mut tx, first) = inbox.begin_first_time(&pool, &key).await.unwrap();
-    assert!(first, "a rolled-back key is free");
-    // the returned transaction is the one the key is in, and it takes the caller's statements
-    let (in_tx, same_xact): (bool, bool) = sqlx::query_as(&format!(
-        "SELECT txid_current_if_assigned() IS NOT NULL,
-                (SELECT xmin::text = (txid_current() % 4294967296)::text FROM {table})"
-    ))
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap();
-    assert!(in_tx && same_xact);
-    tx.commit().await.unwrap();
-    let stored: Vec<(String, String)> = sqlx::query_as(&format!("SELECT scope, id FROM {table}"))
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    assert_eq!(stored, [(key.scope().to_owned(), key.id().to_owned())]);
-
-    for _ in 0..3 {
-        let (mut tx, first) = inbox.begin_first_time(&pool, &key).await.unwrap();
-        assert!(!first, "a committed key is a duplicate");
-        // the transaction handed back for a duplicate works (a Kafka position moves in it)
-        let one: i32 = sqlx::query_scalar("SELECT 1")
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
-        assert_eq!(one, 1);
-        tx.commit().await.unwrap();
-    }
-    // and the one connection is healthy and outside any transaction
-    let idle: bool = sqlx::query_scalar("SELECT txid_current_if_assigned() IS NULL")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert!(idle);
-
-    // batches: one round trip when every key is new, the two steps otherwise
-    let k = |id: &str| Key::new("batch", id).unwrap();
-    let (tx, firsts) = inbox
-        .begin_first_time_many(&pool, &[k("a"), k("b"), k("a"), k("c'\\")])
-        .await
-        .unwrap();
-    assert_eq!(
-        firsts,
-        [true, true, false, true],
-        "a repeat in the batch is new once"
-    );
-    tx.commit().await.unwrap();
-    let (tx, firsts) = inbox
-        .begin_first_time_many(&pool, &[k("d"), k("b"), k("e"), k("d")])
-        .await
-        .unwrap();
-    assert_eq!(firsts, [true, false, true, false]);
-    tx.rollback().await.unwrap();
-    let (tx, firsts) = inbox
-        .begin_first_time_many(&pool, &[k("e"), k("d")])
-        .await
-        .unwrap();
-    assert_eq!(
-        firsts,
-        [true, true],
-        "a rolled-back batch leaves its keys free"
-    );
-    tx.commit().await.unwrap();
-    let (tx, firsts) = inbox.begin_first_time_many(&pool, &[]).await.unwrap();
-    assert!(firsts.is_empty());
-    tx.commit().await.unwrap();
-    let stored: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {table} WHERE scope = 'batch'"
-    ))
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(stored, 5);
-
-    // a key past its retention counts as new again (the two-step path renews it)
-    let short = PgInbox::new()
-        .with_table(&table)
-        .unwrap()
-        .with_retention(Duration::ZERO);
-    let lapsed = Key::new("ledger", "evt-lapsed").unwrap();
-    for _ in 0..2 {
-        let (tx, first) = short.begin_first_time(&pool, &lapsed).await.unwrap();
-        assert!(first, "an expired key is new again");
-        tx.commit().await.unwrap();
-    }
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn begin_first_time_waits_for_a_concurrent_first_sighting() {
-    let Some(pool) = pool().await else { return };
-    let inbox = PgInbox::new().with_table(unique("inbox")).unwrap();
-    inbox.migrate(&pool).await.unwrap();
-    for commit in [true, false] {
-        let key = Key::new("ledger", format!("evt-{commit}")).unwrap();
-        let (first, seen) = inbox.begin_first_time(&pool, &key).await.unwrap();
-        assert!(seen);
-        let second = {
-            let (pool, inbox, key) = (pool.clone(), inbox.clone(), key.clone());
-            tokio::spawn(async move {
-                let (tx, seen) = inbox.begin_first_time(&pool, &key).await.unwrap();
-                tx.commit().await.unwrap();
-                seen
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!second.is_finished(), "the second transaction did not wait");
-        if commit {
-            first.commit().await.unwrap();
-        } else {
-            first.rollback().await.unwrap();
-        }
-        // committed: a duplicate; rolled back: the second is the first sighting
-        assert_eq!(second.await.unwrap(), !commit);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_inbox_transactions_apply_each_effect_once() {
     let Some(pool) = pool().await else { return };
@@ -222,21 +83,14 @@ async fn concurrent_inbox_transactions_apply_each_effect_once() {
     .execute(&pool)
     .await
     .unwrap();
-    // half the workers open with `begin_first_time` (one round trip), half in two steps
     let tasks: Vec<_> = (0..8)
-        .map(|w| {
+        .map(|_| {
             let (pool, inbox, effects) = (pool.clone(), inbox.clone(), effects.clone());
             tokio::spawn(async move {
                 for i in 0..50 {
                     let key = Key::new("c", format!("e{i}")).unwrap();
-                    let (mut tx, first) = if w % 2 == 0 {
-                        inbox.begin_first_time(&pool, &key).await.unwrap()
-                    } else {
-                        let mut tx = pool.begin().await.unwrap();
-                        let first = inbox.first_time(&mut tx, &key).await.unwrap();
-                        (tx, first)
-                    };
-                    if first {
+                    let mut tx = pool.begin().await.unwrap();
+                    if inbox.first_time(&mut tx, &key).await.unwrap() {
                         sqlx::query(&format!("INSERT INTO {effects} (id, n) VALUES ($1, 1) ON CONFLICT (id) DO UPDATE SET n = {effects}.n + 1"))
                             .bind(key.id())
                             .execute(&mut *tx)
