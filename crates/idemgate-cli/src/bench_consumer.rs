@@ -540,11 +540,7 @@ pub(crate) async fn run(b: ConsumerBench) -> Result<ExitCode, BoxError> {
             .await?
         }
     };
-    let median = |i: usize| {
-        let mut v: Vec<f64> = all.iter().map(|r| r[i]).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |i: usize| crate::bench::median(all.iter().map(|r| r[i]));
     let effect = b.effect.as_deref().unwrap_or("none");
     // each measurement, and the ceiling (row) it is compared with
     let names = [
@@ -583,7 +579,11 @@ pub(crate) async fn run(b: ConsumerBench) -> Result<ExitCode, BoxError> {
     for (i, (name, ceiling)) in names.iter().enumerate().take(all[0].len()) {
         let r = median(i);
         match ceiling {
-            Some(c) => println!("{name:<66} {r:>9.0} {:>7.0}%", 100.0 * r / median(*c)),
+            Some(c) => {
+                // each round against the ceiling measured in that same round
+                let ratio = crate::bench::median(all.iter().map(|r| r[i] / r[*c]));
+                println!("{name:<66} {r:>9.0} {:>7.0}%", 100.0 * ratio)
+            }
             None => println!("{name:<66} {r:>9.0} {:>8}", "(ceil.)"),
         }
     }

@@ -46,6 +46,7 @@ struct Statements {
     first_time: String,
     insert_many: String,
     insert_many_scoped: String,
+    inserted: String,
     renew_many: String,
     purge: String,
 }
@@ -58,21 +59,24 @@ impl Statements {
                  ON CONFLICT (scope, id) DO UPDATE SET processed_at = {NOW}, expires_at = {NOW} + $3
                  WHERE i.expires_at <= {NOW}"
             ),
+            // a batch's rows carry its random nonce, so when some keys were known the new ones
+            // are found by it; when every key was new (the usual case) the count says so, and
+            // nothing comes back
             insert_many: format!(
-                "INSERT INTO {t} (scope, id, processed_at, expires_at)
-                 SELECT s, d, {NOW}, {NOW} + $3 FROM unnest($1::text[], $2::text[]) AS u(s, d)
-                 ON CONFLICT (scope, id) DO NOTHING
-                 RETURNING scope, id"
+                "INSERT INTO {t} (scope, id, processed_at, expires_at, nonce)
+                 SELECT s, d, n.t, n.t + $3, $4 FROM (SELECT {NOW} AS t) AS n,
+                        unnest($1::text[], $2::text[]) AS u(s, d)
+                 ON CONFLICT (scope, id) DO NOTHING"
             ),
-            // the usual batch (one consumer's keys): the scope sent once, the clock read once, and
-            // one row back: NULL when every key was new ($4 of them), else the ids inserted
+            // the usual batch (one consumer's keys): the scope sent once, the clock read once
             insert_many_scoped: format!(
-                "WITH ins AS (
-                   INSERT INTO {t} (scope, id, processed_at, expires_at)
-                   SELECT $1, d, n.t, n.t + $3 FROM (SELECT {NOW} AS t) AS n, unnest($2::text[]) AS u(d)
-                   ON CONFLICT (scope, id) DO NOTHING
-                   RETURNING id)
-                 SELECT CASE WHEN count(*) = $4 THEN NULL ELSE coalesce(array_agg(id), '{{}}') END FROM ins"
+                "INSERT INTO {t} (scope, id, processed_at, expires_at, nonce)
+                 SELECT $1, d, n.t, n.t + $3, $4 FROM (SELECT {NOW} AS t) AS n, unnest($2::text[]) AS u(d)
+                 ON CONFLICT (scope, id) DO NOTHING"
+            ),
+            inserted: format!(
+                "SELECT scope, id FROM {t} AS i, unnest($1::text[], $2::text[]) AS u(s, d)
+                  WHERE i.scope = u.s AND i.id = u.d AND i.nonce = $3"
             ),
             renew_many: format!(
                 "UPDATE {t} AS i SET processed_at = {NOW}, expires_at = {NOW} + $3
@@ -130,15 +134,20 @@ impl PgInbox {
         migrate(
             pool,
             t,
-            1,
-            &format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
+            &[
+                &format!(
+                    "CREATE TABLE IF NOT EXISTS {t} (
                     scope TEXT NOT NULL, id TEXT NOT NULL,
                     processed_at BIGINT NOT NULL, expires_at BIGINT NOT NULL,
                     PRIMARY KEY (scope, id));
                  CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} USING brin (expires_at);"
-            ),
-            &["scope", "id", "processed_at", "expires_at"],
+                ),
+                // version 2: which batch wrote a row (metadata only: existing rows get 0)
+                &format!(
+                    "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS nonce BIGINT NOT NULL DEFAULT 0"
+                ),
+            ],
+            &["scope", "id", "processed_at", "expires_at", "nonce"],
         )
         .await
     }
@@ -170,38 +179,34 @@ impl PgInbox {
             return Ok(if_all_new);
         };
         let ids: Vec<&str> = unique.iter().map(|k| k.id()).collect();
-        let one_scope = unique.iter().all(|k| k.scope() == first.scope());
-        // new keys: one insert that skips known ones
-        let mut fresh: HashSet<(String, String)> = if one_scope {
-            let scope = first.scope();
-            let inserted: Option<Vec<String>> =
-                pg(sqlx::query_scalar(&self.sql.insert_many_scoped)
-                    .bind(scope)
-                    .bind(&ids)
-                    .bind(ms(self.retention))
-                    .bind(i64::try_from(unique.len()).unwrap_or(i64::MAX))
-                    .fetch_one(&mut *tx)
-                    .await)?;
-            match inserted {
-                // the common case: every key new
-                None => return Ok(if_all_new),
-                Some(ids) => ids.into_iter().map(|id| (scope.to_owned(), id)).collect(),
-            }
+        let scopes: Vec<&str> = unique.iter().map(|k| k.scope()).collect();
+        let one_scope = scopes.iter().all(|s| *s == first.scope());
+        // odd, so never the 0 that rows written one at a time carry
+        let nonce: i64 = rand::random::<i64>() | 1;
+        let query = if one_scope {
+            sqlx::query(&self.sql.insert_many_scoped).bind(first.scope())
         } else {
-            let scopes: Vec<&str> = unique.iter().map(|k| k.scope()).collect();
-            let fresh: HashSet<(String, String)> = pg(sqlx::query_as(&self.sql.insert_many)
-                .bind(&scopes)
-                .bind(&ids)
-                .bind(ms(self.retention))
-                .fetch_all(&mut *tx)
-                .await)?
-            .into_iter()
-            .collect();
-            if fresh.len() == unique.len() {
-                return Ok(if_all_new);
-            }
-            fresh
+            sqlx::query(&self.sql.insert_many).bind(&scopes)
         };
+        let done = pg(query
+            .bind(&ids)
+            .bind(ms(self.retention))
+            .bind(nonce)
+            .execute(&mut *tx)
+            .await)?;
+        // the common case: every key new
+        if done.rows_affected() == unique.len() as u64 {
+            return Ok(if_all_new);
+        }
+        // new keys: those this batch's insert wrote
+        let mut fresh: HashSet<(String, String)> = pg(sqlx::query_as(&self.sql.inserted)
+            .bind(&scopes)
+            .bind(&ids)
+            .bind(nonce)
+            .fetch_all(&mut *tx)
+            .await)?
+        .into_iter()
+        .collect();
         // known keys count as new again once their retention ran out
         let (ks, kd): (Vec<&str>, Vec<&str>) = unique
             .iter()

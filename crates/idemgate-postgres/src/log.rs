@@ -46,21 +46,19 @@ impl PgEventLog {
         migrate(
             pool,
             &format!("{t}_heads"),
-            1,
-            &format!("CREATE TABLE IF NOT EXISTS {t}_heads (stream TEXT PRIMARY KEY, last_seq BIGINT NOT NULL)"),
+            &[&format!("CREATE TABLE IF NOT EXISTS {t}_heads (stream TEXT PRIMARY KEY, last_seq BIGINT NOT NULL)")],
             &["stream", "last_seq"],
         )
         .await?;
         migrate(
             pool,
             t,
-            1,
-            &format!(
+            &[&format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
                     stream TEXT NOT NULL, seq BIGINT NOT NULL, event_id TEXT NOT NULL,
                     payload BYTEA NOT NULL, appended_at BIGINT NOT NULL,
                     PRIMARY KEY (stream, seq), UNIQUE (stream, event_id))"
-            ),
+            )],
             &["stream", "seq", "event_id", "payload", "appended_at"],
         )
         .await

@@ -47,13 +47,12 @@ impl PgOffsets {
         migrate(
             pool,
             t,
-            1,
-            &format!(
+            &[&format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
                     consumer_group TEXT NOT NULL, topic TEXT NOT NULL, part INTEGER NOT NULL,
                     next_offset BIGINT NOT NULL,
                     PRIMARY KEY (consumer_group, topic, part))"
-            ),
+            )],
             &["consumer_group", "topic", "part", "next_offset"],
         )
         .await

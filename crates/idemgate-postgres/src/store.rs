@@ -374,8 +374,7 @@ impl PostgresStore {
         migrate(
             &self.pool,
             &self.table,
-            1,
-            &self.sql.ddl,
+            &[&self.sql.ddl],
             &[
                 "scope",
                 "id",

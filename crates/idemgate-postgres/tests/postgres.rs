@@ -114,6 +114,44 @@ async fn concurrent_inbox_transactions_apply_each_effect_once() {
 }
 
 #[tokio::test]
+async fn an_inbox_table_of_version_1_is_upgraded_in_place() {
+    let Some(pool) = pool().await else { return };
+    let t = unique("inbox");
+    // the table as idemgate's first schema made it, with one processed key
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE IF NOT EXISTS idemgate_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL);
+         CREATE TABLE {t} (scope TEXT NOT NULL, id TEXT NOT NULL,
+             processed_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, PRIMARY KEY (scope, id));
+         INSERT INTO {t} VALUES ('b', 'old', 0, 9223372036854775807);
+         INSERT INTO idemgate_schema VALUES ('{t}', 1);"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let inbox = PgInbox::new().with_table(&t).unwrap();
+    inbox.migrate(&pool).await.unwrap();
+    inbox.migrate(&pool).await.unwrap();
+    let version: i32 =
+        sqlx::query_scalar("SELECT version FROM idemgate_schema WHERE component = $1")
+            .bind(&t)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(version, 2);
+    // the old key is still known; a batch around it tells it from the new ones
+    let keys: Vec<Key> = ["new1", "old", "new2"]
+        .iter()
+        .map(|id| Key::new("b", *id).unwrap())
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    assert_eq!(
+        inbox.first_time_many(&mut tx, &keys).await.unwrap(),
+        [true, false, true]
+    );
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
 async fn inbox_batches_and_purges() {
     let Some(pool) = pool().await else { return };
     let inbox = PgInbox::new()
