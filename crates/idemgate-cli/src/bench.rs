@@ -62,8 +62,9 @@ struct StoreBench {
     /// Rows per batch in the batched measurements.
     #[arg(long, default_value_t = 100)]
     batch: usize,
-    /// Rounds; each figure is the median of its rounds.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds; each figure is the median of its rounds, each ratio the median of the rounds'
+    /// ratios. Odd rounds measure the store before its ceiling, even rounds after it.
+    #[arg(long, default_value_t = 4)]
     rounds: u32,
 }
 
@@ -81,13 +82,14 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
         // several rounds, each measuring every row once, so slow phases of a noisy machine hit
         // the ceiling and the store alike; each figure is the median of its rounds
         let mut rounds = Vec::new();
-        for _ in 0..b.rounds.max(1) {
+        for round in 0..b.rounds.max(1) {
+            let swap = round % 2 == 1;
             rounds.push(if b.store.starts_with("redis://") {
                 redis_bench(&b).await?
             } else if b.store.starts_with("postgres://") || b.store.starts_with("postgresql://") {
-                sql_bench(&b, Sql::Postgres).await?
+                sql_bench(&b, Sql::Postgres, swap).await?
             } else if b.store.starts_with("mysql://") {
-                sql_bench(&b, Sql::MySql).await?
+                sql_bench(&b, Sql::MySql, swap).await?
             } else {
                 return Err(format!(
                     "bench store takes postgres://, mysql:// or redis:// URLs, not {:?}",
@@ -118,7 +120,11 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
 pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Runs `op(i)` for `i` in `0..ops` on `clients` concurrent tasks; returns operations per second.
@@ -280,15 +286,30 @@ macro_rules! batch_rate {
                 Ok(())
             }
         })
-        .await?
     }};
+}
+
+/// Runs two measurements one after the other, `b` first when `swap`: rounds alternate the order,
+/// so a machine that slows down (or speeds up) during a round favours neither.
+async fn ordered(
+    swap: bool,
+    a: impl Future<Output = Result<f64, BoxError>>,
+    b: impl Future<Output = Result<f64, BoxError>>,
+) -> Result<(f64, f64), BoxError> {
+    if swap {
+        let b = b.await?;
+        Ok((a.await?, b))
+    } else {
+        let a = a.await?;
+        Ok((a, b.await?))
+    }
 }
 
 /// The four inbox measurements, the same for every SQL driver: the raw insert and the inbox,
 /// one row per transaction and `batch` rows per transaction. `$bind_many` binds the batch's ids
 /// (`$ids`) to the raw multi-row statement (`$q`).
 macro_rules! inbox_rates {
-    ($clients:expr, $ops:expr, $batch:expr, $batches:expr, $pool:expr, $inbox:expr, $one:expr, $many:expr,
+    ($swap:expr, $clients:expr, $ops:expr, $batch:expr, $batches:expr, $pool:expr, $inbox:expr, $one:expr, $many:expr,
      |$q:ident, $ids:ident| $bind_many:expr) => {{
         let (clients, batch) = ($clients, $batch);
         let raw1 = {
@@ -306,7 +327,6 @@ macro_rules! inbox_rates {
                     Ok(())
                 }
             })
-            .await?
         };
         let inbox1 = {
             let (pool, inbox) = ($pool.clone(), $inbox.clone());
@@ -321,8 +341,8 @@ macro_rules! inbox_rates {
                     Ok(())
                 }
             })
-            .await?
         };
+        let (raw1, inbox1) = ordered($swap, raw1, inbox1).await?;
         let rawn = batch_rate!(clients, $batches, batch, $pool, $many, |$q, $ids| {
             $bind_many
         });
@@ -340,13 +360,13 @@ macro_rules! inbox_rates {
                     Ok(())
                 }
             })
-            .await?
         };
+        let (rawn, inboxn) = ordered($swap, rawn, inboxn).await?;
         (raw1, inbox1, rawn, inboxn)
     }};
 }
 
-async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
+async fn sql_bench(b: &StoreBench, kind: Sql, swap: bool) -> Result<Vec<Row>, BoxError> {
     let clients = b.clients.unwrap_or(8);
     let id = run_id();
     let (raw_table, inbox_table, store_table) = (
@@ -379,6 +399,7 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
                 "INSERT INTO {raw_table} (scope, id) SELECT 'b', unnest($1::text[]) ON CONFLICT DO NOTHING"
             );
             let (raw1, inbox1, rawn, inboxn) = inbox_rates!(
+                swap,
                 clients,
                 b.ops,
                 batch,
@@ -399,7 +420,8 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
                 "INSERT INTO {raw_table}_shape (scope, id, processed_at, expires_at)
                  SELECT 'b', unnest($1::text[]), 0, 0 ON CONFLICT DO NOTHING"
             );
-            let shapen = batch_rate!(clients, batches, batch, pool, shaped, |q, ids| q.bind(ids));
+            let shapen =
+                batch_rate!(clients, batches, batch, pool, shaped, |q, ids| q.bind(ids)).await?;
             let (claim1, claimn) = store_rates(store, clients, b.ops, batch, batches).await?;
             let _ = sqlx::query(&drop_all).execute(&pool).await;
             let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {raw_table}_shape"))
@@ -439,6 +461,7 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
                 vec!["('b', ?)"; batch].join(", ")
             );
             let (raw1, inbox1, rawn, inboxn) = inbox_rates!(
+                swap,
                 clients,
                 b.ops,
                 batch,
@@ -460,7 +483,8 @@ async fn sql_bench(b: &StoreBench, kind: Sql) -> Result<Vec<Row>, BoxError> {
             );
             let shapen = batch_rate!(clients, batches, batch, pool, shaped, |q, ids| {
                 ids.into_iter().fold(q, |q, id| q.bind(id))
-            });
+            })
+            .await?;
             let (claim1, claimn) = store_rates(store, clients, b.ops, batch, batches).await?;
             let _ = sqlx::query(&drop_all).execute(&pool).await;
             let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {raw_table}_shape"))
