@@ -85,7 +85,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
         for round in 0..b.rounds.max(1) {
             let swap = round % 2 == 1;
             rounds.push(if b.store.starts_with("redis://") {
-                redis_bench(&b).await?
+                redis_bench(&b, swap).await?
             } else if b.store.starts_with("postgres://") || b.store.starts_with("postgresql://") {
                 sql_bench(&b, Sql::Postgres, swap).await?
             } else if b.store.starts_with("mysql://") {
@@ -173,7 +173,7 @@ fn run_id() -> String {
     )
 }
 
-async fn redis_bench(b: &StoreBench) -> Result<Vec<Row>, BoxError> {
+async fn redis_bench(b: &StoreBench, swap: bool) -> Result<Vec<Row>, BoxError> {
     let clients = b.clients.unwrap_or(50);
     let prefix = format!("idemgate-bench:{}:", run_id());
     let conn = redis::aio::ConnectionManager::new(redis::Client::open(b.store.as_str())?).await?;
@@ -195,19 +195,6 @@ async fn redis_bench(b: &StoreBench) -> Result<Vec<Row>, BoxError> {
         })
     };
     raw_set(0).await?; // warm-up: connections, server allocations
-    let raw = raw_set(1).await?;
-    // the floor of any one-script operation: EVALSHA of `return 1`, same client, same clients
-    let floor = {
-        let (conn, script) = (conn.clone(), Arc::new(redis::Script::new("return 1")));
-        drive(clients, b.ops, move |i| {
-            let (mut conn, script) = (conn.clone(), Arc::clone(&script));
-            async move {
-                let _: i64 = script.key(format!("x{i}")).invoke_async(&mut conn).await?;
-                Ok(())
-            }
-        })
-        .await?
-    };
     let store = RedisStore::builder()
         .with_url(&b.store)
         .with_key_prefix(format!("{prefix}store:"))
@@ -224,6 +211,18 @@ async fn redis_bench(b: &StoreBench) -> Result<Vec<Row>, BoxError> {
             async move {
                 let key = Key::new("bench", format!("c{i}"))?;
                 let _claim = store.claim(&key, None, &opts).await?;
+                Ok(())
+            }
+        })
+    };
+    let (raw, claim) = ordered(swap, raw_set(1), claim).await?;
+    // the floor of any one-script operation: EVALSHA of `return 1`, same client, same clients
+    let floor = {
+        let (conn, script) = (conn.clone(), Arc::new(redis::Script::new("return 1")));
+        drive(clients, b.ops, move |i| {
+            let (mut conn, script) = (conn.clone(), Arc::clone(&script));
+            async move {
+                let _: i64 = script.key(format!("x{i}")).invoke_async(&mut conn).await?;
                 Ok(())
             }
         })
