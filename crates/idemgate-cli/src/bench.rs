@@ -176,30 +176,39 @@ fn run_id() -> String {
 async fn redis_bench(b: &StoreBench, swap: bool) -> Result<Vec<Row>, BoxError> {
     let clients = b.clients.unwrap_or(50);
     let prefix = format!("idemgate-bench:{}:", run_id());
-    let conn = redis::aio::ConnectionManager::new(redis::Client::open(b.store.as_str())?).await?;
+    // configured like the store's connection (its default response timeout)
+    let conn = redis::aio::ConnectionManager::new_with_config(
+        redis::Client::open(b.store.as_str())?,
+        redis::aio::ConnectionManagerConfig::new().set_response_timeout(Duration::from_secs(5)),
+    )
+    .await?;
+    let store = RedisStore::builder()
+        .with_url(&b.store)
+        .with_key_prefix(format!("{prefix}store:"))
+        .build()
+        .await?;
+    // the raw command on the store's own connection (the same client, the same response
+    // timeout), so the two differ only in what is sent
     let raw_set = |round: u32| {
-        let (conn, prefix) = (conn.clone(), prefix.clone());
+        let (store, prefix) = (store.clone(), prefix.clone());
         drive(clients, b.ops, move |i| {
-            let (mut conn, key) = (conn.clone(), format!("{prefix}raw{round}:{i}"));
+            let (store, key) = (store.clone(), format!("{prefix}raw{round}:{i}"));
             async move {
-                let _: Option<String> = redis::cmd("SET")
-                    .arg(key)
-                    .arg("1")
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(60_000)
-                    .query_async(&mut conn)
+                let _: Option<String> = store
+                    .query(
+                        redis::cmd("SET")
+                            .arg(key)
+                            .arg("1")
+                            .arg("NX")
+                            .arg("PX")
+                            .arg(60_000),
+                    )
                     .await?;
                 Ok(())
             }
         })
     };
     raw_set(0).await?; // warm-up: connections, server allocations
-    let store = RedisStore::builder()
-        .with_url(&b.store)
-        .with_key_prefix(format!("{prefix}store:"))
-        .build()
-        .await?;
     let opts = ClaimOptions {
         lease: Duration::from_secs(60),
         retention: Duration::from_secs(60),

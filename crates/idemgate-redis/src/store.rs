@@ -519,8 +519,10 @@ impl Fresh {
         record.extend_from_slice(b"|1|");
         record.extend_from_slice(self.fp_hex.as_bytes());
         record.extend_from_slice(b"||");
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(redis_key)
+        // sized up front: growing the command's buffers cost more than writing it
+        let mut cmd = redis::Cmd::with_capacity(6, redis_key.len() + record.len() + 32);
+        cmd.arg("SET")
+            .arg(redis_key)
             .arg(record)
             .arg("NX")
             .arg("PX")
