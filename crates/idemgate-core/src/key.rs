@@ -341,7 +341,7 @@ mod tests {
         let x300 = "x".repeat(300);
         let y200 = "y".repeat(200);
         for parts in [
-            vec![&x300.as_bytes()[..]],
+            vec![x300.as_bytes()],
             vec![y200.as_bytes(), y200.as_bytes()],
             vec![&b"\x00\xff"[..], y200.as_bytes(), x300.as_bytes()],
         ] {

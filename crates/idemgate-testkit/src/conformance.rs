@@ -130,7 +130,7 @@ async fn claim<S: Store>(ctx: &Ctx<S>, key: &Key, fp: Option<&Fingerprint>) -> C
 }
 
 fn outcome(tag: &str) -> Outcome {
-    Outcome::new(200, tag.as_bytes().to_vec()).with_meta("x-tag", tag.as_bytes().to_vec())
+    Outcome::new(200, tag.as_bytes().to_vec()).with_meta("x-tag", tag.as_bytes())
 }
 
 /// Rule 2: a new key is acquired with attempt 1, and the record shows it in progress.
