@@ -176,12 +176,6 @@ fn run_id() -> String {
 async fn redis_bench(b: &StoreBench, swap: bool) -> Result<Vec<Row>, BoxError> {
     let clients = b.clients.unwrap_or(50);
     let prefix = format!("idemgate-bench:{}:", run_id());
-    // configured like the store's connection (its default response timeout)
-    let conn = redis::aio::ConnectionManager::new_with_config(
-        redis::Client::open(b.store.as_str())?,
-        redis::aio::ConnectionManagerConfig::new().set_response_timeout(Duration::from_secs(5)),
-    )
-    .await?;
     let store = RedisStore::builder()
         .with_url(&b.store)
         .with_key_prefix(format!("{prefix}store:"))
@@ -225,13 +219,18 @@ async fn redis_bench(b: &StoreBench, swap: bool) -> Result<Vec<Row>, BoxError> {
         })
     };
     let (raw, claim) = ordered(swap, raw_set(1), claim).await?;
-    // the floor of any one-script operation: EVALSHA of `return 1`, same client, same clients
+    // the floor of any one-script operation: EVALSHA of `return 1`, on the same connection
+    let sha: String = store
+        .query(redis::cmd("SCRIPT").arg("LOAD").arg("return 1"))
+        .await?;
     let floor = {
-        let (conn, script) = (conn.clone(), Arc::new(redis::Script::new("return 1")));
+        let (store, sha) = (store.clone(), Arc::new(sha));
         drive(clients, b.ops, move |i| {
-            let (mut conn, script) = (conn.clone(), Arc::clone(&script));
+            let (store, sha) = (store.clone(), Arc::clone(&sha));
             async move {
-                let _: i64 = script.key(format!("x{i}")).invoke_async(&mut conn).await?;
+                let _: i64 = store
+                    .query(redis::cmd("EVALSHA").arg(&*sha).arg(1).arg(format!("x{i}")))
+                    .await?;
                 Ok(())
             }
         })

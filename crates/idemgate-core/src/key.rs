@@ -72,27 +72,34 @@ fn check(what: &str, s: &str) -> Result<()> {
 
 /// Parts written as `len:part` pairs, which no other list of parts can produce.
 enum Encoded {
-    /// No parts.
-    Empty,
-    /// The encoding is a valid id: the first this many bytes of the buffer.
+    /// The encoding is a valid id, or empty (no parts): the first this many bytes of the buffer.
     Id(usize),
     /// The BLAKE3 digest of the encoding: it is too long for an id or has a byte outside
-    /// visible ASCII (or the caller wanted the digest).
+    /// visible ASCII.
     Digest(blake3::Hash),
+}
+
+impl Encoded {
+    /// The digest of the encoding, whichever form it took (`buf`: the buffer it was written to).
+    fn digest(self, buf: &[u8]) -> blake3::Hash {
+        match self {
+            Encoded::Id(len) => blake3::hash(&buf[..len]),
+            Encoded::Digest(digest) => digest,
+        }
+    }
 }
 
 /// Encodes `parts` into `buf` while the encoding fits and is visible ASCII, and into a BLAKE3
 /// hasher (made only then) once it does not: no heap allocation either way.
-fn length_prefixed<I>(parts: I, buf: &mut [u8; MAX_KEY_LEN], digest: bool) -> Encoded
+fn length_prefixed<I>(parts: I, buf: &mut [u8; MAX_KEY_LEN]) -> Encoded
 where
     I: IntoIterator,
     I::Item: AsRef<[u8]>,
 {
     let mut parts = parts.into_iter();
-    let (mut len, mut graphic, mut any) = (0, true, false);
+    let (mut len, mut graphic) = (0, true);
     while let Some(part) = parts.next() {
         let part = part.as_ref();
-        any = true;
         // the length in decimal, then ':' (`itoa`: `write!` cost more than the rest)
         let mut digits = itoa::Buffer::new();
         let digits = digits.format(part.len()).as_bytes();
@@ -117,10 +124,10 @@ where
         graphic &= part.iter().all(u8::is_ascii_graphic);
         len = end;
     }
-    match (any, graphic && !digest) {
-        (false, _) => Encoded::Empty,
-        (true, true) => Encoded::Id(len),
-        (true, false) => Encoded::Digest(blake3::hash(&buf[..len])),
+    if graphic {
+        Encoded::Id(len)
+    } else {
+        Encoded::Digest(blake3::hash(&buf[..len]))
     }
 }
 
@@ -162,21 +169,20 @@ impl Key {
         I::Item: AsRef<[u8]>,
     {
         let mut buf = [0; MAX_KEY_LEN];
-        match length_prefixed(parts, &mut buf, false) {
-            Encoded::Empty => Err(Error::invalid_key("a composed key needs at least one part")),
+        let encoded = length_prefixed(parts, &mut buf);
+        if let Encoded::Id(0) = encoded {
+            return Err(Error::invalid_key("a composed key needs at least one part"));
+        }
+        let scope = scope.as_ref();
+        check("scope", scope)?;
+        match encoded {
             // 1..=255 bytes of visible ASCII: a valid id as it is
             Encoded::Id(len) => {
-                let scope = scope.as_ref();
-                check("scope", scope)?;
                 let id = std::str::from_utf8(&buf[..len])
                     .map_err(|_| Error::invalid_key("a composed id is not ASCII"))?;
                 Ok(Key::joined(scope, &[id]))
             }
-            Encoded::Digest(digest) => {
-                let scope = scope.as_ref();
-                check("scope", scope)?;
-                Ok(Key::joined(scope, &["b3:", &digest.to_hex()]))
-            }
+            Encoded::Digest(digest) => Ok(Key::joined(scope, &["b3:", &digest.to_hex()])),
         }
     }
 
@@ -187,11 +193,7 @@ impl Key {
     /// run harmless. The same key and step always give the same derived key.
     pub fn derive(&self, step: &str) -> Key {
         let mut buf = [0; MAX_KEY_LEN];
-        let digest = match length_prefixed([self.scope(), self.id(), step], &mut buf, true) {
-            Encoded::Digest(digest) => digest,
-            // three parts are never empty, and a digest was asked for
-            Encoded::Empty | Encoded::Id(_) => blake3::hash(b""),
-        };
+        let digest = length_prefixed([self.scope(), self.id(), step], &mut buf).digest(&buf);
         Key::joined(self.scope(), &["d3:", &digest.to_hex()])
     }
 

@@ -488,20 +488,21 @@ fn fenced_reply(v: &Value) -> Result<i64> {
 /// A fresh claim's record, written by the client with one `SET NX PX` (no script): it stores the
 /// lease and retention lengths, not times, and the scripts read its times off the key's TTL.
 struct Fresh {
-    token: u64,
-    // when the claim was made: the token (a millisecond clock) and the lease's end derive from it
+    // when the claim was made: its token (a millisecond clock) and the lease's end derive from it
     now: std::time::SystemTime,
     fp_hex: String,
 }
 
 impl Fresh {
     fn new(fp: Option<&Fingerprint>) -> Self {
-        let now = std::time::SystemTime::now();
         Fresh {
-            token: idemgate_core::to_millis(now).max(1),
-            now,
+            now: std::time::SystemTime::now(),
             fp_hex: fp.map(Fingerprint::to_hex).unwrap_or_default(),
         }
+    }
+
+    fn token(&self) -> u64 {
+        idemgate_core::to_millis(self.now).max(1)
     }
 
     fn set(&self, redis_key: &str, opts: &ClaimOptions) -> redis::Cmd {
@@ -511,7 +512,7 @@ impl Fresh {
         let mut record = Vec::with_capacity(48 + self.fp_hex.len());
         let mut num = itoa::Buffer::new();
         record.extend_from_slice(b"1|n|");
-        record.extend_from_slice(num.format(self.token).as_bytes());
+        record.extend_from_slice(num.format(self.token()).as_bytes());
         record.push(b'|');
         record.extend_from_slice(num.format(lease).as_bytes());
         record.extend_from_slice(b"|0|");
@@ -533,7 +534,7 @@ impl Fresh {
     fn acquired(&self, key: &Key, opts: &ClaimOptions) -> Claim {
         Claim::Acquired(Lease::new(
             key.clone(),
-            self.token,
+            self.token(),
             self.now + opts.lease,
             1,
         ))
