@@ -33,8 +33,9 @@ impl Fingerprint {
         I::Item: AsRef<[u8]>,
     {
         // small parts are gathered and hashed in one call (each `update` has a fixed cost);
-        // BLAKE3 gives the same digest however the input is split
-        let mut h = blake3::Hasher::new();
+        // BLAKE3 gives the same digest however the input is split. The streaming hasher (about
+        // 2 KB of state) is made only for content that outgrows the buffer.
+        let mut h: Option<blake3::Hasher> = None;
         let mut buf = [0u8; 512];
         let mut used = 0;
         for part in parts {
@@ -46,14 +47,21 @@ impl Fingerprint {
                 buf[used..used + part.len()].copy_from_slice(part);
                 used += part.len();
             } else {
+                let h = h.get_or_insert_with(blake3::Hasher::new);
                 h.update(&buf[..used]);
                 used = 0;
                 h.update(&len);
                 h.update(part);
             }
         }
-        h.update(&buf[..used]);
-        Fingerprint(*h.finalize().as_bytes())
+        let digest = match h {
+            None => blake3::hash(&buf[..used]),
+            Some(mut h) => {
+                h.update(&buf[..used]);
+                h.finalize()
+            }
+        };
+        Fingerprint(*digest.as_bytes())
     }
 
     /// A fingerprint from its 32 raw bytes (as stored).

@@ -168,19 +168,25 @@ impl Key {
         I: IntoIterator,
         I::Item: AsRef<[u8]>,
     {
-        let mut buf = [0; MAX_KEY_LEN];
-        let encoded = length_prefixed(parts, &mut buf);
-        if let Encoded::Id(0) = encoded {
-            return Err(Error::invalid_key("a composed key needs at least one part"));
-        }
         let scope = scope.as_ref();
         check("scope", scope)?;
-        match encoded {
+        // the scope, then the id encoded right behind it: the key's text is written once
+        let mut buf = [0; 2 * MAX_KEY_LEN];
+        let (head, tail) = buf.split_at_mut(scope.len());
+        head.copy_from_slice(scope.as_bytes());
+        let id: &mut [u8; MAX_KEY_LEN] = (&mut tail[..MAX_KEY_LEN])
+            .try_into()
+            .map_err(|_| Error::invalid_key("the scope is too long"))?;
+        match length_prefixed(parts, id) {
+            Encoded::Id(0) => Err(Error::invalid_key("a composed key needs at least one part")),
             // 1..=255 bytes of visible ASCII: a valid id as it is
             Encoded::Id(len) => {
-                let id = std::str::from_utf8(&buf[..len])
+                let text = std::str::from_utf8(&buf[..scope.len() + len])
                     .map_err(|_| Error::invalid_key("a composed id is not ASCII"))?;
-                Ok(Key::joined(scope, &[id]))
+                Ok(Key {
+                    text: Arc::from(text),
+                    scope_len: u8::try_from(scope.len()).unwrap_or(u8::MAX),
+                })
             }
             Encoded::Digest(digest) => Ok(Key::joined(scope, &["b3:", &digest.to_hex()])),
         }

@@ -41,11 +41,27 @@ use crate::store::Store;
 #[derive(Debug)]
 pub struct MemoryStore {
     // records keyed by their own `key`: one hash per operation picks the shard and the slot
-    shards: Box<[Mutex<HashTable<Record>>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
+    // the records held, counted only in a bounded store: an unbounded one adds up its shards
+    // when asked, so a fresh claim writes no counter that every thread shares
     len: AtomicUsize,
     capacity: Option<usize>,
     clock: Arc<dyn Clock>,
+}
+
+/// One shard's lock and table, alone on its cache lines: two threads locking neighbouring
+/// shards do not take each other's lines away.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(Mutex<HashTable<Record>>);
+
+impl Shard {
+    fn lock(&self) -> MutexGuard<'_, HashTable<Record>> {
+        // A poisoned lock only means another thread panicked while holding it; every update
+        // is a single assignment, so the map is consistent.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Builds a [`MemoryStore`].
@@ -83,7 +99,7 @@ impl MemoryStoreBuilder {
             });
         }
         Ok(MemoryStore {
-            shards: (0..self.shards).map(|_| Mutex::default()).collect(),
+            shards: (0..self.shards).map(|_| Shard::default()).collect(),
             hasher: RandomState::default(),
             len: AtomicUsize::new(0),
             capacity: self.capacity,
@@ -126,7 +142,10 @@ impl MemoryStore {
 
     /// The number of records held, expired or not.
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        match self.capacity {
+            Some(_) => self.len.load(Ordering::Relaxed),
+            None => self.shards.iter().map(|s| s.lock().len()).sum(),
+        }
     }
 
     /// Whether the store holds no record.
@@ -144,27 +163,26 @@ impl MemoryStore {
         // bits the table uses for neither its index (low) nor its tags (top 7);
         // `shards.len()` is never 0 (the builder refuses it), so the index is in range
         let i = usize::try_from((hash >> 32) % self.shards.len() as u64).unwrap_or(0);
-        // A poisoned lock only means another thread panicked while holding it; every update
-        // below is a single assignment, so the map is consistent.
-        (
-            self.shards[i].lock().unwrap_or_else(|e| e.into_inner()),
-            hash,
-        )
+        (self.shards[i].lock(), hash)
+    }
+
+    /// Counts `n` records dropped (only a bounded store counts).
+    fn dropped(&self, n: usize) {
+        if self.capacity.is_some() {
+            self.len.fetch_sub(n, Ordering::Relaxed);
+        }
     }
 
     fn drop_expired(&self, map: &mut HashTable<Record>, now: SystemTime) {
         let before = map.len();
         map.retain(|r| r.expires_at > now);
-        self.len.fetch_sub(before - map.len(), Ordering::Relaxed);
+        self.dropped(before - map.len());
     }
 
     /// Takes one slot of the capacity; `false` when the store is full.
     fn reserve(&self) -> bool {
         match self.capacity {
-            None => {
-                self.len.fetch_add(1, Ordering::Relaxed);
-                true
-            }
+            None => true,
             Some(limit) => self
                 .len
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -177,8 +195,7 @@ impl MemoryStore {
     /// Drops expired records from every shard, one lock at a time.
     fn sweep(&self, now: SystemTime) {
         for shard in self.shards.iter() {
-            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
-            self.drop_expired(&mut map, now);
+            self.drop_expired(&mut shard.lock(), now);
         }
     }
 
@@ -353,14 +370,14 @@ impl Store for MemoryStore {
             if purged >= limit {
                 break;
             }
-            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = shard.lock();
             let before = purged;
             map.retain(|r| {
                 let doomed = r.expires_at <= now && purged < limit;
                 purged += usize::from(doomed);
                 !doomed
             });
-            self.len.fetch_sub(purged - before, Ordering::Relaxed);
+            self.dropped(purged - before);
         }
         Ok(purged as u64)
     }
