@@ -5,11 +5,13 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use idemgate_core::{Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Store, keep_alive};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -409,6 +411,17 @@ impl Runtime {
         self.behind(async move { rt.ack(d).await }).await;
     }
 
+    /// Acks `ds` behind the lane, in order, from one task (a committed batch).
+    async fn ack_all_behind<D: Delivery>(self: &Arc<Self>, ds: Vec<D>) {
+        let rt = Arc::clone(self);
+        self.behind(async move {
+            for d in ds {
+                rt.ack(d).await;
+            }
+        })
+        .await;
+    }
+
     /// Waits until every settlement running behind the lanes has finished.
     async fn settled(&self) {
         let _all = self.settling.acquire_many(self.settle_slots).await;
@@ -462,10 +475,15 @@ impl Runtime {
     }
 
     fn forget(&self, key: &Key) {
-        self.attempts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        self.forget_all([key]);
+    }
+
+    /// Forgets the attempts of `keys` under one lock.
+    fn forget_all<'k>(&self, keys: impl IntoIterator<Item = &'k Key>) {
+        let mut map = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        for key in keys {
+            map.remove(key);
+        }
     }
 
     /// A failed run: nacked with a growing delay, or dead-lettered when out of attempts.
@@ -771,8 +789,8 @@ where
             return rt.nack(d, rt.cfg.busy_delay).await;
         }
         let attempt = rt.attempt(&key, Some(lease.attempt()), d.message());
-        // the handler runs in its own task: a panic is a failed attempt, not a dead lane
-        let run = tokio::spawn((self.handler)(d.message().clone()));
+        // a panic in the handler is caught here: a failed attempt, not a dead lane
+        let run = AssertUnwindSafe((self.handler)(d.message().clone())).catch_unwind();
         let (joined, lost) = tokio::select! {
             r = keep_alive(&*self.store, &lease, rt.cfg.lease, run) => r,
             never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
@@ -793,14 +811,10 @@ where
                 let _ = self.store.release(lease).await;
                 rt.failed(d, &key, attempt, e.to_string()).await;
             }
-            Err(e) => {
+            Err(_panic) => {
                 let _ = self.store.release(lease).await;
-                let error = if e.is_panic() {
-                    "the handler panicked"
-                } else {
-                    "the handler was cancelled"
-                };
-                rt.failed(d, &key, attempt, error.into()).await;
+                rt.failed(d, &key, attempt, "the handler panicked".into())
+                    .await;
             }
         }
     }
@@ -871,15 +885,16 @@ where
         };
         match committed {
             Ok(firsts) => {
-                for ((d, key), first) in batch.into_iter().zip(keys).zip(firsts) {
-                    if first {
-                        rt.forget(&key);
-                        bump(&rt.counters.handled);
-                    } else {
-                        bump(&rt.counters.duplicates);
-                    }
-                    self.rt.ack_behind(d).await;
-                }
+                let new = keys.iter().zip(&firsts).filter(|(_, first)| **first);
+                rt.forget_all(new.map(|(key, _)| key));
+                let handled = firsts.iter().filter(|first| **first).count() as u64;
+                let counters = &rt.counters;
+                counters.handled.fetch_add(handled, Ordering::Relaxed);
+                counters
+                    .duplicates
+                    .fetch_add(firsts.len() as u64 - handled, Ordering::Relaxed);
+                // one settlement for the batch: its acks go in order, from one task
+                self.rt.ack_all_behind(batch).await;
             }
             Err(why) => {
                 tracing::debug!(%why, n = batch.len(), "batch rolled back; one transaction each");
@@ -941,21 +956,14 @@ where
             return self.rt.ack_behind(d).await;
         }
         let attempt = rt.attempt(&key, None, d.message());
-        let (handler, msg) = (Arc::clone(&self.handler), d.message().clone());
-        // the handler runs in its own task: a panic rolls the transaction back
-        let run = tokio::spawn(async move {
-            let r = handler
-                .handle(&mut tx, &msg)
-                .await
-                .map_err(|e| e.to_string());
-            (tx, r)
-        });
+        // a panic in the handler is caught here: the transaction rolls back, the lane lives on
+        let run = AssertUnwindSafe(self.handler.handle(&mut tx, d.message())).catch_unwind();
         let joined = tokio::select! {
             r = run => r,
             never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
         };
         match joined {
-            Ok((tx, Ok(()))) => match self.inbox.commit(tx).await {
+            Ok(Ok(())) => match self.inbox.commit(tx).await {
                 Ok(()) => {
                     rt.forget(&key);
                     bump(&rt.counters.handled);
@@ -967,8 +975,12 @@ where
                     rt.nack(d, rt.cfg.retry_delay).await;
                 }
             },
-            Ok((_rolled_back, Err(error))) => rt.failed(d, &key, attempt, error).await,
-            Err(_) => {
+            Ok(Err(error)) => {
+                drop(tx);
+                rt.failed(d, &key, attempt, error.to_string()).await
+            }
+            Err(_panic) => {
+                drop(tx);
                 rt.failed(d, &key, attempt, "the handler panicked".into())
                     .await
             }
@@ -998,23 +1010,19 @@ impl<I: Inbox, H: InboxHandler<I::Tx>> InboxProcess<I, H> {
                     .map_err(|e| e.to_string())?;
             }
         }
-        let new: Vec<Message> = batch
-            .iter()
-            .zip(&firsts)
-            .filter(|(_, first)| **first)
-            .map(|(d, _)| d.message().clone())
-            .collect();
-        let handler = Arc::clone(&self.handler);
-        // the handlers run in their own task: a panic rolls the batch back
-        let run = tokio::spawn(async move {
-            for msg in &new {
-                if let Err(e) = handler.handle(&mut tx, msg).await {
-                    return Err(e.to_string());
-                }
+        // the new messages' handlers, in order; a panic is caught here and rolls the batch back
+        let run = AssertUnwindSafe(async {
+            for (d, _) in batch.iter().zip(&firsts).filter(|(_, first)| **first) {
+                self.handler
+                    .handle(&mut tx, d.message())
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
-            Ok(tx)
+            Ok::<_, String>(())
         });
-        let tx = run.await.map_err(|_| "a handler panicked".to_owned())??;
+        run.catch_unwind()
+            .await
+            .map_err(|_| "a handler panicked".to_owned())??;
         self.inbox.commit(tx).await.map_err(|e| e.to_string())?;
         Ok(firsts)
     }

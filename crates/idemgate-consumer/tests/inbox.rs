@@ -1,6 +1,6 @@
 //! Inbox mode through the runtime on PostgreSQL and MariaDB: the key row and a deliberately
 //! non-idempotent effect (`applied = applied + 1`) commit together, under duplicates, concurrent
-//! copies, handler failures and a consumer that dies before its ack.
+//! copies, handler failures and panics, and a consumer that dies before its ack.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -125,6 +125,11 @@ async fn postgres_case(batch: usize) {
                 if n % 10 == 0 && msg.deliveries == Some(1) {
                     f.fetch_add(1, Ordering::SeqCst);
                     return Err("failed after the effect".into());
+                }
+                // and every 10th from 5 panics once, after its effect: the same
+                if n % 10 == 5 && msg.deliveries == Some(1) {
+                    f.fetch_add(1, Ordering::SeqCst);
+                    panic!("a handler bug after the effect");
                 }
                 Ok(())
             })
