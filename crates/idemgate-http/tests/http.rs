@@ -207,11 +207,44 @@ async fn statuses_and_replay<St: Store>(store: St) {
     assert_eq!(p["retryable"], true);
     assert_eq!(slow.await.unwrap(), 201);
 
-    // over the body limit: 413
-    let big = "x".repeat((1 << 20) + 1);
-    let (status, _, _) =
-        problem_type(post_with(&base, "/payments", "alice", Some("k-big"), &big, 0).await).await;
-    assert_eq!(status, 413);
+    // over the body limit: 413, answered from the announced length before any of the body is
+    // read. (A client that streams the body meanwhile may see the connection closed under its
+    // write instead of the answer, as reqwest sometimes does: so only the headers are sent.)
+    assert_eq!(
+        status_of_headers_only(&base, "/payments", "alice", "k-big", (1 << 20) + 1).await,
+        413
+    );
+}
+
+/// Sends a POST's headers announcing `length` bytes, none of the body, and returns the status
+/// of the answer.
+async fn status_of_headers_only(
+    base: &str,
+    path: &str,
+    user: &str,
+    key: &str,
+    length: usize,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nx-user: {user}\r\nidempotency-key: {key}\r\n\
+         content-length: {length}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the connection closed before an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    // "HTTP/1.1 413 Payload Too Large"
+    std::str::from_utf8(&answer[9..12])
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 async fn five_hundreds_release_and_panics_leave_nothing_stuck<St: Store>(store: St) {
