@@ -80,11 +80,6 @@ pub(crate) struct ConsumerBench {
 trait Fill: Send + Sync {
     type Source: Source;
     fn fill(&self, n: u64) -> impl Future<Output = Result<Self::Source, BoxError>> + Send;
-
-    /// Closes the broker's connection before the runtime goes away.
-    fn close(&self) -> impl Future<Output = Result<(), BoxError>> + Send {
-        async { Ok(()) }
-    }
 }
 
 static FRESH: AtomicU64 = AtomicU64::new(0);
@@ -144,10 +139,6 @@ impl Fill for Rabbit {
         self.0.declare(&queue).await?;
         publish(Arc::clone(&self.1), &queue, n).await?;
         Ok(self.0.source(&queue, 256).await?)
-    }
-
-    async fn close(&self) -> Result<(), BoxError> {
-        Ok(self.0.close().await?)
     }
 }
 
@@ -520,7 +511,6 @@ async fn rounds<F: Fill>(broker: F, b: &ConsumerBench) -> Result<Vec<Vec<f64>>, 
     for _ in 0..b.rounds.max(1) {
         all.push(round(&broker, &store, sql.as_ref(), b).await?);
     }
-    broker.close().await?;
     Ok(all)
 }
 
