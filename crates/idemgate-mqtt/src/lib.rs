@@ -12,6 +12,12 @@
 //! - The source's horizon ([`Source::horizon`]): the session expiry interval, as long as the
 //!   broker may redeliver.
 //!
+//! PUBACKs go out as the runtime settles messages, which with more than one handler at a time is
+//! not always the order the PUBLISHes arrived in. MQTT 5 asks clients for that order
+//! ([MQTT-4.6.0-2]); Mosquitto (what this crate is tested against), EMQX and VerneMQ accept acks
+//! in any order, matching them by packet id. Keeping the order would hold every later ack, and
+//! with them the broker's in-flight window, behind a message that is being retried.
+//!
 //! A broker keeps a bounded queue per session: Mosquitto drops QoS 1 messages beyond
 //! `max_queued_messages` (default 1000) plus the client's receive maximum while the consumer is
 //! away or behind. That loss happens before any consumer sees the message; raise the limit for
