@@ -89,9 +89,10 @@ impl Encoded {
     }
 }
 
-/// Encodes `parts` into `buf` while the encoding fits and is visible ASCII, and into a BLAKE3
-/// hasher (made only then) once it does not: no heap allocation either way.
-fn length_prefixed<I>(parts: I, buf: &mut [u8; MAX_KEY_LEN]) -> Encoded
+/// Encodes `parts` into `buf` (at least [`MAX_KEY_LEN`] bytes) while the encoding fits an id and
+/// is visible ASCII, and into a BLAKE3 hasher (made only then) once it does not: no heap
+/// allocation either way.
+fn length_prefixed<I>(parts: I, buf: &mut [u8]) -> Encoded
 where
     I: IntoIterator,
     I::Item: AsRef<[u8]>,
@@ -149,10 +150,18 @@ impl Key {
             buf[len..len + piece.len()].copy_from_slice(piece.as_bytes());
             len += piece.len();
         }
+        // both parts are ASCII, so their concatenation is UTF-8
+        Key::from_text(
+            std::str::from_utf8(&buf[..len]).unwrap_or_default(),
+            scope.len(),
+        )
+    }
+
+    /// A key whose text is the checked scope (its first `scope_len` bytes) and then the id.
+    fn from_text(text: &str, scope_len: usize) -> Self {
         Key {
-            // both parts are ASCII, so their concatenation is UTF-8
-            text: Arc::from(std::str::from_utf8(&buf[..len]).unwrap_or_default()),
-            scope_len: u8::try_from(scope.len()).unwrap_or(u8::MAX),
+            text: Arc::from(text),
+            scope_len: u8::try_from(scope_len).unwrap_or(u8::MAX),
         }
     }
 
@@ -172,21 +181,15 @@ impl Key {
         check("scope", scope)?;
         // the scope, then the id encoded right behind it: the key's text is written once
         let mut buf = [0; 2 * MAX_KEY_LEN];
-        let (head, tail) = buf.split_at_mut(scope.len());
+        let (head, id) = buf.split_at_mut(scope.len());
         head.copy_from_slice(scope.as_bytes());
-        let id: &mut [u8; MAX_KEY_LEN] = (&mut tail[..MAX_KEY_LEN])
-            .try_into()
-            .map_err(|_| Error::invalid_key("the scope is too long"))?;
         match length_prefixed(parts, id) {
             Encoded::Id(0) => Err(Error::invalid_key("a composed key needs at least one part")),
             // 1..=255 bytes of visible ASCII: a valid id as it is
             Encoded::Id(len) => {
                 let text = std::str::from_utf8(&buf[..scope.len() + len])
                     .map_err(|_| Error::invalid_key("a composed id is not ASCII"))?;
-                Ok(Key {
-                    text: Arc::from(text),
-                    scope_len: u8::try_from(scope.len()).unwrap_or(u8::MAX),
-                })
+                Ok(Key::from_text(text, scope.len()))
             }
             Encoded::Digest(digest) => Ok(Key::joined(scope, &["b3:", &digest.to_hex()])),
         }
