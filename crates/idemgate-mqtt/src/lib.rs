@@ -12,18 +12,22 @@
 //! - The source's horizon ([`Source::horizon`]): the session expiry interval, as long as the
 //!   broker may redeliver.
 //!
-//! PUBACKs go out as the runtime settles messages, which with more than one handler at a time is
-//! not always the order the PUBLISHes arrived in. MQTT 5 asks clients for that order
-//! ([MQTT-4.6.0-2]); Mosquitto (what this crate is tested against), EMQX and VerneMQ accept acks
-//! in any order, matching them by packet id. Keeping the order would hold every later ack, and
-//! with them the broker's in-flight window, behind a message that is being retried.
+//! PUBACKs go out in the order the PUBLISHes arrived, as MQTT 5 requires of clients
+//! ([MQTT-4.6.0-2]), although with more than one handler at a time messages are settled in
+//! another order: a settled message's PUBACK waits until every message that arrived before it
+//! on the connection is settled. A message being retried (MQTT has no negative ack) holds the
+//! PUBACKs behind it, and with them the broker's in-flight window, until it is settled or
+//! dead-lettered. Mosquitto, EMQX and VerneMQ match acks by packet id and accept them in any
+//! order; [`Session::acks_in_any_order`] sends each as soon as its message is settled.
+//!
+//! [MQTT-4.6.0-2]: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901240
 //!
 //! A broker keeps a bounded queue per session: Mosquitto drops QoS 1 messages beyond
 //! `max_queued_messages` (default 1000) plus the client's receive maximum while the consumer is
 //! away or behind. That loss happens before any consumer sees the message; raise the limit for
 //! consumers that may fall far behind.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -55,6 +59,8 @@ pub struct Session {
     pub expiry: Duration,
     /// Unacknowledged QoS 1 messages the broker sends at once (default 64).
     pub receive_maximum: u16,
+    /// PUBACKs in the order the PUBLISHes arrived, as MQTT 5 requires (default `true`).
+    pub ordered_acks: bool,
 }
 
 impl Session {
@@ -64,6 +70,7 @@ impl Session {
             persistent: false,
             expiry: Duration::ZERO,
             receive_maximum: 64,
+            ordered_acks: true,
         }
     }
 
@@ -73,12 +80,23 @@ impl Session {
             persistent: true,
             expiry,
             receive_maximum: 64,
+            ordered_acks: true,
         }
     }
 
     /// Sets the receive maximum.
     pub fn receive_maximum(mut self, n: u16) -> Self {
         self.receive_maximum = n.max(1);
+        self
+    }
+
+    /// Sends each PUBACK as soon as its message is settled, not in arrival order: no message
+    /// being retried holds the others' acks. MQTT 5 asks for arrival order ([MQTT-4.6.0-2]);
+    /// use this only with a broker that matches acks by packet id (Mosquitto, EMQX, VerneMQ do).
+    ///
+    /// [MQTT-4.6.0-2]: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901240
+    pub fn acks_in_any_order(mut self) -> Self {
+        self.ordered_acks = false;
         self
     }
 }
@@ -100,6 +118,107 @@ struct Link {
     acks: Mutex<Acks>,
     // publishes and subscribes are queued to the event loop in the order their waiters are
     order: tokio::sync::Mutex<()>,
+    // the task that sends PUBACKs in arrival order, unless the session allows any order
+    in_order: Option<mpsc::UnboundedSender<Settled>>,
+}
+
+/// What the in-order acker hears.
+enum Settled {
+    /// The message that arrived `n`th on the connection is settled: its PUBACK may go.
+    Message(u64, Ack),
+    /// The connection dropped: the broker redelivers every message that arrived before the
+    /// `n`th on the next one, so their PUBACKs are void.
+    Lost(u64),
+    /// Answered once every PUBACK that could go out before it has been queued.
+    Flush(oneshot::Sender<()>),
+}
+
+/// What a PUBACK needs of its PUBLISH: the QoS and the packet id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ack(QoS, u16);
+
+impl Ack {
+    fn of(p: &Publish) -> Self {
+        Ack(p.qos, p.pkid)
+    }
+
+    /// A PUBLISH with nothing but what `AsyncClient::ack` reads.
+    fn publish(self) -> Publish {
+        Publish {
+            qos: self.0,
+            pkid: self.1,
+            ..Publish::default()
+        }
+    }
+}
+
+/// PUBACKs in arrival order ([MQTT-4.6.0-2]): a settled message's ack waits here until every
+/// message that arrived before it is settled.
+///
+/// [MQTT-4.6.0-2]: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901240
+#[derive(Debug)]
+struct InOrder<T> {
+    /// The arrival number of the oldest message whose ack has not gone out.
+    next: u64,
+    /// Settled messages that arrived after an unsettled one.
+    held: BTreeMap<u64, T>,
+}
+
+impl<T> InOrder<T> {
+    fn new() -> Self {
+        InOrder {
+            next: 0,
+            held: BTreeMap::new(),
+        }
+    }
+
+    /// The message that arrived `arrival`th is settled; returns the acks that may go out now,
+    /// in arrival order. An arrival already acked or void is ignored.
+    fn settled(&mut self, arrival: u64, ack: T) -> Vec<T> {
+        if arrival >= self.next {
+            self.held.insert(arrival, ack);
+        }
+        let mut out = Vec::new();
+        while let Some(entry) = self.held.first_entry() {
+            if *entry.key() != self.next {
+                break;
+            }
+            out.push(entry.remove());
+            self.next += 1;
+        }
+        out
+    }
+
+    /// The connection dropped after `arrived` messages: the held acks, and those of every
+    /// message still in flight, are void (the broker redelivers those messages).
+    fn lost(&mut self, arrived: u64) {
+        self.held.clear();
+        self.next = self.next.max(arrived);
+    }
+}
+
+/// Sends PUBACKs in arrival order, for as long as the connection's handle lives.
+async fn acker(client: AsyncClient, mut settled: mpsc::UnboundedReceiver<Settled>) {
+    let mut order = InOrder::new();
+    while let Some(s) = settled.recv().await {
+        let ready = match s {
+            Settled::Message(arrival, ack) => order.settled(arrival, ack),
+            Settled::Lost(arrived) => {
+                order.lost(arrived);
+                continue;
+            }
+            Settled::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        };
+        for ack in ready {
+            if let Err(e) = client.ack(&ack.publish()).await {
+                // the event loop is gone: the broker redelivers what was not acked
+                tracing::debug!(error = %e, "could not queue a PUBACK");
+            }
+        }
+    }
 }
 
 impl Link {
@@ -164,8 +283,9 @@ impl Link {
 /// [`MqttSource`] made from it share it.
 pub struct Mqtt {
     link: Arc<Link>,
-    incoming: Mutex<Option<mpsc::UnboundedReceiver<Publish>>>,
+    incoming: Mutex<Option<mpsc::UnboundedReceiver<(Publish, u64)>>>,
     driver: JoinHandle<()>,
+    acker: Option<JoinHandle<()>>,
     session: Session,
 }
 
@@ -205,10 +325,17 @@ impl Mqtt {
                 }
             }
         }
+        let (in_order, acker) = if session.ordered_acks {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(tokio::spawn(acker(client.clone(), rx))))
+        } else {
+            (None, None)
+        };
         let link = Arc::new(Link {
             client,
             acks: Mutex::default(),
             order: tokio::sync::Mutex::new(()),
+            in_order,
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(drive(Arc::clone(&link), events, tx));
@@ -216,6 +343,7 @@ impl Mqtt {
             link,
             incoming: Mutex::new(Some(rx)),
             driver,
+            acker,
             session,
         })
     }
@@ -253,15 +381,22 @@ impl Mqtt {
         })
     }
 
-    /// Disconnects cleanly (a persistent session stays on the broker).
+    /// Disconnects cleanly (a persistent session stays on the broker), after the PUBACKs of the
+    /// messages settled so far. A PUBACK held behind an unsettled message is not sent: the broker
+    /// redelivers both.
     pub async fn disconnect(self) -> Result<()> {
+        if let Some(in_order) = &self.link.in_order {
+            let (done, flushed) = oneshot::channel();
+            if in_order.send(Settled::Flush(done)).is_ok() {
+                let _ = flushed.await;
+            }
+        }
         self.link
             .client
             .disconnect()
             .await
             .map_err(err("disconnecting"))?;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        self.driver.abort();
         Ok(())
     }
 }
@@ -270,16 +405,25 @@ impl Drop for Mqtt {
     /// Dropping the connection closes it without a `DISCONNECT`, as a crash would.
     fn drop(&mut self) {
         self.driver.abort();
+        if let Some(acker) = &self.acker {
+            acker.abort();
+        }
     }
 }
 
-/// Drives the event loop: incoming publishes to the source, acks to their waiters; reconnects
-/// after a failure (a persistent session resumes where it was).
-async fn drive(link: Arc<Link>, mut events: EventLoop, incoming: mpsc::UnboundedSender<Publish>) {
+/// Drives the event loop: incoming publishes to the source, numbered in arrival order, acks to
+/// their waiters; reconnects after a failure (a persistent session resumes where it was).
+async fn drive(
+    link: Arc<Link>,
+    mut events: EventLoop,
+    incoming: mpsc::UnboundedSender<(Publish, u64)>,
+) {
+    let mut arrived = 0;
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let _ = incoming.send(p);
+                let _ = incoming.send((p, arrived));
+                arrived += 1;
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
                 let w = link.acks().by_pkid.remove(&ack.pkid);
@@ -322,6 +466,9 @@ async fn drive(link: Arc<Link>, mut events: EventLoop, incoming: mpsc::Unbounded
             Err(e) => {
                 tracing::warn!(error = %e, "mqtt connection failed; reconnecting");
                 link.fail_all(&e.to_string());
+                if let Some(in_order) = &link.in_order {
+                    let _ = in_order.send(Settled::Lost(arrived));
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -369,9 +516,9 @@ impl Sink for MqttSink {
 /// A QoS 1 subscription with manual acks: see the [crate docs](crate).
 pub struct MqttSource {
     link: Arc<Link>,
-    incoming: mpsc::UnboundedReceiver<Publish>,
-    again_tx: mpsc::UnboundedSender<(Publish, Message)>,
-    again_rx: mpsc::UnboundedReceiver<(Publish, Message)>,
+    incoming: mpsc::UnboundedReceiver<(Publish, u64)>,
+    again_tx: mpsc::UnboundedSender<Again>,
+    again_rx: mpsc::UnboundedReceiver<Again>,
     dead_letter_topic: Option<String>,
     horizon: Horizon,
 }
@@ -391,12 +538,13 @@ impl MqttSource {
         self
     }
 
-    fn delivery(&self, publish: Publish, msg: Message) -> MqttDelivery {
+    fn delivery(&self, (publish, arrival, msg): Again) -> MqttDelivery {
         MqttDelivery {
             link: Arc::clone(&self.link),
             again: Some(self.again_tx.clone()),
             dead_letter_topic: self.dead_letter_topic.clone(),
             publish,
+            arrival,
             msg,
         }
     }
@@ -425,24 +573,29 @@ impl Source for MqttSource {
     }
 
     async fn recv(&mut self) -> Result<Option<MqttDelivery>> {
-        let (publish, msg) = tokio::select! {
+        let next = tokio::select! {
             biased;
             Some(again) = self.again_rx.recv() => again,
             p = self.incoming.recv() => match p {
-                Some(p) => { let m = message(&p); (p, m) }
+                Some((p, arrival)) => { let m = message(&p); (p, arrival, m) }
                 None => return Ok(None),
             },
         };
-        Ok(Some(self.delivery(publish, msg)))
+        Ok(Some(self.delivery(next)))
     }
 }
+
+/// A message handed back to its source: the PUBLISH, its arrival number, the message.
+type Again = (Publish, u64, Message);
 
 /// One QoS 1 message, unacknowledged until settled.
 pub struct MqttDelivery {
     link: Arc<Link>,
-    again: Option<mpsc::UnboundedSender<(Publish, Message)>>,
+    again: Option<mpsc::UnboundedSender<Again>>,
     dead_letter_topic: Option<String>,
     publish: Publish,
+    /// Its place in the connection's arrival order (for in-order PUBACKs).
+    arrival: u64,
     msg: Message,
 }
 
@@ -462,17 +615,23 @@ impl MqttDelivery {
             let mut msg = std::mem::take(&mut self.msg);
             msg.redelivered = true;
             msg.deliveries = Some(msg.deliveries.unwrap_or(1) + 1);
-            let _ = again.send((self.publish.clone(), msg));
+            let _ = again.send((self.publish.clone(), self.arrival, msg));
         }
     }
 
     async fn puback(mut self) -> Result<()> {
         self.again = None;
-        self.link
-            .client
-            .ack(&self.publish)
-            .await
-            .map_err(err("acknowledging"))
+        match &self.link.in_order {
+            Some(in_order) => in_order
+                .send(Settled::Message(self.arrival, Ack::of(&self.publish)))
+                .map_err(|_| Error::broker(BROKER, "acknowledging", "the connection is closed")),
+            None => self
+                .link
+                .client
+                .ack(&self.publish)
+                .await
+                .map_err(err("acknowledging")),
+        }
     }
 }
 
@@ -515,5 +674,46 @@ impl Delivery for MqttDelivery {
             .publish(&topic, self.msg.payload.clone(), props)
             .await?;
         self.puback().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InOrder;
+
+    #[test]
+    fn acks_go_out_in_arrival_order() {
+        let mut order = InOrder::new();
+        assert!(order.settled(2, 'c').is_empty());
+        assert!(order.settled(1, 'b').is_empty());
+        assert_eq!(order.settled(0, 'a'), ['a', 'b', 'c']);
+        assert_eq!(order.settled(3, 'd'), ['d']);
+        assert!(order.held.is_empty());
+    }
+
+    #[test]
+    fn a_settled_message_waits_for_every_earlier_one() {
+        let mut order = InOrder::new();
+        for n in (1..100).rev() {
+            assert!(order.settled(n, n).is_empty(), "{n} went out before 0");
+        }
+        assert_eq!(order.settled(0, 0), (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_lost_connection_voids_the_held_acks_and_those_in_flight() {
+        let mut order = InOrder::new();
+        assert_eq!(order.settled(0, 0), [0]);
+        assert!(order.settled(2, 2).is_empty());
+        // the connection dropped after 4 arrivals: 1, 2 and 3 come again, under new numbers
+        order.lost(4);
+        assert!(order.held.is_empty());
+        // a settlement from the old connection is ignored
+        assert!(order.settled(1, 1).is_empty());
+        assert!(order.settled(3, 3).is_empty());
+        assert!(order.held.is_empty());
+        assert_eq!(order.settled(4, 4), [4]);
+        // an ack settled twice goes out once
+        assert!(order.settled(4, 4).is_empty());
     }
 }

@@ -111,3 +111,68 @@ async fn the_horizon_is_the_session_expiry() {
         Duration::from_secs(600)
     );
 }
+
+/// Publishes `n` events to `topic`, receives them on a fresh persistent session, acks every
+/// one but the first (last to first), disconnects, and returns the payloads the broker
+/// redelivers when the session connects again.
+async fn redelivered_after_acking_all_but_the_first(session: Session, n: usize) -> Vec<String> {
+    let topic = unique("order");
+    let id = unique("c");
+    let first = connect(&id, session.clone()).await.unwrap();
+    let mut source = first.source(&topic).await.unwrap();
+    let producer = connect(&unique("p"), Session::clean()).await.unwrap();
+    for i in 0..n {
+        producer
+            .sink()
+            .publish(&Outgoing::new(&topic, i.to_string()))
+            .await
+            .unwrap();
+    }
+    let mut ds = Vec::new();
+    for _ in 0..n {
+        ds.push(broker::next(&mut source, Duration::from_secs(10), "a message").await);
+    }
+    let payloads: Vec<_> = ds
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.message().payload).into_owned())
+        .collect();
+    assert_eq!(payloads, (0..n).map(|i| i.to_string()).collect::<Vec<_>>());
+    let unsettled = ds.remove(0);
+    for d in ds.into_iter().rev() {
+        d.ack().await.unwrap();
+    }
+    // dropped unsettled, the message goes back to its source, not to the broker
+    drop(unsettled);
+    first.disconnect().await.unwrap();
+    let second = connect(&id, session).await.unwrap();
+    let mut again = second.source(&topic).await.unwrap();
+    let mut redelivered = Vec::new();
+    while let Ok(Ok(Some(d))) = tokio::time::timeout(Duration::from_secs(2), again.recv()).await {
+        redelivered.push(String::from_utf8_lossy(&d.message().payload).into_owned());
+        d.ack().await.unwrap();
+    }
+    redelivered
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubacks_go_out_in_arrival_order() {
+    if connect(&unique("probe"), Session::clean()).await.is_none() {
+        return;
+    }
+    // the acks behind the unsettled first message were held, so the broker sends all again
+    let redelivered = redelivered_after_acking_all_but_the_first(persistent(), 10).await;
+    assert_eq!(
+        redelivered,
+        (0..10).map(|i| i.to_string()).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_in_any_order_go_out_as_messages_are_settled() {
+    if connect(&unique("probe"), Session::clean()).await.is_none() {
+        return;
+    }
+    let session = persistent().acks_in_any_order();
+    let redelivered = redelivered_after_acking_all_but_the_first(session, 10).await;
+    assert_eq!(redelivered, ["0"]);
+}
