@@ -68,6 +68,11 @@ pub(crate) struct ConsumerBench {
     /// Messages handled at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Give the effect table a primary key on the event id, as a business table has: an index
+    /// entry per effect row, like the inbox row's. Default: an unindexed table, the cheapest
+    /// effect, where the inbox row weighs most.
+    #[arg(long)]
+    effect_key: bool,
     /// Deliveries per transaction in the batched Inbox-mode measurement.
     #[arg(long, default_value_t = 16)]
     inbox_batch: usize,
@@ -327,6 +332,11 @@ enum Effect {
     MySql(sqlx::MySqlPool, Arc<String>),
 }
 
+/// The event ids of a message's effect rows after its first (`rows` in all).
+fn suffixed(m: &Message, rows: usize) -> impl Iterator<Item = Option<String>> + '_ {
+    (1..rows).map(move |r| m.event_id.as_ref().map(|id| format!("{id}#{r}")))
+}
+
 /// The SQL side: the pool, the effect table and the inbox.
 enum Sql {
     Postgres(sqlx::PgPool, String, PgInboxPool),
@@ -334,17 +344,20 @@ enum Sql {
 }
 
 impl Sql {
-    async fn open(url: &str) -> Result<Option<Self>, BoxError> {
+    async fn open(url: &str, keyed: bool) -> Result<Option<Self>, BoxError> {
         let effects = fresh("effects").replace('-', "_");
+        let key = if keyed { " PRIMARY KEY" } else { "" };
         let inbox_table = fresh("inbox").replace('-', "_");
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(32)
                 .connect(url)
                 .await?;
-            sqlx::query(&format!("CREATE TABLE {effects} (event TEXT NOT NULL)"))
-                .execute(&pool)
-                .await?;
+            sqlx::query(&format!(
+                "CREATE TABLE {effects} (event TEXT NOT NULL{key})"
+            ))
+            .execute(&pool)
+            .await?;
             let inbox = PgInboxPool::new(PgInbox::new().with_table(inbox_table)?, pool.clone());
             inbox.migrate().await?;
             return Ok(Some(Sql::Postgres(pool, effects, inbox)));
@@ -356,7 +369,7 @@ impl Sql {
                 .connect(&url)
                 .await?;
             sqlx::query(&format!(
-                "CREATE TABLE {effects} (event VARCHAR(64) NOT NULL)"
+                "CREATE TABLE {effects} (event VARCHAR(80) NOT NULL{key})"
             ))
             .execute(&pool)
             .await?;
@@ -374,7 +387,8 @@ impl Sql {
     }
 
     /// The effect with `rows` rows per message: two is what any second row in the transaction
-    /// costs, the floor for Inbox mode's inbox row.
+    /// costs, the floor for Inbox mode's inbox row. Rows after a message's first carry its event
+    /// id with a suffix, distinct under `--effect-key`.
     fn effect_rows(
         &self,
         rows: usize,
@@ -395,15 +409,21 @@ impl Sql {
                 match sql {
                     Effect::Postgres(pool, q) => {
                         let mut tx = pool.begin().await?;
-                        for m in ms.iter().flat_map(|m| std::iter::repeat_n(m, rows)) {
+                        for m in &ms {
                             sqlx::query(&q).bind(&m.event_id).execute(&mut *tx).await?;
+                            for more in suffixed(m, rows) {
+                                sqlx::query(&q).bind(more).execute(&mut *tx).await?;
+                            }
                         }
                         tx.commit().await?;
                     }
                     Effect::MySql(pool, q) => {
                         let mut tx = pool.begin().await?;
-                        for m in ms.iter().flat_map(|m| std::iter::repeat_n(m, rows)) {
+                        for m in &ms {
                             sqlx::query(&q).bind(&m.event_id).execute(&mut *tx).await?;
+                            for more in suffixed(m, rows) {
+                                sqlx::query(&q).bind(more).execute(&mut *tx).await?;
+                            }
                         }
                         tx.commit().await?;
                     }
@@ -501,7 +521,7 @@ async fn rounds<F: Fill>(broker: F, b: &ConsumerBench) -> Result<Vec<Vec<f64>>, 
     let store = crate::stores::open(&b.store).await?;
     let sql = match &b.effect {
         Some(url) => Some(
-            Sql::open(url)
+            Sql::open(url, b.effect_key)
                 .await?
                 .ok_or("--effect takes a postgres:// or mysql:// URL")?,
         ),
@@ -553,7 +573,11 @@ pub(crate) async fn run(b: ConsumerBench) -> Result<ExitCode, BoxError> {
         }
     };
     let median = |i: usize| crate::bench::median(all.iter().map(|r| r[i]));
-    let effect = b.effect.as_deref().unwrap_or("none");
+    let effect = match (&b.effect, b.effect_key) {
+        (None, _) => "none".to_owned(),
+        (Some(url), false) => format!("{url} (unindexed)"),
+        (Some(url), true) => format!("{url} (primary key)"),
+    };
     // each line: its name, the measurement it shows, and the ceiling it is compared with
     let lines = [
         ("bare consumer (receive, effect, ack)".to_owned(), 0, None),
