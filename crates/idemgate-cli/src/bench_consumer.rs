@@ -76,7 +76,8 @@ pub(crate) struct ConsumerBench {
     /// Deliveries per transaction in the batched Inbox-mode measurement.
     #[arg(long, default_value_t = 16)]
     inbox_batch: usize,
-    /// Rounds; each figure is the median of its rounds.
+    /// Rounds; each figure is the median of its rounds, each ratio the median of the rounds'
+    /// ratios. The order of the measurements rotates from one round to the next.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
 }
@@ -480,41 +481,52 @@ impl Sql {
     }
 }
 
-/// One round: every measurement once, each on a fresh destination.
+/// Measurement `i` of a round (its row in the table), on a fresh destination.
+async fn measure<F: Fill>(
+    i: usize,
+    broker: &F,
+    store: &BoxStore,
+    sql: Option<&Sql>,
+    b: &ConsumerBench,
+) -> Result<f64, BoxError> {
+    let (n, c, batch) = (b.messages, b.concurrency, b.inbox_batch);
+    let Some(sql) = sql else {
+        let source = broker.fill(n).await?;
+        return match i {
+            0 => bare(source, n, c, 1, |_| async { Ok(()) }).await,
+            _ => gate(source, store, n, c, |_| async { Ok(()) }).await,
+        };
+    };
+    let source = broker.fill(n).await?;
+    match i {
+        0 => bare(source, n, c, 1, sql.effect()).await,
+        1 => {
+            let one = sql.effect();
+            gate(source, store, n, c, move |m| one(vec![m])).await
+        }
+        2 => sql.inbox(source, n, c, 1).await,
+        3 => bare(source, n, c, batch, sql.effect()).await,
+        4 => sql.inbox(source, n, c, batch).await,
+        _ => bare(source, n, c, 1, sql.effect_rows(2)).await,
+    }
+}
+
+/// Round `r`: every measurement once. The order rotates from one round to the next, so a slow
+/// phase of the machine (or a growing table) weighs on each measurement in turn.
 async fn round<F: Fill>(
+    r: usize,
     broker: &F,
     store: &BoxStore,
     sql: Option<&Sql>,
     b: &ConsumerBench,
 ) -> Result<Vec<f64>, BoxError> {
-    let (n, c) = (b.messages, b.concurrency);
-    Ok(match sql {
-        None => {
-            vec![
-                bare(broker.fill(n).await?, n, c, 1, |_: Vec<Message>| async {
-                    Ok::<(), BoxError>(())
-                })
-                .await?,
-                gate(broker.fill(n).await?, store, n, c, |_: Message| async {
-                    Ok::<(), BoxError>(())
-                })
-                .await?,
-            ]
-        }
-        Some(sql) => {
-            let one = sql.effect();
-            let each = move |m: Message| one(vec![m]);
-            let batch = b.inbox_batch;
-            vec![
-                bare(broker.fill(n).await?, n, c, 1, sql.effect()).await?,
-                gate(broker.fill(n).await?, store, n, c, each).await?,
-                sql.inbox(broker.fill(n).await?, n, c, 1).await?,
-                bare(broker.fill(n).await?, n, c, batch, sql.effect()).await?,
-                sql.inbox(broker.fill(n).await?, n, c, batch).await?,
-                bare(broker.fill(n).await?, n, c, 1, sql.effect_rows(2)).await?,
-            ]
-        }
-    })
+    let k = if sql.is_some() { 6 } else { 2 };
+    let mut rates = vec![0.0; k];
+    for j in 0..k {
+        let i = (j + r) % k;
+        rates[i] = measure(i, broker, store, sql, b).await?;
+    }
+    Ok(rates)
 }
 
 async fn rounds<F: Fill>(broker: F, b: &ConsumerBench) -> Result<Vec<Vec<f64>>, BoxError> {
@@ -528,8 +540,8 @@ async fn rounds<F: Fill>(broker: F, b: &ConsumerBench) -> Result<Vec<Vec<f64>>, 
         None => None,
     };
     let mut all = Vec::new();
-    for _ in 0..b.rounds.max(1) {
-        all.push(round(&broker, &store, sql.as_ref(), b).await?);
+    for r in 0..b.rounds.max(1) as usize {
+        all.push(round(r, &broker, &store, sql.as_ref(), b).await?);
     }
     Ok(all)
 }
