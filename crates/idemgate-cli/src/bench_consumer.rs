@@ -481,52 +481,50 @@ impl Sql {
     }
 }
 
-/// Measurement `i` of a round (its row in the table), on a fresh destination.
-async fn measure<F: Fill>(
-    i: usize,
-    broker: &F,
-    store: &BoxStore,
-    sql: Option<&Sql>,
-    b: &ConsumerBench,
-) -> Result<f64, BoxError> {
-    let (n, c, batch) = (b.messages, b.concurrency, b.inbox_batch);
-    let Some(sql) = sql else {
-        let source = broker.fill(n).await?;
-        return match i {
-            0 => bare(source, n, c, 1, |_| async { Ok(()) }).await,
-            _ => gate(source, store, n, c, |_| async { Ok(()) }).await,
-        };
-    };
-    let source = broker.fill(n).await?;
-    match i {
-        0 => bare(source, n, c, 1, sql.effect()).await,
-        1 => {
-            let one = sql.effect();
-            gate(source, store, n, c, move |m| one(vec![m])).await
-        }
-        2 => sql.inbox(source, n, c, 1).await,
-        3 => bare(source, n, c, batch, sql.effect()).await,
-        4 => sql.inbox(source, n, c, batch).await,
-        _ => bare(source, n, c, 1, sql.effect_rows(2)).await,
-    }
+/// What every measurement of a run shares.
+struct Run<'a, F> {
+    broker: &'a F,
+    store: &'a BoxStore,
+    sql: Option<&'a Sql>,
+    b: &'a ConsumerBench,
 }
 
-/// Round `r`: every measurement once. The order rotates from one round to the next, so a slow
-/// phase of the machine (or a growing table) weighs on each measurement in turn.
-async fn round<F: Fill>(
-    r: usize,
-    broker: &F,
-    store: &BoxStore,
-    sql: Option<&Sql>,
-    b: &ConsumerBench,
-) -> Result<Vec<f64>, BoxError> {
-    let k = if sql.is_some() { 6 } else { 2 };
-    let mut rates = vec![0.0; k];
-    for j in 0..k {
-        let i = (j + r) % k;
-        rates[i] = measure(i, broker, store, sql, b).await?;
+impl<F: Fill> Run<'_, F> {
+    /// Measurement `i` (its row in the table), on a fresh destination.
+    async fn measure(&self, i: usize) -> Result<f64, BoxError> {
+        let b = self.b;
+        let (n, c, batch) = (b.messages, b.concurrency, b.inbox_batch);
+        let source = self.broker.fill(n).await?;
+        let Some(sql) = self.sql else {
+            return match i {
+                0 => bare(source, n, c, 1, |_| async { Ok(()) }).await,
+                _ => gate(source, self.store, n, c, |_| async { Ok(()) }).await,
+            };
+        };
+        match i {
+            0 => bare(source, n, c, 1, sql.effect()).await,
+            1 => {
+                let one = sql.effect();
+                gate(source, self.store, n, c, move |m| one(vec![m])).await
+            }
+            2 => sql.inbox(source, n, c, 1).await,
+            3 => bare(source, n, c, batch, sql.effect()).await,
+            4 => sql.inbox(source, n, c, batch).await,
+            _ => bare(source, n, c, 1, sql.effect_rows(2)).await,
+        }
     }
-    Ok(rates)
+
+    /// Round `r`: every measurement once. The order rotates from one round to the next, so a
+    /// slow phase of the machine (or a growing table) weighs on each measurement in turn.
+    async fn round(&self, r: usize) -> Result<Vec<f64>, BoxError> {
+        let k = if self.sql.is_some() { 6 } else { 2 };
+        let mut rates = vec![0.0; k];
+        for j in 0..k {
+            let i = (j + r) % k;
+            rates[i] = self.measure(i).await?;
+        }
+        Ok(rates)
+    }
 }
 
 async fn rounds<F: Fill>(broker: F, b: &ConsumerBench) -> Result<Vec<Vec<f64>>, BoxError> {
@@ -539,9 +537,15 @@ async fn rounds<F: Fill>(broker: F, b: &ConsumerBench) -> Result<Vec<Vec<f64>>, 
         ),
         None => None,
     };
+    let run = Run {
+        broker: &broker,
+        store: &store,
+        sql: sql.as_ref(),
+        b,
+    };
     let mut all = Vec::new();
     for r in 0..b.rounds.max(1) as usize {
-        all.push(round(r, &broker, &store, sql.as_ref(), b).await?);
+        all.push(run.round(r).await?);
     }
     Ok(all)
 }

@@ -118,19 +118,10 @@ struct Link {
     acks: Mutex<Acks>,
     // publishes and subscribes are queued to the event loop in the order their waiters are
     order: tokio::sync::Mutex<()>,
-    // the task that sends PUBACKs in arrival order, unless the session allows any order
-    in_order: Option<mpsc::UnboundedSender<Settled>>,
-}
-
-/// What the in-order acker hears.
-enum Settled {
-    /// The message that arrived `n`th on the connection is settled: its PUBACK may go.
-    Message(u64, Ack),
-    /// The connection dropped: the broker redelivers every message that arrived before the
-    /// `n`th on the next one, so their PUBACKs are void.
-    Lost(u64),
-    /// Answered once every PUBACK that could go out before it has been queued.
-    Flush(oneshot::Sender<()>),
+    // PUBACKs in arrival order, unless the session allows any order
+    in_order: Option<Mutex<Outbox>>,
+    // wakes `disconnect` when a backlog has drained
+    drained: tokio::sync::Notify,
 }
 
 /// What a PUBACK needs of its PUBLISH: the QoS and the packet id.
@@ -197,26 +188,88 @@ impl<T> InOrder<T> {
     }
 }
 
-/// Sends PUBACKs in arrival order, for as long as the connection's handle lives.
-async fn acker(client: AsyncClient, mut settled: mpsc::UnboundedReceiver<Settled>) {
-    let mut order = InOrder::new();
-    while let Some(s) = settled.recv().await {
-        let ready = match s {
-            Settled::Message(arrival, ack) => order.settled(arrival, ack),
-            Settled::Lost(arrived) => {
-                order.lost(arrived);
-                continue;
+/// The in-order PUBACKs of a connection. A PUBACK that may go out is queued to the event loop
+/// at once, under the lock, so PUBACKs enter its queue in arrival order; when that queue is
+/// full, the ones that may go out wait in `backlog`, which one task drains in order.
+struct Outbox {
+    order: InOrder<Ack>,
+    backlog: VecDeque<Ack>,
+    draining: bool,
+}
+
+impl Link {
+    fn outbox(outbox: &Mutex<Outbox>) -> MutexGuard<'_, Outbox> {
+        outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The message that arrived `arrival`th is settled: queues the PUBACKs that may go out now.
+    fn settled(self: &Arc<Self>, outbox: &Mutex<Outbox>, arrival: u64, ack: Ack) {
+        let mut out = Self::outbox(outbox);
+        let ready = out.order.settled(arrival, ack);
+        out.backlog.extend(ready);
+        if out.draining {
+            return;
+        }
+        while let Some(ack) = out.backlog.front() {
+            if self.client.try_ack(&ack.publish()).is_err() {
+                // the event loop's queue is full (or gone): one task waits for room, in order
+                out.draining = true;
+                tokio::spawn(Arc::clone(self).drain());
+                return;
             }
-            Settled::Flush(done) => {
-                let _ = done.send(());
-                continue;
-            }
+            out.backlog.pop_front();
+        }
+    }
+
+    /// Queues the backlog's PUBACKs in order, waiting for room, until it is empty.
+    async fn drain(self: Arc<Self>) {
+        let Some(outbox) = &self.in_order else {
+            return;
         };
-        for ack in ready {
-            if let Err(e) = client.ack(&ack.publish()).await {
+        loop {
+            let next = {
+                let mut out = Self::outbox(outbox);
+                match out.backlog.pop_front() {
+                    Some(ack) => ack,
+                    None => {
+                        out.draining = false;
+                        break;
+                    }
+                }
+            };
+            if let Err(e) = self.client.ack(&next.publish()).await {
                 // the event loop is gone: the broker redelivers what was not acked
                 tracing::debug!(error = %e, "could not queue a PUBACK");
+                let mut out = Self::outbox(outbox);
+                out.backlog.clear();
+                out.draining = false;
+                break;
             }
+        }
+        self.drained.notify_waiters();
+    }
+
+    /// The connection dropped after `arrived` messages: the broker redelivers every message it
+    /// has not had a PUBACK for, so the held and waiting PUBACKs are void.
+    fn lost(&self, arrived: u64) {
+        if let Some(outbox) = &self.in_order {
+            let mut out = Self::outbox(outbox);
+            out.order.lost(arrived);
+            out.backlog.clear();
+        }
+    }
+
+    /// Waits until every PUBACK that may go out has been queued to the event loop.
+    async fn flushed(&self) {
+        let Some(outbox) = &self.in_order else {
+            return;
+        };
+        loop {
+            let drained = self.drained.notified();
+            if !Self::outbox(outbox).draining {
+                return;
+            }
+            drained.await;
         }
     }
 }
@@ -285,7 +338,6 @@ pub struct Mqtt {
     link: Arc<Link>,
     incoming: Mutex<Option<mpsc::UnboundedReceiver<(Publish, u64)>>>,
     driver: JoinHandle<()>,
-    acker: Option<JoinHandle<()>>,
     session: Session,
 }
 
@@ -325,17 +377,19 @@ impl Mqtt {
                 }
             }
         }
-        let (in_order, acker) = if session.ordered_acks {
-            let (tx, rx) = mpsc::unbounded_channel();
-            (Some(tx), Some(tokio::spawn(acker(client.clone(), rx))))
-        } else {
-            (None, None)
-        };
+        let in_order = session.ordered_acks.then(|| {
+            Mutex::new(Outbox {
+                order: InOrder::new(),
+                backlog: VecDeque::new(),
+                draining: false,
+            })
+        });
         let link = Arc::new(Link {
             client,
             acks: Mutex::default(),
             order: tokio::sync::Mutex::new(()),
             in_order,
+            drained: tokio::sync::Notify::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(drive(Arc::clone(&link), events, tx));
@@ -343,7 +397,6 @@ impl Mqtt {
             link,
             incoming: Mutex::new(Some(rx)),
             driver,
-            acker,
             session,
         })
     }
@@ -385,12 +438,7 @@ impl Mqtt {
     /// messages settled so far. A PUBACK held behind an unsettled message is not sent: the broker
     /// redelivers both.
     pub async fn disconnect(self) -> Result<()> {
-        if let Some(in_order) = &self.link.in_order {
-            let (done, flushed) = oneshot::channel();
-            if in_order.send(Settled::Flush(done)).is_ok() {
-                let _ = flushed.await;
-            }
-        }
+        self.link.flushed().await;
         self.link
             .client
             .disconnect()
@@ -405,9 +453,6 @@ impl Drop for Mqtt {
     /// Dropping the connection closes it without a `DISCONNECT`, as a crash would.
     fn drop(&mut self) {
         self.driver.abort();
-        if let Some(acker) = &self.acker {
-            acker.abort();
-        }
     }
 }
 
@@ -466,9 +511,7 @@ async fn drive(
             Err(e) => {
                 tracing::warn!(error = %e, "mqtt connection failed; reconnecting");
                 link.fail_all(&e.to_string());
-                if let Some(in_order) = &link.in_order {
-                    let _ = in_order.send(Settled::Lost(arrived));
-                }
+                link.lost(arrived);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -622,9 +665,11 @@ impl MqttDelivery {
     async fn puback(mut self) -> Result<()> {
         self.again = None;
         match &self.link.in_order {
-            Some(in_order) => in_order
-                .send(Settled::Message(self.arrival, Ack::of(&self.publish)))
-                .map_err(|_| Error::broker(BROKER, "acknowledging", "the connection is closed")),
+            Some(outbox) => {
+                self.link
+                    .settled(outbox, self.arrival, Ack::of(&self.publish));
+                Ok(())
+            }
             None => self
                 .link
                 .client
@@ -679,7 +724,87 @@ impl Delivery for MqttDelivery {
 
 #[cfg(test)]
 mod tests {
-    use super::InOrder;
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Request};
+
+    use super::{Ack, InOrder, Link, Outbox};
+
+    /// A link whose client queues to a channel of `room` requests, read by the test.
+    fn link(room: usize) -> (Arc<Link>, flume::Receiver<Request>) {
+        let (tx, rx) = flume::bounded(room);
+        let link = Link {
+            client: AsyncClient::from_senders(tx),
+            acks: Mutex::default(),
+            order: tokio::sync::Mutex::new(()),
+            in_order: Some(Mutex::new(Outbox {
+                order: InOrder::new(),
+                backlog: VecDeque::new(),
+                draining: false,
+            })),
+            drained: tokio::sync::Notify::new(),
+        };
+        (Arc::new(link), rx)
+    }
+
+    /// Settles the message that arrived `arrival`th, whose packet id is `arrival + 1`.
+    fn settle(link: &Arc<Link>, arrival: u16) {
+        let outbox = link.in_order.as_ref().unwrap();
+        link.settled(outbox, arrival.into(), Ack(QoS::AtLeastOnce, arrival + 1));
+    }
+
+    fn pkid(r: Request) -> u16 {
+        match r {
+            Request::PubAck(ack) => ack.pkid,
+            other => panic!("not a PUBACK: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn pubacks_that_overflow_the_event_loop_queue_wait_their_turn() {
+        let (link, queue) = link(2);
+        // 1..=9 settle first and wait for 0; then 0 releases all ten at once, into room for two
+        for n in (1..10).rev() {
+            settle(&link, n);
+        }
+        assert!(queue.is_empty());
+        settle(&link, 0);
+        // 10 and 11 settle while the backlog drains: they go behind it
+        settle(&link, 10);
+        settle(&link, 11);
+        let mut seen = Vec::new();
+        while seen.len() < 12 {
+            let r = tokio::time::timeout(Duration::from_secs(5), queue.recv_async()).await;
+            seen.push(pkid(r.expect("a PUBACK").unwrap()));
+        }
+        assert_eq!(seen, (1..=12).collect::<Vec<u16>>());
+        // the backlog is empty and the drain done
+        tokio::time::timeout(Duration::from_secs(5), link.flushed())
+            .await
+            .unwrap();
+        settle(&link, 12);
+        assert_eq!(pkid(queue.recv_async().await.unwrap()), 13);
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_empties_the_backlog() {
+        let (link, queue) = link(1);
+        for n in (0..4).rev() {
+            settle(&link, n);
+        }
+        link.lost(4);
+        tokio::time::timeout(Duration::from_secs(5), link.flushed())
+            .await
+            .unwrap();
+        // one went out before the loss; the ones behind it were void
+        let sent: Vec<_> = queue.drain().map(pkid).collect();
+        assert_eq!(sent, [1]);
+        settle(&link, 4);
+        assert_eq!(pkid(queue.recv_async().await.unwrap()), 5);
+    }
 
     #[test]
     fn acks_go_out_in_arrival_order() {
