@@ -120,7 +120,7 @@ struct Link {
     order: tokio::sync::Mutex<()>,
     // PUBACKs in arrival order, unless the session allows any order
     in_order: Option<Mutex<Outbox>>,
-    // wakes `disconnect` when a backlog has drained
+    // wakes `disconnect` when the drain task is done
     drained: tokio::sync::Notify,
 }
 
@@ -144,14 +144,14 @@ impl Ack {
 }
 
 /// PUBACKs in arrival order ([MQTT-4.6.0-2]): a settled message's ack waits here until every
-/// message that arrived before it is settled.
+/// message that arrived before it is settled and its ack has gone out.
 ///
 /// [MQTT-4.6.0-2]: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901240
 #[derive(Debug)]
 struct InOrder<T> {
     /// The arrival number of the oldest message whose ack has not gone out.
     next: u64,
-    /// Settled messages that arrived after an unsettled one.
+    /// Settled messages whose acks have not gone out.
     held: BTreeMap<u64, T>,
 }
 
@@ -163,21 +163,27 @@ impl<T> InOrder<T> {
         }
     }
 
-    /// The message that arrived `arrival`th is settled; returns the acks that may go out now,
-    /// in arrival order. An arrival already acked or void is ignored.
-    fn settled(&mut self, arrival: u64, ack: T) -> Vec<T> {
+    /// The message that arrived `arrival`th is settled. An arrival already acked or void is
+    /// ignored.
+    fn settled(&mut self, arrival: u64, ack: T) {
         if arrival >= self.next {
             self.held.insert(arrival, ack);
         }
-        let mut out = Vec::new();
-        while let Some(entry) = self.held.first_entry() {
-            if *entry.key() != self.next {
-                break;
-            }
-            out.push(entry.remove());
-            self.next += 1;
-        }
-        out
+    }
+
+    /// The ack that may go out next, if its message and every earlier one are settled.
+    fn ready(&self) -> Option<&T> {
+        self.held
+            .first_key_value()
+            .filter(|(arrival, _)| **arrival == self.next)
+            .map(|(_, ack)| ack)
+    }
+
+    /// Takes the ack that may go out next (it is going out).
+    fn take(&mut self) -> Option<T> {
+        self.ready()?;
+        self.next += 1;
+        self.held.pop_first().map(|(_, ack)| ack)
     }
 
     /// The connection dropped after `arrived` messages: the held acks, and those of every
@@ -188,60 +194,62 @@ impl<T> InOrder<T> {
     }
 }
 
-/// The in-order PUBACKs of a connection. A PUBACK that may go out is queued to the event loop
-/// at once, under the lock, so PUBACKs enter its queue in arrival order; when that queue is
-/// full, the ones that may go out wait in `backlog`, which one task drains in order.
+/// The in-order PUBACKs of a connection. An ack that may go out is queued to the event loop at
+/// once, under the lock, so acks enter its queue in arrival order; when that queue is full, one
+/// task takes over and queues the ready acks in order, waiting for room (`draining`).
 struct Outbox {
     order: InOrder<Ack>,
-    backlog: VecDeque<Ack>,
     draining: bool,
 }
 
+/// Locks `m`. A poisoned lock only means another thread panicked while holding it; every
+/// update under these locks is a single step, so the state is consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Link {
-    fn outbox(outbox: &Mutex<Outbox>) -> MutexGuard<'_, Outbox> {
-        outbox.lock().unwrap_or_else(|e| e.into_inner())
+    fn acks(&self) -> MutexGuard<'_, Acks> {
+        lock(&self.acks)
     }
 
     /// The message that arrived `arrival`th is settled: queues the PUBACKs that may go out now.
     fn settled(self: &Arc<Self>, outbox: &Mutex<Outbox>, arrival: u64, ack: Ack) {
-        let mut out = Self::outbox(outbox);
-        let ready = out.order.settled(arrival, ack);
-        out.backlog.extend(ready);
+        let mut out = lock(outbox);
+        out.order.settled(arrival, ack);
         if out.draining {
             return;
         }
-        while let Some(ack) = out.backlog.front() {
+        while let Some(ack) = out.order.ready() {
             if self.client.try_ack(&ack.publish()).is_err() {
                 // the event loop's queue is full (or gone): one task waits for room, in order
                 out.draining = true;
                 tokio::spawn(Arc::clone(self).drain());
                 return;
             }
-            out.backlog.pop_front();
+            out.order.take();
         }
     }
 
-    /// Queues the backlog's PUBACKs in order, waiting for room, until it is empty.
+    /// Queues the ready PUBACKs in order, waiting for room, until none is ready.
     async fn drain(self: Arc<Self>) {
         let Some(outbox) = &self.in_order else {
             return;
         };
-        loop {
-            let next = {
-                let mut out = Self::outbox(outbox);
-                match out.backlog.pop_front() {
-                    Some(ack) => ack,
-                    None => {
-                        out.draining = false;
-                        break;
-                    }
-                }
-            };
+        // the next ready ack, or the end of the drain (under the same lock)
+        let take = || {
+            let mut out = lock(outbox);
+            let next = out.order.take();
+            out.draining = next.is_some();
+            next
+        };
+        while let Some(next) = take() {
             if let Err(e) = self.client.ack(&next.publish()).await {
-                // the event loop is gone: the broker redelivers what was not acked
+                // the event loop is gone for good (its connection was dropped): no ack can go
+                // out any more, and the broker redelivers what was not acked
                 tracing::debug!(error = %e, "could not queue a PUBACK");
-                let mut out = Self::outbox(outbox);
-                out.backlog.clear();
+                let mut out = lock(outbox);
+                out.order.lost(u64::MAX);
                 out.draining = false;
                 break;
             }
@@ -250,12 +258,10 @@ impl Link {
     }
 
     /// The connection dropped after `arrived` messages: the broker redelivers every message it
-    /// has not had a PUBACK for, so the held and waiting PUBACKs are void.
+    /// has not had a PUBACK for, so the held and ready PUBACKs are void.
     fn lost(&self, arrived: u64) {
         if let Some(outbox) = &self.in_order {
-            let mut out = Self::outbox(outbox);
-            out.order.lost(arrived);
-            out.backlog.clear();
+            lock(outbox).order.lost(arrived);
         }
     }
 
@@ -266,17 +272,11 @@ impl Link {
         };
         loop {
             let drained = self.drained.notified();
-            if !Self::outbox(outbox).draining {
+            if !lock(outbox).draining {
                 return;
             }
             drained.await;
         }
-    }
-}
-
-impl Link {
-    fn acks(&self) -> MutexGuard<'_, Acks> {
-        self.acks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn publish(&self, topic: &str, payload: Bytes, props: PublishProperties) -> Result<()> {
@@ -380,7 +380,6 @@ impl Mqtt {
         let in_order = session.ordered_acks.then(|| {
             Mutex::new(Outbox {
                 order: InOrder::new(),
-                backlog: VecDeque::new(),
                 draining: false,
             })
         });
@@ -412,10 +411,7 @@ impl Mqtt {
     /// this connection's messages (once per connection). Dead letters go to
     /// `idemgate-dead/<topic>` unless [`MqttSource::dead_letter_topic`] says otherwise.
     pub async fn source(&self, filter: &str) -> Result<MqttSource> {
-        let incoming = self
-            .incoming
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let incoming = lock(&self.incoming)
             .take()
             .ok_or_else(|| Error::Config("this connection's source was already taken".into()))?;
         self.link.subscribe(filter).await?;
@@ -724,7 +720,6 @@ impl Delivery for MqttDelivery {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
@@ -742,7 +737,6 @@ mod tests {
             order: tokio::sync::Mutex::new(()),
             in_order: Some(Mutex::new(Outbox {
                 order: InOrder::new(),
-                backlog: VecDeque::new(),
                 draining: false,
             })),
             drained: tokio::sync::Notify::new(),
@@ -751,6 +745,12 @@ mod tests {
     }
 
     /// Settles the message that arrived `arrival`th, whose packet id is `arrival + 1`.
+    /// Settles `arrival` and takes every ack that may go out now, in order.
+    fn release<T>(order: &mut InOrder<T>, arrival: u64, ack: T) -> Vec<T> {
+        order.settled(arrival, ack);
+        std::iter::from_fn(|| order.take()).collect()
+    }
+
     fn settle(link: &Arc<Link>, arrival: u16) {
         let outbox = link.in_order.as_ref().unwrap();
         link.settled(outbox, arrival.into(), Ack(QoS::AtLeastOnce, arrival + 1));
@@ -809,10 +809,10 @@ mod tests {
     #[test]
     fn acks_go_out_in_arrival_order() {
         let mut order = InOrder::new();
-        assert!(order.settled(2, 'c').is_empty());
-        assert!(order.settled(1, 'b').is_empty());
-        assert_eq!(order.settled(0, 'a'), ['a', 'b', 'c']);
-        assert_eq!(order.settled(3, 'd'), ['d']);
+        assert!(release(&mut order, 2, 'c').is_empty());
+        assert!(release(&mut order, 1, 'b').is_empty());
+        assert_eq!(release(&mut order, 0, 'a'), ['a', 'b', 'c']);
+        assert_eq!(release(&mut order, 3, 'd'), ['d']);
         assert!(order.held.is_empty());
     }
 
@@ -820,25 +820,28 @@ mod tests {
     fn a_settled_message_waits_for_every_earlier_one() {
         let mut order = InOrder::new();
         for n in (1..100).rev() {
-            assert!(order.settled(n, n).is_empty(), "{n} went out before 0");
+            assert!(
+                release(&mut order, n, n).is_empty(),
+                "{n} went out before 0"
+            );
         }
-        assert_eq!(order.settled(0, 0), (0..100).collect::<Vec<_>>());
+        assert_eq!(release(&mut order, 0, 0), (0..100).collect::<Vec<_>>());
     }
 
     #[test]
     fn a_lost_connection_voids_the_held_acks_and_those_in_flight() {
         let mut order = InOrder::new();
-        assert_eq!(order.settled(0, 0), [0]);
-        assert!(order.settled(2, 2).is_empty());
+        assert_eq!(release(&mut order, 0, 0), [0]);
+        assert!(release(&mut order, 2, 2).is_empty());
         // the connection dropped after 4 arrivals: 1, 2 and 3 come again, under new numbers
         order.lost(4);
         assert!(order.held.is_empty());
         // a settlement from the old connection is ignored
-        assert!(order.settled(1, 1).is_empty());
-        assert!(order.settled(3, 3).is_empty());
+        assert!(release(&mut order, 1, 1).is_empty());
+        assert!(release(&mut order, 3, 3).is_empty());
         assert!(order.held.is_empty());
-        assert_eq!(order.settled(4, 4), [4]);
+        assert_eq!(release(&mut order, 4, 4), [4]);
         // an ack settled twice goes out once
-        assert!(order.settled(4, 4).is_empty());
+        assert!(release(&mut order, 4, 4).is_empty());
     }
 }
