@@ -221,7 +221,9 @@ impl<S: Store> Gate<S> {
     /// The handler receives the [`Lease`]; it should pass `lease.key().derive(..)` to any
     /// downstream system, because a crash between the effect and `complete` runs it again after
     /// the lease expires. While it runs, the lease is renewed every third of its length. If the
-    /// handler panics or the returned future is dropped, the key is released.
+    /// handler panics or the returned future is dropped, the key is released. If a renewal finds
+    /// the lease lost (another claim took the key over), the result is neither completed nor
+    /// released: `run` returns `GateError::Store(Error::LeaseLost)`.
     pub async fn run<T, E, F, Fut>(
         &self,
         key: &Key,
@@ -297,7 +299,11 @@ impl<S: Store> Gate<S> {
         let (result, lost) =
             keep_alive(&*self.store, &lease, self.lease, handler(lease.clone())).await;
         if lost {
+            // another claim may hold the key now: completing (or releasing) could overwrite its
+            // work if fencing were ever fooled, so neither is tried
             obs::outcome("lease_lost");
+            guard.disarm();
+            return Err(GateError::Store(Error::LeaseLost));
         }
         let done = match &result {
             Ok(value) => Some(Outcome::new(

@@ -60,6 +60,8 @@ pub use gate::{
 pub use key::{EventId, Key, MAX_KEY_LEN};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use outcome::{Meta, Outcome};
-pub use record::{Claim, ClaimOptions, Lease, Record, State};
+pub use record::{
+    Claim, ClaimOptions, END_OF_TIME_MS, Lease, Record, State, TOKENS_PER_MS, first_token, later,
+};
 pub use row::{Appended, LoggedEvent, RecordRow, time_from_ms};
 pub use store::{BoxStore, Store, StoreExt};

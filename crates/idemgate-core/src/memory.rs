@@ -5,7 +5,7 @@ use std::hash::BuildHasher;
 use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::Key;
 use crate::outcome::Outcome;
-use crate::record::{Claim, ClaimOptions, Lease, Record, State};
+use crate::record::{Claim, ClaimOptions, Lease, Record, State, first_token, later};
 use crate::store::Store;
 
 /// An in-process [`Store`]: sharded maps behind short locks.
@@ -54,13 +54,37 @@ pub struct MemoryStore {
 /// shards do not take each other's lines away.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Shard(Mutex<HashTable<Record>>);
+struct Shard {
+    map: Mutex<HashTable<Record>>,
+    // the largest token of a record this shard dropped (written under `map`'s lock): a key
+    // that starts afresh here takes a larger one, so fencing holds across purges exactly
+    gone: AtomicU64,
+}
 
 impl Shard {
     fn lock(&self) -> MutexGuard<'_, HashTable<Record>> {
         // A poisoned lock only means another thread panicked while holding it; every update
         // is a single assignment, so the map is consistent.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops the records `doomed` picks, remembering the largest token dropped; answers how
+    /// many it dropped. Call with the shard's lock held (`map`).
+    fn drop_where(
+        &self,
+        map: &mut HashTable<Record>,
+        mut doomed: impl FnMut(&Record) -> bool,
+    ) -> usize {
+        let (before, mut high) = (map.len(), self.gone.load(Ordering::Relaxed));
+        map.retain(|r| {
+            let drop = doomed(r);
+            if drop {
+                high = high.max(r.token());
+            }
+            !drop
+        });
+        self.gone.store(high, Ordering::Relaxed);
+        before - map.len()
     }
 }
 
@@ -159,11 +183,17 @@ impl MemoryStore {
 
     /// The shard holding `key`, locked, and the key's hash.
     fn shard(&self, key: &Key) -> (MutexGuard<'_, HashTable<Record>>, u64) {
+        let (shard, hash) = self.shard_of(key);
+        (shard.lock(), hash)
+    }
+
+    /// The shard holding `key`, and the key's hash.
+    fn shard_of(&self, key: &Key) -> (&Shard, u64) {
         let hash = self.hash(key);
         // bits the table uses for neither its index (low) nor its tags (top 7);
         // `shards.len()` is never 0 (the builder refuses it), so the index is in range
         let i = usize::try_from((hash >> 32) % self.shards.len() as u64).unwrap_or(0);
-        (self.shards[i].lock(), hash)
+        (&self.shards[i], hash)
     }
 
     /// Counts `n` records dropped (only a bounded store counts).
@@ -173,10 +203,9 @@ impl MemoryStore {
         }
     }
 
-    fn drop_expired(&self, map: &mut HashTable<Record>, now: SystemTime) {
-        let before = map.len();
-        map.retain(|r| r.expires_at > now);
-        self.dropped(before - map.len());
+    fn drop_expired(&self, shard: &Shard, map: &mut HashTable<Record>, now: SystemTime) {
+        let n = shard.drop_where(map, |r| r.expires_at <= now);
+        self.dropped(n);
     }
 
     /// Takes one slot of the capacity; `false` when the store is full.
@@ -195,7 +224,7 @@ impl MemoryStore {
     /// Drops expired records from every shard, one lock at a time.
     fn sweep(&self, now: SystemTime) {
         for shard in self.shards.iter() {
-            self.drop_expired(&mut shard.lock(), now);
+            self.drop_expired(shard, &mut shard.lock(), now);
         }
     }
 
@@ -206,10 +235,11 @@ impl MemoryStore {
         opts: &ClaimOptions,
     ) -> Result<Claim> {
         let now = self.clock.now();
-        let lease_until = now + opts.lease;
+        let lease_until = later(now, opts.lease);
         let mut swept = false;
         loop {
-            let (mut map, hash) = self.shard(key);
+            let (shard, hash) = self.shard_of(key);
+            let mut map = shard.lock();
             let vacant = match map.entry(hash, |r| r.key == *key, |r| self.hash(&r.key)) {
                 Entry::Occupied(mut r) => {
                     return Ok(Self::claim_existing(r.get_mut(), key, fp, opts, now));
@@ -229,18 +259,22 @@ impl MemoryStore {
                 swept = true;
                 continue;
             }
+            // above every token a dropped record of this shard held (rule 9)
+            let token = first_token(now).max(shard.gone.load(Ordering::Relaxed) + 1);
             vacant.insert(Record {
                 key: key.clone(),
                 fingerprint: fp.copied(),
-                state: State::InProgress {
-                    token: 1,
-                    lease_until,
-                },
+                state: State::InProgress { token, lease_until },
                 created_at: now,
-                expires_at: lease_until + opts.retention,
+                expires_at: later(lease_until, opts.retention),
                 attempts: 1,
             });
-            return Ok(Claim::Acquired(Lease::new(key.clone(), 1, lease_until, 1)));
+            return Ok(Claim::Acquired(Lease::new(
+                key.clone(),
+                token,
+                lease_until,
+                1,
+            )));
         }
     }
 
@@ -251,7 +285,7 @@ impl MemoryStore {
         opts: &ClaimOptions,
         now: SystemTime,
     ) -> Claim {
-        let lease_until = now + opts.lease;
+        let lease_until = later(now, opts.lease);
         let (token, attempts) = if r.expires_at <= now {
             // expired: a fresh record, but the token keeps counting up
             r.created_at = now;
@@ -280,7 +314,7 @@ impl MemoryStore {
             }
         };
         r.state = State::InProgress { token, lease_until };
-        r.expires_at = lease_until + opts.retention;
+        r.expires_at = later(lease_until, opts.retention);
         r.attempts = attempts;
         Claim::Acquired(Lease::new(key.clone(), token, lease_until, attempts))
     }
@@ -292,7 +326,7 @@ impl MemoryStore {
                 outcome: outcome.clone(),
                 completed_at: now,
             };
-            r.expires_at = now + retention;
+            r.expires_at = later(now, retention);
         })
     }
 
@@ -344,12 +378,12 @@ impl Store for MemoryStore {
     async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Lease> {
         self.with_lease(lease, |r, now, lease_until| {
             let tail = r.expires_at.duration_since(lease_until).unwrap_or_default();
-            let until = now + extend;
+            let until = later(now, extend);
             r.state = State::InProgress {
                 token: lease.token(),
                 lease_until: until,
             };
-            r.expires_at = r.expires_at.max(until + tail);
+            r.expires_at = r.expires_at.max(later(until, tail));
             Lease::new(lease.key().clone(), lease.token(), until, lease.attempt())
         })
     }
@@ -371,13 +405,12 @@ impl Store for MemoryStore {
                 break;
             }
             let mut map = shard.lock();
-            let before = purged;
-            map.retain(|r| {
+            let n = shard.drop_where(&mut map, |r| {
                 let doomed = r.expires_at <= now && purged < limit;
                 purged += usize::from(doomed);
-                !doomed
+                doomed
             });
-            self.dropped(purged - before);
+            self.dropped(n);
         }
         Ok(purged as u64)
     }

@@ -11,6 +11,13 @@ use crate::outcome::Outcome;
 /// Carries a **fencing token**: a per-key counter that every successful claim (including a
 /// take-over after expiry) increments. `complete`, `release` and `renew` with a token that is no
 /// longer current fail with [`Error::LeaseLost`](crate::Error::LeaseLost) and change nothing.
+///
+/// Tokens never go backwards, even across a purge: a record that starts afresh (no stored row
+/// for the key) takes [`first_token`] of the store's clock, the clock's milliseconds times
+/// [`TOKENS_PER_MS`], and every later claim of the same record adds one. A zombie of an earlier
+/// generation of the key holds a token below the new generation's, unless that generation took
+/// more than [`TOKENS_PER_MS`] claims per millisecond of its life, which no store serves (each
+/// claim is a write serialized on the key).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     key: Key,
@@ -49,6 +56,28 @@ impl Lease {
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
+}
+
+/// How many tokens one millisecond of a store's clock makes room for (see [`Lease`]).
+pub const TOKENS_PER_MS: u64 = 1000;
+
+/// The token of a record that starts afresh at `now` on the store's clock: the clock's
+/// milliseconds times [`TOKENS_PER_MS`] (at least 1).
+pub fn first_token(now: SystemTime) -> u64 {
+    crate::clock::to_millis(now)
+        .saturating_mul(TOKENS_PER_MS)
+        .max(1)
+}
+
+/// The latest time a store writes: the end of year 9999. Every stored time, and any sum of two
+/// of them, fits a signed 64-bit count of milliseconds.
+pub const END_OF_TIME_MS: u64 = 253_402_300_799_999;
+
+/// `t + d`, saturating at [`END_OF_TIME_MS`] instead of overflowing: lease and retention
+/// arithmetic on arbitrary durations never panics.
+pub fn later(t: SystemTime, d: Duration) -> SystemTime {
+    let end = crate::clock::from_millis(END_OF_TIME_MS);
+    t.checked_add(d).map_or(end, |t| t.min(end))
 }
 
 /// The state of a stored record.

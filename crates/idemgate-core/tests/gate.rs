@@ -254,3 +254,38 @@ async fn store_failures_surface_as_typed_errors() {
         Run::Replayed(1)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_reported_lost_is_never_completed() {
+    // the first renewal reaches the store only after the lease ran out and another run took the
+    // key over: the store answers it `LeaseLost`
+    let faulty = FaultStore::new(store());
+    faulty.add(Op::Renew, Fault::Delay(LEASE * 2), 0, Some(1));
+    // every completion after the owner's fails loudly: a zombie that tried one would show it
+    faulty.add(Op::Complete, Fault::FailBefore, 1, None);
+    let gate = Gate::new(faulty).lease(LEASE);
+    let zombie = {
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            gate.run(&key("lost"), None, |_| async {
+                tokio::time::sleep(LEASE * 4).await;
+                Ok::<_, String>("zombie".to_string())
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(LEASE * 3 / 2).await;
+    let taker = gate
+        .run(&key("lost"), None, |_| async {
+            Ok::<_, String>("owner".to_string())
+        })
+        .await;
+    assert_eq!(taker.unwrap(), Run::Fresh("owner".to_string()));
+    let r = zombie.await.unwrap();
+    assert!(
+        matches!(r, Err(GateError::Store(Error::LeaseLost))),
+        "the gate tried to complete a lease its heartbeat had lost: {r:?}"
+    );
+    let rec = gate.store().get(&key("lost")).await.unwrap().unwrap();
+    assert_eq!(rec.outcome().unwrap().body.as_ref(), b"\"owner\"");
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use idemgate_core::{
     Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, RecordRow, Result, State,
-    Store, duration_millis, time_from_ms,
+    Store, TOKENS_PER_MS, duration_millis, time_from_ms,
 };
 use sqlx::mysql::{MySqlPoolOptions, MySqlRow};
 use sqlx::{MySqlPool, Row};
@@ -103,11 +103,13 @@ impl Statements {
         // one row per key: scope, id, fingerprint, lease, lease + retention, nonce
         // the clock is read once, by the first row, and reused by the others
         let first = format!(
-            "(?, ?, ?, 0, 1, (@idemgate_now := {NOW}) + ?, NULL, NULL, @idemgate_now, @idemgate_now + ?, 1, ?)"
+            "(?, ?, ?, 0, {NOW} * {TOKENS_PER_MS}, (@idemgate_now := {NOW}) + ?, NULL, NULL, @idemgate_now, @idemgate_now + ?, 1, ?)"
         );
-        let rest = "(?, ?, ?, 0, 1, @idemgate_now + ?, NULL, NULL, @idemgate_now, @idemgate_now + ?, 1, ?)";
+        let rest = format!(
+            "(?, ?, ?, 0, @idemgate_now * {TOKENS_PER_MS}, @idemgate_now + ?, NULL, NULL, @idemgate_now, @idemgate_now + ?, 1, ?)"
+        );
         let rows: Vec<&str> = std::iter::once(first.as_str())
-            .chain(std::iter::repeat_n(rest, n.saturating_sub(1)))
+            .chain(std::iter::repeat_n(rest.as_str(), n.saturating_sub(1)))
             .collect();
         self.claim.replace("{rows}", &rows.join(", "))
     }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use idemgate_core::{
     Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, RecordRow, Result, Store,
-    duration_millis, time_from_ms,
+    TOKENS_PER_MS, duration_millis, time_from_ms,
 };
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
@@ -238,14 +238,14 @@ impl Statements {
             claim: format!(
                 "INSERT INTO {t} AS r (scope, id, fingerprint, state, token, lease_until, outcome,
                                        completed_at, created_at, expires_at, attempts, bucket)
-                 VALUES ($1, $2, $3, 0, 1, {NOW} + $4, NULL, NULL, {NOW}, {NOW} + $4 + $5, 1, $6)
+                 VALUES ($1, $2, $3, 0, {NOW} * {TOKENS_PER_MS}, {NOW} + $4, NULL, NULL, {NOW}, {NOW} + $4 + $5, 1, $6)
                  {upsert}"
             ),
             // $1 scopes $2 ids $3 fingerprints $4 lease ms $5 retention ms
             claim_many: format!(
                 "INSERT INTO {t} AS r (scope, id, fingerprint, state, token, lease_until, outcome,
                                        completed_at, created_at, expires_at, attempts, bucket)
-                 SELECT s, d, f, 0, 1, {NOW} + $4, NULL, NULL, {NOW}, {NOW} + $4 + $5, 1, b
+                 SELECT s, d, f, 0, {NOW} * {TOKENS_PER_MS}, {NOW} + $4, NULL, NULL, {NOW}, {NOW} + $4 + $5, 1, b
                    FROM unnest($1::text[], $2::text[], $3::bytea[], $6::bigint[]) AS u(s, d, f, b)
                  {upsert}"
             ),

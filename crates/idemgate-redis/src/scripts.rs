@@ -59,9 +59,9 @@ local key, fp = KEYS[1], ARGV[1]
 local lease, ret = tonumber(ARGV[2]), tonumber(ARGV[3])
 local r = load(key)
 if not r or r.ex <= now then
-  -- a new record: its token starts at the server's millisecond clock, above every token an
-  -- earlier record of this key can have reached (one take-over per lease, each lease >= 1 ms)
-  local tok = now
+  -- a new record: its token starts at the server's millisecond clock times 1000
+  -- (TOKENS_PER_MS), above every token an earlier record of this key can have reached
+  local tok = now * 1000
   if r and r.tok >= tok then tok = r.tok + 1 end
   local n = {st = '0', tok = tok, lu = now + lease, cr = now, at = 1, fp = fp, out = ''}
   n.ex = n.lu + ret

@@ -1,6 +1,7 @@
 //! `RedisStore`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use idemgate_core::{
@@ -144,6 +145,7 @@ impl RedisStoreBuilder {
         };
         let store = RedisStore {
             conn,
+            clock: Arc::new(ServerClock::default()),
             prefix: Arc::from(self.prefix),
             scripts: Arc::new(Scripts {
                 claim: Script::new(&scripts::claim()),
@@ -153,6 +155,7 @@ impl RedisStoreBuilder {
                 get: Script::new(&scripts::get()),
             }),
         };
+        store.sync_clock().await?;
         match store.check_durability().await {
             Ok(Durability::AppendOnly) => {}
             Ok(d) => tracing::warn!(
@@ -160,6 +163,14 @@ impl RedisStoreBuilder {
                 "the Redis server does not keep an append-only file: a restart forgets completed keys and lets duplicates through"
             ),
             Err(e) => tracing::warn!(error = %e, "could not read the Redis persistence settings"),
+        }
+        match store.check_eviction().await {
+            Ok(None) => {}
+            Ok(Some(policy)) => tracing::warn!(
+                maxmemory_policy = %policy,
+                "the Redis server evicts keys when its memory is full: a record can vanish before it expires and let a duplicate through; set maxmemory-policy to noeviction"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not read the Redis eviction policy"),
         }
         Ok(store)
     }
@@ -175,8 +186,11 @@ struct Scripts {
 
 /// The [`Store`] contract on Redis and Redis Cluster.
 ///
-/// Fencing tokens of a new record start at the server's millisecond clock, so they keep growing
-/// even after Redis expired an earlier record of the same key. `purge_expired` has nothing to do
+/// Fencing tokens of a new record start at [`first_token`](idemgate_core::first_token) of the
+/// server's clock, so they keep growing even after Redis expired an earlier record of the same
+/// key. A fresh claim is a plain `SET NX` written by the client, so its token comes from the
+/// server's clock as the client measured it (`TIME` when the store connects, and again on the
+/// first claim after ten seconds); every other claim reads `TIME` on the server. `purge_expired` has nothing to do
 /// (Redis expires records itself) and returns 0.
 ///
 /// # Clone
@@ -184,6 +198,7 @@ struct Scripts {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Conn,
+    clock: Arc<ServerClock>,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
 }
@@ -298,6 +313,48 @@ impl RedisStore {
         })
     }
 
+    /// The server's maxmemory policy when it may evict keys before they expire (anything but
+    /// `noeviction`, read with `CONFIG GET maxmemory-policy`); `None` when it never evicts.
+    ///
+    /// An evicting policy only acts when `maxmemory` is reached, but then it drops records
+    /// (the `volatile-*` policies pick among exactly the keys idemgate writes, since every
+    /// record has an expiry) and a duplicate arriving afterwards runs again.
+    pub async fn check_eviction(&self) -> Result<Option<String>> {
+        let policy: Vec<String> = self
+            .query(redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"))
+            .await?;
+        Ok(policy.get(1).filter(|p| *p != "noeviction").cloned())
+    }
+
+    /// Measures the server's clock against this host's (`TIME`), for the tokens of fresh claims.
+    async fn sync_clock(&self) -> Result<()> {
+        let before = std::time::SystemTime::now();
+        let (secs, micros): (u64, u64) = self.query(&redis::cmd("TIME")).await?;
+        let after = std::time::SystemTime::now();
+        // the server read its clock about halfway through the round trip
+        let local =
+            idemgate_core::to_millis(before).saturating_add(idemgate_core::to_millis(after)) / 2;
+        let server = secs.saturating_mul(1000).saturating_add(micros / 1000);
+        let offset =
+            i64::try_from(server).unwrap_or(i64::MAX) - i64::try_from(local).unwrap_or(i64::MAX);
+        self.clock.offset_ms.store(offset, Ordering::Relaxed);
+        self.clock
+            .synced_at_ms
+            .store(idemgate_core::to_millis(after), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The server's clock as last measured, re-measured when that is over
+    /// [`ServerClock::RESYNC_MS`] old.
+    async fn server_now(&self) -> Result<std::time::SystemTime> {
+        let local = idemgate_core::to_millis(std::time::SystemTime::now());
+        let synced = self.clock.synced_at_ms.load(Ordering::Relaxed);
+        if local.abs_diff(synced) > ServerClock::RESYNC_MS {
+            self.sync_clock().await?;
+        }
+        Ok(self.clock.now())
+    }
+
     /// Runs a raw command on the store's connection (for operations and tests).
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
         match &self.conn {
@@ -404,8 +461,9 @@ impl RedisStore {
     ) -> Result<Vec<Claim>> {
         let mut pipe = redis::pipe();
         let mut pending = Vec::with_capacity(claims.len());
+        let now = self.server_now().await?;
         for (key, fp) in claims {
-            let fresh = Fresh::new(fp.as_ref());
+            let fresh = Fresh::new(fp.as_ref(), now);
             let redis_key = self.key(key);
             pipe.add_command(fresh.set(&redis_key, opts));
             pending.push((redis_key, fresh));
@@ -485,24 +543,44 @@ fn fenced_reply(v: &Value) -> Result<i64> {
     if v < 0 { Err(Error::LeaseLost) } else { Ok(v) }
 }
 
+/// The server's clock as this client measured it: the offset from the host's clock, and when it
+/// was measured (host milliseconds).
+#[derive(Debug, Default)]
+struct ServerClock {
+    offset_ms: AtomicI64,
+    synced_at_ms: AtomicU64,
+}
+
+impl ServerClock {
+    /// How old a measurement may get before the next fresh claim measures again.
+    const RESYNC_MS: u64 = 10_000;
+
+    fn now(&self) -> std::time::SystemTime {
+        let local = idemgate_core::to_millis(std::time::SystemTime::now());
+        let offset = self.offset_ms.load(Ordering::Relaxed);
+        idemgate_core::from_millis(local.saturating_add_signed(offset))
+    }
+}
+
 /// A fresh claim's record, written by the client with one `SET NX PX` (no script): it stores the
 /// lease and retention lengths, not times, and the scripts read its times off the key's TTL.
 struct Fresh {
-    // when the claim was made: its token (a millisecond clock) and the lease's end derive from it
+    // when the claim was made, on the server's clock as measured: its token and the lease's end
+    // derive from it
     now: std::time::SystemTime,
     fp_hex: String,
 }
 
 impl Fresh {
-    fn new(fp: Option<&Fingerprint>) -> Self {
+    fn new(fp: Option<&Fingerprint>, now: std::time::SystemTime) -> Self {
         Fresh {
-            now: std::time::SystemTime::now(),
+            now,
             fp_hex: fp.map(Fingerprint::to_hex).unwrap_or_default(),
         }
     }
 
     fn token(&self) -> u64 {
-        idemgate_core::to_millis(self.now).max(1)
+        idemgate_core::first_token(self.now)
     }
 
     fn set(&self, redis_key: &str, opts: &ClaimOptions) -> redis::Cmd {
@@ -535,7 +613,7 @@ impl Fresh {
         Claim::Acquired(Lease::new(
             key.clone(),
             self.token(),
-            self.now + opts.lease,
+            idemgate_core::later(self.now, opts.lease),
             1,
         ))
     }
@@ -548,7 +626,7 @@ impl Store for RedisStore {
         fp: Option<&Fingerprint>,
         opts: &ClaimOptions,
     ) -> Result<Claim> {
-        let fresh = Fresh::new(fp);
+        let fresh = Fresh::new(fp, self.server_now().await?);
         let redis_key = self.key(key);
         // `OK`, or nil when the key is taken (read as a `Value`: no string to allocate)
         let set: Value = self.query(&fresh.set(&redis_key, opts)).await?;

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use idemgate_core::{
     Claim, ClaimOptions, Clock, Error, Fingerprint, Key, Lease, Outcome, Record, RecordRow, Result,
-    State, Store, SystemClock, to_millis,
+    State, Store, SystemClock, TOKENS_PER_MS, later, to_millis,
 };
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
@@ -287,7 +287,7 @@ impl Statements {
             claim: format!(
                 "INSERT INTO {t} (scope, id, fingerprint, state, token, lease_until, outcome,
                                   completed_at, created_at, expires_at, attempts)
-                 VALUES (?1, ?2, ?3, 0, 1, ?5, NULL, NULL, ?4, ?6, 1)
+                 VALUES (?1, ?2, ?3, 0, max(?4 * {TOKENS_PER_MS}, 1), ?5, NULL, NULL, ?4, ?6, 1)
                  ON CONFLICT (scope, id) DO UPDATE SET
                     fingerprint = CASE WHEN expires_at <= ?4 THEN ?3
                                        ELSE coalesce(fingerprint, ?3) END,
@@ -471,8 +471,8 @@ impl Writer {
         let c = &self.conn;
         match op {
             Op::Claim(key, fp, opts) => {
-                let lease_until = now + opts.lease;
-                let expires_at = lease_until + opts.retention;
+                let lease_until = later(now, opts.lease);
+                let expires_at = later(lease_until, opts.retention);
                 let fp_bytes = fp.as_ref().map(|f| f.as_bytes().as_slice());
                 let mut stmt = sql(c.prepare_cached(&self.sql.claim))?;
                 let won: Option<(i64, i64)> = sql(stmt
@@ -515,7 +515,7 @@ impl Writer {
                 self.fenced(
                     &self.sql.complete,
                     lease,
-                    params![outcome.encode(), ms(now), ms(now + *retention)],
+                    params![outcome.encode(), ms(now), ms(later(now, *retention))],
                 )?;
                 Ok(Answer::Unit)
             }
@@ -524,7 +524,7 @@ impl Writer {
                 Ok(Answer::Unit)
             }
             Op::Renew(lease, extend) => {
-                let until = now + *extend;
+                let until = later(now, *extend);
                 self.fenced(&self.sql.renew, lease, params![ms(until)])?;
                 Ok(Answer::Lease(Lease::new(
                     lease.key().clone(),
@@ -557,7 +557,7 @@ impl Writer {
                         match self.fenced(
                             &self.sql.complete,
                             lease,
-                            params![outcome.encode(), ms(now), ms(now + *retention)],
+                            params![outcome.encode(), ms(now), ms(later(now, *retention))],
                         ) {
                             Err(e) if !matches!(e, Error::LeaseLost) => return Err(e),
                             r => r,

@@ -405,6 +405,65 @@ pub async fn abandoned_claim_stays_fenced<S: Store>(ctx: &Ctx<S>) {
     ));
 }
 
+/// Rule 9, at its edge: a claim with no retention expires with its lease and may be purged; the
+/// key's next record still hands out a token the purged one never had, so the first holder,
+/// back late, cannot complete over the new one.
+pub async fn fencing_survives_purge<S: Store>(ctx: &Ctx<S>) {
+    let key = ctx.key("purged");
+    let short = ClaimOptions {
+        lease: UNIT,
+        retention: Duration::ZERO,
+    };
+    let zombie = match ctx.store.claim(&key, None, &short).await {
+        Ok(Claim::Acquired(lease)) => lease,
+        other => panic!("expected Acquired for a free key {key}, got {other:?}"),
+    };
+    ctx.advance(UNIT * 2).await;
+    ctx.store.purge_expired(1000).await.unwrap();
+    if !ctx.self_expiring {
+        assert_eq!(
+            ctx.store.get(&key).await.unwrap(),
+            None,
+            "the expired record was not purged"
+        );
+    }
+    let owner = acquire(ctx, &key, LONG).await;
+    let before = ctx.store.get(&key).await.unwrap();
+    assert!(
+        owner.token() > zombie.token(),
+        "the token went backwards after a purge: {} then {}",
+        zombie.token(),
+        owner.token()
+    );
+    assert!(
+        matches!(
+            ctx.store.complete(&zombie, &outcome("zombie"), LONG).await,
+            Err(Error::LeaseLost)
+        ),
+        "a lease of a purged record completed the key's new record"
+    );
+    assert!(matches!(
+        ctx.store.renew(&zombie, LONG).await,
+        Err(Error::LeaseLost)
+    ));
+    assert!(matches!(
+        ctx.store.release(zombie).await,
+        Err(Error::LeaseLost)
+    ));
+    assert_eq!(
+        ctx.store.get(&key).await.unwrap(),
+        before,
+        "the new record changed under the zombie's calls"
+    );
+    assert!(
+        matches!(before.map(|r| r.state), Some(State::InProgress { token, .. }) if token == owner.token())
+    );
+    ctx.store
+        .complete(&owner, &outcome("owner"), LONG)
+        .await
+        .unwrap();
+}
+
 /// Purge removes expired records only, at most `limit` at a time.
 pub async fn purge_expired<S: Store>(ctx: &Ctx<S>) {
     for i in 0..3 {
@@ -625,7 +684,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $make;
             claim_new_key, exclusive_claim_race, completed_is_replayed, release_then_reclaim,
             expiry_frees_key, takeover_after_lease_expiry, fencing, fingerprint_mismatch,
-            renew_extends_lease, abandoned_claim_stays_fenced, purge_expired, outcome_round_trip,
+            renew_extends_lease, abandoned_claim_stays_fenced, fencing_survives_purge,
+            purge_expired, outcome_round_trip,
             batched_forms_match_single_forms);
     };
     (@cases $make:expr; $($case:ident),*) => {

@@ -117,11 +117,10 @@ impl Model {
         };
         match self.recs.get_mut(&k) {
             None => {
-                self.recs.insert(k, fresh(1));
-                Seen::Acquired {
-                    token: 1,
-                    attempt: 1,
-                }
+                // a record that starts afresh takes its token from the clock (rule 9)
+                let token = now.saturating_mul(idemgate_core::TOKENS_PER_MS).max(1);
+                self.recs.insert(k, fresh(token));
+                Seen::Acquired { token, attempt: 1 }
             }
             Some(r) if r.expires_at <= now => {
                 *r = fresh(r.token + 1);
@@ -221,7 +220,10 @@ where
     let result = runner.run(&proptest::collection::vec(op(), 1..60), |ops| {
         let clock = ManualClock::new();
         let store = make(clock.clone());
-        let mut model = Model::default();
+        let mut model = Model {
+            now: idemgate_core::to_millis(idemgate_core::Clock::now(&clock)),
+            ..Model::default()
+        };
         let mut leases: Vec<(u8, Lease)> = Vec::new();
         rt.block_on(async {
             for (step, op) in ops.iter().enumerate() {
