@@ -458,6 +458,11 @@ impl<'a, S: Store> LeaseGuard<'a, S> {
         }
     }
 
+    /// The lease guarded (until [`disarm`](Self::disarm)).
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
     /// The work finished: hands the lease back for `complete` or `release`.
     pub fn disarm(&mut self) -> Lease {
         self.lease.take().expect("a guard is disarmed once")

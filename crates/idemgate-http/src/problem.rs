@@ -23,6 +23,10 @@ pub enum Problem {
     Mismatch,
     /// 503: the idempotency store failed. Retryable.
     StoreUnavailable,
+    /// 410: the first request with this key completed, but its response was over the layer's
+    /// limit and was not stored ([`Oversized::Complete`](crate::Oversized::Complete)); the
+    /// handler does not run again. Terminal.
+    ResponseNotStored,
 }
 
 impl Problem {
@@ -37,6 +41,7 @@ impl Problem {
             Problem::UnreadableBody => "https://idemgate.dev/problems/unreadable-body",
             Problem::Mismatch => "https://idemgate.dev/problems/idempotency-key-reused",
             Problem::StoreUnavailable => "https://idemgate.dev/problems/store-unavailable",
+            Problem::ResponseNotStored => "https://idemgate.dev/problems/response-not-stored",
         }
     }
 
@@ -51,6 +56,7 @@ impl Problem {
             Problem::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Problem::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::ResponseNotStored => StatusCode::GONE,
         }
     }
 
@@ -64,6 +70,9 @@ impl Problem {
             Problem::UnreadableBody => "The request body could not be read",
             Problem::Mismatch => "This Idempotency-Key was already used with a different request",
             Problem::StoreUnavailable => "The idempotency store is unavailable",
+            Problem::ResponseNotStored => {
+                "The request with this Idempotency-Key completed, but its response was not stored"
+            }
         }
     }
 
