@@ -366,6 +366,8 @@ impl Store for MemoryStore {
 
     async fn release(&self, lease: Lease) -> Result<()> {
         self.with_lease(&lease, |r, now, lease_until| {
+            // the attempt failed: the key is unused, and its next claim may carry another request
+            r.fingerprint = None;
             if lease_until > now {
                 r.state = State::InProgress {
                     token: lease.token(),

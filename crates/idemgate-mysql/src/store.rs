@@ -184,7 +184,7 @@ impl Statements {
                  WHERE scope = ? AND id = ? AND state = 0 AND token = ?"
             ),
             release: format!(
-                "UPDATE {t} SET lease_until = LEAST(lease_until, {NOW})
+                "UPDATE {t} SET lease_until = LEAST(lease_until, {NOW}), fingerprint = NULL
                  WHERE scope = ? AND id = ? AND state = 0 AND token = ?"
             ),
             // expires_at first: it reads the old lease_until

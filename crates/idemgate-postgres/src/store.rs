@@ -267,7 +267,7 @@ impl Statements {
                  WHERE scope = $1 AND id = $2 AND state = 0 AND token = $3 AND bucket = $6"
             ),
             release: format!(
-                "UPDATE {t} SET lease_until = LEAST(lease_until, {NOW})
+                "UPDATE {t} SET lease_until = LEAST(lease_until, {NOW}), fingerprint = NULL
                  WHERE scope = $1 AND id = $2 AND state = 0 AND token = $3 AND bucket = $4"
             ),
             renew: format!(

@@ -126,6 +126,7 @@ pub(crate) fn release() -> String {
         "{PRELUDE}{HELD}{}",
         r#"
 if r.lu > now then r.lu = now end
+r.fp = ''
 save(key, r)
 return 1
 "#

@@ -311,7 +311,7 @@ impl Statements {
                  WHERE scope = ?1 AND id = ?2 AND state = 0 AND token = ?3"
             ),
             release: format!(
-                "UPDATE {t} SET lease_until = min(lease_until, ?4)
+                "UPDATE {t} SET lease_until = min(lease_until, ?4), fingerprint = NULL
                  WHERE scope = ?1 AND id = ?2 AND state = 0 AND token = ?3"
             ),
             renew: format!(

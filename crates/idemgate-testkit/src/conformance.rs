@@ -234,6 +234,26 @@ pub async fn release_then_reclaim<S: Store>(ctx: &Ctx<S>) {
     let second = acquire(ctx, &key, LONG).await;
     assert!(second.token() > token, "token did not grow after release");
     assert_eq!(second.attempt(), 2);
+
+    // a released attempt leaves the key unused: the next claim may carry another request
+    // (a client that corrects a rejected request retries with the same key)
+    let key = ctx.key("release-fp");
+    let (a, b) = (Fingerprint::of(b"a"), Fingerprint::of(b"b"));
+    let first = match ctx.store.claim(&key, Some(&a), &opts(LONG)).await {
+        Ok(Claim::Acquired(lease)) => lease,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    ctx.store.release(first).await.unwrap();
+    match ctx.store.claim(&key, Some(&b), &opts(LONG)).await {
+        Ok(Claim::Acquired(lease)) => {
+            ctx.store.complete(&lease, &outcome("b"), LONG).await.unwrap();
+        }
+        other => panic!("a released key refused another request: {other:?}"),
+    }
+    assert!(
+        matches!(ctx.store.claim(&key, Some(&a), &opts(LONG)).await, Ok(Claim::Mismatch { stored }) if stored == b),
+        "the completed key forgot its request's fingerprint"
+    );
 }
 
 /// Rules 4 and 5: after `expires_at` a completed key is free again, judged by the clock.

@@ -286,6 +286,7 @@ where
                             let want = match model.held(k, l.token()) {
                                 Some(r) => {
                                     r.lease_until = r.lease_until.map(|u| u.min(now));
+                                    r.fp = None;
                                     Seen::Ok
                                 }
                                 None => Seen::LeaseLost,
