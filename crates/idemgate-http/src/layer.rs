@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::request::Parts;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as HttpBody;
@@ -14,7 +15,6 @@ use http_body_util::BodyExt;
 use idemgate_core::{
     Claim, ClaimOptions, Fingerprint, Key, Lease, LeaseGuard, Outcome, Store, keep_alive,
 };
-use futures_util::FutureExt;
 use tokio_util::task::TaskTracker;
 use tower::{Layer, Service};
 
@@ -660,9 +660,21 @@ where
                 let (tx, rx) = tokio::sync::mpsc::channel(4);
                 let read = head.len() as u64;
                 let status = rparts.status;
-                let pumped = pump(Arc::clone(&config), lease, lost, status, marked, rbody, tx, read);
+                let pumped = pump(
+                    Arc::clone(&config),
+                    lease,
+                    lost,
+                    status,
+                    marked,
+                    rbody,
+                    tx,
+                    read,
+                );
                 tokio::spawn(config.running.track_future(pumped));
-                let relay = Relay { head: Some(head).filter(|h| !h.is_empty()), rx };
+                let relay = Relay {
+                    head: Some(head).filter(|h| !h.is_empty()),
+                    rx,
+                };
                 Ok(Response::from_parts(rparts, Body::new(relay)))
             }
         }
@@ -738,9 +750,14 @@ async fn pump<St: Store>(
     let lost = lost || lost_now;
     match result {
         Ok(Some(bytes)) if config.oversized == Oversized::Complete => {
-            let parts = Response::builder().status(status).body(()).map(|r| r.into_parts().0);
+            let parts = Response::builder()
+                .status(status)
+                .body(())
+                .map(|r| r.into_parts().0);
             match parts {
-                Ok(parts) => settle(&config, lease, lost, &parts, Stored::Not { bytes }, marked).await,
+                Ok(parts) => {
+                    settle(&config, lease, lost, &parts, Stored::Not { bytes }, marked).await
+                }
                 Err(_) => release(&config, lease, lost).await,
             }
         }

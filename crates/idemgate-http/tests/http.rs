@@ -13,8 +13,19 @@ use idemgate_core::{MemoryStore, Store};
 use idemgate_http::{IdempotencyLayer, Profile, format_key};
 use idemgate_sqlite::SqliteStore;
 
+/// How many handlers started (`.0`) and how many ran to their end (`.1`).
 #[derive(Clone, Default)]
-struct Calls(Arc<AtomicU32>);
+struct Calls(Arc<AtomicU32>, Arc<AtomicU32>);
+
+impl Calls {
+    fn started(&self) -> u32 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn finished(&self) -> u32 {
+        self.1.load(Ordering::SeqCst)
+    }
+}
 
 async fn pay(
     State(calls): State<Calls>,
@@ -33,6 +44,7 @@ async fn pay(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_owned();
+    calls.1.fetch_add(1, Ordering::SeqCst);
     (
         StatusCode::CREATED,
         [("x-payment-id", format!("pay_{n}"))],
@@ -58,12 +70,99 @@ async fn boom(State(calls): State<Calls>) -> &'static str {
     "recovered"
 }
 
+/// Streams `x-bytes` bytes in 64 KiB frames that cost no allocation.
+async fn stream(State(calls): State<Calls>, headers: HeaderMap) -> axum::body::Body {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    calls.0.fetch_add(1, Ordering::SeqCst);
+    let mut left: u64 = headers
+        .get("x-bytes")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0);
+    let frames = std::iter::from_fn(move || {
+        let n = left.min(ZEROS.len() as u64);
+        left -= n;
+        (n > 0).then(|| Bytes::from_static(&ZEROS[..n as usize]))
+    });
+    let done = calls.1.clone();
+    axum::body::Body::new(Frames(Box::new(frames), Some(done)))
+}
+
+/// A body of the frames an iterator yields; counts the handler finished at its end.
+struct Frames(
+    Box<dyn Iterator<Item = Bytes> + Send>,
+    Option<Arc<AtomicU32>>,
+);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let next = self.0.next();
+        if next.is_none()
+            && let Some(done) = self.1.take()
+        {
+            done.fetch_add(1, Ordering::SeqCst);
+        }
+        std::task::Poll::Ready(next.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+async fn cookie(State(calls): State<Calls>) -> impl axum::response::IntoResponse {
+    let n = calls.0.fetch_add(1, Ordering::SeqCst) + 1;
+    (
+        StatusCode::CREATED,
+        [
+            ("set-cookie", format!("session=s{n}; HttpOnly")),
+            ("x-order", format!("o{n}")),
+        ],
+        format!("order o{n}"),
+    )
+}
+
+async fn json(
+    State(calls): State<Calls>,
+    axum::Json(v): axum::Json<serde_json::Value>,
+) -> (StatusCode, String) {
+    let n = calls.0.fetch_add(1, Ordering::SeqCst) + 1;
+    (StatusCode::CREATED, format!("{n}:{v}"))
+}
+
+async fn auth(State(calls): State<Calls>, headers: HeaderMap) -> (StatusCode, String) {
+    match headers.get("x-token").and_then(|v| v.to_str().ok()) {
+        Some("ok") => {
+            let n = calls.0.fetch_add(1, Ordering::SeqCst) + 1;
+            (StatusCode::CREATED, format!("charged {n}"))
+        }
+        Some(_) => (StatusCode::FORBIDDEN, "forbidden".into()),
+        None => (StatusCode::UNAUTHORIZED, "who are you".into()),
+    }
+}
+
+/// Reserves, then refuses: a rejection status after an effect, marked final.
+async fn refuse(State(calls): State<Calls>) -> impl axum::response::IntoResponse {
+    let n = calls.0.fetch_add(1, Ordering::SeqCst) + 1;
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        axum::Extension(idemgate_http::Final),
+        format!("refused after reservation {n}"),
+    )
+}
+
 async fn serve<St: Store>(layer: IdempotencyLayer<St>) -> (String, Calls) {
     let calls = Calls::default();
     let app = Router::new()
         .route("/payments", post(pay))
         .route("/flaky", post(flaky))
         .route("/boom", post(boom))
+        .route("/stream", post(stream))
+        .route("/cookie", post(cookie))
+        .route("/json", post(json))
+        .route("/auth", post(auth))
+        .route("/refuse", post(refuse))
         .route("/ping", get(|| async { "pong" }))
         .with_state(calls.clone())
         .layer(layer);
@@ -80,7 +179,8 @@ fn scoped<St: Store>(store: St) -> IdempotencyLayer<St> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     })
-    .with_lease(Duration::from_secs(5))
+    // far longer than any test's deadline: a key is free again only if it was released
+    .with_lease(Duration::from_secs(120))
 }
 
 fn client() -> reqwest::Client {
@@ -260,34 +360,15 @@ async fn five_hundreds_release_and_panics_leave_nothing_stuck<St: Store>(store: 
     assert!(again.headers().get("idempotent-replayed").is_none());
     assert_eq!(calls.0.load(Ordering::SeqCst), 2);
 
-    // the handler panics: the connection dies, and the key is released for the retry
+    // the handler panics: the client gets 500 and the key is released for the retry at once
+    // (the lease is 120 s: a key left to expire would answer 409 here)
     calls.0.store(0, Ordering::SeqCst);
-    let _ = client()
-        .post(format!("{base}/boom"))
-        .header("x-user", "u")
-        .header("idempotency-key", "p")
-        .send()
-        .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let res = client()
-            .post(format!("{base}/boom"))
-            .header("x-user", "u")
-            .header("idempotency-key", "p")
-            .send()
-            .await;
-        if let Ok(res) = res
-            && res.status() == 200
-        {
-            assert_eq!(res.text().await.unwrap(), "recovered");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the key stayed stuck after a panic"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let first = post_with(&base, "/boom", "u", Some("p"), "", 0).await;
+    assert_eq!(first.status(), 500);
+    let retry = post_with(&base, "/boom", "u", Some("p"), "", 0).await;
+    assert_eq!(retry.status(), 200, "the key stayed stuck after a panic");
+    assert_eq!(retry.text().await.unwrap(), "recovered");
+    assert_eq!(calls.0.load(Ordering::SeqCst), 2);
 }
 
 async fn tenants_never_see_each_other<St: Store>(store: St) {
@@ -355,34 +436,198 @@ async fn hundred_concurrent_retries_run_once<St: Store>(store: St, wait: bool) {
     assert_eq!(bodies.len(), 1, "retries got different responses");
 }
 
-/// A client that gives up mid-request leaves no key stuck: a later retry is answered.
-async fn a_disconnected_client_leaves_no_key_stuck<St: Store>(store: St) {
-    let (base, _calls) = serve(scoped(store)).await;
+/// A client that gives up mid-request does not run the handler twice: the handler runs to its
+/// end, a retry meanwhile gets 409, and a retry afterwards gets the stored response.
+async fn a_disconnected_client_gets_the_replay<St: Store>(store: St) {
+    let (base, calls) = serve(scoped(store)).await;
     let quick = reqwest::Client::builder()
-        .timeout(Duration::from_millis(100))
+        .timeout(Duration::from_millis(150))
         .build()
         .unwrap();
     let gone = quick
         .post(format!("{base}/payments"))
         .header("x-user", "d")
         .header("idempotency-key", "gone")
-        .header("x-delay-ms", "400")
+        .header("x-delay-ms", "1500")
+        .body("amount=7")
         .send()
         .await;
     assert!(gone.is_err(), "the client should have timed out");
+    // the handler is still running, detached from the dropped connection
+    let busy = post_with(&base, "/payments", "d", Some("gone"), "amount=7", 0).await;
+    assert_eq!(
+        busy.status(),
+        409,
+        "the retry ran while the first still ran"
+    );
+    assert_eq!(busy.headers()["retry-after"], "1");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let res = post_with(&base, "/payments", "d", Some("gone"), "", 0).await;
-        if res.status() == 201 {
-            break;
+    while calls.finished() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the handler was cancelled with its connection"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // the key is completed right after the handler returns
+    let replay = loop {
+        let res = post_with(&base, "/payments", "d", Some("gone"), "amount=7", 0).await;
+        if res.status() != 409 {
+            break res;
         }
-        assert_eq!(res.status(), 409, "unexpected answer while the key settles");
         assert!(
             tokio::time::Instant::now() < deadline,
             "the key stayed in progress"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert!(replay.text().await.unwrap().contains("\"n\":1"));
+    assert_eq!(calls.started(), 1, "the handler ran twice");
+}
+
+/// A response over the limit streams through whole; the key remembers that it ran, and a retry
+/// gets the `response-not-stored` problem instead of a second run (or, under
+/// `Oversized::Release`, runs again).
+async fn oversized_responses_stream_and_never_rerun<St: Store>(store: St) {
+    let layer = scoped(store).with_max_response(4096);
+    let (base, calls) = serve(layer.clone()).await;
+    let big = |key: &'static str| {
+        let base = base.clone();
+        async move {
+            client()
+                .post(format!("{base}/stream"))
+                .header("x-user", "o")
+                .header("idempotency-key", key)
+                .header("x-bytes", "300000")
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let first = big("big").await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.bytes().await.unwrap().len(), 300_000);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        let res = big("big").await;
+        if res.status() != 409 {
+            break res;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the key stayed in progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(again.status(), 410);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let (_, _, p) = problem_type(again).await;
+    assert_eq!(
+        p["type"],
+        "https://idemgate.dev/problems/response-not-stored"
+    );
+    assert!(p["detail"].as_str().unwrap().contains("status 200"), "{p}");
+    assert_eq!(calls.started(), 1, "the handler ran again");
+
+    // a small response under the same limit is stored as usual
+    let small = post_with(&base, "/payments", "o", Some("small"), "x", 0).await;
+    assert_eq!(small.status(), 201);
+
+    let (base, calls) = serve(layer.with_oversized(idemgate_http::Oversized::Release)).await;
+    for _ in 0..2 {
+        let res = client()
+            .post(format!("{base}/stream"))
+            .header("x-user", "o")
+            .header("idempotency-key", "released")
+            .header("x-bytes", "300000")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.bytes().await.unwrap().len(), 300_000);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while calls.finished() < calls.started() {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
+}
+
+/// Cookies and hop-by-hop headers go to the first client only; other headers are replayed.
+async fn cookies_are_not_replayed<St: Store>(store: St) {
+    let (base, calls) = serve(scoped(store)).await;
+    let first = post_with(&base, "/cookie", "c", Some("ck"), "", 0).await;
+    assert_eq!(first.headers()["set-cookie"], "session=s1; HttpOnly");
+    let again = post_with(&base, "/cookie", "c", Some("ck"), "", 0).await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()["x-order"], "o1");
+    assert!(
+        again.headers().get("set-cookie").is_none(),
+        "a replay handed out the first client's cookie"
+    );
+    assert_eq!(calls.started(), 1);
+}
+
+/// A request refused before the handler did anything (a malformed body, missing credentials)
+/// does not use up its key; a refusal the handler marks `Final` does.
+async fn rejections_do_not_use_up_the_key<St: Store>(store: St) {
+    let (base, calls) = serve(scoped(store)).await;
+    let send =
+        |path: &'static str, key: &'static str, body: &'static str, token: Option<&'static str>| {
+            let base = base.clone();
+            async move {
+                let mut rb = client()
+                    .post(format!("{base}{path}"))
+                    .header("x-user", "r")
+                    .header("idempotency-key", key)
+                    .header("content-type", "application/json")
+                    .body(body);
+                if let Some(t) = token {
+                    rb = rb.header("x-token", t);
+                }
+                let res = rb.send().await.unwrap();
+                let replayed = res.headers().contains_key("idempotent-replayed");
+                (res.status().as_u16(), replayed, res.text().await.unwrap())
+            }
+        };
+    // axum's own JSON rejections: a syntax error (400), then a body of the wrong shape
+    assert_eq!(send("/json", "j", "{not json", None).await.0, 400);
+    let fixed = send("/json", "j", "{\"amount\": 5}", None).await;
+    assert_eq!(
+        fixed,
+        (201, false, "1:{\"amount\":5}".to_owned()),
+        "the corrected retry was refused"
+    );
+    assert_eq!(send("/json", "j", "{\"amount\": 5}", None).await.1, true);
+
+    // missing, then wrong, then right credentials under one key
+    assert_eq!(send("/auth", "a", "{}", None).await.0, 401);
+    assert_eq!(send("/auth", "a", "{}", Some("bad")).await.0, 403);
+    // (one counter for every route: the JSON handler ran once before)
+    assert_eq!(
+        send("/auth", "a", "{}", Some("ok")).await,
+        (201, false, "charged 2".to_owned())
+    );
+    assert_eq!(
+        send("/auth", "a", "{}", Some("ok")).await,
+        (201, true, "charged 2".to_owned())
+    );
+
+    // a 422 after an effect, marked final: stored and replayed
+    let first = send("/refuse", "f", "{}", None).await;
+    assert_eq!(
+        first,
+        (422, false, "refused after reservation 3".to_owned())
+    );
+    let again = send("/refuse", "f", "{}", None).await;
+    assert_eq!(again, (422, true, "refused after reservation 3".to_owned()));
+    assert_eq!(
+        calls.started(),
+        3,
+        "json, auth and refuse ran once each after their fixes"
+    );
 }
 
 async fn stripe_profile_stores_5xx<St: Store>(store: St) {
@@ -489,7 +734,10 @@ on_stores! {
     concurrent_reject => |s| hundred_concurrent_retries_run_once(s, false);
     concurrent_wait => |s| hundred_concurrent_retries_run_once(s, true);
     stripe => |s| stripe_profile_stores_5xx(s);
-    disconnect => |s| a_disconnected_client_leaves_no_key_stuck(s);
+    disconnect => |s| a_disconnected_client_gets_the_replay(s);
+    oversized => |s| oversized_responses_stream_and_never_rerun(s);
+    cookies => |s| cookies_are_not_replayed(s);
+    rejections => |s| rejections_do_not_use_up_the_key(s);
 }
 
 mod parser {

@@ -246,7 +246,10 @@ pub async fn release_then_reclaim<S: Store>(ctx: &Ctx<S>) {
     ctx.store.release(first).await.unwrap();
     match ctx.store.claim(&key, Some(&b), &opts(LONG)).await {
         Ok(Claim::Acquired(lease)) => {
-            ctx.store.complete(&lease, &outcome("b"), LONG).await.unwrap();
+            ctx.store
+                .complete(&lease, &outcome("b"), LONG)
+                .await
+                .unwrap();
         }
         other => panic!("a released key refused another request: {other:?}"),
     }
