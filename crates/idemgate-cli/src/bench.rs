@@ -581,7 +581,7 @@ async fn http_server<St: Store>(store: Option<St>) -> Result<String, BoxError> {
 async fn http_bench(h: HttpBench) -> Result<ExitCode, BoxError> {
     // the memory store as a service would hold it; any other behind the erased `BoxStore`
     let guarded = if h.store == "memory:" {
-        http_server(Some(MemoryStore::new())).await?
+        http_server(Some(MemoryStore::unbounded())).await?
     } else {
         http_server(Some(crate::stores::open(&h.store).await?)).await?
     };

@@ -43,7 +43,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("MemoryStore claim+complete", |b| {
         b.iter_custom(|iters| {
             let keys = keys(iters);
-            let store = MemoryStore::new();
+            let store = MemoryStore::unbounded();
             rt.block_on(async {
                 let start = Instant::now();
                 for key in &keys {
@@ -63,7 +63,7 @@ fn bench(c: &mut Criterion) {
     });
 
     g.bench_function("MemoryStore replay (claim of a completed key)", |b| {
-        let store = MemoryStore::new();
+        let store = MemoryStore::unbounded();
         let keys = keys(1024);
         rt.block_on(async {
             for key in &keys {

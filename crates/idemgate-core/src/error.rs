@@ -21,10 +21,11 @@ pub enum Error {
     #[error("lease lost: the key was taken over, completed or released by a newer claim")]
     LeaseLost,
 
-    /// A bounded store is full of live records and refuses a new key rather than forget one.
-    #[error("store is at capacity ({limit} live records)")]
+    /// A bounded store is full of live records (or of stored outcomes' bytes) and refuses a
+    /// new key or outcome rather than forget one.
+    #[error("store is at capacity (limit {limit})")]
     Capacity {
-        /// The configured number of records.
+        /// The configured number of records, or of outcome bytes.
         limit: usize,
     },
 

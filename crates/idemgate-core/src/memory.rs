@@ -19,9 +19,13 @@ use crate::store::Store;
 
 /// An in-process [`Store`]: sharded maps behind short locks.
 ///
-/// For tests, single-process services and as a reference. Optionally bounded: at capacity it
-/// first drops records whose `expires_at` has passed, and if the store is still full it refuses
-/// the new key with [`Error::Capacity`]. It never forgets a live key.
+/// For tests, single-process services and as a reference. Bounded by default, so that callers
+/// who choose their own keys (HTTP clients sending fresh `Idempotency-Key`s) cannot grow it
+/// without limit: at most [`DEFAULT_RECORDS`](Self::DEFAULT_RECORDS) records and
+/// [`DEFAULT_OUTCOME_BYTES`](Self::DEFAULT_OUTCOME_BYTES) of stored outcomes. At a bound it
+/// first drops records whose `expires_at` has passed; if it is still full it refuses the new key
+/// (or the outcome) with [`Error::Capacity`]. It never forgets a live key. An outcome refused
+/// for its size leaves the key in progress, and an empty outcome always fits.
 ///
 /// ```
 /// use std::time::Duration;
@@ -47,6 +51,9 @@ pub struct MemoryStore {
     // when asked, so a fresh claim writes no counter that every thread shares
     len: AtomicUsize,
     capacity: Option<usize>,
+    // the bytes of stored outcomes (`Outcome::encoded_len`), counted only when bounded
+    bytes: AtomicUsize,
+    max_bytes: Option<usize>,
     clock: Arc<dyn Clock>,
 }
 
@@ -69,37 +76,62 @@ impl Shard {
     }
 
     /// Drops the records `doomed` picks, remembering the largest token dropped; answers how
-    /// many it dropped. Call with the shard's lock held (`map`).
+    /// many it dropped and their outcomes' bytes. Call with the shard's lock held (`map`).
     fn drop_where(
         &self,
         map: &mut HashTable<Record>,
         mut doomed: impl FnMut(&Record) -> bool,
-    ) -> usize {
-        let (before, mut high) = (map.len(), self.gone.load(Ordering::Relaxed));
+    ) -> (usize, usize) {
+        let (before, mut high, mut bytes) = (map.len(), self.gone.load(Ordering::Relaxed), 0);
         map.retain(|r| {
             let drop = doomed(r);
             if drop {
                 high = high.max(r.token());
+                bytes += weight(r);
             }
             !drop
         });
         self.gone.store(high, Ordering::Relaxed);
-        before - map.len()
+        (before - map.len(), bytes)
     }
 }
+
+/// The outcome bytes a record holds.
+fn weight(r: &Record) -> usize {
+    r.outcome().map_or(0, Outcome::encoded_len)
+}
+
+/// Outcomes this small always fit a byte-bounded store (a marker that a response was not
+/// stored, a serialized unit value).
+const ALWAYS_FITS: usize = 256;
 
 /// Builds a [`MemoryStore`].
 #[derive(Debug)]
 pub struct MemoryStoreBuilder {
     shards: usize,
     capacity: Option<usize>,
+    max_bytes: Option<usize>,
     clock: Arc<dyn Clock>,
 }
 
 impl MemoryStoreBuilder {
-    /// Bounds the number of records (default: unbounded).
+    /// Bounds the number of records (default [`MemoryStore::DEFAULT_RECORDS`]).
     pub fn with_capacity(mut self, records: usize) -> Self {
         self.capacity = Some(records);
+        self
+    }
+
+    /// Bounds the bytes of stored outcomes (default [`MemoryStore::DEFAULT_OUTCOME_BYTES`]).
+    pub fn with_max_outcome_bytes(mut self, bytes: usize) -> Self {
+        self.max_bytes = Some(bytes);
+        self
+    }
+
+    /// No bound on records or bytes: only for keys the caller controls (benchmarks, a
+    /// consumer whose keys are its broker's event ids and whose purge keeps up).
+    pub fn unbounded(mut self) -> Self {
+        self.capacity = None;
+        self.max_bytes = None;
         self
     }
 
@@ -127,6 +159,8 @@ impl MemoryStoreBuilder {
             hasher: RandomState::default(),
             len: AtomicUsize::new(0),
             capacity: self.capacity,
+            bytes: AtomicUsize::new(0),
+            max_bytes: self.max_bytes,
             clock: self.clock,
         })
     }
@@ -150,17 +184,61 @@ fn lease_error<T>() -> Result<T> {
 }
 
 impl MemoryStore {
-    /// An unbounded store on the system clock.
+    /// The default bound on records: about 200 MB of small records.
+    pub const DEFAULT_RECORDS: usize = 1_000_000;
+
+    /// The default bound on the bytes of stored outcomes (responses, serialized results).
+    pub const DEFAULT_OUTCOME_BYTES: usize = 256 << 20;
+
+    /// A store on the system clock with the default bounds.
     pub fn new() -> Self {
         Self::builder().build().expect("default builder is valid")
     }
 
-    /// A builder for capacity, shards and clock.
+    /// A store with no bound (see [`MemoryStoreBuilder::unbounded`]).
+    pub fn unbounded() -> Self {
+        Self::builder()
+            .unbounded()
+            .build()
+            .expect("default builder is valid")
+    }
+
+    /// A builder for bounds, shards and clock.
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
             shards: 64,
-            capacity: None,
+            capacity: Some(Self::DEFAULT_RECORDS),
+            max_bytes: Some(Self::DEFAULT_OUTCOME_BYTES),
             clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The bytes of stored outcomes a bounded store holds.
+    pub fn outcome_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Counts `add` outcome bytes in and `sub` out (only a byte-bounded store counts).
+    fn weigh(&self, add: usize, sub: usize) {
+        if self.max_bytes.is_some() {
+            if add > 0 {
+                self.bytes.fetch_add(add, Ordering::Relaxed);
+            }
+            if sub > 0 {
+                self.bytes.fetch_sub(sub, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether `n` more outcome bytes fit, after dropping expired records if they do not.
+    fn room_for(&self, n: usize, now: SystemTime) -> bool {
+        let Some(max) = self.max_bytes else {
+            return true;
+        };
+        let fits = || n == 0 || self.bytes.load(Ordering::Relaxed).saturating_add(n) <= max;
+        fits() || {
+            self.sweep(now);
+            fits()
         }
     }
 
@@ -204,8 +282,9 @@ impl MemoryStore {
     }
 
     fn drop_expired(&self, shard: &Shard, map: &mut HashTable<Record>, now: SystemTime) {
-        let n = shard.drop_where(map, |r| r.expires_at <= now);
+        let (n, bytes) = shard.drop_where(map, |r| r.expires_at <= now);
         self.dropped(n);
+        self.weigh(0, bytes);
     }
 
     /// Takes one slot of the capacity; `false` when the store is full.
@@ -242,7 +321,11 @@ impl MemoryStore {
             let mut map = shard.lock();
             let vacant = match map.entry(hash, |r| r.key == *key, |r| self.hash(&r.key)) {
                 Entry::Occupied(mut r) => {
-                    return Ok(Self::claim_existing(r.get_mut(), key, fp, opts, now));
+                    let r = r.get_mut();
+                    let before = weight(r);
+                    let claim = Self::claim_existing(r, key, fp, opts, now);
+                    self.weigh(weight(r), before);
+                    return Ok(claim);
                 }
                 Entry::Vacant(v) => v,
             };
@@ -320,6 +403,12 @@ impl MemoryStore {
     }
 
     fn complete_sync(&self, lease: &Lease, outcome: &Outcome, retention: Duration) -> Result<()> {
+        let size = outcome.encoded_len();
+        if size > ALWAYS_FITS && !self.room_for(size, self.clock.now()) {
+            return Err(Error::Capacity {
+                limit: self.max_bytes.unwrap_or(usize::MAX),
+            });
+        }
         self.with_lease(lease, |r, now, _| {
             r.state = State::Completed {
                 token: lease.token(),
@@ -327,7 +416,9 @@ impl MemoryStore {
                 completed_at: now,
             };
             r.expires_at = later(now, retention);
-        })
+        })?;
+        self.weigh(size, 0);
+        Ok(())
     }
 
     /// Runs `f` on the record held by `lease`, or fails with `LeaseLost`.
@@ -407,12 +498,13 @@ impl Store for MemoryStore {
                 break;
             }
             let mut map = shard.lock();
-            let n = shard.drop_where(&mut map, |r| {
+            let (n, bytes) = shard.drop_where(&mut map, |r| {
                 let doomed = r.expires_at <= now && purged < limit;
                 purged += usize::from(doomed);
                 doomed
             });
             self.dropped(n);
+            self.weigh(0, bytes);
         }
         Ok(purged as u64)
     }

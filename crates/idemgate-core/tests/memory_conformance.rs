@@ -98,3 +98,63 @@ async fn capacity_is_exact_under_concurrency_and_sweeps_every_shard() {
         );
     }
 }
+
+/// Outcomes are bounded in bytes too: a store full of responses refuses a large one with
+/// `Capacity` (the key stays claimed), still takes a small marker, and frees the bytes of
+/// expired and purged records.
+#[tokio::test]
+async fn outcome_bytes_are_bounded() {
+    use idemgate_core::{Claim, Error, Key, Outcome, Store, StoreExt};
+    use std::time::Duration;
+
+    let clock = ManualClock::new();
+    let store = MemoryStore::builder()
+        .with_clock(clock.clone())
+        .with_max_outcome_bytes(10_000)
+        .build()
+        .unwrap();
+    let big = Outcome::new(200, vec![7u8; 4_000]);
+    let claim = |i: usize| {
+        let store = &store;
+        async move {
+            let key = Key::new("bytes", format!("k{i}")).unwrap();
+            match store.claim_for(&key, Duration::from_secs(1)).await.unwrap() {
+                Claim::Acquired(lease) => lease,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    for i in 0..2 {
+        let lease = claim(i).await;
+        store
+            .complete(&lease, &big, Duration::from_secs(1))
+            .await
+            .unwrap();
+    }
+    let third = claim(2).await;
+    assert!(matches!(
+        store.complete(&third, &big, Duration::from_secs(1)).await,
+        Err(Error::Capacity { limit: 10_000 })
+    ));
+    // the refused completion changed nothing: the key is still held, and a marker fits
+    store
+        .complete(
+            &third,
+            &Outcome::new(200, "").with_meta(":not-stored", "4000"),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    assert!(store.outcome_bytes() <= 10_000);
+    // once the first two expire, their bytes make room again
+    clock.advance(Duration::from_secs(2));
+    let fourth = claim(3).await;
+    store
+        .complete(&fourth, &big, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(store.outcome_bytes() < 10_000, "{}", store.outcome_bytes());
+    clock.advance(Duration::from_secs(2));
+    store.purge_expired(100).await.unwrap();
+    assert_eq!(store.outcome_bytes(), 0);
+}

@@ -37,7 +37,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("http layer");
     g.throughput(Throughput::Elements(1));
     let plain = app();
-    let guarded = app().layer(IdempotencyLayer::unscoped(MemoryStore::new()));
+    let guarded = app().layer(IdempotencyLayer::unscoped(MemoryStore::unbounded()));
     let mut next = 0u64;
     let mut id = || {
         next += 1;

@@ -187,6 +187,43 @@ struct Config<St> {
 /// receive another's stored response; running without a scope is an explicit opt-in
 /// ([`IdempotencyLayer::unscoped`]).
 ///
+/// # What a client sees
+/// - Once a key is claimed, its handler runs to its end whatever the client does: a client that
+///   disconnects and retries gets 409 (with `Retry-After`, 1 s by default) while the handler
+///   runs, or waits for it under [`with_wait`](Self::with_wait), and the stored response once
+///   it finished. The handler never runs twice for one key, unless its attempt failed.
+/// - A failed attempt releases the key, so a retry runs again: a 5xx under [`Profile::Ietf`],
+///   a panic (the client gets 500), a response body that fails, and a refusal before any
+///   effect ([`Profile::is_rejection`]: 400, 401, 403, 404, ...) unless marked [`Final`].
+///   A released key forgets the request's fingerprint, so a corrected request may reuse it.
+/// - `Set-Cookie` and hop-by-hop headers go to the first client only ([`UNSTORED_HEADERS`]).
+/// - At most [`with_max_response`](Self::with_max_response) bytes of a response are held in
+///   memory. A larger response streams through while the lease is renewed, and the key
+///   records that it ran without its response: a retry gets 410 `response-not-stored`
+///   ([`Oversized`]). The same record stands in when the store refuses a response for its
+///   size (a bounded [`MemoryStore`](idemgate_core::MemoryStore) that is full).
+///
+/// # Shutdown
+/// Handlers whose clients went away, and the streams of large responses, run on the runtime,
+/// outside the server's connections. After the server's graceful shutdown returned, wait for
+/// them with [`drain`](Self::drain), bounded:
+///
+/// ```
+/// # use std::time::Duration;
+/// # use idemgate_core::MemoryStore;
+/// # use idemgate_http::IdempotencyLayer;
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let layer = IdempotencyLayer::unscoped(MemoryStore::new());
+/// let app: axum::Router = axum::Router::new().layer(layer.clone());
+/// // axum::serve(listener, app).with_graceful_shutdown(signal).await?;
+/// assert!(layer.drain(Duration::from_secs(30)).await, "handlers still running");
+/// # });
+/// ```
+///
+/// A handler still running when the runtime stops is dropped mid-way: its key stays in
+/// progress until its lease runs out, then the next retry runs it again. Pass
+/// [`RequestKey`]`.0.derive(..)` downstream so that second run is harmless there.
+///
 /// # Clone
 /// Cheap: clones share the configuration and the store.
 pub struct IdempotencyLayer<St> {
@@ -803,23 +840,39 @@ async fn settle<St: Store>(
                 .collect(),
             body: body.clone(),
         },
-        Stored::Not { bytes } => {
-            count!("not_stored");
-            Outcome::new(parts.status.as_u16(), Bytes::new())
-                .with_meta(NOT_STORED, itoa::Buffer::new().format(bytes))
-        }
+        Stored::Not { bytes } => not_stored(parts.status, bytes),
     };
-    match config
+    let stored = match config
         .store
         .complete(&lease, &outcome, config.retention)
         .await
     {
-        Ok(()) => count!("fresh"),
+        // a store full of responses still records that the request ran
+        Err(idemgate_core::Error::Capacity { .. }) if !outcome.body.is_empty() => {
+            let bytes = outcome.body.len() as u64;
+            let marker = not_stored(parts.status, bytes);
+            config
+                .store
+                .complete(&lease, &marker, config.retention)
+                .await
+                .map(|()| false)
+        }
+        done => done.map(|()| outcome.meta.iter().all(|(n, _)| n != NOT_STORED)),
+    };
+    match stored {
+        Ok(true) => count!("fresh"),
+        Ok(false) => count!("not_stored"),
         Err(idemgate_core::Error::LeaseLost) => count!("lease_lost"),
         Err(e) => {
             tracing::warn!(error = %e, "could not store the response; a retry after the lease will run again")
         }
     }
+}
+
+/// The record of a response that was not stored: its status and size, no body.
+fn not_stored(status: StatusCode, bytes: u64) -> Outcome {
+    Outcome::new(status.as_u16(), Bytes::new())
+        .with_meta(NOT_STORED, itoa::Buffer::new().format(bytes))
 }
 
 /// A handler that panicked (in its call or its body) failed this attempt: its key is released

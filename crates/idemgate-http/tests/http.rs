@@ -81,9 +81,9 @@ async fn stream(State(calls): State<Calls>, headers: HeaderMap) -> axum::body::B
     let frames = std::iter::from_fn(move || {
         let n = left.min(ZEROS.len() as u64);
         left -= n;
-        (n > 0).then(|| Bytes::from_static(&ZEROS[..n as usize]))
+        (n > 0).then(|| Bytes::from_static(&ZEROS[..usize::try_from(n).unwrap()]))
     });
-    let done = calls.1.clone();
+    let done = Arc::clone(&calls.1);
     axum::body::Body::new(Frames(Box::new(frames), Some(done)))
 }
 
@@ -600,7 +600,7 @@ async fn rejections_do_not_use_up_the_key<St: Store>(store: St) {
         (201, false, "1:{\"amount\":5}".to_owned()),
         "the corrected retry was refused"
     );
-    assert_eq!(send("/json", "j", "{\"amount\": 5}", None).await.1, true);
+    assert!(send("/json", "j", "{\"amount\": 5}", None).await.1);
 
     // missing, then wrong, then right credentials under one key
     assert_eq!(send("/auth", "a", "{}", None).await.0, 401);
@@ -858,4 +858,30 @@ async fn bodies_in_several_frames_are_read_whole_and_limited() {
     // over the limit with no length announced: 413 once the frames pass it
     assert_eq!(send("k2", chunks(&["0123456", "789ab"])).await.0, 413);
     assert_eq!(calls.0.load(Ordering::SeqCst), 1);
+}
+
+/// Fresh keys cannot grow a memory store without bound: once its outcome bytes are used up, a
+/// request still runs and answers, its key records that it ran (410 on a retry, no second run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_memory_store_never_reruns_a_request() {
+    let store = MemoryStore::builder()
+        .with_max_outcome_bytes(2_000)
+        .build()
+        .unwrap();
+    let (base, calls) = serve(scoped(store)).await;
+    let body = "x".repeat(700);
+    let mut answers = Vec::new();
+    for i in 0..5 {
+        let key = format!("fill-{i}");
+        let res = post_with(&base, "/payments", "m", Some(&key), &body, 0).await;
+        assert_eq!(res.status(), 201, "a request was refused on a full store");
+        let again = post_with(&base, "/payments", "m", Some(&key), &body, 0).await;
+        answers.push(again.status().as_u16());
+    }
+    assert_eq!(calls.started(), 5, "a retry ran again");
+    assert_eq!(answers[0], 201, "the first response was not stored");
+    assert_eq!(
+        answers[4], 410,
+        "a response past the bound was neither stored nor marked"
+    );
 }

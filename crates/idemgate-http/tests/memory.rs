@@ -38,7 +38,7 @@ impl http_body::Body for Zeros {
         self.0 -= n;
         std::task::Poll::Ready((n > 0).then(|| {
             Ok(http_body::Frame::data(Bytes::from_static(
-                &ZEROS[..n as usize],
+                &ZEROS[..usize::try_from(n).unwrap()],
             )))
         }))
     }
