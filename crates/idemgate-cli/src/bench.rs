@@ -38,14 +38,14 @@ struct HttpBench {
     #[arg(long, default_value = "memory:")]
     store: String,
     /// Concurrent clients (keep-alive connections).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     clients: usize,
     /// Requests per measurement.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     requests: u64,
     /// Rounds; each figure is the median of its rounds, each ratio the median of the rounds'
     /// ratios. The order of the three measurements rotates from one round to the next.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     rounds: u32,
 }
 
@@ -58,14 +58,14 @@ struct StoreBench {
     #[arg(long)]
     clients: Option<usize>,
     /// Single operations per measurement.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     ops: u64,
     /// Rows per batch in the batched measurements.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     batch: usize,
     /// Rounds; each figure is the median of its rounds, each ratio the median of the rounds'
     /// ratios. Odd rounds measure the store before its ceiling, even rounds after it.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
     rounds: u32,
 }
 

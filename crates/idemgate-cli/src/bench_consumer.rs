@@ -63,10 +63,10 @@ pub(crate) struct ConsumerBench {
     #[arg(long)]
     effect: Option<String>,
     /// Messages per measurement.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     messages: u64,
     /// Messages handled at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     concurrency: usize,
     /// Give the effect table a primary key on the event id, as a business table has: an index
     /// entry per effect row, like the inbox row's. Default: an unindexed table, the cheapest
@@ -74,11 +74,11 @@ pub(crate) struct ConsumerBench {
     #[arg(long)]
     effect_key: bool,
     /// Deliveries per transaction in the batched Inbox-mode measurement.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     inbox_batch: usize,
     /// Rounds; each figure is the median of its rounds, each ratio the median of the rounds'
     /// ratios. The order of the measurements rotates from one round to the next.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     rounds: u32,
 }
 

@@ -41,7 +41,7 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
     /// SIGKILLs per run, at random named points.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     kills: u32,
     /// How the idemgate run deduplicates: `inbox` (the dedup row commits with the effect) or
     /// `gate` (a SqliteStore claim, the effect outside its transaction).
@@ -61,7 +61,7 @@ pub(crate) struct DemoArgs {
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Give up on a run after this many seconds.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     timeout_secs: u64,
     /// Print the figures as one JSON object on stdout.
     #[arg(long)]

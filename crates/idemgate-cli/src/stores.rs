@@ -84,7 +84,7 @@ pub(crate) struct PurgeArgs {
     #[arg(long)]
     store: String,
     /// Delete at most this many records per batch.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     batch: usize,
 }
 

@@ -62,9 +62,11 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => 86_400,
         other => return Err(format!("unknown unit {other:?}: use s, m, h or d")),
     };
+    // a century is longer than any broker keeps a message
     n.checked_mul(secs)
+        .filter(|secs| *secs <= 100 * 366 * 86_400)
         .map(Duration::from_secs)
-        .ok_or_else(|| format!("{s:?} is too long"))
+        .ok_or_else(|| format!("{s:?} is too long: at most a century"))
 }
 
 fn parse_setting(s: &str) -> Result<(String, String), String> {

@@ -25,13 +25,13 @@ pub(crate) struct WorkerArgs {
     #[arg(long, value_enum)]
     mode: Mode,
     /// Visibility timeout of a receive, in milliseconds.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     visibility_ms: u64,
     /// Gate lease, in milliseconds.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     lease_ms: u64,
     /// Messages per receive.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     batch: usize,
     #[arg(long, value_enum)]
     die_at: Option<Point>,

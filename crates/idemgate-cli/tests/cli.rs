@@ -94,16 +94,72 @@ fn demo_gate_mode_reports_its_crash_window_honestly() {
 
 #[test]
 fn bad_flags_are_refused_with_a_message() {
-    for args in [
-        &["demo", "--dup-rate", "2"][..],
-        &["demo", "--events", "0"],
-        &["demo", "--mode", "sometimes"],
-        &["demo", "--workers", "x"],
-        &["frobnicate"],
+    let max = u64::MAX.to_string();
+    for (args, says) in [
+        (
+            &["demo", "--dup-rate", "2"][..],
+            "invalid value '2' for '--dup-rate",
+        ),
+        (
+            &["demo", "--events", "0"],
+            "invalid value '0' for '--events",
+        ),
+        (
+            &["demo", "--mode", "sometimes"],
+            "invalid value 'sometimes' for '--mode",
+        ),
+        (
+            &["demo", "--workers", "x"],
+            "invalid value 'x' for '--workers",
+        ),
+        // time arithmetic on these would overflow: refused before any is done
+        (
+            &["demo", "--timeout-secs", &max],
+            "for '--timeout-secs <TIMEOUT_SECS>': 18446744073709551615 is not in 1..=604800",
+        ),
+        (
+            &["demo", "--kills", "4294967295"],
+            "for '--kills <KILLS>': 4294967295 is not in 0..=100000",
+        ),
+        (&["demo", "--lease-ms", &max], "for '--lease-ms <LEASE_MS>'"),
+        (
+            &[
+                "demo-worker",
+                "--dir",
+                ".",
+                "--mode",
+                "inbox",
+                "--visibility-ms",
+                &max,
+                "--lease-ms",
+                "5",
+            ],
+            "for '--visibility-ms <VISIBILITY_MS>'",
+        ),
+        (
+            &["bench", "http", "--clients", "0"],
+            "for '--clients <CLIENTS>': 0 is not in 1..=4096",
+        ),
+        (
+            &[
+                "check-window",
+                "--retention",
+                "99999999999999999d",
+                "--broker",
+                "kafka",
+            ],
+            "is too long",
+        ),
+        (&["frobnicate"], "unrecognized subcommand 'frobnicate'"),
     ] {
         let out = idemgate(args);
-        assert!(!out.status.success(), "{args:?} was accepted");
-        assert!(!out.stderr.is_empty(), "{args:?} failed silently");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(says),
+            "{args:?} did not say {says:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     }
 }
 

@@ -487,6 +487,36 @@ pub async fn fencing_survives_purge<S: Store>(ctx: &Ctx<S>) {
         .unwrap();
 }
 
+/// Leases and retentions of any length, up to `Duration::MAX`, get an answer or a typed error,
+/// never a panic, and leave the store serving.
+pub async fn huge_durations_are_answered<S: Store>(ctx: &Ctx<S>) {
+    let key = ctx.key("huge");
+    let huge = ClaimOptions {
+        lease: Duration::MAX,
+        retention: Duration::MAX,
+    };
+    if let Ok(Claim::Acquired(lease)) = ctx.store.claim(&key, None, &huge).await {
+        let _ = ctx.store.renew(&lease, Duration::MAX).await;
+        let _ = ctx
+            .store
+            .complete(&lease, &outcome("h"), Duration::MAX)
+            .await;
+    }
+    let other = ctx.key("huge-retention");
+    let lease = acquire(ctx, &other, UNIT).await;
+    let _ = ctx
+        .store
+        .complete(&lease, &outcome("h"), Duration::MAX)
+        .await;
+    // the store still serves ordinary calls
+    let after = ctx.key("after-huge");
+    let lease = acquire(ctx, &after, UNIT).await;
+    ctx.store
+        .complete(&lease, &outcome("a"), LONG)
+        .await
+        .unwrap();
+}
+
 /// Purge removes expired records only, at most `limit` at a time.
 pub async fn purge_expired<S: Store>(ctx: &Ctx<S>) {
     for i in 0..3 {
@@ -708,7 +738,7 @@ macro_rules! conformance_tests {
             claim_new_key, exclusive_claim_race, completed_is_replayed, release_then_reclaim,
             expiry_frees_key, takeover_after_lease_expiry, fencing, fingerprint_mismatch,
             renew_extends_lease, abandoned_claim_stays_fenced, fencing_survives_purge,
-            purge_expired, outcome_round_trip,
+            huge_durations_are_answered, purge_expired, outcome_round_trip,
             batched_forms_match_single_forms);
     };
     (@cases $make:expr; $($case:ident),*) => {

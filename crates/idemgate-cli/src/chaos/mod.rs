@@ -74,34 +74,34 @@ pub(crate) struct ChaosArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
     /// Messages each worker handles at once.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
-    concurrency: u16,
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    concurrency: usize,
     /// Inbox mode: deliveries that share one transaction (`Consumer::with_batch`).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
-    inbox_batch: u16,
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    inbox_batch: usize,
     /// SIGKILLs per run, each at one of the named points.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     kills: u32,
     /// Workers frozen (SIGSTOP) at `after-claim` past their lease while a duplicate is handled
     /// elsewhere, then thawed (SIGCONT): fencing must refuse their late completion.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000))]
     zombies: u32,
     /// Restarts of the store (and ledger) server, at even steps of progress, by
     /// `--store-restart-cmd`.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000))]
     store_restarts: u32,
     /// The shell command that restarts the store, run with `sh -c`.
     #[arg(long)]
     store_restart_cmd: Option<String>,
     /// Restarts of the broker, at even steps of progress, by `--broker-restart-cmd`.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000))]
     broker_restarts: u32,
     /// The shell command that restarts the broker, run with `sh -c`.
     #[arg(long)]
     broker_restart_cmd: Option<String>,
     /// Cuts of every client connection to the store, at even steps of progress
     /// (`pg_terminate_backend`, MySQL `KILL`, Redis `CLIENT KILL`).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000))]
     cuts: u32,
     /// Seed of the events and the fault schedule (random if not given; printed).
     #[arg(long)]
@@ -124,10 +124,10 @@ pub(crate) struct ChaosArgs {
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Give up on a run after this many seconds (what is not applied by then is lost).
-    #[arg(long, default_value_t = 1800)]
+    #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     timeout_secs: u64,
     /// Give up on a run when nothing has been delivered or applied for this many seconds.
-    #[arg(long, default_value_t = 90)]
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     stall_secs: u64,
     /// Print the figures as one JSON object on stdout.
     #[arg(long)]

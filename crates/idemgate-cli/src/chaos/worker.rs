@@ -77,14 +77,14 @@ pub(crate) struct ChaosWorkerArgs {
     /// Prefix of the ledger's (and inbox's) tables.
     #[arg(long)]
     prefix: String,
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     lease_ms: u64,
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     visibility_ms: u64,
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     concurrency: usize,
     /// Inbox mode: deliveries that share one transaction.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     inbox_batch: usize,
     /// Apply the Gate-mode effect without a derived key.
     #[arg(long)]
