@@ -8,9 +8,9 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -377,6 +377,8 @@ fn print_table(naive: &Figures, idem: &Figures) {
 
 struct Slot {
     child: Child,
+    // where the supervisor arms the worker's next kill
+    stdin: ChildStdin,
     generation: u64,
 }
 
@@ -387,13 +389,34 @@ struct Supervisor<'a> {
     rng: StdRng,
     lines: mpsc::Sender<(usize, u64, String)>,
     next_generation: u64,
-    planned: u64,
+    // the worker armed to stop at a point, and not yet killed: (slot, generation)
+    armed: Option<(usize, u64)>,
     kills: u64,
     by_point: BTreeMap<&'static str, u64>,
 }
 
 impl Supervisor<'_> {
-    /// Starts a worker in `slot`, with a kill plan while planned kills are fewer than wanted.
+    /// Arms the next kill once the run is far enough along: kill `k` of `n` once
+    /// `k / (n + 1)` of three quarters of the events are applied, so every kill falls while
+    /// a quarter of the queue is still to come and the armed worker is busy.
+    fn arm(&mut self, slots: &mut [Slot], applied: u64) -> Result<(), BoxError> {
+        let wanted = u64::from(self.args.kills);
+        if self.armed.is_some() || self.kills >= wanted {
+            return Ok(());
+        }
+        let due = self.args.events * 3 / 4 * (self.kills + 1) / (wanted + 1);
+        if applied < due {
+            return Ok(());
+        }
+        let slot = self.rng.random_range(0..slots.len());
+        let point = Point::ALL[self.rng.random_range(0..Point::ALL.len())];
+        writeln!(slots[slot].stdin, "ARM {}", point.name())?;
+        slots[slot].stdin.flush()?;
+        self.armed = Some((slot, slots[slot].generation));
+        Ok(())
+    }
+
+    /// Starts a worker in `slot`.
     fn spawn(&mut self, slot: usize) -> Result<Slot, BoxError> {
         self.next_generation += 1;
         let generation = self.next_generation;
@@ -404,23 +427,15 @@ impl Supervisor<'_> {
             .args(["--mode", self.mode.name()])
             .args(["--visibility-ms", &self.args.visibility_ms.to_string()])
             .args(["--lease-ms", &self.args.lease_ms.to_string()]);
-        if self.planned < u64::from(self.args.kills) {
-            self.planned += 1;
-            let point = Point::ALL[self.rng.random_range(0..Point::ALL.len())];
-            // die within the first part of the run, so every planned kill happens
-            let span = (self.args.events
-                / (u64::from(self.args.kills) + u64::from(self.args.workers)))
-            .max(1);
-            let after = self.rng.random_range(1..=span);
-            cmd.args(["--die-at", point.name(), "--die-after", &after.to_string()]);
-        }
         let log = File::create(self.dir.join(format!("worker-{slot}-{generation}.log")))?;
         let mut child = cmd
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()?;
-        let stdout = child.stdout.take().expect("piped");
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("a worker's pipes were not set up".into());
+        };
         let tx = self.lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -429,7 +444,11 @@ impl Supervisor<'_> {
                 }
             }
         });
-        Ok(Slot { child, generation })
+        Ok(Slot {
+            child,
+            stdin,
+            generation,
+        })
     }
 }
 
@@ -468,9 +487,15 @@ fn phase(
         .iter()
         .map(|&i| serde_json::to_vec(&events[i]))
         .collect::<Result<_, _>>()?;
-    for chunk in bodies.chunks(1000) {
+    // the last quarter is held back while kills are due, and handed out a little at a time if
+    // the queue runs dry before they happened: every asked kill finds a message to stop at
+    let held = if args.kills == 0 { 0 } else { bodies.len() / 4 };
+    let (now, reserve) = bodies.split_at(bodies.len() - held);
+    for chunk in now.chunks(1000) {
         queue.send_batch(chunk.iter().map(|b| (b.as_slice(), Duration::ZERO)))?;
     }
+    let mut reserve: std::collections::VecDeque<&[u8]> =
+        reserve.iter().map(Vec::as_slice).collect();
 
     let bar = progress.add(ProgressBar::new(args.events));
     bar.set_style(
@@ -487,7 +512,7 @@ fn phase(
         rng,
         lines: tx,
         next_generation: 0,
-        planned: 0,
+        armed: None,
         kills: 0,
         by_point: BTreeMap::new(),
     };
@@ -495,7 +520,15 @@ fn phase(
     let mut slots = (0..usize::from(args.workers))
         .map(|i| sup.spawn(i))
         .collect::<Result<Vec<_>, _>>()?;
-    let result = supervise(&mut sup, &mut slots, &rx, &queue, &ledger, &bar, start);
+    let result = supervise(
+        &mut sup,
+        &mut slots,
+        &rx,
+        (&queue, &mut reserve),
+        &ledger,
+        &bar,
+        start,
+    );
     for s in &mut slots {
         let _ = s.child.kill();
         let _ = s.child.wait();
@@ -530,11 +563,20 @@ fn phase(
     })
 }
 
+/// How many events have their effect applied.
+fn applied(ledger: &Connection) -> Result<u64, BoxError> {
+    Ok(
+        ledger.query_row("SELECT count(*) FROM effects WHERE applied > 0", [], |r| {
+            r.get(0)
+        })?,
+    )
+}
+
 fn supervise(
     sup: &mut Supervisor<'_>,
     slots: &mut [Slot],
     rx: &mpsc::Receiver<(usize, u64, String)>,
-    queue: &SqliteQueue,
+    (queue, reserve): (&SqliteQueue, &mut std::collections::VecDeque<&[u8]>),
     ledger: &Connection,
     bar: &ProgressBar,
     start: Instant,
@@ -546,11 +588,12 @@ fn supervise(
             let point = line
                 .strip_prefix("AT ")
                 .and_then(|p| Point::ALL.into_iter().find(|x| x.name() == p));
-            if let (Some(point), true) = (point, slots[slot].generation == generation) {
+            if let (Some(point), true) = (point, sup.armed == Some((slot, generation))) {
                 // the worker is parked at the point: a real SIGKILL, then a fresh process
                 slots[slot].child.kill()?;
                 slots[slot].child.wait()?;
                 sup.kills += 1;
+                sup.armed = None;
                 *sup.by_point.entry(point.name()).or_default() += 1;
                 slots[slot] = sup.spawn(slot)?;
             }
@@ -566,19 +609,35 @@ fn supervise(
                 .into());
             }
         }
+        let due = sup.kills < u64::from(sup.args.kills);
+        if sup.armed.is_none() && due {
+            sup.arm(slots, applied(ledger)?)?;
+        }
+        if !reserve.is_empty() {
+            // all of it once the kills happened; a few while they are due and the queue is dry
+            let release = if due {
+                if queue.stats()?.messages > 0 {
+                    0
+                } else {
+                    reserve.len().min(usize::from(sup.args.workers) * 2)
+                }
+            } else {
+                reserve.len()
+            };
+            if release > 0 {
+                queue.send_batch(reserve.drain(..release).map(|b| (b, Duration::ZERO)))?;
+            }
+        }
         if last_poll.elapsed() >= Duration::from_millis(150) {
             last_poll = Instant::now();
-            let applied: u64 =
-                ledger.query_row("SELECT count(*) FROM effects WHERE applied > 0", [], |r| {
-                    r.get(0)
-                })?;
+            let applied = applied(ledger)?;
             let stats = queue.stats()?;
             bar.set_position(applied);
             bar.set_message(format!(
                 "{} deliveries · {} kills · {} in queue",
                 stats.receives, sup.kills, stats.messages
             ));
-            if stats.messages == 0 {
+            if stats.messages == 0 && reserve.is_empty() {
                 return Ok(());
             }
         }

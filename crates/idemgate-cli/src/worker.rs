@@ -1,12 +1,14 @@
 //! One demo worker process: receive from the SQLite queue, apply the effect, acknowledge.
 //!
-//! When told to (`--die-at POINT --die-after N`), the worker stops at that named point of its
-//! N-th message (or the first one after it that reaches the point), says so on stdout and waits
-//! for the supervisor's SIGKILL.
+//! When the supervisor arms it (a line `ARM POINT` on its stdin), the worker stops at the next
+//! message that reaches that named point, says so on stdout and waits for the supervisor's
+//! SIGKILL.
 
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
@@ -33,10 +35,6 @@ pub(crate) struct WorkerArgs {
     /// Messages per receive.
     #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     batch: usize,
-    #[arg(long, value_enum)]
-    die_at: Option<Point>,
-    #[arg(long, default_value_t = 0)]
-    die_after: u64,
 }
 
 struct Worker {
@@ -45,7 +43,22 @@ struct Worker {
     ledger: Connection,
     inbox: SqliteInbox,
     gate: Option<Gate<SqliteStore>>,
-    seen: u64,
+    // the point the supervisor armed: its index in `Point::ALL` plus one, 0 for none
+    armed: Arc<AtomicUsize>,
+}
+
+/// Reads the supervisor's `ARM POINT` lines into `armed`.
+fn listen(armed: Arc<AtomicUsize>) {
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if let Some(i) = line
+                .strip_prefix("ARM ")
+                .and_then(|p| Point::ALL.iter().position(|x| x.name() == p))
+            {
+                armed.store(i + 1, Ordering::SeqCst);
+            }
+        }
+    });
 }
 
 pub(crate) fn run(args: WorkerArgs) -> Result<ExitCode, BoxError> {
@@ -72,13 +85,15 @@ pub(crate) fn run(args: WorkerArgs) -> Result<ExitCode, BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let armed = Arc::new(AtomicUsize::new(0));
+    listen(Arc::clone(&armed));
     let mut w = Worker {
         args,
         queue,
         ledger,
         inbox,
         gate,
-        seen: 0,
+        armed,
     };
     rt.block_on(w.run())
 }
@@ -96,15 +111,15 @@ impl Worker {
                 continue;
             }
             for msg in batch {
-                self.seen += 1;
                 self.handle(&msg).await?;
             }
         }
     }
 
-    /// Stops here if this is the planned kill point.
+    /// Stops here if the supervisor armed this point.
     fn point(&self, p: Point) {
-        if self.args.die_at == Some(p) && self.seen >= self.args.die_after {
+        let armed = self.armed.load(Ordering::SeqCst);
+        if armed > 0 && Point::ALL[armed - 1] == p {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "AT {}", p.name());
             let _ = out.flush();
