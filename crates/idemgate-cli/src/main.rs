@@ -45,6 +45,10 @@ enum Command {
     #[cfg(feature = "brokers")]
     #[command(hide = true)]
     ChaosWorker(chaos::worker::ChaosWorkerArgs),
+    /// The service of `idemgate chaos --http`.
+    #[cfg(feature = "brokers")]
+    #[command(hide = true)]
+    ChaosHttpService(chaos::http::ChaosHttpServiceArgs),
     /// A demo worker process (started by `idemgate demo`).
     #[command(hide = true)]
     DemoWorker(worker::WorkerArgs),
@@ -73,6 +77,8 @@ fn main() -> ExitCode {
         Command::Chaos(args) => chaos::run(args),
         #[cfg(feature = "brokers")]
         Command::ChaosWorker(args) => chaos::worker::run(args),
+        #[cfg(feature = "brokers")]
+        Command::ChaosHttpService(args) => chaos::http::serve(args),
     };
     match result {
         Ok(code) => code,

@@ -191,3 +191,47 @@ fn chaos_refuses_flags_that_do_not_go_together() {
         );
     }
 }
+
+/// `chaos --http` on SQLite: clients that disconnect and retry, the service killed at every
+/// point; naive shows the damage, idemgate answers every request with its one effect.
+#[test]
+fn chaos_http_applies_every_request_once_through_kills_and_disconnects() {
+    let out = idemgate(&[
+        "chaos", "--http", "--events", "300", "--kills", "4", "--seed", "17", "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = |run: &str, field: &str| v[run][field].as_u64().unwrap();
+    for run in ["naive", "idemgate"] {
+        assert_eq!(n(run, "events"), 300);
+        assert_eq!(n(run, "kills"), 4, "{run}: not the kills asked");
+        assert_eq!(n(run, "lost"), 0, "{run}: a client got no answer");
+        for point in [
+            "after-claim",
+            "after-effect",
+            "before-complete",
+            "mid-response",
+        ] {
+            assert_eq!(
+                v[run]["kills_by_point"][point], 1,
+                "{run}: no kill at {point}"
+            );
+        }
+    }
+    assert!(n("naive", "retries") > 0 && n("idemgate", "disconnects") > 0);
+    assert!(
+        n("naive", "applied_twice") > 0,
+        "the naive run shows no damage: {v}"
+    );
+    assert_eq!(n("idemgate", "applied_twice"), 0, "{v}");
+    // a client that disconnects and retries never runs the handler a second time
+    assert!(n("naive", "reran_without_kill") > 0, "{v}");
+    assert_eq!(n("idemgate", "reran_without_kill"), 0, "{v}");
+    assert_eq!(n("idemgate", "wrong_answers"), 0, "{v}");
+    assert_eq!(n("idemgate", "unapplied"), 0, "{v}");
+}

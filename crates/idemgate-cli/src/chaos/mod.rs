@@ -8,6 +8,7 @@
 //! event's effect happened. The same seed gives the same fault schedule.
 
 mod broker;
+pub(crate) mod http;
 mod ledger;
 mod report;
 pub(crate) mod worker;
@@ -129,6 +130,12 @@ pub(crate) struct ChaosArgs {
     /// Give up on a run when nothing has been delivered or applied for this many seconds.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     stall_secs: u64,
+    /// Prove the HTTP layer instead of a consumer: a service process behind the layer on
+    /// `--store` (SQLite, PostgreSQL, MySQL or Redis; default SQLite), killed at `after-claim`,
+    /// `after-effect`, `before-complete` and `mid-response`, under `--workers` × `--concurrency`
+    /// clients that disconnect and retry. The broker flags do not apply.
+    #[arg(long)]
+    http: bool,
     /// Print the figures as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -299,6 +306,9 @@ pub(crate) fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
             tmp.path().to_owned()
         }
     };
+    if args.http {
+        return http::run(&args, seed, &base);
+    }
     let setup = validate(&args, seed, &base)?;
     if !args.json {
         eprintln!(
