@@ -1,5 +1,7 @@
 //! The layer behind a real axum server on 127.0.0.1, driven by a real HTTP client.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -70,45 +72,14 @@ async fn boom(State(calls): State<Calls>) -> &'static str {
     "recovered"
 }
 
-/// Streams `x-bytes` bytes in 64 KiB frames that cost no allocation.
+/// Streams `x-bytes` zero bytes; counts the handler finished at the body's end.
 async fn stream(State(calls): State<Calls>, headers: HeaderMap) -> axum::body::Body {
-    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
     calls.0.fetch_add(1, Ordering::SeqCst);
-    let mut left: u64 = headers
+    let n = headers
         .get("x-bytes")
         .and_then(|v| v.to_str().ok()?.parse().ok())
         .unwrap_or(0);
-    let frames = std::iter::from_fn(move || {
-        let n = left.min(ZEROS.len() as u64);
-        left -= n;
-        (n > 0).then(|| Bytes::from_static(&ZEROS[..usize::try_from(n).unwrap()]))
-    });
-    let done = Arc::clone(&calls.1);
-    axum::body::Body::new(Frames(Box::new(frames), Some(done)))
-}
-
-/// A body of the frames an iterator yields; counts the handler finished at its end.
-struct Frames(
-    Box<dyn Iterator<Item = Bytes> + Send>,
-    Option<Arc<AtomicU32>>,
-);
-
-impl http_body::Body for Frames {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let next = self.0.next();
-        if next.is_none()
-            && let Some(done) = self.1.take()
-        {
-            done.fetch_add(1, Ordering::SeqCst);
-        }
-        std::task::Poll::Ready(next.map(|b| Ok(http_body::Frame::data(b))))
-    }
+    axum::body::Body::new(common::Zeros::new(n, Some(Arc::clone(&calls.1))))
 }
 
 async fn cookie(State(calls): State<Calls>) -> impl axum::response::IntoResponse {
@@ -470,21 +441,34 @@ async fn a_disconnected_client_gets_the_replay<St: Store>(store: St) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // the key is completed right after the handler returns
-    let replay = loop {
-        let res = post_with(&base, "/payments", "d", Some("gone"), "amount=7", 0).await;
+    let replay = past_409(deadline, || {
+        post_with(&base, "/payments", "d", Some("gone"), "amount=7", 0)
+    })
+    .await;
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert!(replay.text().await.unwrap().contains("\"n\":1"));
+    assert_eq!(calls.started(), 1, "the handler ran twice");
+}
+
+/// Sends with `send` until the answer is not 409 (the first request still settling), up to
+/// `deadline`.
+async fn past_409<F, Fut>(deadline: tokio::time::Instant, send: F) -> reqwest::Response
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = reqwest::Response>,
+{
+    loop {
+        let res = send().await;
         if res.status() != 409 {
-            break res;
+            return res;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the key stayed in progress"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(replay.status(), 201);
-    assert_eq!(replay.headers()["idempotent-replayed"], "true");
-    assert!(replay.text().await.unwrap().contains("\"n\":1"));
-    assert_eq!(calls.started(), 1, "the handler ran twice");
+    }
 }
 
 /// A response over the limit streams through whole; the key remembers that it ran, and a retry
@@ -510,17 +494,7 @@ async fn oversized_responses_stream_and_never_rerun<St: Store>(store: St) {
     assert_eq!(first.status(), 200);
     assert_eq!(first.bytes().await.unwrap().len(), 300_000);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let again = loop {
-        let res = big("big").await;
-        if res.status() != 409 {
-            break res;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the key stayed in progress"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let again = past_409(deadline, || big("big")).await;
     assert_eq!(again.status(), 410);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     let (_, _, p) = problem_type(again).await;

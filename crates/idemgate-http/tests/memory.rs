@@ -1,6 +1,8 @@
 //! A response far over the limit streams through in bounded memory. Alone in its test binary,
 //! so that no other test's allocations move the process's peak.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -22,28 +24,6 @@ fn peak_rss() -> u64 {
     kb * 1024
 }
 
-/// `n` bytes in 64 KiB frames of one static buffer: producing them allocates nothing.
-struct Zeros(u64);
-
-impl http_body::Body for Zeros {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-        let n = self.0.min(ZEROS.len() as u64);
-        self.0 -= n;
-        std::task::Poll::Ready((n > 0).then(|| {
-            Ok(http_body::Frame::data(Bytes::from_static(
-                &ZEROS[..usize::try_from(n).unwrap()],
-            )))
-        }))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_response_streams_in_bounded_memory_and_never_reruns() {
     let runs = Arc::new(AtomicU32::new(0));
@@ -57,7 +37,7 @@ async fn a_huge_response_streams_in_bounded_memory_and_never_reruns() {
                     async move {
                         runs.fetch_add(1, Ordering::SeqCst);
                         let n = std::str::from_utf8(&body).unwrap().parse().unwrap();
-                        Body::new(Zeros(n))
+                        Body::new(common::Zeros::new(n, None))
                     }
                 }),
             )
