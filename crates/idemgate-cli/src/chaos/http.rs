@@ -85,11 +85,13 @@ struct Figures {
     conflicts: u64,
     kills: u64,
     kills_by_point: BTreeMap<&'static str, u64>,
+    store_restarts: u64,
+    connection_cuts: u64,
     /// Calls the service made downstream, and events called more than once.
     downstream_calls: u64,
     called_twice: u64,
-    /// Events whose handler ran twice in one life of the service process: a second run that
-    /// no kill explains (a retry that ran the handler again).
+    /// Events whose handler ran twice with no fault between the two runs (no kill of the
+    /// service, no store restart or cut): a retry that ran the handler again.
     reran_without_kill: u64,
     /// Events whose client never got a definite answer.
     lost: u64,
@@ -110,6 +112,26 @@ pub(crate) fn run(args: &ChaosArgs, seed: u64, base: &Path) -> Result<ExitCode, 
         Some(url) => url.clone(),
         None => format!("sqlite:{}", base.join("http-store.db").display()),
     };
+    let refused = [
+        (args.zombies > 0, "--zombies"),
+        (args.broker_restarts > 0, "--broker-restarts"),
+        (args.report.is_some(), "--report"),
+        (args.ledger.is_some(), "--ledger"),
+    ];
+    if let Some((_, flag)) = refused.iter().find(|(given, _)| *given) {
+        return Err(format!("{flag} does not apply to --http").into());
+    }
+    if args.store_restarts > 0 && args.store_restart_cmd.is_none() {
+        return Err("--store-restarts needs --store-restart-cmd".into());
+    }
+    if args.cuts > 0
+        && !(super::is_postgres(&store) || super::is_mysql(&store) || store.starts_with("redis://"))
+    {
+        return Err(format!(
+            "--cuts works on a postgres://, mysql:// or redis:// store, not {store:?}"
+        )
+        .into());
+    }
     if !args.json {
         eprintln!(
             "idemgate chaos --http: store {store}; {} events, {} clients, {} kills; seed {seed}",
@@ -125,9 +147,9 @@ pub(crate) fn run(args: &ChaosArgs, seed: u64, base: &Path) -> Result<ExitCode, 
     let naive = if args.no_naive {
         None
     } else {
-        Some(rt.block_on(phase(args, seed, &store, false))?)
+        Some(rt.block_on(phase(args, seed, &store, base, false))?)
     };
-    let idem = rt.block_on(phase(args, seed, &store, true))?;
+    let idem = rt.block_on(phase(args, seed, &store, base, true))?;
     // without derived keys a kill between the effect and the completion re-applies the effect:
     // that window is what the run shows, so it does not fail on it
     let failed = idem.lost > 0
@@ -153,16 +175,18 @@ pub(crate) fn run(args: &ChaosArgs, seed: u64, base: &Path) -> Result<ExitCode, 
 
 fn print_table(naive: Option<&Figures>, idem: &Figures) {
     type Row = (&'static str, fn(&Figures) -> u64);
-    let rows: [Row; 14] = [
+    let rows: [Row; 16] = [
         ("events", |f| f.events),
         ("requests", |f| f.requests),
         ("  retries", |f| f.retries),
         ("  disconnects", |f| f.disconnects),
         ("  409 while running", |f| f.conflicts),
         ("kills (SIGKILL)", |f| f.kills),
+        ("store restarts", |f| f.store_restarts),
+        ("connection cuts", |f| f.connection_cuts),
         ("downstream calls", |f| f.downstream_calls),
         ("  events called twice", |f| f.called_twice),
-        ("  run twice, no kill between", |f| f.reran_without_kill),
+        ("  run twice, no fault between", |f| f.reran_without_kill),
         ("lost (no definite answer)", |f| f.lost),
         ("effects applied twice", |f| f.applied_twice),
         ("answered, not applied", |f| f.unapplied),
@@ -190,8 +214,10 @@ fn print_table(naive: Option<&Figures>, idem: &Figures) {
 #[derive(Default)]
 struct Downstream {
     calls: HashMap<String, u64>,
-    // the service process generations that called for each event
-    callers: HashMap<String, Vec<u64>>,
+    // for each event, the (service process generation, store faults so far) of every call
+    callers: HashMap<String, Vec<(u64, u64)>>,
+    // store restarts and cuts so far
+    faults: u64,
     effects: HashMap<String, u64>,
     // the receipt of each event's first effect, and of each key's effect
     receipts: HashMap<String, String>,
@@ -226,7 +252,11 @@ async fn effect(
         .unwrap_or(u64::MAX);
     let mut d = lock(&down);
     *d.calls.entry(e.id.clone()).or_default() += 1;
-    d.callers.entry(e.id.clone()).or_default().push(generation);
+    let faults = d.faults;
+    d.callers
+        .entry(e.id.clone())
+        .or_default()
+        .push((generation, faults));
     if let Some(receipt) = key.as_ref().and_then(|k| d.by_key.get(k)) {
         return receipt.clone();
     }
@@ -264,6 +294,7 @@ async fn phase(
     args: &ChaosArgs,
     seed: u64,
     store: &str,
+    base: &Path,
     idempotent: bool,
 ) -> Result<Figures, BoxError> {
     let mode = if idempotent { "idemgate" } else { "naive" };
@@ -310,9 +341,18 @@ async fn phase(
     let start = Instant::now();
     let clients = usize::from(args.workers) * args.concurrency;
     let next = Arc::new(AtomicUsize::new(0));
+    // the last tenth of the events waits while kills are due, and goes out a few at a time if
+    // the clients run dry before they happened: every asked kill finds a request to stop
+    let len = events.len();
+    let released = Arc::new(AtomicUsize::new(if args.kills == 0 {
+        len
+    } else {
+        len - len / 10
+    }));
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..clients {
         let (events, tally, next) = (Arc::clone(&events), Arc::clone(&tally), Arc::clone(&next));
+        let released = Arc::clone(&released);
         let base = format!("http://{addr}");
         let mut rng = StdRng::seed_from_u64(seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9));
         tasks.spawn(async move {
@@ -324,6 +364,9 @@ async fn phase(
                 let Some(e) = events.get(i) else {
                     return Ok::<(), BoxError>(());
                 };
+                while i >= released.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 request(&http, &base, e, &tally, &mut rng).await;
                 tally.done.fetch_add(1, Ordering::Relaxed);
             }
@@ -333,6 +376,26 @@ async fn phase(
     // stopped, and starts it again
     let wanted = u64::from(args.kills);
     let mut kills = 0u64;
+    // store restarts, then cuts, at even steps of progress
+    let mut store_faults: Vec<(u64, bool)> = (0..args.store_restarts)
+        .map(|j| {
+            (
+                args.events * u64::from(j + 1) / u64::from(args.store_restarts + 1),
+                true,
+            )
+        })
+        .chain((0..args.cuts).map(|j| {
+            (
+                args.events * u64::from(j + 1) / u64::from(args.cuts + 1),
+                false,
+            )
+        }))
+        .collect();
+    store_faults.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+    let (mut restarts, mut cuts) = (0u64, 0u64);
+    // restarts run beside the supervisor, which goes on arming and making kills
+    let mut faulting = tokio::task::JoinSet::new();
+    let log = base.join(format!("http-{mode}.log"));
     let mut by_point: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut armed = false;
     let mut generation = 0u64;
@@ -373,10 +436,45 @@ async fn phase(
             proc.stdin.flush()?;
             armed = true;
         }
+        let out = released.load(Ordering::Relaxed);
+        if out < len {
+            if kills >= wanted {
+                released.store(len, Ordering::Relaxed);
+            } else if done >= out as u64 {
+                released.store((out + clients).min(len), Ordering::Relaxed);
+            }
+        }
+        if store_faults.last().is_some_and(|(at, _)| done >= *at) {
+            let Some((_, restart)) = store_faults.pop() else {
+                continue;
+            };
+            lock(&down).faults += 1;
+            if restart {
+                let cmd = args
+                    .store_restart_cmd
+                    .as_deref()
+                    .unwrap_or("true")
+                    .to_owned();
+                let (log, down) = (log.clone(), Arc::clone(&down));
+                faulting.spawn(async move {
+                    let done = super::shell(&cmd, &log).await;
+                    lock(&down).faults += 1;
+                    done
+                });
+                restarts += 1;
+            } else {
+                super::cut(store).await?;
+                lock(&down).faults += 1;
+                cuts += 1;
+            }
+        }
         if Instant::now() > deadline {
             tasks.abort_all();
             break;
         }
+    }
+    while let Some(restart) = faulting.join_next().await {
+        restart??;
     }
     let seconds = start.elapsed().as_secs_f64();
     let _ = proc.child.kill();
@@ -394,6 +492,8 @@ async fn phase(
         refused: tally.refused.load(Ordering::Relaxed),
         kills,
         kills_by_point: by_point,
+        store_restarts: restarts,
+        connection_cuts: cuts,
         downstream_calls: d.calls.values().sum(),
         called_twice: d.calls.values().filter(|n| **n > 1).count() as u64,
         applied_twice: d.effects.values().filter(|n| **n > 1).count() as u64,

@@ -728,7 +728,7 @@ impl Phase<'_> {
 }
 
 /// Runs `cmd` with `sh -c`; its output goes to the phase directory's log.
-async fn shell(cmd: &str, log: &Path) -> Result<(), BoxError> {
+pub(super) async fn shell(cmd: &str, log: &Path) -> Result<(), BoxError> {
     let (cmd, log) = (cmd.to_owned(), log.to_owned());
     tokio::task::spawn_blocking(move || -> Result<(), BoxError> {
         let mut out = std::fs::OpenOptions::new()
@@ -752,7 +752,7 @@ async fn shell(cmd: &str, log: &Path) -> Result<(), BoxError> {
 }
 
 /// Cuts every other client connection of the store at `url`.
-async fn cut(url: &str) -> Result<u64, BoxError> {
+pub(super) async fn cut(url: &str) -> Result<u64, BoxError> {
     if is_postgres(url) {
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await?;
         let n: i64 = sqlx::query_scalar(
