@@ -152,6 +152,30 @@ async fn completed_records_survive_a_restart_with_aof() {
         store.check_durability().await.unwrap(),
         Durability::AppendOnly
     );
+    // this server is the test's own: its eviction policy can change
+    assert_eq!(store.check_eviction().await.unwrap(), None);
+    let set = |policy: &'static str| {
+        let store = store.clone();
+        async move {
+            let ok: String = store
+                .query(
+                    redis::cmd("CONFIG")
+                        .arg("SET")
+                        .arg("maxmemory-policy")
+                        .arg(policy),
+                )
+                .await
+                .unwrap();
+            assert_eq!(ok, "OK");
+        }
+    };
+    set("volatile-lru").await;
+    assert_eq!(
+        store.check_eviction().await.unwrap().as_deref(),
+        Some("volatile-lru"),
+        "an evicting policy was not reported"
+    );
+    set("noeviction").await;
     let mut held = Vec::new();
     for i in 0..20 {
         let key = Key::new("aof", format!("k{i}")).unwrap();
