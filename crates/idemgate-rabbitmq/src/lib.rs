@@ -5,7 +5,9 @@
 //! - [`RabbitSource`]: manual acks, a prefetch limit; the `redelivered` flag is passed on as a
 //!   hint only (the store decides); `nack` with a delay requeues after it; `dead_letter`
 //!   publishes the message with its reason (header `idemgate-dead-letter-reason`) through the
-//!   queue's dead-letter exchange, confirmed, and then acks it.
+//!   queue's dead-letter exchange, confirmed, and then acks it. Every publish is `mandatory`:
+//!   a message no queue takes (a dead-letter queue that was deleted, a wrong destination) is an
+//!   error, and a dead letter that went nowhere sends the original back to its queue.
 //! - [`RabbitSink`]: persistent messages with publisher confirms; the event id travels as the
 //!   AMQP `message-id` and the `idemgate-event-id` header.
 //!
@@ -159,31 +161,42 @@ fn long_string(v: &[u8]) -> AMQPValue {
 }
 
 /// Publishes on `ch` to the default exchange (routing key = queue) and waits for the confirm.
+///
+/// The message is `mandatory`: one that no queue takes (the queue does not exist) comes back
+/// with its confirm, and is an error. Without it the broker confirms and drops the message.
 async fn publish(
     ch: &Channel,
     routing_key: &str,
     payload: &[u8],
     props: BasicProperties,
 ) -> Result<()> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
     let confirm = ch
-        .basic_publish(
-            "",
-            routing_key,
-            BasicPublishOptions::default(),
-            payload,
-            props,
-        )
+        .basic_publish("", routing_key, options, payload, props)
         .await
         .map_err(err("publishing"))?
         .await
         .map_err(err("waiting for the publisher confirm"))?;
     match confirm {
-        Confirmation::Nack(_) => Err(Error::Broker {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(Error::Broker {
+                broker: BROKER,
+                message: format!(
+                    "no queue took the message for {routing_key}: {} {}",
+                    returned.reply_code, returned.reply_text
+                ),
+                source: None,
+            })
+        }
+        Confirmation::Nack(None) => Err(Error::Broker {
             broker: BROKER,
             message: format!("the broker refused a message for {routing_key} (nack)"),
             source: None,
         }),
-        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
     }
 }
 
@@ -329,8 +342,12 @@ impl Delivery for RabbitDelivery {
         if let Some(id) = &self.msg.event_id {
             props = props.with_message_id(ShortString::from(id.clone()));
         }
-        // confirmed in the dead-letter queue before the original is acked
-        publish(&self.channel, &self.dead, &self.msg.payload, props).await?;
+        // confirmed in the dead-letter queue before the original is acked; a dead letter no
+        // queue takes sends the original back to its queue, after a pause rather than at once
+        if let Err(e) = publish(&self.channel, &self.dead, &self.msg.payload, props).await {
+            let _ = self.nack(Duration::from_secs(1)).await;
+            return Err(e);
+        }
         self.ack().await
     }
 }

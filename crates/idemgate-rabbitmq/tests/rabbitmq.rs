@@ -109,3 +109,52 @@ async fn poison_goes_to_the_dead_letter_queue_with_its_reason() {
     assert!(reason.contains("no event id"), "{reason}");
     rabbit.delete(&q).await.unwrap();
 }
+
+/// A message for a queue that does not exist is an error, not a silent confirm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_no_queue_takes_is_an_error() {
+    let Some(rabbit) = connect().await else {
+        return;
+    };
+    let sink = rabbit.sink().await.unwrap();
+    let nowhere = format!("idemgate-test-nowhere-{}", std::process::id());
+    let sent = sink.publish(&Outgoing::new(&nowhere, "lost?")).await;
+    assert!(
+        matches!(&sent, Err(idemgate_consumer::Error::Broker { message, .. }) if message.contains("no queue took")),
+        "an unroutable message was confirmed: {sent:?}"
+    );
+}
+
+/// A dead letter no queue takes fails, and the original stays unacked: it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_goes_nowhere_keeps_the_original() {
+    use idemgate_consumer::Delivery;
+    let Some(rabbit) = connect().await else {
+        return;
+    };
+    let q = queue(&rabbit, "dead-nowhere").await;
+    // the dead-letter queue is gone (deleting `<q>.dead` deletes it and its own `.dead`)
+    rabbit.delete(&dead_queue(&q)).await.unwrap();
+    let sink = rabbit.sink().await.unwrap();
+    sink.publish(&Outgoing::new(&q, "poison")).await.unwrap();
+    let doomed = RabbitMq::connect(&url()).await.unwrap();
+    let mut first = doomed.source(&q, 1).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), first.recv())
+        .await
+        .expect("a delivery")
+        .unwrap()
+        .unwrap();
+    let dead = d.dead_letter("always fails").await;
+    assert!(dead.is_err(), "a dead letter to no queue succeeded");
+    doomed.close().await.unwrap();
+    // the original was not acked: the broker delivers it again
+    let mut again = rabbit.source(&q, 1).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), again.recv())
+        .await
+        .expect("the original back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.message().payload, "poison");
+    d.ack().await.unwrap();
+    rabbit.delete(&q).await.unwrap();
+}
