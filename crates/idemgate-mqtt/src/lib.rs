@@ -8,7 +8,10 @@
 //!   while the consumer is away, and redelivers them (with the DUP flag, a hint only) when it
 //!   connects again. MQTT has no negative ack: `nack` hands the message back to this source after
 //!   the delay, and `dead_letter` publishes it, with the reason as a user property, to a
-//!   dead-letter topic and then acks it.
+//!   dead-letter topic and then acks it. MQTT keeps nothing for a topic nobody subscribes to:
+//!   a dead letter the broker answers `NoMatchingSubscribers` is an error, and the original
+//!   comes back to the source after a second. Keep a persistent session (or a bridge)
+//!   subscribed to the dead-letter topic.
 //! - The source's horizon ([`Source::horizon`]): the session expiry interval, as long as the
 //!   broker may redeliver.
 //!
@@ -101,7 +104,9 @@ impl Session {
     }
 }
 
-type Waiter = oneshot::Sender<std::result::Result<(), String>>;
+/// Waits for a PUBACK or SUBACK: `Ok(false)` for a publish the broker took but no subscriber
+/// matched (reason `NoMatchingSubscribers`: the message is dropped).
+type Waiter = oneshot::Sender<std::result::Result<bool, String>>;
 
 /// Waiters for the broker's acks: publishes and subscribes are sent in request order, so the
 /// event loop's `Outgoing` events name their packet ids in that order.
@@ -279,7 +284,8 @@ impl Link {
         }
     }
 
-    async fn publish(&self, topic: &str, payload: Bytes, props: PublishProperties) -> Result<()> {
+    /// Publishes at QoS 1 and waits for the PUBACK; `Ok(false)` when no subscriber matched.
+    async fn publish(&self, topic: &str, payload: Bytes, props: PublishProperties) -> Result<bool> {
         let (tx, rx) = oneshot::channel();
         {
             let _order = self.order.lock().await;
@@ -294,7 +300,7 @@ impl Link {
             }
         }
         match rx.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(routed)) => Ok(routed),
             Ok(Err(e)) => Err(Error::broker(BROKER, format!("publishing to {topic}"), e)),
             Err(_) => Err(Error::broker(
                 BROKER,
@@ -317,6 +323,7 @@ impl Link {
         rx.await
             .map_err(|_| "the connection closed before the SUBACK".to_owned())
             .and_then(|r| r)
+            .map(drop)
             .map_err(|e| Error::broker(BROKER, format!("subscribing to {filter}"), e))
     }
 
@@ -470,7 +477,8 @@ async fn drive(
                 let w = link.acks().by_pkid.remove(&ack.pkid);
                 if let Some(w) = w {
                     let r = match ack.reason {
-                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
+                        PubAckReason::Success => Ok(true),
+                        PubAckReason::NoMatchingSubscribers => Ok(false),
                         other => Err(format!("the broker refused the publish: {other:?}")),
                     };
                     let _ = w.send(r);
@@ -486,7 +494,7 @@ async fn drive(
                         )
                     });
                     let _ = w.send(match refused {
-                        None => Ok(()),
+                        None => Ok(true),
                         Some(c) => Err(format!("the broker refused the subscription: {c:?}")),
                     });
                 }
@@ -546,9 +554,11 @@ impl fmt::Debug for MqttSink {
 impl Sink for MqttSink {
     async fn publish(&self, msg: &Outgoing) -> Result<()> {
         let props = properties(Some(&msg.event_id), &msg.headers);
+        // a topic nobody subscribes to yet is the application's business (MQTT has no queues)
         self.link
             .publish(&msg.destination, msg.payload.clone(), props)
             .await
+            .map(drop)
     }
 }
 
@@ -711,10 +721,23 @@ impl Delivery for MqttDelivery {
         props
             .user_properties
             .push((DEAD_LETTER_REASON.to_owned(), reason.to_owned()));
-        self.link
+        // acked only once a subscriber (a persistent session, a bridge) holds the dead letter:
+        // otherwise the broker drops it, and the original comes back here after a pause
+        let refused = match self
+            .link
             .publish(&topic, self.msg.payload.clone(), props)
-            .await?;
-        self.puback().await
+            .await
+        {
+            Ok(true) => return self.puback().await,
+            Ok(false) => Error::broker(
+                BROKER,
+                format!("dead-lettering to {topic}"),
+                "no subscriber matched the dead-letter topic: the broker dropped it",
+            ),
+            Err(e) => e,
+        };
+        self.nack(Duration::from_secs(1)).await?;
+        Err(refused)
     }
 }
 

@@ -176,3 +176,31 @@ async fn acks_in_any_order_go_out_as_messages_are_settled() {
     let redelivered = redelivered_after_acking_all_but_the_first(session, 10).await;
     assert_eq!(redelivered, ["0"]);
 }
+
+/// A dead letter no subscriber takes (Mosquitto answers `NoMatchingSubscribers` and drops it)
+/// fails, and the original is not acked: it comes back to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_no_subscriber_takes_keeps_the_original() {
+    let topic = unique("dead-nowhere");
+    let Some(consumer) = connect(&unique("c"), persistent()).await else {
+        return;
+    };
+    let mut source = consumer
+        .source(&topic)
+        .await
+        .unwrap()
+        .dead_letter_topic(unique("nobody-listens"));
+    let producer = connect(&unique("p"), Session::clean()).await.unwrap();
+    producer
+        .sink()
+        .publish(&Outgoing::new(&topic, "poison"))
+        .await
+        .unwrap();
+    let d = broker::next(&mut source, Duration::from_secs(10), "the message").await;
+    let dead = d.dead_letter("always fails").await;
+    assert!(dead.is_err(), "a dead letter nobody took succeeded");
+    let again = broker::next(&mut source, Duration::from_secs(10), "the original back").await;
+    assert_eq!(&again.message().payload[..], b"poison");
+    assert!(again.message().redelivered);
+    again.ack().await.unwrap();
+}
