@@ -960,7 +960,10 @@ async fn claim<St: Store>(
 /// The stored response, byte for byte, marked as a replay; or, for a response that was over the
 /// limit, the `response-not-stored` problem.
 fn replay(o: &Outcome) -> Response<Body> {
-    if let Some((_, bytes)) = o.meta.iter().find(|(name, _)| *name == NOT_STORED) {
+    // (a marker record has no body: a stored response skips the search)
+    if o.body.is_empty()
+        && let Some((_, bytes)) = o.meta.iter().find(|(name, _)| *name == NOT_STORED)
+    {
         let detail = format!(
             "the first request with this key completed with status {}, but its response ({} bytes) was over the limit and was not stored",
             o.status,
