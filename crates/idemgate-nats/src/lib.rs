@@ -6,7 +6,8 @@
 //!   (the server confirms it, so an ack lost on the way cannot cause a silent redelivery), `nack`
 //!   is a `NAK` with the delay, a long handler sends `+WPI` (in progress) in step with its lease
 //!   renewal, and `dead_letter` publishes the message with its reason to a dead-letter subject
-//!   and then terminates it (`+TERM`).
+//!   and then terminates it (`+TERM`). A dead letter that could not be stored (no subject, or
+//!   no stream behind it) is an error, and the original comes back after a second.
 //! - [`NatsSource::horizon`] is the redelivery horizon for the window check: `AckWait ×
 //!   MaxDeliver`, or the stream's duplicate window if longer.
 
@@ -46,7 +47,9 @@ pub struct ConsumerOptions {
     pub max_deliver: i64,
     /// Unacked messages the server hands out at once (default 256).
     pub max_ack_pending: i64,
-    /// Where dead letters are published (it must be bound to a stream); `None`: terminated only.
+    /// Where dead letters are published (it must be bound to a stream). `None`: a message that
+    /// should be dead-lettered stays in its stream (redelivered until `max_deliver`) and the
+    /// source warns at start.
     pub dead_letter_subject: Option<String>,
 }
 
@@ -141,6 +144,13 @@ impl Nats {
         let config = &consumer.cached_info().config;
         let horizon = horizon(config.ack_wait, config.max_deliver, duplicate_window);
         let messages = consumer.messages().await.map_err(err("pulling"))?;
+        if opts.dead_letter_subject.is_none() {
+            tracing::warn!(
+                stream,
+                durable,
+                "no dead-letter subject: poison messages stay in the stream until max_deliver"
+            );
+        }
         Ok(NatsSource {
             messages,
             js: self.js.clone(),
@@ -337,7 +347,21 @@ impl Delivery for NatsDelivery {
     }
 
     async fn dead_letter(self, reason: &str) -> Result<()> {
-        if let Some(subject) = &self.dead {
+        // the original is terminated only once its dead letter is stored; otherwise it comes
+        // back after a pause (terminating it would lose it)
+        let retry = AckKind::Nak(Some(Duration::from_secs(1)));
+        let Some(subject) = &self.dead else {
+            let _ = self.inner.ack_with(retry).await;
+            return Err(Error::Broker {
+                broker: BROKER,
+                message: format!(
+                    "no dead-letter subject for {}: the message stays in its stream (set ConsumerOptions::dead_letter_subject)",
+                    self.msg.source
+                ),
+                source: None,
+            });
+        };
+        {
             // without the original's Nats-Msg-Id, which the server would drop as a duplicate
             let kept: Vec<_> = self
                 .msg
@@ -352,7 +376,10 @@ impl Delivery for NatsDelivery {
                 .payload(self.msg.payload.clone())
                 .headers(headers);
             // stored in the dead-letter stream before the original is terminated
-            publish(&self.js, subject.clone(), p).await?;
+            if let Err(e) = publish(&self.js, subject.clone(), p).await {
+                let _ = self.inner.ack_with(retry).await;
+                return Err(e);
+            }
         }
         self.inner
             .ack_with(AckKind::Term)

@@ -175,3 +175,27 @@ async fn the_horizon_is_ack_wait_times_max_deliver() {
     );
     nats.delete_stream(&name).await.unwrap();
 }
+
+/// With no dead-letter subject the message is not terminated into nowhere: `dead_letter` fails
+/// and the server delivers the original again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_with_nowhere_to_go_keeps_the_original() {
+    let Some(nats) = connect().await else { return };
+    let (name, prefix) = stream(&nats, "dead_nowhere").await;
+    let events = format!("{prefix}.events");
+    let mut source = nats
+        .source(&name, "c", &events, ConsumerOptions::default())
+        .await
+        .unwrap();
+    nats.sink()
+        .publish(&Outgoing::new(&events, "poison"))
+        .await
+        .unwrap();
+    let d = broker::next(&mut source, Duration::from_secs(10), "the message").await;
+    let dead = d.dead_letter("always fails").await;
+    assert!(dead.is_err(), "a dead letter with no subject succeeded");
+    let again = broker::next(&mut source, Duration::from_secs(10), "the original back").await;
+    assert_eq!(&again.message().payload[..], b"poison");
+    again.ack().await.unwrap();
+    nats.delete_stream(&name).await.unwrap();
+}
