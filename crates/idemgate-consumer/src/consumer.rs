@@ -38,12 +38,30 @@ pub struct Stats {
     pub in_progress: u64,
     /// Failed handler runs nacked for a retry.
     pub retried: u64,
-    /// Messages dead-lettered (poison, mismatch, out of attempts).
+    /// Messages dead-lettered (poison, mismatch, out of attempts), counted once the broker
+    /// stored the dead letter.
     pub dead_lettered: u64,
+    /// Of those, messages with no key (no event id, or the key function refused them).
+    pub dead_lettered_poison: u64,
+    /// Of those, keys seen before with another payload.
+    pub dead_lettered_mismatch: u64,
+    /// Of those, messages whose handler failed `max_attempts` times.
+    pub dead_lettered_exhausted: u64,
+    /// Dead letters the broker could not store (no dead-letter destination, or it refused):
+    /// the message was kept and comes back.
+    pub dead_letter_failures: u64,
     /// Completions refused because the lease had been taken over (a zombie fenced off).
     pub fenced: u64,
     /// Acks, nacks or dead-letters the broker refused (it will redeliver).
     pub settle_failures: u64,
+}
+
+/// Why a message is dead-lettered.
+#[derive(Clone, Copy, Debug)]
+enum Why {
+    Poison,
+    Mismatch,
+    Exhausted,
 }
 
 /// A live view of a running consumer's [`Stats`], from [`Consumer::stats_handle`].
@@ -65,6 +83,10 @@ struct Counters {
     in_progress: AtomicU64,
     retried: AtomicU64,
     dead_lettered: AtomicU64,
+    dead_lettered_poison: AtomicU64,
+    dead_lettered_mismatch: AtomicU64,
+    dead_lettered_exhausted: AtomicU64,
+    dead_letter_failures: AtomicU64,
     fenced: AtomicU64,
     settle_failures: AtomicU64,
 }
@@ -83,6 +105,10 @@ impl Counters {
             in_progress: get(&self.in_progress),
             retried: get(&self.retried),
             dead_lettered: get(&self.dead_lettered),
+            dead_lettered_poison: get(&self.dead_lettered_poison),
+            dead_lettered_mismatch: get(&self.dead_lettered_mismatch),
+            dead_lettered_exhausted: get(&self.dead_lettered_exhausted),
+            dead_letter_failures: get(&self.dead_letter_failures),
             fenced: get(&self.fenced),
             settle_failures: get(&self.settle_failures),
         }
@@ -451,12 +477,22 @@ impl Runtime {
         }
     }
 
-    async fn dead_letter<D: Delivery>(&self, d: D, reason: String) {
-        bump(&self.counters.dead_lettered);
+    async fn dead_letter<D: Delivery>(&self, d: D, why: Why, reason: String) {
         tracing::warn!(consumer = %self.cfg.name, %reason, "dead-lettering a message");
-        if let Err(e) = d.dead_letter(&reason).await {
-            bump(&self.counters.settle_failures);
-            tracing::warn!(error = %e, "dead-lettering failed; the broker will redeliver");
+        match d.dead_letter(&reason).await {
+            Ok(()) => {
+                bump(&self.counters.dead_lettered);
+                bump(match why {
+                    Why::Poison => &self.counters.dead_lettered_poison,
+                    Why::Mismatch => &self.counters.dead_lettered_mismatch,
+                    Why::Exhausted => &self.counters.dead_lettered_exhausted,
+                });
+            }
+            Err(e) => {
+                bump(&self.counters.settle_failures);
+                bump(&self.counters.dead_letter_failures);
+                tracing::warn!(error = %e, "dead-lettering failed; the message is kept and comes back");
+            }
         }
     }
 
@@ -491,7 +527,7 @@ impl Runtime {
         if attempt >= self.cfg.max_attempts {
             self.forget(key);
             let reason = format!("the handler failed {attempt} times; last error: {error}");
-            return self.dead_letter(d, reason).await;
+            return self.dead_letter(d, Why::Exhausted, reason).await;
         }
         bump(&self.counters.retried);
         tracing::info!(%key, attempt, %error, "handler failed; retrying through the broker");
@@ -755,7 +791,11 @@ where
         let rt = &*self.rt;
         let key = match rt.key(d.message()) {
             Ok(key) => key,
-            Err(reason) => return rt.dead_letter(d, format!("poison message: {reason}")).await,
+            Err(reason) => {
+                return rt
+                    .dead_letter(d, Why::Poison, format!("poison message: {reason}"))
+                    .await;
+            }
         };
         let fp = Fingerprint::of(&d.message().payload);
         let lease = match self.claims.call((key.clone(), Some(fp))).await {
@@ -772,7 +812,7 @@ where
                 let reason = format!(
                     "fingerprint mismatch: key {key} was first handled with a different payload"
                 );
-                return rt.dead_letter(d, reason).await;
+                return rt.dead_letter(d, Why::Mismatch, reason).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, %key, "claim failed; the message will be redelivered");
@@ -876,7 +916,10 @@ where
                     keys.push(key);
                     batch.push(d);
                 }
-                Err(reason) => rt.dead_letter(d, format!("poison message: {reason}")).await,
+                Err(reason) => {
+                    rt.dead_letter(d, Why::Poison, format!("poison message: {reason}"))
+                        .await
+                }
             }
         }
         let committed = tokio::select! {
@@ -909,7 +952,11 @@ where
         let rt = &*self.rt;
         let key = match rt.key(d.message()) {
             Ok(key) => key,
-            Err(reason) => return rt.dead_letter(d, format!("poison message: {reason}")).await,
+            Err(reason) => {
+                return rt
+                    .dead_letter(d, Why::Poison, format!("poison message: {reason}"))
+                    .await;
+            }
         };
         let mut tx = match self.inbox.begin().await {
             Ok(tx) => tx,

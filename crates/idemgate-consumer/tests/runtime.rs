@@ -146,7 +146,8 @@ async fn poison_and_mismatched_messages_are_dead_lettered_with_their_reason() {
     broker.close();
     let store = Arc::new(MemoryStore::new());
     let (effects, handler) = counting();
-    run_gate(&broker, Arc::clone(&store), handler.clone()).await;
+    let first = run_gate(&broker, Arc::clone(&store), handler.clone()).await;
+    assert_eq!((first.dead_lettered, first.dead_lettered_poison), (1, 1));
     // the same id with another payload, after the first was handled
     let broker2 = MemoryBroker::new();
     broker2.send(event("e-1", "amount=99"));
@@ -154,6 +155,7 @@ async fn poison_and_mismatched_messages_are_dead_lettered_with_their_reason() {
     let stats = run_gate(&broker2, store, handler).await;
     assert_eq!(effects.load(Ordering::SeqCst), 1);
     assert_eq!(stats.dead_lettered, 1);
+    assert_eq!(stats.dead_lettered_mismatch, 1);
     let dead = broker.dead_letters();
     assert_eq!(dead.len(), 1);
     assert!(dead[0].1.contains("no event id"), "{}", dead[0].1);
@@ -201,6 +203,7 @@ async fn a_failing_handler_is_retried_then_dead_lettered_and_a_panic_counts_as_a
     assert_eq!(count("panics"), 4);
     assert_eq!(stats.handled, 1);
     assert_eq!(stats.dead_lettered, 2);
+    assert_eq!(stats.dead_lettered_exhausted, 2);
     let dead = broker.dead_letters();
     let reason = |id: &str| {
         dead.iter()
@@ -303,4 +306,70 @@ async fn a_business_key_dedups_different_events_of_the_same_fact() {
         .unwrap();
     assert_eq!(effects.load(Ordering::SeqCst), 2);
     assert_eq!(stats.duplicates, 1);
+}
+
+/// A source whose broker has nowhere to put a dead letter.
+struct NoDeadLetters<S>(S);
+
+struct Kept<D>(D);
+
+impl<D: idemgate_consumer::Delivery> idemgate_consumer::Delivery for Kept<D> {
+    fn message(&self) -> &Message {
+        self.0.message()
+    }
+    async fn ack(self) -> idemgate_consumer::Result<()> {
+        self.0.ack().await
+    }
+    async fn nack(self, delay: Duration) -> idemgate_consumer::Result<()> {
+        self.0.nack(delay).await
+    }
+    async fn dead_letter(self, _reason: &str) -> idemgate_consumer::Result<()> {
+        // kept: back to the queue, as the adapters do when the dead letter went nowhere
+        self.0.nack(Duration::from_millis(5)).await?;
+        Err(idemgate_consumer::Error::Broker {
+            broker: "test",
+            message: "no dead-letter destination".into(),
+            source: None,
+        })
+    }
+    async fn in_progress(&self) -> idemgate_consumer::Result<()> {
+        self.0.in_progress().await
+    }
+}
+
+impl<S: idemgate_consumer::Source> idemgate_consumer::Source for NoDeadLetters<S> {
+    type Delivery = Kept<S::Delivery>;
+    fn horizon(&self) -> Option<idemgate_consumer::Horizon> {
+        self.0.horizon()
+    }
+    async fn recv(&mut self) -> idemgate_consumer::Result<Option<Self::Delivery>> {
+        Ok(self.0.recv().await?.map(Kept))
+    }
+}
+
+/// A dead letter the broker could not store is not counted as dead-lettered: it is a failure,
+/// and the message is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_went_nowhere_is_counted_as_a_failure() {
+    let broker = MemoryBroker::new();
+    broker.send(Message::new("orders", "no id"));
+    let consumer = Consumer::gate("orders", MemoryStore::new());
+    let stats = consumer.stats_handle();
+    let run = tokio::spawn(consumer.run(
+        NoDeadLetters(broker.source()),
+        |_m: Message| async { Ok::<_, String>(()) },
+        std::future::pending(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stats.get().dead_letter_failures < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", stats.get());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    run.abort();
+    let s = stats.get();
+    assert_eq!(
+        s.dead_lettered, 0,
+        "a dead letter that went nowhere was counted: {s:?}"
+    );
+    assert!(broker.dead_letters().is_empty());
 }
