@@ -271,7 +271,7 @@ impl Source for RabbitSource {
         msg.headers = headers;
         Ok(Some(RabbitDelivery {
             msg,
-            acker: d.acker,
+            acker: Some(d.acker),
             channel: self.channel.clone(),
             dead: self.dead.clone(),
         }))
@@ -290,13 +290,32 @@ fn header_bytes(v: &AMQPValue) -> Option<Bytes> {
     }
 }
 
-/// One delivery from a [`RabbitSource`].
+/// A nack that hands the message back to its queue.
+const REQUEUE: BasicNackOptions = BasicNackOptions {
+    requeue: true,
+    multiple: false,
+};
+
+/// One delivery from a [`RabbitSource`]. Dropped unsettled (a failed dead letter, a cancelled
+/// handler), it is nacked back to its queue at once: it does not hold a prefetch slot until
+/// the channel closes.
 #[derive(Debug)]
 pub struct RabbitDelivery {
     msg: Message,
-    acker: Acker,
+    // taken by the settling call; still here when the delivery is dropped unsettled
+    acker: Option<Acker>,
     channel: Channel,
     dead: String,
+}
+
+impl Drop for RabbitDelivery {
+    fn drop(&mut self) {
+        if let (Some(acker), Ok(rt)) = (self.acker.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = acker.nack(REQUEUE).await;
+            });
+        }
+    }
 }
 
 impl Delivery for RabbitDelivery {
@@ -304,26 +323,28 @@ impl Delivery for RabbitDelivery {
         &self.msg
     }
 
-    async fn ack(self) -> Result<()> {
-        self.acker
+    async fn ack(mut self) -> Result<()> {
+        let Some(acker) = self.acker.take() else {
+            return Ok(());
+        };
+        acker
             .ack(BasicAckOptions::default())
             .await
             .map_err(err("acking"))
     }
 
-    async fn nack(self, delay: Duration) -> Result<()> {
-        // RabbitMQ requeues at once: hold the delivery (unacked) for the delay in the
-        // background, so the lane moves on; if this process dies first, the broker requeues it
-        let requeue = BasicNackOptions {
-            requeue: true,
-            multiple: false,
+    async fn nack(mut self, delay: Duration) -> Result<()> {
+        let Some(acker) = self.acker.take() else {
+            return Ok(());
         };
         if delay.is_zero() {
-            return self.acker.nack(requeue).await.map_err(err("nacking"));
+            return acker.nack(REQUEUE).await.map_err(err("nacking"));
         }
+        // RabbitMQ requeues at once: hold the delivery (unacked) for the delay in the
+        // background, so the lane moves on; if this process dies first, the broker requeues it
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            if let Err(e) = self.acker.nack(requeue).await {
+            if let Err(e) = acker.nack(REQUEUE).await {
                 tracing::debug!(error = %e, "delayed nack failed; the broker requeues on close");
             }
         });

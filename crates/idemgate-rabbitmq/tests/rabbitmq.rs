@@ -158,3 +158,30 @@ async fn a_dead_letter_that_goes_nowhere_keeps_the_original() {
     d.ack().await.unwrap();
     rabbit.delete(&q).await.unwrap();
 }
+
+/// A delivery dropped unsettled goes back to its queue at once, and frees its prefetch slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_dropped_unsettled_is_requeued_at_once() {
+    let Some(rabbit) = connect().await else {
+        return;
+    };
+    let q = queue(&rabbit, "dropped").await;
+    let sink = rabbit.sink().await.unwrap();
+    sink.publish(&Outgoing::new(&q, "held")).await.unwrap();
+    // one message in flight at a time: a held one would block the next receive
+    let mut source = rabbit.source(&q, 1).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), source.recv())
+        .await
+        .expect("a delivery")
+        .unwrap()
+        .unwrap();
+    drop(d);
+    let again = tokio::time::timeout(Duration::from_secs(5), source.recv())
+        .await
+        .expect("the dropped delivery stayed unacked, holding the prefetch slot")
+        .unwrap()
+        .unwrap();
+    assert_eq!(idemgate_consumer::Delivery::message(&again).payload, "held");
+    idemgate_consumer::Delivery::ack(again).await.unwrap();
+    rabbit.delete(&q).await.unwrap();
+}
