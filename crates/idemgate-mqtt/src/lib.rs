@@ -12,6 +12,9 @@
 //!   a dead letter the broker answers `NoMatchingSubscribers` is an error, and the original
 //!   comes back to the source after a second. Keep a persistent session (or a bridge)
 //!   subscribed to the dead-letter topic.
+//! - A reconnection that finds no session on the broker (a restart without persistence, an
+//!   expired session, another client that took the client id with a clean start) subscribes
+//!   again; what was published meanwhile is gone, and a warning says so.
 //! - The source's horizon ([`Source::horizon`]): the session expiry interval, as long as the
 //!   broker may redeliver.
 //!
@@ -127,6 +130,8 @@ struct Link {
     in_order: Option<Mutex<Outbox>>,
     // wakes `disconnect` when the drain task is done
     drained: tokio::sync::Notify,
+    // what this connection subscribed to: subscribed again when the broker lost the session
+    filters: Mutex<Vec<String>>,
 }
 
 /// What a PUBACK needs of its PUBLISH: the QoS and the packet id.
@@ -323,8 +328,27 @@ impl Link {
         rx.await
             .map_err(|_| "the connection closed before the SUBACK".to_owned())
             .and_then(|r| r)
-            .map(drop)
-            .map_err(|e| Error::broker(BROKER, format!("subscribing to {filter}"), e))
+            .map_err(|e| Error::broker(BROKER, format!("subscribing to {filter}"), e))?;
+        lock(&self.filters).push(filter.to_owned());
+        Ok(())
+    }
+
+    /// The broker reconnected us without our session (a restart without persistence, an
+    /// expired session, a clean-start client id): nothing arrives until we subscribe again.
+    fn subscribe_again(&self) {
+        let filters = lock(&self.filters).clone();
+        if filters.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            ?filters,
+            "the broker has no session for this client: subscribing again (what was sent while disconnected is gone)"
+        );
+        for f in filters {
+            if let Err(e) = self.client.try_subscribe(f, QoS::AtLeastOnce) {
+                tracing::warn!(error = %e, "subscribing again failed");
+            }
+        }
     }
 
     /// Fails every waiting publish and subscribe (the connection dropped).
@@ -396,6 +420,7 @@ impl Mqtt {
             order: tokio::sync::Mutex::new(()),
             in_order,
             drained: tokio::sync::Notify::new(),
+            filters: Mutex::default(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(drive(Arc::clone(&link), events, tx));
@@ -421,6 +446,12 @@ impl Mqtt {
         let incoming = lock(&self.incoming)
             .take()
             .ok_or_else(|| Error::Config("this connection's source was already taken".into()))?;
+        if !self.session.persistent {
+            tracing::warn!(
+                filter,
+                "a clean-session source: messages published while it is disconnected are not kept for it, and unacked ones are not redelivered"
+            );
+        }
         self.link.subscribe(filter).await?;
         let (again_tx, again_rx) = mpsc::unbounded_channel();
         Ok(MqttSource {
@@ -510,6 +541,10 @@ async fn drive(
                 if let Some(w) = acks.subscribes.pop_front() {
                     acks.subs_by_pkid.insert(pkid, w);
                 }
+            }
+            // a reconnection (the first CONNACK was read by `connect`)
+            Ok(Event::Incoming(Packet::ConnAck(ack))) if !ack.session_present => {
+                link.subscribe_again();
             }
             Ok(_) => {}
             Err(e) => {
@@ -763,6 +798,7 @@ mod tests {
                 draining: false,
             })),
             drained: tokio::sync::Notify::new(),
+            filters: Mutex::default(),
         };
         (Arc::new(link), rx)
     }

@@ -204,3 +204,35 @@ async fn a_dead_letter_no_subscriber_takes_keeps_the_original() {
     assert!(again.message().redelivered);
     again.ack().await.unwrap();
 }
+
+/// The broker loses the session (here: a client with the same id connects with a clean start
+/// and takes it over): the source reconnects without it, subscribes again, and messages arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_session_is_subscribed_again() {
+    let topic = unique("lost-session");
+    let id = unique("c");
+    let Some(consumer) = connect(&id, persistent()).await else {
+        return;
+    };
+    let mut source = consumer.source(&topic).await.unwrap();
+    let intruder = connect(&id, Session::clean()).await.unwrap();
+    let _ = intruder.disconnect().await;
+    let producer = connect(&unique("p"), Session::clean()).await.unwrap();
+    let sink = producer.sink();
+    // publish until one arrives: until the source subscribed again, the broker drops them
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let got = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing arrived after the session was lost"
+        );
+        sink.publish(&Outgoing::new(&topic, "after")).await.unwrap();
+        if let Ok(Ok(Some(d))) =
+            tokio::time::timeout(Duration::from_millis(300), source.recv()).await
+        {
+            break d;
+        }
+    };
+    assert_eq!(&got.message().payload[..], b"after");
+    got.ack().await.unwrap();
+}
