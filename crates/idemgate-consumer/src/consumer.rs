@@ -50,10 +50,65 @@ pub struct Stats {
     /// Dead letters the broker could not store (no dead-letter destination, or it refused):
     /// the message was kept and comes back.
     pub dead_letter_failures: u64,
+    /// Handler runs cut off at the handler timeout.
+    pub timed_out: u64,
+    /// Handler runs that outlasted the lease (renewed meanwhile).
+    pub slow: u64,
     /// Completions refused because the lease had been taken over (a zombie fenced off).
     pub fenced: u64,
     /// Acks, nacks or dead-letters the broker refused (it will redeliver).
     pub settle_failures: u64,
+}
+
+/// How a handler's run ended.
+enum Ran<E> {
+    Done(std::result::Result<(), E>),
+    Panicked,
+    TimedOut,
+}
+
+impl Runtime {
+    /// Runs a handler's future with its panics caught and the handler timeout; counts it slow
+    /// when it outlasted the lease.
+    async fn run_handler<E>(
+        &self,
+        key: &Key,
+        fut: impl Future<Output = std::result::Result<(), E>>,
+    ) -> Ran<E> {
+        let started = tokio::time::Instant::now();
+        let ran = match tokio::time::timeout(
+            self.cfg.handler_timeout,
+            AssertUnwindSafe(fut).catch_unwind(),
+        )
+        .await
+        {
+            Ok(Ok(done)) => Ran::Done(done),
+            Ok(Err(_panic)) => Ran::Panicked,
+            Err(_elapsed) => {
+                bump(&self.counters.timed_out);
+                Ran::TimedOut
+            }
+        };
+        let took = started.elapsed();
+        if took > self.cfg.lease {
+            bump(&self.counters.slow);
+            tracing::warn!(%key, ?took, lease = ?self.cfg.lease, "a handler ran past its lease");
+        }
+        ran
+    }
+
+    /// What a failed run says about itself.
+    fn failure<E: fmt::Display>(&self, ran: Ran<E>) -> Option<String> {
+        match ran {
+            Ran::Done(Ok(())) => None,
+            Ran::Done(Err(e)) => Some(e.to_string()),
+            Ran::Panicked => Some("the handler panicked".into()),
+            Ran::TimedOut => Some(format!(
+                "the handler timed out after {:?}",
+                self.cfg.handler_timeout
+            )),
+        }
+    }
 }
 
 /// Why a message is dead-lettered.
@@ -87,6 +142,8 @@ struct Counters {
     dead_lettered_mismatch: AtomicU64,
     dead_lettered_exhausted: AtomicU64,
     dead_letter_failures: AtomicU64,
+    timed_out: AtomicU64,
+    slow: AtomicU64,
     fenced: AtomicU64,
     settle_failures: AtomicU64,
 }
@@ -109,6 +166,8 @@ impl Counters {
             dead_lettered_mismatch: get(&self.dead_lettered_mismatch),
             dead_lettered_exhausted: get(&self.dead_lettered_exhausted),
             dead_letter_failures: get(&self.dead_letter_failures),
+            timed_out: get(&self.timed_out),
+            slow: get(&self.slow),
             fenced: get(&self.fenced),
             settle_failures: get(&self.settle_failures),
         }
@@ -123,6 +182,7 @@ struct Config {
     retry_delay: Duration,
     busy_delay: Duration,
     lease: Duration,
+    handler_timeout: Duration,
     retention: Duration,
     batch: usize,
     // deliveries per inbox transaction
@@ -159,6 +219,10 @@ pub struct InboxMode<I>(Arc<I>);
 ///   (`with_batch` on an Inbox-mode consumer).
 /// - While a handler runs, the lease is renewed and the broker is told the message is in
 ///   progress ([`Delivery::in_progress`]) every third of the lease.
+/// - A handler gets `handler_timeout` (default 5 min) to finish. At the timeout it is dropped
+///   mid-way: in Gate mode its key is released, in Inbox mode its transaction rolls back, and
+///   the run counts as a failed attempt (retried, then dead-lettered with the reason). A run
+///   that outlasts its lease (renewed all along) is counted in [`Stats::slow`] and logged.
 /// - [`run`](Consumer::run)'s `shutdown` future stops receiving; what was received is finished,
 ///   settled, and then `run` returns the [`Stats`].
 pub struct Consumer<M> {
@@ -184,6 +248,7 @@ fn config(name: String) -> Config {
         retry_delay: Duration::from_millis(500),
         busy_delay: Duration::from_secs(1),
         lease: Duration::from_secs(30),
+        handler_timeout: Duration::from_secs(300),
         retention: Duration::from_secs(7 * 86_400),
         batch: 64,
         tx_batch: 1,
@@ -319,6 +384,13 @@ impl<M> Consumer<M> {
     /// under the broker's ack wait.
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.cfg.lease = lease;
+        self
+    }
+
+    /// How long a handler may run before it is cut off and its run counted as failed (default
+    /// 5 min).
+    pub fn with_handler_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.handler_timeout = timeout;
         self
     }
 
@@ -829,32 +901,27 @@ where
             return rt.nack(d, rt.cfg.busy_delay).await;
         }
         let attempt = rt.attempt(&key, Some(lease.attempt()), d.message());
-        // a panic in the handler is caught here: a failed attempt, not a dead lane
-        let run = AssertUnwindSafe((self.handler)(d.message().clone())).catch_unwind();
-        let (joined, lost) = tokio::select! {
+        // a panic or a timeout of the handler is caught here: a failed attempt, not a dead lane
+        let run = rt.run_handler(&key, (self.handler)(d.message().clone()));
+        let (ran, lost) = tokio::select! {
             r = keep_alive(&*self.store, &lease, rt.cfg.lease, run) => r,
             never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
         };
         drop(slot);
-        match joined {
-            Ok(Ok(())) if !lost => {
+        match rt.failure(ran) {
+            None if !lost => {
                 // the completion and the ack run behind the lane
                 let (rt2, completions) = (Arc::clone(&self.rt), self.completions.clone());
                 rt.behind(complete(rt2, completions, d, key, lease)).await;
             }
-            Ok(Ok(())) => {
+            None => {
                 // another consumer took the key over while this one ran: it will settle it
                 bump(&rt.counters.fenced);
                 rt.nack(d, rt.cfg.busy_delay).await;
             }
-            Ok(Err(e)) => {
+            Some(error) => {
                 let _ = self.store.release(lease).await;
-                rt.failed(d, &key, attempt, e.to_string()).await;
-            }
-            Err(_panic) => {
-                let _ = self.store.release(lease).await;
-                rt.failed(d, &key, attempt, "the handler panicked".into())
-                    .await;
+                rt.failed(d, &key, attempt, error).await;
             }
         }
     }
@@ -1003,14 +1070,15 @@ where
             return self.rt.ack_behind(d).await;
         }
         let attempt = rt.attempt(&key, None, d.message());
-        // a panic in the handler is caught here: the transaction rolls back, the lane lives on
-        let run = AssertUnwindSafe(self.handler.handle(&mut tx, d.message())).catch_unwind();
-        let joined = tokio::select! {
+        // a panic or a timeout of the handler is caught here: the transaction rolls back, the
+        // lane lives on
+        let run = rt.run_handler(&key, self.handler.handle(&mut tx, d.message()));
+        let ran = tokio::select! {
             r = run => r,
             never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
         };
-        match joined {
-            Ok(Ok(())) => match self.inbox.commit(tx).await {
+        match rt.failure(ran) {
+            None => match self.inbox.commit(tx).await {
                 Ok(()) => {
                     rt.forget(&key);
                     bump(&rt.counters.handled);
@@ -1022,14 +1090,9 @@ where
                     rt.nack(d, rt.cfg.retry_delay).await;
                 }
             },
-            Ok(Err(error)) => {
+            Some(error) => {
                 drop(tx);
-                rt.failed(d, &key, attempt, error.to_string()).await
-            }
-            Err(_panic) => {
-                drop(tx);
-                rt.failed(d, &key, attempt, "the handler panicked".into())
-                    .await
+                rt.failed(d, &key, attempt, error).await
             }
         }
     }
@@ -1057,19 +1120,23 @@ impl<I: Inbox, H: InboxHandler<I::Tx>> InboxProcess<I, H> {
                     .map_err(|e| e.to_string())?;
             }
         }
-        // the new messages' handlers, in order; a panic is caught here and rolls the batch back
-        let run = AssertUnwindSafe(async {
-            for (d, _) in batch.iter().zip(&firsts).filter(|(_, first)| **first) {
-                self.handler
-                    .handle(&mut tx, d.message())
-                    .await
-                    .map_err(|e| e.to_string())?;
+        // the new messages' handlers, in order; a panic or a timeout is caught here and rolls
+        // the batch back
+        for (d, key) in batch
+            .iter()
+            .zip(keys)
+            .zip(&firsts)
+            .filter(|(_, first)| **first)
+            .map(|(dk, _)| dk)
+        {
+            let ran = self
+                .rt
+                .run_handler(key, self.handler.handle(&mut tx, d.message()))
+                .await;
+            if let Some(error) = self.rt.failure(ran) {
+                return Err(error);
             }
-            Ok::<_, String>(())
-        });
-        run.catch_unwind()
-            .await
-            .map_err(|_| "a handler panicked".to_owned())??;
+        }
         self.inbox.commit(tx).await.map_err(|e| e.to_string())?;
         Ok(firsts)
     }

@@ -373,3 +373,42 @@ async fn a_dead_letter_that_went_nowhere_is_counted_as_a_failure() {
     );
     assert!(broker.dead_letters().is_empty());
 }
+
+/// A handler that never returns is cut off at the handler timeout: the run counts as a failed
+/// attempt, is retried, and is dead-lettered with the reason; the other messages go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_handler_times_out_and_is_dead_lettered() {
+    let broker = MemoryBroker::new();
+    broker.send(event("stuck", "{}"));
+    broker.send(event("fine", "{}"));
+    broker.close();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = Arc::clone(&runs);
+    let handler = move |m: Message| {
+        let r = Arc::clone(&r);
+        async move {
+            if m.event_id.as_deref() == Some("stuck") {
+                r.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, String>(())
+        }
+    };
+    let stats = tokio::time::timeout(
+        Duration::from_secs(20),
+        Consumer::gate("orders", MemoryStore::new())
+            .with_handler_timeout(Duration::from_millis(100))
+            .with_max_attempts(3)
+            .with_retry_delay(Duration::from_millis(5))
+            .run(broker.source(), handler, std::future::pending()),
+    )
+    .await
+    .expect("a stuck handler held the consumer")
+    .unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "max_attempts runs");
+    assert_eq!(stats.timed_out, 3);
+    assert_eq!(stats.handled, 1);
+    assert_eq!(stats.dead_lettered_exhausted, 1);
+    let dead = broker.dead_letters();
+    assert!(dead[0].1.contains("timed out"), "{}", dead[0].1);
+}
