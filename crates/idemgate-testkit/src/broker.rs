@@ -250,6 +250,18 @@ pub async fn next<S: Source>(source: &mut S, limit: Duration, what: &str) -> S::
     }
 }
 
+/// A dead letter the broker could not store fails, and the original is not acked: `source`
+/// delivers it again. Publish one message with `payload` first, to a source whose dead-letter
+/// destination takes nothing.
+pub async fn refused_dead_letter_keeps_the_original<S: Source>(mut source: S, payload: &[u8]) {
+    let d = next(&mut source, Duration::from_secs(10), "the message").await;
+    let dead = d.dead_letter("always fails").await;
+    assert!(dead.is_err(), "a dead letter that went nowhere succeeded");
+    let again = next(&mut source, Duration::from_secs(10), "the original back").await;
+    assert_eq!(&again.message().payload[..], payload);
+    again.ack().await.expect("ack");
+}
+
 /// A message without an event id is dead-lettered, with the reason, and not handled.
 pub async fn poison_is_dead_lettered<S: Source>(source: S) {
     let effects = Arc::new(AtomicUsize::new(0));
