@@ -910,9 +910,15 @@ where
         drop(slot);
         match rt.failure(ran) {
             None if !lost => {
-                // the completion and the ack run behind the lane
+                // the completion and the ack run behind the lane; the lease is renewed while
+                // the run waits for a settle slot and for its completion batch
                 let (rt2, completions) = (Arc::clone(&self.rt), self.completions.clone());
-                rt.behind(complete(rt2, completions, d, key, lease)).await;
+                let (store, held, length) = (Arc::clone(&self.store), lease.clone(), rt.cfg.lease);
+                let settle = async move {
+                    let completing = complete(rt2, completions, d, key, held.clone());
+                    let _ = keep_alive(&*store, &held, length, completing).await;
+                };
+                let _ = keep_alive(&*self.store, &lease, length, rt.behind(settle)).await;
             }
             None => {
                 // another consumer took the key over while this one ran: it will settle it

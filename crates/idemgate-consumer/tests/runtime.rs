@@ -412,3 +412,51 @@ async fn a_stuck_handler_times_out_and_is_dead_lettered() {
     let dead = broker.dead_letters();
     assert!(dead[0].1.contains("timed out"), "{}", dead[0].1);
 }
+
+/// A finished run whose completion is slow (its batch, a slow store) keeps its lease renewed
+/// until the completion lands: no other claim takes the key over meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_completion_keeps_its_lease() {
+    use idemgate_core::{Claim, ClaimOptions, Key};
+    use idemgate_testkit::fault::{Fault, FaultStore, Op};
+
+    let store = Arc::new(FaultStore::new(MemoryStore::new()));
+    // the first completion takes three leases
+    store.add(
+        Op::Complete,
+        Fault::Delay(Duration::from_millis(900)),
+        0,
+        Some(1),
+    );
+    let broker = MemoryBroker::new();
+    broker.send(event("slow-complete", "{}"));
+    broker.close();
+    let consumer =
+        Consumer::gate("orders", Arc::clone(&store)).with_lease(Duration::from_millis(300));
+    let run = tokio::spawn(consumer.run(
+        broker.source(),
+        |_m: Message| async { Ok::<_, String>(()) },
+        std::future::pending(),
+    ));
+    tokio::time::sleep(Duration::from_millis(650)).await;
+    let key = Key::new("orders", "slow-complete").unwrap();
+    let claim = store
+        .inner()
+        .claim(
+            &key,
+            None,
+            &ClaimOptions::with_lease(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(claim, Claim::InProgress { .. }),
+        "the lease ran out while the completion waited: {claim:?}"
+    );
+    let stats = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the consumer ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!((stats.handled, stats.fenced), (1, 0), "{stats:?}");
+}
