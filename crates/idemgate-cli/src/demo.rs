@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::sync::mpsc;
@@ -410,8 +410,7 @@ impl Supervisor<'_> {
         }
         let slot = self.rng.random_range(0..slots.len());
         let point = Point::ALL[self.rng.random_range(0..Point::ALL.len())];
-        writeln!(slots[slot].stdin, "ARM {}", point.name())?;
-        slots[slot].stdin.flush()?;
+        crate::arm::arm(&mut slots[slot].stdin, point.name())?;
         self.armed = Some((slot, slots[slot].generation));
         Ok(())
     }

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod arm;
 mod bench;
 #[cfg(feature = "brokers")]
 mod bench_consumer;

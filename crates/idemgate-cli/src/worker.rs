@@ -4,11 +4,9 @@
 //! message that reaches that named point, says so on stdout and waits for the supervisor's
 //! SIGKILL.
 
-use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
@@ -17,6 +15,7 @@ use idemgate::sqlite::{Message, SqliteInbox, SqliteQueue, SqliteStore, Synchrono
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use crate::BoxError;
+use crate::arm::Armed;
 use crate::demo::{Event, Mode, Point, QUEUE, apply_effect, open_ledger};
 
 #[derive(Debug, Args)]
@@ -43,22 +42,7 @@ struct Worker {
     ledger: Connection,
     inbox: SqliteInbox,
     gate: Option<Gate<SqliteStore>>,
-    // the point the supervisor armed: its index in `Point::ALL` plus one, 0 for none
-    armed: Arc<AtomicUsize>,
-}
-
-/// Reads the supervisor's `ARM POINT` lines into `armed`.
-fn listen(armed: Arc<AtomicUsize>) {
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
-            if let Some(i) = line
-                .strip_prefix("ARM ")
-                .and_then(|p| Point::ALL.iter().position(|x| x.name() == p))
-            {
-                armed.store(i + 1, Ordering::SeqCst);
-            }
-        }
-    });
+    armed: Arc<Armed>,
 }
 
 pub(crate) fn run(args: WorkerArgs) -> Result<ExitCode, BoxError> {
@@ -85,8 +69,7 @@ pub(crate) fn run(args: WorkerArgs) -> Result<ExitCode, BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let armed = Arc::new(AtomicUsize::new(0));
-    listen(Arc::clone(&armed));
+    let armed = Armed::listen();
     let mut w = Worker {
         args,
         queue,
@@ -118,11 +101,7 @@ impl Worker {
 
     /// Stops here if the supervisor armed this point.
     fn point(&self, p: Point) {
-        let armed = self.armed.load(Ordering::SeqCst);
-        if armed > 0 && Point::ALL[armed - 1] == p {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "AT {}", p.name());
-            let _ = out.flush();
+        if self.armed.stop_at(p.name()) {
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }

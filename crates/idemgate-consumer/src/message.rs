@@ -9,6 +9,10 @@ pub const EVENT_ID: &str = "idemgate-event-id";
 /// The header a dead-lettered message carries with the reason it was dead-lettered.
 pub const DEAD_LETTER_REASON: &str = "idemgate-dead-letter-reason";
 
+/// How long an adapter waits before a message whose dead letter could not be stored comes back
+/// to its source (kept, not acked, and not redelivered in a hot loop).
+pub const DEAD_LETTER_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A received message: what the handler sees.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]

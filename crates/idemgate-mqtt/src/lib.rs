@@ -40,7 +40,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use idemgate_consumer::{
-    DEAD_LETTER_REASON, Delivery, EVENT_ID, Error, Horizon, Message, Outgoing, Result, Sink, Source,
+    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Horizon, Message, Outgoing,
+    Result, Sink, Source,
 };
 use rumqttc::Outgoing as Sent;
 use rumqttc::v5::mqttbytes::QoS;
@@ -771,7 +772,7 @@ impl Delivery for MqttDelivery {
             ),
             Err(e) => e,
         };
-        self.nack(Duration::from_secs(1)).await?;
+        self.nack(DEAD_LETTER_RETRY).await?;
         Err(refused)
     }
 }

@@ -22,7 +22,8 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use idemgate_consumer::{
-    DEAD_LETTER_REASON, Delivery, EVENT_ID, Error, Horizon, Message, Outgoing, Result, Sink, Source,
+    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Horizon, Message, Outgoing,
+    Result, Sink, Source,
 };
 
 const BROKER: &str = "nats";
@@ -349,7 +350,7 @@ impl Delivery for NatsDelivery {
     async fn dead_letter(self, reason: &str) -> Result<()> {
         // the original is terminated only once its dead letter is stored; otherwise it comes
         // back after a pause (terminating it would lose it)
-        let retry = AckKind::Nak(Some(Duration::from_secs(1)));
+        let retry = AckKind::Nak(Some(DEAD_LETTER_RETRY));
         let Some(subject) = &self.dead else {
             let _ = self.inner.ack_with(retry).await;
             return Err(Error::Broker {

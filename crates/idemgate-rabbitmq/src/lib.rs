@@ -19,7 +19,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use idemgate_consumer::{
-    DEAD_LETTER_REASON, Delivery, EVENT_ID, Error, Message, Outgoing, Result, Sink, Source,
+    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Message, Outgoing, Result,
+    Sink, Source,
 };
 use lapin::acker::Acker;
 use lapin::options::{
@@ -366,7 +367,7 @@ impl Delivery for RabbitDelivery {
         // confirmed in the dead-letter queue before the original is acked; a dead letter no
         // queue takes sends the original back to its queue, after a pause rather than at once
         if let Err(e) = publish(&self.channel, &self.dead, &self.msg.payload, props).await {
-            let _ = self.nack(Duration::from_secs(1)).await;
+            let _ = self.nack(DEAD_LETTER_RETRY).await;
             return Err(e);
         }
         self.ack().await

@@ -52,16 +52,16 @@ end
 /// `SET NX` found the key taken.
 /// Replies {1, token, attempts, lease_until} | {2, fields...} | {3, fp} | {4, lease_until, attempts}.
 pub(crate) fn claim() -> String {
-    format!(
+    let script = format!(
         "{PRELUDE}{}",
         r#"
 local key, fp = KEYS[1], ARGV[1]
 local lease, ret = tonumber(ARGV[2]), tonumber(ARGV[3])
 local r = load(key)
 if not r or r.ex <= now then
-  -- a new record: its token starts at the server's millisecond clock times 1000
-  -- (TOKENS_PER_MS), above every token an earlier record of this key can have reached
-  local tok = now * 1000
+  -- a new record: its token starts at the server's millisecond clock times TOKENS_PER_MS,
+  -- above every token an earlier record of this key can have reached
+  local tok = now * TOKENS_PER_MS
   if r and r.tok >= tok then tok = r.tok + 1 end
   local n = {st = '0', tok = tok, lu = now + lease, cr = now, at = 1, fp = fp, out = ''}
   n.ex = n.lu + ret
@@ -82,6 +82,10 @@ if r.fp == '' then r.fp = fp end
 save(key, r)
 return {1, r.tok, r.at, r.lu}
 "#
+    );
+    script.replace(
+        "TOKENS_PER_MS",
+        itoa::Buffer::new().format(idemgate_core::TOKENS_PER_MS),
     )
 }
 

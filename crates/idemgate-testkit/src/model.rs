@@ -118,7 +118,7 @@ impl Model {
         match self.recs.get_mut(&k) {
             None => {
                 // a record that starts afresh takes its token from the clock (rule 9)
-                let token = now.saturating_mul(idemgate_core::TOKENS_PER_MS).max(1);
+                let token = idemgate_core::first_token(idemgate_core::from_millis(now));
                 self.recs.insert(k, fresh(token));
                 Seen::Acquired { token, attempt: 1 }
             }

@@ -12,7 +12,7 @@
 //! a definite answer whose receipt is that effect's.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 
 use super::{ChaosArgs, Event};
 use crate::BoxError;
+use crate::arm::Armed;
 
 /// Where the service can be killed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
@@ -285,7 +286,6 @@ struct Tally {
     disconnects: AtomicU64,
     conflicts: AtomicU64,
     refused: AtomicU64,
-    lost: AtomicU64,
     done: AtomicUsize,
     answers: Mutex<HashMap<String, String>>,
 }
@@ -432,8 +432,7 @@ async fn phase(
             // every point in turn, from a seeded start
             let point = HttpPoint::ALL[(first + usize::try_from(kills)?) % HttpPoint::ALL.len()];
             // a service still starting reads the line once it runs
-            writeln!(proc.stdin, "ARM {}", point.name())?;
-            proc.stdin.flush()?;
+            crate::arm::arm(&mut proc.stdin, point.name())?;
             armed = true;
         }
         let out = released.load(Ordering::Relaxed);
@@ -582,7 +581,6 @@ async fn request(http: &reqwest::Client, base: &str, e: &Event, tally: &Tally, r
             }
         }
     }
-    tally.lost.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The service's answer.
@@ -654,29 +652,14 @@ pub(crate) struct ChaosHttpServiceArgs {
     generation: u64,
 }
 
-/// Where the supervisor told the service to stop next (`ARM POINT` on stdin).
-#[derive(Default)]
-struct Park {
-    // the armed point's index in `HttpPoint::ALL` plus one, 0 for none
-    armed: AtomicUsize,
-}
+/// Where the supervisor told the service to stop next.
+#[derive(Debug)]
+struct Park(Arc<Armed>);
 
 impl Park {
-    /// Whether to stop at `p` (it was armed); disarms it, so one request stops there.
+    /// Whether to stop at `p` (it was armed); one request stops there per arming.
     fn here(&self, p: HttpPoint) -> bool {
-        let i = HttpPoint::ALL.iter().position(|x| *x == p).unwrap_or(0) + 1;
-        if self
-            .armed
-            .compare_exchange(i, 0, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-        {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "AT {}", p.name());
-            let _ = out.flush();
-            true
-        } else {
-            false
-        }
+        self.0.stop_at(p.name())
     }
 
     /// Stops forever at `p` if it was armed: the supervisor's SIGKILL ends the process.
@@ -772,12 +755,6 @@ struct Parking {
     park: Arc<Park>,
 }
 
-impl std::fmt::Debug for Park {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Park").finish_non_exhaustive()
-    }
-}
-
 impl Store for Parking {
     async fn claim(
         &self,
@@ -839,20 +816,7 @@ pub(crate) fn serve(args: ChaosHttpServiceArgs) -> Result<ExitCode, BoxError> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let park = Arc::new(Park::default());
-        {
-            let park = Arc::clone(&park);
-            std::thread::spawn(move || {
-                for line in std::io::stdin().lock().lines().map_while(Result::ok) {
-                    if let Some(i) = line
-                        .strip_prefix("ARM ")
-                        .and_then(|p| HttpPoint::ALL.iter().position(|x| x.name() == p))
-                    {
-                        park.armed.store(i + 1, Ordering::SeqCst);
-                    }
-                }
-            });
-        }
+        let park = Arc::new(Park(Armed::listen()));
         let idempotent = args.mode == "idemgate";
         let app = App {
             park: Arc::clone(&park),
