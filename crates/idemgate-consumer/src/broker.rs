@@ -27,6 +27,16 @@ pub trait Delivery: Send + Sync + 'static {
     fn in_progress(&self) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
     }
+
+    /// The stored position the message carries ([`Message::position`]) was stale: another
+    /// consumer, or a commit whose answer was lost, moved it. Reload the stored positions and
+    /// resume the partition from there. The default nacks at once.
+    fn reposition(self) -> impl Future<Output = Result<()>> + Send
+    where
+        Self: Sized,
+    {
+        self.nack(Duration::ZERO)
+    }
 }
 
 /// A stream of deliveries from one queue, subject, topic or subscription.

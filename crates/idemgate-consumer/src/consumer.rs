@@ -1,6 +1,6 @@
 //! The `Consumer` runtime.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -8,12 +8,12 @@ use std::hash::{BuildHasher, RandomState};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
 use idemgate_core::{Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Store, keep_alive};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::inbox::{Inbox, InboxHandler};
@@ -34,10 +34,15 @@ pub struct Stats {
     pub handled: u64,
     /// Duplicates of completed keys, acked without running the handler.
     pub duplicates: u64,
-    /// Duplicates of keys still being handled elsewhere, nacked with a delay.
+    /// Waits for a key still being handled elsewhere (the delivery is held meanwhile, not
+    /// nacked).
     pub in_progress: u64,
-    /// Failed handler runs nacked for a retry.
+    /// Failed handler runs retried (in place for a message with an ordering key, else through
+    /// the broker).
     pub retried: u64,
+    /// Store or inbox failures (a claim, a transaction, a completion) waited out with the
+    /// delivery held: retries that are not the handler's and use none of its attempts.
+    pub store_retries: u64,
     /// Messages dead-lettered (poison, mismatch, out of attempts), counted once the broker
     /// stored the dead letter.
     pub dead_lettered: u64,
@@ -119,6 +124,29 @@ enum Why {
     Exhausted,
 }
 
+/// How a delivery ends.
+enum Settle {
+    Ack,
+    /// Back to the broker, to come again after the delay.
+    Nack(Duration),
+    DeadLetter(Why, String),
+    /// The stored position it carries is stale: resume its partition from the stored one.
+    Reposition,
+}
+
+/// The longest wait between two tries of a held delivery, or before a redelivery.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// `base` doubled `n` times, at most [`MAX_BACKOFF`].
+fn backoff(base: Duration, n: u32) -> Duration {
+    base.saturating_mul(1 << n.min(16)).min(MAX_BACKOFF)
+}
+
+/// A wait between half of `d` and `d`, so that held deliveries do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
 /// A live view of a running consumer's [`Stats`], from [`Consumer::stats_handle`].
 #[derive(Clone, Debug)]
 pub struct StatsHandle(Arc<Counters>);
@@ -137,6 +165,7 @@ struct Counters {
     duplicates: AtomicU64,
     in_progress: AtomicU64,
     retried: AtomicU64,
+    store_retries: AtomicU64,
     dead_lettered: AtomicU64,
     dead_lettered_poison: AtomicU64,
     dead_lettered_mismatch: AtomicU64,
@@ -161,6 +190,7 @@ impl Counters {
             duplicates: get(&self.duplicates),
             in_progress: get(&self.in_progress),
             retried: get(&self.retried),
+            store_retries: get(&self.store_retries),
             dead_lettered: get(&self.dead_lettered),
             dead_lettered_poison: get(&self.dead_lettered_poison),
             dead_lettered_mismatch: get(&self.dead_lettered_mismatch),
@@ -471,6 +501,8 @@ struct Runtime {
     settling: Arc<Semaphore>,
     settle_slots: u32,
     behind: Mutex<JoinSet<()>>,
+    // set when `run` stops receiving: held deliveries are given back instead of waited on
+    stopping: watch::Sender<bool>,
 }
 
 impl Runtime {
@@ -485,7 +517,58 @@ impl Runtime {
             settling: Arc::new(Semaphore::new(settle_slots as usize)),
             settle_slots,
             behind: Mutex::default(),
+            stopping: watch::Sender::new(false),
         })
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// Waits `delay`, jittered, before a held delivery's next try; `false` once the consumer is
+    /// stopping (give the delivery back).
+    async fn pause(&self, delay: Duration) -> bool {
+        let mut stopping = self.stopping.subscribe();
+        tokio::select! {
+            () = tokio::time::sleep(jitter(delay)) => !self.stopping(),
+            _ = stopping.wait_for(|s| *s) => false,
+        }
+    }
+
+    /// A store or inbox failure, waited out with the delivery held: `false` once stopping.
+    async fn unavailable(
+        &self,
+        what: &str,
+        error: &idemgate_core::Error,
+        tries: &mut u32,
+    ) -> bool {
+        bump(&self.counters.store_retries);
+        let delay = backoff(self.cfg.retry_delay, *tries);
+        *tries = tries.saturating_add(1);
+        tracing::warn!(consumer = %self.cfg.name, %error, ?delay, "{what} failed; trying again");
+        self.pause(delay).await
+    }
+
+    /// Settles `d`; `false` when the message went back to the broker (to come again).
+    async fn settle<D: Delivery>(self: &Arc<Self>, d: D, settle: Settle) -> bool {
+        match settle {
+            Settle::Ack => {
+                self.ack_behind(d).await;
+                true
+            }
+            Settle::Nack(delay) => {
+                self.nack(d, delay).await;
+                false
+            }
+            Settle::DeadLetter(why, reason) => self.dead_letter(d, why, reason).await,
+            Settle::Reposition => {
+                if let Err(e) = d.reposition().await {
+                    bump(&self.counters.settle_failures);
+                    tracing::warn!(error = %e, "repositioning failed; the broker will redeliver");
+                }
+                false
+            }
+        }
     }
 
     /// Runs `settle` (a completion and an ack) behind the lane, so the lane takes its next
@@ -549,7 +632,8 @@ impl Runtime {
         }
     }
 
-    async fn dead_letter<D: Delivery>(&self, d: D, why: Why, reason: String) {
+    /// Dead-letters `d`; `true` once the broker stored the dead letter.
+    async fn dead_letter<D: Delivery>(&self, d: D, why: Why, reason: String) -> bool {
         tracing::warn!(consumer = %self.cfg.name, %reason, "dead-lettering a message");
         match d.dead_letter(&reason).await {
             Ok(()) => {
@@ -559,18 +643,21 @@ impl Runtime {
                     Why::Mismatch => &self.counters.dead_lettered_mismatch,
                     Why::Exhausted => &self.counters.dead_lettered_exhausted,
                 });
+                true
             }
             Err(e) => {
                 bump(&self.counters.settle_failures);
                 bump(&self.counters.dead_letter_failures);
                 tracing::warn!(error = %e, "dead-lettering failed; the message is kept and comes back");
+                false
             }
         }
     }
 
-    /// This run's attempt number for `key`: the store's count (Gate mode), the broker's delivery
-    /// count, or our own, whichever is highest.
-    fn attempt(&self, key: &Key, store: Option<u32>, msg: &Message) -> u32 {
+    /// This run's attempt number for `key`: the store's count of runs (Gate mode) or the
+    /// broker's delivery count (Inbox mode), or our own count, whichever is highest. Store
+    /// failures and busy keys are waited out with the delivery held, so they count in neither.
+    fn attempt(&self, key: &Key, store: Option<u32>, msg: Option<&Message>) -> u32 {
         let mut map = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() > 100_000 {
             map.clear();
@@ -579,7 +666,7 @@ impl Runtime {
         *local += 1;
         (*local)
             .max(store.unwrap_or(0))
-            .max(msg.deliveries.unwrap_or(0))
+            .max(msg.and_then(|m| m.deliveries).unwrap_or(0))
     }
 
     fn forget(&self, key: &Key) {
@@ -594,25 +681,38 @@ impl Runtime {
         }
     }
 
-    /// A failed run: nacked with a growing delay, or dead-lettered when out of attempts.
-    async fn failed<D: Delivery>(&self, d: D, key: &Key, attempt: u32, error: String) {
+    /// What follows a failed run: `Ok(delay)` to retry in place after `delay` (a message with an
+    /// ordering key: the ones behind it wait), else how to settle it (nacked with a growing
+    /// delay, or dead-lettered when out of attempts).
+    fn after_failure(
+        &self,
+        msg: &Message,
+        key: &Key,
+        attempt: u32,
+        error: String,
+    ) -> std::result::Result<Duration, Settle> {
         if attempt >= self.cfg.max_attempts {
             self.forget(key);
             let reason = format!("the handler failed {attempt} times; last error: {error}");
-            return self.dead_letter(d, Why::Exhausted, reason).await;
+            return Err(Settle::DeadLetter(Why::Exhausted, reason));
         }
         bump(&self.counters.retried);
-        tracing::info!(%key, attempt, %error, "handler failed; retrying through the broker");
-        let delay = self
-            .cfg
-            .retry_delay
-            .saturating_mul(1 << attempt.saturating_sub(1).min(16))
-            .min(Duration::from_secs(30));
-        self.nack(d, delay).await;
+        tracing::info!(%key, attempt, %error, "handler failed; retrying");
+        let delay = backoff(self.cfg.retry_delay, attempt.saturating_sub(1));
+        if msg.ordering_key.is_some() {
+            Ok(delay)
+        } else {
+            Err(Settle::Nack(delay))
+        }
+    }
+
+    /// Tells the broker every third of the lease that `d` is still being worked on.
+    async fn broker_tick<D: Delivery>(&self, d: &D) -> Infallible {
+        self.broker_ticks(&[d]).await
     }
 
     /// Tells the broker every third of the lease that `ds` are still being worked on.
-    async fn broker_ticks<D: Delivery>(&self, ds: &[D]) -> Infallible {
+    async fn broker_ticks<D: Delivery>(&self, ds: &[&D]) -> Infallible {
         let period = (self.cfg.lease / 3).max(Duration::from_millis(1));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
@@ -628,14 +728,17 @@ impl Runtime {
 
 /// Handles one delivery from start to settlement.
 trait Process<D: Delivery>: Send + Sync + 'static {
-    fn process(&self, d: D) -> impl Future<Output = ()> + Send;
+    /// `false` when the message went back to the broker, to come again.
+    fn process(&self, d: D) -> impl Future<Output = bool> + Send;
 
-    /// Handles deliveries that were ready together on one lane, in order.
-    fn process_many(&self, ds: Vec<D>) -> impl Future<Output = ()> + Send {
+    /// Handles deliveries that were ready together on one lane, in order: one answer each.
+    fn process_many(&self, ds: Vec<D>) -> impl Future<Output = Vec<bool>> + Send {
         async move {
+            let mut settled = Vec::with_capacity(ds.len());
             for d in ds {
-                self.process(d).await;
+                settled.push(self.process(d).await);
             }
+            settled
         }
     }
 }
@@ -643,7 +746,7 @@ trait Process<D: Delivery>: Send + Sync + 'static {
 /// Receives, dispatches to `n` lanes (same ordering key, same lane), and on shutdown or the
 /// source's end lets the lanes finish what they hold.
 async fn drive<S, P>(
-    rt: &Runtime,
+    rt: &Arc<Runtime>,
     mut source: S,
     process: Arc<P>,
     n: usize,
@@ -664,7 +767,8 @@ where
     let mut tasks = JoinSet::new();
     for _ in 0..n {
         let (tx, own) = mpsc::channel::<S::Delivery>(batch);
-        tasks.spawn(lane(Arc::clone(&process), own, Arc::clone(&shared), batch));
+        let lane = lane(Arc::clone(rt), Arc::clone(&process), own, Arc::clone(&shared));
+        tasks.spawn(lane);
         lanes.push(tx);
     }
     drop(shared);
@@ -695,6 +799,8 @@ where
             break Err(Error::Config("a consumer lane stopped".into()));
         }
     };
+    // deliveries held for a busy key or a store outage go back to the broker now
+    rt.stopping.send_replace(true);
     drop(queue);
     drop(lanes);
     while let Some(joined) = tasks.join_next().await {
@@ -707,15 +813,21 @@ where
 }
 
 /// One lane: its own (keyed) deliveries first, else whatever the shared queue has ready, up to
-/// `batch` at a time; ends when both channels have closed and drained.
+/// a batch at a time; ends when both channels have closed and drained.
+///
+/// Once a message of an ordering key went back to the broker while the consumer stops, the
+/// lane gives back the later messages of that key too, unhandled: none overtakes it.
 async fn lane<D: Delivery, P: Process<D>>(
+    rt: Arc<Runtime>,
     process: Arc<P>,
     mut own: mpsc::Receiver<D>,
     shared: Arc<tokio::sync::Mutex<mpsc::Receiver<D>>>,
-    batch: usize,
 ) {
+    let batch = rt.cfg.tx_batch;
     let (mut own_open, mut shared_open) = (true, true);
     let (mut mine, mut taken) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
+    // ordering keys whose last message went back to the broker
+    let mut given_back: HashSet<String> = HashSet::new();
     while own_open || shared_open {
         tokio::select! {
             biased;
@@ -725,8 +837,31 @@ async fn lane<D: Delivery, P: Process<D>>(
             }
         }
         for ready in [&mut mine, &mut taken] {
-            if !ready.is_empty() {
-                process.process_many(std::mem::take(ready)).await;
+            if ready.is_empty() {
+                continue;
+            }
+            let mut ds = Vec::with_capacity(ready.len());
+            for d in ready.drain(..) {
+                match &d.message().ordering_key {
+                    Some(k) if rt.stopping() && given_back.contains(k) => {
+                        rt.nack(d, Duration::ZERO).await;
+                    }
+                    _ => ds.push(d),
+                }
+            }
+            let keys: Vec<Option<String>> =
+                ds.iter().map(|d| d.message().ordering_key.clone()).collect();
+            let settled = process.process_many(ds).await;
+            for (key, settled) in keys.into_iter().zip(settled) {
+                match key {
+                    Some(k) if !settled => {
+                        given_back.insert(k);
+                    }
+                    Some(k) if !given_back.is_empty() => {
+                        given_back.remove(&k);
+                    }
+                    _ => {}
+                }
             }
         }
     }
@@ -851,6 +986,13 @@ struct GateProcess<St, H> {
     handler: H,
 }
 
+/// Where a Gate-mode delivery's claim and run ended.
+enum Resolved {
+    Settle(Settle),
+    /// The handler ran to its end under `Lease`: complete the key, then ack.
+    Ran(Key, Lease),
+}
+
 impl<St, H, Fut, E, D> Process<D> for GateProcess<St, H>
 where
     St: Store,
@@ -859,81 +1001,140 @@ where
     E: fmt::Display + Send + 'static,
     D: Delivery,
 {
-    async fn process(&self, d: D) {
+    async fn process(&self, d: D) -> bool {
+        let rt = &self.rt;
+        // one ticker for the whole claim and run: the broker hears from a held delivery
+        let resolved = tokio::select! {
+            r = self.resolve(&d) => r,
+            never = rt.broker_tick(&d) => match never {},
+        };
+        let (key, lease) = match resolved {
+            Resolved::Settle(settle) => return rt.settle(d, settle).await,
+            Resolved::Ran(key, lease) => (key, lease),
+        };
+        // the completion and the ack run behind the lane; the lease is renewed while the run
+        // waits for a settle slot and for its completion batch
+        let (rt2, completions) = (Arc::clone(rt), self.completions.clone());
+        let (store, held, length) = (Arc::clone(&self.store), lease.clone(), rt.cfg.lease);
+        let settle = async move {
+            let completing = complete(rt2, completions, d, key, held.clone());
+            let _ = keep_alive(&*store, &held, length, completing).await;
+        };
+        let _ = keep_alive(&*self.store, &lease, length, rt.behind(settle)).await;
+        true
+    }
+}
+
+impl<St, H, Fut, E> GateProcess<St, H>
+where
+    St: Store,
+    H: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+    E: fmt::Display + Send + 'static,
+{
+    /// Claims the key and runs the handler, holding the delivery while the store is down, the
+    /// key is busy elsewhere, or a failed run of an ordered message waits for its retry.
+    async fn resolve<D: Delivery>(&self, d: &D) -> Resolved {
         let rt = &*self.rt;
-        let key = match rt.key(d.message()) {
+        let msg = d.message();
+        let key = match rt.key(msg) {
             Ok(key) => key,
             Err(reason) => {
-                return rt
-                    .dead_letter(d, Why::Poison, format!("poison message: {reason}"))
-                    .await;
+                let reason = format!("poison message: {reason}");
+                return Resolved::Settle(Settle::DeadLetter(Why::Poison, reason));
             }
         };
-        let fp = Fingerprint::of(&d.message().payload);
-        let lease = match self.claims.call((key.clone(), Some(fp))).await {
-            Ok(Claim::Acquired(lease)) => lease,
-            Ok(Claim::Completed(_)) => {
-                bump(&rt.counters.duplicates);
-                return self.rt.ack_behind(d).await;
-            }
-            Ok(Claim::InProgress { .. }) => {
-                bump(&rt.counters.in_progress);
-                return rt.nack(d, rt.cfg.busy_delay).await;
-            }
-            Ok(Claim::Mismatch { .. }) => {
-                let reason = format!(
-                    "fingerprint mismatch: key {key} was first handled with a different payload"
-                );
-                return rt.dead_letter(d, Why::Mismatch, reason).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, %key, "claim failed; the message will be redelivered");
-                return rt.nack(d, rt.cfg.retry_delay).await;
-            }
-        };
-        // a slot for the handler; the lease is kept while the claim waits for one
-        let (slot, lost) = tokio::select! {
-            r = keep_alive(&*self.store, &lease, rt.cfg.lease, self.running.acquire()) => r,
-            never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
-        };
-        if lost {
-            bump(&rt.counters.fenced);
-            return rt.nack(d, rt.cfg.busy_delay).await;
-        }
-        let attempt = rt.attempt(&key, Some(lease.attempt()), d.message());
-        // a panic or a timeout of the handler is caught here: a failed attempt, not a dead lane
-        let run = rt.run_handler(&key, (self.handler)(d.message().clone()));
-        let (ran, lost) = tokio::select! {
-            r = keep_alive(&*self.store, &lease, rt.cfg.lease, run) => r,
-            never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
-        };
-        drop(slot);
-        match rt.failure(ran) {
-            None if !lost => {
-                // the completion and the ack run behind the lane; the lease is renewed while
-                // the run waits for a settle slot and for its completion batch
-                let (rt2, completions) = (Arc::clone(&self.rt), self.completions.clone());
-                let (store, held, length) = (Arc::clone(&self.store), lease.clone(), rt.cfg.lease);
-                let settle = async move {
-                    let completing = complete(rt2, completions, d, key, held.clone());
-                    let _ = keep_alive(&*store, &held, length, completing).await;
-                };
-                let _ = keep_alive(&*self.store, &lease, length, rt.behind(settle)).await;
-            }
-            None => {
-                // another consumer took the key over while this one ran: it will settle it
+        let fp = Fingerprint::of(&msg.payload);
+        let mut waits = 0;
+        loop {
+            let lease = match self.claim(&key, fp, &mut waits).await {
+                Ok(lease) => lease,
+                Err(settle) => return Resolved::Settle(settle),
+            };
+            // a slot for the handler; the lease is kept while the claim waits for one
+            let (slot, lost) =
+                keep_alive(&*self.store, &lease, rt.cfg.lease, self.running.acquire()).await;
+            if lost {
+                // taken over while it waited: wait for the new holder instead
                 bump(&rt.counters.fenced);
-                rt.nack(d, rt.cfg.busy_delay).await;
+                continue;
             }
-            Some(error) => {
-                let _ = self.store.release(lease).await;
-                rt.failed(d, &key, attempt, error).await;
+            let attempt = rt.attempt(&key, Some(lease.attempt()), None);
+            // a panic or a timeout of the handler is caught here: a failed attempt, not a dead
+            // lane
+            let run = rt.run_handler(&key, (self.handler)(msg.clone()));
+            let (ran, lost) = keep_alive(&*self.store, &lease, rt.cfg.lease, run).await;
+            drop(slot);
+            match rt.failure(ran) {
+                None if !lost => return Resolved::Ran(key, lease),
+                None => {
+                    // another consumer took the key over while this one ran: wait for it to
+                    // complete, then ack this delivery as a duplicate
+                    bump(&rt.counters.fenced);
+                    tracing::warn!(%key, "lease lost while the handler ran");
+                }
+                Some(error) => {
+                    let _ = self.store.release(lease).await;
+                    match rt.after_failure(msg, &key, attempt, error) {
+                        Ok(delay) if rt.pause(delay).await => {}
+                        Ok(_) => return Resolved::Settle(Settle::Nack(Duration::ZERO)),
+                        Err(settle) => return Resolved::Settle(settle),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims `key`: a lease, or how the delivery ends. A busy key is waited for (up to its
+    /// holder's lease, so a dead holder's key is taken over when its lease runs out), and a
+    /// failing store is retried with a growing delay; neither is nacked into the broker's
+    /// delivery count.
+    async fn claim(
+        &self,
+        key: &Key,
+        fp: Fingerprint,
+        waits: &mut u32,
+    ) -> std::result::Result<Lease, Settle> {
+        let rt = &*self.rt;
+        let mut failures = 0;
+        loop {
+            let delay = match self.claims.call((key.clone(), Some(fp))).await {
+                Ok(Claim::Acquired(lease)) => return Ok(lease),
+                Ok(Claim::Completed(_)) => {
+                    bump(&rt.counters.duplicates);
+                    return Err(Settle::Ack);
+                }
+                Ok(Claim::InProgress { lease_until, .. }) => {
+                    bump(&rt.counters.in_progress);
+                    let left = lease_until
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    let wait = backoff(rt.cfg.busy_delay, *waits);
+                    *waits = waits.saturating_add(1);
+                    wait.min(left + Duration::from_millis(20))
+                }
+                Ok(Claim::Mismatch { .. }) => {
+                    let reason = format!(
+                        "fingerprint mismatch: key {key} was first handled with a different payload"
+                    );
+                    return Err(Settle::DeadLetter(Why::Mismatch, reason));
+                }
+                Err(e) => {
+                    if rt.unavailable("the claim", &e, &mut failures).await {
+                        continue;
+                    }
+                    return Err(Settle::Nack(Duration::ZERO));
+                }
+            };
+            if !rt.pause(delay).await {
+                return Err(Settle::Nack(Duration::ZERO));
             }
         }
     }
 }
 
-/// Records a run's completion, then acks; nacks if the store refused it.
+/// Records a run's completion, then acks. A failing store is retried with the delivery held
+/// (and the lease renewed by the caller); a lost lease nacks.
 async fn complete<D: Delivery>(
     rt: Arc<Runtime>,
     completions: Batcher<(Lease, Outcome), ()>,
@@ -942,22 +1143,41 @@ async fn complete<D: Delivery>(
     lease: Lease,
 ) {
     let done = Outcome::new(Outcome::OK, Bytes::new());
-    match completions.call((lease, done)).await {
-        Ok(()) => {
+    let recorded = tokio::select! {
+        r = async {
+            let mut failures = 0;
+            loop {
+                match completions.call((lease.clone(), done.clone())).await {
+                    Err(idemgate_core::Error::LeaseLost) => break Err(()),
+                    Err(e) => {
+                        // until it is recorded a redelivery would run the effect again: keep
+                        // trying while the lease is renewed
+                        if !rt.unavailable("recording the completion", &e, &mut failures).await {
+                            break Ok(false);
+                        }
+                    }
+                    Ok(()) => break Ok(true),
+                }
+            }
+        } => r,
+        never = rt.broker_tick(&d) => match never {},
+    };
+    match recorded {
+        Ok(true) => {
             rt.forget(&key);
             bump(&rt.counters.handled);
             rt.ack(d).await;
         }
-        Err(idemgate_core::Error::LeaseLost) => {
+        Ok(false) => {
+            // stopping with the completion unrecorded: a redelivery runs the effect again (the
+            // Gate window; pass `Key::derive` downstream to close it)
+            tracing::warn!(%key, "stopping before the completion was recorded");
+            rt.nack(d, Duration::ZERO).await;
+        }
+        Err(()) => {
             bump(&rt.counters.fenced);
             tracing::warn!(%key, "completion fenced: another consumer took the key over");
             rt.nack(d, rt.cfg.busy_delay).await;
-        }
-        Err(e) => {
-            // the effect happened but is not recorded: a redelivery runs it again (the Gate
-            // window; pass `Key::derive` downstream to close it)
-            tracing::warn!(error = %e, %key, "could not record completion");
-            rt.nack(d, rt.cfg.retry_delay).await;
         }
     }
 }
@@ -968,37 +1188,50 @@ struct InboxProcess<I: Inbox, H> {
     handler: Arc<H>,
 }
 
+/// Where one try of an Inbox-mode delivery ended.
+enum Tried {
+    Settle(Settle),
+    /// The store or the database failed at `what`: nothing committed, try again.
+    Unavailable(&'static str, idemgate_core::Error),
+    /// The handler failed (attempt number, error): rolled back.
+    Failed(u32, String),
+}
+
 impl<I, H, D> Process<D> for InboxProcess<I, H>
 where
     I: Inbox,
     H: InboxHandler<I::Tx>,
     D: Delivery,
 {
-    async fn process_many(&self, mut ds: Vec<D>) {
+    async fn process_many(&self, ds: Vec<D>) -> Vec<bool> {
         if ds.len() < 2 {
-            if let Some(d) = ds.pop() {
-                self.process(d).await;
+            let mut settled = Vec::with_capacity(1);
+            for d in ds {
+                settled.push(self.process(d).await);
             }
-            return;
+            return settled;
         }
         let rt = &*self.rt;
+        let mut settled = vec![true; ds.len()];
         let (mut batch, mut keys) = (Vec::with_capacity(ds.len()), Vec::with_capacity(ds.len()));
-        for d in ds {
+        for (i, d) in ds.into_iter().enumerate() {
             match rt.key(d.message()) {
                 Ok(key) => {
                     keys.push(key);
-                    batch.push(d);
+                    batch.push((i, d));
                 }
                 Err(reason) => {
-                    rt.dead_letter(d, Why::Poison, format!("poison message: {reason}"))
-                        .await
+                    let reason = format!("poison message: {reason}");
+                    settled[i] = self.dead_letter(d, Why::Poison, reason).await;
                 }
             }
         }
+        let ds: Vec<&D> = batch.iter().map(|(_, d)| d).collect();
         let committed = tokio::select! {
-            r = self.run_batch(&batch, &keys) => r,
-            never = rt.broker_ticks(&batch) => match never {},
+            r = self.run_batch(&ds, &keys) => r,
+            never = rt.broker_ticks(&ds) => match never {},
         };
+        drop(ds);
         match committed {
             Ok(firsts) => {
                 let new = keys.iter().zip(&firsts).filter(|(_, first)| **first);
@@ -1010,106 +1243,164 @@ where
                     .duplicates
                     .fetch_add(firsts.len() as u64 - handled, Ordering::Relaxed);
                 // one settlement for the batch: its acks go in order, from one task
-                self.rt.ack_all_behind(batch).await;
+                self.rt
+                    .ack_all_behind(batch.into_iter().map(|(_, d)| d).collect())
+                    .await;
             }
             Err(why) => {
                 tracing::debug!(%why, n = batch.len(), "batch rolled back; one transaction each");
-                for d in batch {
-                    self.process(d).await;
+                for (i, d) in batch {
+                    settled[i] = self.process(d).await;
                 }
             }
         }
+        settled
     }
 
-    async fn process(&self, d: D) {
-        let rt = &*self.rt;
+    async fn process(&self, d: D) -> bool {
+        let rt = &self.rt;
         let key = match rt.key(d.message()) {
             Ok(key) => key,
             Err(reason) => {
-                return rt
-                    .dead_letter(d, Why::Poison, format!("poison message: {reason}"))
-                    .await;
+                let reason = format!("poison message: {reason}");
+                return self.dead_letter(d, Why::Poison, reason).await;
             }
         };
-        let mut tx = match self.inbox.begin().await {
-            Ok(tx) => tx,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not open the inbox transaction");
-                return rt.nack(d, rt.cfg.retry_delay).await;
-            }
+        // one ticker for every try: the broker hears from a held delivery
+        let settle = tokio::select! {
+            s = self.resolve(d.message(), &key) => s,
+            never = rt.broker_tick(&d) => match never {},
         };
-        // a concurrent duplicate waits here for the first transaction, then sees `false`
-        let first = tokio::select! {
-            r = self.inbox.first_time(&mut tx, &key) => r,
-            never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
-        };
-        let first = match first {
-            Ok(first) => first,
-            Err(e) => {
-                tracing::warn!(error = %e, %key, "inbox insert failed");
-                return rt.nack(d, rt.cfg.retry_delay).await;
-            }
-        };
-        // a partitioned log's position moves in the same transaction, duplicate or not
-        if let Some(position) = &d.message().position {
-            match self.inbox.advance(&mut tx, position).await {
-                Ok(()) => {}
-                Err(e @ idemgate_core::Error::Fenced { .. }) => {
-                    bump(&rt.counters.fenced);
-                    tracing::warn!(error = %e, "position fenced: another consumer moved it");
-                    return rt.nack(d, rt.cfg.busy_delay).await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "position update failed");
-                    return rt.nack(d, rt.cfg.retry_delay).await;
-                }
-            }
-        }
-        if !first {
-            bump(&rt.counters.duplicates);
-            if d.message().position.is_some()
-                && let Err(e) = self.inbox.commit(tx).await
-            {
-                tracing::warn!(error = %e, %key, "commit of the position failed");
-                return rt.nack(d, rt.cfg.retry_delay).await;
-            }
-            return self.rt.ack_behind(d).await;
-        }
-        let attempt = rt.attempt(&key, None, d.message());
-        // a panic or a timeout of the handler is caught here: the transaction rolls back, the
-        // lane lives on
-        let run = rt.run_handler(&key, self.handler.handle(&mut tx, d.message()));
-        let ran = tokio::select! {
-            r = run => r,
-            never = rt.broker_ticks(std::slice::from_ref(&d)) => match never {},
-        };
-        match rt.failure(ran) {
-            None => match self.inbox.commit(tx).await {
-                Ok(()) => {
-                    rt.forget(&key);
-                    bump(&rt.counters.handled);
-                    self.rt.ack_behind(d).await;
-                }
-                Err(e) => {
-                    // nothing was committed: the redelivery runs the handler again
-                    tracing::warn!(error = %e, %key, "commit failed");
-                    rt.nack(d, rt.cfg.retry_delay).await;
-                }
-            },
-            Some(error) => {
-                drop(tx);
-                rt.failed(d, &key, attempt, error).await
-            }
+        match settle {
+            Settle::DeadLetter(why, reason) => self.dead_letter(d, why, reason).await,
+            settle => rt.settle(d, settle).await,
         }
     }
 }
 
 impl<I: Inbox, H: InboxHandler<I::Tx>> InboxProcess<I, H> {
+    /// Tries `msg` until it settles: a failing database is retried with a growing delay, and so
+    /// is a failed run of an ordered message, with the delivery held.
+    async fn resolve(&self, msg: &Message, key: &Key) -> Settle {
+        let rt = &*self.rt;
+        let mut failures = 0;
+        loop {
+            let go_on = match self.try_once(msg, key).await {
+                Tried::Settle(settle) => return settle,
+                Tried::Unavailable(what, e) => rt.unavailable(what, &e, &mut failures).await,
+                Tried::Failed(attempt, error) => {
+                    match rt.after_failure(msg, key, attempt, error) {
+                        Ok(delay) => rt.pause(delay).await,
+                        Err(settle) => return settle,
+                    }
+                }
+            };
+            if !go_on {
+                return Settle::Nack(Duration::ZERO);
+            }
+        }
+    }
+
+    /// One transaction: the key, the position, the handler (for a new key), the commit.
+    async fn try_once(&self, msg: &Message, key: &Key) -> Tried {
+        let rt = &*self.rt;
+        let mut tx = match self.inbox.begin().await {
+            Ok(tx) => tx,
+            Err(e) => return Tried::Unavailable("opening the inbox transaction", e),
+        };
+        // a concurrent duplicate waits here for the first transaction, then sees `false`
+        let first = match self.inbox.first_time(&mut tx, key).await {
+            Ok(first) => first,
+            Err(e) => return Tried::Unavailable("the inbox insert", e),
+        };
+        // a partitioned log's position moves in the same transaction, duplicate or not
+        if let Some(position) = &msg.position {
+            match self.inbox.advance(&mut tx, position).await {
+                Ok(()) => {}
+                Err(e @ idemgate_core::Error::Fenced { .. }) => {
+                    bump(&rt.counters.fenced);
+                    tracing::warn!(error = %e, "position fenced; resuming from the stored one");
+                    return Tried::Settle(Settle::Reposition);
+                }
+                Err(e) => return Tried::Unavailable("the position update", e),
+            }
+        }
+        if !first {
+            if msg.position.is_some()
+                && let Err(e) = self.inbox.commit(tx).await
+            {
+                return Tried::Unavailable("the commit of the position", e);
+            }
+            bump(&rt.counters.duplicates);
+            return Tried::Settle(Settle::Ack);
+        }
+        let attempt = rt.attempt(key, None, Some(msg));
+        // a panic or a timeout of the handler is caught here: the transaction rolls back, the
+        // lane lives on
+        let ran = rt
+            .run_handler(key, self.handler.handle(&mut tx, msg))
+            .await;
+        if let Some(error) = rt.failure(ran) {
+            drop(tx);
+            return Tried::Failed(attempt, error);
+        }
+        match self.inbox.commit(tx).await {
+            Ok(()) => {
+                rt.forget(key);
+                bump(&rt.counters.handled);
+                Tried::Settle(Settle::Ack)
+            }
+            // nothing committed (the next try runs the handler again), or it did and the
+            // error came after (the next try sees a duplicate)
+            Err(e) => Tried::Unavailable("the commit", e),
+        }
+    }
+
+    /// Dead-letters `d`. A message with a position moves the stored position past it in a
+    /// transaction that commits once the dead letter is stored, so the partition goes on and a
+    /// restart does not dead-letter it again.
+    async fn dead_letter<D: Delivery>(&self, d: D, why: Why, reason: String) -> bool {
+        let rt = &self.rt;
+        let Some(position) = d.message().position.clone() else {
+            return rt.dead_letter(d, why, reason).await;
+        };
+        let mut failures = 0;
+        let tx = loop {
+            let moved = async {
+                let mut tx = self.inbox.begin().await?;
+                self.inbox.advance(&mut tx, &position).await?;
+                Ok::<_, idemgate_core::Error>(tx)
+            };
+            match moved.await {
+                Ok(tx) => break tx,
+                Err(e @ idemgate_core::Error::Fenced { .. }) => {
+                    bump(&rt.counters.fenced);
+                    tracing::warn!(error = %e, "position fenced; resuming from the stored one");
+                    return rt.settle(d, Settle::Reposition).await;
+                }
+                Err(e) => {
+                    if !rt.unavailable("the position update", &e, &mut failures).await {
+                        return rt.settle(d, Settle::Nack(Duration::ZERO)).await;
+                    }
+                }
+            }
+        };
+        if !rt.dead_letter(d, why, reason).await {
+            return false;
+        }
+        if let Err(e) = self.inbox.commit(tx).await {
+            // the partition resumes from the stored position (its next message is fenced) and
+            // dead-letters this one again: a second copy, with the same event id
+            tracing::warn!(error = %e, "the dead letter is stored, its position is not");
+        }
+        true
+    }
+
     /// One transaction for `batch`: its keys, its positions, the handler for each new message in
     /// order, one commit. `Ok` holds which messages were new; `Err` says why nothing committed.
     async fn run_batch<D: Delivery>(
         &self,
-        batch: &[D],
+        batch: &[&D],
         keys: &[Key],
     ) -> std::result::Result<Vec<bool>, String> {
         let mut tx = self.inbox.begin().await.map_err(|e| e.to_string())?;

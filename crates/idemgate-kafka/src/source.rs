@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use idemgate_consumer::{
-    DEAD_LETTER_REASON, Delivery, EVENT_ID, Error, Horizon, Inbox, Message, Position, Result,
+    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Horizon, Inbox, Message, Position, Result,
     Source,
 };
 use rdkafka::config::RDKafkaLogLevel;
@@ -128,6 +128,9 @@ struct State {
     ready: VecDeque<PartKey>,
     generation: u64,
     failed: Option<String>,
+    /// Partitions whose stored position moved under them (generation, the fenced offset): the
+    /// poll thread reloads and seeks.
+    stale: Vec<(PartKey, u64, i64)>,
 }
 
 struct Inner {
@@ -218,6 +221,53 @@ impl Inner {
         }
     }
 
+    /// Resumes a partition whose stored position moved (a fenced compare-and-set) from the
+    /// stored position: what was fetched is dropped and fetched again from there. Runs on the
+    /// poll thread, so no fetched message is pushed meanwhile.
+    fn reposition(&self, c: &BaseConsumer<Ctx>, key: &PartKey, generation: u64, offset: i64) {
+        let stored = match self.load(&key.0) {
+            Ok(p) => p.get(&key.1).copied(),
+            Err(e) => {
+                self.lock().failed = Some(format!("reloading stored positions: {e}"));
+                self.ready.notify_one();
+                return;
+            }
+        };
+        let paused = {
+            let mut state = self.lock();
+            let Some(part) = state.parts.get_mut(key) else {
+                return;
+            };
+            if part.generation != generation {
+                return;
+            }
+            part.queue.clear();
+            part.expected = stored;
+            std::mem::take(&mut part.paused)
+        };
+        // nothing stored: start again at the fenced message itself
+        let next = stored.unwrap_or(offset);
+        let (topic, partition) = (&*key.0, key.1);
+        tracing::warn!(group = %self.group, topic, partition, next, "resuming from the stored position");
+        if paused {
+            let _ = c.resume(&one(key));
+        }
+        if let Err(e) = c.seek(topic, partition, Offset::Offset(next), Duration::from_secs(10)) {
+            tracing::error!(error = %e, topic, partition, "seeking to the stored position");
+            self.lock().failed = Some(format!("seeking {topic}/{partition} to {next}: {e}"));
+            self.ready.notify_one();
+            return;
+        }
+        let mut state = self.lock();
+        if let Some(part) = state.parts.get_mut(key)
+            && part.generation == generation
+        {
+            part.busy = false;
+        }
+        drop(state);
+        self.settled.notify_all();
+    }
+
     fn revoke(&self, c: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
         let keys: Vec<PartKey> = tpl
             .elements()
@@ -227,10 +277,10 @@ impl Inner {
         let deadline = Instant::now() + self.revoke_timeout;
         let mut state = self.lock();
         // the next owner must load final positions: let in-flight messages settle first
-        while keys
-            .iter()
-            .any(|k| state.parts.get(k).is_some_and(|p| p.busy))
-        {
+        // (a partition waiting to be repositioned has nothing in flight)
+        while keys.iter().any(|k| {
+            state.parts.get(k).is_some_and(|p| p.busy) && !state.stale.iter().any(|s| &s.0 == k)
+        }) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 tracing::warn!(group = %self.group, "revoking partitions with a message in flight");
@@ -416,6 +466,10 @@ impl Drop for KafkaSource {
 fn poll_loop(shared: &Shared, stop: &AtomicBool) {
     let inner = &shared.inner;
     while !stop.load(Ordering::SeqCst) {
+        let stale = std::mem::take(&mut inner.lock().stale);
+        for (key, generation, offset) in stale {
+            inner.reposition(&shared.consumer, &key, generation, offset);
+        }
         match shared.consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
@@ -616,16 +670,36 @@ impl Delivery for KafkaDelivery {
             .map(|(k, v)| (k.as_str(), v.as_ref()))
             .chain([(DEAD_LETTER_REASON, reason.as_bytes())]);
         let event_id = m.event_id.as_deref();
-        produce(
+        let produced = produce(
             &self.shared.producer,
             &topic,
             None,
             &m.payload,
             headers(event_id, extra),
         )
-        .await?;
-        let mut this = self;
-        this.settle(None);
+        .await;
+        match produced {
+            Ok(()) => {
+                let mut this = self;
+                this.settle(None);
+                Ok(())
+            }
+            Err(e) => {
+                // kept, and back at the head of its partition after a pause (not a hot loop)
+                self.nack(DEAD_LETTER_RETRY).await?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn reposition(mut self) -> Result<()> {
+        // the partition stays busy until the poll thread has sought to the stored position
+        self.settled = true;
+        let inner = &self.shared.inner;
+        let mut state = inner.lock();
+        state
+            .stale
+            .push((self.key.clone(), self.generation, self.offset));
         Ok(())
     }
 }
