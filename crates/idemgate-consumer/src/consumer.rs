@@ -536,12 +536,7 @@ impl Runtime {
     }
 
     /// A store or inbox failure, waited out with the delivery held: `false` once stopping.
-    async fn unavailable(
-        &self,
-        what: &str,
-        error: &idemgate_core::Error,
-        tries: &mut u32,
-    ) -> bool {
+    async fn unavailable(&self, what: &str, error: &idemgate_core::Error, tries: &mut u32) -> bool {
         bump(&self.counters.store_retries);
         let delay = backoff(self.cfg.retry_delay, *tries);
         *tries = tries.saturating_add(1);
@@ -767,7 +762,12 @@ where
     let mut tasks = JoinSet::new();
     for _ in 0..n {
         let (tx, own) = mpsc::channel::<S::Delivery>(batch);
-        let lane = lane(Arc::clone(rt), Arc::clone(&process), own, Arc::clone(&shared));
+        let lane = lane(
+            Arc::clone(rt),
+            Arc::clone(&process),
+            own,
+            Arc::clone(&shared),
+        );
         tasks.spawn(lane);
         lanes.push(tx);
     }
@@ -849,8 +849,10 @@ async fn lane<D: Delivery, P: Process<D>>(
                     _ => ds.push(d),
                 }
             }
-            let keys: Vec<Option<String>> =
-                ds.iter().map(|d| d.message().ordering_key.clone()).collect();
+            let keys: Vec<Option<String>> = ds
+                .iter()
+                .map(|d| d.message().ordering_key.clone())
+                .collect();
             let settled = process.process_many(ds).await;
             for (key, settled) in keys.into_iter().zip(settled) {
                 match key {
@@ -1288,12 +1290,10 @@ impl<I: Inbox, H: InboxHandler<I::Tx>> InboxProcess<I, H> {
             let go_on = match self.try_once(msg, key).await {
                 Tried::Settle(settle) => return settle,
                 Tried::Unavailable(what, e) => rt.unavailable(what, &e, &mut failures).await,
-                Tried::Failed(attempt, error) => {
-                    match rt.after_failure(msg, key, attempt, error) {
-                        Ok(delay) => rt.pause(delay).await,
-                        Err(settle) => return settle,
-                    }
-                }
+                Tried::Failed(attempt, error) => match rt.after_failure(msg, key, attempt, error) {
+                    Ok(delay) => rt.pause(delay).await,
+                    Err(settle) => return settle,
+                },
             };
             if !go_on {
                 return Settle::Nack(Duration::ZERO);
@@ -1337,9 +1337,7 @@ impl<I: Inbox, H: InboxHandler<I::Tx>> InboxProcess<I, H> {
         let attempt = rt.attempt(key, None, Some(msg));
         // a panic or a timeout of the handler is caught here: the transaction rolls back, the
         // lane lives on
-        let ran = rt
-            .run_handler(key, self.handler.handle(&mut tx, msg))
-            .await;
+        let ran = rt.run_handler(key, self.handler.handle(&mut tx, msg)).await;
         if let Some(error) = rt.failure(ran) {
             drop(tx);
             return Tried::Failed(attempt, error);
@@ -1379,7 +1377,10 @@ impl<I: Inbox, H: InboxHandler<I::Tx>> InboxProcess<I, H> {
                     return rt.settle(d, Settle::Reposition).await;
                 }
                 Err(e) => {
-                    if !rt.unavailable("the position update", &e, &mut failures).await {
+                    if !rt
+                        .unavailable("the position update", &e, &mut failures)
+                        .await
+                    {
                         return rt.settle(d, Settle::Nack(Duration::ZERO)).await;
                     }
                 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use idemgate_consumer::{
-    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Horizon, Inbox, Message, Position, Result,
-    Source,
+    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Horizon, Inbox, Message,
+    Position, Result, Source,
 };
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -252,7 +252,12 @@ impl Inner {
         if paused {
             let _ = c.resume(&one(key));
         }
-        if let Err(e) = c.seek(topic, partition, Offset::Offset(next), Duration::from_secs(10)) {
+        if let Err(e) = c.seek(
+            topic,
+            partition,
+            Offset::Offset(next),
+            Duration::from_secs(10),
+        ) {
             tracing::error!(error = %e, topic, partition, "seeking to the stored position");
             self.lock().failed = Some(format!("seeking {topic}/{partition} to {next}: {e}"));
             self.ready.notify_one();

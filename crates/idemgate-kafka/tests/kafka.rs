@@ -305,3 +305,218 @@ async fn a_member_leaving_commits_what_it_acked_not_what_it_fetched() {
     .await;
     assert_eq!(&next.message().payload[..], b"1");
 }
+
+/// A PostgreSQL inbox table, offsets table and effects table of a test's own.
+async fn pg_inbox(effects: &str) -> (sqlx::PgPool, PgInboxPool) {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(6)
+        .connect(&service::url(
+            "IDEMGATE_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        ))
+        .await
+        .expect("PostgreSQL");
+    let inbox = PgInboxPool::new(
+        PgInbox::new().with_table(unique("kinbox")).unwrap(),
+        pool.clone(),
+    )
+    .with_offsets(PgOffsets::new().with_table(unique("koffsets")).unwrap());
+    inbox.migrate().await.unwrap();
+    sqlx::query(&format!("CREATE TABLE {effects} (event TEXT NOT NULL)"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    (pool, inbox)
+}
+
+/// How many times each event's effect was applied.
+async fn effect_counts(pool: &sqlx::PgPool, effects: &str) -> Vec<(String, i64)> {
+    sqlx::query_as(&format!(
+        "SELECT event, count(*) FROM {effects} GROUP BY event ORDER BY event"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Sends `payload` with no event id (a poison message), from a raw producer.
+async fn send_poison(topic: &str, payload: &str) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let raw: FutureProducer = rdkafka::ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            service::url("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+        )
+        .create()
+        .unwrap();
+    raw.send(
+        FutureRecord::<(), _>::to(topic).payload(payload),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+}
+
+/// Inbox mode: a poison message is dead-lettered once, the stored position moves past it with
+/// the dead letter, and the partition goes on. (Before, the dead letter left the stored
+/// position behind while the source moved on: every later message was fenced, for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_mode_dead_letters_poison_once_and_the_partition_goes_on() {
+    let Some((kafka, topic)) = topic("inboxpoison", 1).await else {
+        return;
+    };
+    let effects = unique("keffects");
+    let (pool, inbox) = pg_inbox(&effects).await;
+    let sink = kafka.sink().unwrap();
+    for i in 0..2 {
+        sink.publish(&Outgoing::new(&topic, format!("{i}")))
+            .await
+            .unwrap();
+    }
+    send_poison(&topic, "no id").await;
+    for i in 2..5 {
+        sink.publish(&Outgoing::new(&topic, format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let group = unique("g");
+    let source = kafka
+        .source(
+            &group,
+            &[&topic],
+            SourceOptions::new().positions_from(inbox.clone()),
+        )
+        .unwrap();
+    let consumer = Consumer::inbox("billing", inbox.clone());
+    let handle = consumer.stats_handle();
+    let stats = consumer
+        .run(
+            source,
+            counting_handler(effects.clone()),
+            until(handle, Duration::from_secs(30), |s| {
+                s.handled >= 5 && s.dead_lettered >= 1
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!((stats.handled, stats.dead_lettered), (5, 1), "{stats:?}");
+    let counts = effect_counts(&pool, &effects).await;
+    assert_eq!(counts.len(), 5, "{counts:?}");
+    assert!(counts.iter().all(|(_, n)| *n == 1), "{counts:?}");
+    // the stored position is past the dead letter: a restart does not dead-letter it again
+    let positions = inbox.load_positions(&group, &topic).await.unwrap();
+    assert_eq!(positions.get(&0), Some(&6), "{positions:?}");
+    let mut dead = kafka
+        .source(
+            &unique("g"),
+            &[&format!("{topic}.dead")],
+            SourceOptions::new(),
+        )
+        .unwrap();
+    let d = broker::next(&mut dead, Duration::from_secs(30), "the dead letter").await;
+    assert_eq!(&d.message().payload[..], b"no id");
+}
+
+/// An inbox whose `commit` commits and then reports a failure, once, on its `lose`th call: a
+/// commit whose answer was lost.
+#[derive(Clone)]
+struct LosesACommitAnswer {
+    inner: PgInboxPool,
+    commits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    lose: usize,
+}
+
+impl Inbox for LosesACommitAnswer {
+    type Tx = Transaction<'static, Postgres>;
+    async fn begin(&self) -> idemgate_core::Result<Self::Tx> {
+        self.inner.begin().await
+    }
+    async fn first_time(
+        &self,
+        tx: &mut Self::Tx,
+        key: &idemgate_core::Key,
+    ) -> idemgate_core::Result<bool> {
+        self.inner.first_time(tx, key).await
+    }
+    async fn commit(&self, tx: Self::Tx) -> idemgate_core::Result<()> {
+        self.inner.commit(tx).await?;
+        let n = self
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        if n == self.lose {
+            return Err(idemgate_core::Error::Unavailable {
+                backend: "postgres",
+                source: "the connection dropped before the commit's answer".into(),
+            });
+        }
+        Ok(())
+    }
+    fn retention(&self) -> Duration {
+        self.inner.retention()
+    }
+    async fn advance(
+        &self,
+        tx: &mut Self::Tx,
+        position: &idemgate_consumer::Position,
+    ) -> idemgate_core::Result<()> {
+        self.inner.advance(tx, position).await
+    }
+    async fn load_positions(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> idemgate_core::Result<std::collections::BTreeMap<i32, i64>> {
+        self.inner.load_positions(group, topic).await
+    }
+}
+
+/// Inbox mode: a commit that reached the database but answered with an error. The retry finds
+/// the stored position ahead of the source's view (fenced), reloads it and goes on from there;
+/// every effect is applied once. (Before, the stale view was retried every second, for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_mode_resumes_from_the_stored_position_after_a_lost_commit_answer() {
+    let Some((kafka, topic)) = topic("inboxlost", 1).await else {
+        return;
+    };
+    let effects = unique("keffects");
+    let (pool, inner) = pg_inbox(&effects).await;
+    let inbox = LosesACommitAnswer {
+        inner,
+        commits: std::sync::Arc::default(),
+        lose: 3,
+    };
+    let sink = kafka.sink().unwrap();
+    for i in 0..10 {
+        sink.publish(&Outgoing::new(&topic, format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let group = unique("g");
+    let source = kafka
+        .source(
+            &group,
+            &[&topic],
+            SourceOptions::new().positions_from(inbox.clone()),
+        )
+        .unwrap();
+    let consumer =
+        Consumer::inbox("billing", inbox.clone()).with_retry_delay(Duration::from_millis(50));
+    let handle = consumer.stats_handle();
+    let stats = consumer
+        .run(
+            source,
+            counting_handler(effects.clone()),
+            until(handle, Duration::from_secs(30), |s| s.handled >= 9),
+        )
+        .await
+        .unwrap();
+    // the 3rd message's commit answer was lost: it is not counted as handled, but applied
+    assert_eq!(stats.handled, 9, "{stats:?}");
+    assert!(stats.fenced >= 1, "{stats:?}");
+    let counts = effect_counts(&pool, &effects).await;
+    assert_eq!(counts.len(), 10, "{counts:?}");
+    assert!(counts.iter().all(|(_, n)| *n == 1), "{counts:?}");
+    let positions = inbox.load_positions(&group, &topic).await.unwrap();
+    assert_eq!(positions.get(&0), Some(&10), "{positions:?}");
+}
