@@ -53,6 +53,13 @@ pub trait Source: Send + 'static {
     fn horizon(&self) -> Option<Horizon> {
         None
     }
+
+    /// How long the broker waits for a delivery's settlement before it redelivers (the NATS
+    /// consumer's `AckWait`, the SQS visibility timeout): the consumer tells the broker a held
+    /// delivery is in progress three times within it. `None`: no such timer.
+    fn ack_wait(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A producer: publishes a message with its event id stamped where the broker can see it.

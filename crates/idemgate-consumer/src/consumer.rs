@@ -137,6 +137,10 @@ enum Settle {
 /// The longest wait between two tries of a held delivery, or before a redelivery.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The longest wait between two tries of a store that failed: short, so that a consumer
+/// picks up soon after the store is back.
+const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
+
 /// `base` doubled `n` times, at most [`MAX_BACKOFF`].
 fn backoff(base: Duration, n: u32) -> Duration {
     base.saturating_mul(1 << n.min(16)).min(MAX_BACKOFF)
@@ -217,6 +221,8 @@ struct Config {
     batch: usize,
     // deliveries per inbox transaction
     tx_batch: usize,
+    // how often a held delivery's broker timer is extended
+    tick: Duration,
     key: Option<KeyFn>,
     horizon: Option<Horizon>,
     strict: bool,
@@ -282,6 +288,7 @@ fn config(name: String) -> Config {
         retention: Duration::from_secs(7 * 86_400),
         batch: 64,
         tx_batch: 1,
+        tick: Duration::from_secs(10),
         key: None,
         horizon: None,
         strict: false,
@@ -330,15 +337,17 @@ impl<St: Store> Consumer<GateMode<St>> {
         Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
         E: fmt::Display + Send + 'static,
     {
-        check(&self.cfg, self.cfg.retention, source.horizon())?;
+        let mut cfg = self.cfg;
+        let retention = cfg.retention;
+        check(&mut cfg, retention, &source)?;
         let store = self.mode.0;
         let opts = ClaimOptions {
-            lease: self.cfg.lease,
-            retention: self.cfg.retention,
+            lease: cfg.lease,
+            retention: cfg.retention,
         };
-        let claims = claimer(Arc::clone(&store), self.cfg.batch, opts);
-        let completions = completer(Arc::clone(&store), self.cfg.batch, self.cfg.retention);
-        let rt = Runtime::new(self.cfg);
+        let claims = claimer(Arc::clone(&store), cfg.batch, opts);
+        let completions = completer(Arc::clone(&store), cfg.batch, cfg.retention);
+        let rt = Runtime::new(cfg);
         let concurrency = rt.cfg.concurrency;
         let process = Arc::new(GateProcess {
             rt: Arc::clone(&rt),
@@ -390,9 +399,9 @@ impl<I: Inbox> Consumer<InboxMode<I>> {
         S: Source,
         H: InboxHandler<I::Tx>,
     {
-        let inbox = self.mode.0;
-        check(&self.cfg, inbox.retention(), source.horizon())?;
-        let rt = Runtime::new(self.cfg);
+        let (inbox, mut cfg) = (self.mode.0, self.cfg);
+        check(&mut cfg, inbox.retention(), &source)?;
+        let rt = Runtime::new(cfg);
         let process = Arc::new(InboxProcess {
             rt: Arc::clone(&rt),
             inbox,
@@ -475,7 +484,12 @@ impl<M> Consumer<M> {
 
 /// The window check at start-up: the horizon given, else the one the source read from its
 /// broker.
-fn check(cfg: &Config, retention: Duration, from_source: Option<Horizon>) -> Result<()> {
+fn check(cfg: &mut Config, retention: Duration, source: &impl Source) -> Result<()> {
+    let timer = source
+        .ack_wait()
+        .map_or(cfg.lease, |wait| wait.min(cfg.lease));
+    cfg.tick = (timer / 3).max(Duration::from_millis(1));
+    let from_source = source.horizon();
     let Some(horizon) = cfg.horizon.clone().or(from_source) else {
         return Ok(());
     };
@@ -538,7 +552,7 @@ impl Runtime {
     /// A store or inbox failure, waited out with the delivery held: `false` once stopping.
     async fn unavailable(&self, what: &str, error: &idemgate_core::Error, tries: &mut u32) -> bool {
         bump(&self.counters.store_retries);
-        let delay = backoff(self.cfg.retry_delay, *tries);
+        let delay = backoff(self.cfg.retry_delay, *tries).min(MAX_STORE_BACKOFF);
         *tries = tries.saturating_add(1);
         tracing::warn!(consumer = %self.cfg.name, %error, ?delay, "{what} failed; trying again");
         self.pause(delay).await
@@ -706,9 +720,10 @@ impl Runtime {
         self.broker_ticks(&[d]).await
     }
 
-    /// Tells the broker every third of the lease that `ds` are still being worked on.
+    /// Tells the broker that `ds` are still being worked on, three times per lease (or per
+    /// broker ack wait, if shorter).
     async fn broker_ticks<D: Delivery>(&self, ds: &[&D]) -> Infallible {
-        let period = (self.cfg.lease / 3).max(Duration::from_millis(1));
+        let period = self.cfg.tick;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             ticker.tick().await;

@@ -157,6 +157,7 @@ impl Nats {
             js: self.js.clone(),
             dead: opts.dead_letter_subject.clone(),
             horizon,
+            ack_wait: config.ack_wait,
         })
     }
 
@@ -260,6 +261,7 @@ pub struct NatsSource {
     js: jetstream::Context,
     dead: Option<String>,
     horizon: Horizon,
+    ack_wait: Duration,
 }
 
 impl std::fmt::Debug for NatsSource {
@@ -277,6 +279,11 @@ impl Source for NatsSource {
     /// How long after a first delivery the server may still deliver the message again.
     fn horizon(&self) -> Option<Horizon> {
         Some(self.horizon.clone())
+    }
+
+    /// The consumer's `AckWait`, from the server's config.
+    fn ack_wait(&self) -> Option<Duration> {
+        Some(self.ack_wait)
     }
 
     async fn recv(&mut self) -> Result<Option<NatsDelivery>> {

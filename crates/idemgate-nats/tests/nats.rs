@@ -194,3 +194,42 @@ async fn a_dead_letter_with_nowhere_to_go_keeps_the_original() {
     broker::refused_dead_letter_keeps_the_original(source, b"poison").await;
     nats.delete_stream(&name).await.unwrap();
 }
+
+/// A consumer with a delivery budget of 5 and a 3 s ack wait.
+fn budget_of_five(prefix: &str) -> ConsumerOptions {
+    let mut o = opts(prefix).ack_wait(Duration::from_secs(3));
+    o.max_deliver = 5;
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_past_max_deliver_loses_nothing() {
+    let Some(nats) = connect().await else { return };
+    let (name, prefix) = stream(&nats, "outage").await;
+    let events = format!("{prefix}.events");
+    let source = nats
+        .source(&name, "c", &events, budget_of_five(&prefix))
+        .await
+        .unwrap();
+    broker::store_outage_loses_nothing(&nats.sink(), &events, source, Duration::from_secs(5)).await;
+    nats.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_key_waits_without_using_max_deliver() {
+    let Some(nats) = connect().await else { return };
+    let (name, prefix) = stream(&nats, "busy").await;
+    let events = format!("{prefix}.events");
+    let source = nats
+        .source(&name, "c", &events, budget_of_five(&prefix))
+        .await
+        .unwrap();
+    broker::busy_key_waits_without_using_the_delivery_budget(
+        &nats.sink(),
+        &events,
+        source,
+        PAST_WINDOW,
+    )
+    .await;
+    nats.delete_stream(&name).await.unwrap();
+}

@@ -435,6 +435,11 @@ impl Source for SqsSource {
         Some(self.horizon.clone())
     }
 
+    /// The queue's visibility timeout.
+    fn ack_wait(&self) -> Option<Duration> {
+        Some(self.visibility)
+    }
+
     async fn recv(&mut self) -> Result<Option<SqsDelivery>> {
         loop {
             if let Some(d) = self.buffer.pop_front() {

@@ -122,3 +122,32 @@ async fn poison_goes_to_the_dead_letter_queue_with_its_reason() {
     let reason = String::from_utf8_lossy(d.message().header(DEAD_LETTER_REASON).unwrap());
     assert!(reason.contains("poison"), "{reason}");
 }
+
+/// A redrive policy of 5 receives (the default `create_queue` sets) and a 3 s visibility.
+fn budget_of_five() -> QueueOptions {
+    QueueOptions::default().visibility_timeout(Duration::from_secs(3))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_past_the_redrive_limit_loses_nothing() {
+    let Some((sqs, url)) = queue(&unique("outage"), budget_of_five()).await else {
+        return;
+    };
+    let source = sqs.source(&url).await.unwrap();
+    broker::store_outage_loses_nothing(&sqs.sink(), &url, source, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_key_waits_without_reaching_the_redrive_limit() {
+    let Some((sqs, url)) = queue(&unique("busy"), budget_of_five()).await else {
+        return;
+    };
+    let source = sqs.source(&url).await.unwrap();
+    broker::busy_key_waits_without_using_the_delivery_budget(
+        &sqs.sink(),
+        &url,
+        source,
+        Duration::from_millis(300),
+    )
+    .await;
+}

@@ -124,12 +124,18 @@ impl<D: Delivery> Delivery for HangingAck<D> {
     async fn in_progress(&self) -> Result<()> {
         self.inner.in_progress().await
     }
+    async fn reposition(self) -> Result<()> {
+        self.inner.reposition().await
+    }
 }
 
 impl<S: Source> Source for DiesBeforeAck<S> {
     type Delivery = HangingAck<S::Delivery>;
     fn horizon(&self) -> Option<idemgate_consumer::Horizon> {
         self.inner.horizon()
+    }
+    fn ack_wait(&self) -> Option<Duration> {
+        self.inner.ack_wait()
     }
     async fn recv(&mut self) -> Result<Option<Self::Delivery>> {
         Ok(self.inner.recv().await?.map(|inner| HangingAck {
@@ -277,4 +283,100 @@ pub async fn poison_is_dead_lettered<S: Source>(source: S) {
         .expect("consumer");
     assert_eq!(stats.dead_lettered, 1, "{stats:?}");
     assert_eq!(effects.load(Ordering::SeqCst), 0);
+}
+
+/// The store fails every claim for `outage`, several times the broker's delivery budget (its
+/// `MaxDeliver` or `maxReceiveCount` × the consumer's retry delay of 100 ms): the deliveries are
+/// held and the broker told they are in progress, none is redelivered or dead-lettered, and
+/// every event is handled once the store is back. Give `source` a delivery budget of about 5
+/// and an ack wait (visibility timeout) of a few seconds.
+pub async fn store_outage_loses_nothing<K: Sink, S: Source>(
+    sink: &K,
+    destination: &str,
+    source: S,
+    outage: Duration,
+) {
+    use crate::fault::{Fault, FaultStore, Op};
+    let store = Arc::new(FaultStore::new(MemoryStore::new()));
+    store.add(Op::Claim, Fault::FailBefore, 0, None);
+    for i in 0..3 {
+        sink.publish(&Outgoing::new(destination, format!("event {i}")))
+            .await
+            .expect("publish");
+    }
+    let effects = Arc::new(AtomicUsize::new(0));
+    let consumer = Consumer::gate("adapter-suite", Arc::clone(&store))
+        .with_concurrency(4)
+        .with_retry_delay(Duration::from_millis(100));
+    let handle = consumer.stats_handle();
+    let restore = {
+        let store = Arc::clone(&store);
+        async move {
+            tokio::time::sleep(outage).await;
+            store.clear();
+        }
+    };
+    let run = consumer.run(
+        source,
+        counting(&effects),
+        until(handle, outage + Duration::from_secs(30), |s| s.handled >= 3),
+    );
+    let (stats, ()) = tokio::join!(run, restore);
+    let stats = stats.expect("consumer");
+    assert!(store.injected() >= 3, "the outage struck: {stats:?}");
+    assert!(stats.store_retries >= 3, "{stats:?}");
+    assert_eq!(stats.handled, 3, "{stats:?}");
+    assert_eq!(effects.load(Ordering::SeqCst), 3, "{stats:?}");
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    // held, not nacked: the broker never handed a message out again
+    assert_eq!(stats.received, 3, "{stats:?}");
+}
+
+/// A duplicate arrives (`gap` after the first) while its key's handler runs for 3 s: it is held
+/// until the first completes and then acked, never nacked into the broker's delivery budget
+/// (give `source` a budget of about 5) and never dead-lettered.
+pub async fn busy_key_waits_without_using_the_delivery_budget<K: Sink, S: Source>(
+    sink: &K,
+    destination: &str,
+    source: S,
+    gap: Duration,
+) {
+    let effects = Arc::new(AtomicUsize::new(0));
+    let e = Arc::clone(&effects);
+    let handler = move |_m: Message| {
+        let e = Arc::clone(&e);
+        async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            e.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), String>(())
+        }
+    };
+    let busy = Outgoing::new(destination, "busy");
+    sink.publish(&busy).await.expect("publish");
+    let consumer = Consumer::gate("adapter-suite", MemoryStore::new())
+        .with_concurrency(2)
+        .with_lease(Duration::from_secs(1))
+        .with_busy_delay(Duration::from_millis(100));
+    let handle = consumer.stats_handle();
+    let republish = async {
+        tokio::time::sleep(gap).await;
+        sink.publish(&busy).await.expect("publish the duplicate");
+    };
+    let run = consumer.run(
+        source,
+        handler,
+        until(handle, Duration::from_secs(30), |s| {
+            s.handled + s.duplicates >= 2
+        }),
+    );
+    let (stats, ()) = tokio::join!(run, republish);
+    let stats = stats.expect("consumer");
+    assert_eq!(effects.load(Ordering::SeqCst), 1, "{stats:?}");
+    assert_eq!((stats.handled, stats.duplicates), (1, 1), "{stats:?}");
+    assert!(
+        stats.in_progress >= 1,
+        "the duplicate found its key busy: {stats:?}"
+    );
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    assert_eq!(stats.received, 2, "held, not redelivered: {stats:?}");
 }

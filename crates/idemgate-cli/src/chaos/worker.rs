@@ -177,6 +177,10 @@ impl<S: Source> Source for Watched<S> {
     fn horizon(&self) -> Option<Horizon> {
         self.inner.horizon()
     }
+
+    fn ack_wait(&self) -> Option<Duration> {
+        self.inner.ack_wait()
+    }
 }
 
 struct WatchedDelivery<D> {
@@ -205,6 +209,10 @@ impl<D: Delivery> Delivery for WatchedDelivery<D> {
 
     async fn in_progress(&self) -> idemgate::consumer::Result<()> {
         self.inner.in_progress().await
+    }
+
+    async fn reposition(self) -> idemgate::consumer::Result<()> {
+        self.inner.reposition().await
     }
 }
 
