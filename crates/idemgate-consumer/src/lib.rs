@@ -40,7 +40,9 @@ pub use inbox::MySqlInboxPool;
 #[cfg(feature = "postgres")]
 pub use inbox::PgInboxPool;
 pub use inbox::{HandlerFuture, Inbox, InboxHandler};
-pub use message::{DEAD_LETTER_REASON, DEAD_LETTER_RETRY, EVENT_ID, Message, Outgoing, Position};
+pub use message::{
+    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, EVENT_ID, Message, ORDERING_KEY, Outgoing, Position,
+};
 pub use window::{Horizon, WindowCheck, check_window};
 
 /// A boxed error, as adapters and handlers return them.

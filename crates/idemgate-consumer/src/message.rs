@@ -6,6 +6,10 @@ use idemgate_core::{EventId, Key};
 /// The header that carries a message's event id when the broker has no native one.
 pub const EVENT_ID: &str = "idemgate-event-id";
 
+/// The header that carries a message's ordering key on brokers with no native one (RabbitMQ,
+/// NATS, MQTT): the consumer handles the messages of one key one at a time, in order.
+pub const ORDERING_KEY: &str = "idemgate-ordering-key";
+
 /// The header a dead-lettered message carries with the reason it was dead-lettered.
 pub const DEAD_LETTER_REASON: &str = "idemgate-dead-letter-reason";
 

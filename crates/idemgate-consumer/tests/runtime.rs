@@ -460,3 +460,10 @@ async fn a_slow_completion_keeps_its_lease() {
         .unwrap();
     assert_eq!((stats.handled, stats.fenced), (1, 0), "{stats:?}");
 }
+
+#[tokio::test]
+async fn an_ordering_key_keeps_its_order_across_a_retry() {
+    let broker = MemoryBroker::new();
+    idemgate_testkit::broker::order_per_key_survives_a_retry(&broker, "orders", broker.source())
+        .await;
+}

@@ -40,8 +40,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use idemgate_consumer::{
-    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Horizon, Message, Outgoing,
-    Result, Sink, Source,
+    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Horizon, Message,
+    ORDERING_KEY, Outgoing, Result, Sink, Source,
 };
 use rumqttc::Outgoing as Sent;
 use rumqttc::v5::mqttbytes::QoS;
@@ -589,7 +589,12 @@ impl fmt::Debug for MqttSink {
 
 impl Sink for MqttSink {
     async fn publish(&self, msg: &Outgoing) -> Result<()> {
-        let props = properties(Some(&msg.event_id), &msg.headers);
+        let mut props = properties(Some(&msg.event_id), &msg.headers);
+        if let Some(k) = &msg.ordering_key {
+            props
+                .user_properties
+                .push((ORDERING_KEY.to_owned(), k.clone()));
+        }
         // a topic nobody subscribes to yet is the application's business (MQTT has no queues)
         self.link
             .publish(&msg.destination, msg.payload.clone(), props)
@@ -641,6 +646,8 @@ fn message(p: &Publish) -> Message {
         for (k, v) in &props.user_properties {
             if k == EVENT_ID {
                 msg.event_id = Some(v.clone());
+            } else if k == ORDERING_KEY {
+                msg.ordering_key = Some(v.clone());
             }
             msg.headers.push((k.clone(), Bytes::from(v.clone())));
         }

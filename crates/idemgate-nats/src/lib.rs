@@ -22,8 +22,8 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use idemgate_consumer::{
-    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Horizon, Message, Outgoing,
-    Result, Sink, Source,
+    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Horizon, Message,
+    ORDERING_KEY, Outgoing, Result, Sink, Source,
 };
 
 const BROKER: &str = "nats";
@@ -245,6 +245,9 @@ impl Sink for NatsSink {
     async fn publish(&self, out: &Outgoing) -> Result<()> {
         let mut headers = to_headers(&out.headers);
         headers.insert(EVENT_ID, out.event_id.as_str());
+        if let Some(k) = &out.ordering_key {
+            headers.insert(ORDERING_KEY, k.as_str());
+        }
         let mut p = Publish::build()
             .payload(out.payload.clone())
             .headers(headers);
@@ -314,6 +317,7 @@ impl Source for NatsSource {
                 .map(str::to_owned)
         };
         msg.event_id = header("Nats-Msg-Id").or_else(|| header(EVENT_ID));
+        msg.ordering_key = header(ORDERING_KEY);
         if let Ok(info) = m.info() {
             msg.deliveries = u32::try_from(info.delivered).ok();
             msg.redelivered = info.delivered > 1;

@@ -19,8 +19,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use idemgate_consumer::{
-    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Message, Outgoing, Result,
-    Sink, Source,
+    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Message, ORDERING_KEY,
+    Outgoing, Result, Sink, Source,
 };
 use lapin::acker::Acker;
 use lapin::options::{
@@ -211,6 +211,9 @@ impl Sink for RabbitSink {
     async fn publish(&self, out: &Outgoing) -> Result<()> {
         let mut headers = FieldTable::default();
         headers.insert(EVENT_ID.into(), long_string(out.event_id.as_bytes()));
+        if let Some(k) = &out.ordering_key {
+            headers.insert(ORDERING_KEY.into(), long_string(k.as_bytes()));
+        }
         for (name, value) in &out.headers {
             headers.insert(name.as_str().into(), long_string(value));
         }
@@ -269,6 +272,10 @@ impl Source for RabbitSource {
             .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
             .map(|n| n + 1);
         msg.redelivered = d.redelivered;
+        msg.ordering_key = headers
+            .iter()
+            .find(|(k, _)| k == ORDERING_KEY)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok().map(str::to_owned));
         msg.headers = headers;
         Ok(Some(RabbitDelivery {
             msg,

@@ -167,3 +167,14 @@ async fn a_delivery_dropped_unsettled_is_requeued_at_once() {
     idemgate_consumer::Delivery::ack(again).await.unwrap();
     rabbit.delete(&q).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordering_key_keeps_its_order_across_a_retry() {
+    let Some(rabbit) = connect().await else {
+        return;
+    };
+    let q = queue(&rabbit, "order").await;
+    let sink = rabbit.sink().await.unwrap();
+    let source = rabbit.source(&q, 16).await.unwrap();
+    broker::order_per_key_survives_a_retry(&sink, &q, source).await;
+}

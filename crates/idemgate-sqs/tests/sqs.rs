@@ -151,3 +151,13 @@ async fn a_busy_key_waits_without_reaching_the_redrive_limit() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_group_keeps_its_order_across_a_retry() {
+    let name = format!("{}.fifo", unique("order"));
+    let Some((sqs, url)) = queue(&name, QueueOptions::default()).await else {
+        return;
+    };
+    let source = sqs.source(&url).await.unwrap();
+    broker::order_per_key_survives_a_retry(&sqs.sink(), &url, source).await;
+}

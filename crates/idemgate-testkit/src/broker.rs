@@ -380,3 +380,58 @@ pub async fn busy_key_waits_without_using_the_delivery_budget<K: Sink, S: Source
     assert_eq!(stats.dead_lettered, 0, "{stats:?}");
     assert_eq!(stats.received, 2, "held, not redelivered: {stats:?}");
 }
+
+/// Ten messages of one ordering key, and ten of another; the first run of the third message of
+/// each key fails. Each key's effects are applied exactly once each, in publish order: the
+/// messages behind a failing one wait for its retry.
+pub async fn order_per_key_survives_a_retry<K: Sink, S: Source>(
+    sink: &K,
+    destination: &str,
+    source: S,
+) {
+    for i in 0..10 {
+        for key in ["a", "b"] {
+            let out = Outgoing::new(destination, format!("{key}{i}")).ordering_key(key);
+            sink.publish(&out).await.expect("publish");
+        }
+    }
+    let applied = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let failed = Arc::new(std::sync::Mutex::new(
+        std::collections::HashSet::<String>::new(),
+    ));
+    let handler = {
+        let (applied, failed) = (Arc::clone(&applied), Arc::clone(&failed));
+        move |m: Message| {
+            let payload = String::from_utf8_lossy(&m.payload).into_owned();
+            let fail = payload.ends_with('2') && failed.lock().unwrap().insert(payload.clone());
+            if !fail {
+                applied.lock().unwrap().push(payload);
+            }
+            std::future::ready(if fail { Err("first run fails") } else { Ok(()) })
+        }
+    };
+    let consumer = Consumer::gate("adapter-suite", MemoryStore::new())
+        .with_concurrency(4)
+        .with_retry_delay(Duration::from_millis(100));
+    let handle = consumer.stats_handle();
+    let stats = consumer
+        .run(
+            source,
+            handler,
+            until(handle, Duration::from_secs(30), |s| s.handled >= 20),
+        )
+        .await
+        .expect("consumer");
+    assert_eq!(stats.handled, 20, "{stats:?}");
+    assert_eq!(stats.retried, 2, "{stats:?}");
+    let applied = applied.lock().unwrap().clone();
+    for key in ["a", "b"] {
+        let order: Vec<&String> = applied.iter().filter(|p| p.starts_with(key)).collect();
+        let expected: Vec<String> = (0..10).map(|i| format!("{key}{i}")).collect();
+        assert_eq!(
+            order,
+            expected.iter().collect::<Vec<_>>(),
+            "key {key} out of order"
+        );
+    }
+}
