@@ -158,9 +158,8 @@ pub(crate) async fn create_destination(
             name.to_owned()
         }
         ChaosBroker::Sqs => {
-            let mut options = idemgate::sqs::QueueOptions::default().visibility_timeout(visibility);
-            // kills must not dead-letter a message: no redrive
-            options.max_receive_count = None;
+            // the default redrive policy: a message received 5 times goes to the dead-letter queue
+            let options = idemgate::sqs::QueueOptions::default().visibility_timeout(visibility);
             idemgate::sqs::Sqs::local(url)
                 .create_queue(name, options)
                 .await?
@@ -313,8 +312,8 @@ pub(crate) async fn with_source<R>(
         }
         ChaosBroker::Nats => {
             let nats = idemgate::nats::Nats::connect(url).await?;
-            let mut opts = idemgate::nats::ConsumerOptions::default().ack_wait(visibility);
-            opts.max_deliver = -1;
+            // the default MaxDeliver (20): no endless redelivery
+            let opts = idemgate::nats::ConsumerOptions::default().ack_wait(visibility);
             let subject = format!("{destination}.events");
             serve
                 .serve(nats.source(destination, "chaos", &subject, opts).await?)

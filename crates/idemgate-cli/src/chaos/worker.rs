@@ -517,8 +517,6 @@ impl AsyncServe for Serve<'_> {
                     .with_concurrency(args.concurrency)
                     .with_lease(lease)
                     .with_busy_delay(lease / 2)
-                    .with_retry_delay(Duration::from_millis(200))
-                    .with_max_attempts(1000)
                     .with_retention(Duration::from_secs(86_400));
                 report_consumer(consumer.stats_handle());
                 let derived = !args.no_derived_keys;
@@ -567,9 +565,7 @@ impl AsyncServe for Serve<'_> {
                         let consumer = Consumer::inbox(CONSUMER, inbox)
                             .with_concurrency(args.concurrency)
                             .with_batch(args.inbox_batch)
-                            .with_lease(lease)
-                            .with_retry_delay(Duration::from_millis(200))
-                            .with_max_attempts(1000);
+                            .with_lease(lease);
                         report_consumer(consumer.stats_handle());
                         consumer.run(source, handler, forever).await?;
                     }};
