@@ -194,18 +194,21 @@ impl Schedule {
                 amount: i32::try_from(e.amount).unwrap_or(i32::MAX),
             })
             .collect();
-        // every planned kill and zombie happens in the first part of a worker's life, so they
-        // all happen before the events run out
-        let lives = u64::from(args.kills + args.zombies) + u64::from(args.workers);
-        let span = (args.events / lives).max(1);
+        // the plans are spread over the run: each slot goes through its share of the kills and
+        // zombies one worker life after another, and a life lasts between half and all of an
+        // equal part of the slot's deliveries (redeliveries included), so the last lives die
+        // in the redelivery tail and none outlives the events
+        let workers = u64::from(args.workers.max(1));
+        let per_slot = u64::from(args.kills + args.zombies).div_ceil(workers) + 1;
+        let span = (args.events / workers / per_slot).max(2);
         let kills = (0..args.kills)
             .map(|_| {
                 let p = Point::ALL[rng.random_range(0..Point::ALL.len())];
-                (p.name(), rng.random_range(1..=span))
+                (p.name(), rng.random_range(span / 2..=span))
             })
             .collect();
         let zombies = (0..args.zombies)
-            .map(|_| rng.random_range(1..=span))
+            .map(|_| rng.random_range(span / 2..=span))
             .collect();
         let mut faults = Vec::new();
         for (n, fault) in [
@@ -259,6 +262,8 @@ pub(crate) struct Figures {
     extra_effects: u64,
     balance_ok: bool,
     seconds: f64,
+    /// When each kill happened, in seconds from the start: they are spread over the run.
+    kill_times: Vec<f64>,
     #[serde(skip)]
     timeline: Vec<Sample>,
     #[serde(skip)]
@@ -696,6 +701,8 @@ impl Phase<'_> {
                 self.fig.kills += 1;
                 *self.fig.kills_by_point.entry(point.name()).or_default() += 1;
                 self.log_fault(format!("SIGKILL at {}", point.name()));
+                let t = (self.t() * 10.0).round() / 10.0;
+                self.fig.kill_times.push(t);
                 self.slots[slot].plan = None;
                 self.retire(slot, self.args.broker.rejoin_delay());
             }
