@@ -241,26 +241,37 @@ pub struct InboxMode<I>(Arc<I>);
 /// handle, complete (or commit), and only then ack.
 ///
 /// - A duplicate of a completed key is acked without running the handler.
-/// - A duplicate of a key being handled elsewhere is nacked with a delay (default 1 s).
+/// - A duplicate of a key being handled elsewhere is held until that run completes (then acked)
+///   or its lease runs out (then taken over): it is tried again after the busy delay (default
+///   1 s), doubling, at most until the holder's lease ends.
+/// - A failing store (a claim, an inbox transaction, a completion) is waited out the same way,
+///   after a jittered delay from the retry delay, doubling up to 5 s. Held deliveries are
+///   reported in progress to the broker, so neither a busy key nor a store outage uses the
+///   broker's delivery budget (NATS `MaxDeliver`, an SQS redrive policy) or the handler's
+///   attempts ([`Stats::in_progress`], [`Stats::store_retries`]).
 /// - The same key with a different payload (Gate mode), or a message without a key, is
 ///   dead-lettered with the reason.
-/// - A failing (or panicking) handler is nacked with a growing delay and dead-lettered after
-///   `max_attempts` (default 5), counted by the store (Gate mode) or by the broker's delivery
-///   count where it has one.
+/// - A failing (or panicking) handler is retried with a growing delay and dead-lettered after
+///   `max_attempts` (default 5) runs, counted by the store (Gate mode) or by the broker's
+///   delivery count where it has one (Inbox mode). A message with an ordering key is retried in
+///   place, so the later messages of its key wait behind it; others go back to the broker.
 /// - Up to `concurrency` handlers run at once; messages with the same ordering key run one at a
 ///   time, in order. Claims of messages that are ready together are batched (`claim_many`), and
 ///   so are their completions (`complete_many`). Completions and acks run behind the handlers,
 ///   and in Gate mode the next claims run ahead of them, so neither holds a handler's slot.
 /// - Inbox mode can share one transaction among the deliveries that are ready together
 ///   (`with_batch` on an Inbox-mode consumer).
-/// - While a handler runs, the lease is renewed and the broker is told the message is in
-///   progress ([`Delivery::in_progress`]) every third of the lease.
+/// - While a handler runs, the lease is renewed every third of the lease, and the broker is told
+///   the message is in progress ([`Delivery::in_progress`]) every third of the lease or of the
+///   broker's ack wait ([`Source::ack_wait`]), whichever is shorter.
 /// - A handler gets `handler_timeout` (default 5 min) to finish. At the timeout it is dropped
 ///   mid-way: in Gate mode its key is released, in Inbox mode its transaction rolls back, and
 ///   the run counts as a failed attempt (retried, then dead-lettered with the reason). A run
 ///   that outlasts its lease (renewed all along) is counted in [`Stats::slow`] and logged.
 /// - [`run`](Consumer::run)'s `shutdown` future stops receiving; what was received is finished,
-///   settled, and then `run` returns the [`Stats`].
+///   settled, and then `run` returns the [`Stats`]. Held deliveries (a busy key, a store outage,
+///   a retry in place) are given back to the broker at once, and so are the later messages of
+///   their ordering key.
 pub struct Consumer<M> {
     cfg: Config,
     mode: M,
@@ -418,9 +429,9 @@ impl<M> Consumer<M> {
         StatsHandle(Arc::clone(&self.cfg.counters))
     }
 
-    /// The lease of a running handler (default 30 s): renewed (Gate mode), and the broker told
-    /// the message is in progress (both modes), every third of it while the handler runs. Keep it
-    /// under the broker's ack wait.
+    /// The lease of a running handler (default 30 s), renewed every third of it (Gate mode). The
+    /// broker hears that a held message is in progress three times per lease, or per its ack
+    /// wait if that is shorter.
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.cfg.lease = lease;
         self
@@ -452,7 +463,8 @@ impl<M> Consumer<M> {
         self
     }
 
-    /// The delay before a duplicate of a running key is redelivered (default 1 s).
+    /// The first wait before a held duplicate of a running key is tried again (default 1 s),
+    /// doubled per try, at most until the holder's lease runs out.
     pub fn with_busy_delay(mut self, delay: Duration) -> Self {
         self.cfg.busy_delay = delay;
         self

@@ -4,7 +4,7 @@
 //! stamps an event id. The [`Consumer`] runtime receives, extracts the key, claims it in a
 //! [`Store`](idemgate_core::Store) (Gate mode) or opens an [`Inbox`] transaction (Inbox mode),
 //! runs the handler, completes (or commits), and only then acks. A duplicate of a completed key
-//! is acked without running the handler; an in-progress duplicate is nacked with a delay; a
+//! is acked without running the handler; an in-progress duplicate is held until it completes; a
 //! fingerprint mismatch or a poison message is dead-lettered with its reason; a failing handler
 //! is retried through the broker and dead-lettered after a configurable number of attempts.
 //!
