@@ -1020,6 +1020,8 @@ enum Resolved {
     Settle(Settle),
     /// The handler ran to its end under `Lease`: complete the key, then ack.
     Ran(Key, Lease),
+    /// Out of attempts under `Lease`: dead-letter, then record the key as failed.
+    Exhausted(Lease, String),
 }
 
 impl<St, H, Fut, E, D> Process<D> for GateProcess<St, H>
@@ -1040,6 +1042,21 @@ where
         let (key, lease) = match resolved {
             Resolved::Settle(settle) => return rt.settle(d, settle).await,
             Resolved::Ran(key, lease) => (key, lease),
+            Resolved::Exhausted(lease, reason) => {
+                // the key is recorded as a stored failure once the dead letter is stored, so a
+                // copy of the event (a producer's re-publish) is acked, not dead-lettered again
+                let failed = Outcome::new(Outcome::FAILED, Bytes::from(reason.clone()));
+                let stored = rt.dead_letter(d, Why::Exhausted, reason).await;
+                let recorded = if stored {
+                    self.store.complete(&lease, &failed, rt.cfg.retention).await
+                } else {
+                    self.store.release(lease).await
+                };
+                if let Err(e) = recorded {
+                    tracing::warn!(error = %e, "recording a dead-lettered key failed");
+                }
+                return stored;
+            }
         };
         // the completion and the ack run behind the lane; the lease is renewed while the run
         // waits for a settle slot and for its completion batch
@@ -1103,8 +1120,12 @@ where
                     tracing::warn!(%key, "lease lost while the handler ran");
                 }
                 Some(error) => {
+                    let next = rt.after_failure(msg, &key, attempt, error);
+                    if let Err(Settle::DeadLetter(Why::Exhausted, reason)) = next {
+                        return Resolved::Exhausted(lease, reason);
+                    }
                     let _ = self.store.release(lease).await;
-                    match rt.after_failure(msg, &key, attempt, error) {
+                    match next {
                         Ok(delay) if rt.pause(delay).await => {}
                         Ok(_) => return Resolved::Settle(Settle::Nack(Duration::ZERO)),
                         Err(settle) => return Resolved::Settle(settle),
@@ -1251,7 +1272,7 @@ where
                 }
                 Err(reason) => {
                     let reason = format!("poison message: {reason}");
-                    settled[i] = self.dead_letter(d, Why::Poison, reason).await;
+                    settled[i] = self.dead_letter(d, None, Why::Poison, reason).await;
                 }
             }
         }
@@ -1292,7 +1313,7 @@ where
             Ok(key) => key,
             Err(reason) => {
                 let reason = format!("poison message: {reason}");
-                return self.dead_letter(d, Why::Poison, reason).await;
+                return self.dead_letter(d, None, Why::Poison, reason).await;
             }
         };
         // one ticker for every try: the broker hears from a held delivery
@@ -1301,7 +1322,10 @@ where
             never = rt.broker_tick(&d) => match never {},
         };
         match settle {
-            Settle::DeadLetter(why, reason) => self.dead_letter(d, why, reason).await,
+            Settle::DeadLetter(why @ Why::Exhausted, reason) => {
+                self.dead_letter(d, Some(&key), why, reason).await
+            }
+            Settle::DeadLetter(why, reason) => self.dead_letter(d, None, why, reason).await,
             settle => rt.settle(d, settle).await,
         }
     }
@@ -1381,23 +1405,46 @@ impl<I: Inbox, H: InboxHandler<I::Tx>> InboxProcess<I, H> {
         }
     }
 
-    /// Dead-letters `d`. A message with a position moves the stored position past it in a
-    /// transaction that commits once the dead letter is stored, so the partition goes on and a
-    /// restart does not dead-letter it again.
-    async fn dead_letter<D: Delivery>(&self, d: D, why: Why, reason: String) -> bool {
+    /// Dead-letters `d`, in a transaction that commits once the dead letter is stored: it
+    /// records `key` (a copy of the event is then acked as a duplicate, not dead-lettered again)
+    /// and moves a message's stored position past it (the partition goes on, and a restart does
+    /// not dead-letter it again).
+    async fn dead_letter<D: Delivery>(
+        &self,
+        d: D,
+        key: Option<&Key>,
+        why: Why,
+        reason: String,
+    ) -> bool {
         let rt = &self.rt;
-        let Some(position) = d.message().position.clone() else {
+        let position = d.message().position.clone();
+        if key.is_none() && position.is_none() {
             return rt.dead_letter(d, why, reason).await;
-        };
+        }
         let mut failures = 0;
         let tx = loop {
             let moved = async {
                 let mut tx = self.inbox.begin().await?;
-                self.inbox.advance(&mut tx, &position).await?;
-                Ok::<_, idemgate_core::Error>(tx)
+                let fresh = match key {
+                    Some(key) => self.inbox.first_time(&mut tx, key).await?,
+                    None => true,
+                };
+                if let Some(position) = &position {
+                    self.inbox.advance(&mut tx, position).await?;
+                }
+                Ok::<_, idemgate_core::Error>((tx, fresh))
             };
             match moved.await {
-                Ok(tx) => break tx,
+                Ok((tx, true)) => break tx,
+                Ok((tx, false)) => {
+                    // another copy of the event was dead-lettered (or handled) first
+                    if let Err(e) = self.inbox.commit(tx).await {
+                        tracing::warn!(error = %e, "the commit of the position failed");
+                        return rt.settle(d, Settle::Nack(rt.cfg.retry_delay)).await;
+                    }
+                    bump(&rt.counters.duplicates);
+                    return rt.settle(d, Settle::Ack).await;
+                }
                 Err(e @ idemgate_core::Error::Fenced { .. }) => {
                     bump(&rt.counters.fenced);
                     tracing::warn!(error = %e, "position fenced; resuming from the stored one");
@@ -1419,7 +1466,7 @@ impl<I: Inbox, H: InboxHandler<I::Tx>> InboxProcess<I, H> {
         if let Err(e) = self.inbox.commit(tx).await {
             // the partition resumes from the stored position (its next message is fenced) and
             // dead-letters this one again: a second copy, with the same event id
-            tracing::warn!(error = %e, "the dead letter is stored, its position is not");
+            tracing::warn!(error = %e, "the dead letter is stored, its key and position are not");
         }
         true
     }

@@ -238,3 +238,43 @@ async fn mariadb_case(batch: usize) {
             .unwrap();
     }
 }
+
+/// Inbox mode records a dead-lettered key in the transaction that commits once the dead letter
+/// is stored: the copies of the event (all three published at once) end in the dead-letter
+/// destination once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_event_is_dead_lettered_once_in_inbox_mode() {
+    let Some(pool) = service::connect(
+        "PostgreSQL",
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&service::url(
+                "IDEMGATE_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/test",
+            )),
+    )
+    .await
+    else {
+        return;
+    };
+    let inbox = PgInbox::new().with_table(unique("dlinbox")).unwrap();
+    inbox.migrate(&pool).await.unwrap();
+    let broker = MemoryBroker::new();
+    for _ in 0..3 {
+        broker.send(Message::new("ledger", "poison").with_event_id("evt-broken"));
+    }
+    broker.close();
+    let handler = <dyn InboxHandler<Transaction<'static, Postgres>>>::from_fn(
+        |_tx: &mut Transaction<'static, Postgres>, _msg: &Message| -> HandlerFuture<'_> {
+            Box::pin(async { Err("always broken".into()) })
+        },
+    );
+    let stats = Consumer::inbox("ledger", PgInboxPool::new(inbox, pool.clone()))
+        .with_max_attempts(2)
+        .with_retry_delay(Duration::from_millis(5))
+        .run(broker.source(), handler, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(broker.dead_letters().len(), 1, "{stats:?}");
+    assert_eq!((stats.dead_lettered, stats.duplicates), (1, 2), "{stats:?}");
+}

@@ -467,3 +467,43 @@ async fn an_ordering_key_keeps_its_order_across_a_retry() {
     idemgate_testkit::broker::order_per_key_survives_a_retry(&broker, "orders", broker.source())
         .await;
 }
+
+/// A dead-lettered key is remembered as a stored failure: a producer's re-publish of the same
+/// event is acked as a duplicate, and the dead-letter destination holds the event once.
+#[tokio::test]
+async fn a_copy_of_a_dead_lettered_event_is_not_dead_lettered_again() {
+    let broker = MemoryBroker::new();
+    broker.send(event("broken", "{}"));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = Arc::clone(&runs);
+    let handler = move |_m: Message| {
+        r.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Err::<(), _>("always broken"))
+    };
+    let consumer = Consumer::gate("orders", MemoryStore::new())
+        .with_max_attempts(2)
+        .with_retry_delay(Duration::from_millis(5));
+    let handle = consumer.stats_handle();
+    let copy = {
+        let broker = broker.clone();
+        let handle = handle.clone();
+        async move {
+            idemgate_testkit::broker::until(handle.clone(), Duration::from_secs(10), |s| {
+                s.dead_lettered >= 1
+            })
+            .await;
+            broker.send(event("broken", "{}"));
+            idemgate_testkit::broker::until(handle, Duration::from_secs(10), |s| s.duplicates >= 1)
+                .await;
+            broker.close();
+        }
+    };
+    let (stats, ()) = tokio::join!(
+        consumer.run(broker.source(), handler, std::future::pending()),
+        copy
+    );
+    let stats = stats.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "{stats:?}");
+    assert_eq!((stats.dead_lettered, stats.duplicates), (1, 1), "{stats:?}");
+    assert_eq!(broker.dead_letters().len(), 1);
+}

@@ -131,9 +131,19 @@ pub(crate) async fn create_destination(
         ChaosBroker::Embedded => {
             // created here, once, before the workers open it at the same moment
             SqliteQueue::open(queue_path(dir), &name.replace('-', "_"))?;
+            SqliteQueue::open(queue_path(dir), &embedded_dead(name))?;
             name.to_owned()
         }
-        ChaosBroker::Mqtt => name.to_owned(),
+        ChaosBroker::Mqtt => {
+            // a persistent session subscribed to the dead-letter topics before any worker
+            // starts: the broker keeps every dead letter for it (and does not drop them as
+            // published to nobody)
+            let (host, port) = mqtt_addr(url)?;
+            let (reader, source) = mqtt_dead_reader(&host, port, name).await?;
+            drop(source);
+            reader.disconnect().await?;
+            name.to_owned()
+        }
         ChaosBroker::Rabbitmq => {
             let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
             rabbit.declare(name).await?;
@@ -146,7 +156,7 @@ pub(crate) async fn create_destination(
             // a short duplicate window: the harness's re-publishes must reach the consumers
             nats.stream(
                 &stream,
-                vec![format!("{stream}.events")],
+                vec![format!("{stream}.events"), format!("{stream}.dead")],
                 Duration::from_millis(100),
             )
             .await?;
@@ -155,6 +165,7 @@ pub(crate) async fn create_destination(
         ChaosBroker::Kafka => {
             let partitions = i32::try_from(workers.max(4) * 2).unwrap_or(8);
             kafka(url).create_topic(name, partitions).await?;
+            kafka(url).create_topic(&format!("{name}.dead"), 1).await?;
             name.to_owned()
         }
         ChaosBroker::Sqs => {
@@ -189,14 +200,140 @@ pub(crate) async fn delete_destination(
                 .delete_stream(destination)
                 .await?;
         }
-        ChaosBroker::Kafka => kafka(url).delete_topic(destination).await?,
+        ChaosBroker::Kafka => {
+            kafka(url).delete_topic(destination).await?;
+            kafka(url)
+                .delete_topic(&format!("{destination}.dead"))
+                .await?;
+        }
         ChaosBroker::Sqs => {
-            idemgate::sqs::Sqs::local(url)
-                .delete_queue(destination)
-                .await?
+            let sqs = idemgate::sqs::Sqs::local(url);
+            sqs.delete_queue(destination).await?;
+            sqs.delete_queue(&format!("{destination}-dead")).await?;
         }
     }
     Ok(())
+}
+
+/// The embedded queue's dead-letter queue.
+fn embedded_dead(name: &str) -> String {
+    format!("{}_dead", name.replace('-', "_"))
+}
+
+/// The MQTT session that collects a phase's dead letters (`idemgate-dead/<topic>`).
+async fn mqtt_dead_reader(
+    host: &str,
+    port: u16,
+    name: &str,
+) -> Result<(idemgate::mqtt::Mqtt, idemgate::mqtt::MqttSource), BoxError> {
+    let session = idemgate::mqtt::Session::persistent(Duration::from_secs(3600));
+    let mqtt = idemgate::mqtt::Mqtt::connect(host, port, &format!("{name}-dead"), session).await?;
+    let source = mqtt.source(&format!("idemgate-dead/{name}/+")).await?;
+    Ok((mqtt, source))
+}
+
+/// A dead letter as found in the destination: the event and the reason it carries.
+pub(crate) struct DeadLetter {
+    pub(crate) id: String,
+    pub(crate) reason: Option<String>,
+}
+
+/// Reads every dead letter of a phase from its broker's dead-letter destination (the
+/// `.dead` queue, subject or topic, the redrive target, the dead-letter topics), until nothing
+/// came for `quiet`.
+pub(crate) async fn dead_letters(
+    broker: ChaosBroker,
+    url: &str,
+    destination: &str,
+    dir: &Path,
+) -> Result<Vec<DeadLetter>, BoxError> {
+    let quiet = Duration::from_secs(3);
+    Ok(match broker {
+        ChaosBroker::Embedded => {
+            let queue = SqliteQueue::open(queue_path(dir), &embedded_dead(destination))?;
+            let mut found = Vec::new();
+            loop {
+                let batch = queue.receive(100, Duration::from_secs(60))?;
+                if batch.is_empty() {
+                    break found;
+                }
+                for m in batch {
+                    let dead: EmbeddedDeadLetter = serde_json::from_slice(&m.body)?;
+                    found.push(DeadLetter {
+                        id: dead.id,
+                        reason: Some(dead.reason),
+                    });
+                    queue.delete(&m.receipt)?;
+                }
+            }
+        }
+        ChaosBroker::Rabbitmq => {
+            let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
+            let dead = idemgate::rabbitmq::dead_queue(destination);
+            let found = drain(rabbit.source(&dead, 64).await?, quiet).await?;
+            rabbit.close().await?;
+            found
+        }
+        ChaosBroker::Nats => {
+            let nats = idemgate::nats::Nats::connect(url).await?;
+            let opts = idemgate::nats::ConsumerOptions::default();
+            let subject = format!("{destination}.dead");
+            drain(
+                nats.source(destination, "dead", &subject, opts).await?,
+                quiet,
+            )
+            .await?
+        }
+        ChaosBroker::Kafka => {
+            let topic = format!("{destination}.dead");
+            let group = format!("{destination}-dead");
+            let source = kafka(url).source(&group, &[&topic], Default::default())?;
+            // a group join on the Kafka-protocol broker takes seconds
+            drain(source, Duration::from_secs(15)).await?
+        }
+        ChaosBroker::Mqtt => {
+            let (host, port) = mqtt_addr(url)?;
+            let (mqtt, source) = mqtt_dead_reader(&host, port, destination).await?;
+            let found = drain(source, quiet).await?;
+            mqtt.disconnect().await?;
+            found
+        }
+        ChaosBroker::Sqs => {
+            let sqs = idemgate::sqs::Sqs::local(url);
+            drain(sqs.source(&format!("{destination}-dead")).await?, quiet).await?
+        }
+    })
+}
+
+/// Receives and acks until nothing came for `quiet`.
+async fn drain<S: Source>(mut source: S, quiet: Duration) -> Result<Vec<DeadLetter>, BoxError> {
+    let mut found = Vec::new();
+    while let Ok(next) = tokio::time::timeout(quiet, source.recv()).await {
+        let Some(d) = next? else { break };
+        let m = d.message();
+        let id = m
+            .event_id
+            .clone()
+            .or_else(|| {
+                serde_json::from_slice::<Event>(&m.payload)
+                    .ok()
+                    .map(|e| e.id)
+            })
+            .unwrap_or_default();
+        let reason = m
+            .header(idemgate::consumer::DEAD_LETTER_REASON)
+            .map(|r| String::from_utf8_lossy(r).into_owned());
+        found.push(DeadLetter { id, reason });
+        d.ack().await?;
+    }
+    Ok(found)
+}
+
+/// What the embedded queue's dead-letter queue holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EmbeddedDeadLetter {
+    id: String,
+    reason: String,
 }
 
 impl Producer {
@@ -304,7 +441,10 @@ pub(crate) async fn with_source<R>(
     Ok(match broker {
         ChaosBroker::Embedded => {
             let queue = SqliteQueue::open(queue_path(dir), &destination.replace('-', "_"))?;
-            serve.serve(EmbeddedSource::new(queue, visibility)).await
+            let dead = SqliteQueue::open(queue_path(dir), &embedded_dead(destination))?;
+            serve
+                .serve(EmbeddedSource::new(queue, dead, visibility))
+                .await
         }
         ChaosBroker::Rabbitmq => {
             let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
@@ -313,7 +453,9 @@ pub(crate) async fn with_source<R>(
         ChaosBroker::Nats => {
             let nats = idemgate::nats::Nats::connect(url).await?;
             // the default MaxDeliver (20): no endless redelivery
-            let opts = idemgate::nats::ConsumerOptions::default().ack_wait(visibility);
+            let opts = idemgate::nats::ConsumerOptions::default()
+                .ack_wait(visibility)
+                .dead_letter_subject(format!("{destination}.dead"));
             let subject = format!("{destination}.events");
             serve
                 .serve(nats.source(destination, "chaos", &subject, opts).await?)
@@ -350,14 +492,16 @@ pub(crate) trait AsyncServe {
 /// The embedded SQLite queue as a [`Source`]: receive with a visibility timeout, delete on ack.
 pub(crate) struct EmbeddedSource {
     queue: Arc<Mutex<SqliteQueue>>,
+    dead: Arc<Mutex<SqliteQueue>>,
     visibility: Duration,
     ready: VecDeque<idemgate::sqlite::Message>,
 }
 
 impl EmbeddedSource {
-    fn new(queue: SqliteQueue, visibility: Duration) -> Self {
+    fn new(queue: SqliteQueue, dead: SqliteQueue, visibility: Duration) -> Self {
         EmbeddedSource {
             queue: Arc::new(Mutex::new(queue)),
+            dead: Arc::new(Mutex::new(dead)),
             visibility,
             ready: VecDeque::new(),
         }
@@ -386,6 +530,7 @@ impl Source for EmbeddedSource {
                 msg.deliveries = Some(m.receive_count);
                 return Ok(Some(EmbeddedDelivery {
                     queue: Arc::clone(&self.queue),
+                    dead: Arc::clone(&self.dead),
                     receipt: m.receipt,
                     msg,
                     visibility: self.visibility,
@@ -406,6 +551,7 @@ impl Source for EmbeddedSource {
 /// One receive of a message of the embedded queue.
 pub(crate) struct EmbeddedDelivery {
     queue: Arc<Mutex<SqliteQueue>>,
+    dead: Arc<Mutex<SqliteQueue>>,
     receipt: Receipt,
     msg: Message,
     visibility: Duration,
@@ -436,8 +582,18 @@ impl Delivery for EmbeddedDelivery {
         Ok(())
     }
 
-    async fn dead_letter(self, _reason: &str) -> idemgate::consumer::Result<()> {
-        // the embedded queue has no dead-letter queue: the supervisor counts the loss
+    async fn dead_letter(self, reason: &str) -> idemgate::consumer::Result<()> {
+        let dead = EmbeddedDeadLetter {
+            id: self.msg.event_id.clone().unwrap_or_default(),
+            reason: reason.to_owned(),
+        };
+        let body = serde_json::to_vec(&dead)
+            .map_err(|e| idemgate::consumer::Error::broker("embedded", "dead-lettering", e))?;
+        self.dead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(&body)
+            .map_err(queue_error("dead-lettering"))?;
         self.ack().await
     }
 

@@ -304,6 +304,7 @@ async fn phase(
             .map(|_| Event {
                 id: idemgate::core::EventId::new().to_string(),
                 amount: rng.random_range(1..=100),
+                fails: 0,
             })
             .collect(),
     );

@@ -30,6 +30,8 @@ pub(crate) struct Tables {
     pub(crate) effects: String,
     pub(crate) balance: String,
     pub(crate) keys: String,
+    /// How often each poison event's handler has failed so far.
+    pub(crate) failures: String,
 }
 
 impl Tables {
@@ -38,6 +40,7 @@ impl Tables {
             effects: format!("{prefix}_effects"),
             balance: format!("{prefix}_balance"),
             keys: format!("{prefix}_keys"),
+            failures: format!("{prefix}_failures"),
         }
     }
 }
@@ -120,7 +123,13 @@ impl Ledger {
             ),
             format!("INSERT INTO {} (id, total) VALUES (1, 0)", t.balance),
             format!("CREATE TABLE {} (k VARCHAR(255) PRIMARY KEY)", t.keys),
+            format!(
+                "CREATE TABLE {} (event_id VARCHAR(64) PRIMARY KEY, failed BIGINT NOT NULL)",
+                t.failures
+            ),
         ];
+        let poison: Vec<&Event> = events.iter().filter(|e| e.fails > 0).collect();
+        let failures = format!("INSERT INTO {} (event_id, failed) VALUES ", t.failures);
         match self {
             Ledger::Sqlite(conn, _) => {
                 let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
@@ -135,6 +144,10 @@ impl Ledger {
                     ))?;
                     for e in events {
                         insert.execute(rusqlite::params![e.id, e.amount])?;
+                    }
+                    let mut insert = tx.prepare(&format!("{failures}(?1, 0)"))?;
+                    for e in &poison {
+                        insert.execute([&e.id])?;
                     }
                 }
                 tx.commit()?;
@@ -153,6 +166,12 @@ impl Ledger {
                     });
                     q.build().execute(pool).await?;
                 }
+                for e in &poison {
+                    sqlx::query(&format!("{failures}($1, 0)"))
+                        .bind(&e.id)
+                        .execute(pool)
+                        .await?;
+                }
             }
             Ledger::MySql(pool, _) => {
                 for stmt in &ddl {
@@ -168,15 +187,97 @@ impl Ledger {
                     });
                     q.build().execute(pool).await?;
                 }
+                for e in &poison {
+                    sqlx::query(&format!("{failures}(?, 0)"))
+                        .bind(&e.id)
+                        .execute(pool)
+                        .await?;
+                }
             }
         }
         Ok(())
     }
 
+    /// Whether this run of a poison event's handler is to fail: counts the failure, committed
+    /// at once (outside any transaction the handler rolls back), while fewer than `e.fails`
+    /// happened.
+    pub(crate) async fn planned_failure(&self, e: &Event) -> Result<bool, BoxError> {
+        if e.fails == 0 {
+            return Ok(false);
+        }
+        let t = self.tables();
+        let fails = i64::from(e.fails);
+        let failed = match self {
+            Ledger::Sqlite(conn, _) => {
+                let q = format!(
+                    "UPDATE {} SET failed = failed + 1 WHERE event_id = ?1 AND failed < ?2",
+                    t.failures
+                );
+                let conn = Arc::clone(conn);
+                let id = e.id.clone();
+                tokio::task::spawn_blocking(move || {
+                    conn.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .execute(&q, rusqlite::params![id, fails])
+                })
+                .await??
+                    == 1
+            }
+            Ledger::Postgres(pool, _) => {
+                let q = format!(
+                    "UPDATE {} SET failed = failed + 1 WHERE event_id = $1 AND failed < $2",
+                    t.failures
+                );
+                let done = sqlx::query(&q)
+                    .bind(&e.id)
+                    .bind(fails)
+                    .execute(pool)
+                    .await?;
+                done.rows_affected() == 1
+            }
+            Ledger::MySql(pool, _) => {
+                let q = format!(
+                    "UPDATE {} SET failed = failed + 1 WHERE event_id = ? AND failed < ?",
+                    t.failures
+                );
+                let done = sqlx::query(&q)
+                    .bind(&e.id)
+                    .bind(fails)
+                    .execute(pool)
+                    .await?;
+                done.rows_affected() == 1
+            }
+        };
+        Ok(failed)
+    }
+
+    /// How often each event's effect was applied.
+    pub(crate) async fn applications(&self) -> Result<Vec<(String, i64)>, BoxError> {
+        let t = self.tables();
+        let cast = match self {
+            Ledger::MySql(..) => "SIGNED",
+            _ => "BIGINT",
+        };
+        let q = format!(
+            "SELECT event_id, CAST(applied AS {cast}) FROM {}",
+            t.effects
+        );
+        Ok(match self {
+            Ledger::Sqlite(conn, _) => {
+                let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+                let mut stmt = conn.prepare(&q)?;
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?
+            }
+            Ledger::Postgres(pool, _) => sqlx::query_as(&q).fetch_all(pool).await?,
+            Ledger::MySql(pool, _) => sqlx::query_as(&q).fetch_all(pool).await?,
+        })
+    }
+
     /// Drops the tables.
     pub(crate) async fn drop_tables(&self) -> Result<(), BoxError> {
         let t = self.tables();
-        for table in [&t.effects, &t.balance, &t.keys] {
+        for table in [&t.effects, &t.balance, &t.keys, &t.failures] {
             let stmt = format!("DROP TABLE IF EXISTS {table}");
             match self {
                 Ledger::Sqlite(conn, _) => {

@@ -43,6 +43,18 @@ pub(crate) const CONSUMER: &str = "chaos";
 pub(crate) struct Event {
     pub(crate) id: String,
     pub(crate) amount: i32,
+    /// A poison event's handler fails this many times before it succeeds ([`ALWAYS`]: never).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) fails: u32,
+}
+
+/// The `fails` of an event whose handler always fails: it must end in the dead-letter
+/// destination, never in the ledger.
+pub(crate) const ALWAYS: u32 = u32::MAX;
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +95,10 @@ pub(crate) struct ChaosArgs {
     /// SIGKILLs per run, each at one of the named points.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     kills: u32,
+    /// Fraction of events that are poison (idemgate runs): half fail once or twice and then
+    /// succeed, half always fail and must be dead-lettered, once, with their reason.
+    #[arg(long, default_value_t = 0.02, value_parser = crate::demo::parse_rate)]
+    poison_rate: f64,
     /// Workers frozen (SIGSTOP) at `after-claim` past their lease while a duplicate is handled
     /// elsewhere, then thawed (SIGCONT): fencing must refuse their late completion.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000))]
@@ -192,6 +208,15 @@ impl Schedule {
                 id: e.id,
                 // 1..=100
                 amount: i32::try_from(e.amount).unwrap_or(i32::MAX),
+                fails: if rng.random_bool(args.poison_rate) {
+                    if rng.random_bool(0.5) {
+                        rng.random_range(1..=2)
+                    } else {
+                        ALWAYS
+                    }
+                } else {
+                    0
+                },
             })
             .collect();
         // the plans are spread over the run: each slot goes through its share of the kills and
@@ -253,7 +278,22 @@ pub(crate) struct Figures {
     broker_restarts: u64,
     connection_cuts: u64,
     worker_exits: u64,
+    /// Dead letters the workers reported stored.
     dead_letters: u64,
+    /// Poison events planned: failing once or twice, and always failing.
+    poison_transient: u64,
+    poison_permanent: u64,
+    /// Events found in the dead-letter destination after the run.
+    dead_lettered: u64,
+    /// Events found there more than once.
+    dead_lettered_twice: u64,
+    /// Events both applied and dead-lettered.
+    applied_and_dead_lettered: u64,
+    /// Events that are not poison but were dead-lettered.
+    healthy_dead_lettered: u64,
+    /// Dead letters without the reason header.
+    dead_letters_without_reason: u64,
+    /// Events neither applied nor dead-lettered.
     lost: u64,
     /// Up to 10 of the lost events, to look for in the workers' logs (`--dir`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -395,6 +435,31 @@ pub(crate) fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
     if idem.applied_twice > 0 {
         failures.push(format!("{} effects applied twice", idem.applied_twice));
     }
+    for (n, what) in [
+        (idem.dead_lettered_twice, "events dead-lettered twice"),
+        (
+            idem.applied_and_dead_lettered,
+            "events applied and dead-lettered",
+        ),
+        (
+            idem.healthy_dead_lettered,
+            "events dead-lettered that were not poison",
+        ),
+        (
+            idem.dead_letters_without_reason,
+            "dead letters without their reason",
+        ),
+    ] {
+        if n > 0 {
+            failures.push(format!("{n} {what}"));
+        }
+    }
+    if idem.poison_permanent > idem.dead_lettered {
+        failures.push(format!(
+            "{} always-failing events, {} dead-lettered",
+            idem.poison_permanent, idem.dead_lettered
+        ));
+    }
     if !idem.balance_ok {
         failures.push("the ledger balance disagrees with its effects".into());
     }
@@ -524,6 +589,8 @@ struct Phase<'a> {
     slots: Vec<Slot>,
     fig: Figures,
     seen: HashSet<String>,
+    /// Events the workers dead-lettered (the broker confirmed the dead letter).
+    dead: HashSet<String>,
     /// Stats of finished generations: (handled, duplicates, fenced).
     past: (u64, u64, u64),
     start: Instant,
@@ -684,7 +751,10 @@ impl Phase<'_> {
                     self.fig.duplicate_deliveries += 1;
                 }
             }
-            "DEAD" => self.fig.dead_letters += 1,
+            "DEAD" => {
+                self.fig.dead_letters += 1;
+                self.dead.insert(rest.to_owned());
+            }
             "STATS" => {
                 let n: Vec<u64> = rest.split(' ').filter_map(|v| v.parse().ok()).collect();
                 if let [h, d, f] = n[..] {
@@ -977,6 +1047,7 @@ async fn phase(
             ..Figures::default()
         },
         seen: HashSet::new(),
+        dead: HashSet::new(),
         past: (0, 0, 0),
         start: Instant::now(),
         trace: match &args.dir {
@@ -1005,6 +1076,12 @@ async fn phase(
     if tally.lost > 0 {
         fig.lost_events = ledger.lost_ids().await?;
     }
+    if mode != WorkerMode::Naive {
+        // each event applied exactly once, or in the dead-letter destination exactly once with
+        // its reason
+        let dead = broker::dead_letters(args.broker, &setup.broker_url, &destination, &dir).await?;
+        check_dead_letters(fig, schedule, &ledger.applications().await?, &dead);
+    }
     fig.applied_twice = tally.twice;
     fig.extra_effects = (tally.applications + tally.lost).saturating_sub(args.events);
     fig.balance_ok = tally.balance_ok;
@@ -1017,6 +1094,52 @@ async fn phase(
         broker::delete_destination(args.broker, &setup.broker_url, &destination).await?;
     }
     Ok(std::mem::take(&mut ph.fig))
+}
+
+/// Compares the ledger and the dead-letter destination with the plan.
+fn check_dead_letters(
+    fig: &mut Figures,
+    schedule: &Schedule,
+    applied: &[(String, i64)],
+    dead: &[broker::DeadLetter],
+) {
+    let applied: HashMap<&str, i64> = applied.iter().map(|(id, n)| (id.as_str(), *n)).collect();
+    let mut found: HashMap<&str, u64> = HashMap::new();
+    for d in dead {
+        *found.entry(d.id.as_str()).or_default() += 1;
+        if d.reason.as_deref().is_none_or(str::is_empty) {
+            fig.dead_letters_without_reason += 1;
+        }
+    }
+    fig.lost = 0;
+    fig.lost_events.clear();
+    for e in &schedule.events {
+        let a = applied.get(e.id.as_str()).copied().unwrap_or(0);
+        let d = found.get(e.id.as_str()).copied().unwrap_or(0);
+        match e.fails {
+            0 => {}
+            ALWAYS => fig.poison_permanent += 1,
+            _ => fig.poison_transient += 1,
+        }
+        if d > 0 {
+            fig.dead_lettered += 1;
+            if e.fails == 0 {
+                fig.healthy_dead_lettered += 1;
+            }
+        }
+        if d > 1 {
+            fig.dead_lettered_twice += 1;
+        }
+        if a > 0 && d > 0 {
+            fig.applied_and_dead_lettered += 1;
+        }
+        if a == 0 && d == 0 {
+            fig.lost += 1;
+            if fig.lost_events.len() < 10 {
+                fig.lost_events.push(e.id.clone());
+            }
+        }
+    }
 }
 
 async fn supervise(
@@ -1180,7 +1303,9 @@ async fn supervise(
             continue;
         }
         last_poll = Instant::now();
-        let tally = ledger.tally().await?;
+        let mut tally = ledger.tally().await?;
+        // a dead-lettered event is settled too
+        tally.touched += ph.dead.len() as u64;
         touched.store(tally.touched, Ordering::Relaxed);
         if (ph.fig.deliveries, tally) != last {
             last = (ph.fig.deliveries, tally);

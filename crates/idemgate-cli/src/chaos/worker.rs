@@ -203,8 +203,10 @@ impl<D: Delivery> Delivery for WatchedDelivery<D> {
     }
 
     async fn dead_letter(self, reason: &str) -> idemgate::consumer::Result<()> {
-        say(&format!("DEAD {}", id_of(self.inner.message())));
-        self.inner.dead_letter(reason).await
+        let id = id_of(self.inner.message()).to_owned();
+        self.inner.dead_letter(reason).await?;
+        say(&format!("DEAD {id}"));
+        Ok(())
     }
 
     async fn in_progress(&self) -> idemgate::consumer::Result<()> {
@@ -524,6 +526,9 @@ impl AsyncServe for Serve<'_> {
                     let (ledger, hooks) = (ledger.clone(), Arc::clone(&hooks));
                     async move {
                         let e = event_of(&msg)?;
+                        if ledger.planned_failure(&e).await? {
+                            return Err("a poison event's planned failure".into());
+                        }
                         hooks.zombie(&e.id).await;
                         hooks.at(Point::AfterClaim, &e.id);
                         // the external effect honours the key derived from the event's key, so
@@ -545,11 +550,16 @@ impl AsyncServe for Serve<'_> {
                 macro_rules! inbox_consumer {
                     ($inbox:expr, $db:ty, $apply:ident) => {{
                         let h = Arc::clone(&hooks);
+                        let ledger = ledger.clone();
                         let handler = <dyn InboxHandler<sqlx::Transaction<'static, $db>>>::from_fn(
                             move |tx, msg| {
                                 let (h, tables) = (Arc::clone(&h), tables.clone());
+                                let ledger = ledger.clone();
                                 let fut: HandlerFuture<'_> = Box::pin(async move {
                                     let e = event_of(msg)?;
+                                    if ledger.planned_failure(&e).await? {
+                                        return Err("a poison event's planned failure".into());
+                                    }
                                     h.at(Point::AfterClaim, &e.id);
                                     $apply(&mut **tx, &tables, &e).await?;
                                     h.at(Point::AfterEffect, &e.id);
