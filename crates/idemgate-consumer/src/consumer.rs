@@ -7,7 +7,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -223,6 +223,8 @@ struct Config {
     tx_batch: usize,
     // how often a held delivery's broker timer is extended
     tick: Duration,
+    // the broker redelivers an unsettled delivery after a while (NATS, SQS)
+    ack_wait: bool,
     key: Option<KeyFn>,
     horizon: Option<Horizon>,
     strict: bool,
@@ -300,6 +302,7 @@ fn config(name: String) -> Config {
         batch: 64,
         tx_batch: 1,
         tick: Duration::from_secs(10),
+        ack_wait: false,
         key: None,
         horizon: None,
         strict: false,
@@ -501,6 +504,7 @@ fn check(cfg: &mut Config, retention: Duration, source: &impl Source) -> Result<
         .ack_wait()
         .map_or(cfg.lease, |wait| wait.min(cfg.lease));
     cfg.tick = (timer / 3).max(Duration::from_millis(1));
+    cfg.ack_wait = source.ack_wait().is_some();
     let from_source = source.horizon();
     let Some(horizon) = cfg.horizon.clone().or(from_source) else {
         return Ok(());
@@ -783,12 +787,19 @@ where
     let _abort = AbortBehind(rt);
     // messages without an ordering key wait in one queue that every idle lane takes from (as
     // many as are ready, up to a batch); keyed ones go to their own lane, in order
-    let (queue, shared) = mpsc::channel::<S::Delivery>(n * batch);
+    let (queue, shared) = mpsc::channel::<Arc<S::Delivery>>(n * batch);
     let shared = Arc::new(tokio::sync::Mutex::new(shared));
+    // deliveries waiting for a lane are reported in progress too, where the broker has an ack
+    // wait: a lane held by a store outage must not let the messages queued behind it expire
+    let waiting = Arc::new(Waiting::new((n + 1) * (batch + 1)));
+    let _ticking = rt.cfg.ack_wait.then(|| {
+        let (rt, waiting) = (Arc::clone(rt), Arc::clone(&waiting));
+        AbortOnDrop(tokio::spawn(async move { waiting.tick(&rt).await }))
+    });
     let mut lanes = Vec::with_capacity(n);
     let mut tasks = JoinSet::new();
     for _ in 0..n {
-        let (tx, own) = mpsc::channel::<S::Delivery>(batch);
+        let (tx, own) = mpsc::channel::<Arc<S::Delivery>>(batch);
         let lane = lane(
             Arc::clone(rt),
             Arc::clone(&process),
@@ -813,6 +824,10 @@ where
             Err(e) => break Err(e),
         };
         bump(&rt.counters.received);
+        let d = Arc::new(d);
+        if rt.cfg.ack_wait {
+            waiting.add(&d);
+        }
         let sent = match &d.message().ordering_key {
             Some(k) => {
                 let lane = usize::try_from(hasher.hash_one(k) % n as u64).unwrap_or(0);
@@ -839,6 +854,71 @@ where
     result.map(|()| rt.counters.snapshot())
 }
 
+/// Deliveries received and not yet taken by a lane, for the in-progress signal.
+struct Waiting<D> {
+    list: Mutex<Vec<Weak<D>>>,
+    // how many can wait at once (the channels' room), to prune the list by
+    room: usize,
+}
+
+impl<D: Delivery> Waiting<D> {
+    fn new(room: usize) -> Self {
+        Waiting {
+            list: Mutex::new(Vec::with_capacity(2 * room)),
+            room,
+        }
+    }
+
+    fn add(&self, d: &Arc<D>) {
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        if list.len() >= 2 * self.room {
+            list.retain(|w| w.strong_count() > 0);
+        }
+        list.push(Arc::downgrade(d));
+    }
+
+    /// Tells the broker, at the runtime's tick, that every waiting delivery is in progress.
+    async fn tick(&self, rt: &Runtime) {
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + rt.cfg.tick, rt.cfg.tick);
+        loop {
+            ticker.tick().await;
+            let live: Vec<Arc<D>> = {
+                let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+                list.retain(|w| w.strong_count() > 0);
+                list.iter().filter_map(Weak::upgrade).collect()
+            };
+            for d in live {
+                if let Err(e) = d.in_progress().await {
+                    tracing::debug!(error = %e, "in-progress signal failed");
+                }
+            }
+        }
+    }
+}
+
+/// Takes a delivery out of its waiting handle (the ticker may hold it for a moment).
+async fn take<D: Send + Sync>(mut d: Arc<D>) -> D {
+    loop {
+        match Arc::try_unwrap(d) {
+            Ok(d) => return d,
+            Err(shared) => {
+                d = shared;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// One lane: its own (keyed) deliveries first, else whatever the shared queue has ready, up to
 /// a batch at a time; ends when both channels have closed and drained.
 ///
@@ -847,8 +927,8 @@ where
 async fn lane<D: Delivery, P: Process<D>>(
     rt: Arc<Runtime>,
     process: Arc<P>,
-    mut own: mpsc::Receiver<D>,
-    shared: Arc<tokio::sync::Mutex<mpsc::Receiver<D>>>,
+    mut own: mpsc::Receiver<Arc<D>>,
+    shared: Arc<tokio::sync::Mutex<mpsc::Receiver<Arc<D>>>>,
 ) {
     let batch = rt.cfg.tx_batch;
     let (mut own_open, mut shared_open) = (true, true);
@@ -869,6 +949,7 @@ async fn lane<D: Delivery, P: Process<D>>(
             }
             let mut ds = Vec::with_capacity(ready.len());
             for d in ready.drain(..) {
+                let d = take(d).await;
                 match &d.message().ordering_key {
                     Some(k) if rt.stopping() && given_back.contains(k) => {
                         rt.nack(d, Duration::ZERO).await;

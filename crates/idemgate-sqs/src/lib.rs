@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
@@ -251,13 +252,31 @@ impl Sqs {
             ),
             None => None,
         };
+        // received messages not yet handed out stay invisible: the consumer may be slow to
+        // take them (its handlers held by a store outage), and every redelivery counts
+        let buffer: Arc<tokio::sync::Mutex<VecDeque<SqsDelivery>>> = Arc::default();
+        let ticker = tokio::spawn({
+            let buffer = Arc::clone(&buffer);
+            let period = (visibility / 3).max(Duration::from_millis(100));
+            async move {
+                loop {
+                    tokio::time::sleep(period).await;
+                    for d in buffer.lock().await.iter() {
+                        if let Err(e) = d.in_progress().await {
+                            tracing::debug!(error = %e, "extending a buffered message");
+                        }
+                    }
+                }
+            }
+        });
         Ok(SqsSource {
             client: self.client.clone(),
             url: url.to_owned(),
             visibility,
             wait: Duration::from_secs(1),
             dead_letter_url,
-            buffer: VecDeque::new(),
+            buffer,
+            ticker,
             horizon,
         })
     }
@@ -366,8 +385,15 @@ pub struct SqsSource {
     visibility: Duration,
     wait: Duration,
     dead_letter_url: Option<String>,
-    buffer: VecDeque<SqsDelivery>,
+    buffer: Arc<tokio::sync::Mutex<VecDeque<SqsDelivery>>>,
+    ticker: tokio::task::JoinHandle<()>,
     horizon: Horizon,
+}
+
+impl Drop for SqsSource {
+    fn drop(&mut self) {
+        self.ticker.abort();
+    }
 }
 
 impl fmt::Debug for SqsSource {
@@ -442,7 +468,7 @@ impl Source for SqsSource {
 
     async fn recv(&mut self) -> Result<Option<SqsDelivery>> {
         loop {
-            if let Some(d) = self.buffer.pop_front() {
+            if let Some(d) = self.buffer.lock().await.pop_front() {
                 return Ok(Some(d));
             }
             let out = self
@@ -461,7 +487,7 @@ impl Source for SqsSource {
                 .into_iter()
                 .filter_map(|m| self.delivery(m))
                 .collect();
-            self.buffer.extend(batch);
+            self.buffer.lock().await.extend(batch);
         }
     }
 }

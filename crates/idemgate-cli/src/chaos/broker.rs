@@ -32,6 +32,15 @@ pub(crate) enum ChaosBroker {
 }
 
 impl ChaosBroker {
+    /// Whether the broker hands one ordering key to one consumer at a time (Kafka's
+    /// partitions), so that effects must follow each key's publish order. Competing consumers
+    /// of one queue (RabbitMQ, NATS, SQS standard, the embedded queue) see a key's next message
+    /// while a dead consumer's message waits for its redelivery; MQTT topics here are per
+    /// worker, not per key.
+    pub(crate) fn keeps_order(self) -> bool {
+        self == ChaosBroker::Kafka
+    }
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             ChaosBroker::Embedded => "embedded",
@@ -387,7 +396,9 @@ impl Producer {
     pub(crate) async fn publish(&self, e: &Event, index: usize) -> Result<(), BoxError> {
         let body = serde_json::to_vec(e)?;
         let id: EventId = e.id.parse()?;
-        let out = |dest: &str| Outgoing::with_event_id(dest, body.clone(), id.clone());
+        let out = |dest: &str| {
+            Outgoing::with_event_id(dest, body.clone(), id.clone()).ordering_key(e.key.clone())
+        };
         match self {
             Producer::Embedded(queue) => {
                 queue

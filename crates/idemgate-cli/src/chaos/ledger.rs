@@ -32,6 +32,8 @@ pub(crate) struct Tables {
     pub(crate) keys: String,
     /// How often each poison event's handler has failed so far.
     pub(crate) failures: String,
+    /// Per ordering key: the highest sequence applied, and effects applied behind it.
+    pub(crate) order: String,
 }
 
 impl Tables {
@@ -41,6 +43,7 @@ impl Tables {
             balance: format!("{prefix}_balance"),
             keys: format!("{prefix}_keys"),
             failures: format!("{prefix}_failures"),
+            order: format!("{prefix}_order"),
         }
     }
 }
@@ -58,6 +61,8 @@ pub(crate) struct Tally {
     pub(crate) applications: u64,
     /// The balance equals the sum of amount × applications.
     pub(crate) balance_ok: bool,
+    /// Effects applied after a later event of their ordering key.
+    pub(crate) out_of_order: u64,
 }
 
 /// Is `url` a PostgreSQL URL?
@@ -126,6 +131,19 @@ impl Ledger {
             format!(
                 "CREATE TABLE {} (event_id VARCHAR(64) PRIMARY KEY, failed BIGINT NOT NULL)",
                 t.failures
+            ),
+            format!(
+                "CREATE TABLE {} (k VARCHAR(64) PRIMARY KEY, last BIGINT NOT NULL, \
+                 behind BIGINT NOT NULL)",
+                t.order
+            ),
+            format!(
+                "INSERT INTO {} (k, last, behind) VALUES {}",
+                t.order,
+                (0..super::KEYS)
+                    .map(|i| format!("('{}', -1, 0)", super::key_of(i)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ];
         let poison: Vec<&Event> = events.iter().filter(|e| e.fails > 0).collect();
@@ -277,7 +295,7 @@ impl Ledger {
     /// Drops the tables.
     pub(crate) async fn drop_tables(&self) -> Result<(), BoxError> {
         let t = self.tables();
-        for table in [&t.effects, &t.balance, &t.keys, &t.failures] {
+        for table in [&t.effects, &t.balance, &t.keys, &t.failures, &t.order] {
             let stmt = format!("DROP TABLE IF EXISTS {table}");
             match self {
                 Ledger::Sqlite(conn, _) => {
@@ -326,6 +344,14 @@ impl Ledger {
                         tx.execute(
                             &format!("UPDATE {} SET total = total + ?1 WHERE id = 1", t.balance),
                             [e.amount],
+                        )?;
+                        tx.execute(
+                            &format!(
+                                "UPDATE {} SET behind = behind + (last > ?1), \
+                                 last = MAX(last, ?1) WHERE k = ?2",
+                                t.order
+                            ),
+                            rusqlite::params![e.seq, e.key],
                         )?;
                     }
                     tx.commit()?;
@@ -446,11 +472,12 @@ impl Ledger {
                     CAST(COALESCE(SUM(CASE WHEN applied > 1 THEN 1 ELSE 0 END), 0) AS {cast}),
                     CAST(COALESCE(SUM(applied), 0) AS {cast}),
                     CAST(COALESCE(SUM(amount * applied), 0) AS {cast}),
-                    (SELECT CAST(total AS {cast}) FROM {} WHERE id = 1)
+                    (SELECT CAST(total AS {cast}) FROM {} WHERE id = 1),
+                    (SELECT CAST(COALESCE(SUM(behind), 0) AS {cast}) FROM {})
                FROM {}",
-            t.balance, t.effects
+            t.balance, t.order, t.effects
         );
-        let row: (i64, i64, i64, i64, i64, i64) = match self {
+        let row: (i64, i64, i64, i64, i64, i64, i64) = match self {
             Ledger::Sqlite(conn, _) => {
                 conn.lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -462,6 +489,7 @@ impl Ledger {
                             r.get(3)?,
                             r.get(4)?,
                             r.get(5)?,
+                            r.get(6)?,
                         ))
                     })?
             }
@@ -475,6 +503,7 @@ impl Ledger {
             twice: n(row.2),
             applications: n(row.3),
             balance_ok: row.4 == row.5,
+            out_of_order: n(row.6),
         })
     }
 }
@@ -482,7 +511,7 @@ impl Ledger {
 /// The effect inside the caller's transaction (Inbox mode: the inbox's own); `$p` is the
 /// database's placeholder.
 macro_rules! apply_in_tx {
-    ($name:ident, $conn:ty, $p:literal, $db:literal) => {
+    ($name:ident, $conn:ty, $p:literal, $order:expr, $db:literal) => {
         #[doc = concat!("The effect inside a ", $db, " transaction (Inbox mode: the inbox's own).")]
         pub(crate) async fn $name(conn: &mut $conn, t: &Tables, e: &Event) -> sqlx::Result<()> {
             let applied = format!(
@@ -501,10 +530,29 @@ macro_rules! apply_in_tx {
                 .bind(e.amount)
                 .execute(&mut *conn)
                 .await?;
+            // `behind` first: MySQL assigns left to right, with the new values
+            let [p1, p2, p3] = $order;
+            let order = format!(
+                "UPDATE {} SET behind = behind + CASE WHEN last > {p1} THEN 1 ELSE 0 END, \
+                 last = GREATEST(last, {p2}) WHERE k = {p3}",
+                t.order
+            );
+            sqlx::query(&order)
+                .bind(i64::from(e.seq))
+                .bind(i64::from(e.seq))
+                .bind(&e.key)
+                .execute(&mut *conn)
+                .await?;
             Ok(())
         }
     };
 }
 
-apply_in_tx!(apply_pg, PgConnection, "$1", "PostgreSQL");
-apply_in_tx!(apply_mysql, MySqlConnection, "?", "MySQL");
+apply_in_tx!(
+    apply_pg,
+    PgConnection,
+    "$1",
+    ["$1", "$2", "$3"],
+    "PostgreSQL"
+);
+apply_in_tx!(apply_mysql, MySqlConnection, "?", ["?", "?", "?"], "MySQL");

@@ -46,6 +46,20 @@ pub(crate) struct Event {
     /// A poison event's handler fails this many times before it succeeds ([`ALWAYS`]: never).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) fails: u32,
+    /// The ordering key (an account): its events are published in `seq` order.
+    #[serde(default)]
+    pub(crate) key: String,
+    /// The event's place in its key's publish order.
+    #[serde(default)]
+    pub(crate) seq: u32,
+}
+
+/// Ordering keys of a run: each event belongs to one, round robin.
+pub(crate) const KEYS: usize = 64;
+
+/// The ordering key of the `i`-th event.
+pub(crate) fn key_of(i: usize) -> String {
+    format!("k{}", i % KEYS)
 }
 
 /// The `fails` of an event whose handler always fails: it must end in the dead-letter
@@ -202,10 +216,23 @@ impl Schedule {
         // the second copy of a duplicate somewhere later, up to a few hundred messages on
         let (events, order, dup_count) =
             crate::demo::publish_plan(&mut rng, args.events, args.dup_rate, Some(500));
+        // a key's sequence follows the publish order of its events' first copies (a copy
+        // published twice may go out first)
+        let mut seqs = vec![0u32; events.len()];
+        let (mut next, mut seen) = (vec![0u32; KEYS], vec![false; events.len()]);
+        for &i in &order {
+            if !std::mem::replace(&mut seen[i], true) {
+                seqs[i] = next[i % KEYS];
+                next[i % KEYS] += 1;
+            }
+        }
         let events: Vec<Event> = events
             .into_iter()
-            .map(|e| Event {
+            .enumerate()
+            .map(|(i, e)| Event {
                 id: e.id,
+                key: key_of(i),
+                seq: seqs[i],
                 // 1..=100
                 amount: i32::try_from(e.amount).unwrap_or(i32::MAX),
                 fails: if rng.random_bool(args.poison_rate) {
@@ -295,6 +322,8 @@ pub(crate) struct Figures {
     dead_letters_without_reason: u64,
     /// Events neither applied nor dead-lettered.
     lost: u64,
+    /// Effects applied after a later event of the same ordering key.
+    out_of_order: u64,
     /// Up to 10 of the lost events, to look for in the workers' logs (`--dir`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     lost_events: Vec<String>,
@@ -458,6 +487,12 @@ pub(crate) fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
         failures.push(format!(
             "{} always-failing events, {} dead-lettered",
             idem.poison_permanent, idem.dead_lettered
+        ));
+    }
+    if idem.out_of_order > 0 && args.broker.keeps_order() {
+        failures.push(format!(
+            "{} effects applied out of their key's order",
+            idem.out_of_order
         ));
     }
     if !idem.balance_ok {
@@ -1083,6 +1118,7 @@ async fn phase(
         check_dead_letters(fig, schedule, &ledger.applications().await?, &dead);
     }
     fig.applied_twice = tally.twice;
+    fig.out_of_order = tally.out_of_order;
     fig.extra_effects = (tally.applications + tally.lost).saturating_sub(args.events);
     fig.balance_ok = tally.balance_ok;
     fig.seconds = seconds;
