@@ -82,8 +82,9 @@ fn assert_batched(txids: &[i64], batch: usize) {
     }
 }
 
-async fn postgres_case(batch: usize) {
-    let Some(pool) = service::connect(
+/// The test database, or `None` where PostgreSQL is not required and not running.
+async fn pg_pool() -> Option<sqlx::PgPool> {
+    service::connect(
         "PostgreSQL",
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(10)
@@ -93,7 +94,10 @@ async fn postgres_case(batch: usize) {
             )),
     )
     .await
-    else {
+}
+
+async fn postgres_case(batch: usize) {
+    let Some(pool) = pg_pool().await else {
         return;
     };
     let (inbox_table, effects) = (unique("cinbox"), unique("ceffects"));
@@ -244,17 +248,7 @@ async fn mariadb_case(batch: usize) {
 /// destination once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_lettered_event_is_dead_lettered_once_in_inbox_mode() {
-    let Some(pool) = service::connect(
-        "PostgreSQL",
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .connect(&service::url(
-                "IDEMGATE_POSTGRES_URL",
-                "postgres://postgres@127.0.0.1:5432/test",
-            )),
-    )
-    .await
-    else {
+    let Some(pool) = pg_pool().await else {
         return;
     };
     let inbox = PgInbox::new().with_table(unique("dlinbox")).unwrap();

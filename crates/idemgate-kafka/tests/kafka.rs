@@ -329,6 +329,27 @@ async fn pg_inbox(effects: &str) -> (sqlx::PgPool, PgInboxPool) {
     (pool, inbox)
 }
 
+/// Publishes one event per number in `range`, its payload the number.
+async fn publish(kafka: &Kafka, topic: &str, range: std::ops::Range<i32>) {
+    let sink = kafka.sink().unwrap();
+    for i in range {
+        sink.publish(&Outgoing::new(topic, format!("{i}")))
+            .await
+            .unwrap();
+    }
+}
+
+/// A member of `group` whose positions `inbox` keeps.
+fn inbox_source<I: Inbox + Clone>(
+    kafka: &Kafka,
+    group: &str,
+    topic: &str,
+    inbox: &I,
+) -> idemgate_kafka::KafkaSource {
+    let options = SourceOptions::new().positions_from(inbox.clone());
+    kafka.source(group, &[topic], options).unwrap()
+}
+
 /// How many times each event's effect was applied.
 async fn effect_counts(pool: &sqlx::PgPool, effects: &str) -> Vec<(String, i64)> {
     sqlx::query_as(&format!(
@@ -367,26 +388,11 @@ async fn inbox_mode_dead_letters_poison_once_and_the_partition_goes_on() {
     };
     let effects = unique("keffects");
     let (pool, inbox) = pg_inbox(&effects).await;
-    let sink = kafka.sink().unwrap();
-    for i in 0..2 {
-        sink.publish(&Outgoing::new(&topic, format!("{i}")))
-            .await
-            .unwrap();
-    }
+    publish(&kafka, &topic, 0..2).await;
     send_poison(&topic, "no id").await;
-    for i in 2..5 {
-        sink.publish(&Outgoing::new(&topic, format!("{i}")))
-            .await
-            .unwrap();
-    }
+    publish(&kafka, &topic, 2..5).await;
     let group = unique("g");
-    let source = kafka
-        .source(
-            &group,
-            &[&topic],
-            SourceOptions::new().positions_from(inbox.clone()),
-        )
-        .unwrap();
+    let source = inbox_source(&kafka, &group, &topic, &inbox);
     let consumer = Consumer::inbox("billing", inbox.clone());
     let handle = consumer.stats_handle();
     let stats = consumer
@@ -486,20 +492,9 @@ async fn inbox_mode_resumes_from_the_stored_position_after_a_lost_commit_answer(
         commits: std::sync::Arc::default(),
         lose: 3,
     };
-    let sink = kafka.sink().unwrap();
-    for i in 0..10 {
-        sink.publish(&Outgoing::new(&topic, format!("{i}")))
-            .await
-            .unwrap();
-    }
+    publish(&kafka, &topic, 0..10).await;
     let group = unique("g");
-    let source = kafka
-        .source(
-            &group,
-            &[&topic],
-            SourceOptions::new().positions_from(inbox.clone()),
-        )
-        .unwrap();
+    let source = inbox_source(&kafka, &group, &topic, &inbox);
     let consumer =
         Consumer::inbox("billing", inbox.clone()).with_retry_delay(Duration::from_millis(50));
     let handle = consumer.stats_handle();

@@ -204,7 +204,7 @@ pub async fn dropped_before_ack_is_redelivered_not_rerun<K, S1, S2, Kill, Next>(
 
 /// A handler that runs 4× longer than its lease (and longer than the broker's ack wait, where
 /// the caller set a short one) while a duplicate arrives (`gap` after the first): the lease is
-/// renewed and the broker told the message is in progress, the duplicate is nacked until the
+/// renewed and the broker told the message is in progress, the duplicate is held until the
 /// first completes and then acked, and the effect happens once.
 pub async fn slower_than_lease_runs_once<K: Sink, S: Source>(
     sink: &K,
@@ -212,12 +212,27 @@ pub async fn slower_than_lease_runs_once<K: Sink, S: Source>(
     source: S,
     gap: Duration,
 ) {
+    let run_for = Duration::from_millis(1200) + gap;
+    let lease = Duration::from_millis(300);
+    slow_run_with_a_duplicate(sink, destination, source, gap, run_for, lease).await;
+}
+
+/// Publishes one event and its copy `gap` later, handled for `run_for` under `lease`: one
+/// effect, one duplicate.
+async fn slow_run_with_a_duplicate<K: Sink, S: Source>(
+    sink: &K,
+    destination: &str,
+    source: S,
+    gap: Duration,
+    run_for: Duration,
+    lease: Duration,
+) -> Stats {
     let effects = Arc::new(AtomicUsize::new(0));
     let e = Arc::clone(&effects);
     let handler = move |_m: Message| {
         let e = Arc::clone(&e);
         async move {
-            tokio::time::sleep(Duration::from_millis(1200) + gap).await;
+            tokio::time::sleep(run_for).await;
             e.fetch_add(1, Ordering::SeqCst);
             Ok::<(), String>(())
         }
@@ -226,7 +241,7 @@ pub async fn slower_than_lease_runs_once<K: Sink, S: Source>(
     sink.publish(&slow).await.expect("publish");
     let consumer = Consumer::gate("adapter-suite", MemoryStore::new())
         .with_concurrency(2)
-        .with_lease(Duration::from_millis(300))
+        .with_lease(lease)
         .with_busy_delay(Duration::from_millis(100));
     let handle = consumer.stats_handle();
     let republish = async {
@@ -244,6 +259,7 @@ pub async fn slower_than_lease_runs_once<K: Sink, S: Source>(
     let stats = stats.expect("consumer");
     assert_eq!(effects.load(Ordering::SeqCst), 1, "{stats:?}");
     assert_eq!((stats.handled, stats.duplicates), (1, 1), "{stats:?}");
+    stats
 }
 
 /// The next delivery of `source` within `limit`; panics saying `what` was expected if none comes.
@@ -341,38 +357,8 @@ pub async fn busy_key_waits_without_using_the_delivery_budget<K: Sink, S: Source
     source: S,
     gap: Duration,
 ) {
-    let effects = Arc::new(AtomicUsize::new(0));
-    let e = Arc::clone(&effects);
-    let handler = move |_m: Message| {
-        let e = Arc::clone(&e);
-        async move {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            e.fetch_add(1, Ordering::SeqCst);
-            Ok::<(), String>(())
-        }
-    };
-    let busy = Outgoing::new(destination, "busy");
-    sink.publish(&busy).await.expect("publish");
-    let consumer = Consumer::gate("adapter-suite", MemoryStore::new())
-        .with_concurrency(2)
-        .with_lease(Duration::from_secs(1))
-        .with_busy_delay(Duration::from_millis(100));
-    let handle = consumer.stats_handle();
-    let republish = async {
-        tokio::time::sleep(gap).await;
-        sink.publish(&busy).await.expect("publish the duplicate");
-    };
-    let run = consumer.run(
-        source,
-        handler,
-        until(handle, Duration::from_secs(30), |s| {
-            s.handled + s.duplicates >= 2
-        }),
-    );
-    let (stats, ()) = tokio::join!(run, republish);
-    let stats = stats.expect("consumer");
-    assert_eq!(effects.load(Ordering::SeqCst), 1, "{stats:?}");
-    assert_eq!((stats.handled, stats.duplicates), (1, 1), "{stats:?}");
+    let (run_for, lease) = (Duration::from_secs(3), Duration::from_secs(1));
+    let stats = slow_run_with_a_duplicate(sink, destination, source, gap, run_for, lease).await;
     assert!(
         stats.in_progress >= 1,
         "the duplicate found its key busy: {stats:?}"
