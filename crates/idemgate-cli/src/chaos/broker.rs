@@ -155,7 +155,9 @@ pub(crate) async fn create_destination(
         }
         ChaosBroker::Rabbitmq => {
             let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
-            rabbit.declare(name).await?;
+            // a quorum queue with RabbitMQ 4's default delivery limit: kills, nacks and held
+            // deliveries must stay within it
+            rabbit.declare_quorum(name, 20).await?;
             rabbit.close().await?;
             name.to_owned()
         }
