@@ -233,3 +233,28 @@ async fn a_busy_key_waits_without_using_max_deliver() {
     .await;
     nats.delete_stream(&name).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_handler_times_out_and_is_dead_lettered() {
+    let Some(nats) = connect().await else { return };
+    let (name, prefix) = stream(&nats, "stuck").await;
+    let events = format!("{prefix}.events");
+    let source = nats
+        .source(&name, "c", &events, opts(&prefix))
+        .await
+        .unwrap();
+    broker::stuck_handler_times_out(&nats.sink(), &events, source).await;
+    let mut dead = nats
+        .source(
+            &name,
+            "d",
+            &format!("{prefix}.dead"),
+            ConsumerOptions::default(),
+        )
+        .await
+        .unwrap();
+    let d = broker::next(&mut dead, Duration::from_secs(10), "the dead letter").await;
+    let reason = String::from_utf8_lossy(d.message().header(DEAD_LETTER_REASON).unwrap());
+    assert!(reason.contains("timed out"), "{reason}");
+    nats.delete_stream(&name).await.unwrap();
+}

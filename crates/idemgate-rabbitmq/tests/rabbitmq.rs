@@ -178,3 +178,15 @@ async fn an_ordering_key_keeps_its_order_across_a_retry() {
     let source = rabbit.source(&q, 16).await.unwrap();
     broker::order_per_key_survives_a_retry(&sink, &q, source).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_handler_times_out_and_is_dead_lettered() {
+    let Some(rabbit) = connect().await else {
+        return;
+    };
+    let q = queue(&rabbit, "stuck").await;
+    let sink = rabbit.sink().await.unwrap();
+    let source = rabbit.source(&q, 16).await.unwrap();
+    broker::stuck_handler_times_out(&sink, &q, source).await;
+    assert_eq!(rabbit.purge(&dead_queue(&q)).await.unwrap(), 1);
+}

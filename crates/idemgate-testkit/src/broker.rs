@@ -421,3 +421,27 @@ pub async fn order_per_key_survives_a_retry<K: Sink, S: Source>(
         );
     }
 }
+
+/// A handler that never finishes is cut off at the handler timeout: each run counts as a failed
+/// attempt, and after `max_attempts` (2) the message is dead-lettered with the reason, so its
+/// lease and the broker's timer are not renewed for ever.
+pub async fn stuck_handler_times_out<K: Sink, S: Source>(sink: &K, destination: &str, source: S) {
+    sink.publish(&Outgoing::new(destination, "stuck"))
+        .await
+        .expect("publish");
+    let consumer = Consumer::gate("adapter-suite", MemoryStore::new())
+        .with_handler_timeout(Duration::from_millis(300))
+        .with_max_attempts(2)
+        .with_retry_delay(Duration::from_millis(50));
+    let handle = consumer.stats_handle();
+    let stats = consumer
+        .run(
+            source,
+            |_m: Message| std::future::pending::<Result<(), String>>(),
+            until(handle, Duration::from_secs(20), |s| s.dead_lettered >= 1),
+        )
+        .await
+        .expect("consumer");
+    assert_eq!(stats.timed_out, 2, "{stats:?}");
+    assert_eq!(stats.dead_lettered_exhausted, 1, "{stats:?}");
+}
