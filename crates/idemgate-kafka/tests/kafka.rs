@@ -515,3 +515,74 @@ async fn inbox_mode_resumes_from_the_stored_position_after_a_lost_commit_answer(
     let positions = inbox.load_positions(&group, &topic).await.unwrap();
     assert_eq!(positions.get(&0), Some(&10), "{positions:?}");
 }
+
+/// Inbox mode, transactions of up to 4 deliveries: the first member stops while one message
+/// waits for its retry (a nack) and batches are in flight; its partitions go to the next
+/// member, which resumes from the stored positions. Every effect is applied once and every
+/// position covers its partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_mode_hands_over_after_a_nack_and_batches() {
+    let Some((kafka, topic)) = topic("handover_inbox", 4).await else {
+        return;
+    };
+    let effects = unique("keffects");
+    let (pool, inbox) = pg_inbox(&effects).await;
+    let sink = kafka.sink().unwrap();
+    for i in 0..40 {
+        let out = Outgoing::new(&topic, format!("{i}")).ordering_key(format!("k{}", i % 8));
+        sink.publish(&out).await.unwrap();
+    }
+    let group = unique("g");
+    // the first run of one event fails: it is nacked, and its retry waits 2 s
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handler = {
+        let (effects, failed) = (effects.clone(), std::sync::Arc::clone(&failed));
+        <dyn InboxHandler<Transaction<'static, Postgres>>>::from_fn(move |tx, msg| {
+            let (effects, failed) = (effects.clone(), std::sync::Arc::clone(&failed));
+            let id = msg.event_id.clone().unwrap_or_default();
+            let fail =
+                &msg.payload[..] == b"7" && !failed.swap(true, std::sync::atomic::Ordering::SeqCst);
+            let fut: HandlerFuture<'_> = Box::pin(async move {
+                if fail {
+                    return Err("the first run of event 7 fails".into());
+                }
+                sqlx::query(&format!("INSERT INTO {effects} (event) VALUES ($1)"))
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            });
+            fut
+        })
+    };
+    let consumer = Consumer::inbox("billing", inbox.clone())
+        .with_batch(4)
+        .with_retry_delay(Duration::from_secs(2));
+    let handle = consumer.stats_handle();
+    let first = consumer
+        .run(
+            inbox_source(&kafka, &group, &topic, &inbox),
+            handler,
+            until(handle, Duration::from_secs(60), |s| s.retried >= 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.retried, 1, "{first:?}");
+    tansu_forgets_the_member().await;
+    let consumer = Consumer::inbox("billing", inbox.clone()).with_batch(4);
+    let handle = consumer.stats_handle();
+    let left = 40 - first.handled;
+    let second = consumer
+        .run(
+            inbox_source(&kafka, &group, &topic, &inbox),
+            counting_handler(effects.clone()),
+            until(handle, Duration::from_secs(60), move |s| s.handled >= left),
+        )
+        .await
+        .unwrap();
+    let counts = effect_counts(&pool, &effects).await;
+    assert_eq!(counts.len(), 40, "{first:?} {second:?}");
+    assert!(counts.iter().all(|(_, n)| *n == 1), "{counts:?}");
+    let positions = inbox.load_positions(&group, &topic).await.unwrap();
+    assert_eq!(positions.values().sum::<i64>(), 40, "{positions:?}");
+}
