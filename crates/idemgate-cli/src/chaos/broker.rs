@@ -33,12 +33,12 @@ pub(crate) enum ChaosBroker {
 
 impl ChaosBroker {
     /// Whether the broker hands one ordering key to one consumer at a time (Kafka's
-    /// partitions), so that effects must follow each key's publish order. Competing consumers
-    /// of one queue (RabbitMQ, NATS, SQS standard, the embedded queue) see a key's next message
-    /// while a dead consumer's message waits for its redelivery; MQTT topics here are per
-    /// worker, not per key.
-    pub(crate) fn keeps_order(self) -> bool {
-        self == ChaosBroker::Kafka
+    /// partitions, SQS FIFO message groups), so that effects must follow each key's publish
+    /// order. Competing consumers of one queue (RabbitMQ, NATS, SQS standard, the embedded
+    /// queue) see a key's next message while a dead consumer's message waits for its
+    /// redelivery; MQTT topics here are per worker, not per key.
+    pub(crate) fn keeps_order(self, fifo: bool) -> bool {
+        self == ChaosBroker::Kafka || (self == ChaosBroker::Sqs && fifo)
     }
 
     pub(crate) fn name(self) -> &'static str {
@@ -135,6 +135,7 @@ pub(crate) async fn create_destination(
     dir: &Path,
     workers: usize,
     visibility: Duration,
+    fifo: bool,
 ) -> Result<String, BoxError> {
     Ok(match broker {
         ChaosBroker::Embedded => {
@@ -182,8 +183,13 @@ pub(crate) async fn create_destination(
         ChaosBroker::Sqs => {
             // the default redrive policy: a message received 5 times goes to the dead-letter queue
             let options = idemgate::sqs::QueueOptions::default().visibility_timeout(visibility);
+            let name = if fifo {
+                format!("{name}.fifo")
+            } else {
+                name.to_owned()
+            };
             idemgate::sqs::Sqs::local(url)
-                .create_queue(name, options)
+                .create_queue(&name, options)
                 .await?
         }
     })
@@ -220,10 +226,18 @@ pub(crate) async fn delete_destination(
         ChaosBroker::Sqs => {
             let sqs = idemgate::sqs::Sqs::local(url);
             sqs.delete_queue(destination).await?;
-            sqs.delete_queue(&format!("{destination}-dead")).await?;
+            sqs.delete_queue(&sqs_dead(destination)).await?;
         }
     }
     Ok(())
+}
+
+/// The URL of the dead-letter queue `create_queue` made beside the queue at `url`.
+fn sqs_dead(url: &str) -> String {
+    match url.strip_suffix(".fifo") {
+        Some(base) => format!("{base}-dead.fifo"),
+        None => format!("{url}-dead"),
+    }
 }
 
 /// The embedded queue's dead-letter queue.
@@ -311,7 +325,7 @@ pub(crate) async fn dead_letters(
         }
         ChaosBroker::Sqs => {
             let sqs = idemgate::sqs::Sqs::local(url);
-            drain(sqs.source(&format!("{destination}-dead")).await?, quiet).await?
+            drain(sqs.source(&sqs_dead(destination)).await?, quiet).await?
         }
     })
 }

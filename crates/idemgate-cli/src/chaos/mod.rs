@@ -109,6 +109,11 @@ pub(crate) struct ChaosArgs {
     /// SIGKILLs per run, each at one of the named points.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     kills: u32,
+    /// SQS: a FIFO queue, each ordering key a message group (SQS hands a group to one consumer
+    /// at a time, so the effects must follow each key's order; it also drops the re-publishes
+    /// within its deduplication window).
+    #[arg(long)]
+    fifo: bool,
     /// Fraction of events that are poison (idemgate runs): half fail once or twice and then
     /// succeed, half always fail and must be dead-lettered, once, with their reason.
     #[arg(long, default_value_t = 0.02, value_parser = crate::demo::parse_rate)]
@@ -489,7 +494,7 @@ pub(crate) fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
             idem.poison_permanent, idem.dead_lettered
         ));
     }
-    if idem.out_of_order > 0 && args.broker.keeps_order() {
+    if idem.out_of_order > 0 && args.broker.keeps_order(args.fifo) {
         failures.push(format!(
             "{} effects applied out of their key's order",
             idem.out_of_order
@@ -520,6 +525,9 @@ pub(crate) fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
 
 /// Checks the flags against each other and settles the store and ledger URLs.
 fn validate(args: &ChaosArgs, seed: u64, base: &Path) -> Result<Setup, BoxError> {
+    if args.fifo && args.broker != ChaosBroker::Sqs {
+        return Err("--fifo is for --broker sqs".into());
+    }
     let broker_url = args
         .url
         .clone()
@@ -1033,6 +1041,7 @@ async fn phase(
         &dir,
         workers,
         visibility,
+        args.fifo,
     )
     .await?;
 
