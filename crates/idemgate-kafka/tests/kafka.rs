@@ -533,18 +533,19 @@ async fn inbox_mode_hands_over_after_a_nack_and_batches() {
         sink.publish(&out).await.unwrap();
     }
     let group = unique("g");
-    // the first run of one event fails: it is nacked, and its retry waits 2 s
-    let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // the first two runs of one event fail (in a batch, the first only rolls the batch back and
+    // the event runs again alone): it is nacked, and its retry waits 2 s
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let handler = {
         let (effects, failed) = (effects.clone(), std::sync::Arc::clone(&failed));
         <dyn InboxHandler<Transaction<'static, Postgres>>>::from_fn(move |tx, msg| {
             let (effects, failed) = (effects.clone(), std::sync::Arc::clone(&failed));
             let id = msg.event_id.clone().unwrap_or_default();
-            let fail =
-                &msg.payload[..] == b"7" && !failed.swap(true, std::sync::atomic::Ordering::SeqCst);
+            let fail = &msg.payload[..] == b"7"
+                && failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2;
             let fut: HandlerFuture<'_> = Box::pin(async move {
                 if fail {
-                    return Err("the first run of event 7 fails".into());
+                    return Err("the first two runs of event 7 fail".into());
                 }
                 sqlx::query(&format!("INSERT INTO {effects} (event) VALUES ($1)"))
                     .bind(id)
