@@ -110,8 +110,7 @@ pub(crate) struct ChaosArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     kills: u32,
     /// SQS: a FIFO queue, each ordering key a message group (SQS hands a group to one consumer
-    /// at a time, so the effects must follow each key's order; it also drops the re-publishes
-    /// within its deduplication window).
+    /// at a time; it also drops the re-publishes within its deduplication window).
     #[arg(long)]
     fifo: bool,
     /// Fraction of events that are poison (idemgate runs): half fail once or twice and then
@@ -494,7 +493,7 @@ pub(crate) fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
             idem.poison_permanent, idem.dead_lettered
         ));
     }
-    if idem.out_of_order > 0 && args.broker.keeps_order(args.fifo) {
+    if idem.out_of_order > 0 && args.broker.keeps_order() {
         failures.push(format!(
             "{} effects applied out of their key's order",
             idem.out_of_order
