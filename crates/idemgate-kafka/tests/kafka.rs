@@ -179,25 +179,8 @@ async fn inbox_mode_keeps_positions_with_the_effect_and_seeks_to_them() {
     let Some((kafka, topic)) = topic("inbox", 2).await else {
         return;
     };
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(6)
-        .connect(&service::url(
-            "IDEMGATE_POSTGRES_URL",
-            "postgres://postgres@127.0.0.1:5432/test",
-        ))
-        .await
-        .expect("PostgreSQL");
     let effects = unique("keffects");
-    let inbox = PgInboxPool::new(
-        PgInbox::new().with_table(unique("kinbox")).unwrap(),
-        pool.clone(),
-    )
-    .with_offsets(PgOffsets::new().with_table(unique("koffsets")).unwrap());
-    inbox.migrate().await.unwrap();
-    sqlx::query(&format!("CREATE TABLE {effects} (event TEXT NOT NULL)"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    let (pool, inbox) = pg_inbox(&effects).await;
     let sink = kafka.sink().unwrap();
     let events: Vec<Outgoing> = (0..40)
         .map(|i| Outgoing::new(&topic, format!("{i}")).ordering_key(format!("k{}", i % 5)))
