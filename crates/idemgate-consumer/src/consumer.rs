@@ -247,8 +247,8 @@ pub struct InboxMode<I>(Arc<I>);
 ///   or its lease runs out (then taken over): it is tried again after the busy delay (default
 ///   1 s), doubling, at most until the holder's lease ends.
 /// - A failing store (a claim, an inbox transaction, a completion) is waited out the same way,
-///   after a jittered delay from the retry delay, doubling up to 5 s. Held deliveries are
-///   reported in progress to the broker, so neither a busy key nor a store outage uses the
+///   after a jittered delay from the retry delay, doubling up to 5 s. Held deliveries, and those
+///   waiting for a free lane behind them, are reported in progress to the broker, so neither a busy key nor a store outage uses the
 ///   broker's delivery budget (NATS `MaxDeliver`, an SQS redrive policy) or the handler's
 ///   attempts ([`Stats::in_progress`], [`Stats::store_retries`]).
 /// - The same key with a different payload (Gate mode), or a message without a key, is
