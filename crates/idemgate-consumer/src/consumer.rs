@@ -248,9 +248,10 @@ pub struct InboxMode<I>(Arc<I>);
 ///   1 s), doubling, at most until the holder's lease ends.
 /// - A failing store (a claim, an inbox transaction, a completion) is waited out the same way,
 ///   after a jittered delay from the retry delay, doubling up to 5 s. Held deliveries, and those
-///   waiting for a free lane behind them, are reported in progress to the broker, so neither a busy key nor a store outage uses the
-///   broker's delivery budget (NATS `MaxDeliver`, an SQS redrive policy) or the handler's
-///   attempts ([`Stats::in_progress`], [`Stats::store_retries`]).
+///   waiting for a free lane behind them, are reported in progress to the broker, so neither a
+///   busy key nor a store outage uses the broker's delivery budget (NATS `MaxDeliver`, an SQS
+///   redrive policy) or the handler's attempts ([`Stats::in_progress`],
+///   [`Stats::store_retries`]).
 /// - The same key with a different payload (Gate mode), or a message without a key, is
 ///   dead-lettered with the reason.
 /// - A failing (or panicking) handler is retried with a growing delay and dead-lettered after
@@ -933,8 +934,9 @@ async fn lane<D: Delivery, P: Process<D>>(
     let batch = rt.cfg.tx_batch;
     let (mut own_open, mut shared_open) = (true, true);
     let (mut mine, mut taken) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
-    // ordering keys whose last message went back to the broker
-    let mut given_back: HashSet<String> = HashSet::new();
+    // ordering keys (hashed: no copy per message) whose last message went back to the broker
+    let hasher = RandomState::new();
+    let mut given_back: HashSet<u64> = HashSet::new();
     while own_open || shared_open {
         tokio::select! {
             biased;
@@ -951,15 +953,20 @@ async fn lane<D: Delivery, P: Process<D>>(
             for d in ready.drain(..) {
                 let d = take(d).await;
                 match &d.message().ordering_key {
-                    Some(k) if rt.stopping() && given_back.contains(k) => {
+                    Some(k) if rt.stopping() && given_back.contains(&hasher.hash_one(k)) => {
                         rt.nack(d, Duration::ZERO).await;
                     }
                     _ => ds.push(d),
                 }
             }
-            let keys: Vec<Option<String>> = ds
+            let keys: Vec<Option<u64>> = ds
                 .iter()
-                .map(|d| d.message().ordering_key.clone())
+                .map(|d| {
+                    d.message()
+                        .ordering_key
+                        .as_ref()
+                        .map(|k| hasher.hash_one(k))
+                })
                 .collect();
             let settled = process.process_many(ds).await;
             for (key, settled) in keys.into_iter().zip(settled) {

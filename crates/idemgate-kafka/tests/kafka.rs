@@ -115,21 +115,7 @@ async fn poison_goes_to_the_dead_letter_topic_with_its_reason() {
     let Some((kafka, topic)) = topic("poison", 1).await else {
         return;
     };
-    // a message with no event id: a raw producer, not our sink
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let raw: FutureProducer = rdkafka::ClientConfig::new()
-        .set(
-            "bootstrap.servers",
-            service::url("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
-        )
-        .create()
-        .unwrap();
-    raw.send(
-        FutureRecord::<(), _>::to(&topic).payload("no id"),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    send_poison(&topic, "no id").await;
     let source = kafka
         .source(&unique("g"), &[&topic], SourceOptions::new())
         .unwrap();
