@@ -3,7 +3,10 @@
 //! - [`RabbitMq::declare`] declares a durable queue whose dead-letter exchange routes to a
 //!   `<queue>.dead` queue.
 //! - [`RabbitSource`]: manual acks, a prefetch limit; the `redelivered` flag is passed on as a
-//!   hint only (the store decides); `nack` with a delay requeues after it; `dead_letter`
+//!   hint only (the store decides). `nack` with a delay moves the message to a retry queue
+//!   (`<queue>.retry.<ms>`, a quorum queue whose message TTL dead-letters it back to `<queue>`,
+//!   at least once), so a waiting retry holds no prefetch slot; the deliveries so far travel
+//!   in the `idemgate-deliveries` header. `dead_letter`
 //!   publishes the message with its reason (header `idemgate-dead-letter-reason`) through the
 //!   queue's dead-letter exchange, confirmed, and then acks it. Every publish is `mandatory`:
 //!   a message no queue takes (a dead-letter queue that was deleted, a wrong destination) is an
@@ -14,6 +17,7 @@
 //! A delivery dropped unsettled (the consumer died) stays unacked on its channel; RabbitMQ
 //! requeues it when the channel or connection closes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -149,10 +153,18 @@ impl RabbitMq {
             )
             .await
             .map_err(err("consuming"))?;
+        // retry queues are declared and fed on a channel of their own: a declare the broker
+        // refuses closes its channel, and must not close the consumer's
+        let retries = self.channel().await?;
+        retries
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(err("enabling confirms"))?;
         Ok(RabbitSource {
             consumer,
-            dead: dead_queue(queue),
+            queue: queue.into(),
             channel: ch,
+            retries,
         })
     }
 
@@ -174,6 +186,30 @@ impl RabbitMq {
 /// The queue a queue's dead letters go to.
 pub fn dead_queue(queue: &str) -> String {
     format!("{queue}.dead")
+}
+
+/// Carries a message's deliveries before it was moved to a retry queue.
+const DELIVERIES: &str = "idemgate-deliveries";
+
+/// A retry queue lives this long after its last use, past the TTL of anything in it.
+const RETRY_QUEUE_IDLE: Duration = Duration::from_secs(60);
+
+/// The delay a retry queue gives for `delay`: rounded up to a step of a quarter octave (at
+/// most 25 % longer), so a consumer uses a few retry queues, not one per delay.
+fn retry_step(delay: Duration) -> Duration {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX).max(1);
+    if ms <= 4 {
+        return Duration::from_millis(ms);
+    }
+    // ms = m · 2^shift with m in 4..8 after rounding up
+    let shift = 63 - ms.leading_zeros() - 2;
+    let m = ms.div_ceil(1 << shift);
+    Duration::from_millis(m.saturating_mul(1 << shift))
+}
+
+/// The retry queue of `queue` for a delay of `step` (see [`retry_step`]).
+fn retry_queue(queue: &str, step: Duration) -> String {
+    format!("{queue}.retry.{}", step.as_millis())
 }
 
 fn long_string(v: &[u8]) -> AMQPValue {
@@ -249,7 +285,8 @@ impl Sink for RabbitSink {
 pub struct RabbitSource {
     consumer: lapin::Consumer,
     channel: Channel,
-    dead: String,
+    retries: Channel,
+    queue: Arc<str>,
 }
 
 impl Source for RabbitSource {
@@ -284,12 +321,19 @@ impl Source for RabbitSource {
                     .and_then(|(_, v)| std::str::from_utf8(v).ok().map(str::to_owned))
             })
             .filter(|id| !id.is_empty());
-        // quorum queues count deliveries; classic queues only flag a redelivery
-        msg.deliveries = headers
-            .iter()
-            .find(|(k, _)| k == "x-delivery-count")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
-            .map(|n| n + 1);
+        // quorum queues count deliveries; classic queues only flag a redelivery; a message back
+        // from a retry queue carries its deliveries before
+        let count = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
+        };
+        let here = count("x-delivery-count").map(|n| n + 1);
+        msg.deliveries = match (count(DELIVERIES), here) {
+            (Some(before), here) => Some(before.saturating_add(here.unwrap_or(1))),
+            (None, here) => here,
+        };
         msg.redelivered = d.redelivered;
         msg.ordering_key = headers
             .iter()
@@ -300,7 +344,8 @@ impl Source for RabbitSource {
             msg,
             acker: Some(d.acker),
             channel: self.channel.clone(),
-            dead: self.dead.clone(),
+            retries: self.retries.clone(),
+            queue: Arc::clone(&self.queue),
         }))
     }
 }
@@ -332,7 +377,8 @@ pub struct RabbitDelivery {
     // taken by the settling call; still here when the delivery is dropped unsettled
     acker: Option<Acker>,
     channel: Channel,
-    dead: String,
+    retries: Channel,
+    queue: Arc<str>,
 }
 
 impl Drop for RabbitDelivery {
@@ -361,41 +407,131 @@ impl Delivery for RabbitDelivery {
     }
 
     async fn nack(mut self, delay: Duration) -> Result<()> {
-        let Some(acker) = self.acker.take() else {
-            return Ok(());
-        };
         if delay.is_zero() {
+            let Some(acker) = self.acker.take() else {
+                return Ok(());
+            };
             return acker.nack(REQUEUE).await.map_err(err("nacking"));
         }
-        // RabbitMQ requeues at once: hold the delivery (unacked) for the delay in the
-        // background, so the lane moves on; if this process dies first, the broker requeues it
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            if let Err(e) = acker.nack(REQUEUE).await {
-                tracing::debug!(error = %e, "delayed nack failed; the broker requeues on close");
+        // RabbitMQ requeues at once: the message waits out the delay in a retry queue, confirmed
+        // there before the original is acked (a crash in between leaves a duplicate, which the
+        // store answers)
+        let step = retry_step(delay);
+        let moved = async {
+            let retry = retry_queue(&self.queue, step);
+            self.declare_retry(&retry, step).await?;
+            let mut props = self.copy_properties();
+            if let Some(headers) = props.headers().clone() {
+                let mut headers = headers;
+                let n = self.msg.deliveries.unwrap_or(1);
+                headers.insert(DELIVERIES.into(), long_string(n.to_string().as_bytes()));
+                props = props.with_headers(headers);
             }
-        });
-        Ok(())
+            publish(&self.retries, &retry, &self.msg.payload, props).await
+        };
+        match moved.await {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                // no retry queue: hold the delivery for the delay, then requeue it
+                tracing::warn!(error = %e, "no retry queue; holding the delivery for its delay");
+                let Some(acker) = self.acker.take() else {
+                    return Ok(());
+                };
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Err(e) = acker.nack(REQUEUE).await {
+                        tracing::debug!(error = %e, "delayed nack failed; the broker requeues on close");
+                    }
+                });
+                Ok(())
+            }
+        }
     }
 
     async fn dead_letter(self, reason: &str) -> Result<()> {
+        let mut props = self.copy_properties();
+        if let Some(mut headers) = props.headers().clone() {
+            headers.insert(DEAD_LETTER_REASON.into(), long_string(reason.as_bytes()));
+            props = props.with_headers(headers);
+        }
+        // confirmed in the dead-letter queue before the original is acked; a dead letter no
+        // queue takes sends the original back to its queue, after a pause rather than at once
+        if let Err(e) = publish(
+            &self.channel,
+            &dead_queue(&self.queue),
+            &self.msg.payload,
+            props,
+        )
+        .await
+        {
+            let _ = self.nack(DEAD_LETTER_RETRY).await;
+            return Err(e);
+        }
+        self.ack().await
+    }
+}
+
+impl RabbitDelivery {
+    /// Persistent properties with the message's headers and event id, for a copy of it.
+    fn copy_properties(&self) -> BasicProperties {
         let mut headers = FieldTable::default();
         for (k, v) in &self.msg.headers {
-            headers.insert(k.as_str().into(), long_string(v));
+            let broker_set = k == "x-delivery-count"
+                || k.starts_with("x-first-death")
+                || k.starts_with("x-last-death");
+            if !broker_set && k != DELIVERIES {
+                headers.insert(k.as_str().into(), long_string(v));
+            }
         }
-        headers.insert(DEAD_LETTER_REASON.into(), long_string(reason.as_bytes()));
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_headers(headers);
         if let Some(id) = &self.msg.event_id {
             props = props.with_message_id(ShortString::from(id.clone()));
         }
-        // confirmed in the dead-letter queue before the original is acked; a dead letter no
-        // queue takes sends the original back to its queue, after a pause rather than at once
-        if let Err(e) = publish(&self.channel, &self.dead, &self.msg.payload, props).await {
-            let _ = self.nack(DEAD_LETTER_RETRY).await;
-            return Err(e);
+        props
+    }
+
+    /// Declares (again, which keeps it from expiring) the retry queue `retry`: a quorum queue
+    /// whose messages expire after `step` and are dead-lettered back to this delivery's queue,
+    /// at least once.
+    async fn declare_retry(&self, retry: &str, step: Duration) -> Result<()> {
+        let ms =
+            |d: Duration| AMQPValue::LongLongInt(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let mut args = FieldTable::default();
+        let text = |s: &str| AMQPValue::LongString(s.into());
+        args.insert("x-queue-type".into(), text("quorum"));
+        args.insert("x-message-ttl".into(), ms(step));
+        args.insert("x-expires".into(), ms(step + RETRY_QUEUE_IDLE));
+        args.insert("x-dead-letter-exchange".into(), text(""));
+        args.insert("x-dead-letter-routing-key".into(), text(&self.queue));
+        args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        args.insert("x-overflow".into(), text("reject-publish"));
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        self.retries
+            .queue_declare(retry, durable, args)
+            .await
+            .map(drop)
+            .map_err(err("declaring a retry queue"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_steps_round_up_by_at_most_a_quarter() {
+        for ms in 1..100_000u64 {
+            let step = u64::try_from(retry_step(Duration::from_millis(ms)).as_millis()).unwrap();
+            assert!(step >= ms && step * 4 <= ms * 5, "{ms} ms -> {step} ms");
         }
-        self.ack().await
+        let steps: std::collections::HashSet<_> = (1..=30_000u64)
+            .map(|ms| retry_step(Duration::from_millis(ms)))
+            .collect();
+        assert!(steps.len() < 64, "{} retry queues", steps.len());
     }
 }

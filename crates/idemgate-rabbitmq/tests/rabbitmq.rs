@@ -190,3 +190,57 @@ async fn a_stuck_handler_times_out_and_is_dead_lettered() {
     broker::stuck_handler_times_out(&sink, &q, source).await;
     assert_eq!(rabbit.purge(&dead_queue(&q)).await.unwrap(), 1);
 }
+
+/// A retry waits in a retry queue, not in the consumer's prefetch: with a prefetch of one, the
+/// messages behind a failing one run at once, and the failing one comes back after its delay
+/// with its deliveries counted, until it is dead-lettered when out of attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_retry_holds_no_prefetch_slot() {
+    use idemgate_consumer::{Consumer, Message};
+    use std::sync::{Arc, Mutex};
+    let Some(rabbit) = connect().await else {
+        return;
+    };
+    let q = queue(&rabbit, "retry-slot").await;
+    rabbit.delete(&q).await.unwrap();
+    rabbit.declare_quorum(&q, 20).await.unwrap();
+    let sink = rabbit.sink().await.unwrap();
+    for p in ["a", "b", "c", "d"] {
+        sink.publish(&Outgoing::new(&q, p)).await.unwrap();
+    }
+    let runs = Arc::new(Mutex::new(Vec::<(String, Option<u32>)>::new()));
+    let handler = {
+        let runs = Arc::clone(&runs);
+        move |m: Message| {
+            let p = String::from_utf8_lossy(&m.payload).into_owned();
+            let fail = p == "a";
+            runs.lock().unwrap().push((p, m.deliveries));
+            std::future::ready(if fail { Err("a always fails") } else { Ok(()) })
+        }
+    };
+    let consumer = Consumer::gate("adapter-suite", idemgate_core::MemoryStore::new())
+        .with_max_attempts(3)
+        .with_retry_delay(Duration::from_millis(500));
+    let handle = consumer.stats_handle();
+    let stats = consumer
+        .run(
+            rabbit.source(&q, 1).await.unwrap(),
+            handler,
+            broker::until(handle, Duration::from_secs(20), |s| s.dead_lettered >= 1),
+        )
+        .await
+        .unwrap();
+    let runs = runs.lock().unwrap().clone();
+    let order: Vec<&str> = runs.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(order, ["a", "b", "c", "d", "a", "a"], "{runs:?}");
+    let counted: Vec<Option<u32>> = runs[4..].iter().map(|(_, n)| *n).collect();
+    assert_eq!(
+        counted,
+        [Some(2), Some(3)],
+        "deliveries carried through the retry queue"
+    );
+    assert_eq!(stats.handled, 3, "{stats:?}");
+    assert_eq!(stats.dead_lettered_exhausted, 1, "{stats:?}");
+    assert_eq!(rabbit.purge(&dead_queue(&q)).await.unwrap(), 1);
+    rabbit.delete(&q).await.unwrap();
+}
