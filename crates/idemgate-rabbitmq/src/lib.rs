@@ -81,6 +81,25 @@ impl RabbitMq {
         self.declare_with(queue, args).await
     }
 
+    /// Declares `queue` as [`declare_quorum`](Self::declare_quorum) does, with a single active
+    /// consumer: one consumer at a time receives, the others wait and take over, with the
+    /// unacked messages of the one that went, when it goes. Competing consumers of one queue
+    /// apply a key's next message while a dead consumer's earlier one waits to be requeued;
+    /// this queue keeps each ordering key's order through consumer deaths too.
+    pub async fn declare_ordered(&self, queue: &str, delivery_limit: u32) -> Result<()> {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(delivery_limit)),
+        );
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        self.declare_with(queue, args).await
+    }
+
     async fn declare_with(&self, queue: &str, mut args: FieldTable) -> Result<()> {
         let ch = self.channel().await?;
         let durable = QueueDeclareOptions {
@@ -177,9 +196,19 @@ impl RabbitMq {
         Ok(RabbitSink { channel: ch })
     }
 
-    /// Closes the connection: unacked deliveries go back to their queues.
+    /// Closes the connection: unacked deliveries go back to their queues. A connection that is
+    /// closing or closed already (the broker went away) is closed: that is not an error.
     pub async fn close(&self) -> Result<()> {
-        self.conn.close(200, "bye").await.map_err(err("closing"))
+        use lapin::{ChannelState, ConnectionState};
+        match self.conn.close(200, "bye").await {
+            Err(
+                lapin::Error::InvalidChannelState(ChannelState::Closing | ChannelState::Closed)
+                | lapin::Error::InvalidConnectionState(
+                    ConnectionState::Closing | ConnectionState::Closed | ConnectionState::Error,
+                ),
+            ) => Ok(()),
+            r => r.map_err(err("closing")),
+        }
     }
 }
 

@@ -40,7 +40,10 @@ impl ChaosBroker {
     /// on moto showed one effect out of order in 2,000: reported, not enforced, until its
     /// cause is known.
     pub(crate) fn keeps_order(self) -> bool {
-        self == ChaosBroker::Kafka
+        matches!(
+            self,
+            ChaosBroker::Kafka | ChaosBroker::Rabbitmq | ChaosBroker::Mqtt
+        )
     }
 
     pub(crate) fn name(self) -> &'static str {
@@ -103,6 +106,14 @@ fn mqtt_addr(url: &str) -> Result<(String, u16), BoxError> {
     Ok((host.to_owned(), port.parse()?))
 }
 
+/// The worker slot whose MQTT topic carries the events of ordering key `key`.
+fn key_slot(key: &str, workers: usize) -> usize {
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    usize::try_from(hash % u64::try_from(workers.max(1)).unwrap_or(1)).unwrap_or(0)
+}
+
 /// The MQTT topic of worker slot `slot`: each slot has its own persistent session and topic.
 pub(crate) fn mqtt_topic(name: &str, slot: usize) -> String {
     format!("{name}/{slot}")
@@ -158,9 +169,10 @@ pub(crate) async fn create_destination(
         }
         ChaosBroker::Rabbitmq => {
             let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
-            // a quorum queue with RabbitMQ 4's default delivery limit: kills, nacks and held
-            // deliveries must stay within it
-            rabbit.declare_quorum(name, 20).await?;
+            // a quorum queue with RabbitMQ 4's default delivery limit (kills, nacks and held
+            // deliveries must stay within it), and a single active consumer, which keeps each
+            // ordering key's order through kills
+            rabbit.declare_ordered(name, 20).await?;
             rabbit.close().await?;
             name.to_owned()
         }
@@ -410,8 +422,8 @@ impl Producer {
         })
     }
 
-    /// Publishes `e` (its `index` picks the MQTT slot).
-    pub(crate) async fn publish(&self, e: &Event, index: usize) -> Result<(), BoxError> {
+    /// Publishes `e`.
+    pub(crate) async fn publish(&self, e: &Event) -> Result<(), BoxError> {
         let body = serde_json::to_vec(e)?;
         let id: EventId = e.id.parse()?;
         let out = |dest: &str| {
@@ -430,7 +442,8 @@ impl Producer {
             }
             Producer::Kafka(sink, topic) => sink.publish(&out(topic)).await?,
             Producer::Mqtt(mqtt, name, workers) => {
-                let topic = mqtt_topic(name, index % workers);
+                // a key's events go to one slot's topic, as a key goes to one partition
+                let topic = mqtt_topic(name, key_slot(&e.key, *workers));
                 mqtt.sink().publish(&out(&topic)).await?;
             }
             Producer::Sqs(sink, url) => sink.publish(&out(url)).await?,

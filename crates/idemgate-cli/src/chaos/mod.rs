@@ -983,7 +983,7 @@ async fn produce(p: Production, mut again: mpsc::UnboundedReceiver<usize>) -> Re
         };
         // a failed publish is retried on a fresh connection (a broker restart): a publish that
         // did land before the failure arrives twice, as it would in production
-        while let Err(e) = producer.publish(&events[i], i).await {
+        while let Err(e) = producer.publish(&events[i]).await {
             retries.fetch_add(1, Ordering::Relaxed);
             let _ = e;
             tokio::time::sleep(Duration::from_millis(500)).await;
