@@ -8,7 +8,7 @@ use idemgate_core::{Clock, Result, SystemClock, duration_millis, to_millis};
 use rusqlite::{Connection, TransactionBehavior, params};
 
 use crate::error::sql;
-use crate::schema::{check_table, migrate};
+use crate::schema::{check_table, migrate, migrate_up};
 use crate::store::{Synchronous, open_connection};
 
 /// A received message. Acknowledge it with [`SqliteQueue::delete`] before the visibility
@@ -21,6 +21,8 @@ pub struct Message {
     pub body: Vec<u8>,
     /// How many times it has been received, this time included: above 1 it is a redelivery.
     pub receive_count: u32,
+    /// The message group it was sent in ([`SqliteQueue::send_in_group`]).
+    pub group: Option<String>,
     /// The handle of this receive, for delete and visibility changes.
     pub receipt: Receipt,
 }
@@ -51,7 +53,9 @@ pub struct QueueStats {
 /// Like SQS: [`receive`](Self::receive) hides messages for a visibility timeout and increments
 /// their receive count; [`delete`](Self::delete) acknowledges; a message not deleted in time
 /// becomes visible again and is redelivered. Delivery order is by visibility time, then send
-/// order. Each call is one transaction under SQLite's write lock, so any number of processes
+/// order; of a message group ([`send_in_group`](Self::send_in_group)) only the oldest message
+/// is received, so a group is handed out in send order, one at a time. Each call is one
+/// transaction under SQLite's write lock, so any number of processes
 /// may send and receive on the same file.
 ///
 /// ```
@@ -89,10 +93,10 @@ impl SqliteQueue {
     pub fn open_with_clock(path: impl AsRef<Path>, name: &str, clock: impl Clock) -> Result<Self> {
         check_table(name)?;
         let conn = open_connection(path.as_ref(), Duration::from_secs(30), Synchronous::Normal)?;
-        migrate(
+        migrate_up(
             &conn,
             "idemgate_queue",
-            1,
+            2,
             "CREATE TABLE IF NOT EXISTS idemgate_queue (
                 id INTEGER PRIMARY KEY AUTOINCREMENT,
                 queue TEXT NOT NULL,
@@ -100,9 +104,22 @@ impl SqliteQueue {
                 sent_at INTEGER NOT NULL,
                 visible_at INTEGER NOT NULL,
                 receive_count INTEGER NOT NULL DEFAULT 0,
-                receipt INTEGER NOT NULL DEFAULT 0);
-             CREATE INDEX IF NOT EXISTS idemgate_queue_visible ON idemgate_queue (queue, visible_at, id);",
-            &["id", "queue", "body", "sent_at", "visible_at", "receive_count", "receipt"],
+                receipt INTEGER NOT NULL DEFAULT 0,
+                group_key TEXT);
+             CREATE INDEX IF NOT EXISTS idemgate_queue_visible ON idemgate_queue (queue, visible_at, id);
+             CREATE INDEX IF NOT EXISTS idemgate_queue_group ON idemgate_queue (queue, group_key, id);",
+            &["ALTER TABLE idemgate_queue ADD COLUMN group_key TEXT;
+               CREATE INDEX IF NOT EXISTS idemgate_queue_group ON idemgate_queue (queue, group_key, id);"],
+            &[
+                "id",
+                "queue",
+                "body",
+                "sent_at",
+                "visible_at",
+                "receive_count",
+                "receipt",
+                "group_key",
+            ],
         )?;
         migrate(
             &conn,
@@ -137,10 +154,24 @@ impl SqliteQueue {
         Ok(self.send_batch([(body, delay)])?[0])
     }
 
+    /// Sends one message in the message group `group`: a group's messages are received one at
+    /// a time, in send order (each after the one before it was deleted), as in an SQS FIFO
+    /// queue's message group.
+    pub fn send_in_group(&self, body: &[u8], group: &str) -> Result<i64> {
+        Ok(self.send_all([(body, Duration::ZERO, Some(group))])?[0])
+    }
+
     /// Sends several messages in one transaction; returns their ids.
     pub fn send_batch<'a>(
         &self,
         bodies: impl IntoIterator<Item = (&'a [u8], Duration)>,
+    ) -> Result<Vec<i64>> {
+        self.send_all(bodies.into_iter().map(|(b, d)| (b, d, None)))
+    }
+
+    fn send_all<'a>(
+        &self,
+        bodies: impl IntoIterator<Item = (&'a [u8], Duration, Option<&'a str>)>,
     ) -> Result<Vec<i64>> {
         let now = self.now();
         let tx = sql(rusqlite::Transaction::new_unchecked(
@@ -150,11 +181,12 @@ impl SqliteQueue {
         let mut ids = Vec::new();
         {
             let mut stmt = sql(tx.prepare_cached(
-                "INSERT INTO idemgate_queue (queue, body, sent_at, visible_at) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO idemgate_queue (queue, body, sent_at, visible_at, group_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             ))?;
-            for (body, delay) in bodies {
+            for (body, delay, group) in bodies {
                 let visible = now.saturating_add(duration_millis(delay));
-                sql(stmt.execute(params![self.queue, body, ms(now), ms(visible)]))?;
+                sql(stmt.execute(params![self.queue, body, ms(now), ms(visible), group]))?;
                 ids.push(tx.last_insert_rowid());
             }
         }
@@ -166,7 +198,8 @@ impl SqliteQueue {
         Ok(ids)
     }
 
-    /// Receives up to `max` visible messages and hides them for `visibility`.
+    /// Receives up to `max` visible messages and hides them for `visibility`. Of a message
+    /// group, only its oldest message is received, and only while it is visible.
     pub fn receive(&self, max: usize, visibility: Duration) -> Result<Vec<Message>> {
         let now = self.now();
         let handle: i64 = rand::random::<i64>() & i64::MAX;
@@ -178,10 +211,14 @@ impl SqliteQueue {
             let mut stmt = sql(tx.prepare_cached(
                 "UPDATE idemgate_queue
                     SET visible_at = ?3, receive_count = receive_count + 1, receipt = ?4
-                  WHERE id IN (SELECT id FROM idemgate_queue
+                  WHERE id IN (SELECT id FROM idemgate_queue m
                                 WHERE queue = ?1 AND visible_at <= ?2
+                                  AND (group_key IS NULL OR NOT EXISTS (
+                                       SELECT 1 FROM idemgate_queue e
+                                        WHERE e.queue = m.queue AND e.group_key = m.group_key
+                                          AND e.id < m.id))
                                 ORDER BY visible_at, id LIMIT ?5)
-                  RETURNING id, body, receive_count",
+                  RETURNING id, body, receive_count, group_key",
             ))?;
             let rows = sql(stmt.query_map(
                 params![
@@ -197,6 +234,7 @@ impl SqliteQueue {
                         id,
                         body: r.get(1)?,
                         receive_count: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(u32::MAX),
+                        group: r.get(3)?,
                         receipt: Receipt { id, handle },
                     })
                 },

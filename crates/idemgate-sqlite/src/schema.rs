@@ -26,16 +26,31 @@ pub(crate) fn check_table(name: &str) -> Result<()> {
 }
 
 /// Applies the migration for `component` (a table) at `version`, unless already applied.
-///
-/// A table that exists with other columns than `columns`, or a recorded version newer than this
-/// code knows, is [`Error::Corrupt`]: the file belongs to something else, or to a newer idemgate.
-/// Outside a transaction it takes the write lock first (`BEGIN IMMEDIATE`), so processes that
-/// start together migrate one after another.
+/// Equivalent to [`migrate_up`] with no upgrade steps.
 pub(crate) fn migrate(
     conn: &Connection,
     component: &str,
     version: i64,
     ddl: &str,
+    columns: &[&str],
+) -> Result<()> {
+    migrate_up(conn, component, version, ddl, &[], columns)
+}
+
+/// Applies the migration for `component` (a table) at `version`, unless already applied;
+/// a table at an older version is brought up by `upgrades[v - 1]` for each version `v` it
+/// lacks (`upgrades[0]` takes version 1 to 2).
+///
+/// A table that exists with other columns than `columns`, or a recorded version newer than this
+/// code knows, is [`Error::Corrupt`]: the file belongs to something else, or to a newer idemgate.
+/// Outside a transaction it takes the write lock first (`BEGIN IMMEDIATE`), so processes that
+/// start together migrate one after another.
+pub(crate) fn migrate_up(
+    conn: &Connection,
+    component: &str,
+    version: i64,
+    ddl: &str,
+    upgrades: &[&str],
     columns: &[&str],
 ) -> Result<()> {
     let (begin, commit, rollback) = if conn.is_autocommit() {
@@ -49,7 +64,7 @@ pub(crate) fn migrate(
     };
     // the first statement touches the file: a foreign file fails here, as `Corrupt`
     sql(conn.execute_batch(begin))?;
-    let result = migrate_in_tx(conn, component, version, ddl, columns);
+    let result = migrate_in_tx(conn, component, version, ddl, upgrades, columns);
     match result {
         Ok(()) => sql(conn.execute_batch(commit)),
         Err(e) => {
@@ -64,6 +79,7 @@ fn migrate_in_tx(
     component: &str,
     version: i64,
     ddl: &str,
+    upgrades: &[&str],
     columns: &[&str],
 ) -> Result<()> {
     sql(conn.execute_batch(
@@ -88,16 +104,35 @@ fn migrate_in_tx(
         }
         Ok(!have.is_empty())
     };
-    // a table of the same name made by something else is refused before any DDL touches it
-    check_columns()?;
     match found {
         Some(v) if v > version => {
             return Err(corrupt(format!(
                 "{component} has schema version {v}; this idemgate knows up to {version}"
             )));
         }
-        Some(_) => {}
+        Some(v) if v < version => {
+            for step in v..version {
+                let ddl = usize::try_from(step - 1)
+                    .ok()
+                    .and_then(|i| upgrades.get(i))
+                    .ok_or_else(|| {
+                        corrupt(format!(
+                            "{component} has schema version {v}, which this idemgate cannot upgrade"
+                        ))
+                    })?;
+                sql(conn.execute_batch(ddl))?;
+            }
+            sql(conn.execute(
+                "UPDATE idemgate_schema SET version = ?2 WHERE component = ?1",
+                rusqlite::params![component, version],
+            ))?;
+        }
+        // a table of the same name made by something else is refused before any DDL touches it
+        Some(_) => {
+            check_columns()?;
+        }
         None => {
+            check_columns()?;
             sql(conn.execute_batch(ddl))?;
             sql(conn.execute(
                 "INSERT INTO idemgate_schema (component, version) VALUES (?1, ?2)",

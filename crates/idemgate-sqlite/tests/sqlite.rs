@@ -380,6 +380,82 @@ fn queue_hides_redelivers_and_counts() {
     assert_eq!(other.stats().unwrap().messages, 1);
 }
 
+/// A message group is handed out one message at a time, in send order, and waits behind a
+/// message that went back; other groups and ungrouped messages do not wait.
+#[test]
+fn queue_groups_wait_behind_their_oldest_message() {
+    let clock = idemgate_core::ManualClock::new();
+    let dir = tempfile::tempdir().unwrap();
+    let q = SqliteQueue::open_with_clock(dir.path().join("q.db"), "jobs", clock.clone()).unwrap();
+    for (body, group) in [
+        ("a1", "a"),
+        ("b1", "b"),
+        ("a2", "a"),
+        ("a3", "a"),
+        ("b2", "b"),
+    ] {
+        q.send_in_group(body.as_bytes(), group).unwrap();
+    }
+    q.send(b"free").unwrap();
+    let bodies = |ms: &[idemgate_sqlite::Message]| {
+        ms.iter()
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect::<Vec<_>>()
+    };
+    let first = q.receive(10, Duration::from_secs(30)).unwrap();
+    assert_eq!(bodies(&first), ["a1", "b1", "free"]);
+    assert_eq!(first[0].group.as_deref(), Some("a"));
+    assert_eq!(first[2].group, None);
+    assert!(q.receive(10, Duration::from_secs(30)).unwrap().is_empty());
+    // a1 goes back with a delay: a2 waits for it; b goes on
+    assert!(
+        q.change_visibility(&first[0].receipt, Duration::from_secs(5))
+            .unwrap()
+    );
+    assert!(q.delete(&first[1].receipt).unwrap());
+    assert_eq!(
+        bodies(&q.receive(10, Duration::from_secs(30)).unwrap()),
+        ["b2"]
+    );
+    clock.advance(Duration::from_secs(5));
+    let again = q.receive(10, Duration::from_secs(30)).unwrap();
+    assert_eq!(bodies(&again), ["a1"]);
+    assert!(q.delete(&again[0].receipt).unwrap());
+    assert_eq!(
+        bodies(&q.receive(10, Duration::from_secs(30)).unwrap()),
+        ["a2"]
+    );
+}
+
+/// A queue file made before message groups is upgraded in place, its messages kept.
+#[test]
+fn queue_files_without_groups_are_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE idemgate_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL);
+             INSERT INTO idemgate_schema VALUES ('idemgate_queue', 1);
+             CREATE TABLE idemgate_queue (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, body BLOB NOT NULL,
+                sent_at INTEGER NOT NULL, visible_at INTEGER NOT NULL,
+                receive_count INTEGER NOT NULL DEFAULT 0, receipt INTEGER NOT NULL DEFAULT 0);
+             INSERT INTO idemgate_queue (queue, body, sent_at, visible_at) VALUES ('jobs', x'6f6c64', 0, 0);",
+        )
+        .unwrap();
+    }
+    let q = SqliteQueue::open(&path, "jobs").unwrap();
+    q.send_in_group(b"new", "g").unwrap();
+    let got = q.receive(10, Duration::from_secs(30)).unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (got[0].body.as_slice(), got[0].group.as_deref()),
+        (&b"old"[..], None)
+    );
+    assert_eq!(got[1].group.as_deref(), Some("g"));
+}
+
 /// Four processes' worth of connections drain one queue: every message is received, and while
 /// each receive hides its messages no two receivers get the same one.
 #[test]

@@ -32,13 +32,13 @@ pub(crate) enum ChaosBroker {
 }
 
 impl ChaosBroker {
-    /// Whether the broker hands one ordering key to one consumer at a time (Kafka's
-    /// partitions), so that effects must follow each key's publish order. Competing consumers
-    /// of one queue (RabbitMQ, NATS, SQS standard, the embedded queue) see a key's next message
-    /// while a dead consumer's message waits for its redelivery; MQTT topics here are per
-    /// worker, not per key. SQS FIFO message groups (`--fifo`) should hold too, but a CI run
-    /// on moto showed one effect out of order in 2,000: reported, not enforced, until its
-    /// cause is known.
+    /// Whether the run keeps each ordering key's order, so that effects must follow it: Kafka
+    /// (a key's partition has one member), RabbitMQ (a single active consumer), MQTT (a key's
+    /// topic has one session) and the embedded queue (a key's message group hands out one
+    /// message at a time). Competing consumers of NATS and SQS standard queues apply a key's
+    /// next message while a dead consumer's earlier one waits for its ack wait or visibility
+    /// timeout: reported, not enforced. SQS FIFO message groups (`--fifo`) should hold, but a
+    /// run on moto showed one effect out of order in 2,000: reported until its cause is known.
     pub(crate) fn keeps_order(self) -> bool {
         matches!(
             self,
@@ -434,7 +434,7 @@ impl Producer {
                 queue
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .send(&body)?;
+                    .send_in_group(&body, &e.key)?;
             }
             Producer::Rabbit { sink, queue, .. } => sink.publish(&out(queue)).await?,
             Producer::Nats(sink, stream) => {
@@ -570,6 +570,7 @@ impl Source for EmbeddedSource {
                     msg = msg.with_event_id(event.id);
                 }
                 msg.deliveries = Some(m.receive_count);
+                msg.ordering_key = m.group.clone();
                 return Ok(Some(EmbeddedDelivery {
                     queue: Arc::clone(&self.queue),
                     dead: Arc::clone(&self.dead),
