@@ -208,6 +208,9 @@ struct Schedule {
     published_twice: u64,
     /// Kill plans in spawn order: the point and the delivery count it waits for.
     kills: Vec<(&'static str, u64)>,
+    /// Kills the supervisor arms once this fraction of the events is settled, each on a
+    /// redelivered message where one comes: the run's tail.
+    tail_kills: Vec<(&'static str, f64)>,
     /// Zombie plans in spawn order: the delivery count.
     zombies: Vec<u64>,
     /// Faults at fractions of the events applied.
@@ -254,13 +257,24 @@ impl Schedule {
         // zombies one worker life after another, and a life lasts between half and all of an
         // equal part of the slot's deliveries (redeliveries included), so the last lives die
         // in the redelivery tail and none outlives the events
+        // Half the kills are armed by the supervisor later in the run, on redeliveries
+        let tail = args.kills / 2;
         let workers = u64::from(args.workers.max(1));
-        let per_slot = u64::from(args.kills + args.zombies).div_ceil(workers) + 1;
+        let per_slot = u64::from(args.kills - tail + args.zombies).div_ceil(workers) + 1;
         let span = (args.events / workers / per_slot).max(2);
-        let kills = (0..args.kills)
+        let kills = (0..args.kills - tail)
             .map(|_| {
                 let p = Point::ALL[rng.random_range(0..Point::ALL.len())];
                 (p.name(), rng.random_range(span / 2..=span))
+            })
+            .collect();
+        let tail_kills = (0..tail)
+            .map(|j| {
+                let p = Point::ALL[rng.random_range(0..Point::ALL.len())];
+                (
+                    p.name(),
+                    TAIL_FROM + TAIL_SPAN * f64::from(j + 1) / f64::from(tail),
+                )
             })
             .collect();
         let zombies = (0..args.zombies)
@@ -284,11 +298,22 @@ impl Schedule {
             order,
             published_twice: dup_count as u64,
             kills,
+            tail_kills,
             zombies,
             faults,
         }
     }
 }
+
+/// Tail kills are armed between these fractions of the events settled, evenly.
+const TAIL_FROM: f64 = 0.5;
+const TAIL_SPAN: f64 = 0.4;
+/// The producer holds back this share of the events while tail kills are due, so there is
+/// work to kill a worker in: one event a second goes out while a kill is armed and nothing
+/// moves.
+const RESERVE: f64 = 0.05;
+/// An armed tail kill that did not fire in this long is armed in another worker.
+const ARMED_FOR: Duration = Duration::from_secs(5);
 
 /// The figures of one run.
 #[derive(Debug, Default, Serialize)]
@@ -337,6 +362,11 @@ pub(crate) struct Figures {
     seconds: f64,
     /// When each kill happened, in seconds from the start: they are spread over the run.
     kill_times: Vec<f64>,
+    /// Kills of a worker while it handled a redelivered message.
+    kills_on_redelivery: u64,
+    /// When the last message was delivered, in seconds from the start: the end of the
+    /// redelivery tail.
+    last_delivery: f64,
     #[serde(skip)]
     timeline: Vec<Sample>,
     #[serde(skip)]
@@ -596,6 +626,8 @@ struct Slot {
     ready: bool,
     /// The plan the current generation carries, until it fires.
     plan: Option<Plan>,
+    /// When the current generation last received a message.
+    last_recv: Option<Instant>,
 }
 
 /// A fault planned for one worker's life.
@@ -628,6 +660,10 @@ struct Phase<'a> {
     /// Plans not yet handed to a worker; a worker that exits before its plan fired gives it
     /// back, so every planned fault happens.
     plans: std::collections::VecDeque<Plan>,
+    /// Tail kills not yet fired: the point and the fraction settled that arms it.
+    tail: std::collections::VecDeque<(&'static str, f64)>,
+    /// The slot and generation the front tail kill is armed in, since when.
+    armed: Option<(usize, u64, Instant)>,
     slots: Vec<Slot>,
     fig: Figures,
     seen: HashSet<String>,
@@ -736,6 +772,7 @@ impl Phase<'_> {
         s.stats = (0, 0, 0);
         s.ready = false;
         s.plan = plan;
+        s.last_recv = None;
         Ok(())
     }
 
@@ -757,6 +794,45 @@ impl Phase<'_> {
         s.stats = (0, 0, 0);
         s.respawn_at = Some(Instant::now() + delay);
         self.last_death = Instant::now();
+        if self.armed.is_some_and(|(armed, ..)| armed == slot) {
+            self.armed = None;
+        }
+    }
+
+    /// Arms the front tail kill once its share of the events is settled, in the worker that
+    /// received last (under a single active consumer, the only one receiving); one armed
+    /// for too long without firing is moved.
+    fn arm_tail(&mut self, done: f64) {
+        if let Some((slot, generation, since)) = self.armed {
+            if since.elapsed() < ARMED_FOR {
+                return;
+            }
+            if self.slots[slot].generation == generation {
+                self.tell(slot, "DISARM");
+            }
+            self.armed = None;
+        }
+        let Some(&(point, at)) = self.tail.front() else {
+            return;
+        };
+        if done < at {
+            return;
+        }
+        let busiest = (0..self.slots.len())
+            .filter(|&i| self.slots[i].child.is_some() && self.slots[i].ready)
+            .max_by_key(|&i| self.slots[i].last_recv);
+        if let Some(slot) = busiest {
+            self.tell(slot, &format!("ARM {point}"));
+            self.armed = Some((slot, self.slots[slot].generation, Instant::now()));
+        }
+    }
+
+    /// Writes one line to the worker in `slot`.
+    fn tell(&mut self, slot: usize, line: &str) {
+        if let Some(stdin) = &mut self.slots[slot].stdin {
+            let _ = writeln!(stdin, "{line}");
+            let _ = stdin.flush();
+        }
     }
 
     fn worker_log(&self, slot: usize) -> String {
@@ -789,6 +865,8 @@ impl Phase<'_> {
             "READY" => self.slots[slot].ready = true,
             "RECV" => {
                 self.fig.deliveries += 1;
+                self.slots[slot].last_recv = Some(Instant::now());
+                self.fig.last_delivery = (self.t() * 10.0).round() / 10.0;
                 if !self.seen.insert(rest.to_owned()) {
                     self.fig.duplicate_deliveries += 1;
                 }
@@ -804,7 +882,16 @@ impl Phase<'_> {
                 }
             }
             "AT" => {
-                let point = rest.split(' ').next().unwrap_or("");
+                let mut words = rest.split(' ');
+                let point = words.next().unwrap_or("");
+                // a third word: the armed tail kill, on a redelivery or not
+                if let Some(what) = words.nth(1) {
+                    self.tail.pop_front();
+                    self.armed = None;
+                    if what == "redelivery" {
+                        self.fig.kills_on_redelivery += 1;
+                    }
+                }
                 let point = Point::ALL
                     .into_iter()
                     .find(|p| p.name() == point)
@@ -929,6 +1016,10 @@ struct Production {
     order: Vec<usize>,
     /// At most this many distinct events published and not yet applied.
     backlog: u64,
+    /// The last events of the order, held back until the supervisor releases them.
+    reserve: usize,
+    /// How many of the reserve may go out.
+    release: Arc<AtomicU64>,
     /// Events applied (from the ledger).
     touched: Arc<AtomicU64>,
     /// Messages published, with [`ALL_OUT`] once the schedule is out.
@@ -947,10 +1038,13 @@ async fn produce(p: Production, mut again: mpsc::UnboundedReceiver<usize>) -> Re
         events,
         order,
         backlog,
+        reserve,
+        release,
         touched,
         published,
         retries,
     } = p;
+    let held_from = order.len().saturating_sub(reserve);
     let connect = || Producer::connect(broker, &url, &destination, &dir, workers);
     let mut producer = connect().await?;
     // distinct events among the first n published, to compare with the events applied (a
@@ -969,7 +1063,10 @@ async fn produce(p: Production, mut again: mpsc::UnboundedReceiver<usize>) -> Re
             Ok(i) => i,
             Err(_) if next < order.len() => {
                 let ahead = if next == 0 { 0 } else { distinct[next - 1] };
-                if ahead >= touched.load(Ordering::Relaxed) + backlog {
+                let held = next >= held_from
+                    && u64::try_from(next - held_from).unwrap_or(u64::MAX)
+                        >= release.load(Ordering::Relaxed);
+                if held || ahead >= touched.load(Ordering::Relaxed) + backlog {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
@@ -1072,6 +1169,8 @@ async fn phase(
                     .map(|&(p, after)| Plan::Kill(p, after)),
             )
             .collect(),
+        tail: schedule.tail_kills.iter().copied().collect(),
+        armed: None,
         slots: (0..workers)
             .map(|_| Slot {
                 child: None,
@@ -1081,6 +1180,7 @@ async fn phase(
                 stats: (0, 0, 0),
                 ready: false,
                 plan: None,
+                last_recv: None,
             })
             .collect(),
         fig: Figures {
@@ -1231,6 +1331,17 @@ async fn supervise(
     let touched = Arc::new(AtomicU64::new(0));
     let published = Arc::new(AtomicU64::new(0));
     let retries = Arc::new(AtomicU64::new(0));
+    let release = Arc::new(AtomicU64::new(if ph.tail.is_empty() {
+        u64::MAX
+    } else {
+        0
+    }));
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let reserve = (schedule.order.len() as f64 * RESERVE) as usize;
     let (again_tx, again_rx) = mpsc::unbounded_channel();
     let backlog = match args.broker {
         // Mosquitto keeps at most 1000 messages per session: stay well under it per slot
@@ -1249,6 +1360,8 @@ async fn supervise(
             events: schedule.events.clone(),
             order: schedule.order.clone(),
             backlog,
+            reserve,
+            release: Arc::clone(&release),
             touched: Arc::clone(&touched),
             published: Arc::clone(&published),
             retries: Arc::clone(&retries),
@@ -1271,6 +1384,7 @@ async fn supervise(
         + Duration::from_secs(1);
     let mut faults = schedule.faults.iter().peekable();
     let mut zombie: Option<Zombie> = None;
+    let mut last_release = Instant::now();
     let mut last_poll = Instant::now() - Duration::from_secs(1);
     let mut last_change = Instant::now();
     let mut last = (0u64, Tally::default());
@@ -1416,8 +1530,28 @@ async fn supervise(
             exits_allowed += u64::from(args.workers);
             last_change = Instant::now();
         }
+        // the tail kills, with work held back for them: a few events go out at a time while
+        // one is armed and nothing moves
+        if zombie.is_none() {
+            ph.arm_tail(done);
+        }
+        if ph.tail.is_empty() {
+            release.store(u64::MAX, Ordering::Relaxed);
+        } else if ph.armed.is_some()
+            && last_release.elapsed() > Duration::from_secs(1)
+            && ph
+                .slots
+                .iter()
+                .filter_map(|s| s.last_recv)
+                .max()
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+        {
+            release.fetch_add(1, Ordering::Relaxed);
+            last_release = Instant::now();
+        }
         let all_published = published.load(Ordering::Relaxed) & ALL_OUT != 0;
         if all_published
+            && ph.tail.is_empty()
             && tally.touched == args.events
             && zombie.is_none()
             && faults.peek().is_none()

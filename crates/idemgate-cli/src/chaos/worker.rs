@@ -4,8 +4,13 @@
 //! It tells the supervisor on stdout what it does: `READY` once subscribed, `RECV <id>` per
 //! delivery, `DEAD <id>` per dead letter, `STATS <handled> <duplicates> <fenced>` now and then.
 //! At its planned kill point it says `AT <point> <id>` and parks for the supervisor's SIGKILL; at
-//! its planned zombie point it says `ZOMBIE <id>` and waits for a line on stdin, which the
+//! its planned zombie point it says `ZOMBIE <id>` and waits for an empty line on stdin, which the
 //! supervisor sends after SIGSTOP, a wait past the lease, and SIGCONT.
+//!
+//! The supervisor arms the kills of the run's tail over stdin (`ARM <point>`, `DISARM`): the
+//! worker picks its next redelivered message (or, armed for 2 s without one, its next message),
+//! and stops at the point on that message's way, or before its ack if the way does not pass the
+//! point (a duplicate): `AT <point> <id> redelivery|fresh`.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -112,6 +117,10 @@ struct Hooks {
     zombie_after: Option<u64>,
     seen: AtomicU64,
     zombied: AtomicBool,
+    /// The kill the supervisor armed over stdin, if any.
+    tail: std::sync::Mutex<Tail>,
+    /// Empty lines on stdin: the supervisor thawed this zombie.
+    thaw: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
     /// Held (shared) by every ledger and store operation in flight; the zombie takes it
     /// exclusively before it freezes, so it freezes holding its lease but no transaction or
     /// database lock (a process frozen inside one stalls every other worker on its locks: a
@@ -119,14 +128,74 @@ struct Hooks {
     io: tokio::sync::RwLock<()>,
 }
 
+/// A kill armed by the supervisor.
+#[derive(Debug, Default)]
+struct Tail {
+    point: Option<Point>,
+    since: Option<std::time::Instant>,
+    /// The message it stops on, and whether that was a redelivery.
+    target: Option<(String, bool)>,
+}
+
+/// How long an armed kill waits for a redelivery before it takes any message.
+const REDELIVERY_WAIT: Duration = Duration::from_secs(2);
+
 impl Hooks {
-    /// Parks here for the SIGKILL if this is the planned point.
+    /// Reads the supervisor's lines from stdin in a thread of its own: `ARM <point>` and
+    /// `DISARM` set the tail kill, an empty line thaws a zombie.
+    fn listen(self: &Arc<Self>, thaw: std::sync::mpsc::Sender<()>) {
+        let hooks = Arc::clone(self);
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+                let mut tail = hooks.tail.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(point) = line.strip_prefix("ARM ") {
+                    *tail = Tail {
+                        point: Point::ALL.into_iter().find(|p| p.name() == point),
+                        since: Some(std::time::Instant::now()),
+                        target: None,
+                    };
+                } else if line == "DISARM" {
+                    *tail = Tail::default();
+                } else if thaw.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Picks `msg` for the armed kill: a redelivery, or any message once armed for a while.
+    fn pick(&self, msg: &Message) {
+        let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        if tail.point.is_none() || tail.target.is_some() {
+            return;
+        }
+        let redelivery = msg.redelivered || msg.deliveries.is_some_and(|n| n > 1);
+        if redelivery || tail.since.is_some_and(|t| t.elapsed() >= REDELIVERY_WAIT) {
+            tail.target = Some((id_of(msg).to_owned(), redelivery));
+        }
+    }
+
+    /// Parks here for the SIGKILL if this is the planned point, or the armed kill's.
     fn at(&self, p: Point, id: &str) {
         if self.die_at == Some(p) && self.seen.load(Ordering::Relaxed) >= self.die_after {
             say(&format!("AT {} {id}", p.name()));
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
+            park();
+        }
+        let armed = {
+            let tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+            match (&tail.target, tail.point) {
+                (Some((target, redelivery)), Some(point))
+                    if target == id && (p == point || p == Point::BeforeAck) =>
+                {
+                    Some(*redelivery)
+                }
+                _ => None,
             }
+        };
+        if let Some(redelivery) = armed {
+            let what = if redelivery { "redelivery" } else { "fresh" };
+            say(&format!("AT {} {id} {what}", p.name()));
+            park();
         }
     }
 
@@ -139,9 +208,15 @@ impl Hooks {
         if due && !self.zombied.swap(true, Ordering::Relaxed) {
             let _no_io = self.io.write().await;
             say(&format!("ZOMBIE {id}"));
-            let mut line = String::new();
-            let _ = std::io::stdin().lock().read_line(&mut line);
+            let _ = self.thaw.lock().unwrap_or_else(|e| e.into_inner()).recv();
         }
+    }
+}
+
+/// Waits for the supervisor's SIGKILL.
+fn park() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }
 
@@ -168,6 +243,7 @@ impl<S: Source> Source for Watched<S> {
         };
         self.hooks.seen.fetch_add(1, Ordering::Relaxed);
         say(&format!("RECV {}", id_of(d.message())));
+        self.hooks.pick(d.message());
         Ok(Some(WatchedDelivery {
             inner: d,
             hooks: Arc::clone(&self.hooks),
@@ -418,6 +494,7 @@ pub(crate) fn run(args: ChaosWorkerArgs) -> Result<ExitCode, BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let (thaw_tx, thaw_rx) = std::sync::mpsc::channel();
     rt.block_on(async {
         let hooks = Arc::new(Hooks {
             die_at: args.die_at,
@@ -425,8 +502,11 @@ pub(crate) fn run(args: ChaosWorkerArgs) -> Result<ExitCode, BoxError> {
             zombie_after: args.zombie_after,
             seen: AtomicU64::new(0),
             zombied: AtomicBool::new(false),
+            tail: std::sync::Mutex::default(),
+            thaw: std::sync::Mutex::new(thaw_rx),
             io: tokio::sync::RwLock::new(()),
         });
+        hooks.listen(thaw_tx);
         let pool = u32::try_from(args.concurrency).unwrap_or(8).clamp(2, 32);
         let store = match (args.mode, &args.store) {
             (WorkerMode::Gate, Some(url)) => Some(crate::stores::open(url).await?),
