@@ -244,3 +244,57 @@ async fn a_delayed_retry_holds_no_prefetch_slot() {
     assert_eq!(rabbit.purge(&dead_queue(&q)).await.unwrap(), 1);
     rabbit.delete(&q).await.unwrap();
 }
+
+/// A queue from `declare_ordered` has one consumer at a time: the standby receives nothing
+/// while the first consumer lives, and when it dies, takes over its unacked messages and the
+/// rest in publish order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_queue_hands_over_in_order_when_its_consumer_dies() {
+    use idemgate_consumer::Delivery;
+    let Some(rabbit) = connect().await else {
+        return;
+    };
+    let q = queue(&rabbit, "ordered").await;
+    rabbit.delete(&q).await.unwrap();
+    rabbit.declare_ordered(&q, 20).await.unwrap();
+    let sink = rabbit.sink().await.unwrap();
+    for i in 0..10 {
+        let out = Outgoing::new(&q, format!("a{i}")).ordering_key("a");
+        sink.publish(&out).await.unwrap();
+    }
+    let doomed = RabbitMq::connect(&url()).await.unwrap();
+    let mut first = doomed.source(&q, 4).await.unwrap();
+    let standby_conn = RabbitMq::connect(&url()).await.unwrap();
+    let mut standby = standby_conn.source(&q, 4).await.unwrap();
+    let payload = |d: &idemgate_rabbitmq::RabbitDelivery| {
+        String::from_utf8_lossy(&d.message().payload).into_owned()
+    };
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let d = broker::next(&mut first, Duration::from_secs(5), "the active consumer").await;
+        assert_eq!(payload(&d), format!("a{i}"));
+        if i < 2 {
+            d.ack().await.unwrap();
+        } else {
+            held.push(d);
+        }
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), standby.recv())
+            .await
+            .is_err(),
+        "the standby received while the active consumer lived"
+    );
+    std::mem::forget(held);
+    doomed.close().await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 8 {
+        let d = broker::next(&mut standby, Duration::from_secs(10), "the standby").await;
+        got.push(payload(&d));
+        d.ack().await.unwrap();
+    }
+    let expected: Vec<String> = (2..10).map(|i| format!("a{i}")).collect();
+    assert_eq!(got, expected);
+    standby_conn.close().await.unwrap();
+    rabbit.delete(&q).await.unwrap();
+}
