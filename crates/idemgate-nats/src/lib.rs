@@ -48,6 +48,10 @@ pub struct ConsumerOptions {
     pub max_deliver: i64,
     /// Unacked messages the server hands out at once (default 256).
     pub max_ack_pending: i64,
+    /// Messages one pull asks for (default 32). Messages the client holds before the consumer
+    /// takes them are not reported in progress, and a dead consumer's are redelivered only
+    /// after the ack wait: a small batch keeps both few.
+    pub pull_batch: usize,
     /// Where dead letters are published (it must be bound to a stream). `None`: a message that
     /// should be dead-lettered stays in its stream (redelivered until `max_deliver`) and the
     /// source warns at start.
@@ -60,6 +64,7 @@ impl Default for ConsumerOptions {
             ack_wait: Duration::from_secs(30),
             max_deliver: 20,
             max_ack_pending: 256,
+            pull_batch: 32,
             dead_letter_subject: None,
         }
     }
@@ -69,6 +74,12 @@ impl ConsumerOptions {
     /// Sets the ack wait.
     pub fn ack_wait(mut self, d: Duration) -> Self {
         self.ack_wait = d;
+        self
+    }
+
+    /// Sets how many messages one pull asks for.
+    pub fn pull_batch(mut self, n: usize) -> Self {
+        self.pull_batch = n;
         self
     }
 
@@ -144,7 +155,12 @@ impl Nats {
         // the server's own settings: an existing durable keeps its config, whatever `opts` say
         let config = &consumer.cached_info().config;
         let horizon = horizon(config.ack_wait, config.max_deliver, duplicate_window);
-        let messages = consumer.messages().await.map_err(err("pulling"))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(opts.pull_batch.max(1))
+            .messages()
+            .await
+            .map_err(err("pulling"))?;
         if opts.dead_letter_subject.is_none() {
             tracing::warn!(
                 stream,
