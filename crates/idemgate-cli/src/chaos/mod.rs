@@ -799,9 +799,33 @@ impl Phase<'_> {
         }
     }
 
+    /// Whether a kill or zombie is still to happen.
+    fn faults_due(&self) -> bool {
+        !self.tail.is_empty()
+            || !self.plans.is_empty()
+            || self.slots.iter().any(|s| s.plan.is_some())
+    }
+
+    /// Brings the plans of live workers forward when nothing moves: a kill plan is armed at its
+    /// point, a zombie plan freezes at its next claim (a worker may not see the deliveries its
+    /// plan counts on before the events run out).
+    fn force_plans(&mut self) {
+        for slot in 0..self.slots.len() {
+            let s = &self.slots[slot];
+            if s.child.is_none() || !s.ready || self.armed.is_some_and(|(a, ..)| a == slot) {
+                continue;
+            }
+            match s.plan {
+                Some(Plan::Kill(point, _)) => self.tell(slot, &format!("ARM {point}")),
+                Some(Plan::Zombie(_)) => self.tell(slot, "ZOMBIE"),
+                None => {}
+            }
+        }
+    }
+
     /// Arms the front tail kill once its share of the events is settled, in the worker that
-    /// received last (under a single active consumer, the only one receiving); one armed
-    /// for too long without firing is moved.
+    /// received last (under a single active consumer, the only one receiving) among those
+    /// without a plan of their own; one armed for too long without firing is moved.
     fn arm_tail(&mut self, done: f64) {
         if let Some((slot, generation, since)) = self.armed {
             if since.elapsed() < ARMED_FOR {
@@ -818,9 +842,15 @@ impl Phase<'_> {
         if done < at {
             return;
         }
+        let live = |i: &usize| self.slots[*i].child.is_some() && self.slots[*i].ready;
         let busiest = (0..self.slots.len())
-            .filter(|&i| self.slots[i].child.is_some() && self.slots[i].ready)
-            .max_by_key(|&i| self.slots[i].last_recv);
+            .filter(|i| live(i) && self.slots[*i].plan.is_none())
+            .max_by_key(|&i| self.slots[i].last_recv)
+            .or_else(|| {
+                (0..self.slots.len())
+                    .filter(live)
+                    .max_by_key(|&i| self.slots[i].last_recv)
+            });
         if let Some(slot) = busiest {
             self.tell(slot, &format!("ARM {point}"));
             self.armed = Some((slot, self.slots[slot].generation, Instant::now()));
@@ -884,12 +914,15 @@ impl Phase<'_> {
             "AT" => {
                 let mut words = rest.split(' ');
                 let point = words.next().unwrap_or("");
-                // a third word: the armed tail kill, on a redelivery or not
+                // a third word: an armed kill (the tail's, or a plan brought forward), on a
+                // redelivery or not
                 if let Some(what) = words.nth(1) {
-                    self.tail.pop_front();
-                    self.armed = None;
                     if what == "redelivery" {
                         self.fig.kills_on_redelivery += 1;
+                    }
+                    if self.armed.is_some_and(|(a, ..)| a == slot) {
+                        self.tail.pop_front();
+                        self.armed = None;
                     }
                 }
                 let point = Point::ALL
@@ -1331,11 +1364,7 @@ async fn supervise(
     let touched = Arc::new(AtomicU64::new(0));
     let published = Arc::new(AtomicU64::new(0));
     let retries = Arc::new(AtomicU64::new(0));
-    let release = Arc::new(AtomicU64::new(if ph.tail.is_empty() {
-        u64::MAX
-    } else {
-        0
-    }));
+    let release = Arc::new(AtomicU64::new(if !ph.faults_due() { u64::MAX } else { 0 }));
     #[allow(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
@@ -1535,10 +1564,9 @@ async fn supervise(
         if zombie.is_none() {
             ph.arm_tail(done);
         }
-        if ph.tail.is_empty() {
+        if !ph.faults_due() {
             release.store(u64::MAX, Ordering::Relaxed);
-        } else if ph.armed.is_some()
-            && last_release.elapsed() > Duration::from_secs(1)
+        } else if last_release.elapsed() > Duration::from_secs(1)
             && ph
                 .slots
                 .iter()
@@ -1548,10 +1576,11 @@ async fn supervise(
         {
             release.fetch_add(1, Ordering::Relaxed);
             last_release = Instant::now();
+            ph.force_plans();
         }
         let all_published = published.load(Ordering::Relaxed) & ALL_OUT != 0;
         if all_published
-            && ph.tail.is_empty()
+            && !ph.faults_due()
             && tally.touched == args.events
             && zombie.is_none()
             && faults.peek().is_none()

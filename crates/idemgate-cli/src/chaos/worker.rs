@@ -7,7 +7,8 @@
 //! its planned zombie point it says `ZOMBIE <id>` and waits for an empty line on stdin, which the
 //! supervisor sends after SIGSTOP, a wait past the lease, and SIGCONT.
 //!
-//! The supervisor arms the kills of the run's tail over stdin (`ARM <point>`, `DISARM`): the
+//! The supervisor arms kills over stdin (`ARM <point>`, `DISARM`; `ZOMBIE` brings a planned
+//! zombie forward): the
 //! worker picks its next redelivered message (or, armed for 2 s without one, its next message),
 //! and stops at the point on that message's way, or before its ack if the way does not pass the
 //! point (a duplicate): `AT <point> <id> redelivery|fresh`.
@@ -115,6 +116,8 @@ struct Hooks {
     die_at: Option<Point>,
     die_after: u64,
     zombie_after: Option<u64>,
+    /// The supervisor asked for the planned zombie now (`ZOMBIE` on stdin).
+    zombie_now: AtomicBool,
     seen: AtomicU64,
     zombied: AtomicBool,
     /// The kill the supervisor armed over stdin, if any.
@@ -149,13 +152,19 @@ impl Hooks {
             for line in std::io::stdin().lock().lines().map_while(Result::ok) {
                 let mut tail = hooks.tail.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(point) = line.strip_prefix("ARM ") {
-                    *tail = Tail {
-                        point: Point::ALL.into_iter().find(|p| p.name() == point),
-                        since: Some(std::time::Instant::now()),
-                        target: None,
-                    };
+                    let point = Point::ALL.into_iter().find(|p| p.name() == point);
+                    // armed again at the same point: it keeps its wait and its message
+                    if tail.point != point {
+                        *tail = Tail {
+                            point,
+                            since: Some(std::time::Instant::now()),
+                            target: None,
+                        };
+                    }
                 } else if line == "DISARM" {
                     *tail = Tail::default();
+                } else if line == "ZOMBIE" {
+                    hooks.zombie_now.store(true, Ordering::Relaxed);
                 } else if thaw.send(()).is_err() {
                     return;
                 }
@@ -204,7 +213,8 @@ impl Hooks {
     async fn zombie(&self, id: &str) {
         let due = self
             .zombie_after
-            .is_some_and(|n| self.seen.load(Ordering::Relaxed) >= n);
+            .is_some_and(|n| self.seen.load(Ordering::Relaxed) >= n)
+            || self.zombie_now.load(Ordering::Relaxed);
         if due && !self.zombied.swap(true, Ordering::Relaxed) {
             let _no_io = self.io.write().await;
             say(&format!("ZOMBIE {id}"));
@@ -500,6 +510,7 @@ pub(crate) fn run(args: ChaosWorkerArgs) -> Result<ExitCode, BoxError> {
             die_at: args.die_at,
             die_after: args.die_after,
             zombie_after: args.zombie_after,
+            zombie_now: AtomicBool::new(false),
             seen: AtomicU64::new(0),
             zombied: AtomicBool::new(false),
             tail: std::sync::Mutex::default(),
