@@ -583,7 +583,7 @@ async fn http_bench(h: HttpBench) -> Result<ExitCode, BoxError> {
     let guarded = if h.store == "memory:" {
         http_server(Some(MemoryStore::unbounded())).await?
     } else {
-        http_server(Some(crate::stores::open(&h.store).await?)).await?
+        http_server(Some(idemgate::open(&h.store).await?)).await?
     };
     let plain = http_server::<MemoryStore>(None).await?;
     let client = reqwest::Client::builder()

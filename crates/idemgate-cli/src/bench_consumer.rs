@@ -528,7 +528,7 @@ impl<F: Fill> Run<'_, F> {
 }
 
 async fn rounds<F: Fill>(broker: F, b: &ConsumerBench) -> Result<Vec<Vec<f64>>, BoxError> {
-    let store = crate::stores::open(&b.store).await?;
+    let store = idemgate::open(&b.store).await?;
     let sql = match &b.effect {
         Some(url) => Some(
             Sql::open(url, b.effect_key)

@@ -1,68 +1,12 @@
-//! Store URLs, `inspect` and `purge`.
+//! `inspect` and `purge` of a store given by URL (`idemgate::open`).
 
 use std::process::ExitCode;
 
 use clap::Args;
-use idemgate::core::{BoxStore, Error, Key, MemoryStore, State, Store, StoreExt, to_millis};
-use idemgate::mysql::MySqlStore;
-use idemgate::postgres::PostgresStore;
-use idemgate::redis::RedisStore;
-use idemgate::sqlite::SqliteStore;
+use idemgate::core::{Key, State, Store, to_millis};
+use idemgate::open;
 
 use crate::BoxError;
-
-/// Opens a store from a URL: `memory:`, `sqlite:PATH`, `postgres://…`, `mysql://…`,
-/// `redis://…` or `redis+cluster://host:port,host:port,…`. SQL stores are migrated.
-pub(crate) async fn open(url: &str) -> Result<BoxStore, Error> {
-    if url == "memory:" {
-        return Ok(MemoryStore::new().boxed());
-    }
-    if let Some(path) = url.strip_prefix("sqlite:") {
-        let path = path.strip_prefix("//").unwrap_or(path);
-        if path.is_empty() {
-            return Err(Error::Config {
-                message: "sqlite: needs a path, as in sqlite:./dedup.db".into(),
-            });
-        }
-        return Ok(SqliteStore::open(path)?.boxed());
-    }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = PostgresStore::builder().with_url(url).build()?;
-        store.migrate().await?;
-        return Ok(store.boxed());
-    }
-    if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-        let url = url.replacen("mariadb://", "mysql://", 1);
-        let store = MySqlStore::builder().with_url(url).build()?;
-        store.migrate().await?;
-        return Ok(store.boxed());
-    }
-    if let Some(nodes) = url.strip_prefix("redis+cluster://") {
-        let nodes: Vec<String> = nodes
-            .split(',')
-            .filter(|n| !n.is_empty())
-            .map(|n| format!("redis://{n}"))
-            .collect();
-        if nodes.is_empty() {
-            return Err(Error::Config {
-                message: "redis+cluster:// needs host:port,host:port,…".into(),
-            });
-        }
-        return Ok(RedisStore::builder()
-            .with_cluster_nodes(nodes)
-            .build()
-            .await?
-            .boxed());
-    }
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
-        return Ok(RedisStore::builder().with_url(url).build().await?.boxed());
-    }
-    Err(Error::Config {
-        message: format!(
-            "unsupported store URL {url:?}: use memory:, sqlite:PATH, postgres://…, mysql://…, redis://… or redis+cluster://host:port,…"
-        ),
-    })
-}
 
 #[derive(Debug, Args)]
 pub(crate) struct InspectArgs {

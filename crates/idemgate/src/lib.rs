@@ -18,6 +18,9 @@
 //! # }).unwrap();
 //! ```
 //!
+//! [`open`] opens a store from a URL (`sqlite:PATH`, `postgres://…`, `redis://…`, …), each
+//! scheme behind its feature.
+//!
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `sqlite` | yes | [`sqlite`]: `SqliteStore`, `SqliteInbox`, `SqliteQueue` |
@@ -33,6 +36,9 @@
 
 pub use idemgate_core as core;
 pub use idemgate_core::*;
+
+mod open;
+pub use open::open;
 
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]

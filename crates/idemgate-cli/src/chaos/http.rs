@@ -832,7 +832,7 @@ pub(crate) fn serve(args: ChaosHttpServiceArgs) -> Result<ExitCode, BoxError> {
         let router = Router::new().route("/pay", post(pay)).with_state(app);
         let router = if idempotent {
             let store = Parking {
-                inner: crate::stores::open(&args.store).await?,
+                inner: idemgate::open(&args.store).await?,
                 park,
             }
             .boxed();

@@ -1161,7 +1161,7 @@ async fn phase(
     };
     if let (WorkerMode::Gate, Some(url)) = (mode, &setup.store) {
         // migrates a SQL store once, before the workers open it
-        crate::stores::open(url).await?;
+        idemgate::open(url).await?;
     }
     let destination = broker::create_destination(
         args.broker,

@@ -520,7 +520,7 @@ pub(crate) fn run(args: ChaosWorkerArgs) -> Result<ExitCode, BoxError> {
         hooks.listen(thaw_tx);
         let pool = u32::try_from(args.concurrency).unwrap_or(8).clamp(2, 32);
         let store = match (args.mode, &args.store) {
-            (WorkerMode::Gate, Some(url)) => Some(crate::stores::open(url).await?),
+            (WorkerMode::Gate, Some(url)) => Some(idemgate::open(url).await?),
             (WorkerMode::Gate, None) => return Err("gate mode needs --store".into()),
             _ => None,
         };
