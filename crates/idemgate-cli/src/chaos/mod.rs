@@ -308,12 +308,14 @@ impl Schedule {
 /// Tail kills are armed between these fractions of the events settled, evenly.
 const TAIL_FROM: f64 = 0.5;
 const TAIL_SPAN: f64 = 0.4;
-/// The producer holds back this share of the events while tail kills are due, so there is
-/// work to kill a worker in: one event a second goes out while a kill is armed and nothing
-/// moves.
+/// The producer holds back this share of the events while kills are due, so there is work to
+/// kill a worker in: while nothing is delivered for [`IDLE`], one held event per worker goes
+/// out every [`IDLE`] (once none is left, a re-published one).
 const RESERVE: f64 = 0.05;
+/// No delivery for this long: the run is idle.
+const IDLE: Duration = Duration::from_millis(500);
 /// An armed tail kill that did not fire in this long is armed in another worker.
-const ARMED_FOR: Duration = Duration::from_secs(5);
+const ARMED_FOR: Duration = Duration::from_secs(3);
 
 /// The figures of one run.
 #[derive(Debug, Default, Serialize)]
@@ -639,6 +641,14 @@ enum Plan {
     Zombie(u64),
 }
 
+/// A tail kill armed in a worker.
+struct ArmedKill {
+    slot: usize,
+    generation: u64,
+    since: Instant,
+    kill: (&'static str, f64),
+}
+
 /// A worker frozen past its lease.
 struct Zombie {
     slot: usize,
@@ -662,8 +672,8 @@ struct Phase<'a> {
     plans: std::collections::VecDeque<Plan>,
     /// Tail kills not yet fired: the point and the fraction settled that arms it.
     tail: std::collections::VecDeque<(&'static str, f64)>,
-    /// The slot and generation the front tail kill is armed in, since when.
-    armed: Option<(usize, u64, Instant)>,
+    /// Tail kills armed in workers, not fired yet.
+    armed: Vec<ArmedKill>,
     slots: Vec<Slot>,
     fig: Figures,
     seen: HashSet<String>,
@@ -794,14 +804,17 @@ impl Phase<'_> {
         s.stats = (0, 0, 0);
         s.respawn_at = Some(Instant::now() + delay);
         self.last_death = Instant::now();
-        if self.armed.is_some_and(|(armed, ..)| armed == slot) {
-            self.armed = None;
+        // a kill armed in a worker that went otherwise is armed again elsewhere
+        while let Some(i) = self.armed.iter().position(|a| a.slot == slot) {
+            let a = self.armed.swap_remove(i);
+            self.tail.push_front(a.kill);
         }
     }
 
     /// Whether a kill or zombie is still to happen.
     fn faults_due(&self) -> bool {
         !self.tail.is_empty()
+            || !self.armed.is_empty()
             || !self.plans.is_empty()
             || self.slots.iter().any(|s| s.plan.is_some())
     }
@@ -812,7 +825,7 @@ impl Phase<'_> {
     fn force_plans(&mut self) {
         for slot in 0..self.slots.len() {
             let s = &self.slots[slot];
-            if s.child.is_none() || !s.ready || self.armed.is_some_and(|(a, ..)| a == slot) {
+            if s.child.is_none() || !s.ready || self.armed.iter().any(|a| a.slot == slot) {
                 continue;
             }
             match s.plan {
@@ -823,37 +836,45 @@ impl Phase<'_> {
         }
     }
 
-    /// Arms the front tail kill once its share of the events is settled, in the worker that
-    /// received last (under a single active consumer, the only one receiving) among those
-    /// without a plan of their own; one armed for too long without firing is moved.
+    /// Arms every tail kill whose share of the events is settled, each in a worker of its own:
+    /// those without a plan of their own first, then those that received last (under a single
+    /// active consumer, the only one receiving). One armed for too long without firing is
+    /// armed again, elsewhere if it can.
     fn arm_tail(&mut self, done: f64) {
-        if let Some((slot, generation, since)) = self.armed {
-            if since.elapsed() < ARMED_FOR {
-                return;
+        let mut i = 0;
+        while i < self.armed.len() {
+            if self.armed[i].since.elapsed() < ARMED_FOR {
+                i += 1;
+                continue;
             }
-            if self.slots[slot].generation == generation {
-                self.tell(slot, "DISARM");
+            let a = self.armed.swap_remove(i);
+            if self.slots[a.slot].generation == a.generation {
+                self.tell(a.slot, "DISARM");
             }
-            self.armed = None;
+            self.tail.push_front(a.kill);
         }
-        let Some(&(point, at)) = self.tail.front() else {
-            return;
-        };
-        if done < at {
-            return;
-        }
-        let live = |i: &usize| self.slots[*i].child.is_some() && self.slots[*i].ready;
-        let busiest = (0..self.slots.len())
-            .filter(|i| live(i) && self.slots[*i].plan.is_none())
-            .max_by_key(|&i| self.slots[i].last_recv)
-            .or_else(|| {
-                (0..self.slots.len())
-                    .filter(live)
-                    .max_by_key(|&i| self.slots[i].last_recv)
+        let mut free: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| {
+                let s = &self.slots[i];
+                s.child.is_some() && s.ready && !self.armed.iter().any(|a| a.slot == i)
+            })
+            .collect();
+        // the best candidate last
+        free.sort_by_key(|&i| (self.slots[i].plan.is_none(), self.slots[i].last_recv));
+        while self.tail.front().is_some_and(|&(_, at)| done >= at) {
+            let Some(slot) = free.pop() else {
+                break;
+            };
+            let Some(kill) = self.tail.pop_front() else {
+                break;
+            };
+            self.tell(slot, &format!("ARM {}", kill.0));
+            self.armed.push(ArmedKill {
+                slot,
+                generation: self.slots[slot].generation,
+                since: Instant::now(),
+                kill,
             });
-        if let Some(slot) = busiest {
-            self.tell(slot, &format!("ARM {point}"));
-            self.armed = Some((slot, self.slots[slot].generation, Instant::now()));
         }
     }
 
@@ -920,10 +941,8 @@ impl Phase<'_> {
                     if what == "redelivery" {
                         self.fig.kills_on_redelivery += 1;
                     }
-                    if self.armed.is_some_and(|(a, ..)| a == slot) {
-                        self.tail.pop_front();
-                        self.armed = None;
-                    }
+                    // the armed tail kill fired (a plan brought forward is cleared below)
+                    self.armed.retain(|a| a.slot != slot);
                 }
                 let point = Point::ALL
                     .into_iter()
@@ -1203,7 +1222,7 @@ async fn phase(
             )
             .collect(),
         tail: schedule.tail_kills.iter().copied().collect(),
-        armed: None,
+        armed: Vec::new(),
         slots: (0..workers)
             .map(|_| Slot {
                 child: None,
@@ -1566,15 +1585,22 @@ async fn supervise(
         }
         if !ph.faults_due() {
             release.store(u64::MAX, Ordering::Relaxed);
-        } else if last_release.elapsed() > Duration::from_secs(1)
+        } else if last_release.elapsed() > IDLE
             && ph
                 .slots
                 .iter()
                 .filter_map(|s| s.last_recv)
                 .max()
-                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+                .is_none_or(|t| t.elapsed() > IDLE)
         {
-            release.fetch_add(1, Ordering::Relaxed);
+            if published.load(Ordering::Relaxed) & ALL_OUT == 0 {
+                release.fetch_add(ph.slots.len() as u64, Ordering::Relaxed);
+            } else {
+                // nothing held back is left: re-published events (duplicates) are the work
+                for _ in 0..ph.slots.len() {
+                    let _ = again_tx.send(rand::random_range(0..schedule.events.len()));
+                }
+            }
             last_release = Instant::now();
             ph.force_plans();
         }
