@@ -69,16 +69,7 @@ impl RabbitMq {
     /// was delivered `delivery_limit` times (RabbitMQ 4 defaults to 20), and its dead-letter
     /// queue. The consumer sees the delivery count (`x-delivery-count`).
     pub async fn declare_quorum(&self, queue: &str, delivery_limit: u32) -> Result<()> {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(i64::from(delivery_limit)),
-        );
-        self.declare_with(queue, args).await
+        self.declare_with(queue, quorum_args(delivery_limit)).await
     }
 
     /// Declares `queue` as [`declare_quorum`](Self::declare_quorum) does, with a single active
@@ -87,15 +78,7 @@ impl RabbitMq {
     /// apply a key's next message while a dead consumer's earlier one waits to be requeued;
     /// this queue keeps each ordering key's order through consumer deaths too.
     pub async fn declare_ordered(&self, queue: &str, delivery_limit: u32) -> Result<()> {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(i64::from(delivery_limit)),
-        );
+        let mut args = quorum_args(delivery_limit);
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         self.declare_with(queue, args).await
     }
@@ -210,6 +193,20 @@ impl RabbitMq {
             r => r.map_err(err("closing")),
         }
     }
+}
+
+/// The arguments of a quorum queue with a delivery limit.
+fn quorum_args(delivery_limit: u32) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(i64::from(delivery_limit)),
+    );
+    args
 }
 
 /// The queue a queue's dead letters go to.
