@@ -717,6 +717,11 @@ impl Phase<'_> {
         self.start.elapsed().as_secs_f64()
     }
 
+    /// Seconds since the start, to a tenth, for the report.
+    fn t_tenths(&self) -> f64 {
+        (self.t() * 10.0).round() / 10.0
+    }
+
     fn log_fault(&mut self, what: impl Into<String>) {
         let t = self.t();
         self.fig.fault_log.push((t, what.into()));
@@ -917,7 +922,7 @@ impl Phase<'_> {
             "RECV" => {
                 self.fig.deliveries += 1;
                 self.slots[slot].last_recv = Some(Instant::now());
-                self.fig.last_delivery = (self.t() * 10.0).round() / 10.0;
+                self.fig.last_delivery = self.t_tenths();
                 if !self.seen.insert(rest.to_owned()) {
                     self.fig.duplicate_deliveries += 1;
                 }
@@ -952,7 +957,7 @@ impl Phase<'_> {
                 self.fig.kills += 1;
                 *self.fig.kills_by_point.entry(point.name()).or_default() += 1;
                 self.log_fault(format!("SIGKILL at {}", point.name()));
-                let t = (self.t() * 10.0).round() / 10.0;
+                let t = self.t_tenths();
                 self.fig.kill_times.push(t);
                 self.slots[slot].plan = None;
                 self.retire(slot, self.args.broker.rejoin_delay());
@@ -1578,8 +1583,8 @@ async fn supervise(
             exits_allowed += u64::from(args.workers);
             last_change = Instant::now();
         }
-        // the tail kills, with work held back for them: a few events go out at a time while
-        // one is armed and nothing moves
+        // the tail kills, with work held back while any fault is due: a few events go out at
+        // a time while nothing moves, and the plans of live workers are brought forward
         if zombie.is_none() {
             ph.arm_tail(done);
         }

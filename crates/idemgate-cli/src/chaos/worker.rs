@@ -8,11 +8,10 @@
 //! supervisor sends after SIGSTOP, a wait past the lease, and SIGCONT.
 //!
 //! The supervisor arms kills over stdin (`ARM <point>`, `DISARM`; `ZOMBIE` brings a planned
-//! zombie forward): the
-//! worker picks its next message delivered for the second time (or, armed for 1 s without one,
-//! its next message),
-//! and stops at the point on that message's way, or before its ack if the way does not pass the
-//! point (a duplicate): `AT <point> <id> redelivery|fresh`.
+//! zombie forward): the worker picks its next message delivered for the second time (or, armed
+//! for 1 s without one, its next message), and stops at the point on that message's way, or
+//! before its ack if the way does not pass the point (a duplicate):
+//! `AT <point> <id> redelivery|fresh`.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -122,7 +121,7 @@ struct Hooks {
     seen: AtomicU64,
     zombied: AtomicBool,
     /// The kill the supervisor armed over stdin, if any.
-    tail: std::sync::Mutex<Tail>,
+    tail: std::sync::Mutex<Option<Tail>>,
     /// Empty lines on stdin: the supervisor thawed this zombie.
     thaw: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
     /// Held (shared) by every ledger and store operation in flight; the zombie takes it
@@ -133,10 +132,10 @@ struct Hooks {
 }
 
 /// A kill armed by the supervisor.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Tail {
-    point: Option<Point>,
-    since: Option<std::time::Instant>,
+    point: Point,
+    since: std::time::Instant,
     /// The message it stops on, and whether that was a redelivery.
     target: Option<(String, bool)>,
 }
@@ -155,15 +154,15 @@ impl Hooks {
                 if let Some(point) = line.strip_prefix("ARM ") {
                     let point = Point::ALL.into_iter().find(|p| p.name() == point);
                     // armed again at the same point: it keeps its wait and its message
-                    if tail.point != point {
-                        *tail = Tail {
+                    if tail.as_ref().map(|t| t.point) != point {
+                        *tail = point.map(|point| Tail {
                             point,
-                            since: Some(std::time::Instant::now()),
+                            since: std::time::Instant::now(),
                             target: None,
-                        };
+                        });
                     }
                 } else if line == "DISARM" {
-                    *tail = Tail::default();
+                    *tail = None;
                 } else if line == "ZOMBIE" {
                     hooks.zombie_now.store(true, Ordering::Relaxed);
                 } else if thaw.send(()).is_err() {
@@ -175,10 +174,10 @@ impl Hooks {
 
     /// Picks `msg` for the armed kill: a redelivery, or any message once armed for a while.
     fn pick(&self, msg: &Message) {
-        let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
-        if tail.point.is_none() || tail.target.is_some() {
+        let mut guard = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tail) = guard.as_mut().filter(|t| t.target.is_none()) else {
             return;
-        }
+        };
         // a first redelivery: killing a message's handlers again and again would spend the
         // broker's own delivery budget (SQS redrive, a quorum queue's limit), which is the
         // broker's answer to a message that kills its consumers, not a fault to test here
@@ -186,7 +185,7 @@ impl Hooks {
             Some(n) => n == 2,
             None => msg.redelivered,
         };
-        if redelivery || tail.since.is_some_and(|t| t.elapsed() >= REDELIVERY_WAIT) {
+        if redelivery || tail.since.elapsed() >= REDELIVERY_WAIT {
             tail.target = Some((id_of(msg).to_owned(), redelivery));
         }
     }
@@ -199,14 +198,14 @@ impl Hooks {
         }
         let armed = {
             let tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
-            match (&tail.target, tail.point) {
-                (Some((target, redelivery)), Some(point))
-                    if target == id && (p == point || p == Point::BeforeAck) =>
+            tail.as_ref().and_then(|t| match &t.target {
+                Some((target, redelivery))
+                    if target == id && (p == t.point || p == Point::BeforeAck) =>
                 {
                     Some(*redelivery)
                 }
                 _ => None,
-            }
+            })
         };
         if let Some(redelivery) = armed {
             let what = if redelivery { "redelivery" } else { "fresh" };
