@@ -4,17 +4,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod arm;
-mod bench;
-#[cfg(feature = "brokers")]
-mod bench_consumer;
-#[cfg(feature = "brokers")]
-mod chaos;
-mod demo;
+use idemgate_harness as harness;
+
 mod stores;
 #[cfg(feature = "brokers")]
 mod window;
-mod worker;
 
 /// Exactly-once effects on top of at-least-once delivery.
 #[derive(Debug, Parser)]
@@ -28,9 +22,9 @@ struct Cli {
 enum Command {
     /// Run the exactly-once demo on embedded defaults: a SQLite queue, real worker processes,
     /// real SIGKILLs, first without idempotency, then with idemgate.
-    Demo(demo::DemoArgs),
+    Demo(harness::DemoArgs),
     /// Measure a store against its raw ceiling, in the same run.
-    Bench(bench::BenchArgs),
+    Bench(idemgate_bench::BenchArgs),
     /// Show the stored record of one key.
     Inspect(stores::InspectArgs),
     /// Delete expired records from a store.
@@ -41,18 +35,18 @@ enum Command {
     /// Run the chaos harness against a real broker and store: worker processes killed at named
     /// points, zombies, restarts and cut connections, naive and idemgate side by side.
     #[cfg(feature = "brokers")]
-    Chaos(chaos::ChaosArgs),
+    Chaos(harness::ChaosArgs),
     /// A chaos worker process (started by `idemgate chaos`).
     #[cfg(feature = "brokers")]
     #[command(hide = true)]
-    ChaosWorker(chaos::worker::ChaosWorkerArgs),
+    ChaosWorker(harness::ChaosWorkerArgs),
     /// The service of `idemgate chaos --http`.
     #[cfg(feature = "brokers")]
     #[command(hide = true)]
-    ChaosHttpService(chaos::http::ChaosHttpServiceArgs),
+    ChaosHttpService(harness::ChaosHttpServiceArgs),
     /// A demo worker process (started by `idemgate demo`).
     #[command(hide = true)]
-    DemoWorker(worker::WorkerArgs),
+    DemoWorker(harness::DemoWorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,19 +61,19 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Demo(args) => demo::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => harness::demo(args),
+        Command::Bench(args) => idemgate_bench::run(args),
         Command::Inspect(args) => stores::inspect(args),
         Command::Purge(args) => stores::purge(args),
         #[cfg(feature = "brokers")]
         Command::CheckWindow(args) => window::run(args),
-        Command::DemoWorker(args) => worker::run(args),
+        Command::DemoWorker(args) => harness::demo_worker(args),
         #[cfg(feature = "brokers")]
-        Command::Chaos(args) => chaos::run(args),
+        Command::Chaos(args) => harness::chaos(args),
         #[cfg(feature = "brokers")]
-        Command::ChaosWorker(args) => chaos::worker::run(args),
+        Command::ChaosWorker(args) => harness::chaos_worker(args),
         #[cfg(feature = "brokers")]
-        Command::ChaosHttpService(args) => chaos::http::serve(args),
+        Command::ChaosHttpService(args) => harness::chaos_http_service(args),
     };
     match result {
         Ok(code) => code,

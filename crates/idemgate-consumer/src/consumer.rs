@@ -16,9 +16,9 @@ use idemgate_core::{Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Store
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::inbox::{Inbox, InboxHandler};
 use crate::window::{Horizon, check_window};
 use crate::{Delivery, Error, Message, Result, Source};
+use idemgate_core::{Inbox, InboxHandler};
 
 /// Extracts a message's key: the event id by default, or a business key (order id + SKU).
 /// An `Err` makes the message poison: it is dead-lettered with that reason.
@@ -412,7 +412,7 @@ impl<I: Inbox> Consumer<InboxMode<I>> {
     ) -> Result<Stats>
     where
         S: Source,
-        H: InboxHandler<I::Tx>,
+        H: InboxHandler<I::Tx, Message>,
     {
         let (inbox, mut cfg) = (self.mode.0, self.cfg);
         check(&mut cfg, inbox.retention(), &source)?;
@@ -1338,7 +1338,7 @@ enum Tried {
 impl<I, H, D> Process<D> for InboxProcess<I, H>
 where
     I: Inbox,
-    H: InboxHandler<I::Tx>,
+    H: InboxHandler<I::Tx, Message>,
     D: Delivery,
 {
     async fn process_many(&self, ds: Vec<D>) -> Vec<bool> {
@@ -1419,7 +1419,7 @@ where
     }
 }
 
-impl<I: Inbox, H: InboxHandler<I::Tx>> InboxProcess<I, H> {
+impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
     /// Tries `msg` until it settles: a failing database is retried with a growing delay, and so
     /// is a failed run of an ordered message, with the delivery held.
     async fn resolve(&self, msg: &Message, key: &Key) -> Settle {

@@ -28,25 +28,17 @@
 
 mod broker;
 mod consumer;
-mod inbox;
 pub mod memory;
 mod message;
 mod window;
 
 pub use broker::{Delivery, Sink, Source};
 pub use consumer::{Consumer, GateMode, InboxMode, KeyFn, Stats, StatsHandle};
-#[cfg(feature = "mysql")]
-pub use inbox::MySqlInboxPool;
-#[cfg(feature = "postgres")]
-pub use inbox::PgInboxPool;
-pub use inbox::{HandlerFuture, Inbox, InboxHandler};
+pub use idemgate_core::{BoxError, HandlerFuture, Inbox, InboxHandler, Position};
 pub use message::{
-    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, EVENT_ID, Message, ORDERING_KEY, Outgoing, Position,
+    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, EVENT_ID, Message, ORDERING_KEY, Outgoing,
 };
 pub use window::{Horizon, WindowCheck, check_window};
-
-/// A boxed error, as adapters and handlers return them.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// What stops a consumer or a producer.
 #[derive(Debug, thiserror::Error)]

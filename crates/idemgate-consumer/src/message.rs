@@ -1,7 +1,7 @@
 //! Messages as the runtime sees them, and as producers send them.
 
 use bytes::Bytes;
-use idemgate_core::{EventId, Key};
+use idemgate_core::{EventId, Key, Position};
 
 /// The header that carries a message's event id when the broker has no native one.
 pub const EVENT_ID: &str = "idemgate-event-id";
@@ -38,46 +38,6 @@ pub struct Message {
     /// Where the message sits in a partitioned log (Kafka), for an [`Inbox`](crate::Inbox) that
     /// keeps the consumer's position in the same transaction as the effect.
     pub position: Option<Position>,
-}
-
-/// A message's place in a partitioned log, and the position its commit moves from.
-///
-/// An inbox that keeps positions ([`Inbox::advance`](crate::Inbox::advance)) moves the stored
-/// next offset of `(group, topic, partition)` from `expected` to `offset + 1` by compare-and-set,
-/// in the handler's transaction: the effect and the position commit together, and a consumer
-/// whose view of the partition is stale is fenced off.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Position {
-    /// The consumer group.
-    pub group: String,
-    /// The topic.
-    pub topic: String,
-    /// The partition.
-    pub partition: i32,
-    /// The message's offset.
-    pub offset: i64,
-    /// The stored next offset this consumer last saw (`None`: nothing stored yet).
-    pub expected: Option<i64>,
-}
-
-impl Position {
-    /// A position.
-    pub fn new(
-        group: impl Into<String>,
-        topic: impl Into<String>,
-        partition: i32,
-        offset: i64,
-        expected: Option<i64>,
-    ) -> Self {
-        Position {
-            group: group.into(),
-            topic: topic.into(),
-            partition,
-            offset,
-            expected,
-        }
-    }
 }
 
 impl Message {

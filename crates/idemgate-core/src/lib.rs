@@ -8,6 +8,8 @@
 //!   a stored [`Outcome`], [`release`](Store::release), [`renew`](Store::renew), leases with
 //!   fencing tokens and retention; [`StoreExt`] and the type-erased [`BoxStore`];
 //! - [`MemoryStore`], sharded and optionally bounded;
+//! - the [`Inbox`] contract: the processed-event row in the handler's own transaction, with
+//!   Kafka [`Position`]s advanced in that same transaction;
 //! - the [`Gate`] runner: claim, run with a lease heartbeat, complete, and replay to duplicates.
 //!
 //! ```
@@ -43,6 +45,7 @@ mod clock;
 mod error;
 mod fingerprint;
 mod gate;
+mod inbox;
 mod key;
 mod memory;
 mod obs;
@@ -57,6 +60,7 @@ pub use fingerprint::Fingerprint;
 pub use gate::{
     ErrorPolicy, Gate, GateError, InProgressPolicy, KeepAlive, LeaseGuard, Run, keep_alive,
 };
+pub use inbox::{HandlerFuture, Inbox, InboxHandler, Position};
 pub use key::{EventId, Key, MAX_KEY_LEN};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use outcome::{Meta, Outcome};

@@ -5,15 +5,14 @@
 use std::time::Duration;
 
 use idemgate_consumer::{
-    Consumer, DEAD_LETTER_REASON, Delivery, HandlerFuture, Inbox, InboxHandler, Outgoing,
-    PgInboxPool, Sink,
+    Consumer, DEAD_LETTER_REASON, Delivery, HandlerFuture, Inbox, InboxHandler, Message, Outgoing,
+    Sink,
 };
 use idemgate_kafka::{Kafka, SourceOptions};
-use idemgate_postgres::{PgInbox, PgOffsets};
+use idemgate_postgres::{PgInbox, PgOffsets, PgTx};
 use idemgate_testkit::broker::{self, DiesBeforeAck, until};
 use idemgate_testkit::service;
 use idemgate_testkit::service::unique;
-use sqlx::{Postgres, Transaction};
 
 fn kafka() -> Kafka {
     let kafka = Kafka::new(&service::url("KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
@@ -142,8 +141,8 @@ async fn the_producer_refuses_to_run_without_idempotence() {
     assert!(err.to_string().contains("enable.idempotence"), "{err}");
 }
 
-fn counting_handler(effects: String) -> impl InboxHandler<Transaction<'static, Postgres>> {
-    <dyn InboxHandler<Transaction<'static, Postgres>>>::from_fn(move |tx, msg| {
+fn counting_handler(effects: String) -> impl InboxHandler<PgTx, Message> {
+    <dyn InboxHandler<PgTx, Message>>::from_fn(move |tx, msg| {
         let (effects, id) = (effects.clone(), msg.event_id.clone().unwrap_or_default());
         let fut: HandlerFuture<'_> = Box::pin(async move {
             // deliberately not idempotent: a second run would add a second row
@@ -276,7 +275,7 @@ async fn a_member_leaving_commits_what_it_acked_not_what_it_fetched() {
 }
 
 /// A PostgreSQL inbox table, offsets table and effects table of a test's own.
-async fn pg_inbox(effects: &str) -> (sqlx::PgPool, PgInboxPool) {
+async fn pg_inbox(effects: &str) -> (sqlx::PgPool, PgInbox) {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(6)
         .connect(&service::url(
@@ -285,11 +284,10 @@ async fn pg_inbox(effects: &str) -> (sqlx::PgPool, PgInboxPool) {
         ))
         .await
         .expect("PostgreSQL");
-    let inbox = PgInboxPool::new(
-        PgInbox::new().with_table(unique("kinbox")).unwrap(),
-        pool.clone(),
-    )
-    .with_offsets(PgOffsets::new().with_table(unique("koffsets")).unwrap());
+    let inbox = PgInbox::new(pool.clone())
+        .with_table(unique("kinbox"))
+        .unwrap()
+        .with_offsets(PgOffsets::new().with_table(unique("koffsets")).unwrap());
     inbox.migrate().await.unwrap();
     sqlx::query(&format!("CREATE TABLE {effects} (event TEXT NOT NULL)"))
         .execute(&pool)
@@ -396,13 +394,13 @@ async fn inbox_mode_dead_letters_poison_once_and_the_partition_goes_on() {
 /// commit whose answer was lost.
 #[derive(Clone)]
 struct LosesACommitAnswer {
-    inner: PgInboxPool,
+    inner: PgInbox,
     commits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     lose: usize,
 }
 
 impl Inbox for LosesACommitAnswer {
-    type Tx = Transaction<'static, Postgres>;
+    type Tx = PgTx;
     async fn begin(&self) -> idemgate_core::Result<Self::Tx> {
         self.inner.begin().await
     }
@@ -429,6 +427,9 @@ impl Inbox for LosesACommitAnswer {
     }
     fn retention(&self) -> Duration {
         self.inner.retention()
+    }
+    async fn purge_expired(&self, limit: usize) -> idemgate_core::Result<u64> {
+        self.inner.purge_expired(limit).await
     }
     async fn advance(
         &self,
@@ -507,7 +508,7 @@ async fn inbox_mode_hands_over_after_a_nack_and_batches() {
     let failed = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let handler = {
         let (effects, failed) = (effects.clone(), std::sync::Arc::clone(&failed));
-        <dyn InboxHandler<Transaction<'static, Postgres>>>::from_fn(move |tx, msg| {
+        <dyn InboxHandler<PgTx, Message>>::from_fn(move |tx, msg| {
             let (effects, failed) = (effects.clone(), std::sync::Arc::clone(&failed));
             let id = msg.event_id.clone().unwrap_or_default();
             let fail = &msg.payload[..] == b"7"

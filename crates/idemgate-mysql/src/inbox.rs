@@ -1,12 +1,13 @@
 //! The transactional inbox on MySQL and MariaDB.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idemgate_core::{Key, Result};
+use idemgate_core::{Inbox, Key, Position, Result};
 use sqlx::{MySqlConnection, MySqlPool};
 
+use crate::MySqlOffsets;
 use crate::error::{check_ident, keys_condition, my};
 use crate::schema::migrate;
 use crate::store::{NOW, ms};
@@ -17,8 +18,13 @@ use crate::store::{NOW, ms};
 /// Two transactions with the same key: the second blocks on the first's row lock and then sees
 /// `false` (or `true` if the first rolled back). InnoDB may instead end one of them with a
 /// deadlock, which is `Error::Unavailable` (retryable): never a duplicate effect.
+///
+/// It implements the [`Inbox`] contract on its pool, so the consumer runtime's Inbox mode runs
+/// on it, and keeps Kafka positions ([`MySqlOffsets`]) in the same transaction.
 #[derive(Debug, Clone)]
 pub struct MySqlInbox {
+    pool: MySqlPool,
+    offsets: MySqlOffsets,
     table: String,
     retention: Duration,
     sql: Arc<Statements>,
@@ -26,6 +32,9 @@ pub struct MySqlInbox {
     // (every key sorts after it: scope and id are never empty)
     purged_to: Arc<Mutex<KeyBytes>>,
 }
+
+/// The transaction an Inbox-mode handler writes its effect in (`&mut **tx` is the connection).
+pub type MySqlTx = sqlx::Transaction<'static, sqlx::MySql>;
 
 /// A key as the table holds it: `(scope, id)`.
 type KeyBytes = (Vec<u8>, Vec<u8>);
@@ -66,17 +75,14 @@ const AFTER: &str = "(scope > ? OR (scope = ? AND id > ?))";
 /// Keys up to the chunk's end `(scope, id)`.
 const UP_TO: &str = "(scope < ? OR (scope = ? AND id <= ?))";
 
-impl Default for MySqlInbox {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl MySqlInbox {
-    /// An inbox in table `idemgate_inbox`, keeping keys for 7 days.
-    pub fn new() -> Self {
+    /// An inbox on `pool` in table `idemgate_inbox`, keeping keys for 7 days and positions in
+    /// the default offsets table. Call [`migrate`](Self::migrate) once first.
+    pub fn new(pool: MySqlPool) -> Self {
         let table = "idemgate_inbox";
         MySqlInbox {
+            pool,
+            offsets: MySqlOffsets::new(),
             table: table.into(),
             retention: Duration::from_secs(7 * 86_400),
             sql: Arc::new(Statements::new(table)),
@@ -99,17 +105,24 @@ impl MySqlInbox {
         self
     }
 
-    /// How long a processed key is remembered.
-    pub fn retention(&self) -> Duration {
-        self.retention
+    /// Keeps positions in another offsets table.
+    pub fn with_offsets(mut self, offsets: MySqlOffsets) -> Self {
+        self.offsets = offsets;
+        self
     }
 
-    /// Creates the inbox table if missing: the key as the primary key and nothing else indexed,
-    /// so recording a key costs one index insert (the purge walks the primary key instead).
-    pub async fn migrate(&self, pool: &MySqlPool) -> Result<()> {
+    /// The pool.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    /// Creates the inbox and offsets tables if missing. The inbox has the key as its primary
+    /// key and nothing else indexed, so recording a key costs one index insert (the purge walks
+    /// the primary key instead).
+    pub async fn migrate(&self) -> Result<()> {
         let t = &self.table;
         migrate(
-            pool,
+            &self.pool,
             t,
             1,
             &[format!(
@@ -120,11 +133,12 @@ impl MySqlInbox {
             )],
             &["scope", "id", "processed_at", "expires_at", "nonce"],
         )
-        .await
+        .await?;
+        self.offsets.migrate(&self.pool).await
     }
 
-    /// Records `key` in the caller's transaction; `true` the first time within the retention
-    /// window (apply the effect in the same transaction), `false` for a duplicate.
+    /// Records `key` in the caller's transaction (any transaction on this database, not only
+    /// one from [`begin`](Inbox::begin)); `true` the first time within the retention window (apply the effect in the same transaction), `false` for a duplicate.
     pub async fn first_time(&self, tx: &mut MySqlConnection, key: &Key) -> Result<bool> {
         let inserted = my(sqlx::query(&self.sql.insert)
             .bind(key.scope())
@@ -220,14 +234,9 @@ impl MySqlInbox {
             .collect())
     }
 
-    /// Deletes at most `limit` keys past their retention; returns how many, 0 once a pass over
-    /// the table has found nothing more to delete.
-    ///
-    /// The table has no index on the expiry (every recorded key would pay for one): the purge
-    /// walks the primary key in chunks of `limit` keys from where its last call stopped, each
-    /// chunk one bounded `DELETE`, until a chunk deleted something or the walk reached the end
-    /// (the next call starts over). One pass reads the whole table in key order.
-    pub async fn purge_expired(&self, pool: &MySqlPool, limit: usize) -> Result<u64> {
+    /// The retention purge (see [`Inbox::purge_expired`]).
+    async fn purge(&self, limit: usize) -> Result<u64> {
+        let pool = &self.pool;
         let limit = limit.max(1);
         let offset = u64::try_from(limit - 1).unwrap_or(u64::MAX);
         let mut from = self
@@ -264,5 +273,58 @@ impl MySqlInbox {
         };
         *self.purged_to.lock().unwrap_or_else(|e| e.into_inner()) = from;
         Ok(deleted)
+    }
+}
+
+impl Inbox for MySqlInbox {
+    type Tx = MySqlTx;
+
+    async fn begin(&self) -> Result<MySqlTx> {
+        my(self.pool.begin().await)
+    }
+
+    async fn first_time(&self, tx: &mut MySqlTx, key: &Key) -> Result<bool> {
+        MySqlInbox::first_time(self, tx, key).await
+    }
+
+    async fn first_time_many(&self, tx: &mut MySqlTx, keys: &[Key]) -> Result<Vec<bool>> {
+        MySqlInbox::first_time_many(self, tx, keys).await
+    }
+
+    async fn commit(&self, tx: MySqlTx) -> Result<()> {
+        my(tx.commit().await)
+    }
+
+    fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    /// Deletes at most `limit` keys past their retention; returns how many, 0 once a pass over
+    /// the table has found nothing more to delete.
+    ///
+    /// The table has no index on the expiry (every recorded key would pay for one): the purge
+    /// walks the primary key in chunks of `limit` keys from where its last call stopped, each
+    /// chunk one bounded `DELETE`, until a chunk deleted something or the walk reached the end
+    /// (the next call starts over). One pass reads the whole table in key order.
+    async fn purge_expired(&self, limit: usize) -> Result<u64> {
+        self.purge(limit).await
+    }
+
+    async fn advance(&self, tx: &mut MySqlTx, p: &Position) -> Result<()> {
+        self.offsets
+            .advance(
+                tx,
+                &p.group,
+                &p.topic,
+                p.partition,
+                p.expected,
+                p.offset + 1,
+            )
+            .await
+    }
+
+    async fn load_positions(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
+        let mut conn = my(self.pool.acquire().await)?;
+        self.offsets.load_positions(&mut conn, group, topic).await
     }
 }

@@ -26,7 +26,7 @@ mod schema;
 mod store;
 
 pub use error::classify_error;
-pub use inbox::MySqlInbox;
+pub use inbox::{MySqlInbox, MySqlTx};
 pub use log::{Appended, LoggedEvent, MySqlEventLog};
 pub use offsets::MySqlOffsets;
 pub use store::{MySqlStore, MySqlStoreBuilder};

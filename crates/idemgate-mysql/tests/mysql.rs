@@ -1,10 +1,14 @@
-//! MariaDB-specific behaviour: the inbox under concurrency, offsets, faults, foreign tables.
+//! MariaDB: the inbox conformance suite, and what is MariaDB's own: its batch statements and
+//! purge walk, faults, foreign tables and the event log.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idemgate_core::{Claim, Error, Key, Outcome, Store, StoreExt};
-use idemgate_mysql::{MySqlInbox, MySqlOffsets, MySqlStore};
+use std::collections::BTreeMap;
+
+use idemgate_core::{Claim, Error, HandlerFuture, Inbox, Key, Outcome, Store, StoreExt};
+use idemgate_mysql::{MySqlInbox, MySqlOffsets, MySqlStore, MySqlTx};
+use idemgate_testkit::inbox_conformance::InboxCase;
 use idemgate_testkit::service;
 use sqlx::MySqlPool;
 use sqlx::mysql::MySqlPoolOptions;
@@ -31,107 +35,14 @@ async fn pool() -> Option<MySqlPool> {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn inbox_second_transaction_waits_then_sees_a_duplicate() {
-    let Some(pool) = pool().await else { return };
-    let inbox = MySqlInbox::new().with_table(unique("inbox")).unwrap();
-    inbox.migrate(&pool).await.unwrap();
-    let key = Key::new("ledger", "evt-1").unwrap();
-    let mut first = pool.begin().await.unwrap();
-    assert!(inbox.first_time(&mut first, &key).await.unwrap());
-    let second = {
-        let (pool, inbox, key) = (pool.clone(), inbox.clone(), key.clone());
-        tokio::spawn(async move {
-            let mut tx = pool.begin().await.unwrap();
-            let seen = inbox.first_time(&mut tx, &key).await.unwrap();
-            tx.commit().await.unwrap();
-            seen
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!second.is_finished(), "the second transaction did not wait");
-    first.commit().await.unwrap();
-    assert!(
-        !second.await.unwrap(),
-        "both transactions saw the key for the first time"
-    );
-
-    let other = Key::new("ledger", "evt-2").unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    assert!(inbox.first_time(&mut tx, &other).await.unwrap());
-    tx.rollback().await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    assert!(
-        inbox.first_time(&mut tx, &other).await.unwrap(),
-        "a rolled-back sighting counted"
-    );
-    tx.commit().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_inbox_transactions_apply_each_effect_once() {
-    let Some(pool) = pool().await else { return };
-    let inbox = MySqlInbox::new().with_table(unique("inbox")).unwrap();
-    inbox.migrate(&pool).await.unwrap();
-    let effects = unique("effects");
-    sqlx::query(&format!(
-        "CREATE TABLE {effects} (id VARCHAR(64) PRIMARY KEY, n INT NOT NULL)"
-    ))
-    .execute(&pool)
-    .await
-    .unwrap();
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let (pool, inbox, effects) = (pool.clone(), inbox.clone(), effects.clone());
-            tokio::spawn(async move {
-                for i in 0..50 {
-                    let key = Key::new("c", format!("e{i}")).unwrap();
-                    // a deadlock victim rolls back and retries: that is the typed, retryable path
-                    loop {
-                        let mut tx = pool.begin().await.unwrap();
-                        let step = async {
-                            if inbox.first_time(&mut tx, &key).await? {
-                                sqlx::query(&format!("INSERT INTO {effects} (id, n) VALUES (?, 1) ON DUPLICATE KEY UPDATE n = n + 1"))
-                                    .bind(key.id())
-                                    .execute(&mut *tx)
-                                    .await
-                                    .unwrap();
-                            }
-                            Ok::<_, Error>(())
-                        }
-                        .await;
-                        match step {
-                            Ok(()) => {
-                                tx.commit().await.unwrap();
-                                break;
-                            }
-                            Err(e) if e.is_retryable() => tx.rollback().await.unwrap(),
-                            Err(e) => panic!("{e}"),
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (rows, max): (i64, i32) =
-        sqlx::query_as(&format!("SELECT count(*), max(n) FROM {effects}"))
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!((rows, max), (50, 1));
-}
-
 #[tokio::test]
 async fn inbox_batches_and_purges() {
     let Some(pool) = pool().await else { return };
-    let inbox = MySqlInbox::new()
+    let inbox = MySqlInbox::new(pool.clone())
         .with_table(unique("inbox"))
         .unwrap()
         .with_retention(Duration::from_millis(300));
-    inbox.migrate(&pool).await.unwrap();
+    inbox.migrate().await.unwrap();
     let keys: Vec<Key> = ["a", "b", "a", "c"]
         .iter()
         .map(|id| Key::new("b", *id).unwrap())
@@ -169,7 +80,7 @@ async fn inbox_batches_and_purges() {
             tokio::time::Instant::now() < deadline,
             "keys were never purged"
         );
-        purged += inbox.purge_expired(&pool, 2).await.unwrap();
+        purged += inbox.purge_expired(2).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(purged, 5);
@@ -181,12 +92,12 @@ async fn inbox_batches_and_purges() {
 async fn inbox_purge_walks_the_key_in_bounded_chunks() {
     let Some(pool) = pool().await else { return };
     let table = unique("inbox");
-    let short = MySqlInbox::new()
+    let short = MySqlInbox::new(pool.clone())
         .with_table(&table)
         .unwrap()
         .with_retention(Duration::from_millis(200));
-    short.migrate(&pool).await.unwrap();
-    let long = MySqlInbox::new()
+    short.migrate().await.unwrap();
+    let long = MySqlInbox::new(pool.clone())
         .with_table(&table)
         .unwrap()
         .with_retention(Duration::from_secs(600));
@@ -216,7 +127,7 @@ async fn inbox_purge_walks_the_key_in_bounded_chunks() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (mut total, mut calls) = (0, 0);
     loop {
-        let n = short.purge_expired(&pool, 4).await.unwrap();
+        let n = short.purge_expired(4).await.unwrap();
         assert!(n <= 4, "a purge call deleted {n} keys, over its limit of 4");
         total += n;
         calls += 1;
@@ -240,67 +151,6 @@ async fn inbox_purge_walks_the_key_in_bounded_chunks() {
             .all(|b| !*b),
         "the live keys are still known"
     );
-}
-
-#[tokio::test]
-async fn offsets_advance_by_compare_and_set() {
-    let Some(pool) = pool().await else { return };
-    let offsets = MySqlOffsets::new().with_table(unique("offsets")).unwrap();
-    offsets.migrate(&pool).await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    offsets
-        .advance(&mut tx, "g", "orders", 0, None, 10)
-        .await
-        .unwrap();
-    offsets
-        .advance(&mut tx, "g", "orders", 1, None, 3)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    offsets
-        .advance(&mut tx, "g", "orders", 0, Some(10), 11)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    let e = offsets
-        .advance(&mut tx, "g", "orders", 0, Some(10), 11)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Fenced {
-                expected: Some(10),
-                found: Some(11),
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    let e = offsets
-        .advance(&mut tx, "g", "orders", 1, None, 0)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Fenced {
-                expected: None,
-                found: Some(3),
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    tx.rollback().await.unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    let pos = offsets
-        .load_positions(&mut conn, "g", "orders")
-        .await
-        .unwrap();
-    assert_eq!(pos.into_iter().collect::<Vec<_>>(), [(0, 11), (1, 3)]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -497,3 +347,67 @@ async fn event_log_is_idempotent_and_gap_free() {
         2
     );
 }
+
+/// The inbox conformance suite on MariaDB.
+struct MySqlCase {
+    pool: MySqlPool,
+    inbox: MySqlInbox,
+    effects: String,
+}
+
+impl InboxCase for MySqlCase {
+    type Inbox = MySqlInbox;
+
+    async fn open(retention: Duration) -> Option<Self> {
+        let pool = pool().await?;
+        let inbox = MySqlInbox::new(pool.clone())
+            .with_table(unique("cinbox"))
+            .unwrap()
+            .with_offsets(MySqlOffsets::new().with_table(unique("coffsets")).unwrap())
+            .with_retention(retention);
+        inbox.migrate().await.unwrap();
+        let effects = unique("ceffects");
+        sqlx::query(&format!(
+            "CREATE TABLE {effects} (event VARCHAR(64) PRIMARY KEY, applied INT NOT NULL) ENGINE=InnoDB"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+        Some(MySqlCase {
+            pool,
+            inbox,
+            effects,
+        })
+    }
+
+    fn inbox(&self) -> &MySqlInbox {
+        &self.inbox
+    }
+
+    fn apply<'a>(&'a self, tx: &'a mut MySqlTx, event: &'a str) -> HandlerFuture<'a> {
+        let t = &self.effects;
+        Box::pin(async move {
+            sqlx::query(&format!(
+                "INSERT INTO {t} (event, applied) VALUES (?, 1)
+                 ON DUPLICATE KEY UPDATE applied = applied + 1"
+            ))
+            .bind(event)
+            .execute(&mut **tx)
+            .await?;
+            Ok(())
+        })
+    }
+
+    async fn applied(&self) -> BTreeMap<String, (u64, Option<i64>)> {
+        let rows: Vec<(String, i32)> =
+            sqlx::query_as(&format!("SELECT event, applied FROM {}", self.effects))
+                .fetch_all(&self.pool)
+                .await
+                .unwrap();
+        rows.into_iter()
+            .map(|(e, n)| (e, (u64::try_from(n).unwrap(), None)))
+            .collect()
+    }
+}
+
+idemgate_testkit::inbox_conformance_tests!(MySqlCase);

@@ -1,15 +1,19 @@
 //! The transactional inbox on PostgreSQL.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idemgate_core::{Key, Result};
+use idemgate_core::{Inbox, Key, Position, Result};
 use sqlx::{PgConnection, PgPool};
 
+use crate::PgOffsets;
 use crate::error::{check_ident, pg};
 use crate::schema::migrate;
 use crate::store::{NOW, ms};
+
+/// The transaction an Inbox-mode handler writes its effect in (`&mut **tx` is the connection).
+pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
 
 /// The transactional inbox: records a key as processed inside the caller's transaction, so the
 /// dedup row and the business change commit or roll back together.
@@ -19,25 +23,30 @@ use crate::store::{NOW, ms};
 /// `REPEATABLE READ` or `SERIALIZABLE` the second may instead fail with a retryable
 /// `Error::Unavailable` (a serialization failure): never a duplicate effect.
 ///
+/// It implements the [`Inbox`] contract on its pool, so the consumer runtime's Inbox mode runs
+/// on it, and keeps Kafka positions ([`PgOffsets`]) in the same transaction.
+///
 /// ```no_run
 /// # async fn example(pool: sqlx::PgPool) -> Result<(), idemgate_core::Error> {
-/// use idemgate_core::Key;
+/// use idemgate_core::{Inbox, Key};
 /// use idemgate_postgres::PgInbox;
 ///
-/// let inbox = PgInbox::new();
-/// inbox.migrate(&pool).await?;
-/// let mut tx = pool.begin().await.unwrap();
+/// let inbox = PgInbox::new(pool);
+/// inbox.migrate().await?;
+/// let mut tx = inbox.begin().await?;
 /// if inbox.first_time(&mut tx, &Key::new("ledger", "evt-1")?).await? {
 ///     sqlx::query("UPDATE balance SET total = total + 10").execute(&mut *tx).await.unwrap();
 /// }
-/// tx.commit().await.unwrap();
+/// inbox.commit(tx).await?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
 pub struct PgInbox {
+    pool: PgPool,
     table: String,
     retention: Duration,
     sql: Arc<Statements>,
+    offsets: PgOffsets,
 }
 
 /// The inbox's statements, written once per table rather than on every delivery.
@@ -92,21 +101,29 @@ impl Statements {
     }
 }
 
-impl Default for PgInbox {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl PgInbox {
-    /// An inbox in table `idemgate_inbox`, keeping keys for 7 days.
-    pub fn new() -> Self {
+    /// An inbox on `pool` in table `idemgate_inbox`, keeping keys for 7 days and positions in
+    /// the default offsets table. Call [`migrate`](Self::migrate) once first.
+    pub fn new(pool: PgPool) -> Self {
         let table = "idemgate_inbox";
         PgInbox {
+            pool,
             table: table.into(),
             retention: Duration::from_secs(7 * 86_400),
             sql: Arc::new(Statements::new(table)),
+            offsets: PgOffsets::new(),
         }
+    }
+
+    /// Keeps positions in another offsets table.
+    pub fn with_offsets(mut self, offsets: PgOffsets) -> Self {
+        self.offsets = offsets;
+        self
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Another table (a lowercase identifier).
@@ -123,16 +140,11 @@ impl PgInbox {
         self
     }
 
-    /// How long a processed key is remembered.
-    pub fn retention(&self) -> Duration {
-        self.retention
-    }
-
-    /// Creates the inbox table if missing.
-    pub async fn migrate(&self, pool: &PgPool) -> Result<()> {
+    /// Creates the inbox and offsets tables if missing, or brings them to this version.
+    pub async fn migrate(&self) -> Result<()> {
         let t = &self.table;
         migrate(
-            pool,
+            &self.pool,
             t,
             &[
                 &format!(
@@ -149,11 +161,13 @@ impl PgInbox {
             ],
             &["scope", "id", "processed_at", "expires_at", "nonce"],
         )
-        .await
+        .await?;
+        self.offsets.migrate(&self.pool).await
     }
 
-    /// Records `key` in the caller's transaction; `true` the first time within the retention
-    /// window (apply the effect in the same transaction), `false` for a duplicate.
+    /// Records `key` in the caller's transaction (any transaction on this database, not only
+    /// one from [`begin`](Inbox::begin)); `true` the first time within the retention window
+    /// (apply the effect in the same transaction), `false` for a duplicate.
     pub async fn first_time(&self, tx: &mut PgConnection, key: &Key) -> Result<bool> {
         let done = pg(sqlx::query(&self.sql.first_time)
             .bind(key.scope())
@@ -225,13 +239,54 @@ impl PgInbox {
             .map(|k| fresh.remove(&(k.scope().to_owned(), k.id().to_owned())))
             .collect())
     }
+}
 
-    /// Deletes at most `limit` keys past their retention; returns how many.
-    pub async fn purge_expired(&self, pool: &PgPool, limit: usize) -> Result<u64> {
+impl Inbox for PgInbox {
+    type Tx = PgTx;
+
+    async fn begin(&self) -> Result<PgTx> {
+        pg(self.pool.begin().await)
+    }
+
+    async fn first_time(&self, tx: &mut PgTx, key: &Key) -> Result<bool> {
+        PgInbox::first_time(self, tx, key).await
+    }
+
+    async fn first_time_many(&self, tx: &mut PgTx, keys: &[Key]) -> Result<Vec<bool>> {
+        PgInbox::first_time_many(self, tx, keys).await
+    }
+
+    async fn commit(&self, tx: PgTx) -> Result<()> {
+        pg(tx.commit().await)
+    }
+
+    fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    async fn purge_expired(&self, limit: usize) -> Result<u64> {
         let done = pg(sqlx::query(&self.sql.purge)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .execute(pool)
+            .execute(&self.pool)
             .await)?;
         Ok(done.rows_affected())
+    }
+
+    async fn advance(&self, tx: &mut PgTx, p: &Position) -> Result<()> {
+        self.offsets
+            .advance(
+                tx,
+                &p.group,
+                &p.topic,
+                p.partition,
+                p.expected,
+                p.offset + 1,
+            )
+            .await
+    }
+
+    async fn load_positions(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
+        let mut conn = pg(self.pool.acquire().await)?;
+        self.offsets.load_positions(&mut conn, group, topic).await
     }
 }

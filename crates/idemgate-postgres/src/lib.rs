@@ -30,7 +30,7 @@ mod schema;
 mod store;
 
 pub use error::classify_error;
-pub use inbox::PgInbox;
+pub use inbox::{PgInbox, PgTx};
 pub use log::{Appended, LoggedEvent, PgEventLog};
 pub use offsets::PgOffsets;
 pub use store::{Partitions, PostgresStore, PostgresStoreBuilder};

@@ -1,10 +1,14 @@
-//! PostgreSQL-specific behaviour: the inbox under concurrency, offsets, faults, foreign tables.
+//! PostgreSQL: the inbox conformance suite, and what is PostgreSQL's own: its batch statements,
+//! upgrades, faults, foreign tables, the event log and partitions.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idemgate_core::{Claim, Error, Key, Outcome, Store, StoreExt};
-use idemgate_postgres::{PgInbox, PgOffsets, PostgresStore};
+use std::collections::BTreeMap;
+
+use idemgate_core::{Claim, Error, HandlerFuture, Inbox, Key, Outcome, Store, StoreExt};
+use idemgate_postgres::{PgInbox, PgOffsets, PgTx, PostgresStore};
+use idemgate_testkit::inbox_conformance::InboxCase;
 use idemgate_testkit::service;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -34,85 +38,6 @@ async fn pool() -> Option<PgPool> {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn inbox_second_transaction_waits_then_sees_a_duplicate() {
-    let Some(pool) = pool().await else { return };
-    let inbox = PgInbox::new().with_table(unique("inbox")).unwrap();
-    inbox.migrate(&pool).await.unwrap();
-    let key = Key::new("ledger", "evt-1").unwrap();
-
-    let mut first = pool.begin().await.unwrap();
-    assert!(inbox.first_time(&mut first, &key).await.unwrap());
-    let second = {
-        let (pool, inbox, key) = (pool.clone(), inbox.clone(), key.clone());
-        tokio::spawn(async move {
-            let mut tx = pool.begin().await.unwrap();
-            let seen = inbox.first_time(&mut tx, &key).await.unwrap();
-            tx.commit().await.unwrap();
-            seen
-        })
-    };
-    // the second transaction is blocked on the first's row until it commits
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!second.is_finished(), "the second transaction did not wait");
-    first.commit().await.unwrap();
-    assert!(
-        !second.await.unwrap(),
-        "both transactions saw the key for the first time"
-    );
-
-    // a rolled-back first sighting leaves the key free
-    let other = Key::new("ledger", "evt-2").unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    assert!(inbox.first_time(&mut tx, &other).await.unwrap());
-    tx.rollback().await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    assert!(inbox.first_time(&mut tx, &other).await.unwrap());
-    tx.commit().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_inbox_transactions_apply_each_effect_once() {
-    let Some(pool) = pool().await else { return };
-    let inbox = PgInbox::new().with_table(unique("inbox")).unwrap();
-    inbox.migrate(&pool).await.unwrap();
-    let effects = unique("effects");
-    sqlx::query(&format!(
-        "CREATE TABLE {effects} (id TEXT PRIMARY KEY, n INTEGER NOT NULL)"
-    ))
-    .execute(&pool)
-    .await
-    .unwrap();
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let (pool, inbox, effects) = (pool.clone(), inbox.clone(), effects.clone());
-            tokio::spawn(async move {
-                for i in 0..50 {
-                    let key = Key::new("c", format!("e{i}")).unwrap();
-                    let mut tx = pool.begin().await.unwrap();
-                    if inbox.first_time(&mut tx, &key).await.unwrap() {
-                        sqlx::query(&format!("INSERT INTO {effects} (id, n) VALUES ($1, 1) ON CONFLICT (id) DO UPDATE SET n = {effects}.n + 1"))
-                            .bind(key.id())
-                            .execute(&mut *tx)
-                            .await
-                            .unwrap();
-                    }
-                    tx.commit().await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (rows, max): (i64, i32) =
-        sqlx::query_as(&format!("SELECT count(*), max(n) FROM {effects}"))
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!((rows, max), (50, 1));
-}
-
 #[tokio::test]
 async fn an_inbox_table_of_version_1_is_upgraded_in_place() {
     let Some(pool) = pool().await else { return };
@@ -128,9 +53,9 @@ async fn an_inbox_table_of_version_1_is_upgraded_in_place() {
     .execute(&pool)
     .await
     .unwrap();
-    let inbox = PgInbox::new().with_table(&t).unwrap();
-    inbox.migrate(&pool).await.unwrap();
-    inbox.migrate(&pool).await.unwrap();
+    let inbox = PgInbox::new(pool.clone()).with_table(&t).unwrap();
+    inbox.migrate().await.unwrap();
+    inbox.migrate().await.unwrap();
     let version: i32 =
         sqlx::query_scalar("SELECT version FROM idemgate_schema WHERE component = $1")
             .bind(&t)
@@ -154,11 +79,11 @@ async fn an_inbox_table_of_version_1_is_upgraded_in_place() {
 #[tokio::test]
 async fn inbox_batches_and_purges() {
     let Some(pool) = pool().await else { return };
-    let inbox = PgInbox::new()
+    let inbox = PgInbox::new(pool.clone())
         .with_table(unique("inbox"))
         .unwrap()
         .with_retention(Duration::from_millis(300));
-    inbox.migrate(&pool).await.unwrap();
+    inbox.migrate().await.unwrap();
     let keys: Vec<Key> = ["a", "b", "a", "c"]
         .iter()
         .map(|id| Key::new("b", *id).unwrap())
@@ -218,94 +143,21 @@ async fn inbox_batches_and_purges() {
             tokio::time::Instant::now() < deadline,
             "keys were never purged"
         );
-        purged += inbox.purge_expired(&pool, 2).await.unwrap();
+        purged += inbox.purge_expired(2).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(purged, 7);
-}
-
-#[tokio::test]
-async fn offsets_advance_by_compare_and_set() {
-    let Some(pool) = pool().await else { return };
-    let offsets = PgOffsets::new().with_table(unique("offsets")).unwrap();
-    offsets.migrate(&pool).await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    offsets
-        .advance(&mut tx, "g", "orders", 0, None, 10)
-        .await
-        .unwrap();
-    offsets
-        .advance(&mut tx, "g", "orders", 1, None, 3)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-
-    let mut tx = pool.begin().await.unwrap();
-    offsets
-        .advance(&mut tx, "g", "orders", 0, Some(10), 11)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-
-    // a zombie consumer still believes partition 0 is at 10
-    let mut tx = pool.begin().await.unwrap();
-    let e = offsets
-        .advance(&mut tx, "g", "orders", 0, Some(10), 11)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Fenced {
-                expected: Some(10),
-                found: Some(11),
-                partition: 0,
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    tx.rollback().await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    let e = offsets
-        .advance(&mut tx, "g", "orders", 1, None, 0)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Fenced {
-                expected: None,
-                found: Some(3),
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    tx.rollback().await.unwrap();
-
-    let mut conn = pool.acquire().await.unwrap();
-    let pos = offsets
-        .load_positions(&mut conn, "g", "orders")
-        .await
-        .unwrap();
-    assert_eq!(pos.into_iter().collect::<Vec<_>>(), [(0, 11), (1, 3)]);
-    assert!(
-        offsets
-            .load_positions(&mut conn, "other", "orders")
-            .await
-            .unwrap()
-            .is_empty()
-    );
 }
 
 /// The effect, the inbox row and the position commit together; a stale writer changes nothing.
 #[tokio::test]
 async fn inbox_offsets_and_effect_share_one_transaction() {
     let Some(pool) = pool().await else { return };
-    let inbox = PgInbox::new().with_table(unique("inbox")).unwrap();
+    let inbox = PgInbox::new(pool.clone())
+        .with_table(unique("inbox"))
+        .unwrap();
     let offsets = PgOffsets::new().with_table(unique("offsets")).unwrap();
-    inbox.migrate(&pool).await.unwrap();
+    inbox.migrate().await.unwrap();
     offsets.migrate(&pool).await.unwrap();
     let ledger = unique("ledger");
     sqlx::raw_sql(&format!(
@@ -643,3 +495,67 @@ fn uuid_v7_at(day: i64) -> String {
     );
     uuid::Uuid::new_v7(ts).to_string()
 }
+
+/// The inbox conformance suite on PostgreSQL.
+struct PgCase {
+    pool: PgPool,
+    inbox: PgInbox,
+    effects: String,
+}
+
+impl InboxCase for PgCase {
+    type Inbox = PgInbox;
+
+    async fn open(retention: Duration) -> Option<Self> {
+        let pool = pool().await?;
+        let inbox = PgInbox::new(pool.clone())
+            .with_table(unique("cinbox"))
+            .unwrap()
+            .with_offsets(PgOffsets::new().with_table(unique("coffsets")).unwrap())
+            .with_retention(retention);
+        inbox.migrate().await.unwrap();
+        let effects = unique("ceffects");
+        sqlx::query(&format!(
+            "CREATE TABLE {effects} (event TEXT PRIMARY KEY, applied INT NOT NULL, tx BIGINT NOT NULL)"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+        Some(PgCase {
+            pool,
+            inbox,
+            effects,
+        })
+    }
+
+    fn inbox(&self) -> &PgInbox {
+        &self.inbox
+    }
+
+    fn apply<'a>(&'a self, tx: &'a mut PgTx, event: &'a str) -> HandlerFuture<'a> {
+        let t = &self.effects;
+        Box::pin(async move {
+            sqlx::query(&format!(
+                "INSERT INTO {t} (event, applied, tx) VALUES ($1, 1, txid_current())
+                 ON CONFLICT (event) DO UPDATE SET applied = {t}.applied + 1"
+            ))
+            .bind(event)
+            .execute(&mut **tx)
+            .await?;
+            Ok(())
+        })
+    }
+
+    async fn applied(&self) -> BTreeMap<String, (u64, Option<i64>)> {
+        let rows: Vec<(String, i32, i64)> =
+            sqlx::query_as(&format!("SELECT event, applied, tx FROM {}", self.effects))
+                .fetch_all(&self.pool)
+                .await
+                .unwrap();
+        rows.into_iter()
+            .map(|(e, n, tx)| (e, (u64::try_from(n).unwrap(), Some(tx))))
+            .collect()
+    }
+}
+
+idemgate_testkit::inbox_conformance_tests!(PgCase);

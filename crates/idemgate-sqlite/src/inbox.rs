@@ -1,66 +1,145 @@
 //! The transactional inbox on SQLite.
 
+use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idemgate_core::{Clock, Key, Result, SystemClock, duration_millis, to_millis};
-use rusqlite::{Connection, Transaction, params};
+use idemgate_core::{
+    Clock, Error, Inbox, Key, Position, Result, SystemClock, duration_millis, to_millis,
+};
+use rusqlite::{Connection, params};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use crate::Synchronous;
 use crate::error::sql;
+use crate::offsets::SqliteOffsets;
 use crate::schema::{check_table, migrate};
+use crate::store::open_connection;
 
-/// The transactional inbox: records a key as processed *inside the caller's transaction*, so the
-/// dedup row and the business change commit (or roll back) together. A crash at any point leaves
-/// either both or neither: exactly-once effect for effects in the same database.
+/// The transactional inbox: records a key as processed *inside a transaction on its
+/// connection*, so the dedup row and the business change commit (or roll back) together. A crash
+/// at any point leaves either both or neither: exactly-once effect for effects in the same
+/// database.
+///
+/// It implements the [`Inbox`] contract, so the consumer runtime's Inbox mode runs on it. Its
+/// transactions ([`SqliteTx`]) are `BEGIN IMMEDIATE` on the inbox's one connection: they take
+/// the file's write lock up front (waiting in a blocking thread, up to the busy timeout, while
+/// another process holds it) and run one at a time.
 ///
 /// ```
-/// use idemgate_core::Key;
+/// use idemgate_core::{Inbox, Key};
 /// use idemgate_sqlite::SqliteInbox;
-/// use rusqlite::Connection;
 ///
-/// let mut conn = Connection::open_in_memory().unwrap();
-/// conn.execute_batch("CREATE TABLE balance (total INTEGER); INSERT INTO balance VALUES (0);").unwrap();
-/// let inbox = SqliteInbox::new();
-/// inbox.migrate(&conn)?;
+/// # let dir = tempfile::tempdir().unwrap();
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let inbox = SqliteInbox::open(dir.path().join("app.db"))?;
+/// inbox.migrate().await?;
+/// let mut tx = inbox.begin().await?;
+/// tx.execute_batch("CREATE TABLE balance (total INTEGER); INSERT INTO balance VALUES (0);").unwrap();
+/// inbox.commit(tx).await?;
 ///
 /// let key = Key::new("ledger", "evt-1")?;
 /// for _delivery in 0..3 {
-///     let tx = conn.transaction().unwrap();
-///     if inbox.first_time(&tx, &key)? {
+///     let mut tx = inbox.begin().await?;
+///     if inbox.first_time(&mut tx, &key).await? {
 ///         tx.execute("UPDATE balance SET total = total + 10", []).unwrap();
 ///     }
-///     tx.commit().unwrap();
+///     inbox.commit(tx).await?;
 /// }
-/// let total: i64 = conn.query_row("SELECT total FROM balance", [], |r| r.get(0)).unwrap();
+/// let tx = inbox.begin().await?;
+/// let total: i64 = tx.query_row("SELECT total FROM balance", [], |r| r.get(0)).unwrap();
 /// assert_eq!(total, 10);
 /// # Ok::<(), idemgate_core::Error>(())
+/// # }).unwrap();
 /// ```
 #[derive(Debug, Clone)]
 pub struct SqliteInbox {
+    conn: Arc<Mutex<Connection>>,
     table: String,
     retention: Duration,
     clock: Arc<dyn Clock>,
+    offsets: SqliteOffsets,
     first_time: String,
     purge: String,
 }
 
-impl Default for SqliteInbox {
-    fn default() -> Self {
-        Self::new()
+/// An open `BEGIN IMMEDIATE` transaction of a [`SqliteInbox`]: the handler writes its effect
+/// through it (it derefs to the [`rusqlite::Connection`]). Dropped without
+/// [`commit`](Inbox::commit), it rolls back.
+#[derive(Debug)]
+pub struct SqliteTx {
+    conn: Option<OwnedMutexGuard<Connection>>,
+}
+
+impl Deref for SqliteTx {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.conn
+            .as_deref()
+            .expect("a transaction holds its connection until it ends")
     }
 }
 
+impl Drop for SqliteTx {
+    fn drop(&mut self) {
+        if let Some(conn) = &self.conn {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+/// Runs `f` on the connection in a blocking thread (it may wait for the file's write lock).
+async fn blocking<T: Send + 'static>(
+    conn: OwnedMutexGuard<Connection>,
+    f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+) -> Result<(OwnedMutexGuard<Connection>, T)> {
+    tokio::task::spawn_blocking(move || {
+        let r = f(&conn);
+        r.map(|t| (conn, t))
+    })
+    .await
+    .map_err(|e| Error::Backend {
+        backend: "sqlite",
+        source: Box::new(e),
+    })?
+}
+
 impl SqliteInbox {
-    /// An inbox in table `idemgate_inbox`, keeping keys for 7 days.
-    pub fn new() -> Self {
+    /// An inbox on the SQLite file at `path` (created if missing; WAL, `synchronous=FULL`, a
+    /// busy timeout of 30 s), in table `idemgate_inbox`, keeping keys for 7 days. Call
+    /// [`migrate`](Self::migrate) once first.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, Synchronous::Full)
+    }
+
+    /// [`open`](Self::open) with another durability: [`Synchronous::Normal`] survives a
+    /// process kill, not a power cut.
+    pub fn open_with(path: impl AsRef<Path>, synchronous: Synchronous) -> Result<Self> {
+        let conn = open_connection(path.as_ref(), Duration::from_secs(30), synchronous)?;
+        Ok(Self::new(conn))
+    }
+
+    /// An inbox on an open connection.
+    pub fn new(conn: Connection) -> Self {
         Self::with_parts(
+            Arc::new(Mutex::new(conn)),
             "idemgate_inbox".into(),
             Duration::from_secs(7 * 86_400),
             Arc::new(SystemClock),
+            SqliteOffsets::new(),
         )
     }
 
-    fn with_parts(table: String, retention: Duration, clock: Arc<dyn Clock>) -> Self {
+    fn with_parts(
+        conn: Arc<Mutex<Connection>>,
+        table: String,
+        retention: Duration,
+        clock: Arc<dyn Clock>,
+        offsets: SqliteOffsets,
+    ) -> Self {
         SqliteInbox {
             first_time: format!(
                 "INSERT INTO {table} (scope, id, processed_at, expires_at) VALUES (?1, ?2, ?3, ?4)
@@ -71,9 +150,11 @@ impl SqliteInbox {
                 "DELETE FROM {table} WHERE (scope, id) IN
                     (SELECT scope, id FROM {table} WHERE expires_at <= ?1 LIMIT ?2)"
             ),
+            conn,
             table,
             retention,
             clock,
+            offsets,
         }
     }
 
@@ -81,21 +162,51 @@ impl SqliteInbox {
     pub fn with_table(self, table: impl Into<String>) -> Result<Self> {
         let table = table.into();
         check_table(&table)?;
-        Ok(Self::with_parts(table, self.retention, self.clock))
+        Ok(Self::with_parts(
+            self.conn,
+            table,
+            self.retention,
+            self.clock,
+            self.offsets,
+        ))
     }
 
     /// How long a processed key is remembered: at least the broker's redelivery window.
     pub fn with_retention(self, retention: Duration) -> Self {
-        Self::with_parts(self.table, retention, self.clock)
+        Self::with_parts(self.conn, self.table, retention, self.clock, self.offsets)
     }
 
     /// The clock for retention (default: system clock).
     pub fn with_clock(self, clock: impl Clock) -> Self {
-        Self::with_parts(self.table, self.retention, Arc::new(clock))
+        Self::with_parts(
+            self.conn,
+            self.table,
+            self.retention,
+            Arc::new(clock),
+            self.offsets,
+        )
     }
 
-    /// Creates the inbox table if missing (call outside a transaction, once at start-up).
-    pub fn migrate(&self, conn: &Connection) -> Result<()> {
+    /// Keeps positions in another offsets table.
+    pub fn with_offsets(self, offsets: SqliteOffsets) -> Self {
+        Self::with_parts(self.conn, self.table, self.retention, self.clock, offsets)
+    }
+
+    /// Creates the inbox and offsets tables if missing.
+    pub async fn migrate(&self) -> Result<()> {
+        let conn = Arc::clone(&self.conn).lock_owned().await;
+        let this = self.clone();
+        blocking(conn, move |conn| {
+            this.migrate_on(conn)?;
+            this.offsets.migrate(conn)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Creates the inbox table on `conn` if missing, for a caller that keeps its own connection
+    /// and uses [`first_time_in`](Self::first_time_in).
+    pub fn migrate_on(&self, conn: &Connection) -> Result<()> {
         let t = &self.table;
         migrate(
             conn,
@@ -112,17 +223,17 @@ impl SqliteInbox {
         )
     }
 
-    /// Records `key` in the caller's transaction; `true` if this is its first time within the
-    /// retention window (run the effect in the same transaction), `false` for a duplicate (skip
-    /// the effect, commit, acknowledge).
+    /// Records `key` in a transaction the caller opened on its own connection; `true` if this
+    /// is its first time within the retention window (run the effect in the same transaction),
+    /// `false` for a duplicate (skip the effect, commit, acknowledge).
     ///
     /// Two transactions with the same key serialize on SQLite's write lock: exactly one sees
     /// `true`. Use `BEGIN IMMEDIATE` (`TransactionBehavior::Immediate`) so the lock is taken up
     /// front rather than on upgrade.
-    pub fn first_time(&self, tx: &Transaction<'_>, key: &Key) -> Result<bool> {
+    pub fn first_time_in(&self, conn: &Connection, key: &Key) -> Result<bool> {
         let now = to_millis(self.clock.now());
         let expires = now.saturating_add(duration_millis(self.retention));
-        let mut stmt = sql(tx.prepare_cached(&self.first_time))?;
+        let mut stmt = sql(conn.prepare_cached(&self.first_time))?;
         let n = sql(stmt.execute(params![
             key.scope(),
             key.id(),
@@ -131,22 +242,64 @@ impl SqliteInbox {
         ]))?;
         Ok(n == 1)
     }
+}
 
-    /// [`first_time`](Self::first_time) for a batch: one answer per key, in order; a key
-    /// repeated in the batch is `true` at most once. SQLite runs in-process, so a batch is the
-    /// same prepared statement run per key inside the caller's transaction: no round trips to
-    /// save, and one commit for all.
-    pub fn first_time_many(&self, tx: &Transaction<'_>, keys: &[Key]) -> Result<Vec<bool>> {
-        keys.iter().map(|k| self.first_time(tx, k)).collect()
+impl Inbox for SqliteInbox {
+    type Tx = SqliteTx;
+
+    async fn begin(&self) -> Result<SqliteTx> {
+        let conn = Arc::clone(&self.conn).lock_owned().await;
+        let (conn, ()) = blocking(conn, |c| sql(c.execute_batch("BEGIN IMMEDIATE"))).await?;
+        Ok(SqliteTx { conn: Some(conn) })
     }
 
-    /// Deletes at most `limit` keys past their retention; returns how many.
-    pub fn purge_expired(&self, conn: &Connection, limit: usize) -> Result<u64> {
+    async fn first_time(&self, tx: &mut SqliteTx, key: &Key) -> Result<bool> {
+        self.first_time_in(tx, key)
+    }
+
+    async fn commit(&self, mut tx: SqliteTx) -> Result<()> {
+        let conn = tx
+            .conn
+            .take()
+            .expect("a transaction holds its connection until it ends");
+        let (_conn, ()) = blocking(conn, |c| match c.execute_batch("COMMIT") {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = c.execute_batch("ROLLBACK");
+                sql(Err(e))
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    async fn purge_expired(&self, limit: usize) -> Result<u64> {
         let now = i64::try_from(to_millis(self.clock.now())).unwrap_or(i64::MAX);
-        let n = sql(conn.execute(
-            &self.purge,
-            params![now, i64::try_from(limit).unwrap_or(i64::MAX)],
-        ))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let conn = Arc::clone(&self.conn).lock_owned().await;
+        let purge = self.purge.clone();
+        let (_conn, n) =
+            blocking(conn, move |c| sql(c.execute(&purge, params![now, limit]))).await?;
         Ok(n as u64)
+    }
+
+    async fn advance(&self, tx: &mut SqliteTx, p: &Position) -> Result<()> {
+        self.offsets.advance(
+            tx,
+            &p.group,
+            &p.topic,
+            p.partition,
+            p.expected,
+            p.offset + 1,
+        )
+    }
+
+    async fn load_positions(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
+        let conn = self.conn.lock().await;
+        self.offsets.load_positions(&conn, group, topic)
     }
 }

@@ -7,7 +7,8 @@
 //! - [`SqliteOffsets`]: Kafka consumer positions, compare-and-set in the inbox transaction;
 //! - [`SqliteEventLog`]: an append-only event log, idempotent by event id;
 //! - [`SqliteQueue`]: an at-least-once queue with SQS semantics (visibility timeout, receive
-//!   count, delete to acknowledge), used by `idemgate demo`.
+//!   count, delete to acknowledge, message groups), used by `idemgate demo`; with the
+//!   `consumer` feature, [`QueueSource`] runs the consumer runtime on it.
 //!
 //! ```
 //! use std::time::Duration;
@@ -27,16 +28,23 @@
 //! # }).unwrap();
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod error;
 mod inbox;
 mod log;
 mod offsets;
 mod queue;
 mod schema;
+#[cfg(feature = "consumer")]
+mod source;
 mod store;
 
-pub use inbox::SqliteInbox;
+pub use inbox::{SqliteInbox, SqliteTx};
 pub use log::{Appended, LoggedEvent, SqliteEventLog};
 pub use offsets::SqliteOffsets;
 pub use queue::{Message, QueueStats, Receipt, SqliteQueue};
+#[cfg(feature = "consumer")]
+#[cfg_attr(docsrs, doc(cfg(feature = "consumer")))]
+pub use source::{DeadLetter, QueueDelivery, QueueSource};
 pub use store::{SqliteStore, SqliteStoreBuilder, Synchronous};

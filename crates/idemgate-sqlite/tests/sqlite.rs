@@ -1,12 +1,17 @@
-//! SQLite-specific behaviour: crashes, foreign files, shared files, the inbox and the queue.
+//! SQLite: the inbox conformance suite, and what is SQLite's own: crashes, foreign files, shared
+//! files, the queue.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idemgate_core::{Claim, ClaimOptions, Error, Key, Lease, Outcome, State, Store, StoreExt};
-use idemgate_sqlite::{SqliteInbox, SqliteQueue, SqliteStore};
+use idemgate_core::{
+    Claim, ClaimOptions, Error, HandlerFuture, Key, Lease, Outcome, State, Store, StoreExt,
+};
+use idemgate_sqlite::{SqliteInbox, SqliteQueue, SqliteStore, SqliteTx};
+use idemgate_testkit::inbox_conformance::InboxCase;
 use rusqlite::{Connection, TransactionBehavior};
 
 const CHILD_ENV: &str = "IDEMGATE_SQLITE_CHILD_DB";
@@ -228,39 +233,6 @@ async fn stores_sharing_a_file_exclude_each_other() {
     }
 }
 
-#[test]
-fn inbox_commits_with_the_business_change() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ledger.db");
-    let mut conn = Connection::open(&path).unwrap();
-    conn.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE balance (total INTEGER); INSERT INTO balance VALUES (0);").unwrap();
-    let inbox = SqliteInbox::new();
-    inbox.migrate(&conn).unwrap();
-    let key = Key::new("ledger", "evt-1").unwrap();
-
-    // a rolled-back transaction leaves the key unprocessed
-    {
-        let tx = conn.transaction().unwrap();
-        assert!(inbox.first_time(&tx, &key).unwrap());
-        tx.execute("UPDATE balance SET total = total + 5", [])
-            .unwrap();
-        tx.rollback().unwrap();
-    }
-    // then the real delivery and a duplicate
-    for _ in 0..2 {
-        let tx = conn.transaction().unwrap();
-        if inbox.first_time(&tx, &key).unwrap() {
-            tx.execute("UPDATE balance SET total = total + 5", [])
-                .unwrap();
-        }
-        tx.commit().unwrap();
-    }
-    let total: i64 = conn
-        .query_row("SELECT total FROM balance", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(total, 5);
-}
-
 /// Eight connections process the same 200 keys concurrently: each key's effect happens once.
 #[test]
 fn concurrent_inbox_transactions_apply_each_key_once() {
@@ -269,7 +241,9 @@ fn concurrent_inbox_transactions_apply_each_key_once() {
     {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE effects (id TEXT PRIMARY KEY, n INTEGER NOT NULL);").unwrap();
-        SqliteInbox::new().migrate(&conn).unwrap();
+        SqliteInbox::new(Connection::open(&path).unwrap())
+            .migrate_on(&conn)
+            .unwrap();
     }
     let threads: Vec<_> = (0..8)
         .map(|_| {
@@ -277,12 +251,12 @@ fn concurrent_inbox_transactions_apply_each_key_once() {
             std::thread::spawn(move || {
                 let mut conn = Connection::open(&path).unwrap();
                 conn.busy_timeout(Duration::from_secs(30)).unwrap();
-                let inbox = SqliteInbox::new();
+                let inbox = SqliteInbox::new(Connection::open_in_memory().unwrap());
                 let mut applied = 0;
                 for i in 0..200 {
                     let key = Key::new("c", format!("e{i}")).unwrap();
                     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).unwrap();
-                    if inbox.first_time(&tx, &key).unwrap() {
+                    if inbox.first_time_in(&tx, &key).unwrap() {
                         tx.execute("INSERT INTO effects (id, n) VALUES (?1, 1) ON CONFLICT (id) DO UPDATE SET n = n + 1", [key.id()]).unwrap();
                         applied += 1;
                     }
@@ -301,37 +275,6 @@ fn concurrent_inbox_transactions_apply_each_key_once() {
         })
         .unwrap();
     assert_eq!((rows, max), (200, 1));
-}
-
-#[test]
-fn inbox_forgets_keys_after_retention_and_purges_in_batches() {
-    let clock = idemgate_core::ManualClock::new();
-    let mut conn = Connection::open_in_memory().unwrap();
-    let inbox = SqliteInbox::new()
-        .with_retention(Duration::from_secs(60))
-        .with_clock(clock.clone());
-    inbox.migrate(&conn).unwrap();
-    let tx = conn.transaction().unwrap();
-    for i in 0..5 {
-        assert!(
-            inbox
-                .first_time(&tx, &Key::new("r", format!("{i}")).unwrap())
-                .unwrap()
-        );
-    }
-    assert!(!inbox.first_time(&tx, &Key::new("r", "0").unwrap()).unwrap());
-    tx.commit().unwrap();
-    clock.advance(Duration::from_secs(61));
-    let tx = conn.transaction().unwrap();
-    assert!(
-        inbox.first_time(&tx, &Key::new("r", "0").unwrap()).unwrap(),
-        "key outlived its retention"
-    );
-    tx.commit().unwrap();
-    assert_eq!(inbox.purge_expired(&conn, 3).unwrap(), 3);
-    assert_eq!(inbox.purge_expired(&conn, 3).unwrap(), 1);
-    assert_eq!(inbox.purge_expired(&conn, 3).unwrap(), 0);
-    assert!(SqliteInbox::new().with_table("bad name").is_err());
 }
 
 #[test]
@@ -570,56 +513,65 @@ fn event_log_is_idempotent_gap_free_and_transactional() {
     assert_eq!(seqs, (1..=32).collect::<Vec<_>>());
 }
 
-#[test]
-fn offsets_advance_by_compare_and_set_and_inbox_batches() {
-    use idemgate_sqlite::SqliteOffsets;
-    let mut conn = Connection::open_in_memory().unwrap();
-    let offsets = SqliteOffsets::new();
-    offsets.migrate(&conn).unwrap();
-    let inbox = SqliteInbox::new();
-    inbox.migrate(&conn).unwrap();
-    let tx = conn.transaction().unwrap();
-    offsets.advance(&tx, "g", "t", 0, None, 10).unwrap();
-    offsets.advance(&tx, "g", "t", 0, Some(10), 11).unwrap();
-    let e = offsets.advance(&tx, "g", "t", 0, Some(10), 12).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Fenced {
-                expected: Some(10),
-                found: Some(11),
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    let e = offsets.advance(&tx, "g", "t", 0, None, 1).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Fenced {
-                expected: None,
-                found: Some(11),
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    let keys: Vec<Key> = ["a", "b", "a"]
-        .iter()
-        .map(|i| Key::new("s", *i).unwrap())
-        .collect();
-    assert_eq!(
-        inbox.first_time_many(&tx, &keys).unwrap(),
-        [true, true, false]
-    );
-    tx.commit().unwrap();
-    assert_eq!(
-        offsets
-            .load_positions(&conn, "g", "t")
+/// The inbox conformance suite on SQLite.
+struct SqliteCase {
+    _dir: tempfile::TempDir,
+    inbox: SqliteInbox,
+    path: std::path::PathBuf,
+}
+
+impl InboxCase for SqliteCase {
+    type Inbox = SqliteInbox;
+
+    async fn open(retention: Duration) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let inbox = SqliteInbox::open(&path).unwrap().with_retention(retention);
+        inbox.migrate().await.unwrap();
+        Connection::open(&path)
             .unwrap()
-            .into_iter()
-            .collect::<Vec<_>>(),
-        [(0, 11)]
-    );
+            .execute_batch(
+                "CREATE TABLE effects (event TEXT PRIMARY KEY, applied INTEGER NOT NULL)",
+            )
+            .unwrap();
+        Some(SqliteCase {
+            _dir: dir,
+            inbox,
+            path,
+        })
+    }
+
+    fn inbox(&self) -> &SqliteInbox {
+        &self.inbox
+    }
+
+    fn apply<'a>(&'a self, tx: &'a mut SqliteTx, event: &'a str) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            tx.execute(
+                "INSERT INTO effects (event, applied) VALUES (?1, 1)
+                 ON CONFLICT (event) DO UPDATE SET applied = applied + 1",
+                [event],
+            )?;
+            Ok(())
+        })
+    }
+
+    async fn applied(&self) -> BTreeMap<String, (u64, Option<i64>)> {
+        let conn = Connection::open(&self.path).unwrap();
+        let mut stmt = conn.prepare("SELECT event, applied FROM effects").unwrap();
+        stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, (r.get::<_, u64>(1)?, None)))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+}
+
+idemgate_testkit::inbox_conformance_tests!(SqliteCase);
+
+#[test]
+fn inbox_tables_are_identifiers() {
+    let inbox = SqliteInbox::new(Connection::open_in_memory().unwrap());
+    assert!(inbox.with_table("bad name").is_err());
 }

@@ -13,15 +13,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use idemgate_consumer::{
-    Consumer, HandlerFuture, Inbox, InboxHandler, MySqlInboxPool, Outgoing, PgInboxPool, Sink,
-    Stats,
+    Consumer, HandlerFuture, Inbox, InboxHandler, Message, Outgoing, Sink, Stats,
 };
 use idemgate_kafka::{Kafka, SourceOptions};
-use idemgate_mysql::{MySqlInbox, MySqlOffsets};
-use idemgate_postgres::{PgInbox, PgOffsets};
+use idemgate_mysql::{MySqlInbox, MySqlOffsets, MySqlTx};
+use idemgate_postgres::{PgInbox, PgOffsets, PgTx};
 use idemgate_testkit::broker::{DiesBeforeAck, until};
 use serde::{Deserialize, Serialize};
-use sqlx::{MySql, MySqlPool, PgPool, Postgres, Transaction};
+use sqlx::{MySqlPool, PgPool};
 
 /// A boxed error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -43,18 +42,16 @@ pub type Totals = BTreeMap<String, i64>;
 pub struct Billing {
     pool: PgPool,
     totals: String,
-    inbox: PgInboxPool,
+    inbox: PgInbox,
 }
 
 impl Billing {
     /// Creates its tables under `prefix`.
     pub async fn setup(pool: PgPool, prefix: &str) -> Result<Self, BoxError> {
         let totals = format!("{prefix}_billing_totals");
-        let inbox = PgInboxPool::new(
-            PgInbox::new().with_table(format!("{prefix}_billing_inbox"))?,
-            pool.clone(),
-        )
-        .with_offsets(PgOffsets::new().with_table(format!("{prefix}_billing_offsets"))?);
+        let inbox = PgInbox::new(pool.clone())
+            .with_table(format!("{prefix}_billing_inbox"))?
+            .with_offsets(PgOffsets::new().with_table(format!("{prefix}_billing_offsets"))?);
         inbox.migrate().await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {totals} (customer TEXT PRIMARY KEY, cents BIGINT NOT NULL)"
@@ -68,9 +65,9 @@ impl Billing {
         })
     }
 
-    fn handler(&self) -> impl InboxHandler<Transaction<'static, Postgres>> {
+    fn handler(&self) -> impl InboxHandler<PgTx, Message> {
         let totals = self.totals.clone();
-        <dyn InboxHandler<Transaction<'static, Postgres>>>::from_fn(move |tx, msg| {
+        <dyn InboxHandler<PgTx, Message>>::from_fn(move |tx, msg| {
             let totals = totals.clone();
             let fut: HandlerFuture<'_> = Box::pin(async move {
                 let c: Charge = serde_json::from_slice(&msg.payload)?;
@@ -103,18 +100,16 @@ impl Billing {
 pub struct Ledger {
     pool: MySqlPool,
     entries: String,
-    inbox: MySqlInboxPool,
+    inbox: MySqlInbox,
 }
 
 impl Ledger {
     /// Creates its tables under `prefix`.
     pub async fn setup(pool: MySqlPool, prefix: &str) -> Result<Self, BoxError> {
         let entries = format!("{prefix}_ledger_entries");
-        let inbox = MySqlInboxPool::new(
-            MySqlInbox::new().with_table(format!("{prefix}_ledger_inbox"))?,
-            pool.clone(),
-        )
-        .with_offsets(MySqlOffsets::new().with_table(format!("{prefix}_ledger_offsets"))?);
+        let inbox = MySqlInbox::new(pool.clone())
+            .with_table(format!("{prefix}_ledger_inbox"))?
+            .with_offsets(MySqlOffsets::new().with_table(format!("{prefix}_ledger_offsets"))?);
         inbox.migrate().await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {entries} (id BIGINT AUTO_INCREMENT PRIMARY KEY,
@@ -129,9 +124,9 @@ impl Ledger {
         })
     }
 
-    fn handler(&self) -> impl InboxHandler<Transaction<'static, MySql>> {
+    fn handler(&self) -> impl InboxHandler<MySqlTx, Message> {
         let entries = self.entries.clone();
-        <dyn InboxHandler<Transaction<'static, MySql>>>::from_fn(move |tx, msg| {
+        <dyn InboxHandler<MySqlTx, Message>>::from_fn(move |tx, msg| {
             let entries = entries.clone();
             let fut: HandlerFuture<'_> = Box::pin(async move {
                 let c: Charge = serde_json::from_slice(&msg.payload)?;
@@ -214,7 +209,7 @@ pub async fn crash_and_resume<I, H>(
 ) -> Result<(Stats, Stats), BoxError>
 where
     I: Inbox + Clone,
-    H: InboxHandler<I::Tx>,
+    H: InboxHandler<I::Tx, Message>,
 {
     let options = || SourceOptions::new().positions_from(inbox.clone());
     let first = DiesBeforeAck::new(kafka.source(group, &[topic], options())?);

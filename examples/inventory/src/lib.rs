@@ -10,14 +10,14 @@
 use std::time::Duration;
 
 use idemgate_consumer::{
-    Consumer, HandlerFuture, InboxHandler, InboxMode, Message, Outgoing, PgInboxPool, Sink, Stats,
+    Consumer, HandlerFuture, InboxHandler, InboxMode, Message, Outgoing, Sink, Stats,
 };
 use idemgate_core::Key;
-use idemgate_postgres::PgInbox;
+use idemgate_postgres::{PgInbox, PgTx};
 use idemgate_rabbitmq::RabbitMq;
 use idemgate_testkit::broker::{DiesBeforeAck, until};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 
 /// A boxed error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -46,17 +46,14 @@ pub struct Inventory {
     pool: PgPool,
     stock: String,
     reservations: String,
-    inbox: PgInboxPool,
+    inbox: PgInbox,
 }
 
 impl Inventory {
     /// Creates the stock, reservation and inbox tables under `prefix` and stocks `skus`.
     pub async fn setup(pool: PgPool, prefix: &str, skus: &[(&str, i32)]) -> Result<Self, BoxError> {
         let (stock, reservations) = (format!("{prefix}_stock"), format!("{prefix}_reservations"));
-        let inbox = PgInboxPool::new(
-            PgInbox::new().with_table(format!("{prefix}_inbox"))?,
-            pool.clone(),
-        );
+        let inbox = PgInbox::new(pool.clone()).with_table(format!("{prefix}_inbox"))?;
         inbox.migrate().await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {stock} (sku TEXT PRIMARY KEY, initial INT NOT NULL,
@@ -89,7 +86,7 @@ impl Inventory {
     }
 
     /// The consumer: Inbox mode, keyed by `(order id, SKU)`.
-    pub fn consumer(&self) -> Consumer<InboxMode<PgInboxPool>> {
+    pub fn consumer(&self) -> Consumer<InboxMode<PgInbox>> {
         Consumer::inbox("inventory", self.inbox.clone())
             .with_key(reservation_key)
             .with_concurrency(8)
@@ -98,9 +95,9 @@ impl Inventory {
     /// The handler: reserve if there is stock, else record the rejection. Deliberately a plain
     /// decrement: only the inbox stands between a duplicate and a second reservation (there is
     /// no unique constraint on the reservations).
-    pub fn handler(&self) -> impl InboxHandler<Transaction<'static, Postgres>> {
+    pub fn handler(&self) -> impl InboxHandler<PgTx, Message> {
         let (stock, reservations) = (self.stock.clone(), self.reservations.clone());
-        <dyn InboxHandler<Transaction<'static, Postgres>>>::from_fn(move |tx, msg| {
+        <dyn InboxHandler<PgTx, Message>>::from_fn(move |tx, msg| {
             let (stock, reservations) = (stock.clone(), reservations.clone());
             let fut: HandlerFuture<'_> = Box::pin(async move {
                 let line: OrderLine = serde_json::from_slice(&msg.payload)?;

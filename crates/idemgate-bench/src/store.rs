@@ -5,52 +5,19 @@ use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use clap::{Args, Subcommand};
-use idemgate::core::{Claim, ClaimOptions, Key, MemoryStore, Outcome, Store};
+use clap::Args;
+use idemgate::core::{Claim, ClaimOptions, Key, Outcome, Store};
 use idemgate::mysql::{MySqlInbox, MySqlStore};
 use idemgate::postgres::{PgInbox, PostgresStore};
 use idemgate::redis::RedisStore;
 
-use crate::BoxError;
+use crate::{BoxError, drive, median};
 
+/// `bench store`: claim + complete and the inbox against raw `SET NX PX` or a raw insert.
 #[derive(Debug, Args)]
-pub(crate) struct BenchArgs {
-    #[command(subcommand)]
-    what: BenchWhat,
-}
-
-#[derive(Debug, Subcommand)]
-enum BenchWhat {
-    /// Claim + complete and the inbox against raw `SET NX PX` or a raw insert.
-    Store(StoreBench),
-    /// A trivial axum handler over HTTP on 127.0.0.1, with and without the Idempotency-Key layer.
-    Http(HttpBench),
-    /// A consumer on a real broker: bare, in Gate mode and in Inbox mode.
-    #[cfg(feature = "brokers")]
-    Consumer(crate::bench_consumer::ConsumerBench),
-}
-
-#[derive(Debug, Args)]
-struct HttpBench {
-    /// The layer's store: `memory:` or any store URL.
-    #[arg(long, default_value = "memory:")]
-    store: String,
-    /// Concurrent clients (keep-alive connections).
-    #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
-    clients: usize,
-    /// Requests per measurement.
-    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
-    requests: u64,
-    /// Rounds; each figure is the median of its rounds, each ratio the median of the rounds'
-    /// ratios. The order of the three measurements rotates from one round to the next.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    rounds: u32,
-}
-
-#[derive(Debug, Args)]
-struct StoreBench {
+pub struct StoreBench {
     /// `postgres://…`, `mysql://…` or `redis://…`.
     #[arg(long)]
     store: String,
@@ -69,16 +36,11 @@ struct StoreBench {
     rounds: u32,
 }
 
-pub(crate) fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
+/// Runs `bench store`.
+pub(crate) fn run(b: StoreBench) -> Result<ExitCode, BoxError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let b = match args.what {
-        BenchWhat::Store(b) => b,
-        BenchWhat::Http(h) => return rt.block_on(http_bench(h)),
-        #[cfg(feature = "brokers")]
-        BenchWhat::Consumer(c) => return rt.block_on(crate::bench_consumer::run(c)),
-    };
     rt.block_on(async {
         // several rounds, each measuring every row once, so slow phases of a noisy machine hit
         // the ceiling and the store alike; each figure is the median of its rounds
@@ -115,53 +77,6 @@ pub(crate) fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
     })
 }
 
-/// The median of `values` (0 when there are none). Ratios are taken per round, each row against
-/// the ceiling measured in the same round, then the median of those: the machine's slow swings
-/// between fast and slow phases cancel within a round instead of between rounds.
-pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// Runs `op(i)` for `i` in `0..ops` on `clients` concurrent tasks; returns operations per second.
-async fn drive<F, Fut>(clients: usize, ops: u64, op: F) -> Result<f64, BoxError>
-where
-    F: Fn(u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), BoxError>> + Send,
-{
-    // every measurement gets its own range of ids, so none of them meets another's keys
-    let base = NEXT_ID.fetch_add(ops, Ordering::Relaxed);
-    let next = Arc::new(AtomicU64::new(base));
-    let ops = base + ops;
-    let count = ops - base;
-    let op = Arc::new(op);
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (next, op) = (Arc::clone(&next), Arc::clone(&op));
-            tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= ops {
-                        return Ok::<_, BoxError>(());
-                    }
-                    op(i).await?;
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await??;
-    }
-    Ok(count as f64 / start.elapsed().as_secs_f64())
-}
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 static NEXT_RUN: AtomicU64 = AtomicU64::new(0);
 
 type Row = (String, f64, Option<f64>);
@@ -393,8 +308,8 @@ async fn sql_bench(b: &StoreBench, kind: Sql, swap: bool) -> Result<Vec<Row>, Bo
                 .connect(&b.store)
                 .await?;
             sqlx::query(&format!("CREATE TABLE {raw_table} (scope TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (scope, id))")).execute(&pool).await?;
-            let inbox = PgInbox::new().with_table(&inbox_table)?;
-            inbox.migrate(&pool).await?;
+            let inbox = PgInbox::new(pool.clone()).with_table(&inbox_table)?;
+            inbox.migrate().await?;
             let store = PostgresStore::builder()
                 .with_pool(pool.clone())
                 .with_table(&store_table)
@@ -456,8 +371,8 @@ async fn sql_bench(b: &StoreBench, kind: Sql, swap: bool) -> Result<Vec<Row>, Bo
             ))
             .execute(&pool)
             .await?;
-            let inbox = MySqlInbox::new().with_table(&inbox_table)?;
-            inbox.migrate(&pool).await?;
+            let inbox = MySqlInbox::new(pool.clone()).with_table(&inbox_table)?;
+            inbox.migrate().await?;
             let store = MySqlStore::builder()
                 .with_pool(pool.clone())
                 .with_table(&store_table)
@@ -553,104 +468,6 @@ async fn sql_bench(b: &StoreBench, kind: Sql, swap: bool) -> Result<Vec<Row>, Bo
             Some(rows_per(rawn)),
         ),
     ])
-}
-
-/// A server on 127.0.0.1 with a trivial POST handler, optionally behind the layer.
-async fn http_server<St: Store>(store: Option<St>) -> Result<String, BoxError> {
-    use axum::routing::post;
-    let app = axum::Router::new().route(
-        "/orders",
-        // a POST handler reads its body, with or without the layer
-        post(|body: axum::body::Bytes| async move {
-            std::hint::black_box(body);
-            (axum::http::StatusCode::CREATED, "{\"ok\":true}")
-        }),
-    );
-    let app = match store {
-        Some(store) => app.layer(idemgate_http::IdempotencyLayer::unscoped(store)),
-        None => app,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(format!("http://{addr}/orders"))
-}
-
-async fn http_bench(h: HttpBench) -> Result<ExitCode, BoxError> {
-    // the memory store as a service would hold it; any other behind the erased `BoxStore`
-    let guarded = if h.store == "memory:" {
-        http_server(Some(MemoryStore::unbounded())).await?
-    } else {
-        http_server(Some(idemgate::open(&h.store).await?)).await?
-    };
-    let plain = http_server::<MemoryStore>(None).await?;
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(h.clients)
-        .build()?;
-    // both servers get the same requests, key header included: only the layer differs
-    let run = |url: String, keys: u64| {
-        let client = client.clone();
-        drive(h.clients, h.requests, move |i| {
-            let (client, url) = (client.clone(), url.clone());
-            async move {
-                // fresh keys, or `keys` keys replayed over and over
-                let id = if keys == 0 { i } else { i % keys };
-                let res = client
-                    .post(&url)
-                    .body("{\"sku\":\"A1\",\"qty\":2}")
-                    .header("idempotency-key", format!("\"bench-{id}\""))
-                    .send()
-                    .await?;
-                if !res.status().is_success() {
-                    return Err(format!("status {}", res.status()).into());
-                }
-                res.bytes().await?;
-                Ok(())
-            }
-        })
-    };
-    // warm-up: connections, the replay set
-    run(plain.clone(), 0).await?;
-    run(guarded.clone(), 1000).await?;
-    // each round runs the three measurements in another order (rotated), so a phase of the
-    // machine or the state one run leaves behind does not always land on the same measurement
-    let measurements = [(&plain, 0), (&guarded, 0), (&guarded, 1000)];
-    let mut rows: Vec<[f64; 3]> = Vec::new();
-    for round in 0..h.rounds.max(1) as usize {
-        let mut row = [0.0; 3];
-        for k in 0..3 {
-            let m = (round + k) % 3;
-            let (url, keys) = measurements[m];
-            row[m] = run(url.clone(), keys).await?;
-        }
-        rows.push(row);
-    }
-    let (raw, fresh, replay) = (
-        median(rows.iter().map(|r| r[0])),
-        median(rows.iter().map(|r| r[1])),
-        median(rows.iter().map(|r| r[2])),
-    );
-    // each round against the no-layer run of that same round
-    let ratio = |i: usize| 100.0 * median(rows.iter().map(|r| r[i] / r[0]));
-    println!("{:<58} {:>12} {:>9}", "measurement", "req/s", "vs raw");
-    println!(
-        "{:<58} {raw:>12.0} {:>9}",
-        format!("trivial handler, no layer, {} clients", h.clients),
-        "(ceiling)"
-    );
-    println!(
-        "{:<58} {fresh:>12.0} {:>8.0}%",
-        format!("with the layer ({}), fresh keys", h.store),
-        ratio(1)
-    );
-    println!(
-        "{:<58} {replay:>12.0} {:>8.0}%",
-        format!("with the layer ({}), replays", h.store),
-        ratio(2)
-    );
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Claim + complete, single and batched, on any store.

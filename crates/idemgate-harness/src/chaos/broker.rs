@@ -1,15 +1,14 @@
 //! The brokers a chaos run goes through: setting up a phase's destination, the producer, and
 //! the embedded SQLite queue as a [`Source`].
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::ValueEnum;
-use idemgate::consumer::{Delivery, Message, Outgoing, Sink, Source};
+use idemgate::consumer::{Delivery, Outgoing, Sink, Source};
 use idemgate::core::EventId;
-use idemgate::sqlite::{Receipt, SqliteQueue};
+use idemgate::sqlite::SqliteQueue;
 
 use super::Event;
 use crate::BoxError;
@@ -297,9 +296,9 @@ pub(crate) async fn dead_letters(
                     break found;
                 }
                 for m in batch {
-                    let dead: EmbeddedDeadLetter = serde_json::from_slice(&m.body)?;
+                    let dead = idemgate::sqlite::DeadLetter::parse(&m.body)?;
                     found.push(DeadLetter {
-                        id: dead.id,
+                        id: dead.event_id.unwrap_or_default(),
                         reason: Some(dead.reason),
                     });
                     queue.delete(&m.receipt)?;
@@ -366,13 +365,6 @@ async fn drain<S: Source>(mut source: S, quiet: Duration) -> Result<Vec<DeadLett
         d.ack().await?;
     }
     Ok(found)
-}
-
-/// What the embedded queue's dead-letter queue holds.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct EmbeddedDeadLetter {
-    id: String,
-    reason: String,
 }
 
 impl Producer {
@@ -484,9 +476,15 @@ pub(crate) async fn with_source<R>(
         ChaosBroker::Embedded => {
             let queue = SqliteQueue::open(queue_path(dir), &destination.replace('-', "_"))?;
             let dead = SqliteQueue::open(queue_path(dir), &embedded_dead(destination))?;
-            serve
-                .serve(EmbeddedSource::new(queue, dead, visibility))
-                .await
+            let source = idemgate::sqlite::QueueSource::new(queue, visibility)
+                .with_dead_letters(dead)
+                .with_event_id(|body| {
+                    serde_json::from_slice::<Event>(body)
+                        .ok()
+                        .map(|e| e.id)
+                        .filter(|id| !id.is_empty())
+                });
+            serve.serve(source).await
         }
         ChaosBroker::Rabbitmq => {
             let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
@@ -529,121 +527,4 @@ pub(crate) async fn with_source<R>(
 pub(crate) trait AsyncServe {
     type Output;
     async fn serve<S: Source>(self, source: S) -> Self::Output;
-}
-
-/// The embedded SQLite queue as a [`Source`]: receive with a visibility timeout, delete on ack.
-pub(crate) struct EmbeddedSource {
-    queue: Arc<Mutex<SqliteQueue>>,
-    dead: Arc<Mutex<SqliteQueue>>,
-    visibility: Duration,
-    ready: VecDeque<idemgate::sqlite::Message>,
-}
-
-impl EmbeddedSource {
-    fn new(queue: SqliteQueue, dead: SqliteQueue, visibility: Duration) -> Self {
-        EmbeddedSource {
-            queue: Arc::new(Mutex::new(queue)),
-            dead: Arc::new(Mutex::new(dead)),
-            visibility,
-            ready: VecDeque::new(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SqliteQueue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-fn queue_error(what: &str) -> impl Fn(idemgate::core::Error) -> idemgate::consumer::Error + '_ {
-    move |e| idemgate::consumer::Error::broker("embedded", what, e)
-}
-
-impl Source for EmbeddedSource {
-    type Delivery = EmbeddedDelivery;
-
-    async fn recv(&mut self) -> idemgate::consumer::Result<Option<EmbeddedDelivery>> {
-        loop {
-            if let Some(m) = self.ready.pop_front() {
-                let event: Event = serde_json::from_slice(&m.body).unwrap_or_default();
-                let mut msg = Message::new("embedded", m.body.clone());
-                if !event.id.is_empty() {
-                    msg = msg.with_event_id(event.id);
-                }
-                msg.deliveries = Some(m.receive_count);
-                msg.ordering_key = m.group.clone();
-                return Ok(Some(EmbeddedDelivery {
-                    queue: Arc::clone(&self.queue),
-                    dead: Arc::clone(&self.dead),
-                    receipt: m.receipt,
-                    msg,
-                    visibility: self.visibility,
-                }));
-            }
-            let batch = self
-                .lock()
-                .receive(8, self.visibility)
-                .map_err(queue_error("receiving"))?;
-            if batch.is_empty() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            self.ready.extend(batch);
-        }
-    }
-}
-
-/// One receive of a message of the embedded queue.
-pub(crate) struct EmbeddedDelivery {
-    queue: Arc<Mutex<SqliteQueue>>,
-    dead: Arc<Mutex<SqliteQueue>>,
-    receipt: Receipt,
-    msg: Message,
-    visibility: Duration,
-}
-
-impl EmbeddedDelivery {
-    fn lock(&self) -> std::sync::MutexGuard<'_, SqliteQueue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Delivery for EmbeddedDelivery {
-    fn message(&self) -> &Message {
-        &self.msg
-    }
-
-    async fn ack(self) -> idemgate::consumer::Result<()> {
-        self.lock()
-            .delete(&self.receipt)
-            .map_err(queue_error("deleting"))?;
-        Ok(())
-    }
-
-    async fn nack(self, delay: Duration) -> idemgate::consumer::Result<()> {
-        self.lock()
-            .change_visibility(&self.receipt, delay)
-            .map_err(queue_error("changing visibility"))?;
-        Ok(())
-    }
-
-    async fn dead_letter(self, reason: &str) -> idemgate::consumer::Result<()> {
-        let dead = EmbeddedDeadLetter {
-            id: self.msg.event_id.clone().unwrap_or_default(),
-            reason: reason.to_owned(),
-        };
-        let body = serde_json::to_vec(&dead)
-            .map_err(|e| idemgate::consumer::Error::broker("embedded", "dead-lettering", e))?;
-        self.dead
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(&body)
-            .map_err(queue_error("dead-lettering"))?;
-        self.ack().await
-    }
-
-    async fn in_progress(&self) -> idemgate::consumer::Result<()> {
-        self.lock()
-            .change_visibility(&self.receipt, self.visibility)
-            .map_err(queue_error("extending visibility"))?;
-        Ok(())
-    }
 }

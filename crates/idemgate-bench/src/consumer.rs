@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use idemgate::consumer::memory::MemoryBroker;
 use idemgate::consumer::{
-    Consumer, Delivery, HandlerFuture, Inbox, InboxHandler, Message, MySqlInboxPool, Outgoing,
-    PgInboxPool, Sink, Source, StatsHandle,
+    Consumer, Delivery, HandlerFuture, Inbox, InboxHandler, Message, Outgoing, Sink, Source,
+    StatsHandle,
 };
 use idemgate::core::{BoxStore, EventId};
 use idemgate::mysql::MySqlInbox;
@@ -46,8 +46,9 @@ pub(crate) enum BenchBroker {
     Sqs,
 }
 
+/// `bench consumer`: the same consumer bare, in Gate mode and in Inbox mode.
 #[derive(Debug, Args)]
-pub(crate) struct ConsumerBench {
+pub struct ConsumerBench {
     /// The broker.
     #[arg(long, value_enum, default_value = "memory")]
     broker: BenchBroker,
@@ -310,7 +311,7 @@ where
 async fn inbox_mode<S: Source, I: Inbox>(
     source: S,
     inbox: I,
-    handler: impl InboxHandler<I::Tx>,
+    handler: impl InboxHandler<I::Tx, Message>,
     n: u64,
     c: usize,
     batch: usize,
@@ -340,8 +341,8 @@ fn suffixed(m: &Message, rows: usize) -> impl Iterator<Item = Option<String>> + 
 
 /// The SQL side: the pool, the effect table and the inbox.
 enum Sql {
-    Postgres(sqlx::PgPool, String, PgInboxPool),
-    MySql(sqlx::MySqlPool, String, MySqlInboxPool),
+    Postgres(sqlx::PgPool, String, PgInbox),
+    MySql(sqlx::MySqlPool, String, MySqlInbox),
 }
 
 impl Sql {
@@ -359,7 +360,7 @@ impl Sql {
             ))
             .execute(&pool)
             .await?;
-            let inbox = PgInboxPool::new(PgInbox::new().with_table(inbox_table)?, pool.clone());
+            let inbox = PgInbox::new(pool.clone()).with_table(inbox_table)?;
             inbox.migrate().await?;
             return Ok(Some(Sql::Postgres(pool, effects, inbox)));
         }
@@ -374,8 +375,7 @@ impl Sql {
             ))
             .execute(&pool)
             .await?;
-            let inbox =
-                MySqlInboxPool::new(MySqlInbox::new().with_table(inbox_table)?, pool.clone());
+            let inbox = MySqlInbox::new(pool.clone()).with_table(inbox_table)?;
             inbox.migrate().await?;
             return Ok(Some(Sql::MySql(pool, effects, inbox)));
         }
@@ -445,7 +445,7 @@ impl Sql {
         match self {
             Sql::Postgres(_, effects, inbox) => {
                 let q = format!("INSERT INTO {effects} (event) VALUES ($1)");
-                let h = <dyn InboxHandler<sqlx::Transaction<'static, sqlx::Postgres>>>::from_fn(
+                let h = <dyn InboxHandler<idemgate::postgres::PgTx, Message>>::from_fn(
                     move |tx, msg| {
                         let q = q.clone();
                         let fut: HandlerFuture<'_> = Box::pin(async move {
@@ -462,7 +462,7 @@ impl Sql {
             }
             Sql::MySql(_, effects, inbox) => {
                 let q = format!("INSERT INTO {effects} (event) VALUES (?)");
-                let h = <dyn InboxHandler<sqlx::Transaction<'static, sqlx::MySql>>>::from_fn(
+                let h = <dyn InboxHandler<idemgate::mysql::MySqlTx, Message>>::from_fn(
                     move |tx, msg| {
                         let q = q.clone();
                         let fut: HandlerFuture<'_> = Box::pin(async move {
@@ -588,7 +588,7 @@ pub(crate) async fn run(b: ConsumerBench) -> Result<ExitCode, BoxError> {
             .await?
         }
     };
-    let median = |i: usize| crate::bench::median(all.iter().map(|r| r[i]));
+    let median = |i: usize| crate::median(all.iter().map(|r| r[i]));
     let effect = match (&b.effect, b.effect_key) {
         (None, _) => "none".to_owned(),
         (Some(url), false) => format!("{url} (unindexed)"),
@@ -647,7 +647,7 @@ pub(crate) async fn run(b: ConsumerBench) -> Result<ExitCode, BoxError> {
         match ceiling {
             Some(c) => {
                 // each round against the ceiling measured in that same round
-                let ratio = crate::bench::median(all.iter().map(|r| r[*i] / r[*c]));
+                let ratio = crate::median(all.iter().map(|r| r[*i] / r[*c]));
                 println!("{name:<66} {r:>9.0} {:>7.0}%", 100.0 * ratio)
             }
             None => println!("{name:<66} {r:>9.0} {:>8}", "(ceil.)"),

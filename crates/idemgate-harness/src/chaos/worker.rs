@@ -22,12 +22,9 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use idemgate::consumer::{
-    Consumer, Delivery, HandlerFuture, Horizon, Inbox, InboxHandler, Message, MySqlInboxPool,
-    PgInboxPool, Source, StatsHandle,
+    Consumer, Delivery, HandlerFuture, InboxHandler, Message, Source, StatsHandle,
 };
-use idemgate::core::{
-    BoxStore, Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Record, Store,
-};
+use idemgate::core::{BoxStore, Key};
 use idemgate::mysql::{MySqlInbox, MySqlOffsets};
 use idemgate::postgres::{PgInbox, PgOffsets};
 use tokio::sync::Semaphore;
@@ -36,7 +33,7 @@ use super::broker::{AsyncServe, ChaosBroker, Route, with_source};
 use super::ledger::{Ledger, Tables, apply_mysql, apply_pg, is_mysql, is_postgres};
 use super::{CONSUMER, Event};
 use crate::BoxError;
-use crate::demo::Point;
+use idemgate_testkit::kill::{HookedInbox, HookedStore, KillPoint, KillPoints, Watched, id_of};
 
 /// How a worker handles a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -59,8 +56,9 @@ impl WorkerMode {
     }
 }
 
+/// The settings of one chaos worker process.
 #[derive(Debug, Args)]
-pub(crate) struct ChaosWorkerArgs {
+pub struct ChaosWorkerArgs {
     #[arg(long, value_enum)]
     broker: ChaosBroker,
     #[arg(long, default_value = "")]
@@ -95,8 +93,8 @@ pub(crate) struct ChaosWorkerArgs {
     /// Apply the Gate-mode effect without a derived key.
     #[arg(long)]
     no_derived_keys: bool,
-    #[arg(long, value_enum)]
-    die_at: Option<Point>,
+    #[arg(long)]
+    die_at: Option<KillPoint>,
     #[arg(long, default_value_t = 0)]
     die_after: u64,
     #[arg(long)]
@@ -113,7 +111,7 @@ fn say(line: &str) {
 /// The planned kill and zombie points.
 #[derive(Debug)]
 struct Hooks {
-    die_at: Option<Point>,
+    die_at: Option<KillPoint>,
     die_after: u64,
     zombie_after: Option<u64>,
     /// The supervisor asked for the planned zombie now (`ZOMBIE` on stdin).
@@ -134,7 +132,7 @@ struct Hooks {
 /// A kill armed by the supervisor.
 #[derive(Debug)]
 struct Tail {
-    point: Point,
+    point: KillPoint,
     since: std::time::Instant,
     /// The message it stops on, and whether that was a redelivery.
     target: Option<(String, bool)>,
@@ -152,7 +150,7 @@ impl Hooks {
             for line in std::io::stdin().lock().lines().map_while(Result::ok) {
                 let mut tail = hooks.tail.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(point) = line.strip_prefix("ARM ") {
-                    let point = Point::ALL.into_iter().find(|p| p.name() == point);
+                    let point = KillPoint::ALL.into_iter().find(|p| p.name() == point);
                     // armed again at the same point: it keeps its wait and its message
                     if tail.as_ref().map(|t| t.point) != point {
                         *tail = point.map(|point| Tail {
@@ -191,7 +189,7 @@ impl Hooks {
     }
 
     /// Parks here for the SIGKILL if this is the planned point, or the armed kill's.
-    fn at(&self, p: Point, id: &str) {
+    fn at(&self, p: KillPoint, id: &str) {
         if self.die_at == Some(p) && self.seen.load(Ordering::Relaxed) >= self.die_after {
             say(&format!("AT {} {id}", p.name()));
             park();
@@ -200,7 +198,7 @@ impl Hooks {
             let tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
             tail.as_ref().and_then(|t| match &t.target {
                 Some((target, redelivery))
-                    if target == id && (p == t.point || p == Point::BeforeAck) =>
+                    if target == id && (p == t.point || p == KillPoint::BeforeAck) =>
                 {
                     Some(*redelivery)
                 }
@@ -229,6 +227,26 @@ impl Hooks {
     }
 }
 
+impl KillPoints for Hooks {
+    fn reach(&self, point: KillPoint, id: &str) {
+        self.at(point, id);
+    }
+
+    fn received(&self, msg: &Message) {
+        self.seen.fetch_add(1, Ordering::Relaxed);
+        say(&format!("RECV {}", id_of(msg)));
+        self.pick(msg);
+    }
+
+    fn dead_lettered(&self, id: &str) {
+        say(&format!("DEAD {id}"));
+    }
+
+    fn io(&self) -> Option<&tokio::sync::RwLock<()>> {
+        Some(&self.io)
+    }
+}
+
 /// Waits for the supervisor's SIGKILL.
 fn park() -> ! {
     loop {
@@ -240,208 +258,11 @@ fn event_of(msg: &Message) -> Result<Event, BoxError> {
     Ok(serde_json::from_slice(&msg.payload)?)
 }
 
-fn id_of(msg: &Message) -> &str {
-    msg.event_id.as_deref().unwrap_or("-")
-}
-
-/// A source that reports every delivery and stops at `before-ack`.
-struct Watched<S> {
-    inner: S,
-    hooks: Arc<Hooks>,
-}
-
-impl<S: Source> Source for Watched<S> {
-    type Delivery = WatchedDelivery<S::Delivery>;
-
-    async fn recv(&mut self) -> idemgate::consumer::Result<Option<Self::Delivery>> {
-        let Some(d) = self.inner.recv().await? else {
-            return Ok(None);
-        };
-        self.hooks.seen.fetch_add(1, Ordering::Relaxed);
-        say(&format!("RECV {}", id_of(d.message())));
-        self.hooks.pick(d.message());
-        Ok(Some(WatchedDelivery {
-            inner: d,
-            hooks: Arc::clone(&self.hooks),
-        }))
-    }
-
-    fn horizon(&self) -> Option<Horizon> {
-        self.inner.horizon()
-    }
-
-    fn ack_wait(&self) -> Option<Duration> {
-        self.inner.ack_wait()
-    }
-}
-
-struct WatchedDelivery<D> {
-    inner: D,
-    hooks: Arc<Hooks>,
-}
-
-impl<D: Delivery> Delivery for WatchedDelivery<D> {
-    fn message(&self) -> &Message {
-        self.inner.message()
-    }
-
-    async fn ack(self) -> idemgate::consumer::Result<()> {
-        self.hooks.at(Point::BeforeAck, id_of(self.inner.message()));
-        self.inner.ack().await
-    }
-
-    async fn nack(self, delay: Duration) -> idemgate::consumer::Result<()> {
-        self.inner.nack(delay).await
-    }
-
-    async fn dead_letter(self, reason: &str) -> idemgate::consumer::Result<()> {
-        let id = id_of(self.inner.message()).to_owned();
-        self.inner.dead_letter(reason).await?;
-        say(&format!("DEAD {id}"));
-        Ok(())
-    }
-
-    async fn in_progress(&self) -> idemgate::consumer::Result<()> {
-        self.inner.in_progress().await
-    }
-
-    async fn reposition(self) -> idemgate::consumer::Result<()> {
-        self.inner.reposition().await
-    }
-}
-
-/// A store that stops at `after-complete`.
-#[derive(Debug)]
-struct HookedStore {
-    inner: BoxStore,
-    hooks: Arc<Hooks>,
-}
-
-impl Store for HookedStore {
-    async fn claim(
-        &self,
-        key: &Key,
-        fp: Option<&Fingerprint>,
-        opts: &ClaimOptions,
-    ) -> idemgate::core::Result<Claim> {
-        let _io = self.hooks.io.read().await;
-        self.inner.claim(key, fp, opts).await
-    }
-
-    async fn complete(
-        &self,
-        lease: &Lease,
-        outcome: &Outcome,
-        retention: Duration,
-    ) -> idemgate::core::Result<()> {
-        let io = self.hooks.io.read().await;
-        self.inner.complete(lease, outcome, retention).await?;
-        drop(io);
-        self.hooks.at(Point::AfterComplete, lease.key().id());
-        Ok(())
-    }
-
-    async fn release(&self, lease: Lease) -> idemgate::core::Result<()> {
-        let _io = self.hooks.io.read().await;
-        self.inner.release(lease).await
-    }
-
-    async fn renew(&self, lease: &Lease, extend: Duration) -> idemgate::core::Result<Lease> {
-        let _io = self.hooks.io.read().await;
-        self.inner.renew(lease, extend).await
-    }
-
-    async fn get(&self, key: &Key) -> idemgate::core::Result<Option<Record>> {
-        let _io = self.hooks.io.read().await;
-        self.inner.get(key).await
-    }
-
-    async fn purge_expired(&self, limit: usize) -> idemgate::core::Result<u64> {
-        let _io = self.hooks.io.read().await;
-        self.inner.purge_expired(limit).await
-    }
-
-    async fn claim_many(
-        &self,
-        claims: &[(Key, Option<Fingerprint>)],
-        opts: &ClaimOptions,
-    ) -> idemgate::core::Result<Vec<Claim>> {
-        let _io = self.hooks.io.read().await;
-        self.inner.claim_many(claims, opts).await
-    }
-
-    async fn complete_many(
-        &self,
-        done: &[(Lease, Outcome)],
-        retention: Duration,
-    ) -> idemgate::core::Result<Vec<idemgate::core::Result<()>>> {
-        let io = self.hooks.io.read().await;
-        let results = self.inner.complete_many(done, retention).await?;
-        drop(io);
-        if let Some(((lease, _), _)) = done.iter().zip(&results).find(|(_, r)| r.is_ok()) {
-            self.hooks.at(Point::AfterComplete, lease.key().id());
-        }
-        Ok(results)
-    }
-}
-
-/// An inbox that stops at `after-complete` (after its commit).
-struct HookedInbox<I> {
-    inner: I,
-    hooks: Arc<Hooks>,
-}
-
-impl<I: Inbox> Inbox for HookedInbox<I> {
-    type Tx = I::Tx;
-
-    async fn begin(&self) -> idemgate::core::Result<I::Tx> {
-        self.inner.begin().await
-    }
-
-    async fn first_time(&self, tx: &mut I::Tx, key: &Key) -> idemgate::core::Result<bool> {
-        self.inner.first_time(tx, key).await
-    }
-
-    async fn first_time_many(
-        &self,
-        tx: &mut I::Tx,
-        keys: &[Key],
-    ) -> idemgate::core::Result<Vec<bool>> {
-        self.inner.first_time_many(tx, keys).await
-    }
-
-    async fn commit(&self, tx: I::Tx) -> idemgate::core::Result<()> {
-        self.inner.commit(tx).await?;
-        self.hooks.at(Point::AfterComplete, "-");
-        Ok(())
-    }
-
-    fn retention(&self) -> Duration {
-        self.inner.retention()
-    }
-
-    async fn advance(
-        &self,
-        tx: &mut I::Tx,
-        position: &idemgate::consumer::Position,
-    ) -> idemgate::core::Result<()> {
-        self.inner.advance(tx, position).await
-    }
-
-    async fn load_positions(
-        &self,
-        group: &str,
-        topic: &str,
-    ) -> idemgate::core::Result<std::collections::BTreeMap<i32, i64>> {
-        self.inner.load_positions(group, topic).await
-    }
-}
-
 /// The inbox on the store's database, with the ledger's tables beside it.
 #[derive(Clone)]
 pub(crate) enum SqlInbox {
-    Postgres(PgInboxPool),
-    MySql(MySqlInboxPool),
+    Postgres(PgInbox),
+    MySql(MySqlInbox),
 }
 
 impl SqlInbox {
@@ -453,7 +274,8 @@ impl SqlInbox {
                 .max_connections(pool)
                 .connect(url)
                 .await?;
-            let i = PgInboxPool::new(PgInbox::new().with_table(inbox)?, p)
+            let i = PgInbox::new(p)
+                .with_table(inbox)?
                 .with_offsets(PgOffsets::new().with_table(offsets)?);
             return Ok(SqlInbox::Postgres(i));
         }
@@ -462,7 +284,8 @@ impl SqlInbox {
                 .max_connections(pool)
                 .connect(&url.replacen("mariadb://", "mysql://", 1))
                 .await?;
-            let i = MySqlInboxPool::new(MySqlInbox::new().with_table(inbox)?, p)
+            let i = MySqlInbox::new(p)
+                .with_table(inbox)?
                 .with_offsets(MySqlOffsets::new().with_table(offsets)?);
             return Ok(SqlInbox::MySql(i));
         }
@@ -506,7 +329,8 @@ impl SqlInbox {
     }
 }
 
-pub(crate) fn run(args: ChaosWorkerArgs) -> Result<ExitCode, BoxError> {
+/// Runs one chaos worker process until the supervisor kills or stops it.
+pub fn run(args: ChaosWorkerArgs) -> Result<ExitCode, BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -598,20 +422,15 @@ impl AsyncServe for Serve<'_> {
             store,
             inbox,
         } = self;
-        let source = Watched {
-            inner: source,
-            hooks: Arc::clone(&hooks),
-        };
+        let source = Watched::new(source, Arc::clone(&hooks));
         let lease = Duration::from_millis(args.lease_ms);
         let forever = std::future::pending::<()>();
         say("READY");
         match args.mode {
             WorkerMode::Naive => naive(source, ledger, hooks, args.concurrency).await,
             WorkerMode::Gate => {
-                let store = HookedStore {
-                    inner: store.ok_or("gate mode needs a store")?,
-                    hooks: Arc::clone(&hooks),
-                };
+                let store =
+                    HookedStore::new(store.ok_or("gate mode needs a store")?, Arc::clone(&hooks));
                 let consumer = Consumer::gate(CONSUMER, store)
                     .with_concurrency(args.concurrency)
                     .with_lease(lease)
@@ -627,14 +446,14 @@ impl AsyncServe for Serve<'_> {
                             return Err("a poison event's planned failure".into());
                         }
                         hooks.zombie(&e.id).await;
-                        hooks.at(Point::AfterClaim, &e.id);
+                        hooks.at(KillPoint::AfterClaim, &e.id);
                         // the external effect honours the key derived from the event's key, so
                         // a re-run after a crash before `complete` is a no-op there
                         let key = Key::new(CONSUMER, &e.id)?.derive("ledger");
                         let io = hooks.io.read().await;
                         ledger.apply(&e, derived.then_some(&key)).await?;
                         drop(io);
-                        hooks.at(Point::AfterEffect, &e.id);
+                        hooks.at(KillPoint::AfterEffect, &e.id);
                         Ok::<(), BoxError>(())
                     }
                 };
@@ -645,30 +464,25 @@ impl AsyncServe for Serve<'_> {
                 let inbox = inbox.ok_or("inbox mode needs a store")?;
                 let tables = Tables::new(&args.prefix);
                 macro_rules! inbox_consumer {
-                    ($inbox:expr, $db:ty, $apply:ident) => {{
+                    ($inbox:expr, $tx:ty, $apply:ident) => {{
                         let h = Arc::clone(&hooks);
                         let ledger = ledger.clone();
-                        let handler = <dyn InboxHandler<sqlx::Transaction<'static, $db>>>::from_fn(
-                            move |tx, msg| {
-                                let (h, tables) = (Arc::clone(&h), tables.clone());
-                                let ledger = ledger.clone();
-                                let fut: HandlerFuture<'_> = Box::pin(async move {
-                                    let e = event_of(msg)?;
-                                    if ledger.planned_failure(&e).await? {
-                                        return Err("a poison event's planned failure".into());
-                                    }
-                                    h.at(Point::AfterClaim, &e.id);
-                                    $apply(&mut **tx, &tables, &e).await?;
-                                    h.at(Point::AfterEffect, &e.id);
-                                    Ok(())
-                                });
-                                fut
-                            },
-                        );
-                        let inbox = HookedInbox {
-                            inner: $inbox,
-                            hooks: Arc::clone(&hooks),
-                        };
+                        let handler = <dyn InboxHandler<$tx, Message>>::from_fn(move |tx, msg| {
+                            let (h, tables) = (Arc::clone(&h), tables.clone());
+                            let ledger = ledger.clone();
+                            let fut: HandlerFuture<'_> = Box::pin(async move {
+                                let e = event_of(msg)?;
+                                if ledger.planned_failure(&e).await? {
+                                    return Err("a poison event's planned failure".into());
+                                }
+                                h.at(KillPoint::AfterClaim, &e.id);
+                                $apply(&mut **tx, &tables, &e).await?;
+                                h.at(KillPoint::AfterEffect, &e.id);
+                                Ok(())
+                            });
+                            fut
+                        });
+                        let inbox = HookedInbox::new($inbox, Arc::clone(&hooks));
                         let consumer = Consumer::inbox(CONSUMER, inbox)
                             .with_concurrency(args.concurrency)
                             .with_batch(args.inbox_batch)
@@ -678,8 +492,8 @@ impl AsyncServe for Serve<'_> {
                     }};
                 }
                 match inbox {
-                    SqlInbox::Postgres(i) => inbox_consumer!(i, sqlx::Postgres, apply_pg),
-                    SqlInbox::MySql(i) => inbox_consumer!(i, sqlx::MySql, apply_mysql),
+                    SqlInbox::Postgres(i) => inbox_consumer!(i, idemgate::postgres::PgTx, apply_pg),
+                    SqlInbox::MySql(i) => inbox_consumer!(i, idemgate::mysql::MySqlTx, apply_mysql),
                 }
                 Ok(())
             }
@@ -709,12 +523,12 @@ async fn naive<S: Source>(
             let applied = async {
                 let e = event_of(d.message())?;
                 hooks.zombie(&e.id).await;
-                hooks.at(Point::AfterClaim, &e.id);
+                hooks.at(KillPoint::AfterClaim, &e.id);
                 let io = hooks.io.read().await;
                 ledger.apply(&e, None).await?;
                 drop(io);
-                hooks.at(Point::AfterEffect, &e.id);
-                hooks.at(Point::AfterComplete, &e.id);
+                hooks.at(KillPoint::AfterEffect, &e.id);
+                hooks.at(KillPoint::AfterComplete, &e.id);
                 Ok::<(), BoxError>(())
             }
             .await;

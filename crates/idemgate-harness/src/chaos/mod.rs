@@ -33,7 +33,9 @@ use self::broker::{ChaosBroker, Producer};
 use self::ledger::{Ledger, Tally, is_mysql, is_postgres};
 use self::worker::{SqlInbox, WorkerMode};
 use crate::BoxError;
-use crate::demo::{IdemMode, Point};
+use idemgate_testkit::kill::KillPoint;
+
+use crate::demo::IdemMode;
 
 /// The consumer's name: the scope of every event's key.
 pub(crate) const CONSUMER: &str = "chaos";
@@ -71,8 +73,9 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// The settings of `idemgate chaos`.
 #[derive(Debug, Args)]
-pub(crate) struct ChaosArgs {
+pub struct ChaosArgs {
     /// The broker.
     #[arg(long, value_enum, default_value = "embedded")]
     broker: ChaosBroker,
@@ -264,13 +267,13 @@ impl Schedule {
         let span = (args.events / workers / per_slot).max(2);
         let kills = (0..args.kills - tail)
             .map(|_| {
-                let p = Point::ALL[rng.random_range(0..Point::ALL.len())];
+                let p = KillPoint::ALL[rng.random_range(0..KillPoint::ALL.len())];
                 (p.name(), rng.random_range(span / 2..=span))
             })
             .collect();
         let tail_kills = (0..tail)
             .map(|j| {
-                let p = Point::ALL[rng.random_range(0..Point::ALL.len())];
+                let p = KillPoint::ALL[rng.random_range(0..KillPoint::ALL.len())];
                 (
                     p.name(),
                     TAIL_FROM + TAIL_SPAN * f64::from(j + 1) / f64::from(tail),
@@ -403,7 +406,8 @@ struct Setup {
     run_id: String,
 }
 
-pub(crate) fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
+/// Runs `idemgate chaos`: both phases (naive, then idemgate), the report, and the verdict.
+pub fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let tmp;
     let base = match &args.dir {
@@ -949,7 +953,7 @@ impl Phase<'_> {
                     // the armed tail kill fired (a plan brought forward is cleared below)
                     self.armed.retain(|a| a.slot != slot);
                 }
-                let point = Point::ALL
+                let point = KillPoint::ALL
                     .into_iter()
                     .find(|p| p.name() == point)
                     .ok_or_else(|| format!("a worker stopped at an unknown point: {line}"))?;

@@ -633,7 +633,7 @@ impl Service {
 
 /// `idemgate chaos-http-service`: the service under test, one process.
 #[derive(Debug, Args)]
-pub(crate) struct ChaosHttpServiceArgs {
+pub struct ChaosHttpServiceArgs {
     #[arg(long)]
     listen: SocketAddr,
     /// The downstream stub's base URL.
@@ -813,7 +813,7 @@ impl Store for Parking {
 }
 
 /// Runs the service until it is killed.
-pub(crate) fn serve(args: ChaosHttpServiceArgs) -> Result<ExitCode, BoxError> {
+pub fn serve(args: ChaosHttpServiceArgs) -> Result<ExitCode, BoxError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -16,21 +16,24 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use idemgate::core::EventId;
-use idemgate::sqlite::{SqliteInbox, SqliteQueue};
+use idemgate::sqlite::SqliteQueue;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
+
+use idemgate_testkit::kill::KillPoint;
 
 use crate::BoxError;
 
 /// The queue's name in `queue.db`.
 pub(crate) const QUEUE: &str = "demo_events";
 
+/// The settings of `idemgate demo`.
 #[derive(Debug, Args)]
-pub(crate) struct DemoArgs {
+pub struct DemoArgs {
     /// Events to produce.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     events: u64,
@@ -115,37 +118,6 @@ impl Mode {
     }
 }
 
-/// Where a worker can be killed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
-pub(crate) enum Point {
-    /// The key is claimed (or the inbox row written), the effect not yet applied.
-    AfterClaim,
-    /// The effect is applied; in gate mode it is committed, but `complete` has not run.
-    AfterEffect,
-    /// The completion (or the inbox transaction) is committed; not acknowledged.
-    AfterComplete,
-    /// Just before the acknowledgement.
-    BeforeAck,
-}
-
-impl Point {
-    pub(crate) const ALL: [Point; 4] = [
-        Point::AfterClaim,
-        Point::AfterEffect,
-        Point::AfterComplete,
-        Point::BeforeAck,
-    ];
-
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Point::AfterClaim => "after-claim",
-            Point::AfterEffect => "after-effect",
-            Point::AfterComplete => "after-complete",
-            Point::BeforeAck => "before-ack",
-        }
-    }
-}
-
 /// One event on the queue.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Event {
@@ -197,12 +169,11 @@ pub(crate) fn open_ledger(path: &Path) -> Result<Connection, BoxError> {
          INSERT OR IGNORE INTO balance (id, total) VALUES (1, 0);
          COMMIT;",
     )?;
-    SqliteInbox::new().migrate(&conn)?;
     Ok(conn)
 }
 
 /// The effect, deliberately not idempotent: each application adds again.
-pub(crate) fn apply_effect(tx: &Transaction<'_>, e: &Event) -> rusqlite::Result<()> {
+pub(crate) fn apply_effect(tx: &Connection, e: &Event) -> rusqlite::Result<()> {
     tx.execute(
         "UPDATE effects SET applied = applied + 1 WHERE event_id = ?1",
         [&e.id],
@@ -238,7 +209,8 @@ struct Report<'a> {
     idemgate: &'a Figures,
 }
 
-pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, BoxError> {
+/// Runs `idemgate demo`: a naive phase and an idemgate phase under the same kills.
+pub fn run(args: DemoArgs) -> Result<ExitCode, BoxError> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let tmp;
     let base = match &args.dir {
@@ -336,7 +308,7 @@ fn print_table(naive: &Figures, idem: &Figures) {
         idem.published_twice,
     );
     row("kills (SIGKILL)", naive.kills, idem.kills);
-    for p in Point::ALL {
+    for p in KillPoint::ALL {
         let get = |f: &Figures| f.kills_by_point.get(p.name()).copied().unwrap_or(0);
         row(&format!("  at {}", p.name()), get(naive), get(idem));
     }
@@ -409,7 +381,7 @@ impl Supervisor<'_> {
             return Ok(());
         }
         let slot = self.rng.random_range(0..slots.len());
-        let point = Point::ALL[self.rng.random_range(0..Point::ALL.len())];
+        let point = KillPoint::ALL[self.rng.random_range(0..KillPoint::ALL.len())];
         crate::arm::arm(&mut slots[slot].stdin, point.name())?;
         self.armed = Some((slot, slots[slot].generation));
         Ok(())
@@ -586,7 +558,7 @@ fn supervise(
         if let Ok((slot, generation, line)) = rx.recv_timeout(Duration::from_millis(25)) {
             let point = line
                 .strip_prefix("AT ")
-                .and_then(|p| Point::ALL.into_iter().find(|x| x.name() == p));
+                .and_then(|p| KillPoint::ALL.into_iter().find(|x| x.name() == p));
             if let (Some(point), true) = (point, sup.armed == Some((slot, generation))) {
                 // the worker is parked at the point: a real SIGKILL, then a fresh process
                 slots[slot].child.kill()?;

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use super::{Figures, Sample};
-use crate::demo::Point;
+use idemgate_testkit::kill::KillPoint;
 
 /// A row of the report: its name and how to read it off a run.
 type Row = (String, Box<dyn Fn(&Figures) -> String>);
@@ -23,7 +23,7 @@ fn rows() -> Vec<Row> {
         ),
         ("kills (SIGKILL)".into(), n(|f| f.kills)),
     ];
-    for p in Point::ALL {
+    for p in KillPoint::ALL {
         rows.push((
             format!("  at {}", p.name()),
             Box::new(move |f: &Figures| {

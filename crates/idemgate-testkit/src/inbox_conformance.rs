@@ -1,0 +1,409 @@
+//! The [`Inbox`] contract, one `pub async fn` per rule, for every inbox backend: stamped into
+//! one `#[tokio::test]` each by [`inbox_conformance_tests!`](crate::inbox_conformance_tests).
+//!
+//! A backend's test file implements [`InboxCase`] (a fresh, migrated inbox with tables of its
+//! own, and a deliberately non-idempotent effect written in the inbox's transaction) and calls
+//! the macro:
+//!
+//! ```ignore
+//! idemgate_testkit::inbox_conformance_tests!(PgCase);
+//! ```
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use idemgate_consumer::memory::MemoryBroker;
+use idemgate_consumer::{Consumer, HandlerFuture, Message};
+use idemgate_core::{Error, Inbox, InboxHandler, Key, Position};
+
+/// One backend under the inbox conformance suite.
+pub trait InboxCase: Sized + Send + Sync + 'static {
+    /// The inbox under test.
+    type Inbox: Inbox + Clone;
+
+    /// A fresh, migrated inbox with tables of its own (and an effect table beside it),
+    /// remembering keys for `retention`; `None` where the backend's service is not required
+    /// and not running.
+    fn open(retention: Duration) -> impl Future<Output = Option<Self>>;
+
+    /// The inbox.
+    fn inbox(&self) -> &Self::Inbox;
+
+    /// Applies the effect of `event` in `tx`, deliberately not idempotent (`applied + 1`).
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut <Self::Inbox as Inbox>::Tx,
+        event: &'a str,
+    ) -> HandlerFuture<'a>;
+
+    /// How many times each event's effect was applied (committed effects only), and, where the
+    /// database has a cheap transaction id, the id each effect was written under.
+    fn applied(&self) -> impl Future<Output = BTreeMap<String, (u64, Option<i64>)>> + Send;
+}
+
+fn key(id: &str) -> Key {
+    Key::new("ledger", id).expect("a valid key")
+}
+
+/// A second transaction recording the same key waits for the first, then sees a duplicate; a
+/// rolled-back first sighting leaves the key free.
+pub async fn duplicate_waits_then_sees_a_duplicate<C: InboxCase>() {
+    let Some(case) = C::open(Duration::from_secs(600)).await else {
+        return;
+    };
+    let inbox = case.inbox().clone();
+    let mut first = inbox.begin().await.unwrap();
+    assert!(inbox.first_time(&mut first, &key("evt-1")).await.unwrap());
+    let second = {
+        let inbox = inbox.clone();
+        tokio::spawn(async move {
+            let mut tx = inbox.begin().await.unwrap();
+            let seen = inbox.first_time(&mut tx, &key("evt-1")).await.unwrap();
+            inbox.commit(tx).await.unwrap();
+            seen
+        })
+    };
+    // the second transaction waits on the first until it commits
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!second.is_finished(), "the second transaction did not wait");
+    inbox.commit(first).await.unwrap();
+    assert!(
+        !second.await.unwrap(),
+        "both transactions saw the key for the first time"
+    );
+
+    let mut tx = inbox.begin().await.unwrap();
+    assert!(inbox.first_time(&mut tx, &key("evt-2")).await.unwrap());
+    drop(tx);
+    let mut tx = inbox.begin().await.unwrap();
+    assert!(
+        inbox.first_time(&mut tx, &key("evt-2")).await.unwrap(),
+        "a rolled-back sighting kept the key"
+    );
+    inbox.commit(tx).await.unwrap();
+}
+
+/// Eight tasks process the same 100 keys concurrently, each key's effect in the inbox's
+/// transaction: every effect is applied exactly once.
+pub async fn concurrent_transactions_apply_each_effect_once<C: InboxCase>() {
+    let Some(case) = C::open(Duration::from_secs(600)).await else {
+        return;
+    };
+    let case = Arc::new(case);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let case = Arc::clone(&case);
+            tokio::spawn(async move {
+                let inbox = case.inbox();
+                let mut applied = 0;
+                for i in 0..100 {
+                    let event = format!("e{i}");
+                    loop {
+                        let mut tx = inbox.begin().await.unwrap();
+                        match inbox.first_time(&mut tx, &key(&event)).await {
+                            Ok(true) => {
+                                case.apply(&mut tx, &event).await.unwrap();
+                                match inbox.commit(tx).await {
+                                    Ok(()) => applied += 1,
+                                    Err(e) if e.is_retryable() => continue,
+                                    Err(e) => panic!("{e}"),
+                                }
+                            }
+                            Ok(false) => inbox.commit(tx).await.unwrap(),
+                            // a deadlock or serialization failure: retry, never a duplicate
+                            Err(e) if e.is_retryable() => continue,
+                            Err(e) => panic!("{e}"),
+                        }
+                        break;
+                    }
+                }
+                applied
+            })
+        })
+        .collect();
+    let mut applied = 0;
+    for t in tasks {
+        applied += t.await.unwrap();
+    }
+    assert_eq!(applied, 100);
+    let effects = case.applied().await;
+    assert_eq!(effects.len(), 100);
+    assert!(effects.values().all(|(n, _)| *n == 1), "{effects:?}");
+}
+
+/// A batch answers per key, in order: new keys `true`, a repeat within the batch and a key
+/// recorded before `false`.
+pub async fn batches_answer_per_key<C: InboxCase>() {
+    let Some(case) = C::open(Duration::from_secs(600)).await else {
+        return;
+    };
+    let inbox = case.inbox();
+    let mut tx = inbox.begin().await.unwrap();
+    assert!(inbox.first_time(&mut tx, &key("known")).await.unwrap());
+    inbox.commit(tx).await.unwrap();
+    let keys: Vec<Key> = ["a", "b", "a", "known", "c"].map(key).to_vec();
+    let mut tx = inbox.begin().await.unwrap();
+    assert_eq!(
+        inbox.first_time_many(&mut tx, &keys).await.unwrap(),
+        [true, true, false, false, true]
+    );
+    inbox.commit(tx).await.unwrap();
+    let mut tx = inbox.begin().await.unwrap();
+    assert_eq!(
+        inbox.first_time_many(&mut tx, &keys[..2]).await.unwrap(),
+        [false, false]
+    );
+    assert_eq!(
+        inbox.first_time_many(&mut tx, &[]).await.unwrap(),
+        Vec::<bool>::new()
+    );
+}
+
+/// A key is new again once its retention ran out, and the purge deletes expired keys in
+/// batches of at most its limit.
+pub async fn expired_keys_are_new_again_and_purged<C: InboxCase>() {
+    let Some(case) = C::open(Duration::from_millis(500)).await else {
+        return;
+    };
+    let inbox = case.inbox();
+    let mut tx = inbox.begin().await.unwrap();
+    for i in 0..5 {
+        assert!(
+            inbox
+                .first_time(&mut tx, &key(&format!("r{i}")))
+                .await
+                .unwrap()
+        );
+    }
+    assert!(!inbox.first_time(&mut tx, &key("r0")).await.unwrap());
+    inbox.commit(tx).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut tx = inbox.begin().await.unwrap();
+    assert!(
+        inbox.first_time(&mut tx, &key("r0")).await.unwrap(),
+        "a key outlived its retention"
+    );
+    inbox.commit(tx).await.unwrap();
+    let mut purged = 0;
+    for _ in 0..20 {
+        let n = inbox.purge_expired(3).await.unwrap();
+        assert!(n <= 3, "a purge of limit 3 deleted {n}");
+        purged += n;
+        if n == 0 && purged >= 4 {
+            break;
+        }
+    }
+    assert_eq!(purged, 4, "four keys expired (r0 was recorded again)");
+    let mut tx = inbox.begin().await.unwrap();
+    assert!(!inbox.first_time(&mut tx, &key("r0")).await.unwrap());
+}
+
+/// Positions move by compare-and-set in the inbox's transaction: a stale writer is fenced and
+/// changes nothing, and only committed positions load.
+pub async fn offsets_advance_by_compare_and_set<C: InboxCase>() {
+    let Some(case) = C::open(Duration::from_secs(600)).await else {
+        return;
+    };
+    let inbox = case.inbox();
+    let at = |offset, expected| Position::new("g", "t", 0, offset, expected);
+    let mut tx = inbox.begin().await.unwrap();
+    inbox.advance(&mut tx, &at(9, None)).await.unwrap();
+    inbox.advance(&mut tx, &at(10, Some(10))).await.unwrap();
+    let e = inbox.advance(&mut tx, &at(11, Some(10))).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Fenced {
+                expected: Some(10),
+                found: Some(11),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = inbox.advance(&mut tx, &at(0, None)).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Fenced {
+                expected: None,
+                found: Some(11),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    inbox.commit(tx).await.unwrap();
+    let mut tx = inbox.begin().await.unwrap();
+    inbox
+        .advance(&mut tx, &Position::new("g", "t", 1, 4, None))
+        .await
+        .unwrap();
+    drop(tx);
+    let positions = inbox.load_positions("g", "t").await.unwrap();
+    assert_eq!(positions.into_iter().collect::<Vec<_>>(), [(0, 11)]);
+}
+
+/// 200 events, every one published twice, and a quarter of them a third time.
+fn publish(broker: &MemoryBroker) {
+    for round in 0..3 {
+        for i in 0..200 {
+            if round < 2 || i % 4 == 0 {
+                broker
+                    .send(Message::new("ledger", format!("{i}")).with_event_id(format!("evt-{i}")));
+            }
+        }
+    }
+    broker.close();
+}
+
+/// The consumer runtime in Inbox mode, `batch` deliveries per transaction, under duplicates,
+/// concurrent copies, a handler that fails after its effect and one that panics after it: every
+/// effect exactly once.
+pub async fn the_runtime_applies_every_event_once<C: InboxCase>(batch: usize) {
+    let Some(case) = C::open(Duration::from_secs(600)).await else {
+        return;
+    };
+    let case = Arc::new(case);
+    let broker = MemoryBroker::new();
+    publish(&broker);
+    let failures = Arc::new(AtomicUsize::new(0));
+    let (f, c) = (Arc::clone(&failures), Arc::clone(&case));
+    let handler = <dyn InboxHandler<<C::Inbox as Inbox>::Tx, Message>>::from_fn(move |tx, msg| {
+        let (f, c) = (Arc::clone(&f), Arc::clone(&c));
+        let fut: HandlerFuture<'_> = Box::pin(async move {
+            let n: u32 = std::str::from_utf8(&msg.payload)?.parse()?;
+            c.apply(tx, &n.to_string()).await?;
+            // every 10th event fails once, after its effect: the rollback undoes both rows
+            if n % 10 == 0 && msg.deliveries == Some(1) {
+                f.fetch_add(1, Ordering::SeqCst);
+                return Err("failed after the effect".into());
+            }
+            // and every 10th from 5 panics once, after its effect: the same
+            if n % 10 == 5 && msg.deliveries == Some(1) {
+                f.fetch_add(1, Ordering::SeqCst);
+                panic!("a handler bug after the effect");
+            }
+            Ok(())
+        });
+        fut
+    });
+    let stats = Consumer::inbox("ledger", case.inbox().clone())
+        .with_concurrency(8)
+        .with_batch(batch)
+        .with_retry_delay(Duration::from_millis(5))
+        .run(broker.source(), handler, std::future::pending())
+        .await
+        .unwrap();
+    let effects = case.applied().await;
+    assert_eq!(effects.len(), 200, "{stats:?}");
+    assert!(
+        effects.values().all(|(n, _)| *n == 1),
+        "an effect applied twice: {stats:?}"
+    );
+    assert_eq!((stats.handled, stats.duplicates), (200, 250), "{stats:?}");
+    let txids: Vec<i64> = effects.values().filter_map(|(_, t)| *t).collect();
+    if !txids.is_empty() {
+        let mut distinct = txids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if batch == 1 {
+            assert_eq!(distinct.len(), txids.len(), "one transaction per message");
+        } else {
+            assert!(
+                distinct.len() < txids.len(),
+                "{} transactions for {} messages: not batched",
+                distinct.len(),
+                txids.len()
+            );
+        }
+    }
+    let failures = failures.load(Ordering::SeqCst) as u64;
+    assert!(failures >= 1);
+    if batch == 1 {
+        assert_eq!(stats.retried, failures);
+    } else {
+        // a failure in a batch is met again when its message runs alone, and counted then
+        assert!((1..=failures).contains(&stats.retried), "{stats:?}");
+    }
+}
+
+/// A dead-lettered key is recorded in the transaction that commits once the dead letter is
+/// stored: the event's three copies end in the dead-letter destination once.
+pub async fn a_dead_letter_is_recorded_once<C: InboxCase>() {
+    let Some(case) = C::open(Duration::from_secs(600)).await else {
+        return;
+    };
+    let broker = MemoryBroker::new();
+    for _ in 0..3 {
+        broker.send(Message::new("ledger", "poison").with_event_id("evt-broken"));
+    }
+    broker.close();
+    let handler = <dyn InboxHandler<<C::Inbox as Inbox>::Tx, Message>>::from_fn(|_tx, _msg| {
+        let fut: HandlerFuture<'_> = Box::pin(async { Err("always broken".into()) });
+        fut
+    });
+    let stats = Consumer::inbox("ledger", case.inbox().clone())
+        .with_max_attempts(2)
+        .with_retry_delay(Duration::from_millis(5))
+        .run(broker.source(), handler, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(broker.dead_letters().len(), 1, "{stats:?}");
+    assert_eq!((stats.dead_lettered, stats.duplicates), (1, 2), "{stats:?}");
+}
+
+/// Stamps the inbox conformance suite for an [`InboxCase`] as `#[tokio::test]`s.
+#[macro_export]
+macro_rules! inbox_conformance_tests {
+    ($case:ty) => {
+        mod inbox_conformance {
+            #[allow(unused_imports)]
+            use super::*;
+            use $crate::inbox_conformance as c;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn duplicate_waits_then_sees_a_duplicate() {
+                c::duplicate_waits_then_sees_a_duplicate::<$case>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_transactions_apply_each_effect_once() {
+                c::concurrent_transactions_apply_each_effect_once::<$case>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn batches_answer_per_key() {
+                c::batches_answer_per_key::<$case>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn expired_keys_are_new_again_and_purged() {
+                c::expired_keys_are_new_again_and_purged::<$case>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn offsets_advance_by_compare_and_set() {
+                c::offsets_advance_by_compare_and_set::<$case>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn the_runtime_applies_every_event_once() {
+                c::the_runtime_applies_every_event_once::<$case>(1).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn the_runtime_in_batches_applies_every_event_once() {
+                c::the_runtime_applies_every_event_once::<$case>(16).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_dead_letter_is_recorded_once() {
+                c::a_dead_letter_is_recorded_once::<$case>().await;
+            }
+        }
+    };
+}
