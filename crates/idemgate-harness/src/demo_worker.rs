@@ -67,7 +67,10 @@ pub fn run(args: DemoWorkerArgs) -> Result<ExitCode, BoxError> {
         .with_event_id(|body| serde_json::from_slice::<Event>(body).ok().map(|e| e.id));
     let points = Arc::new(Points(Armed::listen()));
     let source = Watched::new(source, Arc::clone(&points));
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // two threads: a worker stopped at a kill point blocks one, and the completions and acks
+    // already under way finish on the other, as they would in a process that was not stopped
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
     let forever = std::future::pending::<()>();
@@ -121,8 +124,11 @@ pub fn run(args: DemoWorkerArgs) -> Result<ExitCode, BoxError> {
                         Ok::<(), BoxError>(())
                     }
                 };
+                // one claim and one completion per store call: a kill then leaves at most the
+                // effect it interrupted applied and not completed
                 Consumer::gate("demo-ledger", HookedStore::new(store, Arc::clone(&points)))
                     .with_concurrency(1)
+                    .with_batch(1)
                     .with_lease(lease)
                     .with_busy_delay(lease / 2)
                     .with_retention(Duration::from_secs(86_400))

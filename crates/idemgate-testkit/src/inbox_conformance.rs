@@ -278,7 +278,7 @@ pub async fn the_runtime_applies_every_event_once<C: InboxCase>(batch: usize) {
             let n: u32 = std::str::from_utf8(&msg.payload)?.parse()?;
             c.apply(tx, &n.to_string()).await?;
             // every 10th event fails once, after its effect: the rollback undoes both rows
-            if n % 10 == 0 && msg.deliveries == Some(1) {
+            if n.is_multiple_of(10) && msg.deliveries == Some(1) {
                 f.fetch_add(1, Ordering::SeqCst);
                 return Err("failed after the effect".into());
             }
