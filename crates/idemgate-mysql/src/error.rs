@@ -1,29 +1,13 @@
-//! Classifies MySQL and MariaDB failures into idemgate's error kinds.
-
-use sqlx::mysql::MySqlDatabaseError;
-
-/// Server error numbers a retry on a fresh connection may cure: deadlock (1213), lock wait
-/// timeout (1205), connection killed or server going away (1053, 1317, 1927, 2006, 2013),
-/// too many connections (1040).
-fn retryable(number: u16) -> bool {
-    matches!(
-        number,
-        1040 | 1053 | 1205 | 1213 | 1317 | 1927 | 2006 | 2013
-    )
-}
-
-pub(crate) fn my<T>(r: Result<T, sqlx::Error>) -> idemgate_core::Result<T> {
-    r.map_err(classify_error)
-}
+//! MySQL and MariaDB failures as idemgate's error kinds (the rules live in `idemgate-sql`).
 
 /// A `sqlx` failure of this database as idemgate's error: `Unavailable` when a retry on a fresh
-/// connection may cure it (a lost connection, a deadlock, a serialization failure), otherwise
+/// connection may cure it (a lost connection, a deadlock, a lock wait timeout), otherwise
 /// `Backend`. For the transactions a caller opens around an inbox.
-pub fn classify_error(e: sqlx::Error) -> idemgate_core::Error {
-    idemgate_sql::classify("mysql", e, |db| {
-        db.try_downcast_ref::<MySqlDatabaseError>()
-            .is_some_and(|m| retryable(m.number()))
-    })
+pub use idemgate_sql::classify_mysql as classify_error;
+
+/// `sqlx::Result` classified into idemgate's `Result`.
+pub(crate) fn my<T>(r: Result<T, sqlx::Error>) -> idemgate_core::Result<T> {
+    r.map_err(classify_error)
 }
 
 pub(crate) use idemgate_sql::check_ident;

@@ -9,8 +9,8 @@ use sqlx::{MySqlConnection, MySqlPool};
 
 use crate::MySqlOffsets;
 use crate::error::{check_ident, keys_condition, my};
-use crate::schema::migrate;
-use crate::store::{NOW, ms};
+use crate::store::NOW;
+use idemgate_sql::millis as ms;
 
 /// The transactional inbox: records a key as processed inside the caller's transaction, so the
 /// dedup row and the business change commit or roll back together.
@@ -121,10 +121,10 @@ impl MySqlInbox {
     /// the primary key instead).
     pub async fn migrate(&self) -> Result<()> {
         let t = &self.table;
-        migrate(
-            &self.pool,
+        let mut conn = my(self.pool.acquire().await)?;
+        idemgate_sql::migrate(
+            &mut *conn,
             t,
-            1,
             &[format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
                     scope VARBINARY(255) NOT NULL, id VARBINARY(255) NOT NULL,
@@ -134,7 +134,7 @@ impl MySqlInbox {
             &["scope", "id", "processed_at", "expires_at", "nonce"],
         )
         .await?;
-        self.offsets.migrate(&self.pool).await
+        self.offsets.migrate(&mut *conn).await
     }
 
     /// Records `key` in the caller's transaction (any transaction on this database, not only
@@ -313,7 +313,7 @@ impl Inbox for MySqlInbox {
     async fn advance(&self, tx: &mut MySqlTx, p: &Position) -> Result<()> {
         self.offsets
             .advance(
-                tx,
+                &mut **tx,
                 &p.group,
                 &p.topic,
                 p.partition,
@@ -325,6 +325,6 @@ impl Inbox for MySqlInbox {
 
     async fn load_positions(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
         let mut conn = my(self.pool.acquire().await)?;
-        self.offsets.load_positions(&mut conn, group, topic).await
+        self.offsets.load_positions(&mut *conn, group, topic).await
     }
 }

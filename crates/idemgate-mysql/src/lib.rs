@@ -20,13 +20,14 @@
 
 mod error;
 mod inbox;
-mod log;
-mod offsets;
-mod schema;
 mod store;
 
 pub use error::classify_error;
+pub use idemgate_core::{Appended, LoggedEvent};
 pub use inbox::{MySqlInbox, MySqlTx};
-pub use log::{Appended, LoggedEvent, MySqlEventLog};
-pub use offsets::MySqlOffsets;
+
+/// Kafka positions kept in the inbox transaction ([`idemgate_sql::Offsets`] on MySQL).
+pub type MySqlOffsets = idemgate_sql::Offsets;
+/// An idempotent, append-only event log ([`idemgate_sql::EventLog`] on MySQL).
+pub type MySqlEventLog = idemgate_sql::EventLog;
 pub use store::{MySqlStore, MySqlStoreBuilder};

@@ -5,13 +5,12 @@ use std::time::Duration;
 
 use idemgate_core::{
     Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, RecordRow, Result, State,
-    Store, TOKENS_PER_MS, duration_millis, time_from_ms,
+    Store, TOKENS_PER_MS, time_from_ms,
 };
 use sqlx::mysql::{MySqlPoolOptions, MySqlRow};
 use sqlx::{MySqlPool, Row};
 
 use crate::error::{check_ident, keys_condition, my};
-use crate::schema::migrate;
 
 /// The database clock in milliseconds, fixed for the statement.
 pub(crate) const NOW: &str = "CAST(ROUND(UNIX_TIMESTAMP(NOW(3)) * 1000) AS SIGNED)";
@@ -200,9 +199,7 @@ impl Statements {
     }
 }
 
-pub(crate) fn ms(d: Duration) -> i64 {
-    i64::try_from(duration_millis(d)).unwrap_or(i64::MAX)
-}
+pub(crate) use idemgate_sql::millis as ms;
 
 fn token_param(lease: &Lease) -> i64 {
     i64::try_from(lease.token()).unwrap_or(-1)
@@ -329,10 +326,10 @@ impl MySqlStore {
 
     /// Creates the records table if missing.
     pub async fn migrate(&self) -> Result<()> {
-        migrate(
-            &self.pool,
+        let mut conn = my(self.pool.acquire().await)?;
+        idemgate_sql::migrate(
+            &mut *conn,
             &self.table,
-            1,
             &self.sql.ddl,
             &[
                 "scope",

@@ -269,31 +269,33 @@ async fn event_log_is_idempotent_and_gap_free() {
     use idemgate_mysql::{Appended, MySqlEventLog};
     let Some(pool) = pool().await else { return };
     let log = MySqlEventLog::new().with_table(unique("log")).unwrap();
-    log.migrate(&pool).await.unwrap();
+    log.migrate(&mut *pool.acquire().await.unwrap())
+        .await
+        .unwrap();
     let mut conn = pool.acquire().await.unwrap();
     assert_eq!(
-        log.append(&mut conn, "acct-1", "e1", b"+5").await.unwrap(),
+        log.append(&mut *conn, "acct-1", "e1", b"+5").await.unwrap(),
         Appended {
             seq: 1,
             fresh: true
         }
     );
     assert_eq!(
-        log.append(&mut conn, "acct-1", "e2", b"+7").await.unwrap(),
+        log.append(&mut *conn, "acct-1", "e2", b"+7").await.unwrap(),
         Appended {
             seq: 2,
             fresh: true
         }
     );
     assert_eq!(
-        log.append(&mut conn, "acct-1", "e1", b"+5").await.unwrap(),
+        log.append(&mut *conn, "acct-1", "e1", b"+5").await.unwrap(),
         Appended {
             seq: 1,
             fresh: false
         }
     );
     assert_eq!(
-        log.append(&mut conn, "acct-2", "e1", b"+1").await.unwrap(),
+        log.append(&mut *conn, "acct-2", "e1", b"+1").await.unwrap(),
         Appended {
             seq: 1,
             fresh: true
@@ -303,7 +305,10 @@ async fn event_log_is_idempotent_and_gap_free() {
     // inside a transaction that rolls back: no position is used up
     let mut tx = pool.begin().await.unwrap();
     assert_eq!(
-        log.append(&mut tx, "acct-1", "e3", b"x").await.unwrap().seq,
+        log.append(&mut *tx, "acct-1", "e3", b"x")
+            .await
+            .unwrap()
+            .seq,
         3
     );
     tx.rollback().await.unwrap();
@@ -317,7 +322,7 @@ async fn event_log_is_idempotent_and_gap_free() {
                 let mut fresh = 0;
                 for i in 0..40 {
                     if log
-                        .append(&mut conn, "acct-1", &format!("c{i}"), b"p")
+                        .append(&mut *conn, "acct-1", &format!("c{i}"), b"p")
                         .await
                         .unwrap()
                         .fresh
@@ -334,7 +339,7 @@ async fn event_log_is_idempotent_and_gap_free() {
         fresh += t.await.unwrap();
     }
     assert_eq!(fresh, 40);
-    let events = log.read(&mut conn, "acct-1", 0, 1000).await.unwrap();
+    let events = log.read(&mut *conn, "acct-1", 0, 1000).await.unwrap();
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
     assert_eq!(
         seqs,
@@ -343,7 +348,7 @@ async fn event_log_is_idempotent_and_gap_free() {
     );
     assert_eq!(events[0].payload, b"+5");
     assert_eq!(
-        log.read(&mut conn, "acct-1", 40, 10).await.unwrap().len(),
+        log.read(&mut *conn, "acct-1", 40, 10).await.unwrap().len(),
         2
     );
 }

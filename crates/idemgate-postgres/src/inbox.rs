@@ -9,8 +9,8 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::PgOffsets;
 use crate::error::{check_ident, pg};
-use crate::schema::migrate;
-use crate::store::{NOW, ms};
+use crate::store::NOW;
+use idemgate_sql::millis as ms;
 
 /// The transaction an Inbox-mode handler writes its effect in (`&mut **tx` is the connection).
 pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
@@ -143,11 +143,12 @@ impl PgInbox {
     /// Creates the inbox and offsets tables if missing, or brings them to this version.
     pub async fn migrate(&self) -> Result<()> {
         let t = &self.table;
-        migrate(
-            &self.pool,
+        let mut conn = pg(self.pool.acquire().await)?;
+        idemgate_sql::migrate(
+            &mut *conn,
             t,
             &[
-                &format!(
+                format!(
                     "CREATE TABLE IF NOT EXISTS {t} (
                     scope TEXT NOT NULL, id TEXT NOT NULL,
                     processed_at BIGINT NOT NULL, expires_at BIGINT NOT NULL,
@@ -155,14 +156,12 @@ impl PgInbox {
                  CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} USING brin (expires_at);"
                 ),
                 // version 2: which batch wrote a row (metadata only: existing rows get 0)
-                &format!(
-                    "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS nonce BIGINT NOT NULL DEFAULT 0"
-                ),
+                format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS nonce BIGINT NOT NULL DEFAULT 0"),
             ],
             &["scope", "id", "processed_at", "expires_at", "nonce"],
         )
         .await?;
-        self.offsets.migrate(&self.pool).await
+        self.offsets.migrate(&mut *conn).await
     }
 
     /// Records `key` in the caller's transaction (any transaction on this database, not only
@@ -275,7 +274,7 @@ impl Inbox for PgInbox {
     async fn advance(&self, tx: &mut PgTx, p: &Position) -> Result<()> {
         self.offsets
             .advance(
-                tx,
+                &mut **tx,
                 &p.group,
                 &p.topic,
                 p.partition,
@@ -287,6 +286,6 @@ impl Inbox for PgInbox {
 
     async fn load_positions(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
         let mut conn = pg(self.pool.acquire().await)?;
-        self.offsets.load_positions(&mut conn, group, topic).await
+        self.offsets.load_positions(&mut *conn, group, topic).await
     }
 }

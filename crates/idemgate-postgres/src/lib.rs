@@ -24,13 +24,14 @@
 
 mod error;
 mod inbox;
-mod log;
-mod offsets;
-mod schema;
 mod store;
 
 pub use error::classify_error;
+pub use idemgate_core::{Appended, LoggedEvent};
 pub use inbox::{PgInbox, PgTx};
-pub use log::{Appended, LoggedEvent, PgEventLog};
-pub use offsets::PgOffsets;
+
+/// Kafka positions kept in the inbox transaction ([`idemgate_sql::Offsets`] on PostgreSQL).
+pub type PgOffsets = idemgate_sql::Offsets;
+/// An idempotent, append-only event log ([`idemgate_sql::EventLog`] on PostgreSQL).
+pub type PgEventLog = idemgate_sql::EventLog;
 pub use store::{Partitions, PostgresStore, PostgresStoreBuilder};

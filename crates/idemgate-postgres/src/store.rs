@@ -4,13 +4,12 @@ use std::time::Duration;
 
 use idemgate_core::{
     Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, RecordRow, Result, Store,
-    TOKENS_PER_MS, duration_millis, time_from_ms,
+    TOKENS_PER_MS, time_from_ms,
 };
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 
 use crate::error::{check_ident, pg};
-use crate::schema::migrate;
 
 /// The database clock, in milliseconds since the epoch, fixed for the statement.
 pub(crate) const NOW: &str = "(extract(epoch from now()) * 1000)::bigint";
@@ -285,9 +284,7 @@ impl Statements {
     }
 }
 
-pub(crate) fn ms(d: Duration) -> i64 {
-    i64::try_from(duration_millis(d)).unwrap_or(i64::MAX)
-}
+pub(crate) use idemgate_sql::millis as ms;
 
 fn token_param(lease: &Lease) -> i64 {
     // tokens come from BIGINT columns, so they fit; a forged larger one matches nothing
@@ -371,10 +368,11 @@ impl PostgresStore {
     /// Creates the records table and its index if missing (idempotent; safe to run from many
     /// processes at once).
     pub async fn migrate(&self) -> Result<()> {
-        migrate(
-            &self.pool,
+        let mut conn = pg(self.pool.acquire().await)?;
+        idemgate_sql::migrate(
+            &mut *conn,
             &self.table,
-            &[&self.sql.ddl],
+            std::slice::from_ref(&self.sql.ddl),
             &[
                 "scope",
                 "id",

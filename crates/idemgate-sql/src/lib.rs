@@ -1,75 +1,48 @@
-//! Shared pieces of idemgate's sqlx backends (`idemgate-postgres`, `idemgate-mysql`): how a
-//! `sqlx::Error` maps onto idemgate's error kinds, and which table names are accepted.
+//! The SQL that idemgate's PostgreSQL, MySQL/MariaDB and SQLite backends share, written once:
+//!
+//! - [`Dialect`]: placeholders, key, integer and blob types, insert-ignore, the clock;
+//! - [`SqlConn`]: the few operations the shared code needs from a connection (sqlx's
+//!   `PgConnection` and `MySqlConnection` with the `postgres` and `mysql` features; SQLite
+//!   through `idemgate-sqlite`);
+//! - [`migrate`]: one migration algorithm (versioned steps, serialized across processes);
+//! - [`Offsets`]: Kafka positions by compare-and-set in the inbox transaction;
+//! - [`EventLog`]: an append-only event log, idempotent by event id, gap-free per stream;
+//! - how a `sqlx::Error` maps onto idemgate's error kinds, and which table names are accepted.
+//!
+//! The backends keep only the SQL that really differs: their claim and inbox statements.
 //!
 //! ```
-//! use idemgate_core::Error;
-//! let e = idemgate_sql::classify("postgres", sqlx::Error::PoolTimedOut, |_| false);
-//! assert!(matches!(e, Error::Unavailable { backend: "postgres", .. }));
+//! use idemgate_sql::Dialect;
+//!
 //! assert!(idemgate_sql::check_ident("idemgate_records").is_ok());
 //! assert!(idemgate_sql::check_ident("x; drop").is_err());
+//! assert_eq!(Dialect::Postgres.sql("WHERE a = ? AND b = ?"), "WHERE a = $1 AND b = $2");
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
-use idemgate_core::Error;
-use sqlx::error::DatabaseError;
+mod classify;
+mod conn;
+mod dialect;
+mod log;
+mod migrate;
+mod offsets;
 
-/// Classifies a sqlx failure: connection and pool failures, and the database errors
-/// `retryable_db` names (connection killed, deadlock, serialization failure…), are
-/// [`Error::Unavailable`]; undecodable columns are [`Error::Corrupt`]; bad URLs
-/// [`Error::Config`]; anything else [`Error::Backend`].
-pub fn classify(
-    backend: &'static str,
-    e: sqlx::Error,
-    retryable_db: impl Fn(&dyn DatabaseError) -> bool,
-) -> Error {
-    let unavailable = match &e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => retryable_db(db.as_ref()),
-        _ => false,
-    };
-    match e {
-        sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::ColumnNotFound(_) => Error::Corrupt {
-            backend,
-            reason: e.to_string(),
-        },
-        sqlx::Error::Configuration(_) => Error::Config {
-            message: e.to_string(),
-        },
-        e if unavailable => Error::Unavailable {
-            backend,
-            source: Box::new(e),
-        },
-        e => Error::Backend {
-            backend,
-            source: Box::new(e),
-        },
-    }
-}
+pub use classify::check_ident;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub use classify::classify;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) use classify::classify_for;
+#[cfg(feature = "mysql")]
+pub use classify::classify_mysql;
+#[cfg(feature = "postgres")]
+pub use classify::classify_postgres;
+pub use conn::{Arg, Kind, SqlConn, Value};
+pub use dialect::Dialect;
+pub use log::EventLog;
+pub use migrate::migrate;
+pub use offsets::Offsets;
 
-/// Checks that `name` is a lowercase identifier (`[a-z_][a-z0-9_]*`, at most 48 bytes), so it
-/// can be spliced into SQL.
-pub fn check_ident(name: &str) -> idemgate_core::Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 48
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Config {
-            message: format!(
-                "table name {name:?} must be a lowercase identifier ([a-z_][a-z0-9_]*, at most 48)"
-            ),
-        })
-    }
+/// A duration in whole milliseconds, as the tables store it (saturating).
+pub fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

@@ -12,10 +12,10 @@ use idemgate_core::{
 use rusqlite::{Connection, params};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use crate::SqliteOffsets;
 use crate::Synchronous;
+use crate::conn::{Lite, check_table, migrate, ready};
 use crate::error::sql;
-use crate::offsets::SqliteOffsets;
-use crate::schema::{check_table, migrate};
 use crate::store::open_connection;
 
 /// The transactional inbox: records a key as processed *inside a transaction on its
@@ -198,7 +198,7 @@ impl SqliteInbox {
         let this = self.clone();
         blocking(conn, move |conn| {
             this.migrate_on(conn)?;
-            this.offsets.migrate(conn)
+            ready(this.offsets.migrate(&mut Lite::new(conn)))
         })
         .await
         .map(|_| ())
@@ -211,14 +211,13 @@ impl SqliteInbox {
         migrate(
             conn,
             t,
-            1,
-            &format!(
+            &[format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
                     scope TEXT NOT NULL, id TEXT NOT NULL,
                     processed_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
                     PRIMARY KEY (scope, id)) WITHOUT ROWID;
                  CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} (expires_at);"
-            ),
+            )],
             &["scope", "id", "processed_at", "expires_at"],
         )
     }
@@ -288,18 +287,21 @@ impl Inbox for SqliteInbox {
     }
 
     async fn advance(&self, tx: &mut SqliteTx, p: &Position) -> Result<()> {
-        self.offsets.advance(
-            tx,
+        ready(self.offsets.advance(
+            &mut Lite::new(tx),
             &p.group,
             &p.topic,
             p.partition,
             p.expected,
             p.offset + 1,
-        )
+        ))
     }
 
     async fn load_positions(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
         let conn = self.conn.lock().await;
-        self.offsets.load_positions(&conn, group, topic)
+        ready(
+            self.offsets
+                .load_positions(&mut Lite::new(&conn), group, topic),
+        )
     }
 }

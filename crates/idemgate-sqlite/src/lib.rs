@@ -30,19 +30,24 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod conn;
 mod error;
 mod inbox;
-mod log;
-mod offsets;
 mod queue;
-mod schema;
 #[cfg(feature = "consumer")]
 mod source;
 mod store;
 
+pub use conn::{Lite, ready};
+pub use idemgate_core::{Appended, LoggedEvent};
 pub use inbox::{SqliteInbox, SqliteTx};
-pub use log::{Appended, LoggedEvent, SqliteEventLog};
-pub use offsets::SqliteOffsets;
+
+/// Kafka positions kept in the inbox transaction ([`idemgate_sql::Offsets`] on SQLite, through
+/// [`Lite`]).
+pub type SqliteOffsets = idemgate_sql::Offsets;
+/// An idempotent, append-only event log ([`idemgate_sql::EventLog`] on SQLite, through
+/// [`Lite`]).
+pub type SqliteEventLog = idemgate_sql::EventLog;
 pub use queue::{Message, QueueStats, Receipt, SqliteQueue};
 #[cfg(feature = "consumer")]
 #[cfg_attr(docsrs, doc(cfg(feature = "consumer")))]

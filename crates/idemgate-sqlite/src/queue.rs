@@ -7,8 +7,8 @@ use std::time::Duration;
 use idemgate_core::{Clock, Result, SystemClock, duration_millis, to_millis};
 use rusqlite::{Connection, TransactionBehavior, params};
 
+use crate::conn::{check_table, migrate};
 use crate::error::sql;
-use crate::schema::{check_table, migrate, migrate_up};
 use crate::store::{Synchronous, open_connection};
 
 /// A received message. Acknowledge it with [`SqliteQueue::delete`] before the visibility
@@ -93,23 +93,25 @@ impl SqliteQueue {
     pub fn open_with_clock(path: impl AsRef<Path>, name: &str, clock: impl Clock) -> Result<Self> {
         check_table(name)?;
         let conn = open_connection(path.as_ref(), Duration::from_secs(30), Synchronous::Normal)?;
-        migrate_up(
+        migrate(
             &conn,
             "idemgate_queue",
-            2,
-            "CREATE TABLE IF NOT EXISTS idemgate_queue (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                queue TEXT NOT NULL,
-                body BLOB NOT NULL,
-                sent_at INTEGER NOT NULL,
-                visible_at INTEGER NOT NULL,
-                receive_count INTEGER NOT NULL DEFAULT 0,
-                receipt INTEGER NOT NULL DEFAULT 0,
-                group_key TEXT);
-             CREATE INDEX IF NOT EXISTS idemgate_queue_visible ON idemgate_queue (queue, visible_at, id);
-             CREATE INDEX IF NOT EXISTS idemgate_queue_group ON idemgate_queue (queue, group_key, id);",
-            &["ALTER TABLE idemgate_queue ADD COLUMN group_key TEXT;
-               CREATE INDEX IF NOT EXISTS idemgate_queue_group ON idemgate_queue (queue, group_key, id);"],
+            &[
+                "CREATE TABLE IF NOT EXISTS idemgate_queue (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    queue TEXT NOT NULL,
+                    body BLOB NOT NULL,
+                    sent_at INTEGER NOT NULL,
+                    visible_at INTEGER NOT NULL,
+                    receive_count INTEGER NOT NULL DEFAULT 0,
+                    receipt INTEGER NOT NULL DEFAULT 0);
+                 CREATE INDEX IF NOT EXISTS idemgate_queue_visible ON idemgate_queue (queue, visible_at, id);"
+                    .to_owned(),
+                // version 2: message groups
+                "ALTER TABLE idemgate_queue ADD COLUMN group_key TEXT;
+                 CREATE INDEX IF NOT EXISTS idemgate_queue_group ON idemgate_queue (queue, group_key, id);"
+                    .to_owned(),
+            ],
             &[
                 "id",
                 "queue",
@@ -124,9 +126,9 @@ impl SqliteQueue {
         migrate(
             &conn,
             "idemgate_queue_stats",
-            1,
-            "CREATE TABLE IF NOT EXISTS idemgate_queue_stats (
-                queue TEXT PRIMARY KEY, sent INTEGER NOT NULL, receives INTEGER NOT NULL)",
+            &["CREATE TABLE IF NOT EXISTS idemgate_queue_stats (
+                queue TEXT PRIMARY KEY, sent INTEGER NOT NULL, receives INTEGER NOT NULL)"
+                .to_owned()],
             &["queue", "sent", "receives"],
         )?;
         sql(conn.execute(

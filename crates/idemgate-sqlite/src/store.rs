@@ -13,8 +13,8 @@ use idemgate_core::{
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
 
+use crate::conn::{check_table, migrate};
 use crate::error::{corrupt, sql};
-use crate::schema::{check_table, migrate};
 
 /// SQLite's `synchronous` setting: what a committed write survives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,8 +91,7 @@ impl SqliteStoreBuilder {
         migrate(
             &conn,
             &self.table,
-            1,
-            &sql_text.ddl,
+            std::slice::from_ref(&sql_text.ddl),
             &[
                 "scope",
                 "id",

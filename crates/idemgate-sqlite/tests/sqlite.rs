@@ -457,31 +457,38 @@ async fn boxed_store_works_like_the_store() {
 
 #[test]
 fn event_log_is_idempotent_gap_free_and_transactional() {
-    use idemgate_sqlite::{Appended, SqliteEventLog};
+    use idemgate_sqlite::{Appended, Lite, SqliteEventLog, ready};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.db");
     let mut conn = Connection::open(&path).unwrap();
     let log = SqliteEventLog::new();
-    log.migrate(&conn).unwrap();
+    ready(log.migrate(&mut Lite::new(&conn))).unwrap();
     assert_eq!(
-        log.append(&conn, "a", "e1", b"1").unwrap(),
+        ready(log.append(&mut Lite::new(&conn), "a", "e1", b"1")).unwrap(),
         Appended {
             seq: 1,
             fresh: true
         }
     );
     assert_eq!(
-        log.append(&conn, "a", "e1", b"1").unwrap(),
+        ready(log.append(&mut Lite::new(&conn), "a", "e1", b"1")).unwrap(),
         Appended {
             seq: 1,
             fresh: false
         }
     );
     let tx = conn.transaction().unwrap();
-    assert_eq!(log.append(&tx, "a", "e2", b"2").unwrap().seq, 2);
+    assert_eq!(
+        ready(log.append(&mut Lite::new(&tx), "a", "e2", b"2"))
+            .unwrap()
+            .seq,
+        2
+    );
     tx.rollback().unwrap();
     assert_eq!(
-        log.append(&conn, "a", "e3", b"3").unwrap().seq,
+        ready(log.append(&mut Lite::new(&conn), "a", "e3", b"3"))
+            .unwrap()
+            .seq,
         2,
         "a rolled-back append used a position"
     );
@@ -494,7 +501,7 @@ fn event_log_is_idempotent_gap_free_and_transactional() {
                 let log = SqliteEventLog::new();
                 (0..30)
                     .filter(|i| {
-                        log.append(&conn, "a", &format!("c{i}"), b"p")
+                        ready(log.append(&mut Lite::new(&conn), "a", &format!("c{i}"), b"p"))
                             .unwrap()
                             .fresh
                     })
@@ -504,8 +511,7 @@ fn event_log_is_idempotent_gap_free_and_transactional() {
         .collect();
     let fresh: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(fresh, 30);
-    let seqs: Vec<i64> = log
-        .read(&conn, "a", 0, 100)
+    let seqs: Vec<i64> = ready(log.read(&mut Lite::new(&conn), "a", 0, 100))
         .unwrap()
         .iter()
         .map(|e| e.seq)
