@@ -189,7 +189,7 @@ impl Fill for Mqtt {
     async fn fill(&self, n: u64) -> Result<Self::Source, BoxError> {
         use idemgate::mqtt::{Mqtt, Session};
         let topic = fresh("m");
-        let session = Session::persistent(Duration::from_secs(600)).receive_maximum(1024);
+        let session = Session::persistent(Duration::from_secs(600)).with_receive_maximum(1024);
         let consumer = Mqtt::connect(&self.0, self.1, &fresh("c"), session).await?;
         let source = consumer.source(&topic).await?;
         let producer = Mqtt::connect(&self.0, self.1, &fresh("p"), Session::clean()).await?;
@@ -571,8 +571,8 @@ pub(crate) async fn run(b: ConsumerBench) -> Result<ExitCode, BoxError> {
         }
         BenchBroker::Kafka => {
             let kafka = idemgate::kafka::Kafka::new(&url("127.0.0.1:9092"))
-                .set("session.timeout.ms", "6000")
-                .set("heartbeat.interval.ms", "500");
+                .with_setting("session.timeout.ms", "6000")
+                .with_setting("heartbeat.interval.ms", "500");
             rounds(Kafka(kafka, None), &b).await?
         }
         BenchBroker::Mqtt => {

@@ -20,8 +20,7 @@ pub use consumer::ConsumerBench;
 pub use http::HttpBench;
 pub use store::StoreBench;
 
-/// The error type of the benchmarks.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use idemgate::BoxError;
 
 /// `idemgate bench`: what to measure.
 #[derive(Debug, Args)]

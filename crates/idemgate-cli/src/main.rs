@@ -89,5 +89,4 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error type of the commands.
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use idemgate::BoxError;

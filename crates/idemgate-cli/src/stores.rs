@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use idemgate::core::{Key, State, Store, to_millis};
+use idemgate::core::backend::to_millis;
+use idemgate::core::{Key, State, Store};
 use idemgate::open;
 
 use crate::BoxError;

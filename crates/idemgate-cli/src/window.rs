@@ -98,7 +98,7 @@ async fn horizon(args: &CheckWindowArgs) -> Result<Horizon, BoxError> {
             .set
             .iter()
             .fold(idemgate::kafka::Kafka::new(&args.url), |k, (key, v)| {
-                k.set(key, v)
+                k.with_setting(key, v)
             })
             .horizon(),
     })

@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use idemgate_core::{Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Store, keep_alive};
+use idemgate_core::backend::keep_alive;
+use idemgate_core::{Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Store};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -339,7 +340,7 @@ impl<St: Store> Consumer<GateMode<St>> {
     ///
     /// # Errors
     /// A broker failure while receiving (after the messages in flight are settled), or the
-    /// window check under [`strict`](Consumer::strict).
+    /// window check under [`with_strict`](Consumer::with_strict).
     pub async fn run<S, H, Fut, E>(
         self,
         source: S,
@@ -403,7 +404,7 @@ impl<I: Inbox> Consumer<InboxMode<I>> {
     ///
     /// # Errors
     /// A broker failure while receiving (after the messages in flight are settled), or the
-    /// window check under [`strict`](Consumer::strict).
+    /// window check under [`with_strict`](Consumer::with_strict).
     pub async fn run<S, H>(
         self,
         source: S,
@@ -492,7 +493,7 @@ impl<M> Consumer<M> {
 
     /// Refuse to start (with [`Error::Window`]) when the retention is shorter than the horizon,
     /// instead of warning.
-    pub fn strict(mut self, strict: bool) -> Self {
+    pub fn with_strict(mut self, strict: bool) -> Self {
         self.cfg.strict = strict;
         self
     }

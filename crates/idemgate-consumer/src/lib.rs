@@ -45,13 +45,14 @@ pub use window::{Horizon, WindowCheck, check_window};
 #[non_exhaustive]
 pub enum Error {
     /// The broker failed (a lost connection, a refused publish, a missing confirm).
-    #[error("{broker} failed: {message}{}", source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
+    #[error("{broker} failed: {message}")]
     Broker {
         /// Which broker (`"rabbitmq"`, `"nats"`, ...).
         broker: &'static str,
         /// What was being done.
         message: String,
-        /// The underlying failure.
+        /// The underlying failure (not repeated in the message: see
+        /// [`source`](std::error::Error::source)).
         #[source]
         source: Option<BoxError>,
     },

@@ -132,13 +132,13 @@ impl Outgoing {
     }
 
     /// Adds a header.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
     }
 
     /// Sets the ordering key.
-    pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
+    pub fn with_ordering_key(mut self, key: impl Into<String>) -> Self {
         self.ordering_key = Some(key.into());
         self
     }

@@ -133,7 +133,7 @@ impl<E: fmt::Debug + fmt::Display> std::error::Error for GateError<E> {
 /// use idemgate_core::{Gate, Key, MemoryStore, Run};
 ///
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-/// let gate = Gate::new(MemoryStore::new()).lease(Duration::from_secs(30));
+/// let gate = Gate::new(MemoryStore::new()).with_lease(Duration::from_secs(30));
 /// let key = Key::compose("payments", ["pay_123", "capture"])?;
 ///
 /// let charge = |lease: idemgate_core::Lease| async move {
@@ -188,25 +188,25 @@ impl<S: Store> Gate<S> {
     }
 
     /// The lease length; the heartbeat renews it every third of it while the handler runs.
-    pub fn lease(mut self, lease: Duration) -> Self {
+    pub fn with_lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
     }
 
     /// How long completed results are replayed: at least the broker's redelivery window.
-    pub fn retention(mut self, retention: Duration) -> Self {
+    pub fn with_retention(mut self, retention: Duration) -> Self {
         self.retention = retention;
         self
     }
 
     /// What to do with handler errors.
-    pub fn on_error(mut self, policy: ErrorPolicy) -> Self {
+    pub fn with_error_policy(mut self, policy: ErrorPolicy) -> Self {
         self.on_error = policy;
         self
     }
 
     /// What to do with in-progress duplicates.
-    pub fn on_in_progress(mut self, policy: InProgressPolicy) -> Self {
+    pub fn with_in_progress_policy(mut self, policy: InProgressPolicy) -> Self {
         self.in_progress = policy;
         self
     }

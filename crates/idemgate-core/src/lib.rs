@@ -18,8 +18,8 @@
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! let gate = Gate::new(MemoryStore::new())
-//!     .lease(Duration::from_secs(30))
-//!     .retention(Duration::from_secs(7 * 86_400));
+//!     .with_lease(Duration::from_secs(30))
+//!     .with_retention(Duration::from_secs(7 * 86_400));
 //! let key = Key::compose("inventory", ["order-17", "sku-9"])?;
 //! let fp = Fingerprint::of(b"qty=2");
 //!
@@ -54,18 +54,22 @@ mod record;
 mod row;
 mod store;
 
-pub use clock::{Clock, ManualClock, SystemClock, duration_millis, from_millis, to_millis};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, Result};
 pub use fingerprint::Fingerprint;
-pub use gate::{
-    ErrorPolicy, Gate, GateError, InProgressPolicy, KeepAlive, LeaseGuard, Run, keep_alive,
-};
+pub use gate::{ErrorPolicy, Gate, GateError, InProgressPolicy, Run};
 pub use inbox::{HandlerFuture, Inbox, InboxHandler, Position};
 pub use key::{EventId, Key, MAX_KEY_LEN};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use outcome::{Meta, Outcome};
-pub use record::{
-    Claim, ClaimOptions, END_OF_TIME_MS, Lease, Record, State, TOKENS_PER_MS, first_token, later,
-};
-pub use row::{Appended, LoggedEvent, RecordRow, time_from_ms};
+pub use record::{Claim, ClaimOptions, Lease, Record, State};
 pub use store::{BoxStore, Store, StoreExt};
+
+/// What only backend authors need: the row SQL stores keep a record in, the millisecond
+/// helpers, the token arithmetic, the lease heartbeat, and the event log's rows.
+pub mod backend {
+    pub use crate::clock::{duration_millis, from_millis, to_millis};
+    pub use crate::gate::{KeepAlive, LeaseGuard, keep_alive};
+    pub use crate::record::{END_OF_TIME_MS, TOKENS_PER_MS, first_token, later};
+    pub use crate::row::{Appended, LoggedEvent, RecordRow, time_from_ms};
+}

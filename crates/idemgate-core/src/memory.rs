@@ -129,7 +129,7 @@ impl MemoryStoreBuilder {
 
     /// No bound on records or bytes: only for keys the caller controls (benchmarks, a
     /// consumer whose keys are its broker's event ids and whose purge keeps up).
-    pub fn unbounded(mut self) -> Self {
+    pub fn with_unbounded(mut self) -> Self {
         self.capacity = None;
         self.max_bytes = None;
         self
@@ -195,10 +195,10 @@ impl MemoryStore {
         Self::builder().build().expect("default builder is valid")
     }
 
-    /// A store with no bound (see [`MemoryStoreBuilder::unbounded`]).
+    /// A store with no bound (see [`MemoryStoreBuilder::with_unbounded`]).
     pub fn unbounded() -> Self {
         Self::builder()
-            .unbounded()
+            .with_unbounded()
             .build()
             .expect("default builder is valid")
     }

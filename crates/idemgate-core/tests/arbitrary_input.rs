@@ -1,7 +1,8 @@
 //! Arbitrary bytes into every parser and constructor of the core: a typed error or a value,
 //! never a panic.
 
-use idemgate_core::{EventId, Fingerprint, Key, MAX_KEY_LEN, Outcome, RecordRow};
+use idemgate_core::backend::RecordRow;
+use idemgate_core::{EventId, Fingerprint, Key, MAX_KEY_LEN, Outcome};
 use proptest::prelude::*;
 
 fn text() -> impl Strategy<Value = String> {

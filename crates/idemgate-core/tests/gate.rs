@@ -40,7 +40,7 @@ const LEASE: Duration = Duration::from_millis(300);
 
 #[tokio::test(start_paused = true)]
 async fn heartbeat_keeps_a_long_handler_exclusive() {
-    let gate = Gate::new(store()).lease(LEASE);
+    let gate = Gate::new(store()).with_lease(LEASE);
     let runs = Arc::new(AtomicU32::new(0));
     let slow = {
         let (gate, runs) = (gate.clone(), Arc::clone(&runs));
@@ -85,7 +85,7 @@ async fn release_policy_runs_again_after_an_error() {
 
 #[tokio::test(start_paused = true)]
 async fn store_policy_replays_the_failure() {
-    let gate = Gate::new(store()).on_error(ErrorPolicy::Store);
+    let gate = Gate::new(store()).with_error_policy(ErrorPolicy::Store);
     let r = gate
         .run(&key("e"), None, |_| async { Err::<u8, _>("card declined") })
         .await;
@@ -102,8 +102,8 @@ async fn store_policy_replays_the_failure() {
 #[tokio::test(start_paused = true)]
 async fn wait_policy_returns_the_running_calls_result() {
     let gate = Gate::new(store())
-        .lease(LEASE)
-        .on_in_progress(InProgressPolicy::Wait {
+        .with_lease(LEASE)
+        .with_in_progress_policy(InProgressPolicy::Wait {
             timeout: Duration::from_secs(5),
         });
     let first = {
@@ -129,9 +129,11 @@ async fn wait_policy_returns_the_running_calls_result() {
     );
 
     // a wait that outlasts its timeout reports the key in progress
-    let short = gate.clone().on_in_progress(InProgressPolicy::Wait {
-        timeout: Duration::from_millis(50),
-    });
+    let short = gate
+        .clone()
+        .with_in_progress_policy(InProgressPolicy::Wait {
+            timeout: Duration::from_millis(50),
+        });
     let busy = {
         let gate = gate.clone();
         tokio::spawn(async move {
@@ -165,7 +167,7 @@ async fn eventually_fresh(gate: &Gate<MemoryStore>, k: &Key) {
 
 #[tokio::test(start_paused = true)]
 async fn a_panicking_handler_leaves_no_key_stuck() {
-    let gate = Gate::new(store()).lease(Duration::from_secs(3600));
+    let gate = Gate::new(store()).with_lease(Duration::from_secs(3600));
     let g = gate.clone();
     let r = tokio::spawn(async move {
         g.run(&key("p"), None, |_| async {
@@ -184,7 +186,7 @@ async fn a_panicking_handler_leaves_no_key_stuck() {
 
 #[tokio::test(start_paused = true)]
 async fn a_dropped_run_releases_its_key() {
-    let gate = Gate::new(store()).lease(Duration::from_secs(3600));
+    let gate = Gate::new(store()).with_lease(Duration::from_secs(3600));
     let r = tokio::time::timeout(
         Duration::from_millis(50),
         gate.run(&key("c"), None, |_| async {
@@ -202,7 +204,7 @@ async fn a_lost_lease_is_reported_and_fenced() {
     // every renewal fails: the lease runs out while the handler is still working
     let faulty = FaultStore::new(store());
     faulty.add(Op::Renew, Fault::FailBefore, 0, None);
-    let gate = Gate::new(faulty).lease(LEASE);
+    let gate = Gate::new(faulty).with_lease(LEASE);
     let zombie = {
         let gate = gate.clone();
         tokio::spawn(async move {
@@ -263,7 +265,7 @@ async fn a_lease_reported_lost_is_never_completed() {
     faulty.add(Op::Renew, Fault::Delay(LEASE * 2), 0, Some(1));
     // every completion after the owner's fails loudly: a zombie that tried one would show it
     faulty.add(Op::Complete, Fault::FailBefore, 1, None);
-    let gate = Gate::new(faulty).lease(LEASE);
+    let gate = Gate::new(faulty).with_lease(LEASE);
     let zombie = {
         let gate = gate.clone();
         tokio::spawn(async move {

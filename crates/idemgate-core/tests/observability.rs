@@ -67,7 +67,7 @@ fn gate_counts_every_outcome() {
                 .with_clock(clock.clone())
                 .build()
                 .unwrap();
-            let gate = Gate::new(store).lease(Duration::from_secs(10));
+            let gate = Gate::new(store).with_lease(Duration::from_secs(10));
             let key = Key::new("m", "k").unwrap();
             let fp = Fingerprint::of(b"a");
             assert!(

@@ -13,8 +13,7 @@ mod chaos;
 mod demo;
 mod demo_worker;
 
-/// The error type of the harness.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use idemgate::BoxError;
 
 #[cfg(feature = "brokers")]
 pub use chaos::http::{ChaosHttpServiceArgs, serve as chaos_http_service};

@@ -12,9 +12,8 @@ use http::request::Parts;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
-use idemgate_core::{
-    Claim, ClaimOptions, Fingerprint, Key, Lease, LeaseGuard, Outcome, Store, keep_alive,
-};
+use idemgate_core::backend::{LeaseGuard, keep_alive};
+use idemgate_core::{Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Store};
 use tokio_util::task::TaskTracker;
 use tower::{Layer, Service};
 
@@ -30,8 +29,7 @@ pub struct RequestKey(pub Key);
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-/// A boxed error.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use idemgate_core::BoxError;
 
 /// Picks the principal a key belongs to from the request (an authenticated user or tenant in
 /// the request extensions, an API key's owner); `None` when the request has none.

@@ -9,7 +9,7 @@
 //!   hands the same message back after the delay, ahead of the rest of its partition (the
 //!   offset is not committed past it); `dead_letter` produces it with its reason to a
 //!   dead-letter topic and then acks.
-//! - With [`SourceOptions::positions_from`] (Inbox mode), every message carries its
+//! - With [`SourceOptions::with_positions_from`] (Inbox mode), every message carries its
 //!   [`Position`](idemgate_consumer::Position): the inbox moves the stored position in the same
 //!   transaction as the effect, and on partition assignment the source seeks to the stored
 //!   positions instead of trusting Kafka's committed offsets. Before a partition is revoked,
@@ -56,7 +56,7 @@ impl Kafka {
 
     /// Sets a librdkafka client property for every client made from this value (for example
     /// `session.timeout.ms`, `security.protocol`).
-    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn with_setting(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.insert(key.into(), value.into());
         self
     }

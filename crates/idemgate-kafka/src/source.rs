@@ -76,7 +76,7 @@ impl SourceOptions {
     /// Inbox mode: positions kept by `inbox` ([`Inbox::advance`]) in the effect's transaction,
     /// loaded from it on every partition assignment (Kafka's committed offsets are ignored
     /// where a position is stored).
-    pub fn positions_from<I: Inbox + Clone>(mut self, inbox: I) -> Self {
+    pub fn with_positions_from<I: Inbox + Clone>(mut self, inbox: I) -> Self {
         self.positions = Some(Arc::new(move |group: String, topic: String| {
             let inbox = inbox.clone();
             Box::pin(async move { inbox.load_positions(&group, &topic).await })
@@ -85,20 +85,20 @@ impl SourceOptions {
     }
 
     /// Dead letters go to `topic` (default: the message's topic with `.dead` appended).
-    pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+    pub fn with_dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
         self.dead_letter_topic = Some(topic.into());
         self
     }
 
     /// Messages buffered per partition before it is paused (default 1000).
-    pub fn buffer(mut self, n: usize) -> Self {
+    pub fn with_buffer(mut self, n: usize) -> Self {
         self.buffer = n.max(1);
         self
     }
 
     /// How long a revoked partition's in-flight message may take to settle before the
     /// partition is handed over anyway (default 30 s).
-    pub fn revoke_timeout(mut self, d: Duration) -> Self {
+    pub fn with_revoke_timeout(mut self, d: Duration) -> Self {
         self.revoke_timeout = d;
         self
     }

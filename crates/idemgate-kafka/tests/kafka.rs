@@ -17,9 +17,9 @@ use idemgate_testkit::service::unique;
 fn kafka() -> Kafka {
     let kafka = Kafka::new(&service::url("KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
         // tansu answers group joins slowly with the default session timeout
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
-        .set("max.poll.interval.ms", "10000");
+        .with_setting("session.timeout.ms", "6000")
+        .with_setting("heartbeat.interval.ms", "500")
+        .with_setting("max.poll.interval.ms", "10000");
     // RUST_LOG=librdkafka=debug KAFKA_DEBUG=cgrp: librdkafka's own debug lines
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
@@ -28,7 +28,9 @@ fn kafka() -> Kafka {
             .try_init();
     }
     match std::env::var("KAFKA_DEBUG") {
-        Ok(debug) => kafka.set("debug", debug).set("log_level", "7"),
+        Ok(debug) => kafka
+            .with_setting("debug", debug)
+            .with_setting("log_level", "7"),
         Err(_) => kafka,
     }
 }
@@ -135,7 +137,7 @@ async fn poison_goes_to_the_dead_letter_topic_with_its_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_producer_refuses_to_run_without_idempotence() {
     let err = kafka()
-        .set("enable.idempotence", "false")
+        .with_setting("enable.idempotence", "false")
         .sink()
         .unwrap_err();
     assert!(err.to_string().contains("enable.idempotence"), "{err}");
@@ -168,7 +170,7 @@ async fn inbox_mode_keeps_positions_with_the_effect_and_seeks_to_them() {
     let (pool, inbox) = pg_inbox(&effects).await;
     let sink = kafka.sink().unwrap();
     let events: Vec<Outgoing> = (0..40)
-        .map(|i| Outgoing::new(&topic, format!("{i}")).ordering_key(format!("k{}", i % 5)))
+        .map(|i| Outgoing::new(&topic, format!("{i}")).with_ordering_key(format!("k{}", i % 5)))
         .collect();
     for e in &events {
         sink.publish(e).await.unwrap();
@@ -178,7 +180,7 @@ async fn inbox_mode_keeps_positions_with_the_effect_and_seeks_to_them() {
         sink.publish(e).await.unwrap();
     }
     let group = unique("g");
-    let options = || SourceOptions::new().positions_from(inbox.clone());
+    let options = || SourceOptions::new().with_positions_from(inbox.clone());
 
     // the first member handles everything, then "dies" on its last ack (after the commit)
     let first = DiesBeforeAck::new(kafka.source(&group, &[&topic], options()).unwrap());
@@ -313,7 +315,7 @@ fn inbox_source<I: Inbox + Clone>(
     topic: &str,
     inbox: &I,
 ) -> idemgate_kafka::KafkaSource {
-    let options = SourceOptions::new().positions_from(inbox.clone());
+    let options = SourceOptions::new().with_positions_from(inbox.clone());
     kafka.source(group, &[topic], options).unwrap()
 }
 
@@ -499,7 +501,7 @@ async fn inbox_mode_hands_over_after_a_nack_and_batches() {
     let (pool, inbox) = pg_inbox(&effects).await;
     let sink = kafka.sink().unwrap();
     for i in 0..40 {
-        let out = Outgoing::new(&topic, format!("{i}")).ordering_key(format!("k{}", i % 8));
+        let out = Outgoing::new(&topic, format!("{i}")).with_ordering_key(format!("k{}", i % 8));
         sink.publish(&out).await.unwrap();
     }
     let group = unique("g");

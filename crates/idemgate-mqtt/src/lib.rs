@@ -24,7 +24,7 @@
 //! on the connection is settled. A message being retried (MQTT has no negative ack) holds the
 //! PUBACKs behind it, and with them the broker's in-flight window, until it is settled or
 //! dead-lettered. Mosquitto, EMQX and VerneMQ match acks by packet id and accept them in any
-//! order; [`Session::acks_in_any_order`] sends each as soon as its message is settled.
+//! order; [`Session::with_acks_in_any_order`] sends each as soon as its message is settled.
 //!
 //! [MQTT-4.6.0-2]: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901240
 //!
@@ -92,7 +92,7 @@ impl Session {
     }
 
     /// Sets the receive maximum.
-    pub fn receive_maximum(mut self, n: u16) -> Self {
+    pub fn with_receive_maximum(mut self, n: u16) -> Self {
         self.receive_maximum = n.max(1);
         self
     }
@@ -102,7 +102,7 @@ impl Session {
     /// use this only with a broker that matches acks by packet id (Mosquitto, EMQX, VerneMQ do).
     ///
     /// [MQTT-4.6.0-2]: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901240
-    pub fn acks_in_any_order(mut self) -> Self {
+    pub fn with_acks_in_any_order(mut self) -> Self {
         self.ordered_acks = false;
         self
     }
@@ -442,7 +442,7 @@ impl Mqtt {
 
     /// Subscribes to `filter` at QoS 1 (waiting for the `SUBACK`) and returns the source of
     /// this connection's messages (once per connection). Dead letters go to
-    /// `idemgate-dead/<topic>` unless [`MqttSource::dead_letter_topic`] says otherwise.
+    /// `idemgate-dead/<topic>` unless [`MqttSource::with_dead_letter_topic`] says otherwise.
     pub async fn source(&self, filter: &str) -> Result<MqttSource> {
         let incoming = lock(&self.incoming)
             .take()
@@ -623,7 +623,7 @@ impl fmt::Debug for MqttSource {
 
 impl MqttSource {
     /// Dead letters go to `topic` instead of `idemgate-dead/<topic>`.
-    pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+    pub fn with_dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
         self.dead_letter_topic = Some(topic.into());
         self
     }

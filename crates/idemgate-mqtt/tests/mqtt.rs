@@ -172,7 +172,7 @@ async fn acks_in_any_order_go_out_as_messages_are_settled() {
     if connect(&unique("probe"), Session::clean()).await.is_none() {
         return;
     }
-    let session = persistent().acks_in_any_order();
+    let session = persistent().with_acks_in_any_order();
     let redelivered = redelivered_after_acking_all_but_the_first(session, 10).await;
     assert_eq!(redelivered, ["0"]);
 }
@@ -189,7 +189,7 @@ async fn a_dead_letter_no_subscriber_takes_keeps_the_original() {
         .source(&topic)
         .await
         .unwrap()
-        .dead_letter_topic(unique("nobody-listens"));
+        .with_dead_letter_topic(unique("nobody-listens"));
     let producer = connect(&unique("p"), Session::clean()).await.unwrap();
     producer
         .sink()

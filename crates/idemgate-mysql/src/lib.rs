@@ -23,7 +23,7 @@ mod inbox;
 mod store;
 
 pub use error::classify_error;
-pub use idemgate_core::{Appended, LoggedEvent};
+pub use idemgate_core::backend::{Appended, LoggedEvent};
 pub use inbox::{MySqlInbox, MySqlTx};
 
 /// Kafka positions kept in the inbox transaction ([`idemgate_sql::Offsets`] on MySQL).

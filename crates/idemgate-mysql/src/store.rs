@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use idemgate_core::backend::{RecordRow, TOKENS_PER_MS, time_from_ms};
 use idemgate_core::{
-    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, RecordRow, Result, State,
-    Store, TOKENS_PER_MS, time_from_ms,
+    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, Result, State, Store,
 };
 use sqlx::mysql::{MySqlPoolOptions, MySqlRow};
 use sqlx::{MySqlPool, Row};

@@ -72,19 +72,19 @@ impl Default for ConsumerOptions {
 
 impl ConsumerOptions {
     /// Sets the ack wait.
-    pub fn ack_wait(mut self, d: Duration) -> Self {
+    pub fn with_ack_wait(mut self, d: Duration) -> Self {
         self.ack_wait = d;
         self
     }
 
     /// Sets how many messages one pull asks for.
-    pub fn pull_batch(mut self, n: usize) -> Self {
+    pub fn with_pull_batch(mut self, n: usize) -> Self {
         self.pull_batch = n;
         self
     }
 
     /// Sets the dead-letter subject.
-    pub fn dead_letter_subject(mut self, subject: impl Into<String>) -> Self {
+    pub fn with_dead_letter_subject(mut self, subject: impl Into<String>) -> Self {
         self.dead_letter_subject = Some(subject.into());
         self
     }
@@ -383,7 +383,7 @@ impl Delivery for NatsDelivery {
             return Err(Error::Broker {
                 broker: BROKER,
                 message: format!(
-                    "no dead-letter subject for {}: the message stays in its stream (set ConsumerOptions::dead_letter_subject)",
+                    "no dead-letter subject for {}: the message stays in its stream (set ConsumerOptions::with_dead_letter_subject)",
                     self.msg.source
                 ),
                 source: None,

@@ -42,7 +42,7 @@ async fn stream(nats: &Nats, test: &str) -> (String, String) {
 }
 
 fn opts(prefix: &str) -> ConsumerOptions {
-    ConsumerOptions::default().dead_letter_subject(format!("{prefix}.dead"))
+    ConsumerOptions::default().with_dead_letter_subject(format!("{prefix}.dead"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +85,7 @@ async fn a_consumer_dropped_before_its_ack_is_redelivered_and_not_rerun() {
     let (name, prefix) = stream(&nats, "redeliver").await;
     let events = format!("{prefix}.events");
     // the server redelivers an unacked message after the ack wait
-    let short = opts(&prefix).ack_wait(Duration::from_secs(1));
+    let short = opts(&prefix).with_ack_wait(Duration::from_secs(1));
     let doomed = Nats::connect(&url()).await.unwrap();
     let first = doomed
         .source(&name, "c", &events, short.clone())
@@ -113,7 +113,7 @@ async fn a_handler_slower_than_its_lease_and_the_ack_wait_runs_once() {
     let (name, prefix) = stream(&nats, "slow").await;
     let events = format!("{prefix}.events");
     // without the in-progress acks the server would redeliver after 1 s
-    let short = opts(&prefix).ack_wait(Duration::from_secs(1));
+    let short = opts(&prefix).with_ack_wait(Duration::from_secs(1));
     let source = nats.source(&name, "c", &events, short).await.unwrap();
     broker::slower_than_lease_runs_once(&nats.sink(), &events, source, PAST_WINDOW).await;
     nats.delete_stream(&name).await.unwrap();
@@ -162,7 +162,7 @@ async fn the_horizon_is_ack_wait_times_max_deliver() {
     // at start-up the consumer reads the horizon from its source and, strict, refuses to run
     let refused = idemgate_consumer::Consumer::gate("c", idemgate_core::MemoryStore::new())
         .with_retention(Duration::from_secs(60))
-        .strict(true)
+        .with_strict(true)
         .run(
             source,
             |_m| async { Ok::<(), String>(()) },
@@ -197,7 +197,7 @@ async fn a_dead_letter_with_nowhere_to_go_keeps_the_original() {
 
 /// A consumer with a delivery budget of 5 and a 3 s ack wait.
 fn budget_of_five(prefix: &str) -> ConsumerOptions {
-    let mut o = opts(prefix).ack_wait(Duration::from_secs(3));
+    let mut o = opts(prefix).with_ack_wait(Duration::from_secs(3));
     o.max_deliver = 5;
     o
 }

@@ -16,7 +16,7 @@
 //! # async fn example() -> Result<(), idemgate_core::Error> {
 //! let store = PostgresStore::builder().with_url("postgres://postgres@127.0.0.1/test").build()?;
 //! store.migrate().await?;
-//! let gate = Gate::new(store).lease(Duration::from_secs(30));
+//! let gate = Gate::new(store).with_lease(Duration::from_secs(30));
 //! let key = Key::compose("payments", ["pay_123", "capture"])?;
 //! let _ = gate.run(&key, None, |_| async { Ok::<_, String>(String::from("captured")) }).await;
 //! # Ok(()) }
@@ -27,7 +27,7 @@ mod inbox;
 mod store;
 
 pub use error::classify_error;
-pub use idemgate_core::{Appended, LoggedEvent};
+pub use idemgate_core::backend::{Appended, LoggedEvent};
 pub use inbox::{PgInbox, PgTx};
 
 /// Kafka positions kept in the inbox transaction ([`idemgate_sql::Offsets`] on PostgreSQL).

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use idemgate_core::backend::{RecordRow, TOKENS_PER_MS, time_from_ms};
 use idemgate_core::{
-    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, RecordRow, Result, Store,
-    TOKENS_PER_MS, time_from_ms,
+    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, Result, Store,
 };
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};

@@ -259,7 +259,7 @@ async fn an_ordered_queue_hands_over_in_order_when_its_consumer_dies() {
     rabbit.declare_ordered(&q, 20).await.unwrap();
     let sink = rabbit.sink().await.unwrap();
     for i in 0..10 {
-        let out = Outgoing::new(&q, format!("a{i}")).ordering_key("a");
+        let out = Outgoing::new(&q, format!("a{i}")).with_ordering_key("a");
         sink.publish(&out).await.unwrap();
     }
     let doomed = RabbitMq::connect(&url()).await.unwrap();

@@ -85,7 +85,7 @@ return {1, r.tok, r.at, r.lu}
     );
     script.replace(
         "TOKENS_PER_MS",
-        itoa::Buffer::new().format(idemgate_core::TOKENS_PER_MS),
+        itoa::Buffer::new().format(idemgate_core::backend::TOKENS_PER_MS),
     )
 }
 

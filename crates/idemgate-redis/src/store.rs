@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use idemgate_core::backend::{RecordRow, duration_millis, time_from_ms};
 use idemgate_core::{
-    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, RecordRow, Result, Store,
-    duration_millis, time_from_ms,
+    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, Result, Store,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -186,7 +186,7 @@ struct Scripts {
 
 /// The [`Store`] contract on Redis and Redis Cluster.
 ///
-/// Fencing tokens of a new record start at [`first_token`](idemgate_core::first_token) of the
+/// Fencing tokens of a new record start at [`first_token`](idemgate_core::backend::first_token) of the
 /// server's clock, so they keep growing even after Redis expired an earlier record of the same
 /// key. A fresh claim is a plain `SET NX` written by the client, so its token comes from the
 /// server's clock as the client measured it (`TIME` when the store connects, and again on the
@@ -332,22 +332,23 @@ impl RedisStore {
         let (secs, micros): (u64, u64) = self.query(&redis::cmd("TIME")).await?;
         let after = std::time::SystemTime::now();
         // the server read its clock about halfway through the round trip
-        let local =
-            idemgate_core::to_millis(before).saturating_add(idemgate_core::to_millis(after)) / 2;
+        let local = idemgate_core::backend::to_millis(before)
+            .saturating_add(idemgate_core::backend::to_millis(after))
+            / 2;
         let server = secs.saturating_mul(1000).saturating_add(micros / 1000);
         let offset =
             i64::try_from(server).unwrap_or(i64::MAX) - i64::try_from(local).unwrap_or(i64::MAX);
         self.clock.offset_ms.store(offset, Ordering::Relaxed);
         self.clock
             .synced_at_ms
-            .store(idemgate_core::to_millis(after), Ordering::Relaxed);
+            .store(idemgate_core::backend::to_millis(after), Ordering::Relaxed);
         Ok(())
     }
 
     /// The server's clock as last measured, re-measured when that is over
     /// [`ServerClock::RESYNC_MS`] old.
     async fn server_now(&self) -> Result<std::time::SystemTime> {
-        let local = idemgate_core::to_millis(std::time::SystemTime::now());
+        let local = idemgate_core::backend::to_millis(std::time::SystemTime::now());
         let synced = self.clock.synced_at_ms.load(Ordering::Relaxed);
         if local.abs_diff(synced) > ServerClock::RESYNC_MS {
             self.sync_clock().await?;
@@ -556,9 +557,9 @@ impl ServerClock {
     const RESYNC_MS: u64 = 10_000;
 
     fn now(&self) -> std::time::SystemTime {
-        let local = idemgate_core::to_millis(std::time::SystemTime::now());
+        let local = idemgate_core::backend::to_millis(std::time::SystemTime::now());
         let offset = self.offset_ms.load(Ordering::Relaxed);
-        idemgate_core::from_millis(local.saturating_add_signed(offset))
+        idemgate_core::backend::from_millis(local.saturating_add_signed(offset))
     }
 }
 
@@ -580,7 +581,7 @@ impl Fresh {
     }
 
     fn token(&self) -> u64 {
-        idemgate_core::first_token(self.now)
+        idemgate_core::backend::first_token(self.now)
     }
 
     fn set(&self, redis_key: &str, opts: &ClaimOptions) -> redis::Cmd {
@@ -613,7 +614,7 @@ impl Fresh {
         Claim::Acquired(Lease::new(
             key.clone(),
             self.token(),
-            idemgate_core::later(self.now, opts.lease),
+            idemgate_core::backend::later(self.now, opts.lease),
             1,
         ))
     }

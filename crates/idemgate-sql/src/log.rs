@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use idemgate_core::{Appended, Clock, Error, LoggedEvent, Result, SystemClock, to_millis};
+use idemgate_core::backend::{Appended, LoggedEvent, to_millis};
+use idemgate_core::{Clock, Error, Result, SystemClock};
 
 use crate::{Arg, Dialect, Kind, SqlConn, check_ident};
 

@@ -6,9 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idemgate_core::{
-    Clock, Error, Inbox, Key, Position, Result, SystemClock, duration_millis, to_millis,
-};
+use idemgate_core::backend::{duration_millis, to_millis};
+use idemgate_core::{Clock, Error, Inbox, Key, Position, Result, SystemClock};
 use rusqlite::{Connection, params};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 

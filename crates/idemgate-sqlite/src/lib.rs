@@ -19,7 +19,7 @@
 //! # let path = dir.path().join("dedup.db");
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! let store = SqliteStore::open(&path)?;
-//! let gate = Gate::new(store).lease(Duration::from_secs(30));
+//! let gate = Gate::new(store).with_lease(Duration::from_secs(30));
 //! let key = Key::compose("emails", ["user-7", "welcome"])?;
 //! let sent = gate.run(&key, None, |_lease| async { Ok::<_, std::io::Error>(true) }).await.unwrap();
 //! assert_eq!(sent, Run::Fresh(true));
@@ -39,7 +39,7 @@ mod source;
 mod store;
 
 pub use conn::{Lite, ready};
-pub use idemgate_core::{Appended, LoggedEvent};
+pub use idemgate_core::backend::{Appended, LoggedEvent};
 pub use inbox::{SqliteInbox, SqliteTx};
 
 /// Kafka positions kept in the inbox transaction ([`idemgate_sql::Offsets`] on SQLite, through

@@ -4,7 +4,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idemgate_core::{Clock, Result, SystemClock, duration_millis, to_millis};
+use idemgate_core::backend::{duration_millis, to_millis};
+use idemgate_core::{Clock, Result, SystemClock};
 use rusqlite::{Connection, TransactionBehavior, params};
 
 use crate::conn::{check_table, migrate};

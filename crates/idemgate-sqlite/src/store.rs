@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
+use idemgate_core::backend::{RecordRow, TOKENS_PER_MS, later, to_millis};
 use idemgate_core::{
-    Claim, ClaimOptions, Clock, Error, Fingerprint, Key, Lease, Outcome, Record, RecordRow, Result,
-    State, Store, SystemClock, TOKENS_PER_MS, later, to_millis,
+    Claim, ClaimOptions, Clock, Error, Fingerprint, Key, Lease, Outcome, Record, Result, State,
+    Store, SystemClock,
 };
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::oneshot;

@@ -63,7 +63,7 @@ impl Default for QueueOptions {
 
 impl QueueOptions {
     /// Sets the visibility timeout.
-    pub fn visibility_timeout(mut self, d: Duration) -> Self {
+    pub fn with_visibility_timeout(mut self, d: Duration) -> Self {
         self.visibility_timeout = d;
         self
     }
@@ -408,13 +408,13 @@ impl fmt::Debug for SqsSource {
 
 impl SqsSource {
     /// Dead letters go to the queue at `url` (default: the redrive policy's target).
-    pub fn dead_letter_url(mut self, url: impl Into<String>) -> Self {
+    pub fn with_dead_letter_url(mut self, url: impl Into<String>) -> Self {
         self.dead_letter_url = Some(url.into());
         self
     }
 
     /// How long one receive waits for messages (default 1 s, at most 20).
-    pub fn wait(mut self, d: Duration) -> Self {
+    pub fn with_wait(mut self, d: Duration) -> Self {
         self.wait = d.min(Duration::from_secs(20));
         self
     }

@@ -17,7 +17,7 @@ async fn queue(name: &str, options: QueueOptions) -> Option<(Sqs, String)> {
 }
 
 fn short() -> QueueOptions {
-    QueueOptions::default().visibility_timeout(Duration::from_secs(1))
+    QueueOptions::default().with_visibility_timeout(Duration::from_secs(1))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,7 +36,7 @@ async fn a_fifo_queue_drops_a_resend_within_its_window() {
         return;
     };
     let sink = sqs.sink();
-    let out = Outgoing::new(&url, "once").ordering_key("order-7");
+    let out = Outgoing::new(&url, "once").with_ordering_key("order-7");
     sink.publish(&out).await.unwrap();
     sink.publish(&out).await.unwrap();
     let mut source = sqs.source(&url).await.unwrap();
@@ -125,7 +125,7 @@ async fn poison_goes_to_the_dead_letter_queue_with_its_reason() {
 
 /// A redrive policy of 5 receives (the default `create_queue` sets) and a 3 s visibility.
 fn budget_of_five() -> QueueOptions {
-    QueueOptions::default().visibility_timeout(Duration::from_secs(3))
+    QueueOptions::default().with_visibility_timeout(Duration::from_secs(3))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

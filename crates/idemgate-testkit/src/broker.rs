@@ -377,7 +377,7 @@ pub async fn order_per_key_survives_a_retry<K: Sink, S: Source>(
 ) {
     for i in 0..10 {
         for key in ["a", "b"] {
-            let out = Outgoing::new(destination, format!("{key}{i}")).ordering_key(key);
+            let out = Outgoing::new(destination, format!("{key}{i}")).with_ordering_key(key);
             sink.publish(&out).await.expect("publish");
         }
     }

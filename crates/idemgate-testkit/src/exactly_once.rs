@@ -104,7 +104,7 @@ where
     P: Fn(Key) -> PFut,
     PFut: Future<Output = u64>,
 {
-    let gate = Gate::new(store).lease(LEASE);
+    let gate = Gate::new(store).with_lease(LEASE);
     let handler = Arc::new(handler);
     let run = {
         let (gate, handler) = (gate.clone(), Arc::clone(&handler));

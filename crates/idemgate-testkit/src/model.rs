@@ -118,7 +118,8 @@ impl Model {
         match self.recs.get_mut(&k) {
             None => {
                 // a record that starts afresh takes its token from the clock (rule 9)
-                let token = idemgate_core::first_token(idemgate_core::from_millis(now));
+                let token =
+                    idemgate_core::backend::first_token(idemgate_core::backend::from_millis(now));
                 self.recs.insert(k, fresh(token));
                 Seen::Acquired { token, attempt: 1 }
             }
@@ -221,7 +222,7 @@ where
         let clock = ManualClock::new();
         let store = make(clock.clone());
         let mut model = Model {
-            now: idemgate_core::to_millis(idemgate_core::Clock::now(&clock)),
+            now: idemgate_core::backend::to_millis(idemgate_core::Clock::now(&clock)),
             ..Model::default()
         };
         let mut leases: Vec<(u8, Lease)> = Vec::new();

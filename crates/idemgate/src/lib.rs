@@ -9,7 +9,7 @@
 //! use idemgate::{Gate, Key, MemoryStore, Run};
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-//! let gate = Gate::new(MemoryStore::new()).lease(Duration::from_secs(30));
+//! let gate = Gate::new(MemoryStore::new()).with_lease(Duration::from_secs(30));
 //! let key = Key::compose("payments", ["pay_123", "capture"])?;
 //! let first = gate.run(&key, None, |_| async { Ok::<_, String>(42) }).await.unwrap();
 //! let again = gate.run(&key, None, |_| async { Ok::<_, String>(0) }).await.unwrap();

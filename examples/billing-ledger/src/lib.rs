@@ -22,8 +22,7 @@ use idemgate_testkit::broker::{DiesBeforeAck, until};
 use serde::{Deserialize, Serialize};
 use sqlx::{MySqlPool, PgPool};
 
-/// A boxed error.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use idemgate_consumer::BoxError;
 
 /// A charge to a customer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,7 +172,8 @@ pub async fn publish<K: Sink>(
             cents: i64::try_from(100 + (i * 37) % 900)?,
         };
         *expected.entry(charge.customer.clone()).or_default() += charge.cents;
-        let out = Outgoing::new(topic, serde_json::to_vec(&charge)?).ordering_key(&charge.customer);
+        let out =
+            Outgoing::new(topic, serde_json::to_vec(&charge)?).with_ordering_key(&charge.customer);
         sink.publish(&out).await?;
         published += 1;
         if i % 5 == 0 {
@@ -191,9 +191,9 @@ pub const REJOIN_AFTER: Duration = Duration::from_secs(7);
 /// The client settings both services use (a short session for quick rebalances).
 pub fn kafka(bootstrap: &str) -> Kafka {
     Kafka::new(bootstrap)
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
-        .set("max.poll.interval.ms", "10000")
+        .with_setting("session.timeout.ms", "6000")
+        .with_setting("heartbeat.interval.ms", "500")
+        .with_setting("max.poll.interval.ms", "10000")
 }
 
 /// One service's life: a first instance that dies on its first acks (after committing), then,
@@ -211,7 +211,7 @@ where
     I: Inbox + Clone,
     H: InboxHandler<I::Tx, Message>,
 {
-    let options = || SourceOptions::new().positions_from(inbox.clone());
+    let options = || SourceOptions::new().with_positions_from(inbox.clone());
     let first = DiesBeforeAck::new(kafka.source(group, &[topic], options())?);
     let reached_ack = first.reached_ack();
     let consumer = Consumer::inbox(group, inbox.clone());

@@ -24,8 +24,7 @@ use idemgate_postgres::PostgresStore;
 use idemgate_testkit::broker::{DiesBeforeAck, until};
 use serde::{Deserialize, Serialize};
 
-/// A boxed error.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use idemgate_core::BoxError;
 
 /// A user registered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,7 +230,7 @@ pub async fn run(
         published += 1;
     }
 
-    let opts = ConsumerOptions::default().ack_wait(Duration::from_secs(1));
+    let opts = ConsumerOptions::default().with_ack_wait(Duration::from_secs(1));
     let doomed = Nats::connect(nats_url).await?;
     let first = DiesBeforeAck::new(
         doomed

@@ -19,8 +19,7 @@ use idemgate_testkit::broker::{DiesBeforeAck, until};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-/// A boxed error.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use idemgate_core::BoxError;
 
 /// One line of a created order: reserve `qty` of `sku` for `order_id`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -94,8 +94,8 @@ impl ChaosBroker {
 /// Kafka client settings for the chaos run (a short session, so a dead member is noticed).
 pub(crate) fn kafka(url: &str) -> idemgate::kafka::Kafka {
     idemgate::kafka::Kafka::new(url)
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500")
+        .with_setting("session.timeout.ms", "6000")
+        .with_setting("heartbeat.interval.ms", "500")
 }
 
 fn mqtt_addr(url: &str) -> Result<(String, u16), BoxError> {
@@ -195,7 +195,8 @@ pub(crate) async fn create_destination(
         }
         ChaosBroker::Sqs => {
             // the default redrive policy: a message received 5 times goes to the dead-letter queue
-            let options = idemgate::sqs::QueueOptions::default().visibility_timeout(visibility);
+            let options =
+                idemgate::sqs::QueueOptions::default().with_visibility_timeout(visibility);
             let name = if fifo {
                 format!("{name}.fifo")
             } else {
@@ -419,7 +420,7 @@ impl Producer {
         let body = serde_json::to_vec(e)?;
         let id: EventId = e.id.parse()?;
         let out = |dest: &str| {
-            Outgoing::with_event_id(dest, body.clone(), id.clone()).ordering_key(e.key.clone())
+            Outgoing::with_event_id(dest, body.clone(), id.clone()).with_ordering_key(e.key.clone())
         };
         match self {
             Producer::Embedded(queue) => {
@@ -494,8 +495,8 @@ pub(crate) async fn with_source<R>(
             let nats = idemgate::nats::Nats::connect(url).await?;
             // the default MaxDeliver (20): no endless redelivery
             let opts = idemgate::nats::ConsumerOptions::default()
-                .ack_wait(visibility)
-                .dead_letter_subject(format!("{destination}.dead"));
+                .with_ack_wait(visibility)
+                .with_dead_letter_subject(format!("{destination}.dead"));
             let subject = format!("{destination}.events");
             serve
                 .serve(nats.source(destination, "chaos", &subject, opts).await?)
@@ -507,8 +508,8 @@ pub(crate) async fn with_source<R>(
         }
         ChaosBroker::Mqtt => {
             let (host, port) = mqtt_addr(url)?;
-            let session =
-                idemgate::mqtt::Session::persistent(Duration::from_secs(3600)).receive_maximum(64);
+            let session = idemgate::mqtt::Session::persistent(Duration::from_secs(3600))
+                .with_receive_maximum(64);
             let client = format!("{destination}-{slot}");
             let mqtt = idemgate::mqtt::Mqtt::connect(&host, port, &client, session).await?;
             let source = mqtt.source(&mqtt_topic(destination, slot)).await?;

@@ -322,9 +322,11 @@ impl SqlInbox {
     fn kafka_options(&self) -> idemgate::kafka::SourceOptions {
         match self {
             SqlInbox::Postgres(i) => {
-                idemgate::kafka::SourceOptions::new().positions_from(i.clone())
+                idemgate::kafka::SourceOptions::new().with_positions_from(i.clone())
             }
-            SqlInbox::MySql(i) => idemgate::kafka::SourceOptions::new().positions_from(i.clone()),
+            SqlInbox::MySql(i) => {
+                idemgate::kafka::SourceOptions::new().with_positions_from(i.clone())
+            }
         }
     }
 }
