@@ -8,22 +8,27 @@
 //! fingerprint mismatch or a poison message is dead-lettered with its reason; a failing handler
 //! is retried through the broker and dead-lettered after a configurable number of attempts.
 //!
-//! ```no_run
-//! use std::time::Duration;
+//! ```
 //! use idemgate_consumer::{Consumer, Message, memory::MemoryBroker};
 //! use idemgate_core::MemoryStore;
 //!
-//! # async fn f() -> Result<(), idemgate_consumer::Error> {
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! let broker = MemoryBroker::new();
+//! // the same event delivered twice: at-least-once delivery
+//! for _ in 0..2 {
+//!     broker.send(Message::new("signups", "user-7").with_event_id("evt-1"));
+//! }
+//! broker.close();
 //! let stats = Consumer::gate("emails", MemoryStore::new())
 //!     .with_concurrency(8)
 //!     .run(broker.source(), |msg: Message| async move {
-//!         // send the email; a duplicate delivery never gets here
+//!         // send the welcome email; the duplicate never gets here
 //!         Ok::<_, std::io::Error>(())
-//!     }, tokio::time::sleep(Duration::from_secs(1)))
+//!     }, std::future::pending::<()>())
 //!     .await?;
-//! println!("{stats:?}");
-//! # Ok(()) }
+//! assert_eq!((stats.handled, stats.duplicates), (1, 1));
+//! # Ok::<(), idemgate_consumer::Error>(())
+//! # }).unwrap();
 //! ```
 
 mod broker;

@@ -1,0 +1,284 @@
+//! Inbox mode: the key row and the effect in one transaction, then the ack.
+
+use super::*;
+pub(crate) struct InboxProcess<I: Inbox, H> {
+    pub(crate) rt: Arc<Runtime>,
+    pub(crate) inbox: Arc<I>,
+    pub(crate) handler: Arc<H>,
+}
+
+/// Where one try of an Inbox-mode delivery ended.
+pub(crate) enum Tried {
+    Settle(Settle),
+    /// The store or the database failed at `what`: nothing committed, try again.
+    Unavailable(&'static str, idemgate_core::Error),
+    /// The handler failed (attempt number, error): rolled back.
+    Failed(u32, String),
+}
+
+impl<I, H, D> Process<D> for InboxProcess<I, H>
+where
+    I: Inbox,
+    H: InboxHandler<I::Tx, Message>,
+    D: Delivery,
+{
+    async fn process_many(&self, ds: Vec<D>) -> Vec<bool> {
+        if ds.len() < 2 {
+            let mut settled = Vec::with_capacity(1);
+            for d in ds {
+                settled.push(self.process(d).await);
+            }
+            return settled;
+        }
+        let rt = &*self.rt;
+        let mut settled = vec![true; ds.len()];
+        let (mut batch, mut keys) = (Vec::with_capacity(ds.len()), Vec::with_capacity(ds.len()));
+        for (i, d) in ds.into_iter().enumerate() {
+            match rt.key(d.message()) {
+                Ok(key) => {
+                    keys.push(key);
+                    batch.push((i, d));
+                }
+                Err(reason) => {
+                    let reason = format!("poison message: {reason}");
+                    settled[i] = self.dead_letter(d, None, Why::Poison, reason).await;
+                }
+            }
+        }
+        let ds: Vec<&D> = batch.iter().map(|(_, d)| d).collect();
+        let committed = tokio::select! {
+            r = self.run_batch(&ds, &keys) => r,
+            never = rt.broker_ticks(&ds) => match never {},
+        };
+        drop(ds);
+        match committed {
+            Ok(firsts) => {
+                let new = keys.iter().zip(&firsts).filter(|(_, first)| **first);
+                rt.forget_all(new.map(|(key, _)| key));
+                let handled = firsts.iter().filter(|first| **first).count() as u64;
+                let counters = &rt.counters;
+                counters.handled.fetch_add(handled, Ordering::Relaxed);
+                counters
+                    .duplicates
+                    .fetch_add(firsts.len() as u64 - handled, Ordering::Relaxed);
+                // one settlement for the batch: its acks go in order, from one task
+                self.rt
+                    .ack_all_behind(batch.into_iter().map(|(_, d)| d).collect())
+                    .await;
+            }
+            Err(why) => {
+                tracing::debug!(%why, n = batch.len(), "batch rolled back; one transaction each");
+                for (i, d) in batch {
+                    settled[i] = self.process(d).await;
+                }
+            }
+        }
+        settled
+    }
+
+    async fn process(&self, d: D) -> bool {
+        let rt = &self.rt;
+        let key = match rt.key(d.message()) {
+            Ok(key) => key,
+            Err(reason) => {
+                let reason = format!("poison message: {reason}");
+                return self.dead_letter(d, None, Why::Poison, reason).await;
+            }
+        };
+        // one ticker for every try: the broker hears from a held delivery
+        let settle = tokio::select! {
+            s = self.resolve(d.message(), &key) => s,
+            never = rt.broker_tick(&d) => match never {},
+        };
+        match settle {
+            Settle::DeadLetter(why @ Why::Exhausted, reason) => {
+                self.dead_letter(d, Some(&key), why, reason).await
+            }
+            Settle::DeadLetter(why, reason) => self.dead_letter(d, None, why, reason).await,
+            settle => rt.settle(d, settle).await,
+        }
+    }
+}
+
+impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
+    /// Tries `msg` until it settles: a failing database is retried with a growing delay, and so
+    /// is a failed run of an ordered message, with the delivery held.
+    pub(crate) async fn resolve(&self, msg: &Message, key: &Key) -> Settle {
+        let rt = &*self.rt;
+        let mut failures = 0;
+        loop {
+            let go_on = match self.try_once(msg, key).await {
+                Tried::Settle(settle) => return settle,
+                Tried::Unavailable(what, e) => rt.unavailable(what, &e, &mut failures).await,
+                Tried::Failed(attempt, error) => match rt.after_failure(msg, key, attempt, error) {
+                    Ok(delay) => rt.pause(delay).await,
+                    Err(settle) => return settle,
+                },
+            };
+            if !go_on {
+                return Settle::Nack(Duration::ZERO);
+            }
+        }
+    }
+
+    /// One transaction: the key, the position, the handler (for a new key), the commit.
+    pub(crate) async fn try_once(&self, msg: &Message, key: &Key) -> Tried {
+        let rt = &*self.rt;
+        let mut tx = match self.inbox.begin().await {
+            Ok(tx) => tx,
+            Err(e) => return Tried::Unavailable("opening the inbox transaction", e),
+        };
+        // a concurrent duplicate waits here for the first transaction, then sees `false`
+        let first = match self.inbox.first_time(&mut tx, key).await {
+            Ok(first) => first,
+            Err(e) => return Tried::Unavailable("the inbox insert", e),
+        };
+        // a partitioned log's position moves in the same transaction, duplicate or not
+        if let Some(position) = &msg.position {
+            match self.inbox.advance(&mut tx, position).await {
+                Ok(()) => {}
+                Err(e @ idemgate_core::Error::Fenced { .. }) => {
+                    bump(&rt.counters.fenced);
+                    tracing::warn!(error = %e, "position fenced; resuming from the stored one");
+                    return Tried::Settle(Settle::Reposition);
+                }
+                Err(e) => return Tried::Unavailable("the position update", e),
+            }
+        }
+        if !first {
+            if msg.position.is_some()
+                && let Err(e) = self.inbox.commit(tx).await
+            {
+                return Tried::Unavailable("the commit of the position", e);
+            }
+            bump(&rt.counters.duplicates);
+            return Tried::Settle(Settle::Ack);
+        }
+        let attempt = rt.attempt(key, None, Some(msg));
+        // a panic or a timeout of the handler is caught here: the transaction rolls back, the
+        // lane lives on
+        let ran = rt.run_handler(key, self.handler.handle(&mut tx, msg)).await;
+        if let Some(error) = rt.failure(ran) {
+            drop(tx);
+            return Tried::Failed(attempt, error);
+        }
+        match self.inbox.commit(tx).await {
+            Ok(()) => {
+                rt.forget(key);
+                bump(&rt.counters.handled);
+                Tried::Settle(Settle::Ack)
+            }
+            // nothing committed (the next try runs the handler again), or it did and the
+            // error came after (the next try sees a duplicate)
+            Err(e) => Tried::Unavailable("the commit", e),
+        }
+    }
+
+    /// Dead-letters `d`, in a transaction that commits once the dead letter is stored: it
+    /// records `key` (a copy of the event is then acked as a duplicate, not dead-lettered again)
+    /// and moves a message's stored position past it (the partition goes on, and a restart does
+    /// not dead-letter it again).
+    pub(crate) async fn dead_letter<D: Delivery>(
+        &self,
+        d: D,
+        key: Option<&Key>,
+        why: Why,
+        reason: String,
+    ) -> bool {
+        let rt = &self.rt;
+        let position = d.message().position.clone();
+        if key.is_none() && position.is_none() {
+            return rt.dead_letter(d, why, reason).await;
+        }
+        let mut failures = 0;
+        let tx = loop {
+            let moved = async {
+                let mut tx = self.inbox.begin().await?;
+                let fresh = match key {
+                    Some(key) => self.inbox.first_time(&mut tx, key).await?,
+                    None => true,
+                };
+                if let Some(position) = &position {
+                    self.inbox.advance(&mut tx, position).await?;
+                }
+                Ok::<_, idemgate_core::Error>((tx, fresh))
+            };
+            match moved.await {
+                Ok((tx, true)) => break tx,
+                Ok((tx, false)) => {
+                    // another copy of the event was dead-lettered (or handled) first
+                    if let Err(e) = self.inbox.commit(tx).await {
+                        tracing::warn!(error = %e, "the commit of the position failed");
+                        return rt.settle(d, Settle::Nack(rt.cfg.retry_delay)).await;
+                    }
+                    bump(&rt.counters.duplicates);
+                    return rt.settle(d, Settle::Ack).await;
+                }
+                Err(e @ idemgate_core::Error::Fenced { .. }) => {
+                    bump(&rt.counters.fenced);
+                    tracing::warn!(error = %e, "position fenced; resuming from the stored one");
+                    return rt.settle(d, Settle::Reposition).await;
+                }
+                Err(e) => {
+                    if !rt
+                        .unavailable("the position update", &e, &mut failures)
+                        .await
+                    {
+                        return rt.settle(d, Settle::Nack(Duration::ZERO)).await;
+                    }
+                }
+            }
+        };
+        if !rt.dead_letter(d, why, reason).await {
+            return false;
+        }
+        if let Err(e) = self.inbox.commit(tx).await {
+            // the partition resumes from the stored position (its next message is fenced) and
+            // dead-letters this one again: a second copy, with the same event id
+            tracing::warn!(error = %e, "the dead letter is stored, its key and position are not");
+        }
+        true
+    }
+
+    /// One transaction for `batch`: its keys, its positions, the handler for each new message in
+    /// order, one commit. `Ok` holds which messages were new; `Err` says why nothing committed.
+    pub(crate) async fn run_batch<D: Delivery>(
+        &self,
+        batch: &[&D],
+        keys: &[Key],
+    ) -> std::result::Result<Vec<bool>, String> {
+        let mut tx = self.inbox.begin().await.map_err(|e| e.to_string())?;
+        let firsts = self
+            .inbox
+            .first_time_many(&mut tx, keys)
+            .await
+            .map_err(|e| e.to_string())?;
+        for d in batch {
+            if let Some(position) = &d.message().position {
+                self.inbox
+                    .advance(&mut tx, position)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        // the new messages' handlers, in order; a panic or a timeout is caught here and rolls
+        // the batch back
+        for (d, key) in batch
+            .iter()
+            .zip(keys)
+            .zip(&firsts)
+            .filter(|(_, first)| **first)
+            .map(|(dk, _)| dk)
+        {
+            let ran = self
+                .rt
+                .run_handler(key, self.handler.handle(&mut tx, d.message()))
+                .await;
+            if let Some(error) = self.rt.failure(ran) {
+                return Err(error);
+            }
+        }
+        self.inbox.commit(tx).await.map_err(|e| e.to_string())?;
+        Ok(firsts)
+    }
+}
