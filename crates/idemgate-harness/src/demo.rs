@@ -503,7 +503,7 @@ fn phase(
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_with_message(format!("done in {seconds:.1}s, {} kills", sup.kills));
 
-    let (lost, twice, applied, balance_ok): (u64, u64, u64, bool) = ledger.query_row(
+    let (lost, twice, applied, balance_ok): (i64, i64, i64, bool) = ledger.query_row(
         "SELECT count(*) FILTER (WHERE applied = 0),
                 count(*) FILTER (WHERE applied >= 2),
                 coalesce(sum(applied), 0),
@@ -512,6 +512,8 @@ fn phase(
         [],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
     )?;
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    let (lost, twice, applied) = (count(lost), count(twice), count(applied));
     let stats = queue.stats()?;
     Ok(Figures {
         mode: mode.name(),
@@ -531,11 +533,10 @@ fn phase(
 
 /// How many events have their effect applied.
 fn applied(ledger: &Connection) -> Result<u64, BoxError> {
-    Ok(
-        ledger.query_row("SELECT count(*) FROM effects WHERE applied > 0", [], |r| {
-            r.get(0)
-        })?,
-    )
+    let n: i64 = ledger.query_row("SELECT count(*) FROM effects WHERE applied > 0", [], |r| {
+        r.get(0)
+    })?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 fn supervise(

@@ -566,7 +566,10 @@ impl InboxCase for SqliteCase {
         let conn = Connection::open(&self.path).unwrap();
         let mut stmt = conn.prepare("SELECT event, applied FROM effects").unwrap();
         stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, (r.get::<_, u64>(1)?, None)))
+            Ok((
+                r.get::<_, String>(0)?,
+                (u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0), None),
+            ))
         })
         .unwrap()
         .collect::<Result<_, _>>()
