@@ -1,10 +1,10 @@
 //! The transactional inbox on MySQL and MariaDB.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idemgate_core::{Inbox, Key, Position, Result};
+use idemgate_core::{Key, Result};
 use sqlx::{MySqlConnection, MySqlPool};
 
 use crate::MySqlOffsets;
@@ -19,7 +19,7 @@ use idemgate_sql::millis as ms;
 /// `false` (or `true` if the first rolled back). InnoDB may instead end one of them with a
 /// deadlock, which is `Error::Unavailable` (retryable): never a duplicate effect.
 ///
-/// It implements the [`Inbox`] contract on its pool, so the consumer runtime's Inbox mode runs
+/// It implements the [`Inbox`](idemgate_core::Inbox) contract on its pool, so the consumer runtime's Inbox mode runs
 /// on it, and keeps Kafka positions ([`MySqlOffsets`]) in the same transaction.
 #[derive(Debug, Clone)]
 pub struct MySqlInbox {
@@ -138,7 +138,7 @@ impl MySqlInbox {
     }
 
     /// Records `key` in the caller's transaction (any transaction on this database, not only
-    /// one from [`begin`](Inbox::begin)); `true` the first time within the retention window (apply the effect in the same transaction), `false` for a duplicate.
+    /// one from [`begin`](idemgate_core::Inbox::begin)); `true` the first time within the retention window (apply the effect in the same transaction), `false` for a duplicate.
     pub async fn first_time(&self, tx: &mut MySqlConnection, key: &Key) -> Result<bool> {
         let inserted = my(sqlx::query(&self.sql.insert)
             .bind(key.scope())
@@ -234,7 +234,14 @@ impl MySqlInbox {
             .collect())
     }
 
-    /// The retention purge (see [`Inbox::purge_expired`]).
+    /// The retention purge ([`Inbox::purge_expired`](idemgate_core::Inbox::purge_expired)): deletes at most `limit` keys past their
+    /// retention; returns how many, 0 once a pass over
+    /// the table has found nothing more to delete.
+    ///
+    /// The table has no index on the expiry (every recorded key would pay for one): the purge
+    /// walks the primary key in chunks of `limit` keys from where its last call stopped, each
+    /// chunk one bounded `DELETE`, until a chunk deleted something or the walk reached the end
+    /// (the next call starts over). One pass reads the whole table in key order.
     async fn purge(&self, limit: usize) -> Result<u64> {
         let pool = &self.pool;
         let limit = limit.max(1);
@@ -276,55 +283,4 @@ impl MySqlInbox {
     }
 }
 
-impl Inbox for MySqlInbox {
-    type Tx = MySqlTx;
-
-    async fn begin(&self) -> Result<MySqlTx> {
-        my(self.pool.begin().await)
-    }
-
-    async fn first_time(&self, tx: &mut MySqlTx, key: &Key) -> Result<bool> {
-        MySqlInbox::first_time(self, tx, key).await
-    }
-
-    async fn first_time_many(&self, tx: &mut MySqlTx, keys: &[Key]) -> Result<Vec<bool>> {
-        MySqlInbox::first_time_many(self, tx, keys).await
-    }
-
-    async fn commit(&self, tx: MySqlTx) -> Result<()> {
-        my(tx.commit().await)
-    }
-
-    fn retention(&self) -> Duration {
-        self.retention
-    }
-
-    /// Deletes at most `limit` keys past their retention; returns how many, 0 once a pass over
-    /// the table has found nothing more to delete.
-    ///
-    /// The table has no index on the expiry (every recorded key would pay for one): the purge
-    /// walks the primary key in chunks of `limit` keys from where its last call stopped, each
-    /// chunk one bounded `DELETE`, until a chunk deleted something or the walk reached the end
-    /// (the next call starts over). One pass reads the whole table in key order.
-    async fn purge_expired(&self, limit: usize) -> Result<u64> {
-        self.purge(limit).await
-    }
-
-    async fn advance(&self, tx: &mut MySqlTx, p: &Position) -> Result<()> {
-        self.offsets
-            .advance(
-                &mut **tx,
-                &p.group,
-                &p.topic,
-                p.partition,
-                p.expected,
-                p.offset + 1,
-            )
-            .await
-    }
-
-    async fn load_positions(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
-        let mut conn = my(self.pool.acquire().await)?;
-        self.offsets.load_positions(&mut *conn, group, topic).await
-    }
-}
+idemgate_sql::sqlx_inbox!(MySqlInbox, MySqlTx, crate::classify_error);

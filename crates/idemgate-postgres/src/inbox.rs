@@ -1,10 +1,10 @@
 //! The transactional inbox on PostgreSQL.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idemgate_core::{Inbox, Key, Position, Result};
+use idemgate_core::{Key, Result};
 use sqlx::{PgConnection, PgPool};
 
 use crate::PgOffsets;
@@ -23,7 +23,7 @@ pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
 /// `REPEATABLE READ` or `SERIALIZABLE` the second may instead fail with a retryable
 /// `Error::Unavailable` (a serialization failure): never a duplicate effect.
 ///
-/// It implements the [`Inbox`] contract on its pool, so the consumer runtime's Inbox mode runs
+/// It implements the [`Inbox`](idemgate_core::Inbox) contract on its pool, so the consumer runtime's Inbox mode runs
 /// on it, and keeps Kafka positions ([`PgOffsets`]) in the same transaction.
 ///
 /// ```no_run
@@ -165,7 +165,7 @@ impl PgInbox {
     }
 
     /// Records `key` in the caller's transaction (any transaction on this database, not only
-    /// one from [`begin`](Inbox::begin)); `true` the first time within the retention window
+    /// one from [`begin`](idemgate_core::Inbox::begin)); `true` the first time within the retention window
     /// (apply the effect in the same transaction), `false` for a duplicate.
     pub async fn first_time(&self, tx: &mut PgConnection, key: &Key) -> Result<bool> {
         let done = pg(sqlx::query(&self.sql.first_time)
@@ -240,52 +240,15 @@ impl PgInbox {
     }
 }
 
-impl Inbox for PgInbox {
-    type Tx = PgTx;
-
-    async fn begin(&self) -> Result<PgTx> {
-        pg(self.pool.begin().await)
-    }
-
-    async fn first_time(&self, tx: &mut PgTx, key: &Key) -> Result<bool> {
-        PgInbox::first_time(self, tx, key).await
-    }
-
-    async fn first_time_many(&self, tx: &mut PgTx, keys: &[Key]) -> Result<Vec<bool>> {
-        PgInbox::first_time_many(self, tx, keys).await
-    }
-
-    async fn commit(&self, tx: PgTx) -> Result<()> {
-        pg(tx.commit().await)
-    }
-
-    fn retention(&self) -> Duration {
-        self.retention
-    }
-
-    async fn purge_expired(&self, limit: usize) -> Result<u64> {
+impl PgInbox {
+    /// Deletes at most `limit` keys past their retention ([`Inbox::purge_expired`](idemgate_core::Inbox::purge_expired)).
+    async fn purge(&self, limit: usize) -> Result<u64> {
         let done = pg(sqlx::query(&self.sql.purge)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .execute(&self.pool)
             .await)?;
         Ok(done.rows_affected())
     }
-
-    async fn advance(&self, tx: &mut PgTx, p: &Position) -> Result<()> {
-        self.offsets
-            .advance(
-                &mut **tx,
-                &p.group,
-                &p.topic,
-                p.partition,
-                p.expected,
-                p.offset + 1,
-            )
-            .await
-    }
-
-    async fn load_positions(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
-        let mut conn = pg(self.pool.acquire().await)?;
-        self.offsets.load_positions(&mut *conn, group, topic).await
-    }
 }
+
+idemgate_sql::sqlx_inbox!(PgInbox, PgTx, crate::classify_error);

@@ -123,13 +123,13 @@ mod sqlx_conn {
 
     macro_rules! sqlx_conn {
         ($conn:ty, $db:ty, $dialect:expr) => {
-            impl SqlConn for $conn {
-                fn dialect(&self) -> Dialect {
-                    $dialect
-                }
-
-                async fn execute(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64> {
-                    let mut q = sqlx::query::<$db>(sql);
+            // a scope of its own, so each database has its own `bind`
+            const _: () = {
+                /// `q` with `args` bound in order.
+                fn bind<'q>(
+                    mut q: sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>>,
+                    args: &[Arg<'q>],
+                ) -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>> {
                     for a in args {
                         q = match *a {
                             Arg::Text(s) => q.bind(s),
@@ -138,103 +138,107 @@ mod sqlx_conn {
                             Arg::Blob(b) => q.bind(b),
                         };
                     }
-                    let done = q
-                        .execute(&mut *self)
-                        .await
-                        .map_err(classify_for($dialect))?;
-                    Ok(done.rows_affected())
+                    q
                 }
 
-                async fn fetch(
-                    &mut self,
-                    sql: &str,
-                    args: &[Arg<'_>],
-                    kinds: &[Kind],
-                ) -> Result<Vec<Vec<Value>>> {
-                    let mut q = sqlx::query::<$db>(sql);
-                    for a in args {
-                        q = match *a {
-                            Arg::Text(s) => q.bind(s),
-                            Arg::Int(i) => q.bind(i),
-                            Arg::Int32(i) => q.bind(i),
-                            Arg::Blob(b) => q.bind(b),
-                        };
+                impl SqlConn for $conn {
+                    fn dialect(&self) -> Dialect {
+                        $dialect
                     }
-                    let rows = q
-                        .fetch_all(&mut *self)
-                        .await
-                        .map_err(classify_for($dialect))?;
-                    rows.iter()
-                        .map(|row| {
-                            kinds
-                                .iter()
-                                .enumerate()
-                                .map(|(i, kind)| {
-                                    let v = match kind {
-                                        Kind::Int => row
-                                            .try_get::<Option<i64>, _>(i)
-                                            .map(|v| v.map_or(Value::Null, Value::Int)),
-                                        Kind::Int32 => row.try_get::<Option<i32>, _>(i).map(|v| {
-                                            v.map_or(Value::Null, |v| Value::Int(v.into()))
-                                        }),
-                                        Kind::Text => row
-                                            .try_get::<Option<Vec<u8>>, _>(i)
-                                            .map(|v| {
-                                                v.map_or(Value::Null, |b| {
-                                                    Value::Text(
-                                                        String::from_utf8_lossy(&b).into_owned(),
-                                                    )
+
+                    async fn execute(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64> {
+                        let done = bind(sqlx::query::<$db>(sql), args)
+                            .execute(&mut *self)
+                            .await
+                            .map_err(classify_for($dialect))?;
+                        Ok(done.rows_affected())
+                    }
+
+                    async fn fetch(
+                        &mut self,
+                        sql: &str,
+                        args: &[Arg<'_>],
+                        kinds: &[Kind],
+                    ) -> Result<Vec<Vec<Value>>> {
+                        let rows = bind(sqlx::query::<$db>(sql), args)
+                            .fetch_all(&mut *self)
+                            .await
+                            .map_err(classify_for($dialect))?;
+                        rows.iter()
+                            .map(|row| {
+                                kinds
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(i, kind)| {
+                                        let v = match kind {
+                                            Kind::Int => row
+                                                .try_get::<Option<i64>, _>(i)
+                                                .map(|v| v.map_or(Value::Null, Value::Int)),
+                                            Kind::Int32 => {
+                                                row.try_get::<Option<i32>, _>(i).map(|v| {
+                                                    v.map_or(Value::Null, |v| Value::Int(v.into()))
                                                 })
-                                            })
-                                            .or_else(|_| {
-                                                row.try_get::<Option<String>, _>(i)
-                                                    .map(|v| v.map_or(Value::Null, Value::Text))
-                                            }),
-                                        Kind::Blob => row
-                                            .try_get::<Option<Vec<u8>>, _>(i)
-                                            .map(|v| v.map_or(Value::Null, Value::Blob)),
-                                    };
-                                    v.map_err(|e| Error::Corrupt {
-                                        backend: $dialect.backend(),
-                                        reason: e.to_string(),
+                                            }
+                                            Kind::Text => row
+                                                .try_get::<Option<Vec<u8>>, _>(i)
+                                                .map(|v| {
+                                                    v.map_or(Value::Null, |b| {
+                                                        Value::Text(
+                                                            String::from_utf8_lossy(&b)
+                                                                .into_owned(),
+                                                        )
+                                                    })
+                                                })
+                                                .or_else(|_| {
+                                                    row.try_get::<Option<String>, _>(i)
+                                                        .map(|v| v.map_or(Value::Null, Value::Text))
+                                                }),
+                                            Kind::Blob => row
+                                                .try_get::<Option<Vec<u8>>, _>(i)
+                                                .map(|v| v.map_or(Value::Null, Value::Blob)),
+                                        };
+                                        v.map_err(|e| Error::Corrupt {
+                                            backend: $dialect.backend(),
+                                            reason: e.to_string(),
+                                        })
                                     })
-                                })
-                                .collect()
-                        })
-                        .collect()
-                }
+                                    .collect()
+                            })
+                            .collect()
+                    }
 
-                async fn batch(&mut self, sql: &str) -> Result<()> {
-                    // through the executor's boxed future, which is `Send` for every lifetime
-                    let conn: &mut $conn = self;
-                    sqlx::Executor::execute(conn, sqlx::raw_sql(sql))
-                        .await
-                        .map_err(classify_for($dialect))?;
-                    Ok(())
-                }
+                    async fn batch(&mut self, sql: &str) -> Result<()> {
+                        // through the executor's boxed future, which is `Send` for every lifetime
+                        let conn: &mut $conn = self;
+                        sqlx::Executor::execute(conn, sqlx::raw_sql(sql))
+                            .await
+                            .map_err(classify_for($dialect))?;
+                        Ok(())
+                    }
 
-                fn in_transaction(&self) -> bool {
-                    <$db as sqlx::Database>::TransactionManager::get_transaction_depth(self) > 0
-                }
+                    fn in_transaction(&self) -> bool {
+                        <$db as sqlx::Database>::TransactionManager::get_transaction_depth(self) > 0
+                    }
 
-                async fn begin(&mut self) -> Result<()> {
-                    <$db as sqlx::Database>::TransactionManager::begin(self, None)
-                        .await
-                        .map_err(classify_for($dialect))
-                }
+                    async fn begin(&mut self) -> Result<()> {
+                        <$db as sqlx::Database>::TransactionManager::begin(self, None)
+                            .await
+                            .map_err(classify_for($dialect))
+                    }
 
-                async fn commit(&mut self) -> Result<()> {
-                    <$db as sqlx::Database>::TransactionManager::commit(self)
-                        .await
-                        .map_err(classify_for($dialect))
-                }
+                    async fn commit(&mut self) -> Result<()> {
+                        <$db as sqlx::Database>::TransactionManager::commit(self)
+                            .await
+                            .map_err(classify_for($dialect))
+                    }
 
-                async fn rollback(&mut self) -> Result<()> {
-                    <$db as sqlx::Database>::TransactionManager::rollback(self)
-                        .await
-                        .map_err(classify_for($dialect))
+                    async fn rollback(&mut self) -> Result<()> {
+                        <$db as sqlx::Database>::TransactionManager::rollback(self)
+                            .await
+                            .map_err(classify_for($dialect))
+                    }
                 }
-            }
+            };
         };
     }
 

@@ -46,3 +46,75 @@ pub use offsets::Offsets;
 pub fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
+
+#[doc(hidden)]
+pub mod __private {
+    pub use idemgate_core::{Inbox, Key, Position, Result};
+    pub use std::collections::BTreeMap;
+    pub use std::time::Duration;
+}
+
+/// Implements [`Inbox`](idemgate_core::Inbox) for a sqlx backend's inbox: a type with `pool`
+/// (a sqlx pool), `offsets` ([`Offsets`]) and `retention` fields and inherent `first_time`,
+/// `first_time_many` and `purge` methods; `$tx` is its pool's transaction and `$classify` its
+/// error classification.
+#[macro_export]
+macro_rules! sqlx_inbox {
+    ($inbox:ty, $tx:ty, $classify:path) => {
+        impl $crate::__private::Inbox for $inbox {
+            type Tx = $tx;
+
+            async fn begin(&self) -> $crate::__private::Result<$tx> {
+                self.pool.begin().await.map_err($classify)
+            }
+
+            async fn first_time(
+                &self,
+                tx: &mut $tx,
+                key: &$crate::__private::Key,
+            ) -> $crate::__private::Result<bool> {
+                <$inbox>::first_time(self, tx, key).await
+            }
+
+            async fn first_time_many(
+                &self,
+                tx: &mut $tx,
+                keys: &[$crate::__private::Key],
+            ) -> $crate::__private::Result<Vec<bool>> {
+                <$inbox>::first_time_many(self, tx, keys).await
+            }
+
+            async fn commit(&self, tx: $tx) -> $crate::__private::Result<()> {
+                tx.commit().await.map_err($classify)
+            }
+
+            fn retention(&self) -> $crate::__private::Duration {
+                self.retention
+            }
+
+            async fn purge_expired(&self, limit: usize) -> $crate::__private::Result<u64> {
+                self.purge(limit).await
+            }
+
+            async fn advance(
+                &self,
+                tx: &mut $tx,
+                p: &$crate::__private::Position,
+            ) -> $crate::__private::Result<()> {
+                let next = p.offset + 1;
+                self.offsets
+                    .advance(&mut **tx, &p.group, &p.topic, p.partition, p.expected, next)
+                    .await
+            }
+
+            async fn load_positions(
+                &self,
+                group: &str,
+                topic: &str,
+            ) -> $crate::__private::Result<$crate::__private::BTreeMap<i32, i64>> {
+                let mut conn = self.pool.acquire().await.map_err($classify)?;
+                self.offsets.load_positions(&mut *conn, group, topic).await
+            }
+        }
+    };
+}
