@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::request::Parts;
@@ -17,6 +16,7 @@ use idemgate_core::{Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Store
 use tokio_util::task::TaskTracker;
 use tower::{Layer, Service};
 
+use crate::body::{GuardedBody, ResponseBody, boxed, full};
 use crate::future::ResponseFuture;
 use crate::header::parse_key;
 use crate::problem::Problem;
@@ -417,7 +417,7 @@ impl<S: std::fmt::Debug, St> std::fmt::Debug for Idempotency<S, St> {
 
 impl<S, St, B, ResB> Service<Request<B>> for Idempotency<S, St>
 where
-    S: Service<Request<Body>, Response = Response<ResB>> + Clone + Send + 'static,
+    S: Service<Request<GuardedBody<B>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Send + 'static,
     B: HttpBody<Data = Bytes> + Send + 'static,
@@ -426,7 +426,7 @@ where
     ResB::Error: Into<BoxError>,
     St: Store,
 {
-    type Response = Response<Body>;
+    type Response = Response<ResponseBody>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Error>;
 
@@ -451,7 +451,7 @@ where
         match key {
             None => ResponseFuture::attached(Box::pin(pass(
                 inner,
-                Request::from_parts(parts, Body::new(body)),
+                Request::from_parts(parts, GuardedBody::stream(body)),
             ))),
             // a guarded request runs to its end even if its client goes away
             Some(key) => ResponseFuture::detached(
@@ -526,13 +526,16 @@ where
     })
 }
 
-async fn pass<S, ResB>(mut inner: S, req: Request<Body>) -> Result<Response<Body>, S::Error>
+async fn pass<S, B, ResB>(
+    mut inner: S,
+    req: Request<GuardedBody<B>>,
+) -> Result<Response<ResponseBody>, S::Error>
 where
-    S: Service<Request<Body>, Response = Response<ResB>>,
+    S: Service<Request<GuardedBody<B>>, Response = Response<ResB>>,
     ResB: HttpBody<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    Ok(inner.call(req).await?.map(Body::new))
+    Ok(inner.call(req).await?.map(boxed))
 }
 
 /// What a request gets before anything is awaited.
@@ -540,7 +543,7 @@ enum Admit {
     /// Not guarded (another method, or no key where none is required): straight to the service.
     Pass,
     /// Refused: a missing or invalid key, or no principal.
-    Refuse(Response<Body>),
+    Refuse(Response<ResponseBody>),
     /// Guarded by this key.
     Guard(Key),
 }
@@ -600,9 +603,9 @@ fn handle<S, St, B, ResB>(
     key: Key,
     parts: Parts,
     body: B,
-) -> impl Future<Output = Result<Response<Body>, S::Error>>
+) -> impl Future<Output = Result<Response<ResponseBody>, S::Error>>
 where
-    S: Service<Request<Body>, Response = Response<ResB>>,
+    S: Service<Request<GuardedBody<B>>, Response = Response<ResB>>,
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
     ResB: HttpBody<Data = Bytes> + Send + 'static,
@@ -643,7 +646,7 @@ where
         // released if this future is dropped unsettled (the runtime shuts down)
         let mut guard = LeaseGuard::new(&config.store, lease);
         let req = {
-            let mut req = Request::from_parts(parts, Body::from(bytes));
+            let mut req = Request::from_parts(parts, GuardedBody::full(bytes));
             // the handler can derive downstream keys from it (`RequestKey(key).0.derive("charge")`)
             req.extensions_mut().insert(RequestKey(key));
             req
@@ -666,7 +669,7 @@ where
             Err(_panic) => return Ok(panicked(&config, guard.disarm(), lost).await),
         };
         let (rparts, rbody) = response.into_parts();
-        let mut rbody = Body::new(rbody);
+        let mut rbody = boxed(rbody);
         let (head, lost_reading) = keep_alive(
             &*config.store,
             guard.lease().expect("armed"),
@@ -683,7 +686,7 @@ where
             Read::Whole(body) => {
                 let stored = Stored::Body(&body);
                 settle(&config, lease, lost, &rparts, stored, marked).await;
-                Ok(Response::from_parts(rparts, Body::from(body)))
+                Ok(Response::from_parts(rparts, full(body)))
             }
             Read::Failed => {
                 release(&config, lease, lost).await;
@@ -710,7 +713,7 @@ where
                     head: Some(head).filter(|h| !h.is_empty()),
                     rx,
                 };
-                Ok(Response::from_parts(rparts, Body::new(relay)))
+                Ok(Response::from_parts(rparts, boxed(relay)))
             }
         }
     }
@@ -748,7 +751,7 @@ async fn pump<St: Store>(
     lost: bool,
     status: StatusCode,
     marked: bool,
-    mut body: Body,
+    mut body: ResponseBody,
     tx: tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>,
     read: u64,
 ) {
@@ -759,7 +762,7 @@ async fn pump<St: Store>(
             match frame {
                 Err(e) => {
                     if open {
-                        let _ = tx.send(Err(e.into())).await;
+                        let _ = tx.send(Err(e)).await;
                     }
                     return None;
                 }
@@ -877,7 +880,11 @@ fn not_stored(status: StatusCode, bytes: u64) -> Outcome {
 
 /// A handler that panicked (in its call or its body) failed this attempt: its key is released
 /// for a retry, and its client gets 500.
-async fn panicked<St: Store>(config: &Config<St>, lease: Lease, lost: bool) -> Response<Body> {
+async fn panicked<St: Store>(
+    config: &Config<St>,
+    lease: Lease,
+    lost: bool,
+) -> Response<ResponseBody> {
     count!("panicked");
     release(config, lease, lost).await;
     plain(StatusCode::INTERNAL_SERVER_ERROR, "the handler failed")
@@ -893,8 +900,8 @@ async fn release<St: Store>(config: &Config<St>, lease: Lease, lost: bool) {
     }
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut res = Response::new(Body::from(text));
+fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut res = Response::new(full(text));
     *res.status_mut() = status;
     res
 }
@@ -907,7 +914,7 @@ async fn claim<St: Store>(
     config: &Config<St>,
     key: &Key,
     fp: &Fingerprint,
-) -> Result<Lease, Response<Body>> {
+) -> Result<Lease, Response<ResponseBody>> {
     let opts = ClaimOptions {
         lease: config.lease,
         retention: config.retention,
@@ -957,7 +964,7 @@ async fn claim<St: Store>(
 
 /// The stored response, byte for byte, marked as a replay; or, for a response that was over the
 /// limit, the `response-not-stored` problem.
-fn replay(o: &Outcome) -> Response<Body> {
+fn replay(o: &Outcome) -> Response<ResponseBody> {
     // (a marker record has no body: a stored response skips the search)
     if o.body.is_empty()
         && let Some((_, bytes)) = o.meta.iter().find(|(name, _)| *name == NOT_STORED)
@@ -972,7 +979,7 @@ fn replay(o: &Outcome) -> Response<Body> {
             .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
         return res;
     }
-    let mut res = Response::new(Body::from(o.body.clone()));
+    let mut res = Response::new(full(o.body.clone()));
     *res.status_mut() = StatusCode::from_u16(o.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     for (name, value) in o.meta.iter_shared() {
         // the value shares the stored buffer: no copy
@@ -1005,10 +1012,11 @@ mod tests {
     #[test]
     fn the_guarded_future_stays_small() {
         let layer = IdempotencyLayer::unscoped(MemoryStore::new());
-        let inner = tower::service_fn(|_: Request<Body>| async {
-            Ok::<_, Infallible>(Response::new(Body::empty()))
+        type Empty = http_body_util::Empty<Bytes>;
+        let inner = tower::service_fn(|_: Request<GuardedBody<Empty>>| async {
+            Ok::<_, Infallible>(Response::new(Empty::new()))
         });
-        let (parts, body) = Request::post("/").body(Body::empty()).unwrap().into_parts();
+        let (parts, body) = Request::post("/").body(Empty::new()).unwrap().into_parts();
         let key = Key::new("http", "k").unwrap();
         let fut = handle(Arc::clone(&layer.config), inner, key, parts, body);
         let size = std::mem::size_of_val(&fut);

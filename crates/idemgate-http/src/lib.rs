@@ -17,10 +17,18 @@
 //!         parts.headers.get("x-user").and_then(|v| v.to_str().ok()).map(str::to_owned)
 //!     }));
 //! ```
+//!
+//! The layer wraps any tower service whose request body is generic (axum's `Router` is): it
+//! hands on a [`GuardedBody`] (the buffered bytes of a guarded request, or the original body)
+//! and answers with a [`ResponseBody`], whatever `http_body::Body` the service returns. It does
+//! not depend on axum.
 
+mod body;
 mod header;
 mod layer;
 mod problem;
+
+pub use body::{GuardedBody, ResponseBody};
 
 pub use header::{KeyError, format_key, parse_key};
 pub use layer::{
@@ -36,10 +44,11 @@ pub mod future {
     use std::pin::Pin;
     use std::task::{Context, Poll};
 
-    use axum::body::Body;
     use tokio_util::task::TaskTracker;
 
-    type Boxed<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
+    use crate::ResponseBody;
+
+    type Boxed<E> = Pin<Box<dyn Future<Output = Result<http::Response<ResponseBody>, E>> + Send>>;
 
     /// The future of [`Idempotency`](crate::Idempotency)'s `call`.
     ///
@@ -71,7 +80,7 @@ pub mod future {
     }
 
     impl<E: Send + 'static> Future for ResponseFuture<E> {
-        type Output = Result<http::Response<Body>, E>;
+        type Output = Result<http::Response<ResponseBody>, E>;
 
         fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
             let Some(fut) = self.fut.as_mut() else {

@@ -1,6 +1,5 @@
 //! RFC 9457 problem details for every error the layer answers with.
 
-use axum::body::Body;
 use http::{HeaderValue, Response, StatusCode, header};
 
 /// The cases the layer answers itself, each with a stable problem `type`.
@@ -85,7 +84,7 @@ impl Problem {
     }
 
     /// The `application/problem+json` response, with `detail`.
-    pub fn response(self, detail: &str) -> Response<Body> {
+    pub fn response(self, detail: &str) -> Response<crate::ResponseBody> {
         let body = serde_json::json!({
             "type": self.type_uri(),
             "title": self.title(),
@@ -93,7 +92,7 @@ impl Problem {
             "detail": detail,
             "retryable": self.is_retryable(),
         });
-        let mut res = Response::new(Body::from(body.to_string()));
+        let mut res = Response::new(crate::body::full(body.to_string()));
         *res.status_mut() = self.status();
         res.headers_mut().insert(
             header::CONTENT_TYPE,
