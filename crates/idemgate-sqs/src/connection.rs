@@ -227,13 +227,21 @@ impl Sqs {
         let ticker = tokio::spawn({
             let buffer = Arc::clone(&buffer);
             let period = (visibility / 3).max(Duration::from_millis(100));
+            let (client, url) = (self.client.clone(), url.to_owned());
             async move {
                 loop {
                     tokio::time::sleep(period).await;
-                    for d in buffer.lock().await.iter() {
-                        if let Err(e) = d.in_progress().await {
-                            tracing::debug!(error = %e, "extending a buffered message");
-                        }
+                    // the receipts under the lock, the call without it: one batch request for
+                    // the whole buffer (at most 10 messages), so no message waits behind the
+                    // others' round trips and `recv` is not held up meanwhile
+                    let receipts: Vec<String> = buffer
+                        .lock()
+                        .await
+                        .iter()
+                        .map(|d| d.receipt.clone())
+                        .collect();
+                    if let Err(e) = extend(&client, &url, &receipts, visibility).await {
+                        tracing::debug!(error = %e, "extending the buffered messages");
                     }
                 }
             }
@@ -249,6 +257,45 @@ impl Sqs {
             horizon,
         })
     }
+}
+
+/// Extends the visibility of `receipts` (at most 10, a receive's batch) in one request.
+async fn extend(
+    client: &Client,
+    url: &str,
+    receipts: &[String],
+    visibility: Duration,
+) -> Result<()> {
+    if receipts.is_empty() {
+        return Ok(());
+    }
+    let entries = receipts
+        .iter()
+        .enumerate()
+        .map(|(i, receipt)| {
+            aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(receipt)
+                .visibility_timeout(secs(visibility))
+                .build()
+                .map_err(err("building a visibility change"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let out = client
+        .change_message_visibility_batch()
+        .queue_url(url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .map_err(err("extending the buffered messages"))?;
+    for failed in out.failed {
+        tracing::debug!(
+            id = failed.id,
+            code = failed.code,
+            "a buffered message was not extended"
+        );
+    }
+    Ok(())
 }
 
 /// The parts of a redrive policy we use.
