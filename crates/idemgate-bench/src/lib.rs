@@ -50,7 +50,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
+/// The multi-threaded runtime every benchmark runs on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)

@@ -38,10 +38,7 @@ pub struct StoreBench {
 
 /// Runs `bench store`.
 pub(crate) fn run(b: StoreBench) -> Result<ExitCode, BoxError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    crate::runtime()?.block_on(async {
         // several rounds, each measuring every row once, so slow phases of a noisy machine hit
         // the ceiling and the store alike; each figure is the median of its rounds
         let mut rounds = Vec::new();

@@ -46,6 +46,13 @@ impl Armed {
     }
 }
 
+/// Waits for the supervisor's SIGKILL.
+pub(crate) fn park() -> ! {
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
 /// Arms `point` in the process whose stdin is `stdin`.
 pub(crate) fn arm(stdin: &mut ChildStdin, point: &str) -> std::io::Result<()> {
     writeln!(stdin, "ARM {point}")?;

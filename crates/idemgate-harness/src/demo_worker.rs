@@ -19,7 +19,7 @@ use idemgate_testkit::kill::{HookedInbox, HookedStore, KillPoint, KillPoints, Wa
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
 use crate::BoxError;
-use crate::arm::Armed;
+use crate::arm::{Armed, park};
 use crate::demo::{Event, Mode, QUEUE, apply_effect, open_ledger};
 
 /// The settings of one demo worker process.
@@ -48,9 +48,7 @@ struct Points(Arc<Armed>);
 impl KillPoints for Points {
     fn reach(&self, point: KillPoint, _id: &str) {
         if self.0.stop_at(point.name()) {
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
+            park();
         }
     }
 }

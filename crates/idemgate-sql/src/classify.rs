@@ -47,24 +47,7 @@ pub fn classify(
 /// Checks that `name` is a lowercase identifier (`[a-z_][a-z0-9_]*`, at most 48 bytes), so it
 /// can be spliced into SQL.
 pub fn check_ident(name: &str) -> idemgate_core::Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 48
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Config {
-            message: format!(
-                "table name {name:?} must be a lowercase identifier ([a-z_][a-z0-9_]*, at most 48)"
-            ),
-        })
-    }
+    crate::Dialect::Postgres.check_table(name)
 }
 
 /// SQLSTATE classes and codes that a retry on a fresh connection may cure: connection

@@ -82,11 +82,6 @@ pub trait SqlConn {
     /// The connection's dialect.
     fn dialect(&self) -> Dialect;
 
-    /// Whether a transaction is open on the connection (SQLite nests with a savepoint then).
-    fn in_transaction(&self) -> bool {
-        false
-    }
-
     /// Runs one statement; the number of rows it changed.
     fn execute(&mut self, sql: &str, args: &[Arg<'_>]) -> impl Future<Output = Result<u64>>;
 
@@ -214,10 +209,6 @@ mod sqlx_conn {
                             .await
                             .map_err(classify_for($dialect))?;
                         Ok(())
-                    }
-
-                    fn in_transaction(&self) -> bool {
-                        <$db as sqlx::Database>::TransactionManager::get_transaction_depth(self) > 0
                     }
 
                     async fn begin(&mut self) -> Result<()> {

@@ -122,26 +122,49 @@ impl Dialect {
         }
     }
 
-    /// `column` read as text (MySQL keeps keys as bytes).
-    pub fn as_text(self, column: &str) -> String {
-        match self {
-            Dialect::MySql => format!("CAST({column} AS CHAR)"),
-            Dialect::Postgres | Dialect::Sqlite => column.to_owned(),
-        }
-    }
-
-    /// An upsert that leaves the row as it is but holds its write lock until the transaction
-    /// ends: `{table} (key, value) VALUES (?, ?)` keyed by `key`.
-    pub fn insert_or_lock(self, table: &str, key: &str, value: &str) -> String {
+    /// An upsert of `rows` (`VALUES (…)` or a `SELECT`) into `table (key, value)` that leaves
+    /// an existing row as it is but holds its write lock until the transaction ends.
+    pub fn insert_or_lock(self, table: &str, key: &str, value: &str, rows: &str) -> String {
         match self {
             Dialect::Postgres | Dialect::Sqlite => format!(
-                "INSERT INTO {table} ({key}, {value}) VALUES (?, ?) \
+                "INSERT INTO {table} ({key}, {value}) {rows} \
                  ON CONFLICT ({key}) DO UPDATE SET {value} = {table}.{value}"
             ),
             Dialect::MySql => format!(
-                "INSERT INTO {table} ({key}, {value}) VALUES (?, ?) \
+                "INSERT INTO {table} ({key}, {value}) {rows} \
                  ON DUPLICATE KEY UPDATE {value} = {value}"
             ),
+        }
+    }
+
+    /// Checks that `name` can be spliced into this dialect's SQL as a table name: a lowercase
+    /// identifier of at most 48 bytes (PostgreSQL folds unquoted names to lowercase, and MySQL
+    /// shares the rule), or for SQLite any identifier of at most 64.
+    pub fn check_table(self, name: &str) -> idemgate_core::Result<()> {
+        let (upper, max, rule) = match self {
+            Dialect::Postgres | Dialect::MySql => (
+                false,
+                48,
+                "a lowercase identifier ([a-z_][a-z0-9_]*, at most 48)",
+            ),
+            Dialect::Sqlite => (
+                true,
+                64,
+                "an identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64)",
+            ),
+        };
+        let letter =
+            |b: u8| b.is_ascii_lowercase() || (upper && b.is_ascii_uppercase()) || b == b'_';
+        let ok = !name.is_empty()
+            && name.len() <= max
+            && name.bytes().next().is_some_and(letter)
+            && name.bytes().all(|b| letter(b) || b.is_ascii_digit());
+        if ok {
+            Ok(())
+        } else {
+            Err(idemgate_core::Error::Config {
+                message: format!("table name {name:?} must be {rule}"),
+            })
         }
     }
 

@@ -110,22 +110,21 @@ impl EventLog {
         payload: &[u8],
     ) -> Result<Appended> {
         let (t, d) = (&self.table, conn.dialect());
-        // the head's write lock serializes appends to this stream, duplicates included
-        let lock = d.insert_or_lock(&format!("{t}_heads"), "stream", "last_seq");
-        if d == Dialect::Sqlite {
-            // a log made before SQLite kept heads: its streams start from their last position
-            // (SQLite has one writer, so reading the log here locks nothing more)
-            let lock = lock.replacen(
-                "VALUES (?, ?)",
-                &format!("SELECT ?, COALESCE(MAX(seq), 0) FROM {t} WHERE stream = ?"),
-                1,
-            );
-            conn.execute(&d.sql(&lock), &[Arg::Text(stream), Arg::Text(stream)])
-                .await?;
+        // the head's write lock serializes appends to this stream, duplicates included. A
+        // SQLite log made before it kept heads starts each stream from its last position (one
+        // writer: reading the log there locks nothing more; InnoDB's range locks on it would
+        // deadlock concurrent appends)
+        let heads = format!("{t}_heads");
+        let (rows, args) = if d == Dialect::Sqlite {
+            (
+                format!("SELECT ?, COALESCE(MAX(seq), 0) FROM {t} WHERE stream = ?"),
+                [Arg::Text(stream), Arg::Text(stream)],
+            )
         } else {
-            conn.execute(&d.sql(&lock), &[Arg::Text(stream), Arg::Int(0)])
-                .await?;
-        }
+            ("VALUES (?, ?)".to_owned(), [Arg::Text(stream), Arg::Int(0)])
+        };
+        let lock = d.insert_or_lock(&heads, "stream", "last_seq", &rows);
+        conn.execute(&d.sql(&lock), &args).await?;
         let known = conn
             .fetch(
                 &d.sql(&format!(
@@ -140,7 +139,7 @@ impl EventLog {
         }
         let last = conn
             .fetch(
-                &d.sql(&format!("SELECT last_seq FROM {t}_heads WHERE stream = ?")),
+                &d.sql(&format!("SELECT last_seq FROM {heads} WHERE stream = ?")),
                 &[Arg::Text(stream)],
                 &[Kind::Int],
             )
@@ -149,13 +148,16 @@ impl EventLog {
             .and_then(|r| r[0].int())
             .ok_or_else(|| Error::Corrupt {
                 backend: d.backend(),
-                reason: format!("stream {stream:?} has no head row in {t}_heads"),
+                reason: format!("stream {stream:?} has no head row in {heads}"),
             })?;
         let seq = last + 1;
-        let now = i64::try_from(to_millis(self.clock.now())).unwrap_or(i64::MAX);
+        // the database's clock, or (SQLite) the log's
         let (at, at_arg) = match d.now_ms() {
-            Some(expr) => (expr.to_owned(), None),
-            None => ("?".to_owned(), Some(Arg::Int(now))),
+            Some(expr) => (expr, None),
+            None => {
+                let now = i64::try_from(to_millis(self.clock.now())).unwrap_or(i64::MAX);
+                ("?", Some(Arg::Int(now)))
+            }
         };
         let mut args = vec![
             Arg::Text(stream),
@@ -172,9 +174,7 @@ impl EventLog {
         )
         .await?;
         conn.execute(
-            &d.sql(&format!(
-                "UPDATE {t}_heads SET last_seq = ? WHERE stream = ?"
-            )),
+            &d.sql(&format!("UPDATE {heads} SET last_seq = ? WHERE stream = ?")),
             &[Arg::Int(seq), Arg::Text(stream)],
         )
         .await?;
@@ -193,8 +193,7 @@ impl EventLog {
         let rows = conn
             .fetch(
                 &d.sql(&format!(
-                    "SELECT seq, {}, payload FROM {} WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
-                    d.as_text("event_id"),
+                    "SELECT seq, event_id, payload FROM {} WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
                     self.table
                 )),
                 &[Arg::Text(stream), Arg::Int(after), Arg::Int(limit)],

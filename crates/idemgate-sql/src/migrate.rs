@@ -109,16 +109,17 @@ async fn steps_in_lock<C: SqlConn>(
         }
         Some(v) => usize::try_from(v).unwrap_or(0),
         None => {
-            // no record of ours: the table must not exist yet, or be exactly this version's
-            // (every step is written to be a no-op on what it would create)
+            // no record of ours: the table must not exist yet (version 0), or already have
+            // this version's columns (it is at this version; only the record is written)
             let have = columns(conn, component).await?;
-            if !have.is_empty() && have != want {
-                return Err(foreign(&have));
+            match &have[..] {
+                [] => 0,
+                have if have == want => steps.len(),
+                have => return Err(foreign(have)),
             }
-            0
         }
     };
-    if from < steps.len() {
+    if found.is_none() || from < steps.len() {
         for step in &steps[from..] {
             conn.batch(step).await?;
         }

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 
-use idemgate_core::{Error, Result};
+use idemgate_core::Result;
 use idemgate_sql::{Arg, Dialect, Kind, SqlConn, Value};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ToSql};
@@ -67,10 +67,6 @@ impl SqlConn for Lite<'_> {
         Dialect::Sqlite
     }
 
-    fn in_transaction(&self) -> bool {
-        !self.conn.is_autocommit()
-    }
-
     async fn execute(&mut self, statement: &str, args: &[Arg<'_>]) -> Result<u64> {
         let params: Vec<Param<'_>> = args.iter().map(|a| Param(*a)).collect();
         let mut stmt = sql(self.conn.prepare_cached(statement))?;
@@ -111,7 +107,7 @@ impl SqlConn for Lite<'_> {
     }
 
     async fn begin(&mut self) -> Result<()> {
-        let savepoint = self.in_transaction();
+        let savepoint = !self.conn.is_autocommit();
         sql(self.conn.execute_batch(if savepoint {
             "SAVEPOINT idemgate"
         } else {
@@ -140,22 +136,7 @@ impl SqlConn for Lite<'_> {
 
 /// Checks that `name` is a plain identifier, so it can be spliced into SQL.
 pub(crate) fn check_table(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Config {
-            message: format!(
-                "table name {name:?} must be an identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64)"
-            ),
-        })
-    }
+    Dialect::Sqlite.check_table(name)
 }
 
 /// Brings `component` (a table) to version `steps.len()` on `conn` (the shared migration

@@ -399,6 +399,26 @@ fn queue_files_without_groups_are_upgraded() {
     assert_eq!(got[1].group.as_deref(), Some("g"));
 }
 
+/// A queue table already in the current shape but without its version record (the schema
+/// table lost) is taken as it is: no step runs again on it.
+#[test]
+fn a_current_table_without_its_record_is_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    SqliteQueue::open(&path, "jobs")
+        .unwrap()
+        .send(b"kept")
+        .unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("DROP TABLE idemgate_schema")
+        .unwrap();
+    let q = SqliteQueue::open(&path, "jobs").unwrap();
+    let got = q.receive(10, Duration::from_secs(30)).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body.as_slice(), b"kept");
+}
+
 /// Four processes' worth of connections drain one queue: every message is received, and while
 /// each receive hides its messages no two receivers get the same one.
 #[test]

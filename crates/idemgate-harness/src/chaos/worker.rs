@@ -33,6 +33,7 @@ use super::broker::{AsyncServe, ChaosBroker, Route, with_source};
 use super::ledger::{Ledger, Tables, apply_mysql, apply_pg, is_mysql, is_postgres};
 use super::{CONSUMER, Event};
 use crate::BoxError;
+use crate::arm::park;
 use idemgate_testkit::kill::{HookedInbox, HookedStore, KillPoint, KillPoints, Watched, id_of};
 
 /// How a worker handles a message.
@@ -244,13 +245,6 @@ impl KillPoints for Hooks {
 
     fn io(&self) -> Option<&tokio::sync::RwLock<()>> {
         Some(&self.io)
-    }
-}
-
-/// Waits for the supervisor's SIGKILL.
-fn park() -> ! {
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
     }
 }
 
