@@ -32,21 +32,16 @@ enum Command {
     /// Check that a retention covers a broker's redelivery horizon (exit status 1 if not).
     #[cfg(feature = "brokers")]
     CheckWindow(window::CheckWindowArgs),
-    /// Run the chaos harness against a real broker and store: worker processes killed at named
-    /// points, zombies, restarts and cut connections, naive and idemgate side by side.
-    #[cfg(feature = "brokers")]
+    /// Run the chaos harness against a broker and store: worker processes killed at named
+    /// points, zombies, restarts and cut connections, naive and idemgate side by side (the
+    /// embedded queue always; the real brokers with the `brokers` feature).
     Chaos(harness::ChaosArgs),
-    /// A chaos worker process (started by `idemgate chaos`).
-    #[cfg(feature = "brokers")]
+    /// A worker process of `idemgate demo` and `idemgate chaos`.
     #[command(hide = true)]
     ChaosWorker(harness::ChaosWorkerArgs),
     /// The service of `idemgate chaos --http`.
-    #[cfg(feature = "brokers")]
     #[command(hide = true)]
     ChaosHttpService(harness::ChaosHttpServiceArgs),
-    /// A demo worker process (started by `idemgate demo`).
-    #[command(hide = true)]
-    DemoWorker(harness::DemoWorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,12 +62,8 @@ fn main() -> ExitCode {
         Command::Purge(args) => stores::purge(args),
         #[cfg(feature = "brokers")]
         Command::CheckWindow(args) => window::run(args),
-        Command::DemoWorker(args) => harness::demo_worker(args),
-        #[cfg(feature = "brokers")]
         Command::Chaos(args) => harness::chaos(args),
-        #[cfg(feature = "brokers")]
         Command::ChaosWorker(args) => harness::chaos_worker(args),
-        #[cfg(feature = "brokers")]
         Command::ChaosHttpService(args) => harness::chaos_http_service(args),
     };
     match result {

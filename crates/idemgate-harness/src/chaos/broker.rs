@@ -1,16 +1,20 @@
 //! The brokers a chaos run goes through: setting up a phase's destination, the producer, and
-//! the embedded SQLite queue as a [`Source`].
+//! each worker's [`Source`]. The embedded SQLite queue is always here; the real brokers are in
+//! [`remote`], behind the `brokers` feature.
+
+#[cfg(feature = "brokers")]
+mod remote;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::ValueEnum;
-use idemgate::consumer::{Delivery, Outgoing, Sink, Source};
-use idemgate::core::EventId;
+use idemgate::consumer::Source;
 use idemgate::sqlite::SqliteQueue;
 
 use super::Event;
+use super::worker::SqlInbox;
 use crate::BoxError;
 
 /// The broker under test.
@@ -19,40 +23,44 @@ pub(crate) enum ChaosBroker {
     /// The embedded SQLite queue with visibility timeouts (no server).
     Embedded,
     /// RabbitMQ (`amqp://guest:guest@127.0.0.1:5672/%2f`).
+    #[cfg(feature = "brokers")]
     Rabbitmq,
     /// NATS JetStream (`nats://127.0.0.1:4222`).
+    #[cfg(feature = "brokers")]
     Nats,
     /// A Kafka-protocol broker (`127.0.0.1:9092`).
+    #[cfg(feature = "brokers")]
     Kafka,
     /// MQTT 5 (`127.0.0.1:1883`).
+    #[cfg(feature = "brokers")]
     Mqtt,
     /// SQS (`http://127.0.0.1:4566`).
+    #[cfg(feature = "brokers")]
     Sqs,
 }
 
 impl ChaosBroker {
-    /// Whether the run keeps each ordering key's order, so that effects must follow it: Kafka
-    /// (a key's partition has one member), RabbitMQ (a single active consumer), MQTT (a key's
-    /// topic has one session) and the embedded queue (a key's message group hands out one
-    /// message at a time). Competing consumers of NATS and SQS standard queues apply a key's
-    /// next message while a dead consumer's earlier one waits for its ack wait or visibility
-    /// timeout: reported, not enforced. SQS FIFO message groups (`--fifo`) should hold, but a
-    /// run on moto showed one effect out of order in 2,000: reported until its cause is known.
+    /// Whether the run keeps each ordering key's order, so that effects must follow it: the
+    /// embedded queue (a key is a message group, handed out one message at a time), Kafka (a
+    /// key's partition has one member), RabbitMQ (a single active consumer), MQTT (a key's
+    /// topic has one session). Competing consumers of NATS and SQS standard queues apply a
+    /// key's next message while a dead consumer's earlier one waits out its ack wait or
+    /// visibility timeout: reported, not enforced. SQS FIFO message groups (`--fifo`) should
+    /// hold, but a run on moto showed one effect out of order in 2,000: reported until its
+    /// cause is known.
     pub(crate) fn keeps_order(self) -> bool {
-        matches!(
-            self,
-            ChaosBroker::Kafka | ChaosBroker::Rabbitmq | ChaosBroker::Mqtt
-        )
+        match self {
+            ChaosBroker::Embedded => true,
+            #[cfg(feature = "brokers")]
+            b => remote::keeps_order(b),
+        }
     }
 
     pub(crate) fn name(self) -> &'static str {
         match self {
             ChaosBroker::Embedded => "embedded",
-            ChaosBroker::Rabbitmq => "rabbitmq",
-            ChaosBroker::Nats => "nats",
-            ChaosBroker::Kafka => "kafka",
-            ChaosBroker::Mqtt => "mqtt",
-            ChaosBroker::Sqs => "sqs",
+            #[cfg(feature = "brokers")]
+            b => remote::name(b),
         }
     }
 
@@ -60,77 +68,47 @@ impl ChaosBroker {
     pub(crate) fn default_url(self) -> &'static str {
         match self {
             ChaosBroker::Embedded => "",
-            ChaosBroker::Rabbitmq => "amqp://guest:guest@127.0.0.1:5672/%2f",
-            ChaosBroker::Nats => "nats://127.0.0.1:4222",
-            ChaosBroker::Kafka => "127.0.0.1:9092",
-            ChaosBroker::Mqtt => "127.0.0.1:1883",
-            ChaosBroker::Sqs => "http://127.0.0.1:4566",
+            #[cfg(feature = "brokers")]
+            b => remote::default_url(b),
+        }
+    }
+
+    /// Whether `--fifo` applies.
+    pub(crate) fn has_fifo(self) -> bool {
+        match self {
+            ChaosBroker::Embedded => false,
+            #[cfg(feature = "brokers")]
+            b => b == ChaosBroker::Sqs,
         }
     }
 
     /// How long an unacknowledged message of a dead worker takes to come back (at most).
     pub(crate) fn redelivery(self, visibility: Duration) -> Duration {
         match self {
-            // the group rebalances once the dead member's session (6 s) times out
-            ChaosBroker::Kafka => Duration::from_secs(8),
-            // the connection closes with the process: requeued (RabbitMQ) or kept for the
-            // session (MQTT) at once
-            ChaosBroker::Rabbitmq | ChaosBroker::Mqtt => Duration::from_secs(1),
-            _ => visibility,
+            ChaosBroker::Embedded => visibility,
+            #[cfg(feature = "brokers")]
+            b => remote::redelivery(b, visibility),
         }
     }
 
     /// How long to wait before a killed worker's replacement joins.
     pub(crate) fn rejoin_delay(self) -> Duration {
         match self {
-            // tansu 0.6 ignores LeaveGroup: a member that joins before the dead member's
-            // session times out is never assigned anything
-            ChaosBroker::Kafka => Duration::from_secs(7),
-            _ => Duration::ZERO,
+            ChaosBroker::Embedded => Duration::ZERO,
+            #[cfg(feature = "brokers")]
+            b => remote::rejoin_delay(b),
         }
     }
-}
 
-/// Kafka client settings for the chaos run (a short session, so a dead member is noticed).
-pub(crate) fn kafka(url: &str) -> idemgate::kafka::Kafka {
-    idemgate::kafka::Kafka::new(url)
-        .with_setting("session.timeout.ms", "6000")
-        .with_setting("heartbeat.interval.ms", "500")
-}
-
-fn mqtt_addr(url: &str) -> Result<(String, u16), BoxError> {
-    let (host, port) = url
-        .rsplit_once(':')
-        .ok_or("the MQTT URL is host:port, as in 127.0.0.1:1883")?;
-    Ok((host.to_owned(), port.parse()?))
-}
-
-/// The worker slot whose MQTT topic carries the events of ordering key `key`.
-fn key_slot(key: &str, workers: usize) -> usize {
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    usize::try_from(hash % u64::try_from(workers.max(1)).unwrap_or(1)).unwrap_or(0)
-}
-
-/// The MQTT topic of worker slot `slot`: each slot has its own persistent session and topic.
-pub(crate) fn mqtt_topic(name: &str, slot: usize) -> String {
-    format!("{name}/{slot}")
-}
-
-/// A phase's destination, where the producer publishes.
-pub(crate) enum Producer {
-    Embedded(Arc<Mutex<SqliteQueue>>),
-    Rabbit {
-        // the connection the sink's channel lives on
-        _connection: idemgate::rabbitmq::RabbitMq,
-        sink: idemgate::rabbitmq::RabbitSink,
-        queue: String,
-    },
-    Nats(idemgate::nats::NatsSink, String),
-    Kafka(idemgate::kafka::KafkaSink, String),
-    Mqtt(idemgate::mqtt::Mqtt, String, usize),
-    Sqs(idemgate::sqs::SqsSink, String),
+    /// At most this many distinct events published and not yet applied.
+    #[cfg_attr(not(feature = "brokers"), allow(unused_variables))]
+    pub(crate) fn backlog(self, workers: usize) -> u64 {
+        match self {
+            ChaosBroker::Embedded => 1000,
+            #[cfg(feature = "brokers")]
+            b => remote::backlog(b, workers),
+        }
+    }
 }
 
 /// The embedded queue's file in a phase directory.
@@ -138,8 +116,19 @@ pub(crate) fn queue_path(dir: &Path) -> PathBuf {
     dir.join("queue.db")
 }
 
+/// The embedded queue's table name for destination `name`.
+fn embedded_queue(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// The embedded queue's dead-letter queue.
+fn embedded_dead(name: &str) -> String {
+    format!("{}_dead", embedded_queue(name))
+}
+
 /// Creates the destination `name` of a phase; returns it as workers and producers are told it
 /// (the SQS queue URL, the NATS stream, the name otherwise).
+#[cfg_attr(not(feature = "brokers"), allow(unused_variables))]
 pub(crate) async fn create_destination(
     broker: ChaosBroker,
     url: &str,
@@ -149,126 +138,31 @@ pub(crate) async fn create_destination(
     visibility: Duration,
     fifo: bool,
 ) -> Result<String, BoxError> {
-    Ok(match broker {
+    match broker {
         ChaosBroker::Embedded => {
             // created here, once, before the workers open it at the same moment
-            SqliteQueue::open(queue_path(dir), &name.replace('-', "_"))?;
+            SqliteQueue::open(queue_path(dir), &embedded_queue(name))?;
             SqliteQueue::open(queue_path(dir), &embedded_dead(name))?;
-            name.to_owned()
+            Ok(name.to_owned())
         }
-        ChaosBroker::Mqtt => {
-            // a persistent session subscribed to the dead-letter topics before any worker
-            // starts: the broker keeps every dead letter for it (and does not drop them as
-            // published to nobody)
-            let (host, port) = mqtt_addr(url)?;
-            let (reader, source) = mqtt_dead_reader(&host, port, name).await?;
-            drop(source);
-            reader.disconnect().await?;
-            name.to_owned()
-        }
-        ChaosBroker::Rabbitmq => {
-            let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
-            // a quorum queue with RabbitMQ 4's default delivery limit (kills, nacks and held
-            // deliveries must stay within it), and a single active consumer, which keeps each
-            // ordering key's order through kills
-            rabbit.declare_ordered(name, 20).await?;
-            rabbit.close().await?;
-            name.to_owned()
-        }
-        ChaosBroker::Nats => {
-            let nats = idemgate::nats::Nats::connect(url).await?;
-            let stream = name.replace('-', "_");
-            // a short duplicate window: the harness's re-publishes must reach the consumers
-            nats.stream(
-                &stream,
-                vec![format!("{stream}.events"), format!("{stream}.dead")],
-                Duration::from_millis(100),
-            )
-            .await?;
-            stream
-        }
-        ChaosBroker::Kafka => {
-            let partitions = i32::try_from(workers.max(4) * 2).unwrap_or(8);
-            kafka(url).create_topic(name, partitions).await?;
-            kafka(url).create_topic(&format!("{name}.dead"), 1).await?;
-            name.to_owned()
-        }
-        ChaosBroker::Sqs => {
-            // the default redrive policy: a message received 5 times goes to the dead-letter queue
-            let options =
-                idemgate::sqs::QueueOptions::default().with_visibility_timeout(visibility);
-            let name = if fifo {
-                format!("{name}.fifo")
-            } else {
-                name.to_owned()
-            };
-            idemgate::sqs::Sqs::local(url)
-                .create_queue(&name, options)
-                .await?
-        }
-    })
+        #[cfg(feature = "brokers")]
+        b => remote::create_destination(b, url, name, workers, visibility, fifo).await,
+    }
 }
 
 /// Deletes a phase's destination.
+#[cfg_attr(not(feature = "brokers"), allow(unused_variables))]
 pub(crate) async fn delete_destination(
     broker: ChaosBroker,
     url: &str,
     destination: &str,
 ) -> Result<(), BoxError> {
     match broker {
-        ChaosBroker::Embedded | ChaosBroker::Mqtt => {}
-        ChaosBroker::Rabbitmq => {
-            let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
-            rabbit.delete(destination).await?;
-            rabbit
-                .delete(&idemgate::rabbitmq::dead_queue(destination))
-                .await?;
-            rabbit.close().await?;
-        }
-        ChaosBroker::Nats => {
-            idemgate::nats::Nats::connect(url)
-                .await?
-                .delete_stream(destination)
-                .await?;
-        }
-        ChaosBroker::Kafka => {
-            kafka(url).delete_topic(destination).await?;
-            kafka(url)
-                .delete_topic(&format!("{destination}.dead"))
-                .await?;
-        }
-        ChaosBroker::Sqs => {
-            let sqs = idemgate::sqs::Sqs::local(url);
-            sqs.delete_queue(destination).await?;
-            sqs.delete_queue(&sqs_dead(destination)).await?;
-        }
+        // the queue's file goes with the run directory
+        ChaosBroker::Embedded => Ok(()),
+        #[cfg(feature = "brokers")]
+        b => remote::delete_destination(b, url, destination).await,
     }
-    Ok(())
-}
-
-/// The URL of the dead-letter queue `create_queue` made beside the queue at `url`.
-fn sqs_dead(url: &str) -> String {
-    match url.strip_suffix(".fifo") {
-        Some(base) => format!("{base}-dead.fifo"),
-        None => format!("{url}-dead"),
-    }
-}
-
-/// The embedded queue's dead-letter queue.
-fn embedded_dead(name: &str) -> String {
-    format!("{}_dead", name.replace('-', "_"))
-}
-
-/// The MQTT session that collects a phase's dead letters (`idemgate-dead/<topic>`).
-async fn mqtt_dead_reader(
-    host: &str,
-    port: u16,
-    name: &str,
-) -> Result<(idemgate::mqtt::Mqtt, idemgate::mqtt::MqttSource), BoxError> {
-    let session = idemgate::mqtt::Session::persistent(Duration::from_secs(3600));
-    let mqtt = idemgate::mqtt::Mqtt::connect(host, port, &format!("{name}-dead"), session).await?;
-    let source = mqtt.source(&format!("idemgate-dead/{name}/+")).await?;
-    Ok((mqtt, source))
 }
 
 /// A dead letter as found in the destination: the event and the reason it carries.
@@ -278,23 +172,22 @@ pub(crate) struct DeadLetter {
 }
 
 /// Reads every dead letter of a phase from its broker's dead-letter destination (the
-/// `.dead` queue, subject or topic, the redrive target, the dead-letter topics), until nothing
-/// came for `quiet`.
+/// `.dead` queue, subject or topic, the redrive target, the dead-letter topics).
+#[cfg_attr(not(feature = "brokers"), allow(unused_variables))]
 pub(crate) async fn dead_letters(
     broker: ChaosBroker,
     url: &str,
     destination: &str,
     dir: &Path,
 ) -> Result<Vec<DeadLetter>, BoxError> {
-    let quiet = Duration::from_secs(3);
-    Ok(match broker {
+    match broker {
         ChaosBroker::Embedded => {
             let queue = SqliteQueue::open(queue_path(dir), &embedded_dead(destination))?;
             let mut found = Vec::new();
             loop {
                 let batch = queue.receive(100, Duration::from_secs(60))?;
                 if batch.is_empty() {
-                    break found;
+                    return Ok(found);
                 }
                 for m in batch {
                     let dead = idemgate::sqlite::DeadLetter::parse(&m.body)?;
@@ -306,70 +199,21 @@ pub(crate) async fn dead_letters(
                 }
             }
         }
-        ChaosBroker::Rabbitmq => {
-            let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
-            let dead = idemgate::rabbitmq::dead_queue(destination);
-            let found = drain(rabbit.source(&dead, 64).await?, quiet).await?;
-            rabbit.close().await?;
-            found
-        }
-        ChaosBroker::Nats => {
-            let nats = idemgate::nats::Nats::connect(url).await?;
-            let opts = idemgate::nats::ConsumerOptions::default();
-            let subject = format!("{destination}.dead");
-            drain(
-                nats.source(destination, "dead", &subject, opts).await?,
-                quiet,
-            )
-            .await?
-        }
-        ChaosBroker::Kafka => {
-            let topic = format!("{destination}.dead");
-            let group = format!("{destination}-dead");
-            let source = kafka(url).source(&group, &[&topic], Default::default())?;
-            // a group join on the Kafka-protocol broker takes seconds
-            drain(source, Duration::from_secs(15)).await?
-        }
-        ChaosBroker::Mqtt => {
-            let (host, port) = mqtt_addr(url)?;
-            let (mqtt, source) = mqtt_dead_reader(&host, port, destination).await?;
-            let found = drain(source, quiet).await?;
-            mqtt.disconnect().await?;
-            found
-        }
-        ChaosBroker::Sqs => {
-            let sqs = idemgate::sqs::Sqs::local(url);
-            drain(sqs.source(&sqs_dead(destination)).await?, quiet).await?
-        }
-    })
+        #[cfg(feature = "brokers")]
+        b => remote::dead_letters(b, url, destination).await,
+    }
 }
 
-/// Receives and acks until nothing came for `quiet`.
-async fn drain<S: Source>(mut source: S, quiet: Duration) -> Result<Vec<DeadLetter>, BoxError> {
-    let mut found = Vec::new();
-    while let Ok(next) = tokio::time::timeout(quiet, source.recv()).await {
-        let Some(d) = next? else { break };
-        let m = d.message();
-        let id = m
-            .event_id
-            .clone()
-            .or_else(|| {
-                serde_json::from_slice::<Event>(&m.payload)
-                    .ok()
-                    .map(|e| e.id)
-            })
-            .unwrap_or_default();
-        let reason = m
-            .header(idemgate::consumer::DEAD_LETTER_REASON)
-            .map(|r| String::from_utf8_lossy(r).into_owned());
-        found.push(DeadLetter { id, reason });
-        d.ack().await?;
-    }
-    Ok(found)
+/// A phase's destination, where the producer publishes.
+pub(crate) enum Producer {
+    Embedded(Arc<Mutex<SqliteQueue>>),
+    #[cfg(feature = "brokers")]
+    Remote(Box<remote::Producer>),
 }
 
 impl Producer {
     /// Connects a producer to an existing destination (again, after a broker restart).
+    #[cfg_attr(not(feature = "brokers"), allow(unused_variables))]
     pub(crate) async fn connect(
         broker: ChaosBroker,
         url: &str,
@@ -377,75 +221,37 @@ impl Producer {
         dir: &Path,
         workers: usize,
     ) -> Result<Self, BoxError> {
-        Ok(match broker {
+        match broker {
             ChaosBroker::Embedded => {
-                let queue = SqliteQueue::open(queue_path(dir), &destination.replace('-', "_"))?;
-                Producer::Embedded(Arc::new(Mutex::new(queue)))
+                let queue = SqliteQueue::open(queue_path(dir), &embedded_queue(destination))?;
+                Ok(Producer::Embedded(Arc::new(Mutex::new(queue))))
             }
-            ChaosBroker::Rabbitmq => {
-                let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
-                let sink = rabbit.sink().await?;
-                Producer::Rabbit {
-                    _connection: rabbit,
-                    sink,
-                    queue: destination.to_owned(),
-                }
-            }
-            ChaosBroker::Nats => {
-                let nats = idemgate::nats::Nats::connect(url).await?;
-                Producer::Nats(nats.sink(), destination.to_owned())
-            }
-            ChaosBroker::Kafka => Producer::Kafka(kafka(url).sink()?, destination.to_owned()),
-            ChaosBroker::Mqtt => {
-                let (host, port) = mqtt_addr(url)?;
-                let client = format!("{destination}-producer-{}", rand::random::<u32>());
-                let mqtt = idemgate::mqtt::Mqtt::connect(
-                    &host,
-                    port,
-                    &client,
-                    idemgate::mqtt::Session::clean(),
-                )
-                .await?;
-                Producer::Mqtt(mqtt, destination.to_owned(), workers)
-            }
-            ChaosBroker::Sqs => {
-                let sqs = idemgate::sqs::Sqs::local(url);
-                Producer::Sqs(sqs.sink(), destination.to_owned())
-            }
-        })
+            #[cfg(feature = "brokers")]
+            b => Ok(Producer::Remote(Box::new(
+                remote::Producer::connect(b, url, destination, workers).await?,
+            ))),
+        }
     }
 
     /// Publishes `e`.
     pub(crate) async fn publish(&self, e: &Event) -> Result<(), BoxError> {
         let body = serde_json::to_vec(e)?;
-        let id: EventId = e.id.parse()?;
-        let out = |dest: &str| {
-            Outgoing::with_event_id(dest, body.clone(), id.clone()).with_ordering_key(e.key.clone())
-        };
         match self {
             Producer::Embedded(queue) => {
                 queue
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .send_in_group(&body, &e.key)?;
+                Ok(())
             }
-            Producer::Rabbit { sink, queue, .. } => sink.publish(&out(queue)).await?,
-            Producer::Nats(sink, stream) => {
-                sink.publish(&out(&format!("{stream}.events"))).await?;
-            }
-            Producer::Kafka(sink, topic) => sink.publish(&out(topic)).await?,
-            Producer::Mqtt(mqtt, name, workers) => {
-                // a key's events go to one slot's topic, as a key goes to one partition
-                let topic = mqtt_topic(name, key_slot(&e.key, *workers));
-                mqtt.sink().publish(&out(&topic)).await?;
-            }
-            Producer::Sqs(sink, url) => sink.publish(&out(url)).await?,
+            #[cfg(feature = "brokers")]
+            Producer::Remote(p) => p.publish(e, body).await,
         }
-        Ok(())
     }
 }
 
 /// Where a worker consumes from.
+#[cfg_attr(not(feature = "brokers"), allow(dead_code))]
 pub(crate) struct Route<'a> {
     pub(crate) broker: ChaosBroker,
     pub(crate) url: &'a str,
@@ -459,25 +265,20 @@ pub(crate) struct Route<'a> {
     pub(crate) visibility: Duration,
 }
 
-/// Connects a worker to its route and hands its source to `serve`.
+/// Connects a worker to its route and hands its source to `serve`. A Kafka source reads its
+/// starting positions from `inbox`, where the inbox keeps them.
+#[cfg_attr(not(feature = "brokers"), allow(unused_variables))]
 pub(crate) async fn with_source<R>(
     route: Route<'_>,
-    kafka_options: impl FnOnce() -> idemgate::kafka::SourceOptions,
+    inbox: Option<&SqlInbox>,
     serve: impl AsyncServe<Output = R>,
 ) -> Result<R, BoxError> {
-    let Route {
-        broker,
-        url,
-        destination,
-        dir,
-        slot,
-        visibility,
-    } = route;
-    Ok(match broker {
+    match route.broker {
         ChaosBroker::Embedded => {
-            let queue = SqliteQueue::open(queue_path(dir), &destination.replace('-', "_"))?;
-            let dead = SqliteQueue::open(queue_path(dir), &embedded_dead(destination))?;
-            let source = idemgate::sqlite::QueueSource::new(queue, visibility)
+            let dir = route.dir;
+            let queue = SqliteQueue::open(queue_path(dir), &embedded_queue(route.destination))?;
+            let dead = SqliteQueue::open(queue_path(dir), &embedded_dead(route.destination))?;
+            let source = idemgate::sqlite::QueueSource::new(queue, route.visibility)
                 .with_dead_letters(dead)
                 .with_event_id(|body| {
                     serde_json::from_slice::<Event>(body)
@@ -485,43 +286,11 @@ pub(crate) async fn with_source<R>(
                         .map(|e| e.id)
                         .filter(|id| !id.is_empty())
                 });
-            serve.serve(source).await
+            Ok(serve.serve(source).await)
         }
-        ChaosBroker::Rabbitmq => {
-            let rabbit = idemgate::rabbitmq::RabbitMq::connect(url).await?;
-            serve.serve(rabbit.source(destination, 64).await?).await
-        }
-        ChaosBroker::Nats => {
-            let nats = idemgate::nats::Nats::connect(url).await?;
-            // the default MaxDeliver (20): no endless redelivery
-            let opts = idemgate::nats::ConsumerOptions::default()
-                .with_ack_wait(visibility)
-                .with_dead_letter_subject(format!("{destination}.dead"));
-            let subject = format!("{destination}.events");
-            serve
-                .serve(nats.source(destination, "chaos", &subject, opts).await?)
-                .await
-        }
-        ChaosBroker::Kafka => {
-            let source = kafka(url).source(destination, &[destination], kafka_options())?;
-            serve.serve(source).await
-        }
-        ChaosBroker::Mqtt => {
-            let (host, port) = mqtt_addr(url)?;
-            let session = idemgate::mqtt::Session::persistent(Duration::from_secs(3600))
-                .with_receive_maximum(64);
-            let client = format!("{destination}-{slot}");
-            let mqtt = idemgate::mqtt::Mqtt::connect(&host, port, &client, session).await?;
-            let source = mqtt.source(&mqtt_topic(destination, slot)).await?;
-            let r = serve.serve(source).await;
-            drop(mqtt);
-            r
-        }
-        ChaosBroker::Sqs => {
-            let sqs = idemgate::sqs::Sqs::local(url);
-            serve.serve(sqs.source(destination).await?).await
-        }
-    })
+        #[cfg(feature = "brokers")]
+        _ => remote::with_source(route, inbox, serve).await,
+    }
 }
 
 /// What runs on a worker's source, whatever its type.

@@ -5,7 +5,7 @@
 //! An effect given a derived key ([`Key::derive`]) is recorded under that key first and applied
 //! only if the key is new: the external system honours idempotency keys, as a payment API does.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,10 +16,16 @@ use sqlx::{MySqlConnection, PgConnection};
 use super::Event;
 use crate::BoxError;
 
+/// A SQLite connection shared by a process's tasks.
+type Lite = Arc<Mutex<rusqlite::Connection>>;
+
 /// Where the effects land.
 #[derive(Clone)]
 pub(crate) enum Ledger {
-    Sqlite(Arc<Mutex<rusqlite::Connection>>, Tables),
+    /// The ledger's file, and a file beside it for the poison events' failure counts: a
+    /// handler counts its failure while its inbox transaction may hold the ledger file's write
+    /// lock.
+    Sqlite(Lite, Lite, Tables),
     Postgres(sqlx::PgPool, Tables),
     MySql(sqlx::MySqlPool, Tables),
 }
@@ -70,6 +76,21 @@ pub(crate) fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// The file of a `sqlite:PATH` (or `sqlite://PATH`) URL.
+pub(crate) fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let path = url.strip_prefix("sqlite:")?;
+    Some(PathBuf::from(path.strip_prefix("//").unwrap_or(path)))
+}
+
+/// Opens a SQLite file for the ledger.
+fn open_sqlite(path: &Path) -> Result<Lite, BoxError> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(60))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(Arc::new(Mutex::new(conn)))
+}
+
 /// Is `url` a MySQL or MariaDB URL?
 pub(crate) fn is_mysql(url: &str) -> bool {
     url.starts_with("mysql://") || url.starts_with("mariadb://")
@@ -79,13 +100,14 @@ impl Ledger {
     /// Connects to the ledger at `url` (`sqlite:PATH`, `postgres://…`, `mysql://…`).
     pub(crate) async fn open(url: &str, prefix: &str, pool: u32) -> Result<Self, BoxError> {
         let tables = Tables::new(prefix);
-        if let Some(path) = url.strip_prefix("sqlite:") {
-            let path = PathBuf::from(path.strip_prefix("//").unwrap_or(path));
-            let conn = rusqlite::Connection::open(path)?;
-            conn.busy_timeout(Duration::from_secs(60))?;
-            conn.pragma_update(None, "journal_mode", "WAL")?;
-            conn.pragma_update(None, "synchronous", "NORMAL")?;
-            return Ok(Ledger::Sqlite(Arc::new(Mutex::new(conn)), tables));
+        if let Some(path) = sqlite_path(url) {
+            let mut failures = path.clone().into_os_string();
+            failures.push("-failures");
+            return Ok(Ledger::Sqlite(
+                open_sqlite(&path)?,
+                open_sqlite(Path::new(&failures))?,
+                tables,
+            ));
         }
         if is_postgres(url) {
             let pool = sqlx::postgres::PgPoolOptions::new()
@@ -109,7 +131,7 @@ impl Ledger {
 
     fn tables(&self) -> &Tables {
         match self {
-            Ledger::Sqlite(_, t) | Ledger::Postgres(_, t) | Ledger::MySql(_, t) => t,
+            Ledger::Sqlite(_, _, t) | Ledger::Postgres(_, t) | Ledger::MySql(_, t) => t,
         }
     }
 
@@ -149,10 +171,10 @@ impl Ledger {
         let poison: Vec<&Event> = events.iter().filter(|e| e.fails > 0).collect();
         let failures = format!("INSERT INTO {} (event_id, failed) VALUES ", t.failures);
         match self {
-            Ledger::Sqlite(conn, _) => {
+            Ledger::Sqlite(conn, failed, _) => {
                 let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
                 let tx = conn.transaction()?;
-                for stmt in &ddl {
+                for stmt in ddl.iter().filter(|s| !s.contains(&t.failures)) {
                     tx.execute(stmt, [])?;
                 }
                 {
@@ -163,6 +185,14 @@ impl Ledger {
                     for e in events {
                         insert.execute(rusqlite::params![e.id, e.amount])?;
                     }
+                }
+                tx.commit()?;
+                let mut failed = failed.lock().unwrap_or_else(|e| e.into_inner());
+                let tx = failed.transaction()?;
+                for stmt in ddl.iter().filter(|s| s.contains(&t.failures)) {
+                    tx.execute(stmt, [])?;
+                }
+                {
                     let mut insert = tx.prepare(&format!("{failures}(?1, 0)"))?;
                     for e in &poison {
                         insert.execute([&e.id])?;
@@ -226,7 +256,7 @@ impl Ledger {
         let t = self.tables();
         let fails = i64::from(e.fails);
         let failed = match self {
-            Ledger::Sqlite(conn, _) => {
+            Ledger::Sqlite(_, conn, _) => {
                 let q = format!(
                     "UPDATE {} SET failed = failed + 1 WHERE event_id = ?1 AND failed < ?2",
                     t.failures
@@ -281,7 +311,7 @@ impl Ledger {
             t.effects
         );
         Ok(match self {
-            Ledger::Sqlite(conn, _) => {
+            Ledger::Sqlite(conn, _, _) => {
                 let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
                 let mut stmt = conn.prepare(&q)?;
                 stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -298,7 +328,8 @@ impl Ledger {
         for table in [&t.effects, &t.balance, &t.keys, &t.failures, &t.order] {
             let stmt = format!("DROP TABLE IF EXISTS {table}");
             match self {
-                Ledger::Sqlite(conn, _) => {
+                Ledger::Sqlite(conn, failed, _) => {
+                    let conn = if *table == t.failures { failed } else { conn };
                     conn.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .execute(&stmt, [])?;
@@ -317,7 +348,7 @@ impl Ledger {
     /// Applies `e` in a transaction of its own; with `derived`, only if that key is new.
     pub(crate) async fn apply(&self, e: &Event, derived: Option<&Key>) -> Result<(), BoxError> {
         match self {
-            Ledger::Sqlite(conn, t) => {
+            Ledger::Sqlite(conn, _, t) => {
                 let conn = Arc::clone(conn);
                 let (t, e, derived) = (t.clone(), e.clone(), derived.map(Key::to_string));
                 tokio::task::spawn_blocking(move || -> Result<(), BoxError> {
@@ -334,25 +365,7 @@ impl Ledger {
                         None => true,
                     };
                     if fresh {
-                        tx.execute(
-                            &format!(
-                                "UPDATE {} SET applied = applied + 1 WHERE event_id = ?1",
-                                t.effects
-                            ),
-                            [&e.id],
-                        )?;
-                        tx.execute(
-                            &format!("UPDATE {} SET total = total + ?1 WHERE id = 1", t.balance),
-                            [e.amount],
-                        )?;
-                        tx.execute(
-                            &format!(
-                                "UPDATE {} SET behind = behind + (last > ?1), \
-                                 last = MAX(last, ?1) WHERE k = ?2",
-                                t.order
-                            ),
-                            rusqlite::params![e.seq, e.key],
-                        )?;
+                        apply_sqlite_on(&tx, &t, &e)?;
                     }
                     tx.commit()?;
                     Ok(())
@@ -405,7 +418,7 @@ impl Ledger {
     pub(crate) async fn applied(&self, event_id: &str) -> Result<u64, BoxError> {
         let t = self.tables();
         let n: i64 = match self {
-            Ledger::Sqlite(conn, _) => conn
+            Ledger::Sqlite(conn, _, _) => conn
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .query_row(
@@ -448,7 +461,7 @@ impl Ledger {
             self.tables().effects
         );
         Ok(match self {
-            Ledger::Sqlite(conn, _) => {
+            Ledger::Sqlite(conn, _, _) => {
                 let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
                 let mut stmt = conn.prepare(&q)?;
                 stmt.query_map([], |r| r.get(0))?
@@ -478,21 +491,20 @@ impl Ledger {
             t.balance, t.order, t.effects
         );
         let row: (i64, i64, i64, i64, i64, i64, i64) = match self {
-            Ledger::Sqlite(conn, _) => {
-                conn.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .query_row(&q, [], |r| {
-                        Ok((
-                            r.get(0)?,
-                            r.get(1)?,
-                            r.get(2)?,
-                            r.get(3)?,
-                            r.get(4)?,
-                            r.get(5)?,
-                            r.get(6)?,
-                        ))
-                    })?
-            }
+            Ledger::Sqlite(conn, _, _) => conn
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .query_row(&q, [], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                })?,
             Ledger::Postgres(pool, _) => sqlx::query_as(&q).fetch_one(pool).await?,
             Ledger::MySql(pool, _) => sqlx::query_as(&q).fetch_one(pool).await?,
         };
@@ -556,3 +568,36 @@ apply_in_tx!(
     "PostgreSQL"
 );
 apply_in_tx!(apply_mysql, MySqlConnection, "?", ["?", "?", "?"], "MySQL");
+
+/// The effect inside a SQLite inbox transaction.
+#[allow(clippy::unused_async)]
+pub(crate) async fn apply_sqlite(
+    tx: &mut idemgate::sqlite::SqliteTx,
+    t: &Tables,
+    e: &Event,
+) -> rusqlite::Result<()> {
+    apply_sqlite_on(tx, t, e)
+}
+
+/// The effect on a SQLite connection inside a transaction.
+fn apply_sqlite_on(conn: &rusqlite::Connection, t: &Tables, e: &Event) -> rusqlite::Result<()> {
+    conn.execute(
+        &format!(
+            "UPDATE {} SET applied = applied + 1 WHERE event_id = ?1",
+            t.effects
+        ),
+        [&e.id],
+    )?;
+    conn.execute(
+        &format!("UPDATE {} SET total = total + ?1 WHERE id = 1", t.balance),
+        [e.amount],
+    )?;
+    conn.execute(
+        &format!(
+            "UPDATE {} SET behind = behind + (last > ?1), last = MAX(last, ?1) WHERE k = ?2",
+            t.order
+        ),
+        rusqlite::params![e.seq, e.key],
+    )?;
+    Ok(())
+}

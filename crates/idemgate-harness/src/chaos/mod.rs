@@ -22,20 +22,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use self::broker::{ChaosBroker, Producer};
-use self::ledger::{Ledger, Tally, is_mysql, is_postgres};
+pub(crate) use self::broker::ChaosBroker;
+use self::broker::Producer;
+use self::ledger::{Ledger, Tally, is_mysql, is_postgres, sqlite_path};
 use self::worker::{SqlInbox, WorkerMode};
 use crate::BoxError;
+use idemgate::core::EventId;
 use idemgate_testkit::kill::KillPoint;
-
-use crate::demo::IdemMode;
 
 /// The consumer's name: the scope of every event's key.
 pub(crate) const CONSUMER: &str = "chaos";
@@ -54,6 +55,34 @@ pub(crate) struct Event {
     /// The event's place in its key's publish order.
     #[serde(default)]
     pub(crate) seq: u32,
+}
+
+/// How the idemgate run deduplicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum IdemMode {
+    /// The dedup row commits with the effect, in the store's database.
+    Inbox,
+    /// A claim in the store; the effect in the ledger, outside the claim's transaction.
+    Gate,
+}
+
+impl IdemMode {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            IdemMode::Inbox => "inbox",
+            IdemMode::Gate => "gate",
+        }
+    }
+}
+
+/// A fraction between 0 and 1.
+pub(crate) fn parse_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 1"))
+    }
 }
 
 /// Ordering keys of a run: each event belongs to one, round robin.
@@ -78,107 +107,107 @@ fn is_zero(n: &u32) -> bool {
 pub struct ChaosArgs {
     /// The broker.
     #[arg(long, value_enum, default_value = "embedded")]
-    broker: ChaosBroker,
+    pub(crate) broker: ChaosBroker,
     /// The broker's URL (default: the local one).
     #[arg(long)]
-    url: Option<String>,
+    pub(crate) url: Option<String>,
     /// The dedup store: any store URL in gate mode (default: SQLite in the run directory); a
     /// `postgres://` or `mysql://` database in inbox mode, which then also holds the ledger.
     #[arg(long)]
-    store: Option<String>,
+    pub(crate) store: Option<String>,
     /// `inbox`: the dedup row commits with the effect; `gate`: a claim in the store, the effect
     /// in the ledger outside its transaction.
     #[arg(long, value_enum, default_value = "gate")]
-    mode: IdemMode,
+    pub(crate) mode: IdemMode,
     /// Where effects are counted in gate mode: `sqlite:PATH` (default: in the run directory),
     /// `postgres://…` or `mysql://…`. In inbox mode the ledger is the store's database.
     #[arg(long)]
-    ledger: Option<String>,
+    pub(crate) ledger: Option<String>,
     /// Events to produce.
     #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    events: u64,
+    pub(crate) events: u64,
     /// Fraction of events published twice.
-    #[arg(long, default_value_t = 0.1, value_parser = crate::demo::parse_rate)]
-    dup_rate: f64,
+    #[arg(long, default_value_t = 0.1, value_parser = parse_rate)]
+    pub(crate) dup_rate: f64,
     /// Worker processes.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    workers: u16,
+    pub(crate) workers: u16,
     /// Messages each worker handles at once.
     #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Inbox mode: deliveries that share one transaction (`Consumer::with_batch`).
     #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
-    inbox_batch: usize,
+    pub(crate) inbox_batch: usize,
     /// SIGKILLs per run, each at one of the named points.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100_000))]
-    kills: u32,
+    pub(crate) kills: u32,
     /// SQS: a FIFO queue, each ordering key a message group (SQS hands a group to one consumer
     /// at a time; it also drops the re-publishes within its deduplication window).
     #[arg(long)]
-    fifo: bool,
+    pub(crate) fifo: bool,
     /// Fraction of events that are poison (idemgate runs): half fail once or twice and then
     /// succeed, half always fail and must be dead-lettered, once, with their reason.
-    #[arg(long, default_value_t = 0.02, value_parser = crate::demo::parse_rate)]
-    poison_rate: f64,
+    #[arg(long, default_value_t = 0.02, value_parser = parse_rate)]
+    pub(crate) poison_rate: f64,
     /// Workers frozen (SIGSTOP) at `after-claim` past their lease while a duplicate is handled
     /// elsewhere, then thawed (SIGCONT): fencing must refuse their late completion.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000))]
-    zombies: u32,
+    pub(crate) zombies: u32,
     /// Restarts of the store (and ledger) server, at even steps of progress, by
     /// `--store-restart-cmd`.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000))]
-    store_restarts: u32,
+    pub(crate) store_restarts: u32,
     /// The shell command that restarts the store, run with `sh -c`.
     #[arg(long)]
-    store_restart_cmd: Option<String>,
+    pub(crate) store_restart_cmd: Option<String>,
     /// Restarts of the broker, at even steps of progress, by `--broker-restart-cmd`.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000))]
-    broker_restarts: u32,
+    pub(crate) broker_restarts: u32,
     /// The shell command that restarts the broker, run with `sh -c`.
     #[arg(long)]
-    broker_restart_cmd: Option<String>,
+    pub(crate) broker_restart_cmd: Option<String>,
     /// Cuts of every client connection to the store, at even steps of progress
     /// (`pg_terminate_backend`, MySQL `KILL`, Redis `CLIENT KILL`).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000))]
-    cuts: u32,
+    pub(crate) cuts: u32,
     /// Seed of the events and the fault schedule (random if not given; printed).
     #[arg(long)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Gate lease, in milliseconds.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
-    lease_ms: u64,
+    pub(crate) lease_ms: u64,
     /// Visibility timeout (embedded, SQS) or ack wait (NATS), in milliseconds.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1000..=600_000))]
-    visibility_ms: u64,
+    pub(crate) visibility_ms: u64,
     /// Apply the gate-mode effect without the derived key, to show what the window between the
     /// effect and `complete` costs.
     #[arg(long)]
-    no_derived_keys: bool,
+    pub(crate) no_derived_keys: bool,
     /// Skip the naive run.
     #[arg(long)]
-    no_naive: bool,
+    pub(crate) no_naive: bool,
     /// Keep the run directory, tables and destinations here (default: a temporary directory,
     /// removed afterwards, and the tables dropped).
     #[arg(long)]
-    dir: Option<PathBuf>,
+    pub(crate) dir: Option<PathBuf>,
     /// Give up on a run after this many seconds (what is not applied by then is lost).
     #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=604_800))]
-    timeout_secs: u64,
+    pub(crate) timeout_secs: u64,
     /// Give up on a run when nothing has been delivered or applied for this many seconds.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    stall_secs: u64,
+    pub(crate) stall_secs: u64,
     /// Prove the HTTP layer instead of a consumer: a service process behind the layer on
     /// `--store` (SQLite, PostgreSQL, MySQL or Redis; default SQLite), killed at `after-claim`,
     /// `after-effect`, `before-complete` and `mid-response`, under `--workers` × `--concurrency`
     /// clients that disconnect and retry. The broker flags do not apply.
     #[arg(long)]
-    http: bool,
+    pub(crate) http: bool,
     /// Print the figures as one JSON object on stdout.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Write a self-contained HTML report with a timeline of throughput, faults and duplicates.
     #[arg(long)]
-    report: Option<PathBuf>,
+    pub(crate) report: Option<PathBuf>,
 }
 
 /// A fault the supervisor injects when progress reaches a point.
@@ -198,6 +227,39 @@ impl Fault {
             Fault::Cut => "connection cut",
         }
     }
+}
+
+/// Events with fresh ids and amounts of 1 to 100, and their publish order: every event once,
+/// `dup_rate` of them (rounded up) a second time, at most `spread` positions after the event's
+/// own index. Returns the events, the order (indexes) and how many were published twice.
+fn publish_plan(
+    rng: &mut StdRng,
+    events: u64,
+    dup_rate: f64,
+    spread: usize,
+) -> (Vec<(String, i32)>, Vec<usize>, usize) {
+    let events: Vec<(String, i32)> = (0..events)
+        .map(|_| {
+            // drawn as i64, as the seeds' schedules always were
+            let amount: i64 = rng.random_range(1..=100);
+            (
+                EventId::new().to_string(),
+                i32::try_from(amount).unwrap_or(100),
+            )
+        })
+        .collect();
+    // dup_rate is in [0, 1], so the count is in 0..=events
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let dup_count = ((events.len() as f64) * dup_rate).ceil() as usize;
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    let mut dups: Vec<usize> = (0..events.len()).collect();
+    dups.shuffle(rng);
+    for &d in dups.iter().take(dup_count) {
+        let last = order.len().min(d + spread);
+        let at = rng.random_range(d + 1..=last);
+        order.insert(at, d);
+    }
+    (events, order, dup_count)
 }
 
 /// What a given seed decides: the events, the duplicates, and every fault.
@@ -224,8 +286,7 @@ impl Schedule {
     fn new(args: &ChaosArgs, seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         // the second copy of a duplicate somewhere later, up to a few hundred messages on
-        let (events, order, dup_count) =
-            crate::demo::publish_plan(&mut rng, args.events, args.dup_rate, Some(500));
+        let (events, order, dup_count) = publish_plan(&mut rng, args.events, args.dup_rate, 500);
         // a key's sequence follows the publish order of its events' first copies (a copy
         // published twice may go out first)
         let mut seqs = vec![0u32; events.len()];
@@ -239,12 +300,11 @@ impl Schedule {
         let events: Vec<Event> = events
             .into_iter()
             .enumerate()
-            .map(|(i, e)| Event {
-                id: e.id,
+            .map(|(i, (id, amount))| Event {
+                id,
                 key: key_of(i),
                 seq: seqs[i],
-                // 1..=100
-                amount: i32::try_from(e.amount).unwrap_or(i32::MAX),
+                amount,
                 fails: if rng.random_bool(args.poison_rate) {
                     if rng.random_bool(0.5) {
                         rng.random_range(1..=2)
@@ -408,6 +468,11 @@ struct Setup {
 
 /// Runs `idemgate chaos`: both phases (naive, then idemgate), the report, and the verdict.
 pub fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
+    run_as("chaos", &args)
+}
+
+/// Runs the harness as `idemgate <command>` (`chaos`, or `demo` on embedded defaults).
+pub(crate) fn run_as(command: &str, args: &ChaosArgs) -> Result<ExitCode, BoxError> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let tmp;
     let base = match &args.dir {
@@ -421,13 +486,24 @@ pub fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
         }
     };
     if args.http {
-        return http::run(&args, seed, &base);
+        return http::run(args, seed, &base);
     }
-    let setup = validate(&args, seed, &base)?;
+    let setup = validate(args, seed, &base)?;
     if !args.json {
+        let faults: Vec<String> = [
+            (args.kills, "kills"),
+            (args.zombies, "zombies"),
+            (args.store_restarts, "store restarts"),
+            (args.broker_restarts, "broker restarts"),
+            (args.cuts, "connection cuts"),
+        ]
+        .into_iter()
+        .filter(|&(n, _)| n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
         eprintln!(
-            "idemgate chaos: {} broker, {} mode, store {}, ledger {}; {} events ({}% published twice), \
-             {} workers, {} kills, {} zombies, {} store / {} broker restarts, {} cuts; seed {seed}",
+            "idemgate {command}: {} broker, {} mode, store {}, ledger {}; {} events ({}% published \
+             twice), {} workers, {}; seed {seed}",
             args.broker.name(),
             args.mode.name(),
             setup.store.as_deref().unwrap_or("-"),
@@ -435,14 +511,14 @@ pub fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
             args.events,
             args.dup_rate * 100.0,
             args.workers,
-            args.kills,
-            args.zombies,
-            args.store_restarts,
-            args.broker_restarts,
-            args.cuts
+            if faults.is_empty() {
+                "no faults".to_owned()
+            } else {
+                faults.join(", ")
+            }
         );
     }
-    let schedule = Schedule::new(&args, seed);
+    let schedule = Schedule::new(args, seed);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -456,7 +532,7 @@ pub fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
     } else {
         Some(rt.block_on(phase(
             WorkerMode::Naive,
-            &args,
+            args,
             &setup,
             &schedule,
             &base,
@@ -467,7 +543,7 @@ pub fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
         IdemMode::Inbox => WorkerMode::Inbox,
         IdemMode::Gate => WorkerMode::Gate,
     };
-    let idem = rt.block_on(phase(mode, &args, &setup, &schedule, &base, &progress))?;
+    let idem = rt.block_on(phase(mode, args, &setup, &schedule, &base, &progress))?;
     let _ = progress.clear();
 
     if args.json {
@@ -486,7 +562,7 @@ pub fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
     }
     if let Some(path) = &args.report {
         let title = format!(
-            "idemgate chaos: {} broker, {} mode, {} events, seed {seed}",
+            "idemgate {command}: {} broker, {} mode, {} events, seed {seed}",
             args.broker.name(),
             args.mode.name(),
             args.events
@@ -553,14 +629,14 @@ pub fn run(args: ChaosArgs) -> Result<ExitCode, BoxError> {
     if failures.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("idemgate chaos FAILED: {}", failures.join("; "));
+        eprintln!("idemgate {command} FAILED: {}", failures.join("; "));
         Ok(ExitCode::FAILURE)
     }
 }
 
 /// Checks the flags against each other and settles the store and ledger URLs.
 fn validate(args: &ChaosArgs, seed: u64, base: &Path) -> Result<Setup, BoxError> {
-    if args.fifo && args.broker != ChaosBroker::Sqs {
+    if args.fifo && !args.broker.has_fifo() {
         return Err("--fifo is for --broker sqs".into());
     }
     let broker_url = args
@@ -570,12 +646,10 @@ fn validate(args: &ChaosArgs, seed: u64, base: &Path) -> Result<Setup, BoxError>
     let sqlite = |name: &str| format!("sqlite:{}", base.join(name).display());
     let (store, ledger) = match args.mode {
         IdemMode::Inbox => {
-            let store = args.store.clone().ok_or(
-                "inbox mode needs --store postgres://… or mysql://… (the ledger lives there)",
-            )?;
-            if !is_postgres(&store) && !is_mysql(&store) {
+            let store = args.store.clone().unwrap_or_else(|| sqlite("ledger.db"));
+            if !is_postgres(&store) && !is_mysql(&store) && sqlite_path(&store).is_none() {
                 return Err(format!(
-                    "inbox mode needs a postgres:// or mysql:// store, not {store:?}"
+                    "inbox mode needs a postgres://, mysql:// or sqlite: store, not {store:?}"
                 )
                 .into());
             }
@@ -1294,7 +1368,9 @@ async fn phase(
     if args.dir.is_none() {
         ledger.drop_tables().await?;
         if let Some(inbox) = &inbox {
-            inbox.drop_tables(&prefix).await?;
+            inbox
+                .drop_tables(setup.store.as_deref().unwrap_or_default(), &prefix)
+                .await?;
         }
         broker::delete_destination(args.broker, &setup.broker_url, &destination).await?;
     }
@@ -1400,13 +1476,7 @@ async fn supervise(
     )]
     let reserve = (schedule.order.len() as f64 * RESERVE) as usize;
     let (again_tx, again_rx) = mpsc::unbounded_channel();
-    let backlog = match args.broker {
-        // Mosquitto keeps at most 1000 messages per session: stay well under it per slot
-        ChaosBroker::Mqtt => 50 * ph.slots.len() as u64,
-        // moto scans its whole queue on every call: a short queue keeps it ten times faster
-        ChaosBroker::Sqs => 25 * ph.slots.len() as u64,
-        _ => 1000,
-    };
+    let backlog = args.broker.backlog(ph.slots.len());
     let producer = tokio::spawn(produce(
         Production {
             broker: args.broker,

@@ -27,10 +27,13 @@ use idemgate::consumer::{
 use idemgate::core::{BoxStore, Key};
 use idemgate::mysql::{MySqlInbox, MySqlOffsets};
 use idemgate::postgres::{PgInbox, PgOffsets};
+use idemgate::sqlite::{SqliteInbox, SqliteOffsets, Synchronous};
 use tokio::sync::Semaphore;
 
 use super::broker::{AsyncServe, ChaosBroker, Route, with_source};
-use super::ledger::{Ledger, Tables, apply_mysql, apply_pg, is_mysql, is_postgres};
+use super::ledger::{
+    Ledger, Tables, apply_mysql, apply_pg, apply_sqlite, is_mysql, is_postgres, sqlite_path,
+};
 use super::{CONSUMER, Event};
 use crate::BoxError;
 use crate::arm::park;
@@ -257,6 +260,7 @@ fn event_of(msg: &Message) -> Result<Event, BoxError> {
 pub(crate) enum SqlInbox {
     Postgres(PgInbox),
     MySql(MySqlInbox),
+    Sqlite(SqliteInbox),
 }
 
 impl SqlInbox {
@@ -269,8 +273,8 @@ impl SqlInbox {
                 .connect(url)
                 .await?;
             let i = PgInbox::new(p)
-                .with_table(inbox)?
-                .with_offsets(PgOffsets::new().with_table(offsets)?);
+                .with_table(inbox)
+                .with_offsets(PgOffsets::new().with_table(offsets));
             return Ok(SqlInbox::Postgres(i));
         }
         if is_mysql(url) {
@@ -279,12 +283,19 @@ impl SqlInbox {
                 .connect(&url.replacen("mariadb://", "mysql://", 1))
                 .await?;
             let i = MySqlInbox::new(p)
-                .with_table(inbox)?
-                .with_offsets(MySqlOffsets::new().with_table(offsets)?);
+                .with_table(inbox)
+                .with_offsets(MySqlOffsets::new().with_table(offsets));
             return Ok(SqlInbox::MySql(i));
         }
+        if let Some(path) = sqlite_path(url) {
+            // synchronous=NORMAL: every commit survives a process kill, which is the fault here
+            let i = SqliteInbox::open_with(path, Synchronous::Normal)?
+                .with_table(inbox)
+                .with_offsets(SqliteOffsets::new().with_table(offsets));
+            return Ok(SqlInbox::Sqlite(i));
+        }
         Err(format!(
-            "inbox mode needs a postgres:// or mysql:// store (the inbox commits with the effect), not {url:?}"
+            "inbox mode needs a postgres://, mysql:// or sqlite: store (the inbox commits with the effect), not {url:?}"
         )
         .into())
     }
@@ -293,12 +304,13 @@ impl SqlInbox {
         match self {
             SqlInbox::Postgres(i) => i.migrate().await?,
             SqlInbox::MySql(i) => i.migrate().await?,
+            SqlInbox::Sqlite(i) => i.migrate().await?,
         }
         Ok(())
     }
 
     /// Drops the inbox and offsets tables.
-    pub(crate) async fn drop_tables(&self, prefix: &str) -> Result<(), BoxError> {
+    pub(crate) async fn drop_tables(&self, url: &str, prefix: &str) -> Result<(), BoxError> {
         for t in ["inbox", "offsets"] {
             let stmt = format!("DROP TABLE IF EXISTS {prefix}_{t}");
             match self {
@@ -308,19 +320,25 @@ impl SqlInbox {
                 SqlInbox::MySql(i) => {
                     sqlx::query(&stmt).execute(i.pool()).await?;
                 }
+                // the file goes with the run directory, unless it is elsewhere
+                SqlInbox::Sqlite(_) => {
+                    if let Some(path) = sqlite_path(url) {
+                        rusqlite::Connection::open(path)?.execute(&stmt, [])?;
+                    }
+                }
             }
         }
         Ok(())
     }
 
-    fn kafka_options(&self) -> idemgate::kafka::SourceOptions {
+    /// Kafka source options that start where the inbox's offsets say.
+    #[cfg(feature = "brokers")]
+    pub(crate) fn kafka_options(&self) -> idemgate::kafka::SourceOptions {
+        let options = idemgate::kafka::SourceOptions::new();
         match self {
-            SqlInbox::Postgres(i) => {
-                idemgate::kafka::SourceOptions::new().with_positions_from(i.clone())
-            }
-            SqlInbox::MySql(i) => {
-                idemgate::kafka::SourceOptions::new().with_positions_from(i.clone())
-            }
+            SqlInbox::Postgres(i) => options.with_positions_from(i.clone()),
+            SqlInbox::MySql(i) => options.with_positions_from(i.clone()),
+            SqlInbox::Sqlite(i) => options.with_positions_from(i.clone()),
         }
     }
 }
@@ -356,10 +374,6 @@ pub fn run(args: ChaosWorkerArgs) -> Result<ExitCode, BoxError> {
             _ => None,
         };
         let ledger = Ledger::open(&args.ledger, &args.prefix, pool).await?;
-        let kafka_options = || match (&inbox, args.broker) {
-            (Some(inbox), ChaosBroker::Kafka) => inbox.kafka_options(),
-            _ => idemgate::kafka::SourceOptions::new(),
-        };
         let serve = Serve {
             args: &args,
             hooks,
@@ -375,7 +389,7 @@ pub fn run(args: ChaosWorkerArgs) -> Result<ExitCode, BoxError> {
             slot: args.slot,
             visibility: Duration::from_millis(args.visibility_ms),
         };
-        with_source(route, kafka_options, serve).await?
+        with_source(route, inbox.as_ref(), serve).await?
     })?;
     // a source only ends when the broker closes it: the supervisor starts another worker
     Ok(ExitCode::from(3))
@@ -472,7 +486,7 @@ impl AsyncServe for Serve<'_> {
                                     return Err("a poison event's planned failure".into());
                                 }
                                 h.at(KillPoint::AfterClaim, &e.id);
-                                $apply(&mut **tx, &tables, &e).await?;
+                                $apply(&mut *tx, &tables, &e).await?;
                                 h.at(KillPoint::AfterEffect, &e.id);
                                 Ok(())
                             });
@@ -490,6 +504,9 @@ impl AsyncServe for Serve<'_> {
                 match inbox {
                     SqlInbox::Postgres(i) => inbox_consumer!(i, idemgate::postgres::PgTx, apply_pg),
                     SqlInbox::MySql(i) => inbox_consumer!(i, idemgate::mysql::MySqlTx, apply_mysql),
+                    SqlInbox::Sqlite(i) => {
+                        inbox_consumer!(i, idemgate::sqlite::SqliteTx, apply_sqlite)
+                    }
                 }
                 Ok(())
             }
