@@ -360,7 +360,7 @@ impl Sql {
             ))
             .execute(&pool)
             .await?;
-            let inbox = PgInbox::new(pool.clone()).with_table(inbox_table)?;
+            let inbox = PgInbox::new(pool.clone()).with_table(inbox_table);
             inbox.migrate().await?;
             return Ok(Some(Sql::Postgres(pool, effects, inbox)));
         }
@@ -375,7 +375,7 @@ impl Sql {
             ))
             .execute(&pool)
             .await?;
-            let inbox = MySqlInbox::new(pool.clone()).with_table(inbox_table)?;
+            let inbox = MySqlInbox::new(pool.clone()).with_table(inbox_table);
             inbox.migrate().await?;
             return Ok(Some(Sql::MySql(pool, effects, inbox)));
         }

@@ -305,7 +305,7 @@ async fn sql_bench(b: &StoreBench, kind: Sql, swap: bool) -> Result<Vec<Row>, Bo
                 .connect(&b.store)
                 .await?;
             sqlx::query(&format!("CREATE TABLE {raw_table} (scope TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (scope, id))")).execute(&pool).await?;
-            let inbox = PgInbox::new(pool.clone()).with_table(&inbox_table)?;
+            let inbox = PgInbox::new(pool.clone()).with_table(&inbox_table);
             inbox.migrate().await?;
             let store = PostgresStore::builder()
                 .with_pool(pool.clone())
@@ -368,7 +368,7 @@ async fn sql_bench(b: &StoreBench, kind: Sql, swap: bool) -> Result<Vec<Row>, Bo
             ))
             .execute(&pool)
             .await?;
-            let inbox = MySqlInbox::new(pool.clone()).with_table(&inbox_table)?;
+            let inbox = MySqlInbox::new(pool.clone()).with_table(&inbox_table);
             inbox.migrate().await?;
             let store = MySqlStore::builder()
                 .with_pool(pool.clone())

@@ -288,8 +288,7 @@ async fn pg_inbox(effects: &str) -> (sqlx::PgPool, PgInbox) {
         .expect("PostgreSQL");
     let inbox = PgInbox::new(pool.clone())
         .with_table(unique("kinbox"))
-        .unwrap()
-        .with_offsets(PgOffsets::new().with_table(unique("koffsets")).unwrap());
+        .with_offsets(PgOffsets::new().with_table(unique("koffsets")));
     inbox.migrate().await.unwrap();
     sqlx::query(&format!("CREATE TABLE {effects} (event TEXT NOT NULL)"))
         .execute(&pool)

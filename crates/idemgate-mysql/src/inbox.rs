@@ -8,9 +8,10 @@ use idemgate_core::{Key, Result};
 use sqlx::{MySqlConnection, MySqlPool};
 
 use crate::MySqlOffsets;
-use crate::error::{check_ident, keys_condition, my};
+use crate::error::{keys_condition, my};
 use crate::store::NOW;
 use idemgate_sql::millis as ms;
+use idemgate_sql::{Dialect, Table};
 
 /// The transactional inbox: records a key as processed inside the caller's transaction, so the
 /// dedup row and the business change commit or roll back together.
@@ -25,7 +26,7 @@ use idemgate_sql::millis as ms;
 pub struct MySqlInbox {
     pool: MySqlPool,
     offsets: MySqlOffsets,
-    table: String,
+    table: Table,
     retention: Duration,
     sql: Arc<Statements>,
     // where the retention purge's walk stopped, in primary-key order; empty: the table's start
@@ -83,20 +84,25 @@ impl MySqlInbox {
         MySqlInbox {
             pool,
             offsets: MySqlOffsets::new(),
-            table: table.into(),
+            table: Table::new(Dialect::Postgres, table),
             retention: Duration::from_secs(7 * 86_400),
             sql: Arc::new(Statements::new(table)),
             purged_to: Arc::default(),
         }
     }
 
-    /// Another table (a lowercase identifier).
-    pub fn with_table(mut self, table: impl Into<String>) -> Result<Self> {
-        self.table = table.into();
-        check_ident(&self.table)?;
-        self.sql = Arc::new(Statements::new(&self.table));
+    /// Another table: a lowercase identifier, or every call fails with `Error::Config`.
+    pub fn with_table(mut self, table: impl Into<String>) -> Self {
+        self.table = Table::new(Dialect::Postgres, table);
+        self.sql = Arc::new(Statements::new(self.table.as_given()));
         self.purged_to = Arc::default();
-        Ok(self)
+        self
+    }
+
+    /// The statements, once the table name is known to be an identifier.
+    fn sql(&self) -> Result<&Statements> {
+        self.table.name()?;
+        Ok(&self.sql)
     }
 
     /// How long a processed key is remembered: at least the broker's redelivery window.
@@ -120,7 +126,7 @@ impl MySqlInbox {
     /// key and nothing else indexed, so recording a key costs one index insert (the purge walks
     /// the primary key instead).
     pub async fn migrate(&self) -> Result<()> {
-        let t = &self.table;
+        let t = self.table.name()?;
         let mut conn = my(self.pool.acquire().await)?;
         idemgate_sql::migrate(
             &mut *conn,
@@ -140,7 +146,7 @@ impl MySqlInbox {
     /// Records `key` in the caller's transaction (any transaction on this database, not only
     /// one from [`begin`](idemgate_core::Inbox::begin)); `true` the first time within the retention window (apply the effect in the same transaction), `false` for a duplicate.
     pub async fn first_time(&self, tx: &mut MySqlConnection, key: &Key) -> Result<bool> {
-        let inserted = my(sqlx::query(&self.sql.insert)
+        let inserted = my(sqlx::query(&self.sql()?.insert)
             .bind(key.scope())
             .bind(key.id())
             .bind(ms(self.retention))
@@ -150,7 +156,7 @@ impl MySqlInbox {
             return Ok(true);
         }
         // known: first time again only if its retention ran out
-        let renewed = my(sqlx::query(&self.sql.renew)
+        let renewed = my(sqlx::query(&self.sql()?.renew)
             .bind(ms(self.retention))
             .bind(key.scope())
             .bind(key.id())
@@ -172,7 +178,7 @@ impl MySqlInbox {
         if unique.is_empty() {
             return Ok(Vec::new());
         }
-        let t = &self.table;
+        let t = self.table.name()?;
         let nonce: i64 = rand::random::<i64>() | 1;
         // the common case first: every key new, one multi-row insert. The first row reads the
         // clock and takes the expiry, the batch's nonce (and the scope, when the batch has one);
@@ -253,7 +259,7 @@ impl MySqlInbox {
             .clone();
         let deleted = loop {
             let (s, i) = &from;
-            let end: Option<KeyBytes> = my(sqlx::query_as(&self.sql.chunk_end)
+            let end: Option<KeyBytes> = my(sqlx::query_as(&self.sql()?.chunk_end)
                 .bind(s)
                 .bind(s)
                 .bind(i)
@@ -261,14 +267,14 @@ impl MySqlInbox {
                 .fetch_optional(pool)
                 .await)?;
             let query = match &end {
-                Some((es, ei)) => sqlx::query(&self.sql.purge)
+                Some((es, ei)) => sqlx::query(&self.sql()?.purge)
                     .bind(s)
                     .bind(s)
                     .bind(i)
                     .bind(es)
                     .bind(es)
                     .bind(ei),
-                None => sqlx::query(&self.sql.purge_last).bind(s).bind(s).bind(i),
+                None => sqlx::query(&self.sql()?.purge_last).bind(s).bind(s).bind(i),
             };
             let n = my(query.execute(pool).await)?.rows_affected();
             // the walk reached the table's end: the next call starts over

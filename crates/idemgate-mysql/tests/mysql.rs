@@ -40,7 +40,6 @@ async fn inbox_batches_and_purges() {
     let Some(pool) = pool().await else { return };
     let inbox = MySqlInbox::new(pool.clone())
         .with_table(unique("inbox"))
-        .unwrap()
         .with_retention(Duration::from_millis(300));
     inbox.migrate().await.unwrap();
     let keys: Vec<Key> = ["a", "b", "a", "c"]
@@ -94,12 +93,10 @@ async fn inbox_purge_walks_the_key_in_bounded_chunks() {
     let table = unique("inbox");
     let short = MySqlInbox::new(pool.clone())
         .with_table(&table)
-        .unwrap()
         .with_retention(Duration::from_millis(200));
     short.migrate().await.unwrap();
     let long = MySqlInbox::new(pool.clone())
         .with_table(&table)
-        .unwrap()
         .with_retention(Duration::from_secs(600));
     let mut tx = pool.begin().await.unwrap();
     let expiring: Vec<Key> = (0..30)
@@ -245,6 +242,20 @@ async fn foreign_tables_and_bad_names_are_typed_errors() {
         .build()
         .unwrap();
     assert!(matches!(store.migrate().await, Err(Error::Corrupt { .. })));
+    // an inbox with a bad table name refuses every call on it before any SQL is sent
+    let inbox = MySqlInbox::new(pool.clone()).with_table("x; drop");
+    assert!(matches!(inbox.migrate().await, Err(Error::Config { .. })));
+    let mut tx: MySqlTx = inbox.begin().await.unwrap();
+    let key = Key::new("c", "e").unwrap();
+    assert!(matches!(
+        inbox.first_time_many(&mut tx, &[key]).await,
+        Err(Error::Config { .. })
+    ));
+    drop(tx);
+    assert!(matches!(
+        inbox.purge_expired(1).await,
+        Err(Error::Config { .. })
+    ));
     assert!(matches!(
         MySqlStore::builder()
             .with_pool(pool)
@@ -268,7 +279,7 @@ async fn foreign_tables_and_bad_names_are_typed_errors() {
 async fn event_log_is_idempotent_and_gap_free() {
     use idemgate_mysql::{Appended, MySqlEventLog};
     let Some(pool) = pool().await else { return };
-    let log = MySqlEventLog::new().with_table(unique("log")).unwrap();
+    let log = MySqlEventLog::new().with_table(unique("log"));
     log.migrate(&mut *pool.acquire().await.unwrap())
         .await
         .unwrap();
@@ -367,8 +378,7 @@ impl InboxCase for MySqlCase {
         let pool = pool().await?;
         let inbox = MySqlInbox::new(pool.clone())
             .with_table(unique("cinbox"))
-            .unwrap()
-            .with_offsets(MySqlOffsets::new().with_table(unique("coffsets")).unwrap())
+            .with_offsets(MySqlOffsets::new().with_table(unique("coffsets")))
             .with_retention(retention);
         inbox.migrate().await.unwrap();
         let effects = unique("ceffects");

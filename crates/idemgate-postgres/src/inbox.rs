@@ -8,9 +8,10 @@ use idemgate_core::{Key, Result};
 use sqlx::{PgConnection, PgPool};
 
 use crate::PgOffsets;
-use crate::error::{check_ident, pg};
+use crate::error::pg;
 use crate::store::NOW;
 use idemgate_sql::millis as ms;
+use idemgate_sql::{Dialect, Table};
 
 /// The transaction an Inbox-mode handler writes its effect in (`&mut **tx` is the connection).
 pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
@@ -43,7 +44,7 @@ pub type PgTx = sqlx::Transaction<'static, sqlx::Postgres>;
 #[derive(Debug, Clone)]
 pub struct PgInbox {
     pool: PgPool,
-    table: String,
+    table: Table,
     retention: Duration,
     sql: Arc<Statements>,
     offsets: PgOffsets,
@@ -108,7 +109,7 @@ impl PgInbox {
         let table = "idemgate_inbox";
         PgInbox {
             pool,
-            table: table.into(),
+            table: Table::new(Dialect::Postgres, table),
             retention: Duration::from_secs(7 * 86_400),
             sql: Arc::new(Statements::new(table)),
             offsets: PgOffsets::new(),
@@ -126,12 +127,17 @@ impl PgInbox {
         &self.pool
     }
 
-    /// Another table (a lowercase identifier).
-    pub fn with_table(mut self, table: impl Into<String>) -> Result<Self> {
-        self.table = table.into();
-        check_ident(&self.table)?;
-        self.sql = Arc::new(Statements::new(&self.table));
-        Ok(self)
+    /// Another table: a lowercase identifier, or every call fails with `Error::Config`.
+    pub fn with_table(mut self, table: impl Into<String>) -> Self {
+        self.table = Table::new(Dialect::Postgres, table);
+        self.sql = Arc::new(Statements::new(self.table.as_given()));
+        self
+    }
+
+    /// The statements, once the table name is known to be an identifier.
+    fn sql(&self) -> Result<&Statements> {
+        self.table.name()?;
+        Ok(&self.sql)
     }
 
     /// How long a processed key is remembered: at least the broker's redelivery window.
@@ -142,7 +148,7 @@ impl PgInbox {
 
     /// Creates the inbox and offsets tables if missing, or brings them to this version.
     pub async fn migrate(&self) -> Result<()> {
-        let t = &self.table;
+        let t = self.table.name()?;
         let mut conn = pg(self.pool.acquire().await)?;
         idemgate_sql::migrate(
             &mut *conn,
@@ -168,7 +174,7 @@ impl PgInbox {
     /// one from [`begin`](idemgate_core::Inbox::begin)); `true` the first time within the retention window
     /// (apply the effect in the same transaction), `false` for a duplicate.
     pub async fn first_time(&self, tx: &mut PgConnection, key: &Key) -> Result<bool> {
-        let done = pg(sqlx::query(&self.sql.first_time)
+        let done = pg(sqlx::query(&self.sql()?.first_time)
             .bind(key.scope())
             .bind(key.id())
             .bind(ms(self.retention))
@@ -197,9 +203,9 @@ impl PgInbox {
         // odd, so never the 0 that rows written one at a time carry
         let nonce: i64 = rand::random::<i64>() | 1;
         let query = if one_scope {
-            sqlx::query(&self.sql.insert_many_scoped).bind(first.scope())
+            sqlx::query(&self.sql()?.insert_many_scoped).bind(first.scope())
         } else {
-            sqlx::query(&self.sql.insert_many).bind(&scopes)
+            sqlx::query(&self.sql()?.insert_many).bind(&scopes)
         };
         let done = pg(query
             .bind(&ids)
@@ -212,7 +218,7 @@ impl PgInbox {
             return Ok(if_all_new);
         }
         // new keys: those this batch's insert wrote
-        let mut fresh: HashSet<(String, String)> = pg(sqlx::query_as(&self.sql.inserted)
+        let mut fresh: HashSet<(String, String)> = pg(sqlx::query_as(&self.sql()?.inserted)
             .bind(&scopes)
             .bind(&ids)
             .bind(nonce)
@@ -226,7 +232,7 @@ impl PgInbox {
             .filter(|k| !fresh.contains(&(k.scope().to_owned(), k.id().to_owned())))
             .map(|k| (k.scope(), k.id()))
             .unzip();
-        let renewed: Vec<(String, String)> = pg(sqlx::query_as(&self.sql.renew_many)
+        let renewed: Vec<(String, String)> = pg(sqlx::query_as(&self.sql()?.renew_many)
             .bind(&ks)
             .bind(&kd)
             .bind(ms(self.retention))
@@ -243,7 +249,7 @@ impl PgInbox {
 impl PgInbox {
     /// Deletes at most `limit` keys past their retention ([`Inbox::purge_expired`](idemgate_core::Inbox::purge_expired)).
     async fn purge(&self, limit: usize) -> Result<u64> {
-        let done = pg(sqlx::query(&self.sql.purge)
+        let done = pg(sqlx::query(&self.sql()?.purge)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .execute(&self.pool)
             .await)?;

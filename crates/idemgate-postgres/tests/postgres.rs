@@ -53,7 +53,7 @@ async fn an_inbox_table_of_version_1_is_upgraded_in_place() {
     .execute(&pool)
     .await
     .unwrap();
-    let inbox = PgInbox::new(pool.clone()).with_table(&t).unwrap();
+    let inbox = PgInbox::new(pool.clone()).with_table(&t);
     inbox.migrate().await.unwrap();
     inbox.migrate().await.unwrap();
     let version: i32 =
@@ -81,7 +81,6 @@ async fn inbox_batches_and_purges() {
     let Some(pool) = pool().await else { return };
     let inbox = PgInbox::new(pool.clone())
         .with_table(unique("inbox"))
-        .unwrap()
         .with_retention(Duration::from_millis(300));
     inbox.migrate().await.unwrap();
     let keys: Vec<Key> = ["a", "b", "a", "c"]
@@ -153,10 +152,8 @@ async fn inbox_batches_and_purges() {
 #[tokio::test]
 async fn inbox_offsets_and_effect_share_one_transaction() {
     let Some(pool) = pool().await else { return };
-    let inbox = PgInbox::new(pool.clone())
-        .with_table(unique("inbox"))
-        .unwrap();
-    let offsets = PgOffsets::new().with_table(unique("offsets")).unwrap();
+    let inbox = PgInbox::new(pool.clone()).with_table(unique("inbox"));
+    let offsets = PgOffsets::new().with_table(unique("offsets"));
     inbox.migrate().await.unwrap();
     offsets
         .migrate(&mut *pool.acquire().await.unwrap())
@@ -304,6 +301,20 @@ async fn foreign_tables_and_bad_names_are_typed_errors() {
         .build()
         .unwrap();
     assert!(matches!(store.migrate().await, Err(Error::Corrupt { .. })));
+    // an inbox with a bad table name refuses every call on it before any SQL is sent
+    let inbox = PgInbox::new(pool.clone()).with_table("x; drop");
+    assert!(matches!(inbox.migrate().await, Err(Error::Config { .. })));
+    let mut tx: PgTx = inbox.begin().await.unwrap();
+    let key = Key::new("c", "e").unwrap();
+    assert!(matches!(
+        inbox.first_time_many(&mut tx, &[key]).await,
+        Err(Error::Config { .. })
+    ));
+    drop(tx);
+    assert!(matches!(
+        inbox.purge_expired(1).await,
+        Err(Error::Config { .. })
+    ));
     assert!(matches!(
         PostgresStore::builder()
             .with_pool(pool)
@@ -331,7 +342,7 @@ async fn foreign_tables_and_bad_names_are_typed_errors() {
 async fn event_log_is_idempotent_and_gap_free() {
     use idemgate_postgres::{Appended, PgEventLog};
     let Some(pool) = pool().await else { return };
-    let log = PgEventLog::new().with_table(unique("log")).unwrap();
+    let log = PgEventLog::new().with_table(unique("log"));
     log.migrate(&mut *pool.acquire().await.unwrap())
         .await
         .unwrap();
@@ -518,8 +529,7 @@ impl InboxCase for PgCase {
         let pool = pool().await?;
         let inbox = PgInbox::new(pool.clone())
             .with_table(unique("cinbox"))
-            .unwrap()
-            .with_offsets(PgOffsets::new().with_table(unique("coffsets")).unwrap())
+            .with_offsets(PgOffsets::new().with_table(unique("coffsets")))
             .with_retention(retention);
         inbox.migrate().await.unwrap();
         let effects = unique("ceffects");

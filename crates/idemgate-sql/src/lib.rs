@@ -26,6 +26,7 @@ mod dialect;
 mod log;
 mod migrate;
 mod offsets;
+mod table;
 
 pub use classify::check_ident;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
@@ -41,6 +42,7 @@ pub use dialect::Dialect;
 pub use log::EventLog;
 pub use migrate::migrate;
 pub use offsets::Offsets;
+pub use table::Table;
 
 /// A duration in whole milliseconds, as the tables store it (saturating).
 pub fn millis(d: std::time::Duration) -> i64 {

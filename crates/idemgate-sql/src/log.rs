@@ -5,7 +5,7 @@ use std::sync::Arc;
 use idemgate_core::backend::{Appended, LoggedEvent, to_millis};
 use idemgate_core::{Clock, Error, Result, SystemClock};
 
-use crate::{Arg, Dialect, Kind, SqlConn, check_ident};
+use crate::{Arg, Dialect, Kind, SqlConn, Table};
 
 /// An append-only log of events per stream, idempotent by event id: appending a known event id
 /// is a no-op that returns its original position, so a redelivered event is recorded once.
@@ -15,7 +15,7 @@ use crate::{Arg, Dialect, Kind, SqlConn, check_ident};
 /// event and the change commit together.
 #[derive(Debug, Clone)]
 pub struct EventLog {
-    table: String,
+    table: Table,
     clock: Arc<dyn Clock>,
 }
 
@@ -29,16 +29,16 @@ impl EventLog {
     /// A log in tables `idemgate_log` and `idemgate_log_heads`.
     pub fn new() -> Self {
         EventLog {
-            table: "idemgate_log".into(),
+            table: Table::new(Dialect::Postgres, "idemgate_log"),
             clock: Arc::new(SystemClock),
         }
     }
 
-    /// Other tables: `{table}` and `{table}_heads` (a lowercase identifier).
-    pub fn with_table(mut self, table: impl Into<String>) -> Result<Self> {
-        self.table = table.into();
-        check_ident(&self.table)?;
-        Ok(self)
+    /// Other tables: `{table}` and `{table}_heads`. `table` is a lowercase identifier, or every
+    /// call fails with `Error::Config`.
+    pub fn with_table(mut self, table: impl Into<String>) -> Self {
+        self.table = Table::new(Dialect::Postgres, table);
+        self
     }
 
     /// The clock that stamps `appended_at` where the database has none of its own (SQLite).
@@ -49,7 +49,7 @@ impl EventLog {
 
     /// Creates the tables if missing.
     pub async fn migrate<C: SqlConn>(&self, conn: &mut C) -> Result<()> {
-        let (t, d) = (&self.table, conn.dialect());
+        let (t, d) = (self.table.name()?, conn.dialect());
         let (key, big, blob, opts) = (
             d.key_type(),
             d.bigint_type(),
@@ -109,7 +109,7 @@ impl EventLog {
         event_id: &str,
         payload: &[u8],
     ) -> Result<Appended> {
-        let (t, d) = (&self.table, conn.dialect());
+        let (t, d) = (self.table.name()?, conn.dialect());
         // the head's write lock serializes appends to this stream, duplicates included. A
         // SQLite log made before it kept heads starts each stream from its last position (one
         // writer: reading the log there locks nothing more; InnoDB's range locks on it would
@@ -189,12 +189,12 @@ impl EventLog {
         after: i64,
         limit: i64,
     ) -> Result<Vec<LoggedEvent>> {
-        let d = conn.dialect();
+        let (t, d) = (self.table.name()?, conn.dialect());
         let rows = conn
             .fetch(
                 &d.sql(&format!(
                     "SELECT seq, event_id, payload FROM {} WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
-                    self.table
+                    t
                 )),
                 &[Arg::Text(stream), Arg::Int(after), Arg::Int(limit)],
                 &[Kind::Int, Kind::Text, Kind::Blob],

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use idemgate_core::{Error, Result};
 
-use crate::{Arg, Dialect, Kind, SqlConn, check_ident};
+use crate::{Arg, Dialect, Kind, SqlConn, Table};
 
 /// Consumer positions `(group, topic, partition) -> next_offset`, advanced by compare-and-set
 /// inside the same transaction as the inbox row and the business change, so the effect and the
@@ -15,7 +15,7 @@ use crate::{Arg, Dialect, Kind, SqlConn, check_ident};
 /// [`Error::Fenced`] and changes nothing; roll the transaction back.
 #[derive(Debug, Clone)]
 pub struct Offsets {
-    table: String,
+    table: Table,
 }
 
 impl Default for Offsets {
@@ -28,20 +28,19 @@ impl Offsets {
     /// Positions in table `idemgate_offsets`.
     pub fn new() -> Self {
         Offsets {
-            table: "idemgate_offsets".into(),
+            table: Table::new(Dialect::Postgres, "idemgate_offsets"),
         }
     }
 
-    /// Another table (a lowercase identifier).
-    pub fn with_table(mut self, table: impl Into<String>) -> Result<Self> {
-        self.table = table.into();
-        check_ident(&self.table)?;
-        Ok(self)
+    /// Another table: a lowercase identifier, or every call fails with `Error::Config`.
+    pub fn with_table(mut self, table: impl Into<String>) -> Self {
+        self.table = Table::new(Dialect::Postgres, table);
+        self
     }
 
     /// Creates the table if missing.
     pub async fn migrate<C: SqlConn>(&self, conn: &mut C) -> Result<()> {
-        let (t, d) = (&self.table, conn.dialect());
+        let (t, d) = (self.table.name()?, conn.dialect());
         let (key, int, big, opts) = (
             d.key_type(),
             d.int_type(),
@@ -69,12 +68,12 @@ impl Offsets {
         group: &str,
         topic: &str,
     ) -> Result<BTreeMap<i32, i64>> {
-        let d = conn.dialect();
+        let (t, d) = (self.table.name()?, conn.dialect());
         let rows = conn
             .fetch(
                 &d.sql(&format!(
                     "SELECT part, next_offset FROM {} WHERE consumer_group = ? AND topic = ?",
-                    self.table
+                    t
                 )),
                 &[Arg::Text(group), Arg::Text(topic)],
                 &[Kind::Int32, Kind::Int],
@@ -99,7 +98,7 @@ impl Offsets {
         expected: Option<i64>,
         next: i64,
     ) -> Result<()> {
-        let (t, d) = (&self.table, conn.dialect());
+        let (t, d) = (self.table.name()?, conn.dialect());
         let done = match expected {
             None => {
                 let sql = format!(

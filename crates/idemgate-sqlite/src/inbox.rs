@@ -13,9 +13,10 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::SqliteOffsets;
 use crate::Synchronous;
-use crate::conn::{Lite, check_table, migrate, ready};
+use crate::conn::{Lite, migrate, ready};
 use crate::error::sql;
 use crate::store::open_connection;
+use idemgate_sql::{Dialect, Table};
 
 /// The transactional inbox: records a key as processed *inside a transaction on its
 /// connection*, so the dedup row and the business change commit (or roll back) together. A crash
@@ -56,7 +57,7 @@ use crate::store::open_connection;
 #[derive(Debug, Clone)]
 pub struct SqliteInbox {
     conn: Arc<Mutex<Connection>>,
-    table: String,
+    table: Table,
     retention: Duration,
     clock: Arc<dyn Clock>,
     offsets: SqliteOffsets,
@@ -125,7 +126,7 @@ impl SqliteInbox {
     pub fn new(conn: Connection) -> Self {
         Self::with_parts(
             Arc::new(Mutex::new(conn)),
-            "idemgate_inbox".into(),
+            Table::new(Dialect::Sqlite, "idemgate_inbox"),
             Duration::from_secs(7 * 86_400),
             Arc::new(SystemClock),
             SqliteOffsets::new(),
@@ -134,20 +135,21 @@ impl SqliteInbox {
 
     fn with_parts(
         conn: Arc<Mutex<Connection>>,
-        table: String,
+        table: Table,
         retention: Duration,
         clock: Arc<dyn Clock>,
         offsets: SqliteOffsets,
     ) -> Self {
+        let t = table.as_given();
         SqliteInbox {
             first_time: format!(
-                "INSERT INTO {table} (scope, id, processed_at, expires_at) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO {t} (scope, id, processed_at, expires_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (scope, id) DO UPDATE SET processed_at = ?3, expires_at = ?4
                  WHERE expires_at <= ?3"
             ),
             purge: format!(
-                "DELETE FROM {table} WHERE (scope, id) IN
-                    (SELECT scope, id FROM {table} WHERE expires_at <= ?1 LIMIT ?2)"
+                "DELETE FROM {t} WHERE (scope, id) IN
+                    (SELECT scope, id FROM {t} WHERE expires_at <= ?1 LIMIT ?2)"
             ),
             conn,
             table,
@@ -157,17 +159,15 @@ impl SqliteInbox {
         }
     }
 
-    /// Another table (an identifier).
-    pub fn with_table(self, table: impl Into<String>) -> Result<Self> {
-        let table = table.into();
-        check_table(&table)?;
-        Ok(Self::with_parts(
+    /// Another table: an identifier, or every call fails with `Error::Config`.
+    pub fn with_table(self, table: impl Into<String>) -> Self {
+        Self::with_parts(
             self.conn,
-            table,
+            Table::new(Dialect::Sqlite, table),
             self.retention,
             self.clock,
             self.offsets,
-        ))
+        )
     }
 
     /// How long a processed key is remembered: at least the broker's redelivery window.
@@ -206,7 +206,7 @@ impl SqliteInbox {
     /// Creates the inbox table on `conn` if missing, for a caller that keeps its own connection
     /// and uses [`first_time_in`](Self::first_time_in).
     pub fn migrate_on(&self, conn: &Connection) -> Result<()> {
-        let t = &self.table;
+        let t = self.table.name()?;
         migrate(
             conn,
             t,
@@ -229,6 +229,7 @@ impl SqliteInbox {
     /// `true`. Use `BEGIN IMMEDIATE` (`TransactionBehavior::Immediate`) so the lock is taken up
     /// front rather than on upgrade.
     pub fn first_time_in(&self, conn: &Connection, key: &Key) -> Result<bool> {
+        self.table.name()?;
         let now = to_millis(self.clock.now());
         let expires = now.saturating_add(duration_millis(self.retention));
         let mut stmt = sql(conn.prepare_cached(&self.first_time))?;
@@ -276,6 +277,7 @@ impl Inbox for SqliteInbox {
     }
 
     async fn purge_expired(&self, limit: usize) -> Result<u64> {
+        self.table.name()?;
         let now = i64::try_from(to_millis(self.clock.now())).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let conn = Arc::clone(&self.conn).lock_owned().await;

@@ -599,8 +599,30 @@ impl InboxCase for SqliteCase {
 
 idemgate_testkit::inbox_conformance_tests!(SqliteCase);
 
-#[test]
-fn inbox_tables_are_identifiers() {
-    let inbox = SqliteInbox::new(Connection::open_in_memory().unwrap());
-    assert!(inbox.with_table("bad name").is_err());
+#[tokio::test]
+async fn inbox_tables_are_identifiers() {
+    let conn = Connection::open_in_memory().unwrap();
+    let inbox = SqliteInbox::new(Connection::open_in_memory().unwrap()).with_table("bad; name");
+    // every call that would run SQL on the table refuses, before any statement is sent
+    assert!(matches!(inbox.migrate().await, Err(Error::Config { .. })));
+    assert!(matches!(inbox.migrate_on(&conn), Err(Error::Config { .. })));
+    let key = Key::new("c", "e").unwrap();
+    assert!(matches!(
+        inbox.first_time_in(&conn, &key),
+        Err(Error::Config { .. })
+    ));
+    assert!(matches!(
+        idemgate_core::Inbox::purge_expired(&inbox, 10).await,
+        Err(Error::Config { .. })
+    ));
+    let offsets = idemgate_sqlite::SqliteOffsets::new().with_table("1st");
+    assert!(matches!(
+        idemgate_sqlite::ready(offsets.migrate(&mut idemgate_sqlite::Lite::new(&conn))),
+        Err(Error::Config { .. })
+    ));
+    // nothing was created
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(tables, 0);
 }

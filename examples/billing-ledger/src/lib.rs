@@ -49,8 +49,8 @@ impl Billing {
     pub async fn setup(pool: PgPool, prefix: &str) -> Result<Self, BoxError> {
         let totals = format!("{prefix}_billing_totals");
         let inbox = PgInbox::new(pool.clone())
-            .with_table(format!("{prefix}_billing_inbox"))?
-            .with_offsets(PgOffsets::new().with_table(format!("{prefix}_billing_offsets"))?);
+            .with_table(format!("{prefix}_billing_inbox"))
+            .with_offsets(PgOffsets::new().with_table(format!("{prefix}_billing_offsets")));
         inbox.migrate().await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {totals} (customer TEXT PRIMARY KEY, cents BIGINT NOT NULL)"
@@ -107,8 +107,8 @@ impl Ledger {
     pub async fn setup(pool: MySqlPool, prefix: &str) -> Result<Self, BoxError> {
         let entries = format!("{prefix}_ledger_entries");
         let inbox = MySqlInbox::new(pool.clone())
-            .with_table(format!("{prefix}_ledger_inbox"))?
-            .with_offsets(MySqlOffsets::new().with_table(format!("{prefix}_ledger_offsets"))?);
+            .with_table(format!("{prefix}_ledger_inbox"))
+            .with_offsets(MySqlOffsets::new().with_table(format!("{prefix}_ledger_offsets")));
         inbox.migrate().await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {entries} (id BIGINT AUTO_INCREMENT PRIMARY KEY,

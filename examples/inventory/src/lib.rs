@@ -52,7 +52,7 @@ impl Inventory {
     /// Creates the stock, reservation and inbox tables under `prefix` and stocks `skus`.
     pub async fn setup(pool: PgPool, prefix: &str, skus: &[(&str, i32)]) -> Result<Self, BoxError> {
         let (stock, reservations) = (format!("{prefix}_stock"), format!("{prefix}_reservations"));
-        let inbox = PgInbox::new(pool.clone()).with_table(format!("{prefix}_inbox"))?;
+        let inbox = PgInbox::new(pool.clone()).with_table(format!("{prefix}_inbox"));
         inbox.migrate().await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {stock} (sku TEXT PRIMARY KEY, initial INT NOT NULL,
