@@ -22,10 +22,12 @@ fn classify(e: RedisError) -> Error {
         || e.is_cluster_error()
         || matches!(
             e.kind(),
-            redis::ErrorKind::TryAgain
-                | redis::ErrorKind::ClusterDown
-                | redis::ErrorKind::MasterDown
-                | redis::ErrorKind::BusyLoadingError
+            redis::ErrorKind::Server(
+                redis::ServerErrorKind::TryAgain
+                    | redis::ServerErrorKind::ClusterDown
+                    | redis::ServerErrorKind::MasterDown
+                    | redis::ServerErrorKind::BusyLoading
+            )
         );
     if retryable {
         Error::Unavailable {
@@ -133,10 +135,10 @@ impl RedisStoreBuilder {
             })?;
             let client = redis::Client::open(url.as_str()).map_err(classify)?;
             let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(self.connect_timeout)
-                .set_response_timeout(self.response_timeout)
+                .set_connection_timeout(Some(self.connect_timeout))
+                .set_response_timeout(Some(self.response_timeout))
                 .set_number_of_retries(2)
-                .set_max_delay(500);
+                .set_max_delay(Duration::from_millis(500));
             Conn::Single(
                 ConnectionManager::new_with_config(client, config)
                     .await
