@@ -12,10 +12,8 @@ pub struct RabbitMq {
 impl RabbitMq {
     /// Connects to `amqp://user:pass@host:port/vhost`.
     pub async fn connect(url: &str) -> Result<Self> {
-        let props = ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio);
-        let conn = Connection::connect(url, props)
+        // lapin's tokio feature: the connection runs on the caller's runtime
+        let conn = Connection::connect(url, ConnectionProperties::default())
             .await
             .map_err(err("connecting"))?;
         Ok(RabbitMq { conn })
@@ -51,7 +49,7 @@ impl RabbitMq {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        ch.queue_declare(&dead_queue(queue), durable, FieldTable::default())
+        ch.queue_declare(dead_queue(queue).into(), durable, FieldTable::default())
             .await
             .map_err(err("declaring the dead-letter queue"))?;
         args.insert(
@@ -62,10 +60,10 @@ impl RabbitMq {
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(dead_queue(queue).into()),
         );
-        ch.queue_declare(queue, durable, args)
+        ch.queue_declare(queue.into(), durable, args)
             .await
             .map_err(err("declaring the queue"))?;
-        let _ = ch.close(200, "declared").await;
+        let _ = ch.close(200, "declared".into()).await;
         Ok(())
     }
 
@@ -73,11 +71,11 @@ impl RabbitMq {
     pub async fn delete(&self, queue: &str) -> Result<()> {
         let ch = self.channel().await?;
         for q in [queue.to_owned(), dead_queue(queue)] {
-            ch.queue_delete(&q, lapin::options::QueueDeleteOptions::default())
+            ch.queue_delete(q.into(), lapin::options::QueueDeleteOptions::default())
                 .await
                 .map_err(err("deleting a queue"))?;
         }
-        let _ = ch.close(200, "deleted").await;
+        let _ = ch.close(200, "deleted".into()).await;
         Ok(())
     }
 
@@ -85,10 +83,10 @@ impl RabbitMq {
     pub async fn purge(&self, queue: &str) -> Result<u32> {
         let ch = self.channel().await?;
         let n = ch
-            .queue_purge(queue, QueuePurgeOptions::default())
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
             .await
             .map_err(err("purging"))?;
-        let _ = ch.close(200, "purged").await;
+        let _ = ch.close(200, "purged".into()).await;
         Ok(n)
     }
 
@@ -110,8 +108,8 @@ impl RabbitMq {
             .map_err(err("enabling confirms"))?;
         let consumer = ch
             .basic_consume(
-                queue,
-                "",
+                queue.into(),
+                "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -144,14 +142,21 @@ impl RabbitMq {
     /// Closes the connection: unacked deliveries go back to their queues. A connection that is
     /// closing or closed already (the broker went away) is closed: that is not an error.
     pub async fn close(&self) -> Result<()> {
-        use lapin::{ChannelState, ConnectionState};
-        match self.conn.close(200, "bye").await {
-            Err(
-                lapin::Error::InvalidChannelState(ChannelState::Closing | ChannelState::Closed)
-                | lapin::Error::InvalidConnectionState(
-                    ConnectionState::Closing | ConnectionState::Closed | ConnectionState::Error,
-                ),
-            ) => Ok(()),
+        use lapin::{ChannelState, ConnectionState, ErrorKind};
+        match self.conn.close(200, "bye".into()).await {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::InvalidChannelState(ChannelState::Closing | ChannelState::Closed, _)
+                        | ErrorKind::InvalidConnectionState(
+                            ConnectionState::Closing
+                                | ConnectionState::Closed
+                                | ConnectionState::Error,
+                        )
+                ) =>
+            {
+                Ok(())
+            }
             r => r.map_err(err("closing")),
         }
     }
@@ -219,7 +224,7 @@ pub(crate) async fn publish(
         ..BasicPublishOptions::default()
     };
     let confirm = ch
-        .basic_publish("", routing_key, options, payload, props)
+        .basic_publish("".into(), routing_key.into(), options, payload, props)
         .await
         .map_err(err("publishing"))?
         .await

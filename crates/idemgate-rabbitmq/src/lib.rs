@@ -26,14 +26,12 @@ use idemgate_consumer::{
     DEAD_LETTER_REASON, DEAD_LETTER_RETRY, Delivery, EVENT_ID, Error, Message, ORDERING_KEY,
     Outgoing, Result, Sink, Source,
 };
-use lapin::acker::Acker;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
-use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 mod connection;
 mod sink;
@@ -48,4 +46,18 @@ const BROKER: &str = "rabbitmq";
 
 fn err(what: &str) -> impl FnOnce(lapin::Error) -> Error + '_ {
     move |e| Error::broker(BROKER, what, e)
+}
+
+/// An ack or nack's answer: lapin says `false` when its channel broke before the frame went out
+/// (the broker then redelivers).
+fn sent(r: lapin::Result<bool>, what: &str) -> Result<()> {
+    match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::broker(
+            BROKER,
+            what,
+            "the channel closed before the frame was sent",
+        )),
+        Err(e) => Err(err(what)(e)),
+    }
 }

@@ -122,10 +122,7 @@ impl Delivery for RabbitDelivery {
         let Some(acker) = self.acker.take() else {
             return Ok(());
         };
-        acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(err("acking"))
+        sent(acker.ack(BasicAckOptions::default()).await, "acking")
     }
 
     async fn nack(mut self, delay: Duration) -> Result<()> {
@@ -133,7 +130,7 @@ impl Delivery for RabbitDelivery {
             let Some(acker) = self.acker.take() else {
                 return Ok(());
             };
-            return acker.nack(REQUEUE).await.map_err(err("nacking"));
+            return sent(acker.nack(REQUEUE).await, "nacking");
         }
         // RabbitMQ requeues at once: the message waits out the delay in a retry queue, confirmed
         // there before the original is acked (a crash in between leaves a duplicate, which the
@@ -234,7 +231,7 @@ impl RabbitDelivery {
             ..QueueDeclareOptions::default()
         };
         self.retries
-            .queue_declare(retry, durable, args)
+            .queue_declare(retry.into(), durable, args)
             .await
             .map(drop)
             .map_err(err("declaring a retry queue"))
