@@ -571,6 +571,10 @@ impl InboxCase for SqliteCase {
         &self.inbox
     }
 
+    fn with_table(&self, table: &str) -> SqliteInbox {
+        self.inbox.clone().with_table(table)
+    }
+
     fn apply<'a>(&'a self, tx: &'a mut SqliteTx, event: &'a str) -> HandlerFuture<'a> {
         Box::pin(async move {
             tx.execute(

@@ -32,6 +32,9 @@ pub trait InboxCase: Sized + Send + Sync + 'static {
     /// The inbox.
     fn inbox(&self) -> &Self::Inbox;
 
+    /// The inbox in another table, as its `with_table` gives it.
+    fn with_table(&self, table: &str) -> Self::Inbox;
+
     /// Applies the effect of `event` in `tx`, deliberately not idempotent (`applied + 1`).
     fn apply<'a>(
         &'a self,
@@ -356,6 +359,31 @@ pub async fn a_dead_letter_is_recorded_once<C: InboxCase>() {
     assert_eq!((stats.dead_lettered, stats.duplicates), (1, 2), "{stats:?}");
 }
 
+/// A table name that is not an identifier fails every call on it with [`Error::Config`], on an
+/// open transaction too, before any statement is sent.
+pub async fn a_bad_table_name_refuses_every_call<C: InboxCase>() {
+    let Some(case) = C::open(Duration::from_secs(600)).await else {
+        return;
+    };
+    let inbox = case.with_table("x; drop table y");
+    let mut tx = inbox.begin().await.unwrap();
+    assert!(matches!(
+        inbox.first_time(&mut tx, &key("evt-1")).await,
+        Err(Error::Config { .. })
+    ));
+    assert!(matches!(
+        inbox
+            .first_time_many(&mut tx, &[key("evt-1"), key("evt-2")])
+            .await,
+        Err(Error::Config { .. })
+    ));
+    drop(tx);
+    assert!(matches!(
+        inbox.purge_expired(10).await,
+        Err(Error::Config { .. })
+    ));
+}
+
 /// Stamps the inbox conformance suite for an [`InboxCase`] as `#[tokio::test]`s.
 #[macro_export]
 macro_rules! inbox_conformance_tests {
@@ -403,6 +431,11 @@ macro_rules! inbox_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_dead_letter_is_recorded_once() {
                 c::a_dead_letter_is_recorded_once::<$case>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_bad_table_name_refuses_every_call() {
+                c::a_bad_table_name_refuses_every_call::<$case>().await;
             }
         }
     };
