@@ -111,8 +111,9 @@ pub struct ChaosArgs {
     /// The broker's URL (default: the local one).
     #[arg(long)]
     pub(crate) url: Option<String>,
-    /// The dedup store: any store URL in gate mode (default: SQLite in the run directory); a
-    /// `postgres://` or `mysql://` database in inbox mode, which then also holds the ledger.
+    /// The dedup store: any store URL in gate mode; a `postgres://`, `mysql://` or `sqlite:`
+    /// database in inbox mode, which then also holds the ledger (default: SQLite in the run
+    /// directory).
     #[arg(long)]
     pub(crate) store: Option<String>,
     /// `inbox`: the dedup row commits with the effect; `gate`: a claim in the store, the effect
