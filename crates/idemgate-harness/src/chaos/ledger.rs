@@ -151,10 +151,6 @@ impl Ledger {
             format!("INSERT INTO {} (id, total) VALUES (1, 0)", t.balance),
             format!("CREATE TABLE {} (k VARCHAR(255) PRIMARY KEY)", t.keys),
             format!(
-                "CREATE TABLE {} (event_id VARCHAR(64) PRIMARY KEY, failed BIGINT NOT NULL)",
-                t.failures
-            ),
-            format!(
                 "CREATE TABLE {} (k VARCHAR(64) PRIMARY KEY, last BIGINT NOT NULL, \
                  behind BIGINT NOT NULL)",
                 t.order
@@ -169,12 +165,16 @@ impl Ledger {
             ),
         ];
         let poison: Vec<&Event> = events.iter().filter(|e| e.fails > 0).collect();
+        let failures_table = format!(
+            "CREATE TABLE {} (event_id VARCHAR(64) PRIMARY KEY, failed BIGINT NOT NULL)",
+            t.failures
+        );
         let failures = format!("INSERT INTO {} (event_id, failed) VALUES ", t.failures);
         match self {
             Ledger::Sqlite(conn, failed, _) => {
                 let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
                 let tx = conn.transaction()?;
-                for stmt in ddl.iter().filter(|s| !s.contains(&t.failures)) {
+                for stmt in &ddl {
                     tx.execute(stmt, [])?;
                 }
                 {
@@ -189,9 +189,7 @@ impl Ledger {
                 tx.commit()?;
                 let mut failed = failed.lock().unwrap_or_else(|e| e.into_inner());
                 let tx = failed.transaction()?;
-                for stmt in ddl.iter().filter(|s| s.contains(&t.failures)) {
-                    tx.execute(stmt, [])?;
-                }
+                tx.execute(&failures_table, [])?;
                 {
                     let mut insert = tx.prepare(&format!("{failures}(?1, 0)"))?;
                     for e in &poison {
@@ -201,7 +199,7 @@ impl Ledger {
                 tx.commit()?;
             }
             Ledger::Postgres(pool, _) => {
-                for stmt in &ddl {
+                for stmt in ddl.iter().chain([&failures_table]) {
                     sqlx::query(stmt).execute(pool).await?;
                 }
                 for chunk in events.chunks(1000) {
@@ -222,7 +220,7 @@ impl Ledger {
                 }
             }
             Ledger::MySql(pool, _) => {
-                for stmt in &ddl {
+                for stmt in ddl.iter().chain([&failures_table]) {
                     sqlx::query(stmt).execute(pool).await?;
                 }
                 for chunk in events.chunks(1000) {

@@ -491,17 +491,16 @@ pub(crate) fn run_as(command: &str, args: &ChaosArgs) -> Result<ExitCode, BoxErr
     }
     let setup = validate(args, seed, &base)?;
     if !args.json {
-        let faults: Vec<String> = [
-            (args.kills, "kills"),
-            (args.zombies, "zombies"),
-            (args.store_restarts, "store restarts"),
-            (args.broker_restarts, "broker restarts"),
-            (args.cuts, "connection cuts"),
-        ]
-        .into_iter()
-        .filter(|&(n, _)| n > 0)
-        .map(|(n, what)| format!("{n} {what}"))
-        .collect();
+        let faults = report::nonzero(
+            [
+                (args.kills, "kills"),
+                (args.zombies, "zombies"),
+                (args.store_restarts, "store restarts"),
+                (args.broker_restarts, "broker restarts"),
+                (args.cuts, "connection cuts"),
+            ]
+            .map(|(n, what)| (u64::from(n), what)),
+        );
         eprintln!(
             "idemgate {command}: {} broker, {} mode, store {}, ledger {}; {} events ({}% published \
              twice), {} workers, {}; seed {seed}",
@@ -512,11 +511,7 @@ pub(crate) fn run_as(command: &str, args: &ChaosArgs) -> Result<ExitCode, BoxErr
             args.events,
             args.dup_rate * 100.0,
             args.workers,
-            if faults.is_empty() {
-                "no faults".to_owned()
-            } else {
-                faults.join(", ")
-            }
+            faults.as_deref().unwrap_or("no faults")
         );
     }
     let schedule = Schedule::new(args, seed);

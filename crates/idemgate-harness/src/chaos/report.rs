@@ -8,6 +8,16 @@ use idemgate_testkit::kill::KillPoint;
 /// A row of the report: its name and how to read it off a run.
 type Row = (String, Box<dyn Fn(&Figures) -> String>);
 
+/// `n what` for each count that is not zero, joined with commas; `None` if all are zero.
+pub(super) fn nonzero<'a>(counts: impl IntoIterator<Item = (u64, &'a str)>) -> Option<String> {
+    let listed: Vec<String> = counts
+        .into_iter()
+        .filter(|&(n, _)| n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+    (!listed.is_empty()).then(|| listed.join(", "))
+}
+
 /// Rows of faults left out of a report where neither run had any.
 const FAULT_ROWS: [&str; 8] = [
     "zombies (SIGSTOP past lease)",
@@ -94,26 +104,18 @@ pub(super) fn table(naive: Option<&Figures>, idem: &Figures) {
     }
     println!();
     if idem.lost == 0 && idem.applied_twice == 0 {
-        let faults: Vec<String> = [
+        let faults = nonzero([
             (idem.kills, "kills"),
             (idem.zombies, "zombies"),
             (
                 idem.store_restarts + idem.broker_restarts + idem.connection_cuts,
                 "restarts or cuts",
             ),
-        ]
-        .into_iter()
-        .filter(|&(n, _)| n > 0)
-        .map(|(n, what)| format!("{n} {what}"))
-        .collect();
+        ]);
         println!(
             "idemgate: every event's effect applied exactly once, through {} duplicate deliveries{}.",
             idem.duplicate_deliveries,
-            if faults.is_empty() {
-                String::new()
-            } else {
-                format!(" and {}", faults.join(", "))
-            }
+            faults.map(|f| format!(" and {f}")).unwrap_or_default()
         );
     } else if idem.mode == "gate" && idem.lost == 0 {
         println!(
