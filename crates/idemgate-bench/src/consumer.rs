@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use idemgate::consumer::memory::MemoryBroker;
 use idemgate::consumer::{
-    Consumer, Delivery, HandlerFuture, Inbox, InboxHandler, Message, Outgoing, Sink, Source,
-    StatsHandle,
+    Consumer, Delivery, Inbox, InboxHandler, Message, Outgoing, Sink, Source, StatsHandle,
 };
 use idemgate::core::{BoxStore, EventId};
 use idemgate::mysql::MySqlInbox;
@@ -444,40 +443,45 @@ impl Sql {
     ) -> Result<f64, BoxError> {
         match self {
             Sql::Postgres(_, effects, inbox) => {
-                let q = format!("INSERT INTO {effects} (event) VALUES ($1)");
-                let h = <dyn InboxHandler<idemgate::postgres::PgTx, Message>>::from_fn(
-                    move |tx, msg| {
-                        let q = q.clone();
-                        let fut: HandlerFuture<'_> = Box::pin(async move {
-                            sqlx::query(&q)
-                                .bind(&msg.event_id)
-                                .execute(&mut **tx)
-                                .await?;
-                            Ok(())
-                        });
-                        fut
-                    },
-                );
+                let h = Insert(format!("INSERT INTO {effects} (event) VALUES ($1)"));
                 inbox_mode(source, inbox.clone(), h, n, c, batch).await
             }
             Sql::MySql(_, effects, inbox) => {
-                let q = format!("INSERT INTO {effects} (event) VALUES (?)");
-                let h = <dyn InboxHandler<idemgate::mysql::MySqlTx, Message>>::from_fn(
-                    move |tx, msg| {
-                        let q = q.clone();
-                        let fut: HandlerFuture<'_> = Box::pin(async move {
-                            sqlx::query(&q)
-                                .bind(&msg.event_id)
-                                .execute(&mut **tx)
-                                .await?;
-                            Ok(())
-                        });
-                        fut
-                    },
-                );
+                let h = Insert(format!("INSERT INTO {effects} (event) VALUES (?)"));
                 inbox_mode(source, inbox.clone(), h, n, c, batch).await
             }
         }
+    }
+}
+
+/// Inbox mode's effect: the event's row, by this statement.
+struct Insert(String);
+
+impl InboxHandler<idemgate::postgres::PgTx, Message> for Insert {
+    async fn handle(
+        &self,
+        tx: &mut idemgate::postgres::PgTx,
+        msg: &Message,
+    ) -> Result<(), BoxError> {
+        sqlx::query(&self.0)
+            .bind(&msg.event_id)
+            .execute(tx.as_mut())
+            .await?;
+        Ok(())
+    }
+}
+
+impl InboxHandler<idemgate::mysql::MySqlTx, Message> for Insert {
+    async fn handle(
+        &self,
+        tx: &mut idemgate::mysql::MySqlTx,
+        msg: &Message,
+    ) -> Result<(), BoxError> {
+        sqlx::query(&self.0)
+            .bind(&msg.event_id)
+            .execute(tx.as_mut())
+            .await?;
+        Ok(())
     }
 }
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 use idemgate::core::backend::to_millis;
 use idemgate::core::{Key, State, Store};
-use idemgate::open;
+use idemgate::{BoxStore, open_checked};
 
 use crate::BoxError;
 
@@ -48,7 +48,7 @@ pub(crate) fn inspect(args: InspectArgs) -> Result<ExitCode, BoxError> {
         },
     };
     let rt = runtime()?;
-    let store = rt.block_on(open(&args.store))?;
+    let store = opened(rt.block_on(open_checked(&args.store))?);
     let Some(rec) = rt.block_on(store.get(&key))? else {
         println!("{key}: no live record");
         return Ok(ExitCode::from(1));
@@ -93,7 +93,7 @@ pub(crate) fn purge(args: PurgeArgs) -> Result<ExitCode, BoxError> {
         return Err("--batch must be at least 1".into());
     }
     let rt = runtime()?;
-    let store = rt.block_on(open(&args.store))?;
+    let store = opened(rt.block_on(open_checked(&args.store))?);
     let mut total = 0u64;
     loop {
         let n = rt.block_on(store.purge_expired(args.batch))?;
@@ -104,4 +104,12 @@ pub(crate) fn purge(args: PurgeArgs) -> Result<ExitCode, BoxError> {
     }
     println!("purged {total} expired records");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The store, its warnings printed to stderr.
+fn opened((store, warnings): (BoxStore, Vec<idemgate::Warning>)) -> BoxStore {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    store
 }

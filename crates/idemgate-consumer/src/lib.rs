@@ -35,11 +35,12 @@ mod broker;
 mod consumer;
 pub mod memory;
 mod message;
+pub mod shutdown;
 mod window;
 
 pub use broker::{Delivery, Sink, Source};
 pub use consumer::{Consumer, GateMode, InboxMode, KeyFn, Stats, StatsHandle};
-pub use idemgate_core::{BoxError, HandlerFuture, Inbox, InboxHandler, Position};
+pub use idemgate_core::{BoxError, Inbox, InboxFn, InboxHandler, Position, Warning};
 pub use message::{
     DEAD_LETTER_REASON, DEAD_LETTER_RETRY, EVENT_ID, Message, ORDERING_KEY, Outgoing,
 };

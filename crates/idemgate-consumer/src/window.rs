@@ -4,6 +4,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use idemgate_core::Warning;
+
 /// How long after a first delivery a broker may still redeliver a message, and how that was
 /// worked out (for the warning).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +31,11 @@ impl WindowCheck {
     /// Retention covers the horizon.
     pub fn is_ok(&self) -> bool {
         self.retention >= self.horizon.redelivery
+    }
+
+    /// The `"retention-window"` warning when the retention is shorter than the horizon.
+    pub fn warning(&self) -> Option<Warning> {
+        (!self.is_ok()).then(|| Warning::new("retention-window", self.to_string()))
     }
 }
 

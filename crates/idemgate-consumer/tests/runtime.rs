@@ -507,3 +507,122 @@ async fn a_copy_of_a_dead_lettered_event_is_not_dead_lettered_again() {
     assert_eq!((stats.dead_lettered, stats.duplicates), (1, 1), "{stats:?}");
     assert_eq!(broker.dead_letters().len(), 1);
 }
+
+/// A retention shorter than the broker's horizon is returned as a warning (not only logged),
+/// and refused under `with_strict`.
+#[tokio::test]
+async fn a_short_retention_is_a_returned_warning() {
+    use idemgate_consumer::Horizon;
+    let horizon = Horizon {
+        broker: "memory",
+        redelivery: Duration::from_secs(86_400),
+        basis: "a day".into(),
+    };
+    let broker = MemoryBroker::new();
+    let short = Consumer::gate("orders", MemoryStore::new())
+        .with_retention(Duration::from_secs(3600))
+        .with_horizon(horizon.clone());
+    let warnings = short.warnings(&broker.source());
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].code, "retention-window");
+    assert!(
+        warnings[0].to_string().contains("SHORTER"),
+        "{}",
+        warnings[0]
+    );
+    let long = Consumer::gate("orders", MemoryStore::new())
+        .with_retention(Duration::from_secs(2 * 86_400))
+        .with_horizon(horizon.clone());
+    assert!(long.warnings(&broker.source()).is_empty());
+    broker.close();
+    let refused = short
+        .with_strict(true)
+        .run(broker.source(), counting().1, std::future::pending())
+        .await;
+    assert!(matches!(refused, Err(idemgate_consumer::Error::Window(_))));
+}
+
+/// `StatsHandle::idle` stops a consumer that has drained its queue, after every message was
+/// handled: the broker is never closed, so only the idle shutdown can end the run.
+#[tokio::test]
+async fn idle_stops_a_drained_consumer() {
+    let broker = MemoryBroker::new();
+    for i in 0..20 {
+        broker.send(event(&format!("evt-{i}"), "x"));
+    }
+    let (runs, handler) = counting();
+    let slow = move |m: Message| {
+        let handler = handler.clone();
+        async move {
+            // slower than the idle period's step: a running handler is not idle
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            handler(m).await
+        }
+    };
+    let consumer = Consumer::gate("orders", MemoryStore::new()).with_concurrency(2);
+    let idle = consumer.stats_handle().idle(Duration::from_millis(50));
+    let stats = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer.run(broker.source(), slow, idle),
+    )
+    .await
+    .expect("the idle shutdown fired")
+    .unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 20);
+    assert_eq!(stats.handled, 20, "{stats:?}");
+}
+
+/// `StatsHandle::until` stops a consumer once the counts say so.
+#[tokio::test]
+async fn until_stops_on_the_counts() {
+    let broker = MemoryBroker::new();
+    for id in ["a", "b", "a", "c"] {
+        broker.send(event(id, "x"));
+    }
+    let (runs, handler) = counting();
+    let consumer = Consumer::gate("orders", MemoryStore::new());
+    let done = consumer
+        .stats_handle()
+        .until(|s| s.handled + s.duplicates == 4);
+    let stats = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer.run(broker.source(), handler, done),
+    )
+    .await
+    .expect("the shutdown fired")
+    .unwrap();
+    assert_eq!((stats.handled, stats.duplicates), (3, 1));
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+/// `shutdown::signal` resolves on SIGTERM: a consumer stops and returns its stats.
+#[cfg(unix)]
+#[tokio::test]
+async fn sigterm_stops_a_consumer() {
+    let broker = MemoryBroker::new();
+    broker.send(event("evt-1", "x"));
+    let (runs, handler) = counting();
+    let consumer = Consumer::gate("orders", MemoryStore::new());
+    let handle = consumer.stats_handle();
+    let run = tokio::spawn(consumer.run(
+        broker.source(),
+        handler,
+        idemgate_consumer::shutdown::signal(),
+    ));
+    // the signal handler is installed on the run's first poll; wait for the first message
+    tokio::time::timeout(Duration::from_secs(10), handle.until(|s| s.handled == 1))
+        .await
+        .unwrap();
+    let pid = std::process::id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let stats = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("SIGTERM stopped the consumer")
+        .unwrap()
+        .unwrap();
+    assert_eq!((stats.handled, runs.load(Ordering::SeqCst)), (1, 1));
+}

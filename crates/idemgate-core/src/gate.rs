@@ -30,19 +30,29 @@ pub enum ErrorPolicy {
     Store,
 }
 
-/// What to do when another claim holds the key.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What to do when another call holds the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum InProgressPolicy {
-    /// Return [`GateError::InProgress`] at once. The default.
-    #[default]
+    /// Return [`GateError::InProgress`] at once: for a caller that has its own retry (a broker
+    /// that redelivers, an HTTP client told to come back).
     Reject,
     /// Poll the store until the running call completes (and return its result), its lease runs
-    /// out (and take over), or `timeout` passes.
+    /// out (and take over), or `timeout` passes (then [`GateError::InProgress`]). The default,
+    /// with a 60 s timeout: long enough for the 30 s lease of a call that crashed to run out and
+    /// be taken over.
     Wait {
         /// The longest wait.
         timeout: Duration,
     },
+}
+
+impl Default for InProgressPolicy {
+    fn default() -> Self {
+        InProgressPolicy::Wait {
+            timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// The value of a successful [`Gate::run`].
@@ -112,7 +122,7 @@ impl<E: fmt::Display> fmt::Display for GateError<E> {
             GateError::Mismatch { .. } => {
                 f.write_str("the key was used before with a different request")
             }
-            GateError::Store(_) => f.write_str("idempotency store failed"),
+            GateError::Store(e) => write!(f, "idempotency store failed: {e}"),
         }
     }
 }
@@ -120,7 +130,8 @@ impl<E: fmt::Display> fmt::Display for GateError<E> {
 impl<E: fmt::Debug + fmt::Display> std::error::Error for GateError<E> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            GateError::Store(e) => Some(e),
+            // the store error's own text is in the message: its cause comes next
+            GateError::Store(e) => std::error::Error::source(e),
             _ => None,
         }
     }
@@ -170,8 +181,9 @@ impl<S> Clone for Gate<S> {
 }
 
 impl<S: Store> Gate<S> {
-    /// A gate over `store` with 30 s leases, 24 h retention, `Release` on error and `Reject` on
-    /// in-progress duplicates.
+    /// A gate over `store` with 30 s leases, 24 h retention, `Release` on error, and a duplicate
+    /// that arrives while the first call runs waiting for its result (up to 60 s; see
+    /// [`InProgressPolicy`]).
     pub fn new(store: S) -> Self {
         Self::from_arc(Arc::new(store))
     }
@@ -183,7 +195,7 @@ impl<S: Store> Gate<S> {
             lease: Duration::from_secs(30),
             retention: Duration::from_secs(86_400),
             on_error: ErrorPolicy::Release,
-            in_progress: InProgressPolicy::Reject,
+            in_progress: InProgressPolicy::default(),
         }
     }
 
@@ -205,7 +217,8 @@ impl<S: Store> Gate<S> {
         self
     }
 
-    /// What to do with in-progress duplicates.
+    /// What to do with a duplicate that arrives while the first call runs (default: wait up to
+    /// 60 s for its result).
     pub fn with_in_progress_policy(mut self, policy: InProgressPolicy) -> Self {
         self.in_progress = policy;
         self
@@ -216,7 +229,9 @@ impl<S: Store> Gate<S> {
         &self.store
     }
 
-    /// Runs `handler` for `key` unless it already ran (then replays its result) or is running.
+    /// Runs `handler` for `key` unless it already ran (then replays its result). A call for a
+    /// key that another call is running waits for that call's result, or returns
+    /// [`GateError::InProgress`], as the [`InProgressPolicy`] says.
     ///
     /// The handler receives the [`Lease`]; it should pass `lease.key().derive(..)` to any
     /// downstream system, because a crash between the effect and `complete` runs it again after

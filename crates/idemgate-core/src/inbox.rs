@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use crate::error::{BoxError, Result};
@@ -118,34 +117,79 @@ impl Position {
     }
 }
 
-/// A boxed handler future borrowing the transaction and the message.
-pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>>;
-
-/// An Inbox-mode handler: writes the effect of a message `M` in the inbox's transaction `Tx`.
+/// An Inbox-mode handler: writes the effect of a message `M` in the inbox's transaction `Tx`
+/// (`PgTx`, `MySqlTx`, `SqliteTx`).
 ///
-/// Any `Fn(&mut Tx, &M) -> HandlerFuture` is one; `<dyn InboxHandler<Tx, M>>::from_fn` helps
-/// the compiler see a closure as one.
+/// Three shapes are handlers:
+/// - an async closure with its argument types written out and nothing captured:
+///   `async |tx: &mut PgTx, msg: &Message| { …; Ok(()) }`;
+/// - an `async fn reserve(tx: &mut PgTx, msg: &Message) -> Result<(), BoxError>`, passed by name;
+/// - a type of yours that holds state (table names, a counter), implementing this trait with an
+///   `async fn handle`.
+///
+/// An async closure that captures state is not one: Rust cannot yet require the futures of such
+/// a closure to be `Send`, which the consumer's worker tasks need. Put the state in a type.
+///
+/// ```
+/// use idemgate_core::{BoxError, InboxHandler};
+///
+/// # struct Tx(Vec<String>);
+/// # struct Message { payload: String }
+/// // a handler with state
+/// struct Record {
+///     table: String,
+/// }
+///
+/// impl InboxHandler<Tx, Message> for Record {
+///     async fn handle(&self, tx: &mut Tx, msg: &Message) -> Result<(), BoxError> {
+///         tx.0.push(format!("INSERT INTO {} VALUES ('{}')", self.table, msg.payload));
+///         Ok(())
+///     }
+/// }
+///
+/// // a closure
+/// fn is_handler(_: impl InboxHandler<Tx, Message>) {}
+/// is_handler(async |tx: &mut Tx, msg: &Message| {
+///     let n: u32 = msg.payload.parse()?;
+///     tx.0.push(format!("UPDATE balance SET total = total + {n}"));
+///     Ok(())
+/// });
+/// is_handler(Record { table: "effects".into() });
+/// ```
 pub trait InboxHandler<Tx, M>: Send + Sync + 'static {
-    /// Applies `msg` inside `tx`.
-    fn handle<'a>(&'a self, tx: &'a mut Tx, msg: &'a M) -> HandlerFuture<'a>;
+    /// Applies `msg` inside `tx`. An error rolls the transaction back; the message is tried
+    /// again, then dead-lettered.
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        msg: &'a M,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send + 'a;
 }
 
-impl<Tx, M, F> InboxHandler<Tx, M> for F
+/// A function from a transaction and a message to a `Send` future: what lets a closure or an
+/// `async fn` be an [`InboxHandler`]. Implemented for every such function; not for implementing.
+pub trait InboxFn<'a, Tx: 'a, M: 'a>: Fn(&'a mut Tx, &'a M) -> Self::Fut {
+    /// The handler's future.
+    type Fut: Future<Output = Result<(), BoxError>> + Send + 'a;
+}
+
+impl<'a, Tx: 'a, M: 'a, F, Fut> InboxFn<'a, Tx, M> for F
 where
-    F: for<'a> Fn(&'a mut Tx, &'a M) -> HandlerFuture<'a> + Send + Sync + 'static,
+    F: Fn(&'a mut Tx, &'a M) -> Fut,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'a,
 {
-    fn handle<'a>(&'a self, tx: &'a mut Tx, msg: &'a M) -> HandlerFuture<'a> {
-        self(tx, msg)
-    }
+    type Fut = Fut;
 }
 
-impl<Tx, M> dyn InboxHandler<Tx, M> {
-    /// Pins down a closure's signature as an Inbox handler:
-    /// `<dyn InboxHandler<_, _>>::from_fn(|tx, msg| Box::pin(async move { … }))`.
-    pub fn from_fn<F>(f: F) -> F
-    where
-        F: for<'a> Fn(&'a mut Tx, &'a M) -> HandlerFuture<'a> + Send + Sync + 'static,
-    {
-        f
+impl<Tx: 'static, M: 'static, F> InboxHandler<Tx, M> for F
+where
+    F: for<'a> InboxFn<'a, Tx, M> + Send + Sync + 'static,
+{
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        msg: &'a M,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send + 'a {
+        self(tx, msg)
     }
 }

@@ -53,17 +53,19 @@ mod outcome;
 mod record;
 mod row;
 mod store;
+mod warning;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, Result};
 pub use fingerprint::Fingerprint;
 pub use gate::{ErrorPolicy, Gate, GateError, InProgressPolicy, Run};
-pub use inbox::{HandlerFuture, Inbox, InboxHandler, Position};
+pub use inbox::{Inbox, InboxFn, InboxHandler, Position};
 pub use key::{EventId, Key, MAX_KEY_LEN};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use outcome::{Meta, Outcome};
 pub use record::{Claim, ClaimOptions, Lease, Record, State};
 pub use store::{BoxStore, Store, StoreExt};
+pub use warning::Warning;
 
 /// What only backend authors need: the row SQL stores keep a record in, the millisecond
 /// helpers, the token arithmetic, the lease heartbeat, and the event log's rows.

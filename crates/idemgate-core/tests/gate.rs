@@ -40,7 +40,9 @@ const LEASE: Duration = Duration::from_millis(300);
 
 #[tokio::test(start_paused = true)]
 async fn heartbeat_keeps_a_long_handler_exclusive() {
-    let gate = Gate::new(store()).with_lease(LEASE);
+    let gate = Gate::new(store())
+        .with_lease(LEASE)
+        .with_in_progress_policy(InProgressPolicy::Reject);
     let runs = Arc::new(AtomicU32::new(0));
     let slow = {
         let (gate, runs) = (gate.clone(), Arc::clone(&runs));
@@ -290,4 +292,59 @@ async fn a_lease_reported_lost_is_never_completed() {
     );
     let rec = gate.store().get(&key("lost")).await.unwrap().unwrap();
     assert_eq!(rec.outcome().unwrap().body.as_ref(), b"\"owner\"");
+}
+
+/// The default: ten concurrent callers with one key run the handler once, and the nine others
+/// wait for its result instead of getting `InProgress`.
+#[tokio::test(start_paused = true)]
+async fn concurrent_callers_wait_for_the_result_by_default() {
+    let gate = Gate::new(store());
+    let runs = Arc::new(AtomicU32::new(0));
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let (gate, runs) = (gate.clone(), Arc::clone(&runs));
+        calls.spawn(async move {
+            gate.run(&key("ten"), None, |_| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok::<_, String>(format!("receipt from caller {i}"))
+            })
+            .await
+        });
+    }
+    let (mut fresh, mut replayed) = (Vec::new(), Vec::new());
+    while let Some(joined) = calls.join_next().await {
+        match joined.unwrap() {
+            Ok(Run::Fresh(r)) => fresh.push(r),
+            Ok(Run::Replayed(r)) => replayed.push(r),
+            Err(e) => panic!("a caller got {e:?}"),
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!((fresh.len(), replayed.len()), (1, 9));
+    assert!(replayed.iter().all(|r| *r == fresh[0]), "{replayed:?}");
+}
+
+/// A store failure prints its cause once: in the message, not again as the source.
+#[tokio::test]
+async fn a_store_failure_prints_its_cause_once() {
+    let gate = Gate::new(FaultStore::new(store()).inject(Op::Claim, Fault::FailBefore, 1));
+    let err = gate
+        .run(&key("cause"), None, |_| async { Ok::<_, String>(1) })
+        .await
+        .unwrap_err();
+    let shown = err.to_string();
+    let inner = match &err {
+        GateError::Store(e) => e.to_string(),
+        other => panic!("got {other:?}"),
+    };
+    assert!(shown.starts_with("idempotency store failed: "), "{shown}");
+    assert!(shown.ends_with(&inner), "{shown}");
+    let mut chain = Vec::new();
+    let mut source = std::error::Error::source(&err);
+    while let Some(e) = source {
+        chain.push(e.to_string());
+        source = e.source();
+    }
+    assert!(chain.iter().all(|c| *c != inner), "{chain:?}");
 }

@@ -67,7 +67,9 @@ fn gate_counts_every_outcome() {
                 .with_clock(clock.clone())
                 .build()
                 .unwrap();
-            let gate = Gate::new(store).with_lease(Duration::from_secs(10));
+            let gate = Gate::new(store)
+                .with_lease(Duration::from_secs(10))
+                .with_in_progress_policy(idemgate_core::InProgressPolicy::Reject);
             let key = Key::new("m", "k").unwrap();
             let fp = Fingerprint::of(b"a");
             assert!(

@@ -5,8 +5,7 @@
 use std::time::Duration;
 
 use idemgate_consumer::{
-    Consumer, DEAD_LETTER_REASON, Delivery, HandlerFuture, Inbox, InboxHandler, Message, Outgoing,
-    Sink,
+    BoxError, Consumer, DEAD_LETTER_REASON, Delivery, Inbox, InboxHandler, Message, Outgoing, Sink,
 };
 use idemgate_kafka::{Kafka, SourceOptions};
 use idemgate_postgres::{PgInbox, PgOffsets, PgTx};
@@ -143,19 +142,34 @@ async fn the_producer_refuses_to_run_without_idempotence() {
     assert!(err.to_string().contains("enable.idempotence"), "{err}");
 }
 
-fn counting_handler(effects: String) -> impl InboxHandler<PgTx, Message> {
-    <dyn InboxHandler<PgTx, Message>>::from_fn(move |tx, msg| {
-        let (effects, id) = (effects.clone(), msg.event_id.clone().unwrap_or_default());
-        let fut: HandlerFuture<'_> = Box::pin(async move {
-            // deliberately not idempotent: a second run would add a second row
-            sqlx::query(&format!("INSERT INTO {effects} (event) VALUES ($1)"))
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-            Ok(())
-        });
-        fut
-    })
+/// Inserts a row per event, deliberately not idempotent: a second run adds a second row. With
+/// `failed`, the first two runs of event 7 fail.
+struct Effects {
+    table: String,
+    failed: Option<std::sync::Arc<std::sync::atomic::AtomicU32>>,
+}
+
+impl InboxHandler<PgTx, Message> for Effects {
+    async fn handle(&self, tx: &mut PgTx, msg: &Message) -> Result<(), BoxError> {
+        if let Some(failed) = &self.failed
+            && &msg.payload[..] == b"7"
+            && failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2
+        {
+            return Err("the first two runs of event 7 fail".into());
+        }
+        sqlx::query(&format!("INSERT INTO {} (event) VALUES ($1)", self.table))
+            .bind(msg.event_id.as_deref().unwrap_or_default())
+            .execute(tx.as_mut())
+            .await?;
+        Ok(())
+    }
+}
+
+fn counting_handler(effects: String) -> Effects {
+    Effects {
+        table: effects,
+        failed: None,
+    }
 }
 
 /// Inbox mode: effects, inbox rows and positions commit together. A consumer that dies after
@@ -221,7 +235,7 @@ async fn inbox_mode_keeps_positions_with_the_effect_and_seeks_to_them() {
         .run(
             second,
             counting_handler(effects.clone()),
-            until(handle, Duration::from_secs(60), |s| {
+            until(handle, Duration::from_secs(60), move |s| {
                 s.handled + s.duplicates >= 50 - covered
             }),
         )
@@ -520,26 +534,11 @@ async fn inbox_mode_hands_over_after_a_nack_and_batches() {
     // the first two runs of one event fail (in a batch, the first only rolls the batch back and
     // the event runs again alone): it is nacked, and its retry waits 2 s
     let failed = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let handler = {
-        let (effects, failed) = (effects.clone(), std::sync::Arc::clone(&failed));
-        <dyn InboxHandler<PgTx, Message>>::from_fn(move |tx, msg| {
-            let (effects, failed) = (effects.clone(), std::sync::Arc::clone(&failed));
-            let id = msg.event_id.clone().unwrap_or_default();
-            let fail = &msg.payload[..] == b"7"
-                && failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2;
-            let fut: HandlerFuture<'_> = Box::pin(async move {
-                if fail {
-                    return Err("the first two runs of event 7 fail".into());
-                }
-                sqlx::query(&format!("INSERT INTO {effects} (event) VALUES ($1)"))
-                    .bind(id)
-                    .execute(&mut **tx)
-                    .await?;
-                Ok(())
-            });
-            fut
-        })
+    let handler = Effects {
+        table: effects.clone(),
+        failed: Some(std::sync::Arc::clone(&failed)),
     };
+
     let consumer = Consumer::inbox("billing", inbox.clone())
         .with_batch(4)
         .with_retry_delay(Duration::from_secs(2));

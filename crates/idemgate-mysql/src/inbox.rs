@@ -25,7 +25,7 @@ use idemgate_sql::{Dialect, Table};
 #[derive(Debug, Clone)]
 pub struct MySqlInbox {
     pool: MySqlPool,
-    offsets: MySqlOffsets,
+    offsets: Option<MySqlOffsets>,
     table: Table,
     retention: Duration,
     sql: Arc<Statements>,
@@ -77,13 +77,14 @@ const AFTER: &str = "(scope > ? OR (scope = ? AND id > ?))";
 const UP_TO: &str = "(scope < ? OR (scope = ? AND id <= ?))";
 
 impl MySqlInbox {
-    /// An inbox on `pool` in table `idemgate_inbox`, keeping keys for 7 days and positions in
-    /// the default offsets table. Call [`migrate`](Self::migrate) once first.
+    /// An inbox on `pool` in table `idemgate_inbox`, keeping keys for 7 days and no Kafka
+    /// positions ([`with_offsets`](Self::with_offsets) for those). Call
+    /// [`migrate`](Self::migrate) once first.
     pub fn new(pool: MySqlPool) -> Self {
         let table = "idemgate_inbox";
         MySqlInbox {
             pool,
-            offsets: MySqlOffsets::new(),
+            offsets: None,
             table: Table::new(Dialect::Postgres, table),
             retention: Duration::from_secs(7 * 86_400),
             sql: Arc::new(Statements::new(table)),
@@ -111,9 +112,12 @@ impl MySqlInbox {
         self
     }
 
-    /// Keeps positions in another offsets table.
+    /// Keeps Kafka positions ([`Inbox::advance`](idemgate_core::Inbox::advance)) in `offsets`
+    /// (`MySqlOffsets::new()`: the table `idemgate_offsets`), created by
+    /// [`migrate`](Self::migrate). Without one, a message that carries a position is refused
+    /// with `Error::Config`.
     pub fn with_offsets(mut self, offsets: MySqlOffsets) -> Self {
-        self.offsets = offsets;
+        self.offsets = Some(offsets);
         self
     }
 
@@ -140,7 +144,10 @@ impl MySqlInbox {
             &["scope", "id", "processed_at", "expires_at", "nonce"],
         )
         .await?;
-        self.offsets.migrate(&mut *conn).await
+        match &self.offsets {
+            Some(offsets) => offsets.migrate(&mut *conn).await,
+            None => Ok(()),
+        }
     }
 
     /// Records `key` in the caller's transaction (any transaction on this database, not only
@@ -289,4 +296,4 @@ impl MySqlInbox {
     }
 }
 
-idemgate_sql::sqlx_inbox!(MySqlInbox, MySqlTx, crate::classify_error);
+idemgate_sql::sqlx_inbox!(MySqlInbox, MySqlTx, crate::classify_error, "mysql");

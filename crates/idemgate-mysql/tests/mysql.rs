@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use std::collections::BTreeMap;
 
-use idemgate_core::{Claim, Error, HandlerFuture, Inbox, Key, Outcome, Store, StoreExt};
+use idemgate_core::{BoxError, Claim, Error, Inbox, Key, Outcome, Store, StoreExt};
 use idemgate_mysql::{MySqlInbox, MySqlOffsets, MySqlStore, MySqlTx};
 use idemgate_testkit::inbox_conformance::InboxCase;
 use idemgate_testkit::service;
@@ -392,18 +392,32 @@ impl InboxCase for MySqlCase {
         self.inbox.clone().with_table(table)
     }
 
-    fn apply<'a>(&'a self, tx: &'a mut MySqlTx, event: &'a str) -> HandlerFuture<'a> {
+    fn without_offsets(&self) -> MySqlInbox {
+        MySqlInbox::new(self.pool.clone()).with_table(unique("cinbox"))
+    }
+
+    async fn migrate(inbox: &MySqlInbox) -> Result<(), Error> {
+        inbox.migrate().await
+    }
+
+    async fn drop_table(&self, table: &str) {
+        sqlx::query(&format!("DROP TABLE {table}"))
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    async fn apply(&self, tx: &mut MySqlTx, event: &str) -> Result<(), BoxError> {
         let t = &self.effects;
-        Box::pin(async move {
-            sqlx::query(&format!(
-                "INSERT INTO {t} (event, applied) VALUES (?, 1)
-                 ON DUPLICATE KEY UPDATE applied = applied + 1"
-            ))
-            .bind(event)
-            .execute(&mut **tx)
-            .await?;
-            Ok(())
-        })
+
+        sqlx::query(&format!(
+            "INSERT INTO {t} (event, applied) VALUES (?, 1)
+             ON DUPLICATE KEY UPDATE applied = applied + 1"
+        ))
+        .bind(event)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 
     async fn applied(&self) -> BTreeMap<String, (u64, Option<i64>)> {

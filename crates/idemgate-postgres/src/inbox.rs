@@ -47,7 +47,7 @@ pub struct PgInbox {
     table: Table,
     retention: Duration,
     sql: Arc<Statements>,
-    offsets: PgOffsets,
+    offsets: Option<PgOffsets>,
 }
 
 /// The inbox's statements, written once per table rather than on every delivery.
@@ -103,8 +103,9 @@ impl Statements {
 }
 
 impl PgInbox {
-    /// An inbox on `pool` in table `idemgate_inbox`, keeping keys for 7 days and positions in
-    /// the default offsets table. Call [`migrate`](Self::migrate) once first.
+    /// An inbox on `pool` in table `idemgate_inbox`, keeping keys for 7 days and no Kafka
+    /// positions ([`with_offsets`](Self::with_offsets) for those). Call
+    /// [`migrate`](Self::migrate) once first.
     pub fn new(pool: PgPool) -> Self {
         let table = "idemgate_inbox";
         PgInbox {
@@ -112,13 +113,16 @@ impl PgInbox {
             table: Table::new(Dialect::Postgres, table),
             retention: Duration::from_secs(7 * 86_400),
             sql: Arc::new(Statements::new(table)),
-            offsets: PgOffsets::new(),
+            offsets: None,
         }
     }
 
-    /// Keeps positions in another offsets table.
+    /// Keeps Kafka positions ([`Inbox::advance`](idemgate_core::Inbox::advance)) in `offsets`
+    /// (`PgOffsets::new()`: the table `idemgate_offsets`), created by
+    /// [`migrate`](Self::migrate). Without one, a message that carries a position is refused
+    /// with `Error::Config`.
     pub fn with_offsets(mut self, offsets: PgOffsets) -> Self {
-        self.offsets = offsets;
+        self.offsets = Some(offsets);
         self
     }
 
@@ -146,7 +150,8 @@ impl PgInbox {
         self
     }
 
-    /// Creates the inbox and offsets tables if missing, or brings them to this version.
+    /// Creates the inbox table (and the offsets table, if it has one) if missing, or brings them
+    /// to this version.
     pub async fn migrate(&self) -> Result<()> {
         let t = self.table.name()?;
         let mut conn = pg(self.pool.acquire().await)?;
@@ -167,7 +172,10 @@ impl PgInbox {
             &["scope", "id", "processed_at", "expires_at", "nonce"],
         )
         .await?;
-        self.offsets.migrate(&mut *conn).await
+        match &self.offsets {
+            Some(offsets) => offsets.migrate(&mut *conn).await,
+            None => Ok(()),
+        }
     }
 
     /// Records `key` in the caller's transaction (any transaction on this database, not only
@@ -257,4 +265,4 @@ impl PgInbox {
     }
 }
 
-idemgate_sql::sqlx_inbox!(PgInbox, PgTx, crate::classify_error);
+idemgate_sql::sqlx_inbox!(PgInbox, PgTx, crate::classify_error, "postgres");

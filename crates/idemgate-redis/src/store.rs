@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use idemgate_core::backend::{RecordRow, duration_millis, time_from_ms};
 use idemgate_core::{
-    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, Result, Store,
+    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, Result, Store, Warning,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -156,25 +156,17 @@ impl RedisStoreBuilder {
                 renew: Script::new(&scripts::renew()),
                 get: Script::new(&scripts::get()),
             }),
+            warnings: Arc::new([]),
         };
         store.sync_clock().await?;
-        match store.check_durability().await {
-            Ok(Durability::AppendOnly) => {}
-            Ok(d) => tracing::warn!(
-                durability = ?d,
-                "the Redis server does not keep an append-only file: a restart forgets completed keys and lets duplicates through"
-            ),
-            Err(e) => tracing::warn!(error = %e, "could not read the Redis persistence settings"),
+        let warnings = store.check().await;
+        for w in &warnings {
+            tracing::warn!(code = w.code, "{w}");
         }
-        match store.check_eviction().await {
-            Ok(None) => {}
-            Ok(Some(policy)) => tracing::warn!(
-                maxmemory_policy = %policy,
-                "the Redis server evicts keys when its memory is full: a record can vanish before it expires and let a duplicate through; set maxmemory-policy to noeviction"
-            ),
-            Err(e) => tracing::warn!(error = %e, "could not read the Redis eviction policy"),
-        }
-        Ok(store)
+        Ok(RedisStore {
+            warnings: warnings.into(),
+            ..store
+        })
     }
 }
 
@@ -203,6 +195,7 @@ pub struct RedisStore {
     clock: Arc<ServerClock>,
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
+    warnings: Arc<[Warning]>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -295,6 +288,54 @@ impl RedisStore {
         let url =
             std::env::var("IDEMGATE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         Self::builder().with_url(url).build().await
+    }
+
+    /// What was found wrong with the server's settings when the store was built (see
+    /// [`check`](Self::check)); also logged at `warn`.
+    pub fn warnings(&self) -> &[Warning] {
+        &self.warnings
+    }
+
+    /// Checks the server's settings: a `Warning` when it keeps no append-only file
+    /// (`"redis-no-aof"`: a restart forgets completed keys), when it may evict keys before they
+    /// expire (`"redis-eviction"`), or when the settings cannot be read (`"redis-config"`: a
+    /// managed Redis may refuse `CONFIG GET`).
+    pub async fn check(&self) -> Vec<Warning> {
+        let mut warnings = Vec::new();
+        match self.check_durability().await {
+            Ok(Durability::AppendOnly) => {}
+            Ok(d) => warnings.push(Warning::new(
+                "redis-no-aof",
+                format!(
+                    "the Redis server keeps no append-only file ({}): a restart forgets \
+                     completed keys and lets duplicates through; set appendonly yes",
+                    match d {
+                        Durability::Snapshots => "only RDB snapshots",
+                        _ => "nothing on disk",
+                    }
+                ),
+            )),
+            Err(e) => warnings.push(Warning::new(
+                "redis-config",
+                format!("could not read the Redis persistence settings: {e}"),
+            )),
+        }
+        match self.check_eviction().await {
+            Ok(None) => {}
+            Ok(Some(policy)) => warnings.push(Warning::new(
+                "redis-eviction",
+                format!(
+                    "the Redis server evicts keys when its memory is full (maxmemory-policy \
+                     {policy}): a record can vanish before it expires and let a duplicate \
+                     through; set maxmemory-policy noeviction"
+                ),
+            )),
+            Err(e) => warnings.push(Warning::new(
+                "redis-config",
+                format!("could not read the Redis eviction policy: {e}"),
+            )),
+        }
+        warnings
     }
 
     /// What the server keeps on disk (`CONFIG GET appendonly` and `save`).

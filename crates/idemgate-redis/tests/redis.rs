@@ -45,6 +45,9 @@ async fn records_expire_with_the_record_and_durability_is_reported() {
     let expected = std::env::var("IDEMGATE_REDIS_DURABILITY").unwrap_or_else(|_| "none".into());
     if expected == "none" {
         assert_eq!(d, Durability::None);
+        // and return, not only log: a program without a subscriber prints it
+        let codes: Vec<&str> = store.warnings().iter().map(|w| w.code).collect();
+        assert!(codes.contains(&"redis-no-aof"), "{:?}", store.warnings());
     }
     // an id of this run's own: records of earlier runs may still be alive
     let id = format!(
@@ -154,6 +157,7 @@ async fn completed_records_survive_a_restart_with_aof() {
     );
     // this server is the test's own: its eviction policy can change
     assert_eq!(store.check_eviction().await.unwrap(), None);
+    assert!(store.warnings().is_empty(), "{:?}", store.warnings());
     let set = |policy: &'static str| {
         let store = store.clone();
         async move {
@@ -174,6 +178,13 @@ async fn completed_records_survive_a_restart_with_aof() {
         store.check_eviction().await.unwrap().as_deref(),
         Some("volatile-lru"),
         "an evicting policy was not reported"
+    );
+    let found = store.check().await;
+    assert!(
+        found
+            .iter()
+            .any(|w| w.code == "redis-eviction" && w.message.contains("volatile-lru")),
+        "{found:?}"
     );
     set("noeviction").await;
     let mut held = Vec::new();

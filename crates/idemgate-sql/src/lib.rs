@@ -44,6 +44,16 @@ pub use migrate::migrate;
 pub use offsets::Offsets;
 pub use table::Table;
 
+/// What an inbox without an offsets table answers when asked for positions.
+pub fn no_positions(backend: &'static str) -> idemgate_core::Error {
+    idemgate_core::Error::Config {
+        message: format!(
+            "this {backend} inbox keeps no positions: give it an offsets table with \
+             `with_offsets(..)` and migrate it"
+        ),
+    }
+}
+
 /// A duration in whole milliseconds, as the tables store it (saturating).
 pub fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -57,12 +67,12 @@ pub mod __private {
 }
 
 /// Implements [`Inbox`](idemgate_core::Inbox) for a sqlx backend's inbox: a type with `pool`
-/// (a sqlx pool), `offsets` ([`Offsets`]) and `retention` fields and inherent `first_time`,
-/// `first_time_many` and `purge` methods; `$tx` is its pool's transaction and `$classify` its
-/// error classification.
+/// (a sqlx pool), `offsets` (an optional [`Offsets`]) and `retention` fields and inherent `first_time`,
+/// `first_time_many` and `purge` methods; `$tx` is its pool's transaction, `$classify` its
+/// error classification and `$backend` its name.
 #[macro_export]
 macro_rules! sqlx_inbox {
-    ($inbox:ty, $tx:ty, $classify:path) => {
+    ($inbox:ty, $tx:ty, $classify:path, $backend:literal) => {
         impl $crate::__private::Inbox for $inbox {
             type Tx = $tx;
 
@@ -104,7 +114,11 @@ macro_rules! sqlx_inbox {
                 p: &$crate::__private::Position,
             ) -> $crate::__private::Result<()> {
                 let next = p.offset + 1;
-                self.offsets
+                let offsets = self
+                    .offsets
+                    .as_ref()
+                    .ok_or_else(|| $crate::no_positions($backend))?;
+                offsets
                     .advance(&mut **tx, &p.group, &p.topic, p.partition, p.expected, next)
                     .await
             }
@@ -114,8 +128,12 @@ macro_rules! sqlx_inbox {
                 group: &str,
                 topic: &str,
             ) -> $crate::__private::Result<$crate::__private::BTreeMap<i32, i64>> {
+                let offsets = self
+                    .offsets
+                    .as_ref()
+                    .ok_or_else(|| $crate::no_positions($backend))?;
                 let mut conn = self.pool.acquire().await.map_err($classify)?;
-                self.offsets.load_positions(&mut *conn, group, topic).await
+                offsets.load_positions(&mut *conn, group, topic).await
             }
         }
     };

@@ -10,6 +10,10 @@ use crate::{Arg, Dialect, Kind, SqlConn};
 /// place. A table of that name with other columns than `want`, or a recorded version newer than
 /// `steps`, is [`Error::Corrupt`]: it belongs to something else, or to a newer idemgate.
 ///
+/// Versions are recorded in the table `idemgate_schema` (`component`, `version`), one row per
+/// table. A recorded table that is missing (dropped to reset it) is created again; to reset
+/// one, drop it, or delete its row as well.
+///
 /// Migrations are serialized across every process sharing the database: PostgreSQL by an
 /// advisory lock in the migration's transaction, MySQL by a named lock (its DDL commits on its
 /// own), SQLite by its write lock (`BEGIN IMMEDIATE`, or a savepoint inside the caller's
@@ -101,17 +105,19 @@ async fn steps_in_lock<C: SqlConn>(
         .await?
         .first()
         .and_then(|r| r[0].int());
+    let have = columns(conn, component).await?;
     let from = match found {
         Some(v) if v > version => {
             return Err(corrupt(format!(
                 "{component} has schema version {v}; this idemgate knows up to {version}"
             )));
         }
+        // a recorded table that was dropped (to reset it) is created again
+        Some(_) if have.is_empty() => 0,
         Some(v) => usize::try_from(v).unwrap_or(0),
         None => {
             // no record of ours: the table must not exist yet (version 0), or already have
             // this version's columns (it is at this version; only the record is written)
-            let have = columns(conn, component).await?;
             match &have[..] {
                 [] => 0,
                 have if have == want => steps.len(),

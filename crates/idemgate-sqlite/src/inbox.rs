@@ -16,7 +16,7 @@ use crate::Synchronous;
 use crate::conn::{Lite, migrate, ready};
 use crate::error::sql;
 use crate::store::open_connection;
-use idemgate_sql::{Dialect, Table};
+use idemgate_sql::{Dialect, Table, no_positions};
 
 /// The transactional inbox: records a key as processed *inside a transaction on its
 /// connection*, so the dedup row and the business change commit (or roll back) together. A crash
@@ -60,7 +60,7 @@ pub struct SqliteInbox {
     table: Table,
     retention: Duration,
     clock: Arc<dyn Clock>,
-    offsets: SqliteOffsets,
+    offsets: Option<SqliteOffsets>,
     first_time: String,
     purge: String,
 }
@@ -129,7 +129,7 @@ impl SqliteInbox {
             Table::new(Dialect::Sqlite, "idemgate_inbox"),
             Duration::from_secs(7 * 86_400),
             Arc::new(SystemClock),
-            SqliteOffsets::new(),
+            None,
         )
     }
 
@@ -138,7 +138,7 @@ impl SqliteInbox {
         table: Table,
         retention: Duration,
         clock: Arc<dyn Clock>,
-        offsets: SqliteOffsets,
+        offsets: Option<SqliteOffsets>,
     ) -> Self {
         let t = table.as_given();
         SqliteInbox {
@@ -186,18 +186,24 @@ impl SqliteInbox {
         )
     }
 
-    /// Keeps positions in another offsets table.
+    /// Keeps Kafka positions ([`Inbox::advance`]) in `offsets` (`SqliteOffsets::new()`: the
+    /// table `idemgate_offsets`), created by [`migrate`](Self::migrate). Without one, a message
+    /// that carries a position is refused with `Error::Config`.
     pub fn with_offsets(self, offsets: SqliteOffsets) -> Self {
-        Self::with_parts(self.conn, self.table, self.retention, self.clock, offsets)
+        let (conn, table, retention, clock) = (self.conn, self.table, self.retention, self.clock);
+        Self::with_parts(conn, table, retention, clock, Some(offsets))
     }
 
-    /// Creates the inbox and offsets tables if missing.
+    /// Creates the inbox table (and the offsets table, if it has one) if missing.
     pub async fn migrate(&self) -> Result<()> {
         let conn = Arc::clone(&self.conn).lock_owned().await;
         let this = self.clone();
         blocking(conn, move |conn| {
             this.migrate_on(conn)?;
-            ready(this.offsets.migrate(&mut Lite::new(conn)))
+            match &this.offsets {
+                Some(offsets) => ready(offsets.migrate(&mut Lite::new(conn))),
+                None => Ok(()),
+            }
         })
         .await
         .map(|_| ())
@@ -288,7 +294,11 @@ impl Inbox for SqliteInbox {
     }
 
     async fn advance(&self, tx: &mut SqliteTx, p: &Position) -> Result<()> {
-        ready(self.offsets.advance(
+        let offsets = self
+            .offsets
+            .as_ref()
+            .ok_or_else(|| no_positions("sqlite"))?;
+        ready(offsets.advance(
             &mut Lite::new(tx),
             &p.group,
             &p.topic,
@@ -299,10 +309,11 @@ impl Inbox for SqliteInbox {
     }
 
     async fn load_positions(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
+        let offsets = self
+            .offsets
+            .as_ref()
+            .ok_or_else(|| no_positions("sqlite"))?;
         let conn = self.conn.lock().await;
-        ready(
-            self.offsets
-                .load_positions(&mut Lite::new(&conn), group, topic),
-        )
+        ready(offsets.load_positions(&mut Lite::new(&conn), group, topic))
     }
 }

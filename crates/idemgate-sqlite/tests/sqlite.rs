@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use idemgate_core::{
-    Claim, ClaimOptions, Error, HandlerFuture, Key, Lease, Outcome, State, Store, StoreExt,
+    BoxError, Claim, ClaimOptions, Error, Key, Lease, Outcome, State, Store, StoreExt,
 };
-use idemgate_sqlite::{SqliteInbox, SqliteQueue, SqliteStore, SqliteTx};
+use idemgate_sqlite::{SqliteInbox, SqliteOffsets, SqliteQueue, SqliteStore, SqliteTx};
 use idemgate_testkit::inbox_conformance::InboxCase;
 use rusqlite::{Connection, TransactionBehavior};
 
@@ -552,7 +552,10 @@ impl InboxCase for SqliteCase {
     async fn open(retention: Duration) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let inbox = SqliteInbox::open(&path).unwrap().with_retention(retention);
+        let inbox = SqliteInbox::open(&path)
+            .unwrap()
+            .with_retention(retention)
+            .with_offsets(SqliteOffsets::new());
         inbox.migrate().await.unwrap();
         Connection::open(&path)
             .unwrap()
@@ -575,15 +578,30 @@ impl InboxCase for SqliteCase {
         self.inbox.clone().with_table(table)
     }
 
-    fn apply<'a>(&'a self, tx: &'a mut SqliteTx, event: &'a str) -> HandlerFuture<'a> {
-        Box::pin(async move {
-            tx.execute(
-                "INSERT INTO effects (event, applied) VALUES (?1, 1)
-                 ON CONFLICT (event) DO UPDATE SET applied = applied + 1",
-                [event],
-            )?;
-            Ok(())
-        })
+    fn without_offsets(&self) -> SqliteInbox {
+        SqliteInbox::open(&self.path)
+            .unwrap()
+            .with_table("inbox_without_offsets")
+    }
+
+    async fn migrate(inbox: &SqliteInbox) -> Result<(), Error> {
+        inbox.migrate().await
+    }
+
+    async fn drop_table(&self, table: &str) {
+        Connection::open(&self.path)
+            .unwrap()
+            .execute_batch(&format!("DROP TABLE {table}"))
+            .unwrap();
+    }
+
+    async fn apply(&self, tx: &mut SqliteTx, event: &str) -> Result<(), BoxError> {
+        tx.execute(
+            "INSERT INTO effects (event, applied) VALUES (?1, 1)
+             ON CONFLICT (event) DO UPDATE SET applied = applied + 1",
+            [event],
+        )?;
+        Ok(())
     }
 
     async fn applied(&self) -> BTreeMap<String, (u64, Option<i64>)> {

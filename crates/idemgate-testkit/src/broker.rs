@@ -14,11 +14,12 @@ use idemgate_consumer::{
 use idemgate_core::{EventId, MemoryStore};
 
 /// Waits until `done(stats)` holds, checking every 20 ms, for at most `limit`.
-pub async fn until(stats: StatsHandle, limit: Duration, done: impl Fn(&Stats) -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !done(&stats.get()) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+pub async fn until(
+    stats: StatsHandle,
+    limit: Duration,
+    done: impl Fn(&Stats) -> bool + Send + 'static,
+) {
+    let _ = tokio::time::timeout(limit, stats.until(done)).await;
 }
 
 fn counting(

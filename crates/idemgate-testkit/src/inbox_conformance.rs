@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use idemgate_consumer::memory::MemoryBroker;
-use idemgate_consumer::{Consumer, HandlerFuture, Message};
+use idemgate_consumer::{BoxError, Consumer, Message};
 use idemgate_core::{Error, Inbox, InboxHandler, Key, Position};
 
 /// One backend under the inbox conformance suite.
@@ -35,12 +35,21 @@ pub trait InboxCase: Sized + Send + Sync + 'static {
     /// The inbox in another table, as its `with_table` gives it.
     fn with_table(&self, table: &str) -> Self::Inbox;
 
+    /// The inbox without an offsets table, as its constructor gives it.
+    fn without_offsets(&self) -> Self::Inbox;
+
+    /// The inbox's `migrate`.
+    fn migrate(inbox: &Self::Inbox) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Drops `table` (as a user resetting it would).
+    fn drop_table(&self, table: &str) -> impl Future<Output = ()> + Send;
+
     /// Applies the effect of `event` in `tx`, deliberately not idempotent (`applied + 1`).
     fn apply<'a>(
         &'a self,
         tx: &'a mut <Self::Inbox as Inbox>::Tx,
         event: &'a str,
-    ) -> HandlerFuture<'a>;
+    ) -> impl Future<Output = Result<(), BoxError>> + Send + 'a;
 
     /// How many times each event's effect was applied (committed effects only), and, where the
     /// database has a cheap transaction id, the id each effect was written under.
@@ -263,6 +272,35 @@ fn publish(broker: &MemoryBroker) {
     broker.close();
 }
 
+/// The runtime test's handler: the effect, then every 10th event fails once and every 10th
+/// from 5 panics once.
+struct FailsOnce<C> {
+    case: Arc<C>,
+    failures: Arc<AtomicUsize>,
+}
+
+impl<C: InboxCase> InboxHandler<<C::Inbox as Inbox>::Tx, Message> for FailsOnce<C> {
+    async fn handle(
+        &self,
+        tx: &mut <C::Inbox as Inbox>::Tx,
+        msg: &Message,
+    ) -> Result<(), BoxError> {
+        let n: u32 = std::str::from_utf8(&msg.payload)?.parse()?;
+        self.case.apply(tx, &n.to_string()).await?;
+        // every 10th event fails once, after its effect: the rollback undoes both rows
+        if n.is_multiple_of(10) && msg.deliveries == Some(1) {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err("failed after the effect".into());
+        }
+        // and every 10th from 5 panics once, after its effect: the same
+        if n % 10 == 5 && msg.deliveries == Some(1) {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            panic!("a handler bug after the effect");
+        }
+        Ok(())
+    }
+}
+
 /// The consumer runtime in Inbox mode, `batch` deliveries per transaction, under duplicates,
 /// concurrent copies, a handler that fails after its effect and one that panics after it: every
 /// effect exactly once.
@@ -274,26 +312,10 @@ pub async fn the_runtime_applies_every_event_once<C: InboxCase>(batch: usize) {
     let broker = MemoryBroker::new();
     publish(&broker);
     let failures = Arc::new(AtomicUsize::new(0));
-    let (f, c) = (Arc::clone(&failures), Arc::clone(&case));
-    let handler = <dyn InboxHandler<<C::Inbox as Inbox>::Tx, Message>>::from_fn(move |tx, msg| {
-        let (f, c) = (Arc::clone(&f), Arc::clone(&c));
-        let fut: HandlerFuture<'_> = Box::pin(async move {
-            let n: u32 = std::str::from_utf8(&msg.payload)?.parse()?;
-            c.apply(tx, &n.to_string()).await?;
-            // every 10th event fails once, after its effect: the rollback undoes both rows
-            if n.is_multiple_of(10) && msg.deliveries == Some(1) {
-                f.fetch_add(1, Ordering::SeqCst);
-                return Err("failed after the effect".into());
-            }
-            // and every 10th from 5 panics once, after its effect: the same
-            if n % 10 == 5 && msg.deliveries == Some(1) {
-                f.fetch_add(1, Ordering::SeqCst);
-                panic!("a handler bug after the effect");
-            }
-            Ok(())
-        });
-        fut
-    });
+    let handler = FailsOnce {
+        case: Arc::clone(&case),
+        failures: Arc::clone(&failures),
+    };
     let stats = Consumer::inbox("ledger", case.inbox().clone())
         .with_concurrency(8)
         .with_batch(batch)
@@ -345,10 +367,9 @@ pub async fn a_dead_letter_is_recorded_once<C: InboxCase>() {
         broker.send(Message::new("ledger", "poison").with_event_id("evt-broken"));
     }
     broker.close();
-    let handler = <dyn InboxHandler<<C::Inbox as Inbox>::Tx, Message>>::from_fn(|_tx, _msg| {
-        let fut: HandlerFuture<'_> = Box::pin(async { Err("always broken".into()) });
-        fut
-    });
+    let handler = async |_tx: &mut <C::Inbox as Inbox>::Tx,
+                         _msg: &Message|
+           -> Result<(), BoxError> { Err("always broken".into()) };
     let stats = Consumer::inbox("ledger", case.inbox().clone())
         .with_max_attempts(2)
         .with_retry_delay(Duration::from_millis(5))
@@ -384,6 +405,56 @@ pub async fn a_bad_table_name_refuses_every_call<C: InboxCase>() {
     ));
 }
 
+/// A table dropped to reset it is created again by `migrate`, though `idemgate_schema` still
+/// records its version, and starts empty.
+pub async fn a_dropped_table_is_created_again<C: InboxCase>() {
+    let Some(case) = C::open(Duration::from_secs(600)).await else {
+        return;
+    };
+    let table = crate::service::unique("reset");
+    let inbox = case.with_table(&table);
+    C::migrate(&inbox).await.unwrap();
+    let mut tx = inbox.begin().await.unwrap();
+    assert!(inbox.first_time(&mut tx, &key("evt-1")).await.unwrap());
+    inbox.commit(tx).await.unwrap();
+    case.drop_table(&table).await;
+    C::migrate(&inbox)
+        .await
+        .expect("migrate creates a dropped table again");
+    let mut tx = inbox.begin().await.unwrap();
+    assert!(
+        inbox.first_time(&mut tx, &key("evt-1")).await.unwrap(),
+        "the table starts empty"
+    );
+    inbox.commit(tx).await.unwrap();
+    let mut tx = inbox.begin().await.unwrap();
+    assert!(!inbox.first_time(&mut tx, &key("evt-1")).await.unwrap());
+    drop(tx);
+    case.drop_table(&table).await;
+}
+
+/// An inbox built without an offsets table refuses positions with `Error::Config`, and
+/// records keys all the same.
+pub async fn positions_need_an_offsets_table<C: InboxCase>() {
+    let Some(case) = C::open(Duration::from_secs(600)).await else {
+        return;
+    };
+    let inbox = case.without_offsets();
+    C::migrate(&inbox).await.unwrap();
+    let mut tx = inbox.begin().await.unwrap();
+    assert!(inbox.first_time(&mut tx, &key("evt-1")).await.unwrap());
+    let position = Position::new("g", "t", 0, 5, None);
+    assert!(matches!(
+        inbox.advance(&mut tx, &position).await,
+        Err(Error::Config { .. })
+    ));
+    drop(tx);
+    assert!(matches!(
+        inbox.load_positions("g", "t").await,
+        Err(Error::Config { .. })
+    ));
+}
+
 /// Stamps the inbox conformance suite for an [`InboxCase`] as `#[tokio::test]`s.
 #[macro_export]
 macro_rules! inbox_conformance_tests {
@@ -411,6 +482,16 @@ macro_rules! inbox_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn expired_keys_are_new_again_and_purged() {
                 c::expired_keys_are_new_again_and_purged::<$case>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_dropped_table_is_created_again() {
+                c::a_dropped_table_is_created_again::<$case>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn positions_need_an_offsets_table() {
+                c::positions_need_an_offsets_table::<$case>().await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

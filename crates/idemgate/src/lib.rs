@@ -38,7 +38,7 @@ pub use idemgate_core as core;
 pub use idemgate_core::*;
 
 mod open;
-pub use open::open;
+pub use open::{open, open_checked};
 
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
@@ -83,3 +83,16 @@ pub use idemgate_mqtt as mqtt;
 #[cfg(feature = "sqs")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqs")))]
 pub use idemgate_sqs as sqs;
+
+// the getting-started pages, whose programs compile as doc tests
+#[cfg(all(doctest, feature = "http", feature = "sqlite"))]
+#[doc = include_str!("../../../docs/getting-started/http.md")]
+struct GettingStartedHttp;
+
+#[cfg(all(doctest, feature = "redis"))]
+#[doc = include_str!("../../../docs/getting-started/gate.md")]
+struct GettingStartedGate;
+
+#[cfg(all(doctest, feature = "postgres", feature = "rabbitmq"))]
+#[doc = include_str!("../../../docs/getting-started/consumer.md")]
+struct GettingStartedConsumer;

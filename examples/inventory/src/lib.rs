@@ -9,17 +9,14 @@
 
 use std::time::Duration;
 
-use idemgate_consumer::{
-    Consumer, HandlerFuture, InboxHandler, InboxMode, Message, Outgoing, Sink, Stats,
-};
-use idemgate_core::Key;
-use idemgate_postgres::{PgInbox, PgTx};
-use idemgate_rabbitmq::RabbitMq;
-use idemgate_testkit::broker::{DiesBeforeAck, until};
+use idemgate::Key;
+use idemgate::consumer::{Consumer, InboxHandler, InboxMode, Message, Outgoing, Sink, Stats};
+use idemgate::postgres::{PgInbox, PgTx};
+use idemgate::rabbitmq::RabbitMq;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-pub use idemgate_core::BoxError;
+pub use idemgate::BoxError;
 
 /// One line of a created order: reserve `qty` of `sku` for `order_id`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,42 +88,12 @@ impl Inventory {
             .with_concurrency(8)
     }
 
-    /// The handler: reserve if there is stock, else record the rejection. Deliberately a plain
-    /// decrement: only the inbox stands between a duplicate and a second reservation (there is
-    /// no unique constraint on the reservations).
-    pub fn handler(&self) -> impl InboxHandler<PgTx, Message> {
-        let (stock, reservations) = (self.stock.clone(), self.reservations.clone());
-        <dyn InboxHandler<PgTx, Message>>::from_fn(move |tx, msg| {
-            let (stock, reservations) = (stock.clone(), reservations.clone());
-            let fut: HandlerFuture<'_> = Box::pin(async move {
-                let line: OrderLine = serde_json::from_slice(&msg.payload)?;
-                let taken = sqlx::query(&format!(
-                    "UPDATE {stock} SET available = available - $2
-                      WHERE sku = $1 AND available >= $2"
-                ))
-                .bind(&line.sku)
-                .bind(line.qty)
-                .execute(&mut **tx)
-                .await?
-                .rows_affected();
-                let status = if taken == 1 {
-                    "reserved"
-                } else {
-                    "out-of-stock"
-                };
-                sqlx::query(&format!(
-                    "INSERT INTO {reservations} (order_id, sku, qty, status) VALUES ($1, $2, $3, $4)"
-                ))
-                .bind(&line.order_id)
-                .bind(&line.sku)
-                .bind(line.qty)
-                .bind(status)
-                .execute(&mut **tx)
-                .await?;
-                Ok(())
-            });
-            fut
-        })
+    /// The handler: reserve if there is stock, else record the rejection.
+    pub fn handler(&self) -> Reserve {
+        Reserve {
+            stock: self.stock.clone(),
+            reservations: self.reservations.clone(),
+        }
     }
 
     /// What the tables say now.
@@ -146,6 +113,45 @@ impl Inventory {
         .fetch_one(&self.pool)
         .await?;
         Ok(Report { skus, lines, twice })
+    }
+}
+
+/// The Inbox-mode handler. Deliberately a plain decrement: only the inbox stands between a
+/// duplicate and a second reservation (there is no unique constraint on the reservations).
+#[derive(Clone, Debug)]
+pub struct Reserve {
+    stock: String,
+    reservations: String,
+}
+
+impl InboxHandler<PgTx, Message> for Reserve {
+    async fn handle(&self, tx: &mut PgTx, msg: &Message) -> Result<(), BoxError> {
+        let line: OrderLine = serde_json::from_slice(&msg.payload)?;
+        let taken = sqlx::query(&format!(
+            "UPDATE {} SET available = available - $2 WHERE sku = $1 AND available >= $2",
+            self.stock
+        ))
+        .bind(&line.sku)
+        .bind(line.qty)
+        .execute(tx.as_mut())
+        .await?
+        .rows_affected();
+        let status = if taken == 1 {
+            "reserved"
+        } else {
+            "out-of-stock"
+        };
+        sqlx::query(&format!(
+            "INSERT INTO {} (order_id, sku, qty, status) VALUES ($1, $2, $3, $4)",
+            self.reservations
+        ))
+        .bind(&line.order_id)
+        .bind(&line.sku)
+        .bind(line.qty)
+        .bind(status)
+        .execute(tx.as_mut())
+        .await?;
+        Ok(())
     }
 }
 
@@ -238,9 +244,10 @@ pub async fn publish_orders<K: Sink>(
     Ok(published)
 }
 
-/// A run: publish, a first consumer that dies on its first ack (its connection closed: RabbitMQ
-/// requeues everything it held, including a line it had committed), then a second consumer
-/// that drains the queue.
+/// A run: publish, a first consumer that crashes once it has committed its first reservation
+/// (its run dropped mid-way and its connection closed: RabbitMQ requeues everything it held,
+/// including reservations it had committed and not acked), then a second consumer that drains
+/// the queue and stops once it has been idle for a second.
 pub async fn run(
     rabbit_url: &str,
     inventory: &Inventory,
@@ -253,34 +260,20 @@ pub async fn run(
     let published = publish_orders(&rabbit.sink().await?, queue, orders, skus).await?;
 
     let doomed = RabbitMq::connect(rabbit_url).await?;
-    let first = DiesBeforeAck::new(doomed.source(queue, 16).await?);
-    let reached_ack = first.reached_ack();
     let consumer = inventory.consumer();
     let first_stats = consumer.stats_handle();
-    let wait = async {
-        reached_ack.await;
-        // let the other lanes finish their commits and reach their acks too
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let first_commit = first_stats.until(|s| s.handled > 0);
     tokio::select! {
-        r = consumer.run(first, inventory.handler(), std::future::pending()) => { r?; }
-        () = wait => {}
+        r = consumer.run(doomed.source(queue, 16).await?, inventory.handler(), std::future::pending()) => { r?; }
+        () = first_commit => {}
     }
     doomed.close().await?;
     let first = first_stats.get();
 
     let consumer = inventory.consumer();
-    let handle = consumer.stats_handle();
-    let settled = first.handled + first.duplicates;
-    let left = u64::try_from(published)? - settled;
+    let idle = consumer.stats_handle().idle(Duration::from_secs(1));
     let second = consumer
-        .run(
-            rabbit.source(queue, 32).await?,
-            inventory.handler(),
-            until(handle, Duration::from_secs(120), move |s| {
-                s.handled + s.duplicates >= left
-            }),
-        )
+        .run(rabbit.source(queue, 32).await?, inventory.handler(), idle)
         .await?;
     rabbit.delete(queue).await?;
     rabbit.close().await?;

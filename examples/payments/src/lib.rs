@@ -15,8 +15,8 @@ use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use idemgate_http::{IdempotencyLayer, RequestKey};
-use idemgate_postgres::PostgresStore;
+use idemgate::http::{IdempotencyLayer, RequestKey};
+use idemgate::postgres::PostgresStore;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 

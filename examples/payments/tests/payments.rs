@@ -1,7 +1,7 @@
 //! The example end to end: 100 concurrent retries make one payment capture and one charge.
 
+use idemgate::postgres::PostgresStore;
 use idemgate_example_payments::{NetworkStats, Payment, app, card_network, migrate};
-use idemgate_postgres::PostgresStore;
 use idemgate_testkit::service;
 
 async fn serve(router: axum::Router) -> String {

@@ -19,11 +19,11 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use idemgate_core::backend::keep_alive;
-use idemgate_core::{Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Store};
+use idemgate_core::{Claim, ClaimOptions, Fingerprint, Key, Lease, Outcome, Store, Warning};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::window::{Horizon, check_window};
+use crate::window::{Horizon, WindowCheck, check_window};
 use crate::{Delivery, Error, Message, Result, Source};
 use idemgate_core::{Inbox, InboxHandler};
 
@@ -154,6 +154,16 @@ impl<St: Store> Consumer<GateMode<St>> {
         self
     }
 
+    /// What [`run`](Self::run) would warn about on `source` (and log at `warn`), to print
+    /// before running: a retention shorter than the broker's redelivery window
+    /// (`"retention-window"`).
+    pub fn warnings(&self, source: &impl Source) -> Vec<Warning> {
+        window(&self.cfg, self.cfg.retention, source)
+            .and_then(|w| w.warning())
+            .into_iter()
+            .collect()
+    }
+
     /// The most claims (or completions) sent to the store in one `claim_many` (`complete_many`)
     /// (default 64).
     pub fn with_batch(mut self, batch: usize) -> Self {
@@ -212,6 +222,16 @@ impl<I: Inbox> Consumer<InboxMode<I>> {
             cfg: config(name.into()),
             mode: InboxMode(Arc::new(inbox)),
         }
+    }
+
+    /// What [`run`](Self::run) would warn about on `source` (and log at `warn`), to print
+    /// before running: an inbox retention shorter than the broker's redelivery window
+    /// (`"retention-window"`).
+    pub fn warnings(&self, source: &impl Source) -> Vec<Warning> {
+        window(&self.cfg, self.mode.0.retention(), source)
+            .and_then(|w| w.warning())
+            .into_iter()
+            .collect()
     }
 
     /// Up to `n` deliveries that are ready together (on one lane) share one transaction
@@ -325,19 +345,22 @@ impl<M> Consumer<M> {
     }
 }
 
-/// The window check at start-up: the horizon given, else the one the source read from its
-/// broker.
+/// The window check: the horizon given, else the one the source read from its broker.
+fn window(cfg: &Config, retention: Duration, source: &impl Source) -> Option<WindowCheck> {
+    let horizon = cfg.horizon.clone().or_else(|| source.horizon())?;
+    Some(check_window(retention, horizon))
+}
+
+/// The checks at start-up: the window, and the broker's timer.
 pub(crate) fn check(cfg: &mut Config, retention: Duration, source: &impl Source) -> Result<()> {
     let timer = source
         .ack_wait()
         .map_or(cfg.lease, |wait| wait.min(cfg.lease));
     cfg.tick = (timer / 3).max(Duration::from_millis(1));
     cfg.ack_wait = source.ack_wait().is_some();
-    let from_source = source.horizon();
-    let Some(horizon) = cfg.horizon.clone().or(from_source) else {
+    let Some(verdict) = window(cfg, retention, source) else {
         return Ok(());
     };
-    let verdict = check_window(retention, horizon);
     if verdict.is_ok() {
         tracing::debug!(consumer = %cfg.name, "{verdict}");
     } else if cfg.strict {

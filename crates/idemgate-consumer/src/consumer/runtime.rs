@@ -520,6 +520,7 @@ pub(crate) async fn lane<D: Delivery, P: Process<D>>(
             if ready.is_empty() {
                 continue;
             }
+            let taken_now = ready.len() as u64;
             let mut ds = Vec::with_capacity(ready.len());
             for d in ready.drain(..) {
                 let d = take(d).await;
@@ -551,6 +552,7 @@ pub(crate) async fn lane<D: Delivery, P: Process<D>>(
                     _ => {}
                 }
             }
+            rt.counters.finished.fetch_add(taken_now, Ordering::Relaxed);
         }
     }
 }

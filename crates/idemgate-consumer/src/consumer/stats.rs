@@ -51,6 +51,68 @@ impl StatsHandle {
     pub fn get(&self) -> Stats {
         self.0.snapshot()
     }
+
+    /// Resolves once `done` holds for the counts, checked every 20 ms: a shutdown for
+    /// [`Consumer::run`] that stops after a known amount of work.
+    ///
+    /// ```
+    /// # use idemgate_consumer::{Consumer, Message, memory::MemoryBroker};
+    /// # use idemgate_core::MemoryStore;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let broker = MemoryBroker::new();
+    /// for id in ["evt-1", "evt-2", "evt-1"] {
+    ///     broker.send(Message::new("signups", "user-7").with_event_id(id));
+    /// }
+    /// let consumer = Consumer::gate("emails", MemoryStore::new());
+    /// let stats = consumer.stats_handle();
+    /// let stats = consumer
+    ///     .run(broker.source(), |_msg: Message| async { Ok::<_, String>(()) },
+    ///          stats.until(|s| s.handled + s.duplicates == 3))
+    ///     .await?;
+    /// assert_eq!((stats.handled, stats.duplicates), (2, 1));
+    /// # Ok::<(), idemgate_consumer::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn until(
+        &self,
+        done: impl Fn(&Stats) -> bool + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let counters = Arc::clone(&self.0);
+        async move {
+            while !done(&counters.snapshot()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Resolves once the consumer has been idle for `quiet` (counted from the first poll): no
+    /// delivery received and none being handled. A shutdown for [`Consumer::run`] that drains
+    /// a queue and stops. A message the broker redelivers later than `quiet` after it was let
+    /// go (a retry delay, an ack wait, a visibility timeout) is left to the next run.
+    pub fn idle(&self, quiet: Duration) -> impl Future<Output = ()> + Send + 'static {
+        let counters = Arc::clone(&self.0);
+        async move {
+            let step = (quiet / 4).clamp(Duration::from_millis(1), Duration::from_millis(100));
+            let busy = || {
+                let received = counters.received.load(Ordering::Relaxed);
+                (
+                    received,
+                    counters.finished.load(Ordering::Relaxed) < received,
+                )
+            };
+            let (mut seen, _) = busy();
+            let mut since = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(step).await;
+                let (received, handling) = busy();
+                if received != seen || handling {
+                    (seen, since) = (received, tokio::time::Instant::now());
+                } else if since.elapsed() >= quiet {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +132,8 @@ pub(crate) struct Counters {
     pub(crate) slow: AtomicU64,
     pub(crate) fenced: AtomicU64,
     pub(crate) settle_failures: AtomicU64,
+    // deliveries a lane is done with (settled, or handed to the settlement behind it)
+    pub(crate) finished: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {

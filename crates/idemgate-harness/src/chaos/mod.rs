@@ -1259,7 +1259,10 @@ async fn phase(
     };
     if let (WorkerMode::Gate, Some(url)) = (mode, &setup.store) {
         // migrates a SQL store once, before the workers open it
-        idemgate::open(url).await?;
+        let (_, warnings) = idemgate::open_checked(url).await?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
     }
     let destination = broker::create_destination(
         args.broker,

@@ -21,9 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use idemgate::consumer::{
-    Consumer, Delivery, HandlerFuture, InboxHandler, Message, Source, StatsHandle,
-};
+use idemgate::consumer::{Consumer, Delivery, InboxHandler, Message, Source, StatsHandle};
 use idemgate::core::{BoxStore, Key};
 use idemgate::mysql::{MySqlInbox, MySqlOffsets};
 use idemgate::postgres::{PgInbox, PgOffsets};
@@ -472,26 +470,13 @@ impl AsyncServe for Serve<'_> {
             }
             WorkerMode::Inbox => {
                 let inbox = inbox.ok_or("inbox mode needs a store")?;
-                let tables = Tables::new(&args.prefix);
+                let handler = Apply {
+                    hooks: Arc::clone(&hooks),
+                    ledger: ledger.clone(),
+                    tables: Tables::new(&args.prefix),
+                };
                 macro_rules! inbox_consumer {
-                    ($inbox:expr, $tx:ty, $apply:ident) => {{
-                        let h = Arc::clone(&hooks);
-                        let ledger = ledger.clone();
-                        let handler = <dyn InboxHandler<$tx, Message>>::from_fn(move |tx, msg| {
-                            let (h, tables) = (Arc::clone(&h), tables.clone());
-                            let ledger = ledger.clone();
-                            let fut: HandlerFuture<'_> = Box::pin(async move {
-                                let e = event_of(msg)?;
-                                if ledger.planned_failure(&e).await? {
-                                    return Err("a poison event's planned failure".into());
-                                }
-                                h.at(KillPoint::AfterClaim, &e.id);
-                                $apply(&mut *tx, &tables, &e).await?;
-                                h.at(KillPoint::AfterEffect, &e.id);
-                                Ok(())
-                            });
-                            fut
-                        });
+                    ($inbox:expr) => {{
                         let inbox = HookedInbox::new($inbox, Arc::clone(&hooks));
                         let consumer = Consumer::inbox(CONSUMER, inbox)
                             .with_concurrency(args.concurrency)
@@ -502,17 +487,43 @@ impl AsyncServe for Serve<'_> {
                     }};
                 }
                 match inbox {
-                    SqlInbox::Postgres(i) => inbox_consumer!(i, idemgate::postgres::PgTx, apply_pg),
-                    SqlInbox::MySql(i) => inbox_consumer!(i, idemgate::mysql::MySqlTx, apply_mysql),
-                    SqlInbox::Sqlite(i) => {
-                        inbox_consumer!(i, idemgate::sqlite::SqliteTx, apply_sqlite)
-                    }
+                    SqlInbox::Postgres(i) => inbox_consumer!(i),
+                    SqlInbox::MySql(i) => inbox_consumer!(i),
+                    SqlInbox::Sqlite(i) => inbox_consumer!(i),
                 }
                 Ok(())
             }
         }
     }
 }
+
+/// Inbox mode's handler: the ledger's effect in the inbox's transaction, between the kill
+/// points.
+struct Apply {
+    hooks: Arc<Hooks>,
+    ledger: Ledger,
+    tables: Tables,
+}
+
+macro_rules! apply_in {
+    ($tx:ty, $apply:ident) => {
+        impl InboxHandler<$tx, Message> for Apply {
+            async fn handle(&self, tx: &mut $tx, msg: &Message) -> Result<(), BoxError> {
+                let e = event_of(msg)?;
+                if self.ledger.planned_failure(&e).await? {
+                    return Err("a poison event's planned failure".into());
+                }
+                self.hooks.at(KillPoint::AfterClaim, &e.id);
+                $apply(&mut *tx, &self.tables, &e).await?;
+                self.hooks.at(KillPoint::AfterEffect, &e.id);
+                Ok(())
+            }
+        }
+    };
+}
+apply_in!(idemgate::postgres::PgTx, apply_pg);
+apply_in!(idemgate::mysql::MySqlTx, apply_mysql);
+apply_in!(idemgate::sqlite::SqliteTx, apply_sqlite);
 
 /// The consumer without idemgate: receive, apply, ack.
 async fn naive<S: Source>(

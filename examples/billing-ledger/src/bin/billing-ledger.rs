@@ -28,7 +28,7 @@ async fn main() -> Result<(), BoxError> {
     kafka.create_topic(&topic, 3).await?;
     let (published, expected) = publish(&kafka.sink()?, &topic, 1000, 25).await?;
     println!("{published} messages published for 1000 charges (every fifth twice)");
-    let [b, l] = run_services(&kafka, &topic, &billing, &ledger, u64::try_from(published)?).await?;
+    let [b, l] = run_services(&kafka, &topic, &billing, &ledger).await?;
     println!("billing: first {:?}\n         then  {:?}", b.0, b.1);
     println!("ledger:  first {:?}\n         then  {:?}", l.0, l.1);
     let (billed, booked) = (billing.totals().await?, ledger.totals().await?);

@@ -1,9 +1,9 @@
 //! Runs the email service against the local NATS and PostgreSQL with the stub mail service:
-//! duplicates, a crash between the send and the completion, a consumer that dies before its
-//! acks. `NATS_URL`, `IDEMGATE_POSTGRES_URL` override the local defaults.
+//! duplicates, a crash between the send and the completion, a consumer that crashes after its
+//! first email. `NATS_URL`, `IDEMGATE_POSTGRES_URL` override the local defaults.
 
+use idemgate::postgres::PostgresStore;
 use idemgate_example_email::{BoxError, Emails, MailStub, run};
-use idemgate_postgres::PostgresStore;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
@@ -26,7 +26,7 @@ async fn main() -> Result<(), BoxError> {
     let sent = stub.sent();
     let total: u32 = sent.values().sum();
     println!("{published} messages published for {users} registrations (with duplicates)");
-    println!("first consumer (died before its acks): {first:?}");
+    println!("first consumer (crashed after its first email): {first:?}");
     println!("second consumer: {second:?}");
     println!(
         "mail service: {} calls, {total} emails to {} users",

@@ -1,5 +1,5 @@
 //! Runs the inventory service against the local RabbitMQ and PostgreSQL: publishes order lines
-//! with duplicates, crashes a first consumer before its ack, drains with a second, and prints the
+//! with duplicates, crashes a first consumer after its first commit, drains with a second, and prints the
 //! stock. `RABBITMQ_URL`, `IDEMGATE_POSTGRES_URL` override the local defaults.
 
 use idemgate_example_inventory::{BoxError, Inventory, run};
@@ -19,7 +19,7 @@ async fn main() -> Result<(), BoxError> {
     let (published, first, second) = run(&rabbit, &inventory, &prefix, 150, &skus).await?;
     let report = inventory.report().await?;
     println!("{published} messages published for 300 order lines (with duplicates)");
-    println!("first consumer (crashed before its ack): {first:?}");
+    println!("first consumer (crashed after its first commit): {first:?}");
     println!("second consumer: {second:?}");
     println!("{report}");
     match report.check(300) {

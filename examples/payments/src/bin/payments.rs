@@ -1,6 +1,6 @@
 //! The payments API: `cargo run -p idemgate-example-payments --bin payments`.
+use idemgate::postgres::PostgresStore;
 use idemgate_example_payments::{app, card_network, migrate};
-use idemgate_postgres::PostgresStore;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
