@@ -30,6 +30,47 @@
 //! # Ok::<(), idemgate_consumer::Error>(())
 //! # }).unwrap();
 //! ```
+//!
+//! **Inbox mode** records the key in the transaction the handler writes its effect in (any
+//! [`Inbox`]: `PgInbox`, `MySqlInbox`, `SqliteInbox`), so the two commit together. The handler
+//! takes the transaction and the message: an `async fn`, an async closure that captures
+//! nothing, or a type implementing [`InboxHandler`] (one with state).
+//!
+//! ```
+//! use idemgate_consumer::{Consumer, Inbox, Message, memory::MemoryBroker};
+//! use idemgate_sqlite::{SqliteInbox, SqliteTx};
+//!
+//! # let dir = tempfile::tempdir().unwrap();
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let inbox = SqliteInbox::open(dir.path().join("app.db"))?;
+//! inbox.migrate().await?;
+//! # let tx = inbox.begin().await?;
+//! # tx.execute_batch("CREATE TABLE credits (amount INTEGER NOT NULL)").unwrap();
+//! # inbox.commit(tx).await?;
+//! let broker = MemoryBroker::new();
+//! for _ in 0..2 {
+//!     broker.send(Message::new("credits", "10").with_event_id("evt-1"));
+//! }
+//! broker.close();
+//! let stats = Consumer::inbox("credits", inbox)
+//!     .run(
+//!         broker.source(),
+//!         async |tx: &mut SqliteTx, msg: &Message| {
+//!             let amount: i64 = std::str::from_utf8(&msg.payload)?.parse()?;
+//!             tx.execute("INSERT INTO credits (amount) VALUES (?1)", [amount])?;
+//!             Ok(())
+//!         },
+//!         std::future::pending::<()>(),
+//!     )
+//!     .await?;
+//! assert_eq!((stats.handled, stats.duplicates), (1, 1));
+//! # Ok::<(), idemgate_consumer::Error>(())
+//! # }).unwrap();
+//! ```
+//!
+//! [`run`](Consumer::run) stops when its `shutdown` future resolves: [`shutdown::signal`]
+//! (Ctrl-C or SIGTERM), [`StatsHandle::until`] (a condition on the counts) or
+//! [`StatsHandle::idle`] (a drained queue).
 
 mod broker;
 mod consumer;

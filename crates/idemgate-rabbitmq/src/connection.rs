@@ -7,6 +7,8 @@ use super::*;
 #[derive(Debug)]
 pub struct RabbitMq {
     pub(crate) conn: Connection,
+    // the channels of sources and sinks, closed before the connection
+    open: std::sync::Mutex<Vec<Channel>>,
 }
 
 impl RabbitMq {
@@ -16,7 +18,10 @@ impl RabbitMq {
         let conn = Connection::connect(url, ConnectionProperties::default())
             .await
             .map_err(err("connecting"))?;
-        Ok(RabbitMq { conn })
+        Ok(RabbitMq {
+            conn,
+            open: std::sync::Mutex::default(),
+        })
     }
 
     /// Declares the durable queue `queue`, dead-lettering (through the default exchange) to the
@@ -97,9 +102,18 @@ impl RabbitMq {
             .map_err(err("opening a channel"))
     }
 
+    /// A channel that [`close`](Self::close) closes before the connection.
+    async fn kept_channel(&self) -> Result<Channel> {
+        let ch = self.channel().await?;
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|c| c.status().connected());
+        open.push(ch.clone());
+        Ok(ch)
+    }
+
     /// A consumer of `queue` on its own channel, with at most `prefetch` unacked deliveries.
     pub async fn source(&self, queue: &str, prefetch: u16) -> Result<RabbitSource> {
-        let ch = self.channel().await?;
+        let ch = self.kept_channel().await?;
         ch.basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(err("setting the prefetch"))?;
@@ -117,7 +131,7 @@ impl RabbitMq {
             .map_err(err("consuming"))?;
         // retry queues are declared and fed on a channel of their own: a declare the broker
         // refuses closes its channel, and must not close the consumer's
-        let retries = self.channel().await?;
+        let retries = self.kept_channel().await?;
         retries
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -132,7 +146,7 @@ impl RabbitMq {
 
     /// A producer on its own channel, with publisher confirms.
     pub async fn sink(&self) -> Result<RabbitSink> {
-        let ch = self.channel().await?;
+        let ch = self.kept_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(err("enabling confirms"))?;
@@ -141,8 +155,17 @@ impl RabbitMq {
 
     /// Closes the connection: unacked deliveries go back to their queues. A connection that is
     /// closing or closed already (the broker went away) is closed: that is not an error.
+    ///
+    /// The channels of its sources and sinks are closed first, each after what a dropped source
+    /// left queued on it (lapin cancels a dropped consumer in the background): closing the
+    /// connection under those would fail them and have lapin log a connection error.
     pub async fn close(&self) -> Result<()> {
         use lapin::{ChannelState, ConnectionState, ErrorKind};
+        let open = std::mem::take(&mut *self.open.lock().unwrap_or_else(|e| e.into_inner()));
+        for ch in open.iter().filter(|c| c.status().connected()) {
+            // a channel the broker or a concurrent close is closing is as good as closed
+            let _ = ch.close(200, "bye".into()).await;
+        }
         match self.conn.close(200, "bye".into()).await {
             Err(e)
                 if matches!(

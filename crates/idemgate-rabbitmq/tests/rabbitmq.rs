@@ -298,3 +298,39 @@ async fn an_ordered_queue_hands_over_in_order_when_its_consumer_dies() {
     standby_conn.close().await.unwrap();
     rabbit.delete(&q).await.unwrap();
 }
+
+/// Closing right after a consumer's run returned, twice, and while another close runs: every
+/// close succeeds (a channel or connection that is already closing is closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_after_a_run_always_succeeds() {
+    let Some(admin) = connect().await else {
+        return;
+    };
+    let q = queue(&admin, "close").await;
+    for round in 0..20 {
+        let rabbit = RabbitMq::connect(&url()).await.unwrap();
+        rabbit
+            .sink()
+            .await
+            .unwrap()
+            .publish(&Outgoing::new(&q, format!("{round}")))
+            .await
+            .unwrap();
+        let consumer =
+            idemgate_consumer::Consumer::gate("close", idemgate_core::MemoryStore::new());
+        let stats = consumer.stats_handle();
+        consumer
+            .run(
+                rabbit.source(&q, 16).await.unwrap(),
+                |_m: idemgate_consumer::Message| async { Ok::<_, String>(()) },
+                stats.until(|s| s.handled == 1),
+            )
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(rabbit.close(), rabbit.close());
+        a.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        b.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        rabbit.close().await.unwrap();
+    }
+    admin.delete(&q).await.unwrap();
+}

@@ -1,5 +1,6 @@
 //! How a `sqlx::Error` maps onto idemgate's error kinds, and which table names are accepted.
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 use idemgate_core::Error;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 use sqlx::error::DatabaseError;

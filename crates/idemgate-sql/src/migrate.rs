@@ -46,7 +46,11 @@ pub async fn migrate<C: SqlConn>(
     // and its first statement touches the file: a foreign one fails here, as `Corrupt`)
     conn.begin().await?;
     if d == Dialect::Postgres {
-        conn.batch("SELECT pg_advisory_xact_lock(7301311)").await?;
+        // `CREATE … IF NOT EXISTS` of what exists is a NOTICE, which sqlx logs at INFO
+        conn.batch(
+            "SET LOCAL client_min_messages TO WARNING; SELECT pg_advisory_xact_lock(7301311)",
+        )
+        .await?;
     }
     match steps_in_lock(conn, component, steps, want).await {
         Ok(()) => conn.commit().await,

@@ -19,19 +19,33 @@
 //! ```
 //!
 //! [`open`] opens a store from a URL (`sqlite:PATH`, `postgres://…`, `redis://…`, …), each
-//! scheme behind its feature.
+//! scheme behind its feature; [`open_checked`] also returns what it found wrong with the
+//! store's settings.
+//!
+//! The getting-started pages (`docs/getting-started/` in the repository) take each entry
+//! point from `cargo new` to a running service: the HTTP layer, a consumer, the Gate.
+//!
+//! # Features
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `sqlite` | yes | [`sqlite`]: `SqliteStore`, `SqliteInbox`, `SqliteQueue` |
-//! | `postgres` | no | `postgres`: `PostgresStore`, `PgInbox`, `PgOffsets` |
-//! | `mysql` | no | `mysql`: `MySqlStore`, `MySqlInbox`, `MySqlOffsets` (MySQL and MariaDB) |
-//! | `redis` | no | `redis`: `RedisStore` (standalone and cluster) |
+//! | `sqlite` | yes | [`sqlite`]: `SqliteStore`, the SQLite inbox (`SqliteInbox`, `SqliteTx`) and the embedded queue (`SqliteQueue`) |
+//! | `postgres` | no | `postgres`: `PostgresStore`, `PgInbox` and its transaction `PgTx`, `PgOffsets`, `PgEventLog` |
+//! | `mysql` | no | `mysql`: `MySqlStore`, `MySqlInbox` and `MySqlTx`, `MySqlOffsets`, `MySqlEventLog`, for MySQL 8 and MariaDB 10.5+ |
+//! | `redis` | no | `redis`: `RedisStore`, for standalone Redis and Redis Cluster |
 //! | `http` | no | `http`: the `Idempotency-Key` layer for tower and axum |
-//! | `consumer` | no | `consumer`: the consumer runtime (Gate and Inbox modes), `Source` / `Delivery` / `Sink` |
-//! | `rabbitmq`, `nats`, `kafka`, `mqtt`, `sqs` | no | the broker adapters (each turns `consumer` on) |
-//! | `tracing` | yes | spans from the Gate |
+//! | `consumer` | no | `consumer`: the consumer runtime (Gate mode on any store, Inbox mode on any backend's inbox), `Source` / `Delivery` / `Sink`, the shutdown helpers, the in-process `MemoryBroker` |
+//! | `rabbitmq` | no | `rabbitmq`: RabbitMQ source and sink (turns `consumer` on) |
+//! | `nats` | no | `nats`: NATS JetStream source and sink (turns `consumer` on) |
+//! | `kafka` | no | `kafka`: Kafka source and idempotent producer (turns `consumer` on; builds librdkafka from source, which needs a C toolchain) |
+//! | `mqtt` | no | `mqtt`: MQTT 5 source and sink (turns `consumer` on) |
+//! | `sqs` | no | `sqs`: Amazon SQS source and sink (turns `consumer` on) |
+//! | `tracing` | yes | spans from the Gate (warnings and errors are logged through `tracing` whatever the features: install a subscriber to see them) |
 //! | `metrics` | yes | counters and histograms from the Gate |
+//!
+//! A project that depends on sqlx 0.8 itself (its default features, or its SQLite driver) turns
+//! the default `sqlite` feature off: `rusqlite` and sqlx link different SQLite versions, and
+//! Cargo refuses two `links = "sqlite3"` libraries in one build.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use idemgate_core as core;
