@@ -457,33 +457,21 @@ impl Sql {
 /// Inbox mode's effect: the event's row, by this statement.
 struct Insert(String);
 
-impl InboxHandler<idemgate::postgres::PgTx, Message> for Insert {
-    async fn handle(
-        &self,
-        tx: &mut idemgate::postgres::PgTx,
-        msg: &Message,
-    ) -> Result<(), BoxError> {
-        sqlx::query(&self.0)
-            .bind(&msg.event_id)
-            .execute(tx.as_mut())
-            .await?;
-        Ok(())
-    }
+macro_rules! insert_in {
+    ($tx:ty) => {
+        impl InboxHandler<$tx, Message> for Insert {
+            async fn handle(&self, tx: &mut $tx, msg: &Message) -> Result<(), BoxError> {
+                sqlx::query(&self.0)
+                    .bind(&msg.event_id)
+                    .execute(tx.as_mut())
+                    .await?;
+                Ok(())
+            }
+        }
+    };
 }
-
-impl InboxHandler<idemgate::mysql::MySqlTx, Message> for Insert {
-    async fn handle(
-        &self,
-        tx: &mut idemgate::mysql::MySqlTx,
-        msg: &Message,
-    ) -> Result<(), BoxError> {
-        sqlx::query(&self.0)
-            .bind(&msg.event_id)
-            .execute(tx.as_mut())
-            .await?;
-        Ok(())
-    }
-}
+insert_in!(idemgate::postgres::PgTx);
+insert_in!(idemgate::mysql::MySqlTx);
 
 /// What every measurement of a run shares.
 struct Run<'a, F> {

@@ -43,6 +43,39 @@ pub trait Inbox: Send + Sync + 'static {
         }
     }
 
+    /// Marks savepoint `n` in `tx`, so that [`rollback_to`](Inbox::rollback_to) can undo what
+    /// follows it. In a batch, each new message's effect runs under a savepoint of its own, so
+    /// a failing handler costs only its own message. `false` when the inbox keeps no savepoints
+    /// (the default): a failing handler then rolls its whole batch back.
+    fn savepoint(&self, tx: &mut Self::Tx, n: u32) -> impl Future<Output = Result<bool>> + Send {
+        let _ = (tx, n);
+        async { Ok(false) }
+    }
+
+    /// Undoes what `tx` did since savepoint `n`, which stays set. An error means the
+    /// transaction itself failed (a lost connection; a MySQL deadlock, which rolls the whole
+    /// transaction back): nothing of it can commit.
+    fn rollback_to(&self, tx: &mut Self::Tx, n: u32) -> impl Future<Output = Result<()>> + Send {
+        let _ = (tx, n);
+        async {
+            Err(crate::Error::Config {
+                message: "this inbox keeps no savepoints".into(),
+            })
+        }
+    }
+
+    /// Un-records `key`, recorded in `tx` by [`first_time`](Inbox::first_time) or
+    /// [`first_time_many`](Inbox::first_time_many): the message is new again once `tx`
+    /// commits. For a message of a batch whose handler failed, or that waits behind one.
+    fn forget(&self, tx: &mut Self::Tx, key: &Key) -> impl Future<Output = Result<()>> + Send {
+        let _ = (tx, key);
+        async {
+            Err(crate::Error::Config {
+                message: "this inbox cannot un-record a key".into(),
+            })
+        }
+    }
+
     /// Commits `tx`. Dropping a transaction rolls it back.
     fn commit(&self, tx: Self::Tx) -> impl Future<Output = Result<()>> + Send;
 

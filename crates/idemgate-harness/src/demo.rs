@@ -70,7 +70,7 @@ impl DemoArgs {
             dup_rate: self.dup_rate,
             workers: self.workers,
             concurrency: 8,
-            inbox_batch: 1,
+            inbox_batch: 16,
             kills: self.kills,
             fifo: false,
             poison_rate: 0.0,

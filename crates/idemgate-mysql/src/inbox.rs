@@ -47,6 +47,7 @@ struct Statements {
     insert: String,
     renew: String,
     chunk_end: String,
+    forget: String,
     purge: String,
     purge_last: String,
 }
@@ -64,6 +65,7 @@ impl Statements {
             chunk_end: format!(
                 "SELECT scope, id FROM {t} WHERE {AFTER} ORDER BY scope, id LIMIT 1 OFFSET ?"
             ),
+            forget: format!("DELETE FROM {t} WHERE scope = ? AND id = ?"),
             // ... and deletes the expired keys in it: (start, end], or to the table's end
             purge: format!("DELETE FROM {t} WHERE {AFTER} AND {UP_TO} AND expires_at <= {NOW}"),
             purge_last: format!("DELETE FROM {t} WHERE {AFTER} AND expires_at <= {NOW}"),
@@ -126,9 +128,13 @@ impl MySqlInbox {
         &self.pool
     }
 
-    /// Creates the inbox and offsets tables if missing. The inbox has the key as its primary
-    /// key and nothing else indexed, so recording a key costs one index insert (the purge walks
-    /// the primary key instead).
+    /// Creates the inbox table (and the offsets table, if it has one) if missing. The inbox has
+    /// the key as its primary key and nothing else indexed, so recording a key costs one index
+    /// insert (the purge walks the primary key instead).
+    ///
+    /// Versions are recorded in the table `idemgate_schema`, one row per table. To reset the
+    /// inbox, drop its table and call `migrate` again: a recorded table that is missing is
+    /// created again.
     pub async fn migrate(&self) -> Result<()> {
         let t = self.table.name()?;
         let mut conn = my(self.pool.acquire().await)?;
@@ -170,6 +176,16 @@ impl MySqlInbox {
             .execute(&mut *tx)
             .await)?;
         Ok(renewed.rows_affected() == 1)
+    }
+
+    /// Un-records `key` in the caller's transaction: the message is new again once it commits.
+    pub async fn forget(&self, tx: &mut MySqlConnection, key: &Key) -> Result<()> {
+        my(sqlx::query(&self.sql()?.forget)
+            .bind(key.scope())
+            .bind(key.id())
+            .execute(tx)
+            .await)?;
+        Ok(())
     }
 
     /// [`first_time`](Self::first_time) for a batch: one multi-row insert (plus one update for

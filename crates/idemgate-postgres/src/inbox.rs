@@ -58,6 +58,7 @@ struct Statements {
     insert_many_scoped: String,
     inserted: String,
     renew_many: String,
+    forget: String,
     purge: String,
 }
 
@@ -94,6 +95,7 @@ impl Statements {
                   WHERE i.scope = u.s AND i.id = u.d AND i.expires_at <= {NOW}
                  RETURNING i.scope, i.id"
             ),
+            forget: format!("DELETE FROM {t} WHERE scope = $1 AND id = $2"),
             purge: format!(
                 "DELETE FROM {t} WHERE ctid = ANY (ARRAY(
                     SELECT ctid FROM {t} WHERE expires_at <= {NOW} LIMIT $1 FOR UPDATE SKIP LOCKED))"
@@ -152,6 +154,10 @@ impl PgInbox {
 
     /// Creates the inbox table (and the offsets table, if it has one) if missing, or brings them
     /// to this version.
+    ///
+    /// Versions are recorded in the table `idemgate_schema`, one row per table. To reset the
+    /// inbox, drop its table and call `migrate` again: a recorded table that is missing is
+    /// created again.
     pub async fn migrate(&self) -> Result<()> {
         let t = self.table.name()?;
         let mut conn = pg(self.pool.acquire().await)?;
@@ -189,6 +195,16 @@ impl PgInbox {
             .execute(tx)
             .await)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Un-records `key` in the caller's transaction: the message is new again once it commits.
+    pub async fn forget(&self, tx: &mut PgConnection, key: &Key) -> Result<()> {
+        pg(sqlx::query(&self.sql()?.forget)
+            .bind(key.scope())
+            .bind(key.id())
+            .execute(tx)
+            .await)?;
+        Ok(())
     }
 
     /// [`first_time`](Self::first_time) for a batch, in one statement: one answer per key, in

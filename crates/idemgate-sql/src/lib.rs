@@ -67,9 +67,10 @@ pub mod __private {
 }
 
 /// Implements [`Inbox`](idemgate_core::Inbox) for a sqlx backend's inbox: a type with `pool`
-/// (a sqlx pool), `offsets` (an optional [`Offsets`]) and `retention` fields and inherent `first_time`,
-/// `first_time_many` and `purge` methods; `$tx` is its pool's transaction, `$classify` its
-/// error classification and `$backend` its name.
+/// (a sqlx pool), `offsets` (an optional [`Offsets`]) and `retention` fields and inherent
+/// `first_time`, `first_time_many`, `forget` and `purge` methods; `$tx` is its pool's
+/// transaction, `$classify` its error classification and `$backend` its name. Savepoints are
+/// SQL's `SAVEPOINT idemgate_<n>`.
 #[macro_export]
 macro_rules! sqlx_inbox {
     ($inbox:ty, $tx:ty, $classify:path, $backend:literal) => {
@@ -94,6 +95,30 @@ macro_rules! sqlx_inbox {
                 keys: &[$crate::__private::Key],
             ) -> $crate::__private::Result<Vec<bool>> {
                 <$inbox>::first_time_many(self, tx, keys).await
+            }
+
+            async fn savepoint(&self, tx: &mut $tx, n: u32) -> $crate::__private::Result<bool> {
+                sqlx::query(&format!("SAVEPOINT idemgate_{n}"))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err($classify)?;
+                Ok(true)
+            }
+
+            async fn rollback_to(&self, tx: &mut $tx, n: u32) -> $crate::__private::Result<()> {
+                sqlx::query(&format!("ROLLBACK TO SAVEPOINT idemgate_{n}"))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err($classify)?;
+                Ok(())
+            }
+
+            async fn forget(
+                &self,
+                tx: &mut $tx,
+                key: &$crate::__private::Key,
+            ) -> $crate::__private::Result<()> {
+                <$inbox>::forget(self, tx, key).await
             }
 
             async fn commit(&self, tx: $tx) -> $crate::__private::Result<()> {

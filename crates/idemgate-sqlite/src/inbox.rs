@@ -195,6 +195,10 @@ impl SqliteInbox {
     }
 
     /// Creates the inbox table (and the offsets table, if it has one) if missing.
+    ///
+    /// Versions are recorded in the table `idemgate_schema`, one row per table. To reset the
+    /// inbox, drop its table and call `migrate` again: a recorded table that is missing is
+    /// created again.
     pub async fn migrate(&self) -> Result<()> {
         let conn = Arc::clone(&self.conn).lock_owned().await;
         let this = self.clone();
@@ -260,6 +264,23 @@ impl Inbox for SqliteInbox {
 
     async fn first_time(&self, tx: &mut SqliteTx, key: &Key) -> Result<bool> {
         self.first_time_in(tx, key)
+    }
+
+    async fn savepoint(&self, tx: &mut SqliteTx, n: u32) -> Result<bool> {
+        sql(tx.execute_batch(&format!("SAVEPOINT idemgate_{n}")))?;
+        Ok(true)
+    }
+
+    async fn rollback_to(&self, tx: &mut SqliteTx, n: u32) -> Result<()> {
+        sql(tx.execute_batch(&format!("ROLLBACK TO SAVEPOINT idemgate_{n}")))
+    }
+
+    async fn forget(&self, tx: &mut SqliteTx, key: &Key) -> Result<()> {
+        let t = self.table.name()?;
+        let mut stmt =
+            sql(tx.prepare_cached(&format!("DELETE FROM {t} WHERE scope = ?1 AND id = ?2")))?;
+        sql(stmt.execute(params![key.scope(), key.id()]))?;
+        Ok(())
     }
 
     async fn commit(&self, mut tx: SqliteTx) -> Result<()> {

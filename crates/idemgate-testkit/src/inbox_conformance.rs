@@ -381,6 +381,205 @@ pub async fn a_dead_letter_is_recorded_once<C: InboxCase>() {
 }
 
 /// A table name that is not an identifier fails every call on it with [`Error::Config`], on an
+/// Sixteen events on one lane: event 0 holds its batch until all sixteen were received, so the
+/// events after its batch share the next one, and every event is in a batch of several; event
+/// 7's handler fails once, after its effect (with `fail`). Counts each handler's runs.
+struct Isolates<C> {
+    case: Arc<C>,
+    stats: idemgate_consumer::StatsHandle,
+    runs: Arc<std::sync::Mutex<BTreeMap<u32, u32>>>,
+    fail: bool,
+}
+
+impl<C: InboxCase> InboxHandler<<C::Inbox as Inbox>::Tx, Message> for Isolates<C> {
+    async fn handle(
+        &self,
+        tx: &mut <C::Inbox as Inbox>::Tx,
+        msg: &Message,
+    ) -> Result<(), BoxError> {
+        let n: u32 = std::str::from_utf8(&msg.payload)?.parse()?;
+        let run = {
+            let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+            let run = runs.entry(n).or_insert(0);
+            *run += 1;
+            *run
+        };
+        if n == 0 {
+            let all = self.stats.until(|s| s.received >= 16);
+            tokio::time::timeout(Duration::from_secs(30), all).await?;
+        }
+        self.case.apply(tx, &n.to_string()).await?;
+        if self.fail && n == 7 && run == 1 {
+            return Err("event 7 fails once, after its effect".into());
+        }
+        Ok(())
+    }
+}
+
+/// Runs sixteen events through `inbox`, batches of 16, on one lane; returns the handler runs
+/// per event and the stats.
+async fn sixteen<C: InboxCase, I>(
+    case: &Arc<C>,
+    inbox: I,
+    fail: bool,
+) -> (BTreeMap<u32, u32>, idemgate_consumer::Stats)
+where
+    I: Inbox<Tx = <C::Inbox as Inbox>::Tx>,
+{
+    let broker = MemoryBroker::new();
+    for n in 0..16 {
+        broker.send(Message::new("ledger", format!("{n}")).with_event_id(format!("evt-{n}")));
+    }
+    broker.close();
+    let consumer = Consumer::inbox("ledger", inbox)
+        .with_concurrency(1)
+        .with_batch(16)
+        .with_retry_delay(Duration::from_millis(5));
+    let runs = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let handler = Isolates {
+        case: Arc::clone(case),
+        stats: consumer.stats_handle(),
+        runs: Arc::clone(&runs),
+        fail,
+    };
+    let stats = tokio::time::timeout(
+        Duration::from_secs(60),
+        consumer.run(broker.source(), handler, std::future::pending()),
+    )
+    .await
+    .expect("the consumer drained its source")
+    .unwrap();
+    let runs = runs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    (runs, stats)
+}
+
+/// One failing handler in a batch costs only its own message: it alone runs again, the others
+/// ran once and committed together, every effect exactly once.
+pub async fn a_failing_handler_costs_only_its_own_message<C: InboxCase>() {
+    let Some(case) = C::open(Duration::from_secs(600)).await else {
+        return;
+    };
+    let case = Arc::new(case);
+    let (runs, stats) = sixteen(&case, case.inbox().clone(), true).await;
+    for n in 0..16 {
+        let expected = if n == 7 { 2 } else { 1 };
+        assert_eq!(
+            runs.get(&n),
+            Some(&expected),
+            "event {n}: {runs:?} {stats:?}"
+        );
+    }
+    assert_eq!((stats.handled, stats.retried), (16, 1), "{stats:?}");
+    let effects = case.applied().await;
+    assert_eq!(effects.len(), 16, "{effects:?}");
+    assert!(effects.values().all(|(n, _)| *n == 1), "{effects:?}");
+    // where the database tells transactions apart: batches committed, and event 7's retry
+    // committed on its own
+    let mut per_tx: BTreeMap<i64, u32> = BTreeMap::new();
+    for (_, tx) in effects.values() {
+        if let Some(tx) = tx {
+            *per_tx.entry(*tx).or_default() += 1;
+        }
+    }
+    if let Some((_, Some(seventh))) = effects.get("7") {
+        assert!(per_tx.values().any(|n| *n > 1), "no batch: {effects:?}");
+        assert_eq!(per_tx[seventh], 1, "{effects:?}");
+    }
+}
+
+/// An inbox whose first commit of a batch (several keys) fails after the work: a database
+/// failure mid-batch.
+#[derive(Debug)]
+struct FailsFirstBatchCommit<I> {
+    inner: I,
+    batch: std::sync::atomic::AtomicBool,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl<I: Inbox> Inbox for FailsFirstBatchCommit<I> {
+    type Tx = I::Tx;
+
+    async fn begin(&self) -> Result<I::Tx, Error> {
+        self.inner.begin().await
+    }
+
+    async fn first_time(&self, tx: &mut I::Tx, key: &Key) -> Result<bool, Error> {
+        self.inner.first_time(tx, key).await
+    }
+
+    async fn first_time_many(&self, tx: &mut I::Tx, keys: &[Key]) -> Result<Vec<bool>, Error> {
+        if keys.len() > 1 {
+            self.batch.store(true, Ordering::SeqCst);
+        }
+        self.inner.first_time_many(tx, keys).await
+    }
+
+    async fn savepoint(&self, tx: &mut I::Tx, n: u32) -> Result<bool, Error> {
+        self.inner.savepoint(tx, n).await
+    }
+
+    async fn rollback_to(&self, tx: &mut I::Tx, n: u32) -> Result<(), Error> {
+        self.inner.rollback_to(tx, n).await
+    }
+
+    async fn forget(&self, tx: &mut I::Tx, key: &Key) -> Result<(), Error> {
+        self.inner.forget(tx, key).await
+    }
+
+    async fn commit(&self, tx: I::Tx) -> Result<(), Error> {
+        if self.batch.swap(false, Ordering::SeqCst) && !self.failed.swap(true, Ordering::SeqCst) {
+            drop(tx);
+            return Err(Error::Unavailable {
+                backend: "test",
+                source: "the connection was lost at the commit".into(),
+            });
+        }
+        self.inner.commit(tx).await
+    }
+
+    fn retention(&self) -> Duration {
+        self.inner.retention()
+    }
+
+    async fn purge_expired(&self, limit: usize) -> Result<u64, Error> {
+        self.inner.purge_expired(limit).await
+    }
+
+    async fn advance(&self, tx: &mut I::Tx, position: &Position) -> Result<(), Error> {
+        self.inner.advance(tx, position).await
+    }
+
+    async fn load_positions(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>, Error> {
+        self.inner.load_positions(group, topic).await
+    }
+}
+
+/// A database failure mid-batch (the first commit of a batch fails) rolls the batch back, and
+/// its messages run again one per transaction: their handlers ran twice, the others' once,
+/// each effect committed once.
+pub async fn a_failed_batch_runs_again_and_applies_each_once<C: InboxCase>() {
+    let Some(case) = C::open(Duration::from_secs(600)).await else {
+        return;
+    };
+    let case = Arc::new(case);
+    let inbox = FailsFirstBatchCommit {
+        inner: case.inbox().clone(),
+        batch: Default::default(),
+        failed: Default::default(),
+    };
+    let (runs, stats) = sixteen(&case, inbox, false).await;
+    assert_eq!(runs.len(), 16, "{runs:?}");
+    let again = runs.values().filter(|n| **n == 2).count();
+    assert!(
+        again >= 2 && runs.values().all(|n| *n == 1 || *n == 2),
+        "the failed batch (several events) ran twice, nothing else: {runs:?}"
+    );
+    assert_eq!(stats.handled, 16, "{stats:?}");
+    let effects = case.applied().await;
+    assert_eq!(effects.len(), 16, "{effects:?}");
+    assert!(effects.values().all(|(n, _)| *n == 1), "{effects:?}");
+}
+
 /// open transaction too, before any statement is sent.
 pub async fn a_bad_table_name_refuses_every_call<C: InboxCase>() {
     let Some(case) = C::open(Duration::from_secs(600)).await else {
@@ -497,6 +696,16 @@ macro_rules! inbox_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn offsets_advance_by_compare_and_set() {
                 c::offsets_advance_by_compare_and_set::<$case>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_failing_handler_costs_only_its_own_message() {
+                c::a_failing_handler_costs_only_its_own_message::<$case>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_failed_batch_runs_again_and_applies_each_once() {
+                c::a_failed_batch_runs_again_and_applies_each_once::<$case>().await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -309,6 +309,18 @@ impl<I: Inbox, K: KillPoints> Inbox for HookedInbox<I, K> {
         self.inner.first_time_many(tx, keys).await
     }
 
+    async fn savepoint(&self, tx: &mut I::Tx, n: u32) -> Result<bool> {
+        self.inner.savepoint(tx, n).await
+    }
+
+    async fn rollback_to(&self, tx: &mut I::Tx, n: u32) -> Result<()> {
+        self.inner.rollback_to(tx, n).await
+    }
+
+    async fn forget(&self, tx: &mut I::Tx, key: &Key) -> Result<()> {
+        self.inner.forget(tx, key).await
+    }
+
     async fn commit(&self, tx: I::Tx) -> Result<()> {
         self.inner.commit(tx).await?;
         self.hooks.reach(KillPoint::AfterComplete, "-");

@@ -48,8 +48,7 @@ async fn every_user_gets_exactly_one_welcome_email() {
     // duplicates: 30 by a second producer and 30 re-published, each recognised
     assert!(published >= users + 60);
     assert!(
-        first.duplicates + second.duplicates
-            >= (published - users) as u64 - (first.received - first.handled - first.duplicates),
+        first.duplicates + second.duplicates >= (published - users) as u64,
         "{first:?} {second:?}"
     );
 }

@@ -16,6 +16,18 @@ pub(crate) enum Tried {
     Failed(u32, String),
 }
 
+/// Where one message of a committed batch ended.
+pub(crate) enum InBatch {
+    /// Its handler ran and committed.
+    New,
+    /// Its key was recorded before: acked without running the handler.
+    Duplicate,
+    /// Its handler failed (attempt number, error): rolled back to its savepoint.
+    Failed(u32, String),
+    /// It waits behind a failed message of its ordering key: not run, not recorded.
+    Later,
+}
+
 impl<I, H, D> Process<D> for InboxProcess<I, H>
 where
     I: Inbox,
@@ -51,26 +63,73 @@ where
             never = rt.broker_ticks(&ds) => match never {},
         };
         drop(ds);
-        match committed {
-            Ok(firsts) => {
-                let new = keys.iter().zip(&firsts).filter(|(_, first)| **first);
-                rt.forget_all(new.map(|(key, _)| key));
-                let handled = firsts.iter().filter(|first| **first).count() as u64;
-                let counters = &rt.counters;
-                counters.handled.fetch_add(handled, Ordering::Relaxed);
-                counters
-                    .duplicates
-                    .fetch_add(firsts.len() as u64 - handled, Ordering::Relaxed);
-                // one settlement for the batch: its acks go in order, from one task
-                self.rt
-                    .ack_all_behind(batch.into_iter().map(|(_, d)| d).collect())
-                    .await;
-            }
+        let outcomes = match committed {
+            Ok(outcomes) => outcomes,
             Err(why) => {
                 tracing::debug!(%why, n = batch.len(), "batch rolled back; one transaction each");
                 for (i, d) in batch {
                     settled[i] = self.process(d).await;
                 }
+                return settled;
+            }
+        };
+        let (mut done, mut rest) = (Vec::with_capacity(batch.len()), Vec::new());
+        let (mut handled, mut duplicates) = (0, 0);
+        for (((i, d), key), outcome) in batch.into_iter().zip(keys).zip(outcomes) {
+            match outcome {
+                InBatch::New => {
+                    handled += 1;
+                    rt.forget(&key);
+                    done.push(d);
+                }
+                InBatch::Duplicate => {
+                    duplicates += 1;
+                    done.push(d);
+                }
+                outcome => rest.push((i, d, key, outcome)),
+            }
+        }
+        let counters = &rt.counters;
+        counters.handled.fetch_add(handled, Ordering::Relaxed);
+        counters.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        // one settlement for what committed: its acks go in order, from one task
+        self.rt.ack_all_behind(done).await;
+        // then, in order, each failed message as a failed run, and the ones that waited behind
+        // it on their own (given back too if it was: its key keeps its order)
+        let hasher = RandomState::new();
+        let mut given_back: HashSet<u64> = HashSet::new();
+        for (i, d, key, outcome) in rest {
+            let ordering = d
+                .message()
+                .ordering_key
+                .as_ref()
+                .map(|k| hasher.hash_one(k));
+            if ordering.is_some_and(|k| given_back.contains(&k)) {
+                self.rt.nack(d, Duration::ZERO).await;
+                settled[i] = false;
+                continue;
+            }
+            settled[i] = match outcome {
+                InBatch::Failed(attempt, error) => {
+                    match rt.after_failure(d.message(), &key, attempt, error) {
+                        // an ordered message is retried in place, the rest of its key behind it
+                        Ok(delay) => {
+                            if rt.pause(delay).await {
+                                self.process(d).await
+                            } else {
+                                self.rt.settle(d, Settle::Nack(Duration::ZERO)).await
+                            }
+                        }
+                        Err(Settle::DeadLetter(why @ Why::Exhausted, reason)) => {
+                            self.dead_letter(d, Some(&key), why, reason).await
+                        }
+                        Err(settle) => self.rt.settle(d, settle).await,
+                    }
+                }
+                _ => self.process(d).await,
+            };
+            if let (Some(k), false) = (ordering, settled[i]) {
+                given_back.insert(k);
             }
         }
         settled
@@ -240,45 +299,72 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
         true
     }
 
-    /// One transaction for `batch`: its keys, its positions, the handler for each new message in
-    /// order, one commit. `Ok` holds which messages were new; `Err` says why nothing committed.
+    /// One transaction for `batch`: its keys in one statement, then in order each message's
+    /// position and, for a new one, its handler under a savepoint of its own; then one commit.
+    ///
+    /// A failing handler (an error, a panic, the timeout) rolls back to its savepoint and its
+    /// key is un-recorded: the others commit, and it is `Failed`. The later messages of its
+    /// ordering key are not run (`Later`), so the key keeps its order. `Err` says why nothing
+    /// committed: the database failed (a savepoint that cannot be rolled back to is the whole
+    /// transaction failing), or the inbox keeps no savepoints and a handler failed.
     pub(crate) async fn run_batch<D: Delivery>(
         &self,
         batch: &[&D],
         keys: &[Key],
-    ) -> std::result::Result<Vec<bool>, String> {
-        let mut tx = self.inbox.begin().await.map_err(|e| e.to_string())?;
+    ) -> std::result::Result<Vec<InBatch>, String> {
+        let text = |e: idemgate_core::Error| e.to_string();
+        let mut tx = self.inbox.begin().await.map_err(text)?;
         let firsts = self
             .inbox
             .first_time_many(&mut tx, keys)
             .await
-            .map_err(|e| e.to_string())?;
-        for d in batch {
-            if let Some(position) = &d.message().position {
-                self.inbox
-                    .advance(&mut tx, position)
-                    .await
-                    .map_err(|e| e.to_string())?;
+            .map_err(text)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        // ordering keys (hashed) whose message failed in this batch
+        let hasher = RandomState::new();
+        let mut blocked: HashSet<u64> = HashSet::new();
+        for (n, ((d, key), first)) in (0u32..).zip(batch.iter().zip(keys).zip(firsts)) {
+            let msg = d.message();
+            let ordering = msg.ordering_key.as_ref().map(|k| hasher.hash_one(k));
+            if ordering.is_some_and(|k| blocked.contains(&k)) {
+                if first {
+                    self.inbox.forget(&mut tx, key).await.map_err(text)?;
+                }
+                outcomes.push(InBatch::Later);
+                continue;
             }
-        }
-        // the new messages' handlers, in order; a panic or a timeout is caught here and rolls
-        // the batch back
-        for (d, key) in batch
-            .iter()
-            .zip(keys)
-            .zip(&firsts)
-            .filter(|(_, first)| **first)
-            .map(|(dk, _)| dk)
-        {
+            if !first {
+                if let Some(position) = &msg.position {
+                    self.inbox.advance(&mut tx, position).await.map_err(text)?;
+                }
+                outcomes.push(InBatch::Duplicate);
+                continue;
+            }
+            let isolated = self.inbox.savepoint(&mut tx, n).await.map_err(text)?;
+            if let Some(position) = &msg.position {
+                self.inbox.advance(&mut tx, position).await.map_err(text)?;
+            }
+            let attempt = self.rt.attempt(key, None, Some(msg));
+            // a panic or a timeout is caught here
             let ran = self
                 .rt
-                .run_handler(key, self.handler.handle(&mut tx, d.message()))
+                .run_handler(key, self.handler.handle(&mut tx, msg))
                 .await;
-            if let Some(error) = self.rt.failure(ran) {
+            let Some(error) = self.rt.failure(ran) else {
+                outcomes.push(InBatch::New);
+                continue;
+            };
+            if !isolated {
                 return Err(error);
             }
+            self.inbox.rollback_to(&mut tx, n).await.map_err(text)?;
+            self.inbox.forget(&mut tx, key).await.map_err(text)?;
+            if let Some(k) = ordering {
+                blocked.insert(k);
+            }
+            outcomes.push(InBatch::Failed(attempt, error));
         }
-        self.inbox.commit(tx).await.map_err(|e| e.to_string())?;
-        Ok(firsts)
+        self.inbox.commit(tx).await.map_err(text)?;
+        Ok(outcomes)
     }
 }

@@ -89,8 +89,9 @@ pub struct InboxMode<I>(Arc<I>);
 ///   time, in order. Claims of messages that are ready together are batched (`claim_many`), and
 ///   so are their completions (`complete_many`). Completions and acks run behind the handlers,
 ///   and in Gate mode the next claims run ahead of them, so neither holds a handler's slot.
-/// - Inbox mode can share one transaction among the deliveries that are ready together
-///   (`with_batch` on an Inbox-mode consumer).
+/// - Inbox mode shares one transaction among the deliveries that are ready together (up to
+///   16, `with_batch` on an Inbox-mode consumer), each message's effect under a savepoint of
+///   its own: a failing handler costs only its own message.
 /// - While a handler runs, the lease is renewed every third of the lease, and the broker is told
 ///   the message is in progress ([`Delivery::in_progress`]) every third of the lease or of the
 ///   broker's ack wait ([`Source::ack_wait`]), whichever is shorter.
@@ -128,7 +129,7 @@ pub(crate) fn config(name: String) -> Config {
         handler_timeout: Duration::from_secs(300),
         retention: Duration::from_secs(7 * 86_400),
         batch: 64,
-        tx_batch: 1,
+        tx_batch: 16,
         tick: Duration::from_secs(10),
         ack_wait: false,
         key: None,
@@ -235,11 +236,19 @@ impl<I: Inbox> Consumer<InboxMode<I>> {
     }
 
     /// Up to `n` deliveries that are ready together (on one lane) share one transaction
-    /// (default 1): one `first_time_many` for their keys, each new message's handler in turn,
-    /// their positions, one commit, then every ack. Fewer round trips and commits per message;
-    /// the handlers' locks are held until the batch commits. If any step fails (a handler error
-    /// or panic, a fenced position, a failed commit), the batch is rolled back and its messages
-    /// run again one per transaction, so one bad message costs the others only a retry.
+    /// (default 16; 1 for one transaction per message). Nothing waits for a batch to fill: a
+    /// lane takes what has arrived, so a lone message commits at once. One `first_time_many`
+    /// for their keys, then in order each message's position and, for a new one, its handler
+    /// under a savepoint of its own, one commit, then every ack. Fewer round trips and commits
+    /// per message; the handlers' locks are held until the batch commits.
+    ///
+    /// A failing handler (an error, a panic, the timeout) rolls back to its savepoint only:
+    /// the batch commits the rest, and that message alone is retried or dead-lettered, with
+    /// the later messages of its ordering key behind it. A failure of the transaction itself
+    /// (a lost connection, a fenced position, a failed commit, a savepoint that cannot be
+    /// rolled back to: a MySQL deadlock rolls the whole transaction back) rolls the batch back
+    /// and its messages run again one per transaction, which is safe: nothing committed. An
+    /// inbox without savepoints treats a failing handler that way too.
     pub fn with_batch(mut self, n: usize) -> Self {
         self.cfg.tx_batch = n.max(1);
         self

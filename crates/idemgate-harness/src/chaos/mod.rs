@@ -136,8 +136,8 @@ pub struct ChaosArgs {
     /// Messages each worker handles at once.
     #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     pub(crate) concurrency: usize,
-    /// Inbox mode: deliveries that share one transaction (`Consumer::with_batch`).
-    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    /// Inbox mode: deliveries that share one transaction (`Consumer::with_batch`; its default).
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub(crate) inbox_batch: usize,
     /// SIGKILLs per run, each at one of the named points.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100_000))]
