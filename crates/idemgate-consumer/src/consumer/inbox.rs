@@ -67,8 +67,14 @@ where
             Ok(outcomes) => outcomes,
             Err(why) => {
                 tracing::debug!(%why, n = batch.len(), "batch rolled back; one transaction each");
-                for (i, d) in batch {
-                    settled[i] = self.process(d).await;
+                let mut queue: std::collections::VecDeque<(usize, D)> = batch.into();
+                while let Some((i, d)) = queue.pop_front() {
+                    // the broker hears from the deliveries waiting their turn, too
+                    let waiting: Vec<&D> = queue.iter().map(|(_, d)| d).collect();
+                    settled[i] = tokio::select! {
+                        s = self.process(d) => s,
+                        never = rt.broker_ticks(&waiting) => match never {},
+                    };
                 }
                 return settled;
             }
@@ -98,7 +104,8 @@ where
         // it on their own (given back too if it was: its key keeps its order)
         let hasher = RandomState::new();
         let mut given_back: HashSet<u64> = HashSet::new();
-        for (i, d, key, outcome) in rest {
+        let mut queue: std::collections::VecDeque<_> = rest.into();
+        while let Some((i, d, key, outcome)) = queue.pop_front() {
             let ordering = d
                 .message()
                 .ordering_key
@@ -109,25 +116,35 @@ where
                 settled[i] = false;
                 continue;
             }
-            settled[i] = match outcome {
-                InBatch::Failed(attempt, error) => {
-                    match rt.after_failure(d.message(), &key, attempt, error) {
-                        // an ordered message is retried in place, the rest of its key behind it
-                        Ok(delay) => {
-                            if rt.pause(delay).await {
-                                self.process(d).await
-                            } else {
-                                self.rt.settle(d, Settle::Nack(Duration::ZERO)).await
+            // the broker hears from the deliveries waiting their turn, too
+            let waiting: Vec<&D> = queue.iter().map(|(_, d, _, _)| d).collect();
+            let ticks = rt.broker_ticks(&waiting);
+            let settle = async {
+                match outcome {
+                    InBatch::Failed(attempt, error) => {
+                        match rt.after_failure(d.message(), &key, attempt, error) {
+                            // an ordered message is retried in place, the rest of its key behind it
+                            Ok(delay) => {
+                                if rt.pause(delay).await {
+                                    self.process(d).await
+                                } else {
+                                    self.rt.settle(d, Settle::Nack(Duration::ZERO)).await
+                                }
                             }
+                            Err(Settle::DeadLetter(why @ Why::Exhausted, reason)) => {
+                                self.dead_letter(d, Some(&key), why, reason).await
+                            }
+                            Err(settle) => self.rt.settle(d, settle).await,
                         }
-                        Err(Settle::DeadLetter(why @ Why::Exhausted, reason)) => {
-                            self.dead_letter(d, Some(&key), why, reason).await
-                        }
-                        Err(settle) => self.rt.settle(d, settle).await,
                     }
+                    _ => self.process(d).await,
                 }
-                _ => self.process(d).await,
             };
+            settled[i] = tokio::select! {
+                s = settle => s,
+                never = ticks => match never {},
+            };
+            drop(waiting);
             if let (Some(k), false) = (ordering, settled[i]) {
                 given_back.insert(k);
             }

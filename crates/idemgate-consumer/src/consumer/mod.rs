@@ -129,7 +129,9 @@ pub(crate) fn config(name: String) -> Config {
         handler_timeout: Duration::from_secs(300),
         retention: Duration::from_secs(7 * 86_400),
         batch: 64,
-        tx_batch: 16,
+        // Gate mode takes one delivery at a time: a delivery a lane holds unstarted is not
+        // reported in progress to the broker
+        tx_batch: 1,
         tick: Duration::from_secs(10),
         ack_wait: false,
         key: None,
@@ -220,7 +222,10 @@ impl<I: Inbox> Consumer<InboxMode<I>> {
     /// transaction its handler writes in.
     pub fn inbox(name: impl Into<String>, inbox: I) -> Self {
         Consumer {
-            cfg: config(name.into()),
+            cfg: Config {
+                tx_batch: 16,
+                ..config(name.into())
+            },
             mode: InboxMode(Arc::new(inbox)),
         }
     }
