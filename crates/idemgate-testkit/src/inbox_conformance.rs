@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use idemgate_consumer::memory::MemoryBroker;
-use idemgate_consumer::{BoxError, Consumer, Message};
+use idemgate_consumer::{BoxError, Consumer, Delivery, Message, Source};
 use idemgate_core::{Error, Inbox, InboxHandler, Key, Position};
 
 /// One backend under the inbox conformance suite.
@@ -380,7 +380,6 @@ pub async fn a_dead_letter_is_recorded_once<C: InboxCase>() {
     assert_eq!((stats.dead_lettered, stats.duplicates), (1, 2), "{stats:?}");
 }
 
-/// A table name that is not an identifier fails every call on it with [`Error::Config`], on an
 /// Sixteen events on one lane: event 0 holds its batch until all sixteen were received, so the
 /// events after its batch share the next one, and every event is in a batch of several; event
 /// 7's handler fails once, after its effect (with `fail`). Counts each handler's runs.
@@ -416,6 +415,13 @@ impl<C: InboxCase> InboxHandler<<C::Inbox as Inbox>::Tx, Message> for Isolates<C
     }
 }
 
+/// The sixteen events, `evt-0` to `evt-15`.
+fn sixteen_events() -> Vec<Message> {
+    (0..16)
+        .map(|n| Message::new("ledger", format!("{n}")).with_event_id(format!("evt-{n}")))
+        .collect()
+}
+
 /// Runs sixteen events through `inbox`, batches of 16, on one lane; returns the handler runs
 /// per event and the stats.
 async fn sixteen<C: InboxCase, I>(
@@ -427,10 +433,23 @@ where
     I: Inbox<Tx = <C::Inbox as Inbox>::Tx>,
 {
     let broker = MemoryBroker::new();
-    for n in 0..16 {
-        broker.send(Message::new("ledger", format!("{n}")).with_event_id(format!("evt-{n}")));
+    for msg in sixteen_events() {
+        broker.send(msg);
     }
     broker.close();
+    sixteen_from(case, inbox, fail, broker.source()).await
+}
+
+/// [`sixteen`], from `source`.
+async fn sixteen_from<C: InboxCase, I, S: Source>(
+    case: &Arc<C>,
+    inbox: I,
+    fail: bool,
+    source: S,
+) -> (BTreeMap<u32, u32>, idemgate_consumer::Stats)
+where
+    I: Inbox<Tx = <C::Inbox as Inbox>::Tx>,
+{
     let consumer = Consumer::inbox("ledger", inbox)
         .with_concurrency(1)
         .with_batch(16)
@@ -444,7 +463,7 @@ where
     };
     let stats = tokio::time::timeout(
         Duration::from_secs(60),
-        consumer.run(broker.source(), handler, std::future::pending()),
+        consumer.run(source, handler, std::future::pending()),
     )
     .await
     .expect("the consumer drained its source")
@@ -485,6 +504,148 @@ pub async fn a_failing_handler_costs_only_its_own_message<C: InboxCase>() {
         assert!(per_tx.values().any(|n| *n > 1), "no batch: {effects:?}");
         assert_eq!(per_tx[seventh], 1, "{effects:?}");
     }
+}
+
+/// A queue that can hand out one message under two receipts, as SQS does once a held
+/// message's visibility timeout passes: settling either receipt settles the message, and a
+/// receipt of a message that is gone settles nothing (a nack brings nothing back).
+#[derive(Clone)]
+struct Receipts {
+    state: Arc<std::sync::Mutex<ReceiptsState>>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+struct ReceiptsState {
+    messages: Vec<Message>,
+    gone: Vec<bool>,
+    /// Messages to hand out, by index, in order (one index twice: two receipts).
+    visible: std::collections::VecDeque<usize>,
+    held: usize,
+}
+
+impl Receipts {
+    fn new(messages: Vec<Message>, order: impl IntoIterator<Item = usize>) -> Self {
+        let gone = vec![false; messages.len()];
+        Receipts {
+            state: Arc::new(std::sync::Mutex::new(ReceiptsState {
+                messages,
+                gone,
+                visible: order.into_iter().collect(),
+                held: 0,
+            })),
+            notify: Arc::default(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ReceiptsState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Settles receipt `i`: the message is `gone`, or visible again.
+    fn settle(&self, i: usize, gone: bool) {
+        let mut s = self.state();
+        s.held -= 1;
+        if gone {
+            s.gone[i] = true;
+        } else if !s.gone[i] {
+            s.visible.push_back(i);
+        }
+        drop(s);
+        self.notify.notify_waiters();
+    }
+}
+
+struct Receipt {
+    queue: Receipts,
+    i: usize,
+    msg: Message,
+    settled: bool,
+}
+
+impl Source for Receipts {
+    type Delivery = Receipt;
+
+    async fn recv(&mut self) -> idemgate_consumer::Result<Option<Receipt>> {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut s = self.state();
+                while let Some(i) = s.visible.pop_front() {
+                    if !s.gone[i] {
+                        s.held += 1;
+                        let msg = s.messages[i].clone();
+                        return Ok(Some(Receipt {
+                            queue: self.clone(),
+                            i,
+                            msg,
+                            settled: false,
+                        }));
+                    }
+                }
+                if s.held == 0 {
+                    return Ok(None);
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Delivery for Receipt {
+    fn message(&self) -> &Message {
+        &self.msg
+    }
+
+    async fn ack(mut self) -> idemgate_consumer::Result<()> {
+        self.settled = true;
+        self.queue.settle(self.i, true);
+        Ok(())
+    }
+
+    async fn nack(mut self, delay: Duration) -> idemgate_consumer::Result<()> {
+        self.settled = true;
+        // visible again after the delay, at least 100 ms (SQS counts whole seconds)
+        let (queue, i) = (self.queue.clone(), self.i);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay.max(Duration::from_millis(100))).await;
+            queue.settle(i, false);
+        });
+        Ok(())
+    }
+
+    async fn dead_letter(mut self, _reason: &str) -> idemgate_consumer::Result<()> {
+        self.settled = true;
+        self.queue.settle(self.i, true);
+        Ok(())
+    }
+}
+
+impl Drop for Receipt {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.queue.settle(self.i, false);
+        }
+    }
+}
+
+/// A message held twice in one batch (received again under a second receipt, as SQS hands out
+/// a message whose visibility timeout passed) whose handler fails: the second copy is not acked
+/// as a duplicate (that would delete the message the first copy gives back), and the event is
+/// applied once.
+pub async fn a_failed_message_received_twice_is_not_acked<C: InboxCase>() {
+    let Some(case) = C::open(Duration::from_secs(600)).await else {
+        return;
+    };
+    let case = Arc::new(case);
+    // evt-7 twice in a row: both receipts in one batch
+    let order = (0..16).flat_map(|n| if n == 7 { vec![7, 7] } else { vec![n] });
+    let queue = Receipts::new(sixteen_events(), order);
+    let (runs, stats) = sixteen_from(&case, case.inbox().clone(), true, queue).await;
+    let effects = case.applied().await;
+    assert_eq!(effects.len(), 16, "evt-7 was lost: {effects:?} {stats:?}");
+    assert!(effects.values().all(|(n, _)| *n == 1), "{effects:?}");
+    assert_eq!(runs.get(&7), Some(&2), "{runs:?} {stats:?}");
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
 }
 
 /// An inbox whose first commit of a batch (several keys) fails after the work: a database
@@ -580,6 +741,7 @@ pub async fn a_failed_batch_runs_again_and_applies_each_once<C: InboxCase>() {
     assert!(effects.values().all(|(n, _)| *n == 1), "{effects:?}");
 }
 
+/// A table name that is not an identifier fails every call on it with [`Error::Config`], on an
 /// open transaction too, before any statement is sent.
 pub async fn a_bad_table_name_refuses_every_call<C: InboxCase>() {
     let Some(case) = C::open(Duration::from_secs(600)).await else {
@@ -701,6 +863,11 @@ macro_rules! inbox_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_failing_handler_costs_only_its_own_message() {
                 c::a_failing_handler_costs_only_its_own_message::<$case>().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_failed_message_received_twice_is_not_acked() {
+                c::a_failed_message_received_twice_is_not_acked::<$case>().await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,8 @@ pub(crate) enum InBatch {
     Duplicate,
     /// Its handler failed (attempt number, error): rolled back to its savepoint.
     Failed(u32, String),
-    /// It waits behind a failed message of its ordering key: not run, not recorded.
+    /// It waits behind a failed message of its ordering key, or is a later copy of a failed
+    /// message: not run, not recorded.
     Later,
 }
 
@@ -321,9 +322,10 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
     ///
     /// A failing handler (an error, a panic, the timeout) rolls back to its savepoint and its
     /// key is un-recorded: the others commit, and it is `Failed`. The later messages of its
-    /// ordering key are not run (`Later`), so the key keeps its order. `Err` says why nothing
-    /// committed: the database failed (a savepoint that cannot be rolled back to is the whole
-    /// transaction failing), or the inbox keeps no savepoints and a handler failed.
+    /// ordering key, and the later copies of its own key, are not run (`Later`): the ordering
+    /// key keeps its order, and no copy is acked while the event is not done. `Err` says why
+    /// nothing committed: the database failed (a savepoint that cannot be rolled back to is the
+    /// whole transaction failing), or the inbox keeps no savepoints and a handler failed.
     pub(crate) async fn run_batch<D: Delivery>(
         &self,
         batch: &[&D],
@@ -340,13 +342,18 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
         // ordering keys (hashed) whose message failed in this batch
         let hasher = RandomState::new();
         let mut blocked: HashSet<u64> = HashSet::new();
+        // keys this batch leaves unrecorded: a later copy of one (a publish-side duplicate, or
+        // the same message received again, as SQS does once a visibility timeout passes) is
+        // not a duplicate of anything committed, and acking it could delete the message
+        let mut unrecorded: HashSet<&Key> = HashSet::new();
         for (n, ((d, key), first)) in (0u32..).zip(batch.iter().zip(keys).zip(firsts)) {
             let msg = d.message();
             let ordering = msg.ordering_key.as_ref().map(|k| hasher.hash_one(k));
-            if ordering.is_some_and(|k| blocked.contains(&k)) {
+            if ordering.is_some_and(|k| blocked.contains(&k)) || unrecorded.contains(key) {
                 if first {
                     self.inbox.forget(&mut tx, key).await.map_err(text)?;
                 }
+                unrecorded.insert(key);
                 outcomes.push(InBatch::Later);
                 continue;
             }
@@ -379,6 +386,7 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
             if let Some(k) = ordering {
                 blocked.insert(k);
             }
+            unrecorded.insert(key);
             outcomes.push(InBatch::Failed(attempt, error));
         }
         self.inbox.commit(tx).await.map_err(text)?;
