@@ -2,10 +2,15 @@
 //!
 //! A record is one string key, expiring at the record's `expires_at` (`PXAT`), so Redis reclaims
 //! the memory. Its value is `1|st|tok|lu|cr|ex|at|fp|ca|out`: version, state (`0` in progress,
-//! `1` completed, `n` fresh), token, lease until, created, expires, attempts, fingerprint (hex),
-//! completed at, then the outcome bytes. A fresh claim is written by the client itself with one
-//! `SET … NX PX` (no script); such a record (`n`) stores the lease and retention lengths instead
-//! of times, and the scripts turn it into times from the key's remaining TTL.
+//! `1` completed, `n` fresh, `c` completed fresh), token, lease until, created, expires,
+//! attempts, fingerprint (hex), completed at, then the outcome bytes.
+//!
+//! The common path keeps lengths instead of times, so it needs neither `TIME` nor number
+//! formatting on the server. A fresh claim is written by the client itself with one
+//! `SET … NX PX` (no script): its record (`n`) stores the lease and retention lengths. Its
+//! completion (`c`) stores the time from the claim in `lu` and the retention in `ex`, and sets
+//! the key to expire after the retention. The prelude's `load` turns both into times from the
+//! key's remaining TTL.
 
 /// Shared prelude: `now` from the server clock, and the record codec.
 const PRELUDE: &str = r#"
@@ -30,6 +35,13 @@ local function load(key)
     r.lu = r.ex - ret
     r.cr = r.lu - lease
     r.st = '0'
+  elseif r.st == 'c' then
+    local run, ret = r.lu, r.ex
+    r.ex = now + redis.call('PTTL', key)
+    r.ca = r.ex - ret
+    r.cr = r.ca - run
+    r.lu = nil
+    r.st = '1'
   end
   return r
 end
@@ -99,8 +111,9 @@ if not r or r.st ~= '0' or r.tok ~= tonumber(ARGV[1]) then return -1 end
 /// KEYS[1]; ARGV token, outcome, retention ms. Replies 1 or -1 (lease lost).
 ///
 /// The hot path of every handled message, so it does not go through the prelude's full decode
-/// and re-encode: one pattern match, the unchanged fields (token, created, attempts,
-/// fingerprint) copied as they are, the new ones written.
+/// and re-encode: one pattern match, the unchanged fields (token, attempts, fingerprint) copied
+/// as they are. A fresh record's completion keeps lengths (`c`): the time since the claim, from
+/// the key's TTL, and the retention, as the key's new TTL.
 pub(crate) fn complete() -> String {
     r#"
 local key = KEYS[1]
@@ -108,14 +121,16 @@ local v = redis.call('GET', key)
 if not v then return -1 end
 local st, tok, lu, cr, ex, at, fp = string.match(v,
   '^1|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|')
-if not st or (st ~= '0' and st ~= 'n') or tok ~= ARGV[1] then return -1 end
+if tok ~= ARGV[1] then return -1 end
+if st == 'n' then
+  local run = tonumber(lu) + tonumber(ex) - redis.call('PTTL', key)
+  redis.call('SET', key, table.concat({'1', 'c', tok, run, '', ARGV[3], at, fp, '', ARGV[2]}, '|'),
+    'PX', ARGV[3])
+  return 1
+end
+if st ~= '0' then return -1 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if st == 'n' then
-  -- a fresh record keeps lengths: created = (expiry - retention) - lease
-  local expires = now + redis.call('PTTL', key)
-  cr = string.format('%.0f', expires - tonumber(ex) - tonumber(lu))
-end
 local exs = string.format('%.0f', now + tonumber(ARGV[3]))
 redis.call('SET', key, table.concat({'1', '1', tok, '', cr, exs, at, fp,
   string.format('%.0f', now), ARGV[2]}, '|'), 'PXAT', exs)

@@ -533,7 +533,7 @@ impl RedisStore {
         done: &[(Lease, Outcome)],
         retention: Duration,
     ) -> Result<Vec<Result<()>>> {
-        let retention = ms(retention).to_string().into_bytes();
+        let retention = ms(retention).max(1).to_string().into_bytes();
         let args: Vec<[Vec<u8>; 2]> = done
             .iter()
             .map(|(_, outcome)| [outcome.encode(), retention.clone()])
@@ -684,7 +684,10 @@ impl Store for RedisStore {
         self.fenced(
             &self.scripts.complete,
             lease,
-            &[outcome.encode(), ms(retention).to_string().into_bytes()],
+            &[
+                outcome.encode(),
+                ms(retention).max(1).to_string().into_bytes(),
+            ],
         )
         .await
         .map(drop)

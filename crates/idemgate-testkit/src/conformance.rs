@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use idemgate_core::{
     Claim, ClaimOptions, Error, Fingerprint, Key, Lease, ManualClock, Outcome, State, Store,
@@ -223,6 +223,44 @@ pub async fn completed_is_replayed<S: Store>(ctx: &Ctx<S>) {
         .unwrap()
         .expect("completed record");
     assert!(matches!(rec.state, State::Completed { token, .. } if token == lease.token()));
+}
+
+/// A completed record keeps its claim's `created_at`, and reads back `completed_at` when
+/// `complete` was called and `expires_at` one retention after it, on the store's clock.
+pub async fn completed_record_keeps_its_times<S: Store>(ctx: &Ctx<S>) {
+    // what two readings of the store's clock (or a derivation from a TTL) may differ by
+    let close = |a: SystemTime, b: SystemTime, what: &str| {
+        let d = a.duration_since(b).unwrap_or_else(|e| e.duration());
+        assert!(d <= Duration::from_millis(5), "{what}: {a:?} against {b:?}");
+    };
+    let key = ctx.key("times");
+    let lease = acquire(ctx, &key, UNIT).await;
+    let claimed = ctx.store.get(&key).await.unwrap().expect("claimed record");
+    ctx.advance(UNIT / 2).await;
+    let retention = Duration::from_secs(600);
+    ctx.store
+        .complete(&lease, &outcome("timed"), retention)
+        .await
+        .unwrap();
+    let rec = ctx
+        .store
+        .get(&key)
+        .await
+        .unwrap()
+        .expect("completed record");
+    let State::Completed { completed_at, .. } = rec.state else {
+        panic!("not completed: {rec:?}")
+    };
+    close(rec.created_at, claimed.created_at, "created_at kept");
+    let ran = completed_at
+        .duration_since(rec.created_at)
+        .expect("completed after created");
+    assert!(
+        ran + Duration::from_millis(5) >= UNIT / 2,
+        "completed_at {ran:?} after created_at, not the {:?} that passed",
+        UNIT / 2
+    );
+    close(rec.expires_at, completed_at + retention, "expires_at");
 }
 
 /// A released key is free at once; the next claim gets a larger token.
@@ -755,7 +793,8 @@ pub async fn capacity<S: Store>(ctx: &Ctx<S>, limit: usize) {
 macro_rules! conformance_tests {
     ($make:expr) => {
         $crate::conformance_tests!(@cases $make;
-            claim_new_key, exclusive_claim_race, completed_is_replayed, release_then_reclaim,
+            claim_new_key, exclusive_claim_race, completed_is_replayed,
+            completed_record_keeps_its_times, release_then_reclaim,
             expiry_frees_key, takeover_after_lease_expiry, fencing, fingerprint_mismatch,
             renew_extends_lease, abandoned_claim_stays_fenced, fencing_survives_purge,
             huge_durations_are_answered, purge_expired, outcome_round_trip,
