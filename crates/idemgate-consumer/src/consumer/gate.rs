@@ -12,10 +12,12 @@ pub(crate) struct GateProcess<St, H> {
 }
 
 /// Where a Gate-mode delivery's claim and run ended.
-pub(crate) enum Resolved {
+pub(crate) enum Resolved<'a> {
     Settle(Settle),
-    /// The handler ran to its end under `Lease`: complete the key, then ack.
-    Ran(Key, Lease),
+    /// The handler ran to its end under `Lease`: complete the key, then ack. The handler's
+    /// slot is kept until the completion has a settle slot, so at most `concurrency` effects
+    /// wait for one and `concurrency` are being completed: the Gate's window.
+    Ran(Key, Lease, Option<tokio::sync::SemaphorePermit<'a>>),
     /// Out of attempts under `Lease`: dead-letter, then record the key as failed.
     Exhausted(Lease, String),
 }
@@ -35,9 +37,9 @@ where
             r = self.resolve(&d) => r,
             never = rt.broker_tick(&d) => match never {},
         };
-        let (key, lease) = match resolved {
+        let (key, lease, slot) = match resolved {
             Resolved::Settle(settle) => return rt.settle(d, settle).await,
-            Resolved::Ran(key, lease) => (key, lease),
+            Resolved::Ran(key, lease, slot) => (key, lease, slot),
             Resolved::Exhausted(lease, reason) => {
                 // the key is recorded as a stored failure once the dead letter is stored, so a
                 // copy of the event (a producer's re-publish) is acked, not dead-lettered again
@@ -63,6 +65,7 @@ where
             let _ = keep_alive(&*store, &held, length, completing).await;
         };
         let _ = keep_alive(&*self.store, &lease, length, rt.behind(settle)).await;
+        drop(slot);
         true
     }
 }
@@ -76,7 +79,7 @@ where
 {
     /// Claims the key and runs the handler, holding the delivery while the store is down, the
     /// key is busy elsewhere, or a failed run of an ordered message waits for its retry.
-    pub(crate) async fn resolve<D: Delivery>(&self, d: &D) -> Resolved {
+    pub(crate) async fn resolve<D: Delivery>(&self, d: &D) -> Resolved<'_> {
         let rt = &*self.rt;
         let msg = d.message();
         let key = match rt.key(msg) {
@@ -106,9 +109,12 @@ where
             // lane
             let run = rt.run_handler(&key, (self.handler)(msg.clone()));
             let (ran, lost) = keep_alive(&*self.store, &lease, rt.cfg.lease, run).await;
+            let failure = rt.failure(ran);
+            if failure.is_none() && !lost {
+                return Resolved::Ran(key, lease, slot.ok());
+            }
             drop(slot);
-            match rt.failure(ran) {
-                None if !lost => return Resolved::Ran(key, lease),
+            match failure {
                 None => {
                     // another consumer took the key over while this one ran: wait for it to
                     // complete, then ack this delivery as a duplicate

@@ -132,10 +132,7 @@ where
                                     self.rt.settle(d, Settle::Nack(Duration::ZERO)).await
                                 }
                             }
-                            Err(Settle::DeadLetter(why @ Why::Exhausted, reason)) => {
-                                self.dead_letter(d, Some(&key), why, reason).await
-                            }
-                            Err(settle) => self.rt.settle(d, settle).await,
+                            Err(settle) => self.finish(d, &key, settle).await,
                         }
                     }
                     _ => self.process(d).await,
@@ -145,7 +142,6 @@ where
                 s = settle => s,
                 never = ticks => match never {},
             };
-            drop(waiting);
             if let (Some(k), false) = (ordering, settled[i]) {
                 given_back.insert(k);
             }
@@ -167,17 +163,22 @@ where
             s = self.resolve(d.message(), &key) => s,
             never = rt.broker_tick(&d) => match never {},
         };
-        match settle {
-            Settle::DeadLetter(why @ Why::Exhausted, reason) => {
-                self.dead_letter(d, Some(&key), why, reason).await
-            }
-            Settle::DeadLetter(why, reason) => self.dead_letter(d, None, why, reason).await,
-            settle => rt.settle(d, settle).await,
-        }
+        self.finish(d, &key, settle).await
     }
 }
 
 impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
+    /// Settles `d` as `settle` says; an exhausted message's dead letter records its key.
+    async fn finish<D: Delivery>(&self, d: D, key: &Key, settle: Settle) -> bool {
+        match settle {
+            Settle::DeadLetter(why @ Why::Exhausted, reason) => {
+                self.dead_letter(d, Some(key), why, reason).await
+            }
+            Settle::DeadLetter(why, reason) => self.dead_letter(d, None, why, reason).await,
+            settle => self.rt.settle(d, settle).await,
+        }
+    }
+
     /// Tries `msg` until it settles: a failing database is retried with a growing delay, and so
     /// is a failed run of an ordered message, with the delivery held.
     pub(crate) async fn resolve(&self, msg: &Message, key: &Key) -> Settle {
