@@ -344,12 +344,13 @@ impl Ledger {
     }
 
     /// Applies `e` in a transaction of its own; with `derived`, only if that key is new.
-    pub(crate) async fn apply(&self, e: &Event, derived: Option<&Key>) -> Result<(), BoxError> {
+    /// `false`: the derived key was known, nothing applied.
+    pub(crate) async fn apply(&self, e: &Event, derived: Option<&Key>) -> Result<bool, BoxError> {
         match self {
             Ledger::Sqlite(conn, _, t) => {
                 let conn = Arc::clone(conn);
                 let (t, e, derived) = (t.clone(), e.clone(), derived.map(Key::to_string));
-                tokio::task::spawn_blocking(move || -> Result<(), BoxError> {
+                tokio::task::spawn_blocking(move || -> Result<bool, BoxError> {
                     let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
                     let tx =
                         conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -366,7 +367,7 @@ impl Ledger {
                         apply_sqlite_on(&tx, &t, &e)?;
                     }
                     tx.commit()?;
-                    Ok(())
+                    Ok(fresh)
                 })
                 .await?
             }
@@ -384,12 +385,12 @@ impl Ledger {
                         .rows_affected()
                         == 0
                     {
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
                 apply_pg(&mut tx, t, e).await?;
                 tx.commit().await?;
-                Ok(())
+                Ok(true)
             }
             Ledger::MySql(pool, t) => {
                 let mut tx = pool.begin().await?;
@@ -402,12 +403,12 @@ impl Ledger {
                         .rows_affected()
                         == 0
                     {
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
                 apply_mysql(&mut tx, t, e).await?;
                 tx.commit().await?;
-                Ok(())
+                Ok(true)
             }
         }
     }

@@ -423,6 +423,10 @@ pub(crate) struct Figures {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     lost_events: Vec<String>,
     applied_twice: u64,
+    /// Gate mode: effects run again because a kill or a freeze came between the effect and its
+    /// recorded completion (the Gate's window), each stopped by the derived key; without
+    /// derived keys (`--no-derived-keys`) they are in `applied_twice` instead.
+    window_reruns: u64,
     extra_effects: u64,
     balance_ok: bool,
     seconds: f64,
@@ -1001,6 +1005,7 @@ impl Phase<'_> {
                     self.fig.duplicate_deliveries += 1;
                 }
             }
+            "REPEAT" => self.fig.window_reruns += 1,
             "DEAD" => {
                 self.fig.dead_letters += 1;
                 self.dead.insert(rest.to_owned());
@@ -1374,6 +1379,14 @@ async fn phase(
         broker::delete_destination(args.broker, &setup.broker_url, &destination).await?;
     }
     Ok(std::mem::take(&mut ph.fig))
+}
+
+impl Figures {
+    /// Gate mode: effects run again in the window between an effect and its recorded
+    /// completion, stopped by the derived key or (without one) applied twice.
+    pub(crate) fn window(&self) -> u64 {
+        self.window_reruns + self.applied_twice
+    }
 }
 
 /// Compares the ledger and the dead-letter destination with the plan.

@@ -80,6 +80,16 @@ fn rows() -> Vec<Row> {
         ("dead letters".into(), n(|f| f.dead_letters)),
         ("lost effects".into(), n(|f| f.lost)),
         ("effects applied twice".into(), n(|f| f.applied_twice)),
+        (
+            "  Gate window: effects re-run".into(),
+            Box::new(|f: &Figures| {
+                if f.mode == "gate" {
+                    f.window().to_string()
+                } else {
+                    "-".into()
+                }
+            }),
+        ),
         ("extra effects (total)".into(), n(|f| f.extra_effects)),
         (
             "balance agrees".into(),
@@ -103,6 +113,19 @@ pub(super) fn table(naive: Option<&Figures>, idem: &Figures) {
         println!("{name:<30} {left:>12} {:>18}", f(idem));
     }
     println!();
+    if idem.mode == "gate" {
+        let w = idem.window();
+        println!(
+            "gate window: {w} effects ran again after a kill or a freeze between the effect and \
+             its recorded completion ({:.1} per kill or zombie){}.",
+            w as f64 / (idem.kills + idem.zombies).max(1) as f64,
+            if idem.window_reruns > 0 {
+                ", each stopped by its derived key"
+            } else {
+                ""
+            }
+        );
+    }
     if idem.lost == 0 && idem.applied_twice == 0 {
         let faults = nonzero([
             (idem.kills, "kills"),

@@ -459,7 +459,11 @@ impl AsyncServe for Serve<'_> {
                         // a re-run after a crash before `complete` is a no-op there
                         let key = Key::new(CONSUMER, &e.id)?.derive("ledger");
                         let io = hooks.io.read().await;
-                        ledger.apply(&e, derived.then_some(&key)).await?;
+                        if !ledger.apply(&e, derived.then_some(&key)).await? {
+                            // a re-run of an effect done before a kill or a freeze, whose
+                            // completion was not recorded: the Gate's window
+                            say(&format!("REPEAT {}", e.id));
+                        }
                         drop(io);
                         hooks.at(KillPoint::AfterEffect, &e.id);
                         Ok::<(), BoxError>(())
