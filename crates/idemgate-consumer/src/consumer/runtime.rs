@@ -153,6 +153,14 @@ impl Runtime {
                 self.ack_behind(d).await;
                 true
             }
+            Settle::Nack(delay) if d.message().ordering_key.is_none() => {
+                // behind the lane, like an ack: a nack with a delay can be a publish and its
+                // confirm (RabbitMQ's retry queue). A message with an ordering key is given back
+                // from the lane, so the later messages of its key follow it in order.
+                let rt = Arc::clone(self);
+                self.behind(async move { rt.nack(d, delay).await }).await;
+                false
+            }
             Settle::Nack(delay) => {
                 self.nack(d, delay).await;
                 false
