@@ -10,6 +10,7 @@ use idemgate_consumer::memory::MemoryBroker;
 use idemgate_consumer::{Consumer, Message, Stats};
 use idemgate_core::{MemoryStore, Store};
 use idemgate_testkit::broker::DiesBeforeAck;
+use idemgate_testkit::fault::{Fault, FaultStore, Op};
 
 fn event(id: &str, payload: &str) -> Message {
     Message::new("orders", payload.to_owned()).with_event_id(id)
@@ -60,6 +61,114 @@ async fn the_same_event_twice_runs_once() {
     assert_eq!(stats.handled, 50);
     assert_eq!(stats.duplicates, 50, "{stats:?}");
     assert!(broker.dead_letters().is_empty());
+}
+
+/// The Gate's window: while the store holds a completion, at most `concurrency` finished
+/// effects wait for a settle slot and `settle_slots` are being completed; no handler runs past
+/// that, so a kill re-runs at most `concurrency + settle_slots` effects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_effects_waiting_for_their_completion_are_bounded() {
+    let broker = MemoryBroker::new();
+    for i in 0..20 {
+        broker.send(event(&format!("e-{i}"), "{}"));
+    }
+    broker.close();
+    // the first completion takes 3 s, the others none
+    let store = FaultStore::new(MemoryStore::new()).inject(
+        Op::Complete,
+        Fault::Delay(Duration::from_secs(3)),
+        1,
+    );
+    let (effects, handler) = counting();
+    let consumer = Consumer::gate("orders", store)
+        .with_concurrency(2)
+        .with_settle_slots(1);
+    let stats = consumer.stats_handle();
+    let run = tokio::spawn(consumer.run(broker.source(), handler, std::future::pending()));
+    let window = async {
+        while effects.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), window)
+        .await
+        .expect("three effects ran while the first completion was held");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        (effects.load(Ordering::SeqCst), stats.get().handled),
+        (3, 0),
+        "2 finished effects wait for the settle slot, 1 is being completed, none ran past them"
+    );
+    let stats = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the consumer drained the broker")
+        .unwrap()
+        .unwrap();
+    assert_eq!((stats.handled, effects.load(Ordering::SeqCst)), (20, 20));
+}
+
+/// A source that fails (its connection lost) after handing out `left` deliveries.
+struct LosesItsConnection {
+    inner: idemgate_consumer::memory::MemorySource,
+    left: usize,
+}
+
+impl idemgate_consumer::Source for LosesItsConnection {
+    type Delivery = idemgate_consumer::memory::MemoryDelivery;
+
+    async fn recv(&mut self) -> idemgate_consumer::Result<Option<Self::Delivery>> {
+        if self.left == 0 {
+            // the connection goes while the lane runs a message
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return Err(idemgate_consumer::Error::Broker {
+                broker: "test",
+                message: "the connection was lost".into(),
+                source: None,
+            });
+        }
+        self.left -= 1;
+        self.inner.recv().await
+    }
+}
+
+/// When the source fails, the deliveries a lane has not started are not handled: the broker
+/// has them again (and may have handed them to another consumer, where handling them here
+/// would put an ordering key's later message first). The one running finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_leaves_queued_deliveries_to_the_broker() {
+    let broker = MemoryBroker::new();
+    for i in 0..5 {
+        broker.send(event(&format!("e-{i}"), "{}").with_ordering_key("account-1"));
+    }
+    let effects = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&effects);
+    let handler = move |msg: Message| {
+        let seen = Arc::clone(&seen);
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            seen.lock()
+                .unwrap()
+                .push(msg.event_id.clone().unwrap_or_default());
+            Ok::<(), String>(())
+        }
+    };
+    let source = LosesItsConnection {
+        inner: broker.source(),
+        left: 5,
+    };
+    let consumer = Consumer::gate("orders", MemoryStore::new()).with_concurrency(1);
+    let ran = tokio::time::timeout(
+        Duration::from_secs(10),
+        consumer.run(source, handler, std::future::pending()),
+    )
+    .await
+    .expect("run returned");
+    assert!(ran.is_err(), "the source's failure is run's error");
+    // the source hands out e-4 when the lane takes e-3 (a lane holds one delivery), then fails
+    // while e-3 runs: e-4 waits in the lane, unstarted
+    let effects = effects.lock().unwrap().clone();
+    assert_eq!(effects, ["e-0", "e-1", "e-2", "e-3"], "e-4 had not started");
+    assert_eq!(broker.queued(), 1, "e-4 is the broker's again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use idemgate_core::{
-    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, ManualClock, Outcome, State, Store,
+    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, ManualClock, Outcome, Record, State, Store,
 };
 
 /// A store under test and a way to make its time pass.
@@ -122,6 +122,15 @@ async fn acquire<S: Store>(ctx: &Ctx<S>, key: &Key, lease: Duration) -> Lease {
     }
 }
 
+/// `key`'s record, which must exist (`what` names it in the failure).
+async fn record<S: Store>(ctx: &Ctx<S>, key: &Key, what: &str) -> Record {
+    ctx.store
+        .get(key)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no {what} record for {key}"))
+}
+
 async fn claim<S: Store>(ctx: &Ctx<S>, key: &Key, fp: Option<&Fingerprint>) -> Claim {
     ctx.store
         .claim(key, fp, &opts(UNIT))
@@ -144,12 +153,7 @@ pub async fn claim_new_key<S: Store>(ctx: &Ctx<S>) {
     let lease = acquire(ctx, &key, UNIT).await;
     assert_eq!(lease.key(), &key);
     assert_eq!(lease.attempt(), 1);
-    let rec = ctx
-        .store
-        .get(&key)
-        .await
-        .unwrap()
-        .expect("claimed key has a record");
+    let rec = record(ctx, &key, "claimed").await;
     assert!(
         matches!(rec.state, State::InProgress { token, .. } if token == lease.token()),
         "record {rec:?} does not show lease {lease:?}"
@@ -216,12 +220,7 @@ pub async fn completed_is_replayed<S: Store>(ctx: &Ctx<S>) {
         matches!(claim(ctx, &key, None).await, Claim::Completed(_)),
         "claim without a fingerprint must replay"
     );
-    let rec = ctx
-        .store
-        .get(&key)
-        .await
-        .unwrap()
-        .expect("completed record");
+    let rec = record(ctx, &key, "completed").await;
     assert!(matches!(rec.state, State::Completed { token, .. } if token == lease.token()));
 }
 
@@ -235,19 +234,14 @@ pub async fn completed_record_keeps_its_times<S: Store>(ctx: &Ctx<S>) {
     };
     let key = ctx.key("times");
     let lease = acquire(ctx, &key, UNIT).await;
-    let claimed = ctx.store.get(&key).await.unwrap().expect("claimed record");
+    let claimed = record(ctx, &key, "claimed").await;
     ctx.advance(UNIT / 2).await;
     let retention = Duration::from_secs(600);
     ctx.store
         .complete(&lease, &outcome("timed"), retention)
         .await
         .unwrap();
-    let rec = ctx
-        .store
-        .get(&key)
-        .await
-        .unwrap()
-        .expect("completed record");
+    let rec = record(ctx, &key, "completed").await;
     let State::Completed { completed_at, .. } = rec.state else {
         panic!("not completed: {rec:?}")
     };
@@ -388,7 +382,7 @@ pub async fn fencing<S: Store>(ctx: &Ctx<S>) {
         matches!(r, Err(Error::LeaseLost)),
         "second complete gave {r:?}"
     );
-    let rec = ctx.store.get(&key).await.unwrap().unwrap();
+    let rec = record(ctx, &key, "stored").await;
     assert_eq!(
         rec.outcome(),
         Some(&outcome("owner")),
@@ -743,7 +737,7 @@ pub async fn outcome_round_trip<S: Store>(ctx: &Ctx<S>) {
         .with_meta("set-cookie", vec![0u8, 1, 2, 255])
         .with_meta("set-cookie", "b=2");
     ctx.store.complete(&lease, &o, LONG).await.unwrap();
-    let rec = ctx.store.get(&key).await.unwrap().unwrap();
+    let rec = record(ctx, &key, "stored").await;
     assert_eq!(rec.outcome(), Some(&o));
 }
 

@@ -12,7 +12,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -39,6 +39,8 @@ use self::{batcher::*, gate::*, inbox::*, runtime::*};
 pub(crate) struct Config {
     pub(crate) name: String,
     pub(crate) concurrency: usize,
+    // settlements behind the lanes (default: `concurrency`)
+    pub(crate) settle_slots: Option<usize>,
     pub(crate) max_attempts: u32,
     pub(crate) retry_delay: Duration,
     pub(crate) busy_delay: Duration,
@@ -102,7 +104,9 @@ pub struct InboxMode<I>(Arc<I>);
 /// - [`run`](Consumer::run)'s `shutdown` future stops receiving; what was received is finished,
 ///   settled, and then `run` returns the [`Stats`]. Held deliveries (a busy key, a store outage,
 ///   a retry in place) are given back to the broker at once, and so are the later messages of
-///   their ordering key.
+///   their ordering key. When the source fails instead (a lost connection), `run` returns its
+///   error once the running handlers finish; the deliveries not yet started are left to the
+///   broker, which may have handed them to another consumer already.
 pub struct Consumer<M> {
     cfg: Config,
     mode: M,
@@ -122,6 +126,7 @@ pub(crate) fn config(name: String) -> Config {
     Config {
         name,
         concurrency: 8,
+        settle_slots: None,
         max_attempts: 5,
         retry_delay: Duration::from_millis(500),
         busy_delay: Duration::from_secs(1),
@@ -312,6 +317,17 @@ impl<M> Consumer<M> {
     /// How many messages are handled at once (default 8).
     pub fn with_concurrency(mut self, n: usize) -> Self {
         self.cfg.concurrency = n.max(1);
+        self
+    }
+
+    /// How many settlements run behind the handlers at once (default: `concurrency`): a
+    /// completion and its ack in Gate mode, a commit's acks in Inbox mode. In Gate mode this and
+    /// `concurrency` bound the crash window: at most `concurrency + n` effects are done and not
+    /// yet recorded as complete, so a kill re-runs at most that many where the downstream
+    /// system does not honour the derived key. A smaller `n` narrows the window and makes the
+    /// handlers wait for the store sooner.
+    pub fn with_settle_slots(mut self, n: usize) -> Self {
+        self.cfg.settle_slots = Some(n.max(1));
         self
     }
 

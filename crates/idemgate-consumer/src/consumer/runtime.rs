@@ -100,13 +100,17 @@ pub(crate) struct Runtime {
     pub(crate) behind: Mutex<JoinSet<()>>,
     // set when `run` stops receiving: held deliveries are given back instead of waited on
     pub(crate) stopping: watch::Sender<bool>,
+    // set when the source failed (a lost connection): what the lanes have not started is the
+    // broker's again, and another consumer may be handling it
+    pub(crate) lost: AtomicBool,
 }
 
 impl Runtime {
     pub(crate) fn new(cfg: Config) -> Arc<Self> {
-        // as many settlements behind the lanes as lanes: a slow store or broker holds the lanes
-        // back instead of piling up completed work
-        let settle_slots = u32::try_from(cfg.concurrency).unwrap_or(u32::MAX);
+        // as many settlements behind the lanes as handlers by default: a slow store or broker
+        // holds the lanes back instead of piling up completed work
+        let slots = cfg.settle_slots.unwrap_or(cfg.concurrency);
+        let settle_slots = u32::try_from(slots).unwrap_or(u32::MAX);
         Arc::new(Runtime {
             counters: Arc::clone(&cfg.counters),
             cfg,
@@ -115,6 +119,7 @@ impl Runtime {
             settle_slots,
             behind: Mutex::default(),
             stopping: watch::Sender::new(false),
+            lost: AtomicBool::new(false),
         })
     }
 
@@ -401,7 +406,10 @@ where
         let d = match received {
             Ok(Some(d)) => d,
             Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
+            Err(e) => {
+                rt.lost.store(true, Ordering::Relaxed);
+                break Err(e);
+            }
         };
         bump(&rt.counters.received);
         let d = Arc::new(d);
@@ -532,6 +540,13 @@ pub(crate) async fn lane<D: Delivery, P: Process<D>>(
             let mut ds = Vec::with_capacity(ready.len());
             for d in ready.drain(..) {
                 let d = take(d).await;
+                if rt.lost.load(Ordering::Relaxed) {
+                    // its connection is gone: handling it now could run behind a consumer the
+                    // broker gave it to since (an ordering key's later message first), and its
+                    // ack could not be sent. Dropped unsettled, it is redelivered.
+                    drop(d);
+                    continue;
+                }
                 match &d.message().ordering_key {
                     Some(k) if rt.stopping() && given_back.contains(&hasher.hash_one(k)) => {
                         rt.nack(d, Duration::ZERO).await;
