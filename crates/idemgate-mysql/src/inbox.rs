@@ -178,16 +178,6 @@ impl MySqlInbox {
         Ok(renewed.rows_affected() == 1)
     }
 
-    /// Un-records `key` in the caller's transaction: the message is new again once it commits.
-    pub async fn forget(&self, tx: &mut MySqlConnection, key: &Key) -> Result<()> {
-        my(sqlx::query(&self.sql()?.forget)
-            .bind(key.scope())
-            .bind(key.id())
-            .execute(tx)
-            .await)?;
-        Ok(())
-    }
-
     /// [`first_time`](Self::first_time) for a batch: one multi-row insert (plus one update for
     /// keys whose retention ran out, and one read of what this batch stamped). One answer per key,
     /// in order; a key repeated in the batch is `true` at most once.

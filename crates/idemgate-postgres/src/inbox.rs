@@ -197,16 +197,6 @@ impl PgInbox {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Un-records `key` in the caller's transaction: the message is new again once it commits.
-    pub async fn forget(&self, tx: &mut PgConnection, key: &Key) -> Result<()> {
-        pg(sqlx::query(&self.sql()?.forget)
-            .bind(key.scope())
-            .bind(key.id())
-            .execute(tx)
-            .await)?;
-        Ok(())
-    }
-
     /// [`first_time`](Self::first_time) for a batch, in one statement: one answer per key, in
     /// order. A key repeated within the batch is `true` at most once.
     pub async fn first_time_many(&self, tx: &mut PgConnection, keys: &[Key]) -> Result<Vec<bool>> {

@@ -67,10 +67,10 @@ pub mod __private {
 }
 
 /// Implements [`Inbox`](idemgate_core::Inbox) for a sqlx backend's inbox: a type with `pool`
-/// (a sqlx pool), `offsets` (an optional [`Offsets`]) and `retention` fields and inherent
-/// `first_time`, `first_time_many`, `forget` and `purge` methods; `$tx` is its pool's
-/// transaction, `$classify` its error classification and `$backend` its name. Savepoints are
-/// SQL's `SAVEPOINT idemgate_<n>`.
+/// (a sqlx pool), `offsets` (an optional [`Offsets`]) and `retention` fields, inherent
+/// `first_time`, `first_time_many` and `purge` methods, and a `sql()` whose statements include
+/// `forget` (a delete by scope and id); `$tx` is its pool's transaction, `$classify` its error
+/// classification and `$backend` its name. Savepoints are SQL's `SAVEPOINT idemgate_<n>`.
 #[macro_export]
 macro_rules! sqlx_inbox {
     ($inbox:ty, $tx:ty, $classify:path, $backend:literal) => {
@@ -118,7 +118,13 @@ macro_rules! sqlx_inbox {
                 tx: &mut $tx,
                 key: &$crate::__private::Key,
             ) -> $crate::__private::Result<()> {
-                <$inbox>::forget(self, tx, key).await
+                sqlx::query(&self.sql()?.forget)
+                    .bind(key.scope())
+                    .bind(key.id())
+                    .execute(&mut **tx)
+                    .await
+                    .map_err($classify)?;
+                Ok(())
             }
 
             async fn commit(&self, tx: $tx) -> $crate::__private::Result<()> {
