@@ -68,6 +68,9 @@
 //! # }).unwrap();
 //! ```
 //!
+//! A handler that publishes enqueues on its transaction through an [`Outbox`]; a [`Relay`]
+//! publishes what committed, so its events leave exactly when its effect commits.
+//!
 //! [`run`](Consumer::run) stops when its `shutdown` future resolves: [`shutdown::signal`]
 //! (Ctrl-C or SIGTERM), [`StatsHandle::until`] (a condition on the counts) or
 //! [`StatsHandle::idle`] (a drained queue).
@@ -76,15 +79,17 @@ mod broker;
 mod consumer;
 pub mod memory;
 mod message;
+mod relay;
 pub mod shutdown;
 mod window;
 
 pub use broker::{Delivery, Sink, Source};
 pub use consumer::{Consumer, GateMode, InboxMode, KeyFn, Stats, StatsHandle};
-pub use idemgate_core::{BoxError, Inbox, InboxFn, InboxHandler, Position, Warning};
+pub use idemgate_core::{BoxError, Inbox, InboxFn, InboxHandler, Outbox, Position, Warning};
 pub use message::{
     DEAD_LETTER_REASON, DEAD_LETTER_RETRY, EVENT_ID, Message, ORDERING_KEY, Outgoing,
 };
+pub use relay::{Relay, RelayStats};
 pub use window::{Horizon, WindowCheck, check_window};
 
 /// What stops a consumer or a producer.
@@ -102,6 +107,15 @@ pub enum Error {
         /// [`source`](std::error::Error::source)).
         #[source]
         source: Option<BoxError>,
+    },
+    /// The broker refused a message for good (too large, an unknown destination): retrying it
+    /// cannot succeed, so a relay dead-letters it.
+    #[error("{broker} refused the message: {message}")]
+    Refused {
+        /// Which broker.
+        broker: &'static str,
+        /// Why.
+        message: String,
     },
     /// The dedup store or the inbox failed.
     #[error(transparent)]

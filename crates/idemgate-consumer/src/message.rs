@@ -1,7 +1,9 @@
 //! Messages as the runtime sees them, and as producers send them.
 
 use bytes::Bytes;
-use idemgate_core::{EventId, Key, Position};
+use idemgate_core::Position;
+
+pub use idemgate_core::Outgoing;
 
 /// The header that carries a message's event id when the broker has no native one.
 pub const EVENT_ID: &str = "idemgate-event-id";
@@ -62,73 +64,6 @@ impl Message {
     pub fn with_event_id(mut self, id: impl Into<String>) -> Self {
         self.event_id = Some(id.into());
         self
-    }
-
-    /// Adds a header.
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
-        self.headers.push((name.into(), value.into()));
-        self
-    }
-
-    /// Sets the ordering key.
-    pub fn with_ordering_key(mut self, key: impl Into<String>) -> Self {
-        self.ordering_key = Some(key.into());
-        self
-    }
-}
-
-/// A message to publish: a payload with its event id stamped by the producer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Outgoing {
-    /// The queue, subject, topic or routing key to publish to.
-    pub destination: String,
-    /// The body.
-    pub payload: Bytes,
-    /// The event id: the same for every retry of this publish, so the broker (where it can) and
-    /// every consumer recognise a re-publish as the same event.
-    pub event_id: String,
-    /// Extra headers.
-    pub headers: Vec<(String, Bytes)>,
-    /// Kafka's message key, SQS FIFO's message group, MQTT's topic suffix: what orders messages.
-    pub ordering_key: Option<String>,
-}
-
-impl Outgoing {
-    /// A message with a fresh UUIDv7 event id. Keep the value and re-publish *it* on retry.
-    pub fn new(destination: impl Into<String>, payload: impl Into<Bytes>) -> Self {
-        Outgoing::with_event_id(destination, payload, EventId::new())
-    }
-
-    /// A message with the given event id (a producer id and sequence, or a stored UUID).
-    pub fn with_event_id(
-        destination: impl Into<String>,
-        payload: impl Into<Bytes>,
-        id: EventId,
-    ) -> Self {
-        Outgoing {
-            destination: destination.into(),
-            payload: payload.into(),
-            event_id: id.to_string(),
-            headers: Vec::new(),
-            ordering_key: None,
-        }
-    }
-
-    /// A message whose event id is a business key's id (order id + SKU, user id + email type):
-    /// two producers that publish the same business fact publish the same event.
-    pub fn for_business_key(
-        destination: impl Into<String>,
-        payload: impl Into<Bytes>,
-        key: &Key,
-    ) -> Self {
-        Outgoing {
-            destination: destination.into(),
-            payload: payload.into(),
-            event_id: key.id().to_owned(),
-            headers: Vec::new(),
-            ordering_key: None,
-        }
     }
 
     /// Adds a header.

@@ -10,6 +10,8 @@
 //! - [`MemoryStore`], sharded and optionally bounded;
 //! - the [`Inbox`] contract: the processed-event row in the handler's own transaction, with
 //!   Kafka [`Position`]s advanced in that same transaction;
+//! - the [`Outbox`] contract: outgoing messages in the business change's transaction, taken
+//!   and marked sent by a relay, in order per ordering key;
 //! - the [`Gate`] runner: claim, run with a lease heartbeat, complete, and replay to duplicates.
 //!
 //! ```
@@ -49,6 +51,7 @@ mod inbox;
 mod key;
 mod memory;
 mod obs;
+mod outbox;
 mod outcome;
 mod record;
 mod row;
@@ -62,6 +65,7 @@ pub use gate::{ErrorPolicy, Gate, GateError, InProgressPolicy, Run};
 pub use inbox::{Inbox, InboxFn, InboxHandler, Position};
 pub use key::{EventId, Key, MAX_KEY_LEN};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use outbox::{Backlog, DeadRow, Outbox, OutboxRow, Outgoing};
 pub use outcome::{Meta, Outcome};
 pub use record::{Claim, ClaimOptions, Lease, Record, State};
 pub use store::{BoxStore, Store, StoreExt};

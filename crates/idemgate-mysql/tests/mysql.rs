@@ -7,8 +7,9 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 
 use idemgate_core::{BoxError, Claim, Error, Inbox, Key, Outcome, Store, StoreExt};
-use idemgate_mysql::{MySqlInbox, MySqlOffsets, MySqlStore, MySqlTx};
+use idemgate_mysql::{MySqlInbox, MySqlOffsets, MySqlOutbox, MySqlStore, MySqlTx};
 use idemgate_testkit::inbox_conformance::InboxCase;
+use idemgate_testkit::outbox_conformance::OutboxCase;
 use idemgate_testkit::service;
 use sqlx::MySqlPool;
 use sqlx::mysql::MySqlPoolOptions;
@@ -433,3 +434,15 @@ impl InboxCase for MySqlCase {
 }
 
 idemgate_testkit::inbox_conformance_tests!(MySqlCase);
+
+impl OutboxCase for MySqlCase {
+    type Outbox = MySqlOutbox;
+
+    async fn outbox(&self) -> MySqlOutbox {
+        let outbox = MySqlOutbox::new(self.pool.clone()).with_table(unique("coutbox"));
+        outbox.migrate().await.unwrap();
+        outbox
+    }
+}
+
+idemgate_testkit::outbox_conformance_tests!(MySqlCase);

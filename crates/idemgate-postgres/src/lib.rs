@@ -3,6 +3,8 @@
 //! - [`PostgresStore`]: the [`Store`](idemgate_core::Store) contract on PostgreSQL: each claim
 //!   is one `INSERT … ON CONFLICT … DO UPDATE … WHERE <free> RETURNING` against the primary key,
 //!   expiry judged by the database's clock;
+//! - [`PgOutbox`]: the transactional outbox, in that same transaction (relays wake on
+//!   `LISTEN/NOTIFY`);
 //! - [`PgInbox`]: the transactional inbox, inside the caller's transaction;
 //! - [`PgOffsets`]: Kafka consumer positions advanced by compare-and-set in that same
 //!   transaction;
@@ -24,11 +26,13 @@
 
 mod error;
 mod inbox;
+mod outbox;
 mod store;
 
 pub use error::classify_error;
 pub use idemgate_core::backend::{Appended, LoggedEvent};
 pub use inbox::{PgInbox, PgTx};
+pub use outbox::PgOutbox;
 
 /// Kafka positions kept in the inbox transaction ([`idemgate_sql::Offsets`] on PostgreSQL).
 pub type PgOffsets = idemgate_sql::Offsets;

@@ -7,8 +7,10 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 
 use idemgate_core::{BoxError, Claim, Error, Inbox, Key, Outcome, Store, StoreExt};
-use idemgate_postgres::{PgInbox, PgOffsets, PgTx, PostgresStore};
+use idemgate_core::{Outbox, Outgoing};
+use idemgate_postgres::{PgInbox, PgOffsets, PgOutbox, PgTx, PostgresStore};
 use idemgate_testkit::inbox_conformance::InboxCase;
+use idemgate_testkit::outbox_conformance::OutboxCase;
 use idemgate_testkit::service;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -584,3 +586,42 @@ impl InboxCase for PgCase {
 }
 
 idemgate_testkit::inbox_conformance_tests!(PgCase);
+
+impl OutboxCase for PgCase {
+    type Outbox = PgOutbox;
+
+    async fn outbox(&self) -> PgOutbox {
+        let outbox = PgOutbox::new(self.pool.clone()).with_table(unique("coutbox"));
+        outbox.migrate().await.unwrap();
+        outbox
+    }
+}
+
+idemgate_testkit::outbox_conformance_tests!(PgCase);
+
+/// A relay waiting for rows wakes on the commit's notification, long before its poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_wakes_a_waiting_relay() {
+    let Some(pool) = pool().await else { return };
+    let outbox = PgOutbox::new(pool.clone()).with_table(unique("woutbox"));
+    outbox.migrate().await.unwrap();
+    // the first wait connects the listener; a wait with nothing committed times out
+    assert!(!outbox.wait(Duration::from_millis(50)).await);
+    let waiting = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { outbox.wait(Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let inbox = PgInbox::new(pool);
+    let mut tx = inbox.begin().await.unwrap();
+    outbox
+        .enqueue(&mut tx, &Outgoing::new("invoices", "1"))
+        .await
+        .unwrap();
+    inbox.commit(tx).await.unwrap();
+    let woken = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the commit wakes the relay before its 30 s poll")
+        .unwrap();
+    assert!(woken);
+}

@@ -18,6 +18,8 @@ pub enum Arg<'a> {
     Int32(i32),
     /// Bytes.
     Blob(&'a [u8]),
+    /// SQL `NULL` (in a text column).
+    Null,
 }
 
 /// The type a result column is read as.
@@ -131,6 +133,7 @@ mod sqlx_conn {
                             Arg::Int(i) => q.bind(i),
                             Arg::Int32(i) => q.bind(i),
                             Arg::Blob(b) => q.bind(b),
+                            Arg::Null => q.bind(None::<&str>),
                         };
                     }
                     q

@@ -7,6 +7,7 @@
 //! - [`migrate`]: one migration algorithm (versioned steps, serialized across processes);
 //! - [`Offsets`]: Kafka positions by compare-and-set in the inbox transaction;
 //! - [`EventLog`]: an append-only event log, idempotent by event id, gap-free per stream;
+//! - [`OutboxTable`]: the transactional outbox's rows, taken in order per ordering key;
 //! - how a `sqlx::Error` maps onto idemgate's error kinds, and which table names are accepted.
 //!
 //! The backends keep only the SQL that really differs: their claim and inbox statements.
@@ -26,6 +27,7 @@ mod dialect;
 mod log;
 mod migrate;
 mod offsets;
+mod outbox;
 mod table;
 
 pub use classify::check_ident;
@@ -42,6 +44,7 @@ pub use dialect::Dialect;
 pub use log::EventLog;
 pub use migrate::migrate;
 pub use offsets::Offsets;
+pub use outbox::OutboxTable;
 pub use table::Table;
 
 /// What an inbox without an offsets table answers when asked for positions.
@@ -61,6 +64,7 @@ pub fn millis(d: std::time::Duration) -> i64 {
 
 #[doc(hidden)]
 pub mod __private {
+    pub use idemgate_core::{Backlog, DeadRow, Outbox, OutboxRow, Outgoing};
     pub use idemgate_core::{Inbox, Key, Position, Result};
     pub use std::collections::BTreeMap;
     pub use std::time::Duration;
@@ -165,6 +169,93 @@ macro_rules! sqlx_inbox {
                     .ok_or_else(|| $crate::no_positions($backend))?;
                 let mut conn = self.pool.acquire().await.map_err($classify)?;
                 offsets.load_positions(&mut *conn, group, topic).await
+            }
+        }
+    };
+}
+
+/// Implements [`Outbox`](idemgate_core::Outbox) for a sqlx backend's outbox: a type with `pool`
+/// (a sqlx pool) and `table` (an [`OutboxTable`]) fields and inherent `enqueue_in` (the enqueue
+/// on `$tx`) and `wait_for` (the relay's wait) methods; `$classify` is its error classification.
+#[macro_export]
+macro_rules! sqlx_outbox {
+    ($outbox:ty, $tx:ty, $classify:path) => {
+        impl $crate::__private::Outbox for $outbox {
+            type Tx = $tx;
+
+            async fn enqueue(
+                &self,
+                tx: &mut $tx,
+                msg: &$crate::__private::Outgoing,
+            ) -> $crate::__private::Result<()> {
+                self.enqueue_in(tx, msg).await
+            }
+
+            async fn take(
+                &self,
+                owner: &str,
+                limit: usize,
+                lease: $crate::__private::Duration,
+            ) -> $crate::__private::Result<Vec<$crate::__private::OutboxRow>> {
+                let mut conn = self.pool.acquire().await.map_err($classify)?;
+                self.table.take(&mut *conn, owner, limit, lease).await
+            }
+
+            async fn sent(&self, ids: &[i64]) -> $crate::__private::Result<()> {
+                let mut conn = self.pool.acquire().await.map_err($classify)?;
+                self.table.sent(&mut *conn, ids).await
+            }
+
+            async fn retry(
+                &self,
+                owner: &str,
+                id: i64,
+                delay: $crate::__private::Duration,
+                error: &str,
+            ) -> $crate::__private::Result<bool> {
+                let mut conn = self.pool.acquire().await.map_err($classify)?;
+                self.table.retry(&mut *conn, owner, id, delay, error).await
+            }
+
+            async fn release(&self, owner: &str, ids: &[i64]) -> $crate::__private::Result<()> {
+                let mut conn = self.pool.acquire().await.map_err($classify)?;
+                self.table.release(&mut *conn, owner, ids).await
+            }
+
+            async fn dead_letter(
+                &self,
+                owner: &str,
+                id: i64,
+                reason: &str,
+            ) -> $crate::__private::Result<bool> {
+                let mut conn = self.pool.acquire().await.map_err($classify)?;
+                self.table.dead_letter(&mut *conn, owner, id, reason).await
+            }
+
+            async fn purge_sent(
+                &self,
+                retention: $crate::__private::Duration,
+                limit: usize,
+            ) -> $crate::__private::Result<u64> {
+                let mut conn = self.pool.acquire().await.map_err($classify)?;
+                self.table.purge_sent(&mut *conn, retention, limit).await
+            }
+
+            async fn backlog(&self) -> $crate::__private::Result<$crate::__private::Backlog> {
+                let mut conn = self.pool.acquire().await.map_err($classify)?;
+                self.table.backlog(&mut *conn).await
+            }
+
+            async fn dead_letters(
+                &self,
+                limit: usize,
+            ) -> $crate::__private::Result<Vec<$crate::__private::DeadRow>> {
+                let mut conn = self.pool.acquire().await.map_err($classify)?;
+                self.table.dead_letters(&mut *conn, limit).await
+            }
+
+            async fn wait(&self, timeout: $crate::__private::Duration) -> bool {
+                self.wait_for(timeout).await
             }
         }
     };

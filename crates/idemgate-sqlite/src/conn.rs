@@ -54,6 +54,7 @@ impl ToSql for Param<'_> {
             Arg::Int(i) => ToSqlOutput::Borrowed(ValueRef::Integer(i)),
             Arg::Int32(i) => ToSqlOutput::Borrowed(ValueRef::Integer(i.into())),
             Arg::Blob(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            Arg::Null => ToSqlOutput::Borrowed(ValueRef::Null),
             _ => ToSqlOutput::Borrowed(ValueRef::Null),
         })
     }

@@ -92,7 +92,7 @@ impl Drop for SqliteTx {
 }
 
 /// Runs `f` on the connection in a blocking thread (it may wait for the file's write lock).
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     conn: OwnedMutexGuard<Connection>,
     f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
 ) -> Result<(OwnedMutexGuard<Connection>, T)> {

@@ -4,6 +4,7 @@
 //!   statement per claim, group commit), shared safely by several processes;
 //! - [`SqliteInbox`]: the transactional inbox, so the dedup row and the business change commit
 //!   in one transaction;
+//! - [`SqliteOutbox`]: the transactional outbox, in that same transaction;
 //! - [`SqliteOffsets`]: Kafka consumer positions, compare-and-set in the inbox transaction;
 //! - [`SqliteEventLog`]: an append-only event log, idempotent by event id;
 //! - [`SqliteQueue`]: an at-least-once queue with SQS semantics (visibility timeout, receive
@@ -33,6 +34,7 @@
 mod conn;
 mod error;
 mod inbox;
+mod outbox;
 mod queue;
 #[cfg(feature = "consumer")]
 mod source;
@@ -41,6 +43,7 @@ mod store;
 pub use conn::{Lite, ready};
 pub use idemgate_core::backend::{Appended, LoggedEvent};
 pub use inbox::{SqliteInbox, SqliteTx};
+pub use outbox::SqliteOutbox;
 
 /// Kafka positions kept in the inbox transaction ([`idemgate_sql::Offsets`] on SQLite, through
 /// [`Lite`]).

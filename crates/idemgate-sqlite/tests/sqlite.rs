@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 use idemgate_core::{
     BoxError, Claim, ClaimOptions, Error, Key, Lease, Outcome, State, Store, StoreExt,
 };
-use idemgate_sqlite::{SqliteInbox, SqliteOffsets, SqliteQueue, SqliteStore, SqliteTx};
+use idemgate_sqlite::{
+    SqliteInbox, SqliteOffsets, SqliteOutbox, SqliteQueue, SqliteStore, SqliteTx,
+};
 use idemgate_testkit::inbox_conformance::InboxCase;
+use idemgate_testkit::outbox_conformance::OutboxCase;
 use rusqlite::{Connection, TransactionBehavior};
 
 const CHILD_ENV: &str = "IDEMGATE_SQLITE_CHILD_DB";
@@ -648,3 +651,22 @@ async fn inbox_tables_are_identifiers() {
         .unwrap();
     assert_eq!(tables, 0);
 }
+
+impl OutboxCase for SqliteCase {
+    type Outbox = SqliteOutbox;
+
+    async fn outbox(&self) -> SqliteOutbox {
+        let outbox = SqliteOutbox::open(&self.path)
+            .unwrap()
+            .with_table(format!("outbox_{}", fastrand_table()));
+        outbox.migrate().await.unwrap();
+        outbox
+    }
+}
+
+fn fastrand_table() -> u32 {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+idemgate_testkit::outbox_conformance_tests!(SqliteCase);

@@ -30,4 +30,5 @@ pub mod fault;
 pub mod inbox_conformance;
 pub mod kill;
 pub mod model;
+pub mod outbox_conformance;
 pub mod service;
