@@ -13,11 +13,15 @@ use clap::{Args, Subcommand};
 #[cfg(feature = "brokers")]
 mod consumer;
 mod http;
+#[cfg(feature = "brokers")]
+mod outbox;
 mod store;
 
 #[cfg(feature = "brokers")]
 pub use consumer::ConsumerBench;
 pub use http::HttpBench;
+#[cfg(feature = "brokers")]
+pub use outbox::OutboxBench;
 pub use store::StoreBench;
 
 pub use idemgate::BoxError;
@@ -38,6 +42,10 @@ enum BenchWhat {
     /// A consumer on a real broker: bare, in Gate mode and in Inbox mode.
     #[cfg(feature = "brokers")]
     Consumer(consumer::ConsumerBench),
+    /// The transactional outbox: the relay against a bare producer, the enqueue against a
+    /// bare second insert, and commit-to-publish latency at a fixed rate.
+    #[cfg(feature = "brokers")]
+    Outbox(outbox::OutboxBench),
 }
 
 /// Runs the benchmark `args` names.
@@ -47,6 +55,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
         BenchWhat::Http(h) => runtime()?.block_on(http::run(h)),
         #[cfg(feature = "brokers")]
         BenchWhat::Consumer(c) => runtime()?.block_on(consumer::run(c)),
+        #[cfg(feature = "brokers")]
+        BenchWhat::Outbox(o) => runtime()?.block_on(outbox::run(o)),
     }
 }
 

@@ -42,6 +42,9 @@ enum Command {
     /// The service of `idemgate chaos --http`.
     #[command(hide = true)]
     ChaosHttpService(harness::ChaosHttpServiceArgs),
+    /// A process of `idemgate chaos --pipeline`.
+    #[command(hide = true)]
+    ChaosPipeline(harness::ChaosPipelineArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::Chaos(args) => harness::chaos(args),
         Command::ChaosWorker(args) => harness::chaos_worker(args),
         Command::ChaosHttpService(args) => harness::chaos_http_service(args),
+        Command::ChaosPipeline(args) => harness::chaos_pipeline(args),
     };
     match result {
         Ok(code) => code,

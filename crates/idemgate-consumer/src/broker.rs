@@ -67,3 +67,10 @@ pub trait Sink: Send + Sync + 'static {
     /// Publishes `msg` and waits until the broker has it (a confirm, an ack, a `PUBACK`).
     fn publish(&self, msg: &Outgoing) -> impl Future<Output = Result<()>> + Send;
 }
+
+/// A shared sink publishes through the one it shares.
+impl<S: Sink> Sink for std::sync::Arc<S> {
+    fn publish(&self, msg: &Outgoing) -> impl Future<Output = Result<()>> + Send {
+        (**self).publish(msg)
+    }
+}

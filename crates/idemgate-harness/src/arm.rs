@@ -1,4 +1,5 @@
-//! Kill points armed over stdin: the supervisor writes `ARM <point>` to a process, which stops
+//! Kill points armed over stdin: the supervisor writes `ARM <point>` (or `DISARM`) to a process,
+//! which stops
 //! at the next place that reaches that point, says `AT <point>` on stdout, and waits for the
 //! supervisor's SIGKILL.
 
@@ -19,6 +20,8 @@ impl Armed {
             for line in std::io::stdin().lock().lines().map_while(Result::ok) {
                 if let Some(point) = line.strip_prefix("ARM ") {
                     *lines.lock() = Some(point.to_owned());
+                } else if line == "DISARM" {
+                    *lines.lock() = None;
                 }
             }
         });
@@ -56,5 +59,11 @@ pub(crate) fn park() -> ! {
 /// Arms `point` in the process whose stdin is `stdin`.
 pub(crate) fn arm(stdin: &mut ChildStdin, point: &str) -> std::io::Result<()> {
     writeln!(stdin, "ARM {point}")?;
+    stdin.flush()
+}
+
+/// Disarms the process whose stdin is `stdin`.
+pub(crate) fn disarm(stdin: &mut ChildStdin) -> std::io::Result<()> {
+    writeln!(stdin, "DISARM")?;
     stdin.flush()
 }

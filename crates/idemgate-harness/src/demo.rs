@@ -89,6 +89,7 @@ impl DemoArgs {
             timeout_secs: self.timeout_secs,
             stall_secs: 90,
             http: false,
+            pipeline: false,
             json: self.json,
             report: None,
         }

@@ -16,6 +16,7 @@ mod demo;
 pub use idemgate::BoxError;
 
 pub use chaos::http::{ChaosHttpServiceArgs, serve as chaos_http_service};
+pub use chaos::pipeline::{ChaosPipelineArgs, run_process as chaos_pipeline};
 pub use chaos::worker::{ChaosWorkerArgs, run as chaos_worker};
 pub use chaos::{ChaosArgs, run as chaos};
 pub use demo::{DemoArgs, run as demo};

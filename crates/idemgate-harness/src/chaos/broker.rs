@@ -248,6 +248,26 @@ impl Producer {
             Producer::Remote(p) => p.publish(e, body).await,
         }
     }
+
+    /// Publishes `out` (its payload an [`Event`]'s JSON) to this producer's destination, with
+    /// its event id and ordering key.
+    pub(crate) async fn publish_outgoing(
+        &self,
+        out: &idemgate::core::Outgoing,
+    ) -> Result<(), BoxError> {
+        match self {
+            Producer::Embedded(queue) => {
+                let key = out.ordering_key.as_deref().unwrap_or("");
+                queue
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send_in_group(&out.payload, key)?;
+                Ok(())
+            }
+            #[cfg(feature = "brokers")]
+            Producer::Remote(p) => p.send(out.clone()).await,
+        }
+    }
 }
 
 /// Where a worker consumes from.
@@ -283,7 +303,7 @@ pub(crate) async fn with_source<R>(
                 .with_event_id(|body| {
                     serde_json::from_slice::<Event>(body)
                         .ok()
-                        .map(|e| e.id)
+                        .map(|e| if e.event.is_empty() { e.id } else { e.event })
                         .filter(|id| !id.is_empty())
                 });
             Ok(serve.serve(source).await)

@@ -305,8 +305,7 @@ async fn phase(
                 id: idemgate::core::EventId::new().to_string(),
                 amount: rng.random_range(1..=100),
                 fails: 0,
-                key: String::new(),
-                seq: 0,
+                ..Event::default()
             })
             .collect(),
     );

@@ -69,6 +69,8 @@ pub(crate) struct Tally {
     pub(crate) balance_ok: bool,
     /// Effects applied after a later event of their ordering key.
     pub(crate) out_of_order: u64,
+    /// The balance.
+    pub(crate) total: i64,
 }
 
 /// Is `url` a PostgreSQL URL?
@@ -515,6 +517,7 @@ impl Ledger {
             applications: n(row.3),
             balance_ok: row.4 == row.5,
             out_of_order: n(row.6),
+            total: row.5,
         })
     }
 }

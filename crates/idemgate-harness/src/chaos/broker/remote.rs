@@ -355,21 +355,35 @@ impl Producer {
     /// Publishes `e`, whose JSON is `body`.
     pub(super) async fn publish(&self, e: &Event, body: Vec<u8>) -> Result<(), BoxError> {
         let id: EventId = e.id.parse()?;
-        let out = |dest: &str| {
-            Outgoing::with_event_id(dest, body.clone(), id.clone()).with_ordering_key(e.key.clone())
-        };
+        self.send(Outgoing::with_event_id("", body, id).with_ordering_key(e.key.clone()))
+            .await
+    }
+
+    /// Publishes `out` to this producer's destination (its own `destination` is not used).
+    pub(super) async fn send(&self, mut out: Outgoing) -> Result<(), BoxError> {
+        let key = out.ordering_key.clone().unwrap_or_default();
         match self {
-            Producer::Rabbit { sink, queue, .. } => sink.publish(&out(queue)).await?,
-            Producer::Nats(sink, stream) => {
-                sink.publish(&out(&format!("{stream}.events"))).await?;
+            Producer::Rabbit { sink, queue, .. } => {
+                out.destination.clone_from(queue);
+                sink.publish(&out).await?;
             }
-            Producer::Kafka(sink, topic) => sink.publish(&out(topic)).await?,
+            Producer::Nats(sink, stream) => {
+                out.destination = format!("{stream}.events");
+                sink.publish(&out).await?;
+            }
+            Producer::Kafka(sink, topic) => {
+                out.destination.clone_from(topic);
+                sink.publish(&out).await?;
+            }
             Producer::Mqtt(mqtt, name, workers) => {
                 // a key's events go to one slot's topic, as a key goes to one partition
-                let topic = mqtt_topic(name, key_slot(&e.key, *workers));
-                mqtt.sink().publish(&out(&topic)).await?;
+                out.destination = mqtt_topic(name, key_slot(&key, *workers));
+                mqtt.sink().publish(&out).await?;
             }
-            Producer::Sqs(sink, url) => sink.publish(&out(url)).await?,
+            Producer::Sqs(sink, url) => {
+                out.destination.clone_from(url);
+                sink.publish(&out).await?;
+            }
         }
         Ok(())
     }
