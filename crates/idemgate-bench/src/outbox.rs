@@ -290,6 +290,7 @@ async fn enqueue_all<D: Db>(db: &D, dest: &str, n: u64) -> Result<(), BoxError> 
 /// or a plain row in `plain`).
 async fn transactions<D: Db>(
     db: &D,
+    dest: &str,
     effects: &str,
     plain: Option<&str>,
     n: u64,
@@ -300,6 +301,7 @@ async fn transactions<D: Db>(
     for _ in 0..16 {
         let (db, next) = (db.clone(), Arc::clone(&next));
         let (effects, plain) = (effects.to_owned(), plain.map(str::to_owned));
+        let dest = dest.to_owned();
         tasks.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -313,7 +315,7 @@ async fn transactions<D: Db>(
                     Some(t) => db.insert(&mut tx, t, &id, PAYLOAD).await?,
                     None => {
                         db.outbox()
-                            .enqueue(&mut tx, &Outgoing::new("bench", PAYLOAD))
+                            .enqueue(&mut tx, &Outgoing::new(&dest, PAYLOAD))
                             .await?;
                     }
                 }
@@ -381,8 +383,8 @@ async fn round<D: Db>(db: &D, b: &OutboxBench, sink: Arc<AnySink>) -> Result<Rou
         .await?;
     }
     let n = b.messages;
-    let two_rows = transactions(db, &effects, Some(&plain), n).await?;
-    let outbox_tx = transactions(db, &effects, None, n).await?;
+    let two_rows = transactions(db, &dest, &effects, Some(&plain), n).await?;
+    let outbox_tx = transactions(db, &dest, &effects, None, n).await?;
     // the rows the enqueue measurement left: published and gone, so the next round starts empty
     drain(db, sink).await?;
     for t in [&effects, &plain] {
@@ -403,6 +405,7 @@ async fn latency<D: Db>(
     sink: Arc<AnySink>,
 ) -> Result<Vec<Duration>, BoxError> {
     let epoch = Instant::now();
+    let dest = sink.destination().to_owned();
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let timed = Timed {
         inner: sink,
@@ -432,13 +435,13 @@ async fn latency<D: Db>(
     let mut tasks = JoinSet::new();
     for _ in 0..total {
         tick.tick().await;
-        let db = db.clone();
+        let (db, dest) = (db.clone(), dest.clone());
         tasks.spawn(async move {
             let mut tx = db.inbox().begin().await?;
             // the payload is stamped just before the commit, the latency read after the confirm
             let at = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(0);
             db.outbox()
-                .enqueue(&mut tx, &Outgoing::new("bench", at.to_string()))
+                .enqueue(&mut tx, &Outgoing::new(dest, at.to_string()))
                 .await?;
             db.inbox().commit(tx).await?;
             Ok::<_, BoxError>(())

@@ -229,7 +229,19 @@ async fn produce(
         .send(record, Duration::from_secs(30))
         .await
         .map(|_| ())
-        .map_err(|(e, _)| Error::broker(BROKER, format!("producing to {topic}"), e))
+        .map_err(|(e, _)| match e.rdkafka_error_code() {
+            // no retry can make these succeed: a relay dead-letters the message
+            Some(
+                code @ (RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidTopic
+                | RDKafkaErrorCode::TopicAuthorizationFailed),
+            ) => Error::Refused {
+                broker: BROKER,
+                message: format!("producing to {topic}: {code}"),
+            },
+            _ => Error::broker(BROKER, format!("producing to {topic}"), e),
+        })
 }
 
 impl Sink for KafkaSink {

@@ -90,7 +90,8 @@ impl OutboxTable {
             _ => (
                 format!(
                     "; CREATE INDEX IF NOT EXISTS {t}_pending ON {t} (id) WHERE state = 0;
-                     CREATE INDEX IF NOT EXISTS {t}_keyed ON {t} (ordering_key, id) WHERE state = 0;
+                     CREATE INDEX IF NOT EXISTS {t}_keyed ON {t} (ordering_key, id)
+                         WHERE state = 0 AND ordering_key IS NOT NULL;
                      CREATE INDEX IF NOT EXISTS {t}_sent ON {t} (sent_at) WHERE state = 1;
                      CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (id) WHERE state = 2"
                 ),

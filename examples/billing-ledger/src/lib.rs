@@ -1,21 +1,27 @@
-//! One Kafka stream of charges, consumed by two services that must agree.
+//! A consume-transform-produce chain on Kafka: charges, billing, invoices, ledger.
 //!
-//! - **billing** keeps a running total per customer in PostgreSQL
-//!   (`total = total + amount`: a duplicate would double-bill).
-//! - **ledger** appends one entry per charge in MariaDB (a duplicate would add a second entry).
+//! - **billing** consumes charges, keeps a running total per customer in PostgreSQL
+//!   (`total = total + amount`: a duplicate would double-bill) and, in the same transaction,
+//!   enqueues an `invoice.created` event in its transactional outbox.
+//! - a **relay** publishes the committed invoices to their topic (Kafka's idempotent producer,
+//!   each with the event id fixed at enqueue).
+//! - **ledger** consumes the invoices and appends one entry per invoice in MariaDB (a duplicate
+//!   would add a second entry).
 //!
-//! Each runs in Inbox mode with Kafka positions: the inbox row, the effect and the partition's
-//! next offset commit in one transaction, and on assignment the consumer seeks to the stored
-//! positions, so neither Kafka's own (later, possibly lost) offset commit nor a producer's
-//! re-publish of the same event makes a total drift.
+//! Each service runs in Inbox mode with Kafka positions: the inbox row, the effect, the
+//! outgoing event (billing) and the partition's next offset commit in one transaction, and on
+//! assignment the consumer seeks to the stored positions. A crash anywhere, a producer's
+//! re-publish or a relay's re-publish after its lease changes no total.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use idemgate::consumer::{Consumer, Inbox, InboxHandler, Message, Outgoing, Sink, Stats};
+use idemgate::consumer::{
+    Consumer, Inbox, InboxHandler, Message, Outbox, Outgoing, Relay, Sink, Stats,
+};
 use idemgate::kafka::{Kafka, SourceOptions};
 use idemgate::mysql::{MySqlInbox, MySqlOffsets, MySqlTx};
-use idemgate::postgres::{PgInbox, PgOffsets, PgTx};
+use idemgate::postgres::{PgInbox, PgOffsets, PgOutbox, PgTx};
 use serde::{Deserialize, Serialize};
 use sqlx::{MySqlPool, PgPool};
 
@@ -33,22 +39,26 @@ pub struct Charge {
 /// Totals per customer.
 pub type Totals = BTreeMap<String, i64>;
 
-/// The billing service: running totals in PostgreSQL.
+/// The billing service: running totals in PostgreSQL, and an outbox of invoices.
 #[derive(Clone, Debug)]
 pub struct Billing {
     pool: PgPool,
     totals: String,
     inbox: PgInbox,
+    outbox: PgOutbox,
+    invoices: String,
 }
 
 impl Billing {
-    /// Creates its tables under `prefix`.
-    pub async fn setup(pool: PgPool, prefix: &str) -> Result<Self, BoxError> {
+    /// Creates its tables under `prefix`; its invoices go to the topic `invoices`.
+    pub async fn setup(pool: PgPool, prefix: &str, invoices: &str) -> Result<Self, BoxError> {
         let totals = format!("{prefix}_billing_totals");
         let inbox = PgInbox::new(pool.clone())
             .with_table(format!("{prefix}_billing_inbox"))
             .with_offsets(PgOffsets::new().with_table(format!("{prefix}_billing_offsets")));
         inbox.migrate().await?;
+        let outbox = PgOutbox::new(pool.clone()).with_table(format!("{prefix}_billing_outbox"));
+        outbox.migrate().await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {totals} (customer TEXT PRIMARY KEY, cents BIGINT NOT NULL)"
         ))
@@ -58,11 +68,27 @@ impl Billing {
             pool,
             totals,
             inbox,
+            outbox,
+            invoices: invoices.to_owned(),
         })
     }
 
     fn handler(&self) -> AddToTotal {
-        AddToTotal(self.totals.clone())
+        AddToTotal {
+            totals: self.totals.clone(),
+            outbox: self.outbox.clone(),
+            invoices: self.invoices.clone(),
+        }
+    }
+
+    /// The relay that publishes billing's committed invoices through `sink`.
+    pub fn relay<K: Sink>(&self, sink: K) -> Relay<PgOutbox, K> {
+        Relay::new(self.outbox.clone(), sink).with_name("billing")
+    }
+
+    /// Invoices not yet published.
+    pub async fn pending_invoices(&self) -> Result<u64, BoxError> {
+        Ok(self.outbox.backlog().await?.pending)
     }
 
     /// Billed totals.
@@ -120,14 +146,19 @@ impl Ledger {
     }
 }
 
-/// Billing's handler: adds the charge to the customer's total (in this table).
+/// Billing's handler: adds the charge to the customer's total and enqueues its invoice, in
+/// the one transaction.
 #[derive(Clone, Debug)]
-struct AddToTotal(String);
+struct AddToTotal {
+    totals: String,
+    outbox: PgOutbox,
+    invoices: String,
+}
 
 impl InboxHandler<PgTx, Message> for AddToTotal {
     async fn handle(&self, tx: &mut PgTx, msg: &Message) -> Result<(), BoxError> {
         let c: Charge = serde_json::from_slice(&msg.payload)?;
-        let totals = &self.0;
+        let totals = &self.totals;
         sqlx::query(&format!(
             "INSERT INTO {totals} (customer, cents) VALUES ($1, $2)
              ON CONFLICT (customer) DO UPDATE SET cents = {totals}.cents + $2"
@@ -136,11 +167,16 @@ impl InboxHandler<PgTx, Message> for AddToTotal {
         .bind(c.cents)
         .execute(tx.as_mut())
         .await?;
+        // invoice.created: the customer orders their invoices
+        let invoice = Outgoing::new(&self.invoices, serde_json::to_vec(&c)?)
+            .with_ordering_key(&c.customer)
+            .with_header("type", "invoice.created");
+        self.outbox.enqueue(tx, &invoice).await?;
         Ok(())
     }
 }
 
-/// The ledger's handler: appends an entry for the charge (in this table).
+/// The ledger's handler: appends an entry for the invoice (in this table).
 #[derive(Clone, Debug)]
 struct AppendEntry(String);
 
@@ -228,13 +264,13 @@ where
     tokio::time::sleep(REJOIN_AFTER).await;
     let first = first_stats.get();
     // what the first committed is never seen again, though Kafka never got its offsets; the
-    // second stops once it has been idle for 3 s after its first message (joining the group
+    // second stops once it has been idle for 5 s after its first message (joining the group
     // takes a while)
     let consumer = Consumer::inbox(group, inbox.clone());
     let stats = consumer.stats_handle();
     let drained = async move {
         stats.until(|s| s.received > 0).await;
-        stats.idle(Duration::from_secs(3)).await;
+        stats.idle(Duration::from_secs(5)).await;
     };
     let second = consumer
         .run(
@@ -248,20 +284,43 @@ where
     Ok((first, second))
 }
 
-/// Both services through their crash and resumption, side by side.
+/// The chain through its crashes: billing and the ledger each crash once and resume, while a
+/// relay publishes billing's invoices to `invoices`, which the ledger consumes.
 pub async fn run_services(
     kafka: &Kafka,
-    topic: &str,
+    charges: &str,
+    invoices: &str,
     billing: &Billing,
     ledger: &Ledger,
 ) -> Result<[(Stats, Stats); 2], BoxError> {
-    let (billing_group, ledger_group) = (format!("{topic}-billing"), format!("{topic}-ledger"));
-    let (b, l) = tokio::join!(
-        crash_and_resume(kafka, &billing_group, topic, billing.inbox.clone(), || {
-            billing.handler()
-        },),
-        crash_and_resume(kafka, &ledger_group, topic, ledger.inbox.clone(), || ledger
-            .handler(),),
-    );
+    let (billing_group, ledger_group) =
+        (format!("{charges}-billing"), format!("{invoices}-ledger"));
+    let relay = billing.relay(kafka.sink()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relaying = async {
+        relay
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    };
+    let services = async {
+        let (b, l) = tokio::join!(
+            crash_and_resume(
+                kafka,
+                &billing_group,
+                charges,
+                billing.inbox.clone(),
+                || { billing.handler() }
+            ),
+            crash_and_resume(kafka, &ledger_group, invoices, ledger.inbox.clone(), || {
+                ledger.handler()
+            }),
+        );
+        let _ = stop.send(());
+        (b, l)
+    };
+    let (relayed, (b, l)) = tokio::join!(relaying, services);
+    relayed?;
     Ok([b?, l?])
 }
