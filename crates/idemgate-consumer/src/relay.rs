@@ -4,7 +4,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
 use idemgate_core::{Outbox, OutboxRow};
 use tokio::sync::Notify;
 
@@ -73,6 +75,7 @@ pub struct Relay<O, S> {
     name: String,
     owner: String,
     batch: usize,
+    rounds: usize,
     lease: Duration,
     poll: Duration,
     max_attempts: Option<u32>,
@@ -124,6 +127,7 @@ impl<O: Outbox, S: Sink> Relay<O, S> {
             name: "relay".into(),
             owner: format!("relay-{}", idemgate_core::EventId::new()),
             batch: 256,
+            rounds: 2,
             lease: Duration::from_secs(30),
             poll: Duration::from_secs(1),
             max_attempts: None,
@@ -148,6 +152,14 @@ impl<O: Outbox, S: Sink> Relay<O, S> {
     /// Rows per take (at least 1).
     pub fn with_batch(mut self, rows: usize) -> Self {
         self.batch = rows.max(1);
+        self
+    }
+
+    /// Rounds in flight while full batches come back (default 2): the next take runs while
+    /// the last batch publishes. A round never takes a row behind a row another round holds,
+    /// so each key's order holds.
+    pub fn with_rounds(mut self, rounds: usize) -> Self {
+        self.rounds = rounds.max(1);
         self
     }
 
@@ -317,21 +329,28 @@ impl<O: Outbox, S: Sink> Relay<O, S> {
         let mut store_backoff = Duration::from_millis(100);
         let mut last_purge = Instant::now();
         let mut last_gauges: Option<Instant> = None;
+        let mut inflight = FuturesUnordered::new();
         loop {
-            if stopped.load(Ordering::Relaxed) {
-                return Ok(total);
-            }
-            if last_gauges.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
-                last_gauges = Some(Instant::now());
-                self.gauges().await;
-            }
-            if last_purge.elapsed() >= Duration::from_secs(60) {
-                last_purge = Instant::now();
-                if let Err(e) = self.outbox.purge_sent(self.retention, 10_000).await {
-                    tracing::warn!(relay = %self.name, error = %e, "purging sent rows failed");
+            if inflight.is_empty() {
+                if stopped.load(Ordering::Relaxed) {
+                    return Ok(total);
                 }
+                if last_gauges.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    last_gauges = Some(Instant::now());
+                    self.gauges().await;
+                }
+                if last_purge.elapsed() >= Duration::from_secs(60) {
+                    last_purge = Instant::now();
+                    if let Err(e) = self.outbox.purge_sent(self.retention, 10_000).await {
+                        tracing::warn!(relay = %self.name, error = %e, "purging sent rows failed");
+                    }
+                }
+                inflight.push(self.round_inner());
             }
-            let idle = match self.round_inner().await {
+            let Some(done) = inflight.next().await else {
+                continue;
+            };
+            let idle = match done {
                 Ok((stats, failure)) => {
                     store_backoff = Duration::from_millis(100);
                     total.add(stats);
@@ -348,6 +367,10 @@ impl<O: Outbox, S: Sink> Relay<O, S> {
                         None => {}
                     }
                     if stats.taken >= self.batch as u64 {
+                        // a full batch: more wait, so the next takes run while this publishes
+                        while inflight.len() < self.rounds && !stopped.load(Ordering::Relaxed) {
+                            inflight.push(self.round_inner());
+                        }
                         continue;
                     }
                     if stats.taken > 0 {
@@ -361,6 +384,9 @@ impl<O: Outbox, S: Sink> Relay<O, S> {
                     Some(store_backoff)
                 }
             };
+            if !inflight.is_empty() {
+                continue;
+            }
             let wait = async {
                 match idle {
                     Some(pause) => tokio::time::sleep(pause).await,

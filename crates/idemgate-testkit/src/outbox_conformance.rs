@@ -224,8 +224,8 @@ fn check_order(published: &[Outgoing], keys: usize, per_key: u32) {
     }
 }
 
-/// Four relays at once, running, over 240 rows of 12 keys: each row published once, each key's
-/// rows in order.
+/// Four relays at once, running with three rounds in flight each, over 240 rows of 12 keys:
+/// each row published once, each key's rows in order.
 pub async fn concurrent_relays_publish_each_row_once_in_order<C: OutboxCase>() {
     let Some((case, outbox)) = open::<C>().await else {
         return;
@@ -243,6 +243,7 @@ pub async fn concurrent_relays_publish_each_row_once_in_order<C: OutboxCase>() {
         .map(|i| {
             let relay = Relay::new(outbox.clone(), sink.clone())
                 .with_batch(7)
+                .with_rounds(3)
                 .with_poll(Duration::from_millis(10))
                 .with_name(format!("relay{i}"));
             let outbox = outbox.clone();
