@@ -63,6 +63,16 @@ pub(crate) enum Role {
     NaiveLedger,
 }
 
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Billing | Role::NaiveBilling => "billing",
+            Role::Relay => "relay",
+            Role::Ledger | Role::NaiveLedger => "ledger",
+        }
+    }
+}
+
 /// The settings of a pipeline process (`idemgate chaos-pipeline`, hidden).
 #[derive(Debug, Args, Clone)]
 pub struct ChaosPipelineArgs {
@@ -903,12 +913,14 @@ async fn chain(
                 match c.kill(role, point, &mut rng).await? {
                     0 => {
                         *fig.kills_at
-                            .entry(format!("{point} (not reached)"))
+                            .entry(format!("{} {point} (not reached)", role.name()))
                             .or_default() += 1;
                         kills += 1;
                     }
                     n => {
-                        *fig.kills_at.entry(point.to_owned()).or_default() += n;
+                        *fig.kills_at
+                            .entry(format!("{} {point}", role.name()))
+                            .or_default() += n;
                         kills += u32::try_from(n).unwrap_or(1);
                     }
                 }
