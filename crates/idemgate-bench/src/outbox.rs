@@ -188,71 +188,54 @@ trait Db: Clone + Send + Sync + 'static {
     fn ddl(&self, sql: String) -> impl std::future::Future<Output = Result<(), BoxError>> + Send;
 }
 
-#[derive(Clone)]
-struct Pg(PgInbox, PgOutbox);
+/// A [`Db`] on one sqlx database: its inbox, outbox, transaction type and placeholders.
+macro_rules! db {
+    ($name:ident, $inbox:ty, $outbox:ty, $tx:ty, $values:literal) => {
+        #[derive(Clone)]
+        struct $name($inbox, $outbox);
 
-impl Db for Pg {
-    type Outbox = PgOutbox;
-    type Inbox = PgInbox;
-    fn outbox(&self) -> &PgOutbox {
-        &self.1
-    }
-    fn inbox(&self) -> &PgInbox {
-        &self.0
-    }
-    async fn insert(
-        &self,
-        tx: &mut idemgate::postgres::PgTx,
-        table: &str,
-        id: &str,
-        payload: &[u8],
-    ) -> Result<(), BoxError> {
-        sqlx::query(&format!(
-            "INSERT INTO {table} (id, payload) VALUES ($1, $2)"
-        ))
-        .bind(id)
-        .bind(payload)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-    async fn ddl(&self, sql: String) -> Result<(), BoxError> {
-        sqlx::raw_sql(&sql).execute(self.0.pool()).await?;
-        Ok(())
-    }
+        impl Db for $name {
+            type Outbox = $outbox;
+            type Inbox = $inbox;
+            fn outbox(&self) -> &$outbox {
+                &self.1
+            }
+            fn inbox(&self) -> &$inbox {
+                &self.0
+            }
+            async fn insert(
+                &self,
+                tx: &mut $tx,
+                table: &str,
+                id: &str,
+                payload: &[u8],
+            ) -> Result<(), BoxError> {
+                sqlx::query(&format!(
+                    concat!("INSERT INTO {} (id, payload) VALUES ", $values),
+                    table
+                ))
+                .bind(id)
+                .bind(payload)
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            }
+            async fn ddl(&self, sql: String) -> Result<(), BoxError> {
+                sqlx::raw_sql(&sql).execute(self.0.pool()).await?;
+                Ok(())
+            }
+        }
+    };
 }
 
-#[derive(Clone)]
-struct My(MySqlInbox, MySqlOutbox);
-
-impl Db for My {
-    type Outbox = MySqlOutbox;
-    type Inbox = MySqlInbox;
-    fn outbox(&self) -> &MySqlOutbox {
-        &self.1
-    }
-    fn inbox(&self) -> &MySqlInbox {
-        &self.0
-    }
-    async fn insert(
-        &self,
-        tx: &mut idemgate::mysql::MySqlTx,
-        table: &str,
-        id: &str,
-        payload: &[u8],
-    ) -> Result<(), BoxError> {
-        sqlx::query(&format!("INSERT INTO {table} (id, payload) VALUES (?, ?)"))
-            .bind(id)
-            .bind(payload)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-    async fn ddl(&self, sql: String) -> Result<(), BoxError> {
-        sqlx::raw_sql(&sql).execute(self.0.pool()).await?;
-        Ok(())
-    }
-}
+db!(Pg, PgInbox, PgOutbox, idemgate::postgres::PgTx, "($1, $2)");
+db!(
+    My,
+    MySqlInbox,
+    MySqlOutbox,
+    idemgate::mysql::MySqlTx,
+    "(?, ?)"
+);
 
 const PAYLOAD: &[u8] = &[b'x'; 200];
 

@@ -108,6 +108,25 @@ pub trait SqlConn {
     fn rollback(&mut self) -> impl Future<Output = Result<()>>;
 }
 
+/// Runs `f` in a transaction on `conn` (a savepoint inside an open one): committed if it
+/// returns `Ok`, rolled back if it returns an error.
+pub async fn in_transaction<C: SqlConn, T>(
+    conn: &mut C,
+    f: impl AsyncFnOnce(&mut C) -> Result<T>,
+) -> Result<T> {
+    conn.begin().await?;
+    match f(conn).await {
+        Ok(t) => {
+            conn.commit().await?;
+            Ok(t)
+        }
+        Err(e) => {
+            let _ = conn.rollback().await;
+            Err(e)
+        }
+    }
+}
+
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod sqlx_conn {
     use idemgate_core::{Error, Result};

@@ -39,7 +39,7 @@ pub(crate) use classify::classify_for;
 pub use classify::classify_mysql;
 #[cfg(feature = "postgres")]
 pub use classify::classify_postgres;
-pub use conn::{Arg, Kind, SqlConn, Value};
+pub use conn::{Arg, Kind, SqlConn, Value, in_transaction};
 pub use dialect::Dialect;
 pub use log::EventLog;
 pub use migrate::migrate;

@@ -89,17 +89,10 @@ impl EventLog {
         event_id: &str,
         payload: &[u8],
     ) -> Result<Appended> {
-        conn.begin().await?;
-        match self.append_in(conn, stream, event_id, payload).await {
-            Ok(appended) => {
-                conn.commit().await?;
-                Ok(appended)
-            }
-            Err(e) => {
-                let _ = conn.rollback().await;
-                Err(e)
-            }
-        }
+        crate::in_transaction(conn, async |conn| {
+            self.append_in(conn, stream, event_id, payload).await
+        })
+        .await
     }
 
     async fn append_in<C: SqlConn>(

@@ -44,21 +44,17 @@ pub async fn migrate<C: SqlConn>(
     }
     // a transaction, or a savepoint in the caller's (SQLite's takes its write lock up front,
     // and its first statement touches the file: a foreign one fails here, as `Corrupt`)
-    conn.begin().await?;
-    if d == Dialect::Postgres {
-        // `CREATE … IF NOT EXISTS` of what exists is a NOTICE, which sqlx logs at INFO
-        conn.batch(
-            "SET LOCAL client_min_messages TO WARNING; SELECT pg_advisory_xact_lock(7301311)",
-        )
-        .await?;
-    }
-    match steps_in_lock(conn, component, steps, want).await {
-        Ok(()) => conn.commit().await,
-        Err(e) => {
-            let _ = conn.rollback().await;
-            Err(e)
+    crate::in_transaction(conn, async |conn| {
+        if d == Dialect::Postgres {
+            // `CREATE … IF NOT EXISTS` of what exists is a NOTICE, which sqlx logs at INFO
+            conn.batch(
+                "SET LOCAL client_min_messages TO WARNING; SELECT pg_advisory_xact_lock(7301311)",
+            )
+            .await?;
         }
-    }
+        steps_in_lock(conn, component, steps, want).await
+    })
+    .await
 }
 
 async fn columns<C: SqlConn>(conn: &mut C, table: &str) -> Result<Vec<String>> {

@@ -200,17 +200,10 @@ impl OutboxTable {
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<OutboxRow>> {
-        conn.begin().await?;
-        match self.take_in(conn, owner, limit, lease).await {
-            Ok(rows) => {
-                conn.commit().await?;
-                Ok(rows)
-            }
-            Err(e) => {
-                let _ = conn.rollback().await;
-                Err(e)
-            }
-        }
+        crate::in_transaction(conn, async |conn| {
+            self.take_in(conn, owner, limit, lease).await
+        })
+        .await
     }
 
     async fn take_in<C: SqlConn>(
