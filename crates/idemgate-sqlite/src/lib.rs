@@ -9,7 +9,8 @@
 //! - [`SqliteEventLog`]: an append-only event log, idempotent by event id;
 //! - [`SqliteQueue`]: an at-least-once queue with SQS semantics (visibility timeout, receive
 //!   count, delete to acknowledge, message groups), used by `idemgate demo`; with the
-//!   `consumer` feature, [`QueueSource`] runs the consumer runtime on it.
+//!   `consumer` feature, [`QueueSource`] runs the consumer runtime on it and [`QueueSink`]
+//!   publishes to it (a relay's sink).
 //!
 //! ```
 //! use std::time::Duration;
@@ -54,5 +55,5 @@ pub type SqliteEventLog = idemgate_sql::EventLog;
 pub use queue::{Message, QueueStats, Receipt, SqliteQueue};
 #[cfg(feature = "consumer")]
 #[cfg_attr(docsrs, doc(cfg(feature = "consumer")))]
-pub use source::{DeadLetter, QueueDelivery, QueueSource};
+pub use source::{DeadLetter, QueueDelivery, QueueSink, QueueSource};
 pub use store::{SqliteStore, SqliteStoreBuilder, Synchronous};

@@ -24,6 +24,8 @@ pub struct Message {
     pub receive_count: u32,
     /// The message group it was sent in ([`SqliteQueue::send_in_group`]).
     pub group: Option<String>,
+    /// The producer's event id, if it was sent with one ([`SqliteQueue::send_event`]).
+    pub event_id: Option<String>,
     /// The handle of this receive, for delete and visibility changes.
     pub receipt: Receipt,
 }
@@ -112,6 +114,8 @@ impl SqliteQueue {
                 "ALTER TABLE idemgate_queue ADD COLUMN group_key TEXT;
                  CREATE INDEX IF NOT EXISTS idemgate_queue_group ON idemgate_queue (queue, group_key, id);"
                     .to_owned(),
+                // version 3: the producer's event id
+                "ALTER TABLE idemgate_queue ADD COLUMN event_id TEXT".to_owned(),
             ],
             &[
                 "id",
@@ -122,6 +126,7 @@ impl SqliteQueue {
                 "receive_count",
                 "receipt",
                 "group_key",
+                "event_id",
             ],
         )?;
         migrate(
@@ -161,7 +166,13 @@ impl SqliteQueue {
     /// a time, in send order (each after the one before it was deleted), as in an SQS FIFO
     /// queue's message group.
     pub fn send_in_group(&self, body: &[u8], group: &str) -> Result<i64> {
-        Ok(self.send_all([(body, Duration::ZERO, Some(group))])?[0])
+        Ok(self.send_all([(body, Duration::ZERO, Some(group), None)])?[0])
+    }
+
+    /// Sends one message with the producer's event id, in `group` if one is given: every
+    /// receive of it carries that id ([`Message::event_id`]).
+    pub fn send_event(&self, body: &[u8], event_id: &str, group: Option<&str>) -> Result<i64> {
+        Ok(self.send_all([(body, Duration::ZERO, group, Some(event_id))])?[0])
     }
 
     /// Sends several messages in one transaction; returns their ids.
@@ -169,12 +180,12 @@ impl SqliteQueue {
         &self,
         bodies: impl IntoIterator<Item = (&'a [u8], Duration)>,
     ) -> Result<Vec<i64>> {
-        self.send_all(bodies.into_iter().map(|(b, d)| (b, d, None)))
+        self.send_all(bodies.into_iter().map(|(b, d)| (b, d, None, None)))
     }
 
     fn send_all<'a>(
         &self,
-        bodies: impl IntoIterator<Item = (&'a [u8], Duration, Option<&'a str>)>,
+        bodies: impl IntoIterator<Item = (&'a [u8], Duration, Option<&'a str>, Option<&'a str>)>,
     ) -> Result<Vec<i64>> {
         let now = self.now();
         let tx = sql(rusqlite::Transaction::new_unchecked(
@@ -184,12 +195,19 @@ impl SqliteQueue {
         let mut ids = Vec::new();
         {
             let mut stmt = sql(tx.prepare_cached(
-                "INSERT INTO idemgate_queue (queue, body, sent_at, visible_at, group_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO idemgate_queue (queue, body, sent_at, visible_at, group_key, event_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             ))?;
-            for (body, delay, group) in bodies {
+            for (body, delay, group, event_id) in bodies {
                 let visible = now.saturating_add(duration_millis(delay));
-                sql(stmt.execute(params![self.queue, body, ms(now), ms(visible), group]))?;
+                sql(stmt.execute(params![
+                    self.queue,
+                    body,
+                    ms(now),
+                    ms(visible),
+                    group,
+                    event_id
+                ]))?;
                 ids.push(tx.last_insert_rowid());
             }
         }
@@ -221,7 +239,7 @@ impl SqliteQueue {
                                         WHERE e.queue = m.queue AND e.group_key = m.group_key
                                           AND e.id < m.id))
                                 ORDER BY visible_at, id LIMIT ?5)
-                  RETURNING id, body, receive_count, group_key",
+                  RETURNING id, body, receive_count, group_key, event_id",
             ))?;
             let rows = sql(stmt.query_map(
                 params![
@@ -238,6 +256,7 @@ impl SqliteQueue {
                         body: r.get(1)?,
                         receive_count: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(u32::MAX),
                         group: r.get(3)?,
+                        event_id: r.get(4)?,
                         receipt: Receipt { id, handle },
                     })
                 },

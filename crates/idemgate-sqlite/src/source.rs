@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use idemgate_consumer::{Delivery, Error, Message, Result, Source};
+use idemgate_consumer::{Delivery, Error, Message, Outgoing, Result, Sink, Source};
 use serde::{Deserialize, Serialize};
 
 use crate::{Receipt, SqliteQueue};
@@ -118,7 +118,7 @@ impl QueueSource {
         self
     }
 
-    /// Reads each message's event id out of its body (the queue keeps only bodies).
+    /// Reads the event id of each message sent without one out of its body.
     pub fn with_event_id(
         mut self,
         event_id: impl Fn(&[u8]) -> Option<String> + Send + Sync + 'static,
@@ -135,7 +135,10 @@ impl Source for QueueSource {
         loop {
             if let Some(m) = self.ready.pop_front() {
                 let mut msg = Message::new("embedded", m.body);
-                if let Some(id) = self.event_id.as_ref().and_then(|f| f(&msg.payload)) {
+                let id = m
+                    .event_id
+                    .or_else(|| self.event_id.as_ref().and_then(|f| f(&msg.payload)));
+                if let Some(id) = id {
                     msg = msg.with_event_id(id);
                 }
                 msg.deliveries = Some(m.receive_count);
@@ -215,6 +218,67 @@ impl Delivery for QueueDelivery {
         lock(&self.queue)
             .change_visibility(&self.receipt, self.visibility)
             .map_err(queue_error("extending visibility"))?;
+        Ok(())
+    }
+}
+
+/// A producer on the embedded queue: publishes each message to the queue named by its
+/// destination, in the file the sink was opened on, with its event id, and with its ordering key
+/// as its message group (so a [`QueueSource`] hands a key's messages out in order). Headers are
+/// not kept. A relay (`idemgate_consumer::Relay`) publishes an outbox through it.
+///
+/// ```
+/// use std::time::Duration;
+/// use idemgate_consumer::{Outgoing, Sink, Source, Delivery};
+/// use idemgate_sqlite::{QueueSink, QueueSource, SqliteQueue};
+///
+/// # let dir = tempfile::tempdir().unwrap();
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let path = dir.path().join("queue.db");
+/// let sink = QueueSink::open(&path);
+/// sink.publish(&Outgoing::new("invoices", "invoice 7").with_ordering_key("customer-1")).await?;
+/// let mut source = QueueSource::new(SqliteQueue::open(&path, "invoices")?, Duration::from_secs(30));
+/// let delivery = source.recv().await?.unwrap();
+/// assert!(delivery.message().event_id.is_some());
+/// # Ok::<(), idemgate_consumer::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Debug)]
+pub struct QueueSink {
+    path: std::path::PathBuf,
+    queues: Mutex<std::collections::HashMap<String, SqliteQueue>>,
+}
+
+impl QueueSink {
+    /// A sink on the queue file at `path` (created if missing).
+    pub fn open(path: impl AsRef<std::path::Path>) -> Self {
+        QueueSink {
+            path: path.as_ref().to_owned(),
+            queues: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl Sink for QueueSink {
+    async fn publish(&self, msg: &Outgoing) -> Result<()> {
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = match queues.entry(msg.destination.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                // an invalid queue name is the message's fault: retrying cannot help
+                let q = SqliteQueue::open(&self.path, &msg.destination).map_err(|e| match e {
+                    idemgate_core::Error::Config { message } => Error::Refused {
+                        broker: "embedded",
+                        message,
+                    },
+                    e => Error::broker("embedded", "opening the queue", e),
+                })?;
+                e.insert(q)
+            }
+        };
+        queue
+            .send_event(&msg.payload, &msg.event_id, msg.ordering_key.as_deref())
+            .map_err(queue_error("publishing"))?;
         Ok(())
     }
 }

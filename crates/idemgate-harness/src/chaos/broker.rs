@@ -249,19 +249,18 @@ impl Producer {
         }
     }
 
-    /// Publishes `out` (its payload an [`Event`]'s JSON) to this producer's destination, with
-    /// its event id and ordering key.
+    /// Publishes `out` to this producer's destination, with its event id and ordering key.
     pub(crate) async fn publish_outgoing(
         &self,
         out: &idemgate::core::Outgoing,
     ) -> Result<(), BoxError> {
         match self {
             Producer::Embedded(queue) => {
-                let key = out.ordering_key.as_deref().unwrap_or("");
-                queue
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .send_in_group(&out.payload, key)?;
+                queue.lock().unwrap_or_else(|e| e.into_inner()).send_event(
+                    &out.payload,
+                    &out.event_id,
+                    out.ordering_key.as_deref(),
+                )?;
                 Ok(())
             }
             #[cfg(feature = "brokers")]
@@ -303,7 +302,7 @@ pub(crate) async fn with_source<R>(
                 .with_event_id(|body| {
                     serde_json::from_slice::<Event>(body)
                         .ok()
-                        .map(|e| if e.event.is_empty() { e.id } else { e.event })
+                        .map(|e| e.id)
                         .filter(|id| !id.is_empty())
                 });
             Ok(serve.serve(source).await)

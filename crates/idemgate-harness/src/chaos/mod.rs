@@ -56,10 +56,6 @@ pub(crate) struct Event {
     /// The event's place in its key's publish order.
     #[serde(default)]
     pub(crate) seq: u32,
-    /// The message's own event id where it is not `id` (a pipeline's invoice carries its
-    /// order's `id`, and the id its outbox row fixed here).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub(crate) event: String,
 }
 
 /// How the idemgate run deduplicates.
@@ -319,7 +315,6 @@ impl Schedule {
                 key: key_of(i),
                 seq: seqs[i],
                 amount,
-                event: String::new(),
                 fails: if rng.random_bool(args.poison_rate) {
                     if rng.random_bool(0.5) {
                         rng.random_range(1..=2)

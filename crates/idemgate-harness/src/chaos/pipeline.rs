@@ -205,17 +205,9 @@ impl SqlOutbox {
 }
 
 /// The invoice billing makes of an order: the order's id, amount, key and place (so the
-/// ledger's rows line up with billing's), its own event id fixed here.
+/// ledger's rows line up with billing's) as its body, and its own event id, fixed here.
 fn invoice(order: &Event) -> Result<Outgoing, BoxError> {
-    let id = EventId::new();
-    let body = Event {
-        event: id.to_string(),
-        ..order.clone()
-    };
-    Ok(
-        Outgoing::with_event_id("invoices", serde_json::to_vec(&body)?, id)
-            .with_ordering_key(order.key.clone()),
-    )
+    Ok(Outgoing::new("invoices", serde_json::to_vec(order)?).with_ordering_key(order.key.clone()))
 }
 
 fn event_of(msg: &Message) -> Result<Event, BoxError> {
