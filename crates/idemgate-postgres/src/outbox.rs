@@ -39,7 +39,7 @@ const NOTIFY_EVERY_MS: u64 = 50;
 /// inbox.commit(tx).await?; // the invoice and its event, or neither
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PgOutbox {
     pool: PgPool,
     table: OutboxTable,
@@ -47,6 +47,20 @@ pub struct PgOutbox {
     // milliseconds since `epoch` of the last enqueue that notified
     notified: Arc<AtomicU64>,
     epoch: Instant,
+}
+
+/// A clone shares the pool and the notification pacing, and listens on a connection of its
+/// own, so relays on clones each hear every commit.
+impl Clone for PgOutbox {
+    fn clone(&self) -> Self {
+        PgOutbox {
+            pool: self.pool.clone(),
+            table: self.table.clone(),
+            listener: Arc::new(Mutex::new(None)),
+            notified: Arc::clone(&self.notified),
+            epoch: self.epoch,
+        }
+    }
 }
 
 impl PgOutbox {

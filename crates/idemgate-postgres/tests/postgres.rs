@@ -605,13 +605,18 @@ async fn a_commit_wakes_a_waiting_relay() {
     let Some(pool) = pool().await else { return };
     let outbox = PgOutbox::new(pool.clone()).with_table(unique("woutbox"));
     outbox.migrate().await.unwrap();
-    // the first wait connects the listener; a wait with nothing committed times out
-    assert!(!outbox.wait(Duration::from_millis(50)).await);
+    let (listening, ready) = tokio::sync::oneshot::channel();
     let waiting = {
+        // a clone listens on a connection of its own: its first wait connects it, and a wait
+        // with nothing committed times out
         let outbox = outbox.clone();
-        tokio::spawn(async move { outbox.wait(Duration::from_secs(30)).await })
+        tokio::spawn(async move {
+            let idle = outbox.wait(Duration::from_millis(50)).await;
+            let _ = listening.send(idle);
+            outbox.wait(Duration::from_secs(30)).await
+        })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!ready.await.unwrap(), "nothing was committed yet");
     let inbox = PgInbox::new(pool);
     let mut tx = inbox.begin().await.unwrap();
     outbox

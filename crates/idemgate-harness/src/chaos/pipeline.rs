@@ -964,7 +964,7 @@ async fn chain(
     fig.store_restarts = u64::from(store_restarts);
     fig.broker_restarts = u64::from(broker_restarts);
     fig.lost = l.lost;
-    fig.applied_twice = b.twice.max(l.twice).max(b.twice + l.twice);
+    fig.applied_twice = b.twice + l.twice;
     fig.totals_agree = b.balance_ok && l.balance_ok && b.total == l.total && b.lost == 0;
     fig.downstream_duplicates = c
         .heard
