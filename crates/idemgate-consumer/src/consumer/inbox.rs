@@ -268,44 +268,16 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
         if key.is_none() && position.is_none() {
             return rt.dead_letter(d, why, reason).await;
         }
-        let mut failures = 0;
-        let tx = loop {
-            let moved = async {
-                let mut tx = self.inbox.begin().await?;
-                let fresh = match key {
-                    Some(key) => self.inbox.first_time(&mut tx, key).await?,
-                    None => true,
-                };
-                if let Some(position) = &position {
-                    self.inbox.advance(&mut tx, position).await?;
-                }
-                Ok::<_, idemgate_core::Error>((tx, fresh))
-            };
-            match moved.await {
-                Ok((tx, true)) => break tx,
-                Ok((tx, false)) => {
-                    // another copy of the event was dead-lettered (or handled) first
-                    if let Err(e) = self.inbox.commit(tx).await {
-                        tracing::warn!(error = %e, "the commit of the position failed");
-                        return rt.settle(d, Settle::Nack(rt.cfg.retry_delay)).await;
-                    }
-                    bump(&rt.counters.duplicates);
-                    return rt.settle(d, Settle::Ack).await;
-                }
-                Err(e @ idemgate_core::Error::Fenced { .. }) => {
-                    bump(&rt.counters.fenced);
-                    tracing::warn!(error = %e, "position fenced; resuming from the stored one");
-                    return rt.settle(d, Settle::Reposition).await;
-                }
-                Err(e) => {
-                    if !rt
-                        .unavailable("the position update", &e, &mut failures)
-                        .await
-                    {
-                        return rt.settle(d, Settle::Nack(Duration::ZERO)).await;
-                    }
-                }
-            }
+        // the broker hears from the delivery while a failing database is waited out: without
+        // it, SQS shows the message again and, past its redrive budget, dead-letters it itself,
+        // without the reason
+        let moved = tokio::select! {
+            m = self.dead_letter_tx(key, position.as_ref()) => m,
+            never = rt.broker_tick(&d) => match never {},
+        };
+        let tx = match moved {
+            Moved::Tx(tx) => tx,
+            Moved::Settle(settle) => return rt.settle(d, settle).await,
         };
         if !rt.dead_letter(d, why, reason).await {
             return false;
@@ -316,6 +288,56 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
             tracing::warn!(error = %e, "the dead letter is stored, its key and position are not");
         }
         true
+    }
+
+    /// Opens the dead letter's transaction: `key` recorded and the position moved, retried
+    /// while the database fails. A copy of the event settled first, a fenced position and a
+    /// database that stays away settle the delivery instead.
+    async fn dead_letter_tx(
+        &self,
+        key: Option<&Key>,
+        position: Option<&idemgate_core::Position>,
+    ) -> Moved<I::Tx> {
+        let rt = &self.rt;
+        let mut failures = 0;
+        loop {
+            let moved = async {
+                let mut tx = self.inbox.begin().await?;
+                let fresh = match key {
+                    Some(key) => self.inbox.first_time(&mut tx, key).await?,
+                    None => true,
+                };
+                if let Some(position) = position {
+                    self.inbox.advance(&mut tx, position).await?;
+                }
+                Ok::<_, idemgate_core::Error>((tx, fresh))
+            };
+            match moved.await {
+                Ok((tx, true)) => return Moved::Tx(tx),
+                Ok((tx, false)) => {
+                    // another copy of the event was dead-lettered (or handled) first
+                    if let Err(e) = self.inbox.commit(tx).await {
+                        tracing::warn!(error = %e, "the commit of the position failed");
+                        return Moved::Settle(Settle::Nack(rt.cfg.retry_delay));
+                    }
+                    bump(&rt.counters.duplicates);
+                    return Moved::Settle(Settle::Ack);
+                }
+                Err(e @ idemgate_core::Error::Fenced { .. }) => {
+                    bump(&rt.counters.fenced);
+                    tracing::warn!(error = %e, "position fenced; resuming from the stored one");
+                    return Moved::Settle(Settle::Reposition);
+                }
+                Err(e) => {
+                    if !rt
+                        .unavailable("the position update", &e, &mut failures)
+                        .await
+                    {
+                        return Moved::Settle(Settle::Nack(Duration::ZERO));
+                    }
+                }
+            }
+        }
     }
 
     /// One transaction for `batch`: its keys in one statement, then in order each message's
@@ -393,4 +415,12 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
         self.inbox.commit(tx).await.map_err(text)?;
         Ok(outcomes)
     }
+}
+
+/// What opening a dead letter's transaction came to.
+enum Moved<Tx> {
+    /// The key is recorded and the position moved: store the dead letter, then commit.
+    Tx(Tx),
+    /// Settle the delivery so instead.
+    Settle(Settle),
 }

@@ -1,0 +1,184 @@
+//! A dead letter that waits for the database keeps its delivery in progress at the broker.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use idemgate_consumer::memory::MemoryBroker;
+use idemgate_consumer::{BoxError, Consumer, Delivery, InboxHandler, Message, Source};
+use idemgate_core::{Error, Inbox, Key, Position, Result};
+use idemgate_sqlite::{SqliteInbox, SqliteTx};
+
+/// An inbox whose database is away while `down` is set.
+#[derive(Clone)]
+struct Away {
+    inner: SqliteInbox,
+    down: Arc<AtomicBool>,
+}
+
+impl Away {
+    fn check(&self) -> Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                backend: "test",
+                source: "the database restarts".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Inbox for Away {
+    type Tx = SqliteTx;
+
+    async fn begin(&self) -> Result<SqliteTx> {
+        self.check()?;
+        self.inner.begin().await
+    }
+    async fn first_time(&self, tx: &mut SqliteTx, key: &Key) -> Result<bool> {
+        self.inner.first_time(tx, key).await
+    }
+    async fn first_time_many(&self, tx: &mut SqliteTx, keys: &[Key]) -> Result<Vec<bool>> {
+        self.inner.first_time_many(tx, keys).await
+    }
+    async fn savepoint(&self, tx: &mut SqliteTx, n: u32) -> Result<bool> {
+        self.inner.savepoint(tx, n).await
+    }
+    async fn rollback_to(&self, tx: &mut SqliteTx, n: u32) -> Result<()> {
+        self.inner.rollback_to(tx, n).await
+    }
+    async fn forget(&self, tx: &mut SqliteTx, key: &Key) -> Result<()> {
+        self.inner.forget(tx, key).await
+    }
+    async fn commit(&self, tx: SqliteTx) -> Result<()> {
+        self.inner.commit(tx).await
+    }
+    fn retention(&self) -> Duration {
+        self.inner.retention()
+    }
+    async fn purge_expired(&self, limit: usize) -> Result<u64> {
+        self.inner.purge_expired(limit).await
+    }
+    async fn advance(&self, tx: &mut SqliteTx, position: &Position) -> Result<()> {
+        self.inner.advance(tx, position).await
+    }
+    async fn load_positions(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
+        self.inner.load_positions(group, topic).await
+    }
+}
+
+/// A source whose deliveries count the in-progress signals they send.
+struct Counting<S> {
+    inner: S,
+    signals: Arc<AtomicUsize>,
+}
+
+struct Counted<D> {
+    inner: D,
+    signals: Arc<AtomicUsize>,
+}
+
+impl<D: Delivery> Delivery for Counted<D> {
+    fn message(&self) -> &Message {
+        self.inner.message()
+    }
+    async fn ack(self) -> idemgate_consumer::Result<()> {
+        self.inner.ack().await
+    }
+    async fn nack(self, delay: Duration) -> idemgate_consumer::Result<()> {
+        self.inner.nack(delay).await
+    }
+    async fn dead_letter(self, reason: &str) -> idemgate_consumer::Result<()> {
+        self.inner.dead_letter(reason).await
+    }
+    async fn in_progress(&self) -> idemgate_consumer::Result<()> {
+        self.signals.fetch_add(1, Ordering::SeqCst);
+        self.inner.in_progress().await
+    }
+}
+
+impl<S: Source> Source for Counting<S> {
+    type Delivery = Counted<S::Delivery>;
+    async fn recv(&mut self) -> idemgate_consumer::Result<Option<Self::Delivery>> {
+        Ok(self.inner.recv().await?.map(|d| Counted {
+            inner: d,
+            signals: Arc::clone(&self.signals),
+        }))
+    }
+}
+
+/// The handler: fails its one attempt and takes the database away for 2 s, noting how many
+/// in-progress signals the delivery had sent by then.
+struct FailsAndTakesTheDatabase {
+    down: Arc<AtomicBool>,
+    signals: Arc<AtomicUsize>,
+    before: Arc<AtomicUsize>,
+}
+
+impl InboxHandler<SqliteTx, Message> for FailsAndTakesTheDatabase {
+    async fn handle(
+        &self,
+        _tx: &mut SqliteTx,
+        _msg: &Message,
+    ) -> std::result::Result<(), BoxError> {
+        self.before
+            .store(self.signals.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.down.store(true, Ordering::SeqCst);
+        let down = Arc::clone(&self.down);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            down.store(false, Ordering::SeqCst);
+        });
+        Err("the handler fails".into())
+    }
+}
+
+/// A message out of attempts is dead-lettered in a transaction that records its key. While the
+/// database is away that transaction is retried, and the delivery must stay in progress at the
+/// broker all along: otherwise SQS shows the message again and, past its redrive budget,
+/// dead-letters it itself, without the reason, beside the consumer's own dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_waiting_for_the_database_stays_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteInbox::open(dir.path().join("app.db")).unwrap();
+    sqlite.migrate().await.unwrap();
+    let down = Arc::new(AtomicBool::new(false));
+    let inbox = Away {
+        inner: sqlite,
+        down: Arc::clone(&down),
+    };
+    let broker = MemoryBroker::new();
+    broker.send(Message::new("orders", "1").with_event_id("evt-1"));
+    broker.close();
+    let signals = Arc::new(AtomicUsize::new(0));
+    let source = Counting {
+        inner: broker.source(),
+        signals: Arc::clone(&signals),
+    };
+    let before = Arc::new(AtomicUsize::new(0));
+    let handler = FailsAndTakesTheDatabase {
+        down,
+        signals: Arc::clone(&signals),
+        before: Arc::clone(&before),
+    };
+    // a signal every 100 ms (a third of the lease)
+    let consumer = Consumer::inbox("orders", inbox)
+        .with_max_attempts(1)
+        .with_lease(Duration::from_millis(300))
+        .with_retry_delay(Duration::from_millis(5));
+    let stats = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer.run(source, handler, std::future::pending()),
+    )
+    .await
+    .expect("the dead letter is stored once the database is back")
+    .unwrap();
+    let during = signals.load(Ordering::SeqCst) - before.load(Ordering::SeqCst);
+    assert!(
+        during >= 5,
+        "{during} in-progress signals while the dead letter waited 2 s for the database"
+    );
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+    assert_eq!(broker.dead_letters().len(), 1);
+}
