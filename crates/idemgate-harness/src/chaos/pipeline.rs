@@ -678,7 +678,7 @@ impl Chain<'_> {
     /// Arms `point` in every process of `role` (on a broker with a single active consumer
     /// only one has work), waits for the first to stop there, disarms the others, SIGKILLs and
     /// restarts each that stopped there (another may have reached the point before its
-    /// disarming). How many it killed at the point; 0 if none stopped there in time (one of
+    /// disarming). How many it killed at the point; 0 if none stopped there within 8 s (one of
     /// them is killed anyway).
     async fn kill(&mut self, role: Role, point: &str, rng: &mut StdRng) -> Result<u64, BoxError> {
         let before = self
@@ -697,7 +697,7 @@ impl Chain<'_> {
                 .map(|(id, _)| *id)
                 .collect()
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(8);
         while stopped(&self.heard).is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
