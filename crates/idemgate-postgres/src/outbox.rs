@@ -44,8 +44,8 @@ pub struct PgOutbox {
     pool: PgPool,
     table: OutboxTable,
     listener: Arc<Mutex<Option<PgListener>>>,
-    // milliseconds since `epoch` of the last enqueue that notified
-    notified: Arc<AtomicU64>,
+    // milliseconds since `epoch` from which an enqueue notifies again
+    next_notify: Arc<AtomicU64>,
     epoch: Instant,
 }
 
@@ -57,7 +57,7 @@ impl Clone for PgOutbox {
             pool: self.pool.clone(),
             table: self.table.clone(),
             listener: Arc::new(Mutex::new(None)),
-            notified: Arc::clone(&self.notified),
+            next_notify: Arc::clone(&self.next_notify),
             epoch: self.epoch,
         }
     }
@@ -71,7 +71,7 @@ impl PgOutbox {
             pool,
             table: OutboxTable::new(),
             listener: Arc::new(Mutex::new(None)),
-            notified: Arc::new(AtomicU64::new(0)),
+            next_notify: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
         }
     }
@@ -102,12 +102,16 @@ impl PgOutbox {
     async fn enqueue_in(&self, tx: &mut PgTx, msg: &Outgoing) -> Result<()> {
         self.table.enqueue(&mut **tx, msg).await?;
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let last = self.notified.load(Ordering::Relaxed);
-        let due = now.saturating_sub(last) >= NOTIFY_EVERY_MS || last == 0;
-        if due
+        let next = self.next_notify.load(Ordering::Relaxed);
+        if now >= next
             && self
-                .notified
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .next_notify
+                .compare_exchange(
+                    next,
+                    now + NOTIFY_EVERY_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
         {
             pg(sqlx::query("SELECT pg_notify($1, '')")

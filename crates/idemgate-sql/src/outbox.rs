@@ -9,10 +9,6 @@ use idemgate_core::{Backlog, Clock, DeadRow, Error, OutboxRow, Outgoing, Result,
 
 use crate::{Arg, Dialect, Kind, SqlConn, Table, millis};
 
-const PENDING: i64 = 0;
-const SENT: i64 = 1;
-const DEAD: i64 = 2;
-
 /// The outbox's rows and every statement on them, for PostgreSQL, MySQL/MariaDB and SQLite:
 /// the backends' `PgOutbox`, `MySqlOutbox` and `SqliteOutbox` run it on their connections.
 ///
@@ -448,40 +444,6 @@ impl OutboxTable {
                 Ok(DeadRow::new(row.id, row.message, row.attempts, reason))
             })
             .collect()
-    }
-
-    /// Every row's state, for tests and `inspect`: `(id, event_id, state, attempts)` with
-    /// state `"pending"`, `"sent"` or `"dead"`.
-    pub async fn rows<C: SqlConn>(
-        &self,
-        conn: &mut C,
-    ) -> Result<Vec<(i64, String, &'static str, u32)>> {
-        let t = self.table.name()?;
-        let rows = conn
-            .fetch(
-                &format!("SELECT id, event_id, state, attempts FROM {t} ORDER BY id"),
-                &[],
-                &[Kind::Int, Kind::Text, Kind::Int32, Kind::Int32],
-            )
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let state = match r[2].int() {
-                    Some(PENDING) => "pending",
-                    Some(SENT) => "sent",
-                    Some(DEAD) => "dead",
-                    _ => "unknown",
-                };
-                let attempts = u32::try_from(r[3].int().unwrap_or(0)).unwrap_or(0);
-                (
-                    r[0].int().unwrap_or(0),
-                    r[1].clone().into_text().unwrap_or_default(),
-                    state,
-                    attempts,
-                )
-            })
-            .collect())
     }
 
     /// Drops the tables (tests and the chaos harness reset with it).
