@@ -951,7 +951,11 @@ impl Phase<'_> {
         let mut free: Vec<usize> = (0..self.slots.len())
             .filter(|&i| {
                 let s = &self.slots[i];
-                s.child.is_some() && s.ready && !self.armed.iter().any(|a| a.slot == i)
+                // never a worker that is to be a zombie: a kill would take its completion
+                s.child.is_some()
+                    && s.ready
+                    && !matches!(s.plan, Some(Plan::Zombie(_)))
+                    && !self.armed.iter().any(|a| a.slot == i)
             })
             .collect();
         // the best candidate last
@@ -1535,6 +1539,8 @@ async fn supervise(
         + Duration::from_secs(1);
     let mut faults = schedule.faults.iter().peekable();
     let mut zombie: Option<Zombie> = None;
+    // when the last zombie thawed: its refused completion comes with a later STATS line
+    let mut thawed: Option<Instant> = None;
     let mut last_release = Instant::now();
     let mut last_poll = Instant::now() - Duration::from_secs(1);
     let mut last_change = Instant::now();
@@ -1576,6 +1582,8 @@ async fn supervise(
                 ph.fig.zombies += 1;
                 ph.log_fault("SIGCONT (zombie)");
                 zombie = None;
+                thawed = Some(Instant::now());
+                last_change = Instant::now();
             }
         }
         // workers that exited on their own (a broker or store restart) start again
@@ -1631,6 +1639,10 @@ async fn supervise(
         ph.fig.published = published.load(Ordering::Relaxed) & !ALL_OUT;
         let (_, dups, fenced) = ph.stats();
         ph.fig.zombies_fenced = fenced;
+        // a thawed zombie is left alone until its completion was seen fenced (or 10 s passed,
+        // and the run fails on it)
+        let fencing_due = ph.fig.zombies > fenced
+            && thawed.is_some_and(|t| t.elapsed() < Duration::from_secs(10));
         bar.set_position(tally.touched);
         bar.set_message(format!(
             "{} deliveries ({} dup) · {} skipped · {} kills · {} zombies · {} restarts/cuts",
@@ -1683,7 +1695,7 @@ async fn supervise(
         }
         // the tail kills, with work held back while any fault is due: a few events go out at
         // a time while nothing moves, and the plans of live workers are brought forward
-        if zombie.is_none() {
+        if zombie.is_none() && !fencing_due {
             ph.arm_tail(done);
         }
         if !ph.faults_due() {
@@ -1712,6 +1724,7 @@ async fn supervise(
             && !ph.faults_due()
             && tally.touched == args.events
             && zombie.is_none()
+            && !fencing_due
             && faults.peek().is_none()
             && last_change.elapsed() >= quiet_for
         {
