@@ -182,3 +182,119 @@ async fn a_dead_letter_waiting_for_the_database_stays_in_progress() {
     assert_eq!(stats.dead_lettered, 1, "{stats:?}");
     assert_eq!(broker.dead_letters().len(), 1);
 }
+
+/// A source whose first `fail` dead letters the broker cannot take.
+struct RefusesDeadLetters<S> {
+    inner: S,
+    fail: Arc<AtomicUsize>,
+}
+
+struct Refusing<D> {
+    inner: D,
+    fail: Arc<AtomicUsize>,
+}
+
+impl<D: Delivery> Delivery for Refusing<D> {
+    fn message(&self) -> &Message {
+        self.inner.message()
+    }
+    async fn ack(self) -> idemgate_consumer::Result<()> {
+        self.inner.ack().await
+    }
+    async fn nack(self, delay: Duration) -> idemgate_consumer::Result<()> {
+        self.inner.nack(delay).await
+    }
+    async fn dead_letter(self, reason: &str) -> idemgate_consumer::Result<()> {
+        let refused = self
+            .fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if refused {
+            // dropped unsettled: the broker redelivers it
+            return Err(idemgate_consumer::Error::Broker {
+                broker: "test",
+                message: "the broker is down".into(),
+                source: None,
+            });
+        }
+        self.inner.dead_letter(reason).await
+    }
+    async fn in_progress(&self) -> idemgate_consumer::Result<()> {
+        self.inner.in_progress().await
+    }
+}
+
+impl<S: Source> Source for RefusesDeadLetters<S> {
+    type Delivery = Refusing<S::Delivery>;
+    async fn recv(&mut self) -> idemgate_consumer::Result<Option<Self::Delivery>> {
+        Ok(self.inner.recv().await?.map(|d| Refusing {
+            inner: d,
+            fail: Arc::clone(&self.fail),
+        }))
+    }
+}
+
+/// Applies a message by writing its id into `applied`, in the inbox transaction; `poison`
+/// always fails.
+struct Applies;
+
+impl InboxHandler<SqliteTx, Message> for Applies {
+    async fn handle(&self, tx: &mut SqliteTx, msg: &Message) -> std::result::Result<(), BoxError> {
+        let id = msg.event_id.clone().unwrap_or_default();
+        if id == "poison" {
+            return Err("always fails".into());
+        }
+        tx.execute("INSERT INTO applied (id) VALUES (?1)", [id])?;
+        Ok(())
+    }
+}
+
+/// An exhausted message whose dead letter the broker could not take goes back to the broker,
+/// and comes again. The later messages of its key that were in its batch are applied in their
+/// order, before the ones the lane holds behind them: given back with it, they would come
+/// again after those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_went_nowhere_keeps_its_keys_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let inbox = SqliteInbox::open(&path).unwrap();
+    inbox.migrate().await.unwrap();
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.execute_batch("CREATE TABLE applied (n INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT)")
+        .unwrap();
+    let broker = MemoryBroker::new();
+    let ids = ["poison", "1", "2", "3", "4", "5", "6"];
+    for id in ids {
+        broker.send(
+            Message::new("orders", id)
+                .with_event_id(id)
+                .with_ordering_key("account-7"),
+        );
+    }
+    broker.close();
+    let source = RefusesDeadLetters {
+        inner: broker.source(),
+        fail: Arc::new(AtomicUsize::new(1)),
+    };
+    let stats = tokio::time::timeout(
+        Duration::from_secs(30),
+        Consumer::inbox("orders", inbox)
+            .with_batch(3)
+            .with_max_attempts(1)
+            .with_retry_delay(Duration::from_millis(5))
+            .run(source, Applies, std::future::pending()),
+    )
+    .await
+    .expect("the consumer drains the queue")
+    .unwrap();
+    let applied: Vec<String> = db
+        .prepare("SELECT id FROM applied ORDER BY n")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(applied, ["1", "2", "3", "4", "5", "6"], "{stats:?}");
+    assert_eq!(stats.dead_letter_failures, 1, "{stats:?}");
+    assert_eq!(broker.dead_letters().len(), 1, "{stats:?}");
+}

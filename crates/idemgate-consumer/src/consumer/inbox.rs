@@ -102,7 +102,9 @@ where
         // one settlement for what committed: its acks go in order, from one task
         self.rt.ack_all_behind(done).await;
         // then, in order, each failed message as a failed run, and the ones that waited behind
-        // it on their own (given back too if it was: its key keeps its order)
+        // it on their own. Like the lane, the batch gives a key's later messages back after it
+        // only when the consumer stops: otherwise they would come again after the messages of
+        // their key the lane holds, and be applied after them
         let hasher = RandomState::new();
         let mut given_back: HashSet<u64> = HashSet::new();
         let mut queue: std::collections::VecDeque<_> = rest.into();
@@ -112,7 +114,7 @@ where
                 .ordering_key
                 .as_ref()
                 .map(|k| hasher.hash_one(k));
-            if ordering.is_some_and(|k| given_back.contains(&k)) {
+            if rt.stopping() && ordering.is_some_and(|k| given_back.contains(&k)) {
                 self.rt.nack(d, Duration::ZERO).await;
                 settled[i] = false;
                 continue;
