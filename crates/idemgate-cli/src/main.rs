@@ -1,4 +1,4 @@
-//! The `idemgate` command: the demo, and tools to inspect and purge stores.
+//! The `idemgate` command: the demo, the proxy, and tools to inspect and purge stores.
 
 use std::process::ExitCode;
 
@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 use idemgate_harness as harness;
 
+mod proxy;
 mod stores;
 #[cfg(feature = "brokers")]
 mod window;
@@ -25,6 +26,8 @@ enum Command {
     Demo(harness::DemoArgs),
     /// Measure a store against its raw ceiling, in the same run.
     Bench(idemgate_bench::BenchArgs),
+    /// An `Idempotency-Key` reverse proxy in front of a service in any language.
+    Proxy(proxy::ProxyArgs),
     /// Show the stored record of one key.
     Inspect(stores::InspectArgs),
     /// Delete expired records from a store.
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => harness::demo(args),
         Command::Bench(args) => idemgate_bench::run(args),
+        Command::Proxy(args) => proxy::run(args),
         Command::Inspect(args) => stores::inspect(args),
         Command::Purge(args) => stores::purge(args),
         #[cfg(feature = "brokers")]

@@ -26,6 +26,11 @@ pub enum Problem {
     /// limit and was not stored ([`Oversized::Complete`](crate::Oversized::Complete)); the
     /// handler does not run again. Terminal.
     ResponseNotStored,
+    /// 502: a proxy could not reach its upstream, or lost it before the response (the
+    /// sidecar's `idemgate proxy`); the key is released. Retryable.
+    UpstreamUnavailable,
+    /// 504: a proxy's upstream did not answer in time; the key is released. Retryable.
+    UpstreamTimeout,
 }
 
 impl Problem {
@@ -41,6 +46,8 @@ impl Problem {
             Problem::Mismatch => "https://idemgate.dev/problems/idempotency-key-reused",
             Problem::StoreUnavailable => "https://idemgate.dev/problems/store-unavailable",
             Problem::ResponseNotStored => "https://idemgate.dev/problems/response-not-stored",
+            Problem::UpstreamUnavailable => "https://idemgate.dev/problems/upstream-unavailable",
+            Problem::UpstreamTimeout => "https://idemgate.dev/problems/upstream-timeout",
         }
     }
 
@@ -56,6 +63,8 @@ impl Problem {
             Problem::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Problem::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Problem::ResponseNotStored => StatusCode::GONE,
+            Problem::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Problem::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -72,6 +81,8 @@ impl Problem {
             Problem::ResponseNotStored => {
                 "The request with this Idempotency-Key completed, but its response was not stored"
             }
+            Problem::UpstreamUnavailable => "The upstream service could not be reached",
+            Problem::UpstreamTimeout => "The upstream service did not answer in time",
         }
     }
 
@@ -79,7 +90,11 @@ impl Problem {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Problem::InProgress | Problem::StoreUnavailable | Problem::UnreadableBody
+            Problem::InProgress
+                | Problem::StoreUnavailable
+                | Problem::UnreadableBody
+                | Problem::UpstreamUnavailable
+                | Problem::UpstreamTimeout
         )
     }
 
