@@ -87,7 +87,7 @@ pub use broker::{Delivery, Sink, Source};
 pub use consumer::{Consumer, GateMode, InboxMode, KeyFn, Stats, StatsHandle};
 pub use idemgate_core::{BoxError, Inbox, InboxFn, InboxHandler, Outbox, Position, Warning};
 pub use message::{
-    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, EVENT_ID, Message, ORDERING_KEY, Outgoing,
+    DEAD_LETTER_REASON, DEAD_LETTER_RETRY, EVENT_ID, Message, ORDERING_KEY, Outgoing, Permanent,
 };
 pub use relay::{Relay, RelayStats};
 pub use window::{Horizon, WindowCheck, check_window};

@@ -78,3 +78,45 @@ impl Message {
         self
     }
 }
+
+/// A handler error that no retry can fix (a 4xx from the service a bridge delivers to, an
+/// order the business rules refuse): the message is dead-lettered at once with this reason,
+/// instead of being retried up to `max_attempts`. Return it as the handler's error, or boxed in
+/// a [`BoxError`](crate::BoxError).
+///
+/// ```
+/// use idemgate_consumer::{BoxError, Message, Permanent};
+///
+/// async fn handle(msg: Message) -> Result<(), BoxError> {
+///     if msg.payload.is_empty() {
+///         return Err(Permanent::new("an empty order").into());
+///     }
+///     Ok(())
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permanent(String);
+
+impl Permanent {
+    /// A permanent failure, with its reason.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Permanent(reason.into())
+    }
+}
+
+impl std::fmt::Display for Permanent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Permanent {}
+
+/// Whether a handler's error is a [`Permanent`] one (itself, or boxed).
+pub(crate) fn is_permanent<E: 'static>(e: &E) -> bool {
+    let any = e as &dyn std::any::Any;
+    any.is::<Permanent>()
+        || any
+            .downcast_ref::<crate::BoxError>()
+            .is_some_and(|b| b.is::<Permanent>())
+}

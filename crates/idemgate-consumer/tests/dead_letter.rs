@@ -244,6 +244,9 @@ impl InboxHandler<SqliteTx, Message> for Applies {
         if id == "poison" {
             return Err("always fails".into());
         }
+        if id == "refused" {
+            return Err(idemgate_consumer::Permanent::new("the amount is negative").into());
+        }
         tx.execute("INSERT INTO applied (id) VALUES (?1)", [id])?;
         Ok(())
     }
@@ -297,4 +300,39 @@ async fn a_dead_letter_that_went_nowhere_keeps_its_keys_order() {
     assert_eq!(applied, ["1", "2", "3", "4", "5", "6"], "{stats:?}");
     assert_eq!(stats.dead_letter_failures, 1, "{stats:?}");
     assert_eq!(broker.dead_letters().len(), 1, "{stats:?}");
+}
+
+/// In Inbox mode a `Permanent` failure is dead-lettered at once too, its key recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_in_inbox_mode_is_dead_lettered_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let inbox = SqliteInbox::open(&path).unwrap();
+    inbox.migrate().await.unwrap();
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.execute_batch("CREATE TABLE applied (n INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT)")
+        .unwrap();
+    let broker = MemoryBroker::new();
+    for id in ["refused", "1", "refused"] {
+        broker.send(Message::new("orders", id).with_event_id(id));
+    }
+    broker.close();
+    let stats = Consumer::inbox("orders", inbox)
+        .with_max_attempts(5)
+        .with_retry_delay(Duration::from_millis(5))
+        .run(broker.source(), Applies, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(stats.retried, 0, "{stats:?}");
+    let dead = broker.dead_letters();
+    assert_eq!(dead.len(), 1, "the copy is acked as a duplicate: {stats:?}");
+    assert!(
+        dead[0].1.contains("the amount is negative"),
+        "{}",
+        dead[0].1
+    );
+    let applied: i64 = db
+        .query_row("SELECT count(*) FROM applied", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(applied, 1);
 }

@@ -735,3 +735,43 @@ async fn sigterm_stops_a_consumer() {
         .unwrap();
     assert_eq!((stats.handled, runs.load(Ordering::SeqCst)), (1, 1));
 }
+
+/// A handler that says no retry can help (`Permanent`) runs once: its message is dead-lettered
+/// at once with the reason (Inbox mode: `tests/dead_letter.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_is_dead_lettered_without_retries() {
+    let broker = MemoryBroker::new();
+    broker.send(event("refused", "{}"));
+    broker.send(event("fine", "{}"));
+    broker.close();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = Arc::clone(&runs);
+    let handler = move |m: Message| {
+        let r = Arc::clone(&r);
+        async move {
+            if m.event_id.as_deref() == Some("refused") {
+                r.fetch_add(1, Ordering::SeqCst);
+                return Err(idemgate_consumer::BoxError::from(
+                    idemgate_consumer::Permanent::new("422 from the service"),
+                ));
+            }
+            Ok(())
+        }
+    };
+    let stats = Consumer::gate("orders", MemoryStore::new())
+        .with_max_attempts(5)
+        .with_retry_delay(Duration::from_millis(5))
+        .run(broker.source(), handler, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "no retry of a permanent failure"
+    );
+    assert_eq!(stats.handled, 1);
+    assert_eq!(stats.retried, 0, "{stats:?}");
+    let dead = broker.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].1.contains("422 from the service"), "{}", dead[0].1);
+}

@@ -12,8 +12,8 @@ pub(crate) enum Tried {
     Settle(Settle),
     /// The store or the database failed at `what`: nothing committed, try again.
     Unavailable(&'static str, idemgate_core::Error),
-    /// The handler failed (attempt number, error): rolled back.
-    Failed(u32, String),
+    /// The handler failed (attempt number, failure): rolled back.
+    Failed(u32, Failure),
 }
 
 /// Where one message of a committed batch ended.
@@ -22,8 +22,8 @@ pub(crate) enum InBatch {
     New,
     /// Its key was recorded before: acked without running the handler.
     Duplicate,
-    /// Its handler failed (attempt number, error): rolled back to its savepoint.
-    Failed(u32, String),
+    /// Its handler failed (attempt number, failure): rolled back to its savepoint.
+    Failed(u32, Failure),
     /// It waits behind a failed message of its ordering key, or is a later copy of a failed
     /// message: not run, not recorded.
     Later,
@@ -404,7 +404,7 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
                 continue;
             };
             if !isolated {
-                return Err(error);
+                return Err(error.error);
             }
             self.inbox.rollback_to(&mut tx, n).await.map_err(text)?;
             self.inbox.forget(&mut tx, key).await.map_err(text)?;

@@ -39,17 +39,32 @@ impl Runtime {
     }
 
     /// What a failed run says about itself.
-    pub(crate) fn failure<E: fmt::Display>(&self, ran: Ran<E>) -> Option<String> {
+    pub(crate) fn failure<E: fmt::Display + 'static>(&self, ran: Ran<E>) -> Option<Failure> {
+        let failed = |error: String| Failure {
+            error,
+            permanent: false,
+        };
         match ran {
             Ran::Done(Ok(())) => None,
-            Ran::Done(Err(e)) => Some(e.to_string()),
-            Ran::Panicked => Some("the handler panicked".into()),
-            Ran::TimedOut => Some(format!(
+            Ran::Done(Err(e)) => Some(Failure {
+                permanent: crate::message::is_permanent(&e),
+                error: e.to_string(),
+            }),
+            Ran::Panicked => Some(failed("the handler panicked".into())),
+            Ran::TimedOut => Some(failed(format!(
                 "the handler timed out after {:?}",
                 self.cfg.handler_timeout
-            )),
+            ))),
         }
     }
+}
+
+/// A failed run: what it said, and whether it said no retry can help ([`Permanent`]).
+///
+/// [`Permanent`]: crate::Permanent
+pub(crate) struct Failure {
+    pub(crate) error: String,
+    pub(crate) permanent: bool,
 }
 
 /// Why a message is dead-lettered.
@@ -299,8 +314,14 @@ impl Runtime {
         msg: &Message,
         key: &Key,
         attempt: u32,
-        error: String,
+        failure: Failure,
     ) -> std::result::Result<Duration, Settle> {
+        let Failure { error, permanent } = failure;
+        if permanent {
+            self.forget(key);
+            let reason = format!("the handler refused it for good: {error}");
+            return Err(Settle::DeadLetter(Why::Exhausted, reason));
+        }
         if attempt >= self.cfg.max_attempts {
             self.forget(key);
             let reason = format!("the handler failed {attempt} times; last error: {error}");
