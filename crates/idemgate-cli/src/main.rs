@@ -1,4 +1,4 @@
-//! The `idemgate` command: the demo, the proxy, and tools to inspect and purge stores.
+//! The `idemgate` command: the demo, the proxy and the bridge, and tools to inspect and purge stores.
 
 use std::process::ExitCode;
 
@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 use idemgate_harness as harness;
 
+mod bridge;
 mod proxy;
 mod stores;
 #[cfg(feature = "brokers")]
@@ -28,6 +29,9 @@ enum Command {
     Bench(idemgate_bench::BenchArgs),
     /// An `Idempotency-Key` reverse proxy in front of a service in any language.
     Proxy(proxy::ProxyArgs),
+    /// Consume from a broker and POST each event to a service, its event id as the
+    /// `Idempotency-Key` (the embedded queue always; the real brokers with `brokers`).
+    Bridge(bridge::BridgeArgs),
     /// Show the stored record of one key.
     Inspect(stores::InspectArgs),
     /// Delete expired records from a store.
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => harness::demo(args),
         Command::Bench(args) => idemgate_bench::run(args),
         Command::Proxy(args) => proxy::run(args),
+        Command::Bridge(args) => bridge::run(args),
         Command::Inspect(args) => stores::inspect(args),
         Command::Purge(args) => stores::purge(args),
         #[cfg(feature = "brokers")]

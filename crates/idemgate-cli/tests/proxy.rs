@@ -92,7 +92,7 @@ fn the_proxy_replays_a_retry_serves_metrics_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let (_upstream, port) = spawn(Command::new("python3").arg(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../idemgate-sidecar/tests/upstream.py"
+        "/../idemgate-sidecar/tests/common/upstream.py"
     )));
     let store = format!("sqlite:{}", dir.path().join("keys.db").display());
     let (mut proxy, line) = spawn(Command::new(env!("CARGO_BIN_EXE_idemgate")).args([

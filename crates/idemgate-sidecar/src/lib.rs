@@ -1,5 +1,9 @@
 //! idemgate for services in any language.
 //!
+//! [`Bridge`] is the other half, behind `idemgate bridge`: it consumes from any broker the
+//! consumer runtime supports and POSTs each event to the service with its event id as the
+//! `Idempotency-Key`.
+//!
 //! [`Proxy`] is the `Idempotency-Key` reverse proxy behind `idemgate proxy`: put it in front
 //! of a service written in Python, Node, Java or anything else that speaks HTTP, and a retried
 //! POST gets the first response replayed instead of a second run, with the store, the lease
@@ -18,8 +22,10 @@
 //! # Ok(()) }
 //! ```
 
+mod bridge;
 mod proxy;
 mod routes;
 
+pub use bridge::{Bridge, BridgeOptions};
 pub use proxy::{Proxy, ProxyError, ProxyOptions, install_prometheus};
 pub use routes::{ConfigError, Route, Routes};

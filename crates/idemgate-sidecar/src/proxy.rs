@@ -104,6 +104,24 @@ pub fn install_prometheus() -> Result<PrometheusHandle, ProxyError> {
 
 type Client_ = Client<HttpConnector, ResponseBody>;
 
+/// A pooled HTTP/1 client (keep-alive, `TCP_NODELAY`, connections idle up to 60 s).
+pub(crate) fn http_client<B>(
+    connect_timeout: Duration,
+    pool_idle: usize,
+) -> Client<HttpConnector, B>
+where
+    B: HttpBody + Send + 'static,
+    B::Data: Send,
+{
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(pool_idle)
+        .build(connector)
+}
+
 /// How the upstream failed a request; the layer releases the key of a guarded one.
 #[derive(Debug)]
 pub(crate) struct UpstreamFailed {
@@ -134,15 +152,8 @@ impl Upstream {
             .path_and_query
             .map(|p| p.path().trim_end_matches('/').to_owned())
             .unwrap_or_default();
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(opts.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(opts.pool_idle)
-            .build(connector);
         Ok(Upstream {
-            client,
+            client: http_client(opts.connect_timeout, opts.pool_idle),
             scheme,
             authority,
             prefix: prefix.into(),

@@ -2,7 +2,7 @@
 
 POST <any path>   counts a call per (X-User, Idempotency-Key), sleeps X-Delay seconds, answers
                   201 with {"key", "principal", "call", "echo"}; /flaky answers 500 on a key's
-                  first call
+                  first call, /refuse answers 422
 GET /calls        the counts, as {"<principal>|<key>": n}
 Listens on the port given as its argument (default: any free one) and prints its port on the
 first line of stdout.
@@ -48,6 +48,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         time.sleep(float(self.headers.get("x-delay", "0")))
         if self.path == "/flaky" and n == 1:
             return self.reply(500, b'{"error": "try again"}')
+        if self.path == "/refuse":
+            return self.reply(422, b'{"error": "the amount is negative"}')
         body = {"key": key, "principal": principal, "call": n, "echo": data.decode()}
         self.reply(201, json.dumps(body).encode())
 
