@@ -1,5 +1,6 @@
 //! `IdempotencyLayer` and the `Idempotency` service.
 
+use std::borrow::Cow;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,6 +19,7 @@ use tower::{Layer, Service};
 
 use crate::body::{GuardedBody, ResponseBody, boxed, full};
 use crate::future::ResponseFuture;
+use crate::grpc;
 use crate::header::parse_key;
 use crate::problem::Problem;
 
@@ -133,6 +135,10 @@ pub const UNSTORED_HEADERS: [HeaderName; 9] = [
 /// name, so it never comes from a response, and a replay never sends it.
 const NOT_STORED: &str = ":not-stored";
 
+/// The prefix of a stored trailer's name: not valid in a header name either, so a replay tells
+/// trailers from headers.
+const TRAILER: &str = ":trailer:";
+
 impl<St> Clone for Config<St> {
     fn clone(&self) -> Self {
         Config {
@@ -150,6 +156,7 @@ impl<St> Clone for Config<St> {
             unstored_headers: self.unstored_headers.clone(),
             retry_after: self.retry_after,
             oversized: self.oversized,
+            grpc: self.grpc,
             running: self.running.clone(),
         }
     }
@@ -170,6 +177,8 @@ struct Config<St> {
     unstored_headers: Vec<HeaderName>,
     retry_after: Duration,
     oversized: Oversized,
+    // gRPC calls: refusals as gRPC statuses, trailers stored, the status decides what is
+    grpc: bool,
     // the guarded requests whose clients went away, and the pumps of large responses: what
     // outlives the server's connections, for `drain`
     running: TaskTracker,
@@ -278,6 +287,7 @@ impl<St: Store> IdempotencyLayer<St> {
                 unstored_headers: UNSTORED_HEADERS.to_vec(),
                 retry_after: Duration::from_secs(1),
                 oversized: Oversized::Complete,
+                grpc: false,
                 running: TaskTracker::new(),
             }),
         }
@@ -372,6 +382,32 @@ impl<St: Store> IdempotencyLayer<St> {
     /// of getting 409.
     pub fn with_wait(self, timeout: Duration) -> Self {
         self.with(|c| c.wait = Some(timeout))
+    }
+
+    /// Guards gRPC calls (a tonic server's `layer`, say) instead of REST requests: the key comes
+    /// from the `idempotency-key` metadata, every call is guarded (gRPC calls are POSTs), the
+    /// trailers (`grpc-status`, `grpc-message`, the service's own) are stored with the response
+    /// and replayed, and the layer's refusals are gRPC statuses ([`Problem::grpc_code`]): a
+    /// running first call gets `ABORTED` with a `google.rpc.RetryInfo`, another request under
+    /// the same key `FAILED_PRECONDITION`, a missing key `INVALID_ARGUMENT`. A call that ended
+    /// OK, `NOT_FOUND`, `ALREADY_EXISTS`, `FAILED_PRECONDITION` or `OUT_OF_RANGE` is stored;
+    /// any other status releases the key for a retry, unless the response is marked [`Final`].
+    ///
+    /// ```
+    /// use idemgate_core::MemoryStore;
+    /// use idemgate_http::IdempotencyLayer;
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(), |parts| {
+    ///     parts.headers.get("x-tenant").and_then(|v| v.to_str().ok()).map(str::to_owned)
+    /// })
+    /// .for_grpc();
+    /// // tonic::transport::Server::builder().layer(layer).add_service(..)
+    /// ```
+    pub fn for_grpc(self) -> Self {
+        self.with(|c| {
+            c.grpc = true;
+            c.methods = vec![Method::POST];
+        })
     }
 
     /// Request headers that take part in the fingerprint (besides method, path, query, body).
@@ -474,8 +510,8 @@ macro_rules! count {
 
 /// What reading a body up to a limit found.
 enum Read {
-    /// The whole body, within the limit.
-    Whole(Bytes),
+    /// The whole body, within the limit, and its trailers.
+    Whole(Bytes, Option<Box<http::HeaderMap>>),
     /// The body goes past the limit: what was read so far (at most the limit and one frame).
     Over(Bytes),
     /// The body failed.
@@ -483,8 +519,8 @@ enum Read {
 }
 
 /// Reads a body up to `limit` bytes. A body of one data frame (the usual case) is returned as
-/// it is, without a copy; more frames are joined. Trailers are dropped. A body that announces
-/// more than `limit` is not read at all.
+/// it is, without a copy; more frames are joined. A body that announces more than `limit` is
+/// not read at all.
 async fn read_up_to<B>(body: &mut B, limit: usize) -> Read
 where
     B: HttpBody<Data = Bytes> + Unpin,
@@ -495,12 +531,19 @@ where
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
     let mut len = 0usize;
+    let mut trailers = None;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             return Read::Failed;
         };
-        let Ok(data) = frame.into_data() else {
-            continue;
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(Box::new(t));
+                }
+                continue;
+            }
         };
         len = len.saturating_add(data.len());
         match (&first, &mut joined) {
@@ -520,10 +563,22 @@ where
             });
         }
     }
-    Read::Whole(match joined {
+    let all = match joined {
         Some(all) => all.freeze(),
         None => first.unwrap_or_default(),
-    })
+    };
+    Read::Whole(all, trailers)
+}
+
+/// `body`, followed by `trailers` where there are some.
+fn with_trailers(body: Bytes, trailers: Option<Box<http::HeaderMap>>) -> ResponseBody {
+    match trailers {
+        None => full(body),
+        Some(t) => http_body_util::Full::new(body)
+            .map_err(|never| match never {})
+            .with_trailers(async move { Some(Ok(*t)) })
+            .boxed_unsync(),
+    }
 }
 
 async fn pass<S, B, ResB>(
@@ -560,13 +615,15 @@ fn admit<St>(config: &Config<St>, parts: &Parts) -> Admit {
         Some(Ok(id)) => id,
         Some(Err(e)) => {
             count!("invalid_key");
-            return Admit::Refuse(Problem::InvalidKey.response(&e.to_string()));
+            return Admit::Refuse(answer(config, Problem::InvalidKey, &e.to_string()));
         }
         None if config.required => {
             count!("missing_key");
-            return Admit::Refuse(
-                Problem::MissingKey.response("send an Idempotency-Key header with this request"),
-            );
+            return Admit::Refuse(answer(
+                config,
+                Problem::MissingKey,
+                "send an Idempotency-Key header with this request",
+            ));
         }
         None => return Admit::Pass,
     };
@@ -575,16 +632,22 @@ fn admit<St>(config: &Config<St>, parts: &Parts) -> Admit {
         Some(f) => match f(parts) {
             Some(s) => s,
             None => {
-                return Admit::Refuse(
-                    Problem::MissingScope.response("the request carries no principal"),
-                );
+                return Admit::Refuse(answer(
+                    config,
+                    Problem::MissingScope,
+                    "the request carries no principal",
+                ));
             }
         },
     };
     // the principal and the client's key, length-prefixed: no two principals share a key
     match Key::compose("http", [scope.as_bytes(), id.as_bytes()]) {
         Ok(key) => Admit::Guard(key),
-        Err(_) => Admit::Refuse(Problem::InvalidKey.response("the key cannot be stored")),
+        Err(_) => Admit::Refuse(answer(
+            config,
+            Problem::InvalidKey,
+            "the key cannot be stored",
+        )),
     }
 }
 
@@ -614,13 +677,14 @@ where
 {
     async move {
         let bytes = match read_up_to(&mut std::pin::pin!(body), config.max_body).await {
-            Read::Whole(bytes) => bytes,
+            Read::Whole(bytes, _) => bytes,
             Read::Over(_) => {
-                return Ok(Problem::BodyTooLarge
-                    .response(&format!("the body is over {} bytes", config.max_body)));
+                let detail = format!("the body is over {} bytes", config.max_body);
+                return Ok(answer(&config, Problem::BodyTooLarge, &detail));
             }
             Read::Failed => {
-                return Ok(Problem::UnreadableBody.response("the request body could not be read"));
+                let detail = "the request body could not be read";
+                return Ok(answer(&config, Problem::UnreadableBody, detail));
             }
         };
         // the fingerprint lives only as long as the claim
@@ -683,14 +747,19 @@ where
         };
         let marked = rparts.extensions.get::<Final>().is_some();
         match head {
-            Read::Whole(body) => {
+            Read::Whole(body, trailers) => {
                 let stored = Stored::Body(&body);
-                settle(&config, lease, lost, &rparts, stored, marked).await;
-                Ok(Response::from_parts(rparts, full(body)))
+                let t = trailers.as_deref();
+                settle(&config, lease, lost, &rparts, stored, t, marked).await;
+                Ok(Response::from_parts(rparts, with_trailers(body, trailers)))
             }
             Read::Failed => {
                 release(&config, lease, lost).await;
-                Ok(plain(StatusCode::BAD_GATEWAY, "the response body failed"))
+                Ok(failed(
+                    &config,
+                    StatusCode::BAD_GATEWAY,
+                    "the response body failed",
+                ))
             }
             Read::Over(head) => {
                 // the rest streams through a small channel, so at most the limit and a few
@@ -722,7 +791,7 @@ where
 /// A response body: what was read before the limit, then what the pump forwards.
 struct Relay {
     head: Option<Bytes>,
-    rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+    rx: tokio::sync::mpsc::Receiver<Result<http_body::Frame<Bytes>, BoxError>>,
 }
 
 impl HttpBody for Relay {
@@ -736,9 +805,7 @@ impl HttpBody for Relay {
         if let Some(head) = self.head.take() {
             return Poll::Ready(Some(Ok(http_body::Frame::data(head))));
         }
-        self.rx
-            .poll_recv(cx)
-            .map(|next| next.map(|r| r.map(http_body::Frame::data)))
+        self.rx.poll_recv(cx)
     }
 }
 
@@ -752,12 +819,12 @@ async fn pump<St: Store>(
     status: StatusCode,
     marked: bool,
     mut body: ResponseBody,
-    tx: tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>,
+    tx: tokio::sync::mpsc::Sender<Result<http_body::Frame<Bytes>, BoxError>>,
     read: u64,
 ) {
     let mut guard = LeaseGuard::new(&config.store, lease.clone());
     let forward = async {
-        let (mut total, mut open) = (read, true);
+        let (mut total, mut open, mut trailers) = (read, true, None);
         while let Some(frame) = body.frame().await {
             match frame {
                 Err(e) => {
@@ -767,15 +834,17 @@ async fn pump<St: Store>(
                     return None;
                 }
                 Ok(frame) => {
-                    if let Ok(data) = frame.into_data() {
+                    if let Some(data) = frame.data_ref() {
                         total = total.saturating_add(data.len() as u64);
-                        // a client that went away no longer gets it, but the body is read on
-                        open = open && tx.send(Ok(data)).await.is_ok();
+                    } else if let Some(t) = frame.trailers_ref() {
+                        trailers = Some(t.clone());
                     }
+                    // a client that went away no longer gets it, but the body is read on
+                    open = open && tx.send(Ok(frame)).await.is_ok();
                 }
             }
         }
-        Some(total)
+        Some((total, trailers))
     };
     let (result, lost_now) = keep_alive(
         &*config.store,
@@ -787,14 +856,16 @@ async fn pump<St: Store>(
     let lease = guard.disarm();
     let lost = lost || lost_now;
     match result {
-        Ok(Some(bytes)) if config.oversized == Oversized::Complete => {
+        Ok(Some((bytes, trailers))) if config.oversized == Oversized::Complete => {
             let parts = Response::builder()
                 .status(status)
                 .body(())
                 .map(|r| r.into_parts().0);
             match parts {
                 Ok(parts) => {
-                    settle(&config, lease, lost, &parts, Stored::Not { bytes }, marked).await
+                    let stored = Stored::Not { bytes };
+                    let t = trailers.as_ref();
+                    settle(&config, lease, lost, &parts, stored, t, marked).await;
                 }
                 Err(_) => release(&config, lease, lost).await,
             }
@@ -819,6 +890,7 @@ async fn settle<St: Store>(
     lost: bool,
     parts: &http::response::Parts,
     stored: Stored<'_>,
+    trailers: Option<&http::HeaderMap>,
     marked: bool,
 ) {
     if lost {
@@ -826,24 +898,36 @@ async fn settle<St: Store>(
         tracing::warn!("the lease was lost while the handler ran; its response is not stored");
         return;
     }
-    if !config.profile.stores(parts.status, marked) {
+    let stores = if config.grpc {
+        marked
+            || (parts.status == StatusCode::OK
+                && grpc::status_of(&parts.headers, trailers).is_some_and(grpc::stores))
+    } else {
+        config.profile.stores(parts.status, marked)
+    };
+    if !stores {
         let _ = config.store.release(lease).await;
         count!("released");
         return;
     }
     let marker = matches!(stored, Stored::Not { .. });
-    let outcome = match stored {
-        Stored::Body(body) => Outcome {
-            status: parts.status.as_u16(),
-            meta: parts
-                .headers
-                .iter()
-                .filter(|(name, _)| !config.unstored_headers.contains(name))
-                .collect(),
-            body: body.clone(),
-        },
-        Stored::Not { bytes } => not_stored(parts.status, bytes),
-    };
+    let outcome =
+        match stored {
+            Stored::Body(body) => Outcome {
+                status: parts.status.as_u16(),
+                meta: parts
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| !config.unstored_headers.contains(name))
+                    .map(|(n, v)| (Cow::Borrowed(n.as_str()), v.as_bytes()))
+                    .chain(trailers.into_iter().flatten().map(|(n, v)| {
+                        (Cow::Owned(format!("{TRAILER}{}", n.as_str())), v.as_bytes())
+                    }))
+                    .collect(),
+                body: body.clone(),
+            },
+            Stored::Not { bytes } => not_stored(parts.status, bytes),
+        };
     match config
         .store
         .complete(&lease, &outcome, config.retention)
@@ -887,7 +971,11 @@ async fn panicked<St: Store>(
 ) -> Response<ResponseBody> {
     count!("panicked");
     release(config, lease, lost).await;
-    plain(StatusCode::INTERNAL_SERVER_ERROR, "the handler failed")
+    failed(
+        config,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the handler failed",
+    )
 }
 
 /// Releases the key after a failed attempt, unless the lease was lost.
@@ -900,10 +988,34 @@ async fn release<St: Store>(config: &Config<St>, lease: Lease, lost: bool) {
     }
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+/// A failed attempt's answer: `status` with `text`, or for a gRPC call `INTERNAL` (500) or
+/// `UNAVAILABLE`.
+fn failed<St>(
+    config: &Config<St>,
+    status: StatusCode,
+    text: &'static str,
+) -> Response<ResponseBody> {
+    if config.grpc {
+        let code = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            grpc::code::INTERNAL
+        } else {
+            grpc::code::UNAVAILABLE
+        };
+        return grpc::status(code, text, None);
+    }
     let mut res = Response::new(full(text));
     *res.status_mut() = status;
     res
+}
+
+/// The layer's own answer: a problem document, or for a gRPC call its status.
+fn answer<St>(config: &Config<St>, problem: Problem, detail: &str) -> Response<ResponseBody> {
+    if config.grpc {
+        let retry = (problem == Problem::InProgress).then_some(config.retry_after);
+        grpc::status(problem.grpc_code(), detail, retry)
+    } else {
+        problem.response(detail)
+    }
 }
 
 /// Claims `key` for a request with fingerprint `fp`, waiting for a running first request under
@@ -925,21 +1037,25 @@ async fn claim<St: Store>(
         match config.store.claim(key, Some(fp), &opts).await {
             Err(e) => {
                 count!("store_unavailable");
-                return Err(Problem::StoreUnavailable.response(&e.to_string()));
+                return Err(answer(config, Problem::StoreUnavailable, &e.to_string()));
             }
             Ok(Claim::Acquired(lease)) => return Ok(lease),
             Ok(Claim::Completed(record)) => {
                 count!("replayed");
                 return Err(match record.outcome() {
-                    Some(o) => replay(o),
-                    None => {
-                        Problem::StoreUnavailable.response("a completed record has no response")
-                    }
+                    Some(o) => replay(config, o),
+                    None => answer(
+                        config,
+                        Problem::StoreUnavailable,
+                        "a completed record has no response",
+                    ),
                 });
             }
             Ok(Claim::Mismatch { .. }) => {
                 count!("mismatch");
-                return Err(Problem::Mismatch.response(
+                return Err(answer(
+                    config,
+                    Problem::Mismatch,
                     "the method, path, query or body differ from the first request with this key",
                 ));
             }
@@ -954,8 +1070,11 @@ async fn claim<St: Store>(
         count!("conflict");
         let after = config.retry_after;
         let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-        let mut res = Problem::InProgress
-            .response("the first request with this key is still running; retry later");
+        let mut res = answer(
+            config,
+            Problem::InProgress,
+            "the first request with this key is still running; retry later",
+        );
         res.headers_mut()
             .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         return Err(res);
@@ -964,7 +1083,7 @@ async fn claim<St: Store>(
 
 /// The stored response, byte for byte, marked as a replay; or, for a response that was over the
 /// limit, the `response-not-stored` problem.
-fn replay(o: &Outcome) -> Response<ResponseBody> {
+fn replay<St>(config: &Config<St>, o: &Outcome) -> Response<ResponseBody> {
     // (a marker record has no body: a stored response skips the search)
     if o.body.is_empty()
         && let Some((_, bytes)) = o.meta.iter().find(|(name, _)| *name == NOT_STORED)
@@ -974,22 +1093,29 @@ fn replay(o: &Outcome) -> Response<ResponseBody> {
             o.status,
             String::from_utf8_lossy(bytes)
         );
-        let mut res = Problem::ResponseNotStored.response(&detail);
+        let mut res = answer(config, Problem::ResponseNotStored, &detail);
         res.headers_mut()
             .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
         return res;
     }
-    let mut res = Response::new(full(o.body.clone()));
-    *res.status_mut() = StatusCode::from_u16(o.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut headers = http::HeaderMap::new();
+    let mut trailers: Option<Box<http::HeaderMap>> = None;
     for (name, value) in o.meta.iter_shared() {
+        let (name, into) = match name.strip_prefix(TRAILER) {
+            Some(n) => (n, &mut **trailers.get_or_insert_with(Box::default)),
+            None => (name, &mut headers),
+        };
         // the value shares the stored buffer: no copy
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_maybe_shared(value),
         ) {
-            res.headers_mut().append(n, v);
+            into.append(n, v);
         }
     }
+    let mut res = Response::new(with_trailers(o.body.clone(), trailers));
+    *res.status_mut() = StatusCode::from_u16(o.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    *res.headers_mut() = headers;
     res.headers_mut()
         .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     res

@@ -24,6 +24,7 @@
 //! not depend on axum.
 
 mod body;
+mod grpc;
 mod header;
 mod layer;
 mod problem;

@@ -68,6 +68,32 @@ impl Problem {
         }
     }
 
+    /// The `grpc-status` a gRPC call gets instead ([`IdempotencyLayer::for_grpc`]), after the
+    /// gRPC status-code guide: a missing or invalid key is `INVALID_ARGUMENT` (3), no principal
+    /// `UNAUTHENTICATED` (16), a running first call `ABORTED` (10: retry the call later, with
+    /// `google.rpc.RetryInfo`), a key reused with another request `FAILED_PRECONDITION` (9: do
+    /// not retry until the request is fixed), a request over the size limit
+    /// `RESOURCE_EXHAUSTED` (8), a completed call whose response was not stored
+    /// `ALREADY_EXISTS` (6), an unreadable body, a store or an upstream that failed
+    /// `UNAVAILABLE` (14), an upstream timeout `DEADLINE_EXCEEDED` (4).
+    ///
+    /// [`IdempotencyLayer::for_grpc`]: crate::IdempotencyLayer::for_grpc
+    pub fn grpc_code(self) -> u16 {
+        use crate::grpc::code;
+        match self {
+            Problem::MissingKey | Problem::InvalidKey => code::INVALID_ARGUMENT,
+            Problem::MissingScope => code::UNAUTHENTICATED,
+            Problem::InProgress => code::ABORTED,
+            Problem::BodyTooLarge => code::RESOURCE_EXHAUSTED,
+            Problem::Mismatch => code::FAILED_PRECONDITION,
+            Problem::ResponseNotStored => code::ALREADY_EXISTS,
+            Problem::UnreadableBody | Problem::StoreUnavailable | Problem::UpstreamUnavailable => {
+                code::UNAVAILABLE
+            }
+            Problem::UpstreamTimeout => code::DEADLINE_EXCEEDED,
+        }
+    }
+
     fn title(self) -> &'static str {
         match self {
             Problem::MissingKey => "This request requires an Idempotency-Key header",

@@ -49,3 +49,96 @@ async fn a_tower_service_with_its_own_bodies_runs_once_per_key() {
     assert_eq!(answers[0].0, StatusCode::CREATED);
     assert_eq!(&answers[0].1[..], b"order sku-9 (run 1)");
 }
+
+/// In gRPC mode a call that comes while the first with its key runs is `ABORTED` (a trailers-only
+/// response) with a `google.rpc.RetryInfo`; one without a key is `INVALID_ARGUMENT`; a call that
+/// ended `UNAVAILABLE` releases its key, and trailers are replayed.
+#[tokio::test]
+async fn grpc_calls_get_grpc_statuses_and_their_trailers_back() {
+    let (runs, flaky) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (counted, flaky_counted, held) = (Arc::clone(&runs), Arc::clone(&flaky), Arc::clone(&gate));
+    let inner = tower::service_fn(move |req: Request<GuardedBody<Full<Bytes>>>| {
+        let (gate, flaky) = (Arc::clone(&held), Arc::clone(&flaky_counted));
+        let n = if req.uri().path() == "/pkg.Svc/Flaky" {
+            flaky.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            counted.fetch_add(1, Ordering::SeqCst) + 1
+        };
+        async move {
+            if req.uri().path() == "/pkg.Svc/Held" {
+                let _ = gate.acquire().await.unwrap();
+            }
+            let mut trailers = http::HeaderMap::new();
+            let code = if req.uri().path() == "/pkg.Svc/Flaky" && n == 1 {
+                "14"
+            } else {
+                "0"
+            };
+            trailers.insert("grpc-status", code.parse().unwrap());
+            trailers.insert("x-run", n.to_string().parse().unwrap());
+            let body = Full::new(Bytes::from_static(b"\0\0\0\0\x02hi"))
+                .with_trailers(async move { Some(Ok(trailers)) });
+            Ok::<_, Infallible>(Response::new(body))
+        }
+    });
+    let svc = IdempotencyLayer::unscoped(MemoryStore::new())
+        .for_grpc()
+        .layer(inner);
+    let call = |path: &str, key: Option<&str>| {
+        let mut req = Request::post(path).header("content-type", "application/grpc");
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let req = req
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        svc.clone().oneshot(req)
+    };
+    let grpc_status = |res: &Response<_>| {
+        res.headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    let missing = call("/pkg.Svc/Do", None).await.unwrap();
+    assert_eq!(grpc_status(&missing).as_deref(), Some("3"));
+
+    let first = tokio::spawn(call("/pkg.Svc/Held", Some("held-1")));
+    while runs.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let busy = call("/pkg.Svc/Held", Some("held-1")).await.unwrap();
+    assert_eq!(grpc_status(&busy).as_deref(), Some("10"), "ABORTED");
+    let details = busy.headers()["grpc-status-details-bin"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    use base64::Engine;
+    let details = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(details)
+        .unwrap();
+    assert!(String::from_utf8_lossy(&details).contains("google.rpc.RetryInfo"));
+    gate.add_permits(1);
+    let first = first.await.unwrap().unwrap();
+    let first = first.into_body().collect().await.unwrap();
+    let replay = call("/pkg.Svc/Held", Some("held-1")).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let replay = replay.into_body().collect().await.unwrap();
+    assert_eq!(replay.trailers(), first.trailers());
+    assert_eq!(first.trailers().unwrap()["x-run"], "1");
+    assert_eq!(replay.to_bytes(), Bytes::from_static(b"\0\0\0\0\x02hi"));
+
+    // UNAVAILABLE released the key: the retry runs, and its OK is stored
+    for want in ["14", "0", "0"] {
+        let res = call("/pkg.Svc/Flaky", Some("flaky-1")).await.unwrap();
+        let body = res.into_body().collect().await.unwrap();
+        assert_eq!(body.trailers().unwrap()["grpc-status"], want);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the held call ran once");
+    assert_eq!(
+        flaky.load(Ordering::SeqCst),
+        2,
+        "the flaky call ran again once"
+    );
+}
