@@ -79,6 +79,15 @@ pub(crate) struct BridgeArgs {
     /// Tries before a message the service keeps failing (5xx, timeouts) is dead-lettered.
     #[arg(long, default_value_t = 5)]
     max_attempts: u32,
+    /// How long a key stays claimed by a bridge that died mid-request before another takes it
+    /// over (renewed while the bridge lives).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// How long a delivered message waits for its ack before the broker delivers it again
+    /// (NATS AckWait, the embedded queue's visibility; RabbitMQ requeues when the connection
+    /// closes, SQS uses the queue's visibility timeout).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    ack_wait: Duration,
     /// The scope of the bridge's keys in its store.
     #[arg(long, default_value = "bridge")]
     name: String,
@@ -114,6 +123,7 @@ pub(crate) fn run(args: BridgeArgs) -> Result<ExitCode, BoxError> {
         let consumer = Consumer::gate(args.name.clone(), store)
             .with_concurrency(args.concurrency)
             .with_max_attempts(args.max_attempts)
+            .with_lease(args.lease)
             .with_handler_timeout(args.timeout + Duration::from_secs(5));
         eprintln!(
             "idemgate bridge: {:?} {} -> {}",
@@ -166,8 +176,8 @@ async fn consume(
                 .ok_or("the embedded queue needs --queue-file")?;
             let queue = idemgate::sqlite::SqliteQueue::open(path, &args.from)?;
             let dead = idemgate::sqlite::SqliteQueue::open(path, &format!("{}_dead", args.from))?;
-            let source = idemgate::sqlite::QueueSource::new(queue, Duration::from_secs(30))
-                .with_dead_letters(dead);
+            let source =
+                idemgate::sqlite::QueueSource::new(queue, args.ack_wait).with_dead_letters(dead);
             run_on(consumer, source, bridge).await?
         }
         #[cfg(feature = "brokers")]
@@ -179,7 +189,7 @@ async fn consume(
         #[cfg(feature = "brokers")]
         From::Nats => {
             let nats = idemgate::nats::Nats::connect(&url("nats://127.0.0.1:4222")).await?;
-            let mut opts = idemgate::nats::ConsumerOptions::default();
+            let mut opts = idemgate::nats::ConsumerOptions::default().with_ack_wait(args.ack_wait);
             if let Some(subject) = &args.dead_letter {
                 opts = opts.with_dead_letter_subject(subject.clone());
             }

@@ -230,3 +230,30 @@ fn chaos_http_applies_every_request_once_through_kills_and_disconnects() {
     assert_eq!(n("idemgate", "wrong_answers"), 0, "{v}");
     assert_eq!(n("idemgate", "unapplied"), 0, "{v}");
 }
+
+/// `idemgate chaos --bridge` on RabbitMQ: the bridge and the Python service killed in turn; the
+/// naive chain applies events twice, the bridge through the proxy to a keyed service applies
+/// each once.
+#[test]
+fn chaos_bridge_applies_every_event_once_through_kills_of_the_bridge_and_the_service() {
+    let out = idemgate(&[
+        "chaos", "--bridge", "--broker", "rabbitmq", "--events", "400", "--kills", "6", "--seed",
+        "23", "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = |run: &str, field: &str| v[run][field].as_u64().unwrap();
+    for run in ["naive", "idemgate"] {
+        assert_eq!(n(run, "events"), 400);
+        assert_eq!(n(run, "kills_bridge"), 3, "{run}: {v}");
+        assert_eq!(n(run, "kills_service"), 3, "{run}: {v}");
+        assert_eq!(n(run, "lost"), 0, "{run}: {v}");
+    }
+    assert!(n("naive", "applied_twice") > 0, "{v}");
+    assert_eq!(n("idemgate", "applied_twice"), 0, "{v}");
+}

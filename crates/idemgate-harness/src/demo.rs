@@ -90,6 +90,7 @@ impl DemoArgs {
             stall_secs: 90,
             http: false,
             pipeline: false,
+            bridge: false,
             json: self.json,
             report: None,
         }

@@ -7,6 +7,7 @@
 //! store and the broker, cuts store connections, and counts from the ledger how often every
 //! event's effect happened. The same seed gives the same fault schedule.
 
+mod bridge;
 mod broker;
 pub(crate) mod http;
 mod ledger;
@@ -212,6 +213,13 @@ pub struct ChaosArgs {
     /// publishes. `--store` is a `postgres://`, `mysql://` or `sqlite:` database.
     #[arg(long, conflicts_with = "http")]
     pub(crate) pipeline: bool,
+    /// Prove the sidecar instead: events on the broker (embedded, RabbitMQ or NATS), some
+    /// published twice, delivered by `idemgate bridge` through `idemgate proxy` to a Python
+    /// service that records the key with its effect, while the bridge and the service are
+    /// SIGKILLed in turn; the naive chain's bridge forgets at every kill and its service
+    /// applies whatever comes.
+    #[arg(long, conflicts_with_all = ["http", "pipeline"])]
+    pub(crate) bridge: bool,
     /// Print the figures as one JSON object on stdout.
     #[arg(long)]
     pub(crate) json: bool,
@@ -504,6 +512,9 @@ pub(crate) fn run_as(command: &str, args: &ChaosArgs) -> Result<ExitCode, BoxErr
     }
     if args.pipeline {
         return pipeline::run(args, seed, &base);
+    }
+    if args.bridge {
+        return bridge::run(args, seed, &base);
     }
     let setup = validate(args, seed, &base)?;
     if !args.json {
