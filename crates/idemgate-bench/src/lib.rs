@@ -15,6 +15,7 @@ mod consumer;
 mod http;
 #[cfg(feature = "brokers")]
 mod outbox;
+mod proxy;
 mod store;
 
 #[cfg(feature = "brokers")]
@@ -22,6 +23,7 @@ pub use consumer::ConsumerBench;
 pub use http::HttpBench;
 #[cfg(feature = "brokers")]
 pub use outbox::OutboxBench;
+pub use proxy::ProxyBench;
 pub use store::StoreBench;
 
 pub use idemgate::BoxError;
@@ -46,6 +48,9 @@ enum BenchWhat {
     /// bare second insert, and commit-to-publish latency at a fixed rate.
     #[cfg(feature = "brokers")]
     Outbox(outbox::OutboxBench),
+    /// `idemgate proxy` guarding every POST (memory and Redis stores, fresh keys and
+    /// replays), guarding nothing, and nginx as a plain reverse proxy, loaded by wrk.
+    Proxy(proxy::ProxyBench),
 }
 
 /// Runs the benchmark `args` names.
@@ -57,6 +62,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
         BenchWhat::Consumer(c) => runtime()?.block_on(consumer::run(c)),
         #[cfg(feature = "brokers")]
         BenchWhat::Outbox(o) => runtime()?.block_on(outbox::run(o)),
+        BenchWhat::Proxy(p) => proxy::run(p),
     }
 }
 
