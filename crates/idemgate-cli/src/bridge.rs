@@ -116,10 +116,7 @@ pub(crate) fn run(args: BridgeArgs) -> Result<ExitCode, BoxError> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let (store, warnings) = idemgate::open_checked(&args.store).await?;
-        for w in &warnings {
-            eprintln!("warning: {w}");
-        }
+        let store = crate::stores::opened(idemgate::open_checked(&args.store).await?);
         let consumer = Consumer::gate(args.name.clone(), store)
             .with_concurrency(args.concurrency)
             .with_max_attempts(args.max_attempts)

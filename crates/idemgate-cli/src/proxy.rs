@@ -60,10 +60,7 @@ pub(crate) fn run(args: ProxyArgs) -> Result<ExitCode, BoxError> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let (store, warnings) = idemgate::open_checked(&args.store).await?;
-        for w in &warnings {
-            eprintln!("warning: {w}");
-        }
+        let store = crate::stores::opened(idemgate::open_checked(&args.store).await?);
         let proxy = Proxy::new(store, routes, opts)?;
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let addr = listener.local_addr()?;

@@ -107,7 +107,8 @@ pub(crate) fn purge(args: PurgeArgs) -> Result<ExitCode, BoxError> {
 }
 
 /// The store, its warnings printed to stderr.
-fn opened((store, warnings): (BoxStore, Vec<idemgate::Warning>)) -> BoxStore {
+/// The store with its warnings printed (a Redis without AOF, one that evicts keys).
+pub(crate) fn opened((store, warnings): (BoxStore, Vec<idemgate::Warning>)) -> BoxStore {
     for w in warnings {
         eprintln!("warning: {w}");
     }

@@ -2,7 +2,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -407,8 +406,11 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             let state = Arc::clone(&self.state);
+            // the client's address, as `X-Forwarded-For` gives it, once per connection
+            let peer = HeaderValue::from_str(&peer.ip().to_string())
+                .unwrap_or(HeaderValue::from_static("unknown"));
             let svc = hyper::service::service_fn(move |req| {
-                let state = Arc::clone(&state);
+                let (state, peer) = (Arc::clone(&state), peer.clone());
                 async move { Ok::<_, Infallible>(dispatch(&state, peer, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -443,7 +445,7 @@ impl Proxy {
 
 async fn dispatch(
     state: &State,
-    peer: SocketAddr,
+    peer: HeaderValue,
     mut req: Request<Incoming>,
 ) -> Response<ResponseBody> {
     match req.uri().path() {
@@ -475,14 +477,16 @@ async fn dispatch(
 }
 
 /// Appends the client's address to `X-Forwarded-For`, and says the client spoke plain HTTP.
-fn forwarded_for(req: &mut Request<Incoming>, peer: SocketAddr) {
+fn forwarded_for(req: &mut Request<Incoming>, peer: HeaderValue) {
     let xff = HeaderName::from_static("x-forwarded-for");
-    let ip = peer.ip().to_string();
     let value = match req.headers().get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(before) => format!("{before}, {ip}"),
-        None => ip,
+        Some(before) => {
+            let ip = peer.to_str().unwrap_or_default();
+            HeaderValue::from_str(&format!("{before}, {ip}")).ok()
+        }
+        None => Some(peer),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Some(v) = value {
         req.headers_mut().insert(xff, v);
     }
     req.headers_mut().insert(
