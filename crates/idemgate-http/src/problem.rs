@@ -69,7 +69,9 @@ impl Problem {
     }
 
     /// The `grpc-status` a gRPC call gets instead ([`IdempotencyLayer::for_grpc`]), after the
-    /// gRPC status-code guide: a missing or invalid key is `INVALID_ARGUMENT` (3), no principal
+    /// gRPC status-code guide (<https://grpc.github.io/grpc/core/md_doc_statuscodes.html>: use
+    /// `ABORTED` when the client should retry at a higher level, `FAILED_PRECONDITION` when it
+    /// should not retry until the system state is fixed): a missing or invalid key is `INVALID_ARGUMENT` (3), no principal
     /// `UNAUTHENTICATED` (16), a running first call `ABORTED` (10: retry the call later, with
     /// `google.rpc.RetryInfo`), a key reused with another request `FAILED_PRECONDITION` (9: do
     /// not retry until the request is fixed), a request over the size limit
