@@ -32,8 +32,12 @@ enum Command {
     /// Consume from a broker and POST each event to a service, its event id as the
     /// `Idempotency-Key` (the embedded queue always; the real brokers with `brokers`).
     Bridge(bridge::BridgeArgs),
-    /// Show the stored record of one key.
-    Inspect(stores::InspectArgs),
+    /// Show one key's stored record and what a duplicate arriving now would get, and why.
+    #[command(visible_alias = "inspect")]
+    Explain(stores::ExplainArgs),
+    /// Make a key free again: its completed outcome goes, or (with --force) its live lease;
+    /// a tombstone keeps fencing the old lease holder.
+    Forget(stores::ForgetArgs),
     /// Delete expired records from a store.
     Purge(stores::PurgeArgs),
     /// Check that a retention covers a broker's redelivery horizon (exit status 1 if not).
@@ -70,7 +74,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => idemgate_bench::run(args),
         Command::Proxy(args) => proxy::run(args),
         Command::Bridge(args) => bridge::run(args),
-        Command::Inspect(args) => stores::inspect(args),
+        Command::Explain(args) => stores::explain(args),
+        Command::Forget(args) => stores::forget(args),
         Command::Purge(args) => stores::purge(args),
         #[cfg(feature = "brokers")]
         Command::CheckWindow(args) => window::run(args),

@@ -1,16 +1,19 @@
-//! `inspect` and `purge` of a store given by URL (`idemgate::open`).
+//! `explain`, `forget` and `purge` of a store given by URL (`idemgate::open`).
 
 use std::process::ExitCode;
 
 use clap::Args;
 use idemgate::core::backend::to_millis;
-use idemgate::core::{Key, State, Store};
+use std::time::{Duration, SystemTime};
+
+use idemgate::core::{Forgotten, Key, Record, State, Store};
 use idemgate::{BoxStore, open_checked};
 
 use crate::BoxError;
 
+/// The store and key of `explain` and `forget`.
 #[derive(Debug, Args)]
-pub(crate) struct InspectArgs {
+pub(crate) struct KeyArgs {
     /// The store: `sqlite:PATH`, `postgres://…`, `mysql://…`, `redis://…`,
     /// `redis+cluster://host:port,…` or `memory:`.
     #[arg(long)]
@@ -20,6 +23,36 @@ pub(crate) struct InspectArgs {
     scope: Option<String>,
     /// The key's id, or `scope/id` without `--scope`.
     key: String,
+}
+
+impl KeyArgs {
+    fn key(&self) -> Result<Key, BoxError> {
+        Ok(match &self.scope {
+            Some(scope) => Key::new(scope, &self.key)?,
+            None => match self.key.split_once('/') {
+                Some((scope, id)) => Key::new(scope, id)?,
+                None => return Err("give the key as scope/id, or its scope with --scope".into()),
+            },
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ExplainArgs {
+    #[command(flatten)]
+    target: KeyArgs,
+    /// Answer in JSON (one object) instead of words.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ForgetArgs {
+    #[command(flatten)]
+    target: KeyArgs,
+    /// Take the key from a live lease too. Its holder stays fenced: its completion is refused.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -39,53 +72,225 @@ fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
         .build()?)
 }
 
-pub(crate) fn inspect(args: InspectArgs) -> Result<ExitCode, BoxError> {
-    let key = match &args.scope {
-        Some(scope) => Key::new(scope, &args.key)?,
-        None => match args.key.split_once('/') {
-            Some((scope, id)) => Key::new(scope, id)?,
-            None => return Err("give the key as scope/id, or its scope with --scope".into()),
-        },
-    };
+pub(crate) fn explain(args: ExplainArgs) -> Result<ExitCode, BoxError> {
+    let key = args.target.key()?;
     let rt = runtime()?;
-    let store = opened(rt.block_on(open_checked(&args.store))?);
-    let Some(rec) = rt.block_on(store.get(&key))? else {
-        println!("{key}: no live record");
-        return Ok(ExitCode::from(1));
-    };
-    let ms = |t| to_millis(t);
-    println!("key           {key}");
-    match &rec.state {
-        State::InProgress { token, lease_until } => {
-            println!("state         in-progress");
-            println!("token         {token}");
-            println!("lease_until   {} (unix ms)", ms(*lease_until));
-        }
-        State::Completed {
-            token,
-            outcome,
-            completed_at,
-        } => {
-            println!("state         completed");
-            println!("token         {token}");
-            println!("completed_at  {} (unix ms)", ms(*completed_at));
-            println!(
-                "outcome       status {}, {} metadata pairs, {} body bytes ({} stored)",
-                outcome.status,
-                outcome.meta.len(),
-                outcome.body.len(),
-                outcome.encoded_len()
-            );
-        }
-    }
-    println!("attempts      {}", rec.attempts);
-    println!("created_at    {} (unix ms)", ms(rec.created_at));
-    println!("expires_at    {} (unix ms)", ms(rec.expires_at));
-    match rec.fingerprint {
-        Some(fp) => println!("fingerprint   {fp}"),
-        None => println!("fingerprint   none"),
+    let store = opened(rt.block_on(open_checked(&args.target.store))?);
+    let rec = rt.block_on(store.get(&key))?;
+    let e = Explained::new(&key, rec.as_ref(), SystemTime::now());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&e.json())?);
+    } else {
+        print!("{}", e.words());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn forget(args: ForgetArgs) -> Result<ExitCode, BoxError> {
+    let key = args.target.key()?;
+    let rt = runtime()?;
+    let store = opened(rt.block_on(open_checked(&args.target.store))?);
+    match rt.block_on(store.forget(&key, args.force))? {
+        Forgotten::Absent => println!("{key}: no live record, nothing to forget"),
+        Forgotten::Removed { token } => println!(
+            "{key}: forgot the completed record; the next request runs afresh (tombstone token {token})"
+        ),
+        Forgotten::Tombstoned { token } => println!(
+            "{key}: ended the lease; the next request runs afresh and the old holder is fenced \
+             (tombstone token {token})"
+        ),
+        Forgotten::Held { lease_until } => {
+            eprintln!(
+                "{key}: a live lease holds the key until {}; nothing changed (--force takes it, \
+                 fencing the holder)",
+                time(lease_until)
+            );
+            return Ok(ExitCode::from(1));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn time(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// How far `t` is from `now`, in words (`in 12s`, `3m ago`).
+fn from_now(t: SystemTime, now: SystemTime) -> String {
+    let round = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs()));
+    match t.duration_since(now) {
+        Ok(d) => format!("in {}", round(d)),
+        Err(e) => format!("{} ago", round(e.duration())),
+    }
+}
+
+/// One key's record and what a duplicate arriving now would get.
+struct Explained<'a> {
+    key: &'a Key,
+    rec: Option<&'a Record>,
+    now: SystemTime,
+    /// `fresh`, `in_progress`, `takeover`, `replay`.
+    verdict: &'static str,
+    why: String,
+}
+
+impl<'a> Explained<'a> {
+    fn new(key: &'a Key, rec: Option<&'a Record>, now: SystemTime) -> Self {
+        let (verdict, why) = match rec {
+            None => (
+                "fresh",
+                "no live record: a duplicate now runs the handler".to_owned(),
+            ),
+            Some(r) => match &r.state {
+                State::InProgress { lease_until, .. } if *lease_until > now => (
+                    "in_progress",
+                    format!(
+                        "a live lease holds the key until {} ({}): HTTP answers 409 in-progress \
+                         (or waits, with a wait policy), a consumer leaves the message for \
+                         redelivery, a Gate returns InProgress",
+                        time(*lease_until),
+                        from_now(*lease_until, now)
+                    ),
+                ),
+                State::InProgress { lease_until, .. } => (
+                    "takeover",
+                    format!(
+                        "the lease ran out at {}: a duplicate now takes the key over and runs \
+                         the handler (token {}, attempt {}); the earlier holder is fenced",
+                        time(*lease_until),
+                        r.token() + 1,
+                        r.attempts + 1
+                    ),
+                ),
+                State::Completed { outcome, .. } => (
+                    "replay",
+                    match r.fingerprint {
+                        Some(_) => format!(
+                            "completed: a duplicate with the same fingerprint gets the stored \
+                             outcome (status {}) without running; another request under this \
+                             key is a mismatch (HTTP 422)",
+                            outcome.status
+                        ),
+                        None => format!(
+                            "completed: a duplicate gets the stored outcome (status {}) without \
+                             running",
+                            outcome.status
+                        ),
+                    },
+                ),
+            },
+        };
+        Explained {
+            key,
+            rec,
+            now,
+            verdict,
+            why,
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        match self.rec.map(|r| &r.state) {
+            None => "absent",
+            Some(State::InProgress { lease_until, .. }) if *lease_until > self.now => "in_progress",
+            Some(State::InProgress { .. }) => "lease_over",
+            Some(State::Completed { .. }) => "completed",
+        }
+    }
+
+    fn words(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let mut line = |k: &str, v: String| {
+            let _ = writeln!(out, "{k:<14}{v}");
+        };
+        line("key", self.key.to_string());
+        line("state", self.state().replace('_', " "));
+        if let Some(r) = self.rec {
+            line("token", r.token().to_string());
+            line("attempts", r.attempts.to_string());
+            match &r.state {
+                State::InProgress { lease_until, .. } => line(
+                    "lease_until",
+                    format!(
+                        "{} ({})",
+                        time(*lease_until),
+                        from_now(*lease_until, self.now)
+                    ),
+                ),
+                State::Completed {
+                    outcome,
+                    completed_at,
+                    ..
+                } => {
+                    line("completed_at", time(*completed_at));
+                    line(
+                        "outcome",
+                        format!(
+                            "status {}, {} metadata pairs, {} body bytes ({} stored)",
+                            outcome.status,
+                            outcome.meta.len(),
+                            outcome.body.len(),
+                            outcome.encoded_len()
+                        ),
+                    );
+                }
+            }
+            line("created_at", time(r.created_at));
+            line(
+                "expires_at",
+                format!(
+                    "{} ({}; retention ends, the key is free)",
+                    time(r.expires_at),
+                    from_now(r.expires_at, self.now)
+                ),
+            );
+            line(
+                "fingerprint",
+                r.fingerprint.map_or("none".to_owned(), |f| f.to_string()),
+            );
+        }
+        line("duplicate now", format!("{}: {}", self.verdict, self.why));
+        line(
+            "clock",
+            "times are the store's; \"in\"/\"ago\" are from this host's clock".to_owned(),
+        );
+        out
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let ms = |t: SystemTime| to_millis(t);
+        let mut v = serde_json::json!({
+            "key": { "scope": self.key.scope(), "id": self.key.id() },
+            "state": self.state(),
+            "duplicate_now": { "gets": self.verdict, "why": self.why },
+        });
+        if let Some(r) = self.rec {
+            v["token"] = r.token().into();
+            v["attempts"] = r.attempts.into();
+            v["created_at_ms"] = ms(r.created_at).into();
+            v["expires_at_ms"] = ms(r.expires_at).into();
+            v["fingerprint"] = r.fingerprint.map(|f| f.to_string()).into();
+            match &r.state {
+                State::InProgress { lease_until, .. } => {
+                    v["lease_until_ms"] = ms(*lease_until).into();
+                }
+                State::Completed {
+                    outcome,
+                    completed_at,
+                    ..
+                } => {
+                    v["completed_at_ms"] = ms(*completed_at).into();
+                    v["outcome"] = serde_json::json!({
+                        "status": outcome.status,
+                        "meta_pairs": outcome.meta.len(),
+                        "body_bytes": outcome.body.len(),
+                    });
+                }
+            }
+        }
+        v
+    }
 }
 
 pub(crate) fn purge(args: PurgeArgs) -> Result<ExitCode, BoxError> {

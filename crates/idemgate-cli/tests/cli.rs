@@ -204,11 +204,12 @@ fn inspect_and_purge_a_sqlite_store() {
         text.contains("completed") && text.contains("status 201") && text.contains("7 body bytes"),
         "{text}"
     );
-    assert_eq!(
-        idemgate(&["inspect", "--store", &url, "--scope", "orders", "o-2"])
-            .status
-            .code(),
-        Some(1)
+    let out = idemgate(&["explain", "--store", &url, "--scope", "orders", "o-2"]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("fresh: no live record"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
     let out = idemgate(&["purge", "--store", &url]);
     assert_eq!(
@@ -230,6 +231,106 @@ fn inspect_and_purge_a_sqlite_store() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `explain` answers what a duplicate would get; `forget` frees a key, refusing a live lease
+/// without `--force`, and a forgotten lease's holder stays fenced.
+#[test]
+fn explain_and_forget_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let url = format!("sqlite:{}", path.display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = SqliteStore::open(&path).unwrap();
+    let (done, live) = (
+        Key::new("orders", "done").unwrap(),
+        Key::new("orders", "live").unwrap(),
+    );
+    let zombie = rt.block_on(async {
+        let Claim::Acquired(l) = store
+            .claim_for(&done, Duration::from_secs(30))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        store
+            .complete(&l, &Outcome::new(201, "created"), Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let Claim::Acquired(l) = store
+            .claim_for(&live, Duration::from_secs(3600))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        l
+    });
+    let json = |key: &str| -> serde_json::Value {
+        let out = idemgate(&["explain", "--json", "--store", &url, key]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = json("orders/done");
+    assert_eq!(v["state"], "completed");
+    assert_eq!(v["duplicate_now"]["gets"], "replay");
+    assert_eq!(v["outcome"]["status"], 201);
+    let v = json("orders/live");
+    assert_eq!(v["state"], "in_progress");
+    assert_eq!(v["duplicate_now"]["gets"], "in_progress");
+    assert_eq!(v["token"], zombie.token());
+    let words = idemgate(&["explain", "--store", &url, "orders/live"]);
+    let words = String::from_utf8_lossy(&words.stdout);
+    assert!(
+        words.contains("409") && words.contains("lease_until"),
+        "{words}"
+    );
+
+    let out = idemgate(&["forget", "--store", &url, "orders/done"]);
+    assert!(out.status.success());
+    assert_eq!(json("orders/done")["duplicate_now"]["gets"], "takeover");
+
+    let out = idemgate(&["forget", "--store", &url, "orders/live"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a live lease was forgotten without --force"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(json("orders/live")["state"], "in_progress");
+    let out = idemgate(&["forget", "--force", "--store", &url, "orders/live"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json("orders/live")["duplicate_now"]["gets"], "takeover");
+    rt.block_on(async {
+        let late = store
+            .complete(
+                &zombie,
+                &Outcome::new(200, "zombie"),
+                Duration::from_secs(60),
+            )
+            .await;
+        assert!(matches!(late, Err(idemgate::Error::LeaseLost)), "{late:?}");
+        let Claim::Acquired(next) = store
+            .claim_for(&live, Duration::from_secs(30))
+            .await
+            .unwrap()
+        else {
+            panic!("a forgotten key was not free")
+        };
+        assert!(next.token() > zombie.token() + 1);
+    });
 }
 
 /// `inspect` and `purge` on every server store, by URL.

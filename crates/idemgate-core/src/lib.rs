@@ -67,7 +67,7 @@ pub use key::{EventId, Key, MAX_KEY_LEN};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use outbox::{Backlog, DeadRow, Outbox, OutboxRow, Outgoing};
 pub use outcome::{Meta, Outcome};
-pub use record::{Claim, ClaimOptions, Lease, Record, State};
+pub use record::{Claim, ClaimOptions, Forgotten, Lease, Record, State};
 pub use store::{BoxStore, Store, StoreExt};
 pub use warning::Warning;
 
@@ -77,5 +77,5 @@ pub mod backend {
     pub use crate::clock::{duration_millis, from_millis, to_millis};
     pub use crate::gate::{KeepAlive, LeaseGuard, keep_alive};
     pub use crate::record::{END_OF_TIME_MS, TOKENS_PER_MS, first_token, later};
-    pub use crate::row::{Appended, LoggedEvent, RecordRow, time_from_ms};
+    pub use crate::row::{Appended, ForgetStep, LoggedEvent, RecordRow, time_from_ms};
 }

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::Key;
 use crate::outcome::Outcome;
-use crate::record::{Claim, ClaimOptions, Lease, Record, State, first_token, later};
+use crate::record::{Claim, ClaimOptions, Forgotten, Lease, Record, State, first_token, later};
 use crate::store::Store;
 
 /// An in-process [`Store`]: sharded maps behind short locks.
@@ -507,6 +507,33 @@ impl Store for MemoryStore {
             self.weigh(0, bytes);
         }
         Ok(purged as u64)
+    }
+
+    async fn forget(&self, key: &Key, force: bool) -> Result<Forgotten> {
+        let now = self.clock.now();
+        let (mut map, hash) = self.shard(key);
+        let Some(r) = map.find_mut(hash, |r| r.key == *key) else {
+            return Ok(Forgotten::Absent);
+        };
+        let (token, lease_until) = match r.state {
+            _ if r.expires_at <= now => return Ok(Forgotten::Absent),
+            State::InProgress { lease_until, .. } if lease_until > now && !force => {
+                return Ok(Forgotten::Held { lease_until });
+            }
+            State::InProgress { token, lease_until } => (token + 1, lease_until.min(now)),
+            State::Completed { token, .. } => (token + 1, now),
+        };
+        let bytes = weight(r);
+        let completed = r.outcome().is_some();
+        r.state = State::InProgress { token, lease_until };
+        r.fingerprint = None;
+        drop(map);
+        self.weigh(0, bytes);
+        Ok(if completed {
+            Forgotten::Removed { token }
+        } else {
+            Forgotten::Tombstoned { token }
+        })
     }
 
     async fn claim_many(

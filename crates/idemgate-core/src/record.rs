@@ -159,6 +159,35 @@ pub enum Claim {
     },
 }
 
+/// What [`Store::forget`](crate::Store::forget) did.
+///
+/// A forgotten record is not deleted but left as a *tombstone*: in progress, with no outcome
+/// and no fingerprint, its lease ended and its token one past the last lease handed out. The
+/// next claim takes it over (a fresh run, for any request), and every earlier lease holder stays
+/// fenced: its `complete`, `release` and `renew` fail with
+/// [`Error::LeaseLost`](crate::Error::LeaseLost). The tombstone goes at the record's expiry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Forgotten {
+    /// The key had no live record: nothing to forget.
+    Absent,
+    /// The completed record's outcome was dropped: the next claim runs the handler again.
+    Removed {
+        /// The tombstone's token; the next claim gets a larger one.
+        token: u64,
+    },
+    /// The in-progress record's lease was ended: the next claim runs the handler again.
+    Tombstoned {
+        /// The tombstone's token; the next claim gets a larger one.
+        token: u64,
+    },
+    /// A live lease holds the key and `force` was not given: nothing changed.
+    Held {
+        /// When that lease runs out.
+        lease_until: SystemTime,
+    },
+}
+
 /// Options of one claim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClaimOptions {

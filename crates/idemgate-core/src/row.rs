@@ -46,6 +46,22 @@ impl RecordRow {
             && (self.state == 1 || self.lease_until.is_some_and(|l| l > now_ms))
     }
 
+    /// What [`Store::forget`](crate::Store::forget) does to this row at `now_ms`. SQL backends
+    /// read the row, then write the step only if the row still has the state and token read.
+    pub fn forget_step(&self, now_ms: i64, force: bool) -> ForgetStep {
+        match self.lease_until {
+            _ if self.expires_at <= now_ms => ForgetStep::Absent,
+            Some(until) if self.state == 0 && until > now_ms && !force => {
+                ForgetStep::Held { lease_until: until }
+            }
+            until => ForgetStep::Tombstone {
+                token: self.token.saturating_add(1),
+                lease_until: until.map_or(now_ms, |u| u.min(now_ms)),
+                completed: self.state == 1,
+            },
+        }
+    }
+
     /// The record of `key` this row describes; `backend` names the store in errors.
     pub fn into_record(self, key: &Key, backend: &'static str) -> Result<Record> {
         let corrupt = |reason: String| Error::Corrupt { backend, reason };
@@ -81,6 +97,51 @@ impl RecordRow {
             expires_at: time_from_ms(self.expires_at),
             attempts: u32::try_from(self.attempts).unwrap_or(u32::MAX),
         })
+    }
+}
+
+/// A step of [`RecordRow::forget_step`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForgetStep {
+    /// No live record: change nothing.
+    Absent,
+    /// Make the row a tombstone: in progress (state 0), no outcome, no fingerprint, this
+    /// `token` and `lease_until`.
+    Tombstone {
+        /// The new token, one past the last lease handed out.
+        token: i64,
+        /// The lease's new end: now, or earlier.
+        lease_until: i64,
+        /// Whether the row was completed (its outcome is dropped).
+        completed: bool,
+    },
+    /// A live lease and no `force`: change nothing.
+    Held {
+        /// The lease's end.
+        lease_until: i64,
+    },
+}
+
+impl ForgetStep {
+    /// What `forget` answers once the step is applied.
+    pub fn answer(self) -> crate::record::Forgotten {
+        use crate::record::Forgotten;
+        match self {
+            ForgetStep::Absent => Forgotten::Absent,
+            ForgetStep::Tombstone {
+                token, completed, ..
+            } => {
+                let token = u64::try_from(token).unwrap_or(0);
+                if completed {
+                    Forgotten::Removed { token }
+                } else {
+                    Forgotten::Tombstoned { token }
+                }
+            }
+            ForgetStep::Held { lease_until } => Forgotten::Held {
+                lease_until: time_from_ms(lease_until),
+            },
+        }
     }
 }
 

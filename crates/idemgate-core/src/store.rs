@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::fingerprint::Fingerprint;
 use crate::key::Key;
 use crate::outcome::Outcome;
-use crate::record::{Claim, ClaimOptions, Lease, Record};
+use crate::record::{Claim, ClaimOptions, Forgotten, Lease, Record};
 
 /// A deduplication store: atomic check-and-claim, completion with a stored outcome, leases with
 /// fencing tokens, and retention.
@@ -37,6 +37,9 @@ use crate::record::{Claim, ClaimOptions, Lease, Record};
 ///    [`retention`](ClaimOptions::retention) has passed, so a stale lease holder stays fenced
 ///    and tokens keep growing; a key whose record expired starts a new record whose token still
 ///    continues from the old one.
+/// 10. [`forget`](Store::forget) refuses a live lease unless forced; otherwise it turns the
+///     record (completed or in progress) into a tombstone whose token is past every lease handed
+///     out: the key is free again and every earlier lease holder stays fenced.
 ///
 /// # Clone
 /// Stores are shared: wrap one in an `Arc` (`Arc<S>` is a `Store` too) or erase it with
@@ -69,6 +72,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes at most `limit` expired records; returns how many were deleted.
     fn purge_expired(&self, limit: usize) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Makes `key` free again, for an operator: a completed record, or an in-progress one whose
+    /// lease ran out (with `force`, also a live one), becomes a tombstone that keeps fencing its
+    /// lease holders (see [`Forgotten`]); a live lease without `force` is left alone
+    /// ([`Forgotten::Held`]). Atomic against concurrent claims, like `claim`.
+    fn forget(&self, key: &Key, force: bool) -> impl Future<Output = Result<Forgotten>> + Send;
 
     /// Claims several keys in one round trip where the backend allows; the answers are those
     /// the single `claim`s would give, in order (a key repeated in the batch is acquired at most
@@ -124,6 +133,10 @@ where
 
     fn purge_expired(&self, limit: usize) -> impl Future<Output = Result<u64>> + Send {
         (**self).purge_expired(limit)
+    }
+
+    fn forget(&self, key: &Key, force: bool) -> impl Future<Output = Result<Forgotten>> + Send {
+        (**self).forget(key, force)
     }
 
     fn claim_many(
@@ -184,6 +197,7 @@ trait DynStore: Send + Sync + fmt::Debug + 'static {
     fn renew<'a>(&'a self, lease: &'a Lease, extend: Duration) -> BoxFuture<'a, Lease>;
     fn get<'a>(&'a self, key: &'a Key) -> BoxFuture<'a, Option<Record>>;
     fn purge_expired(&self, limit: usize) -> BoxFuture<'_, u64>;
+    fn forget<'a>(&'a self, key: &'a Key, force: bool) -> BoxFuture<'a, Forgotten>;
     fn claim_many<'a>(
         &'a self,
         claims: &'a [(Key, Option<Fingerprint>)],
@@ -224,6 +238,9 @@ impl<S: Store> DynStore for S {
     }
     fn purge_expired(&self, limit: usize) -> BoxFuture<'_, u64> {
         Box::pin(Store::purge_expired(self, limit))
+    }
+    fn forget<'a>(&'a self, key: &'a Key, force: bool) -> BoxFuture<'a, Forgotten> {
+        Box::pin(Store::forget(self, key, force))
     }
     fn claim_many<'a>(
         &'a self,
@@ -288,6 +305,10 @@ impl Store for BoxStore {
 
     async fn purge_expired(&self, limit: usize) -> Result<u64> {
         self.0.purge_expired(limit).await
+    }
+
+    async fn forget(&self, key: &Key, force: bool) -> Result<Forgotten> {
+        self.0.forget(key, force).await
     }
 
     async fn claim_many(

@@ -3,9 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use idemgate_core::backend::{RecordRow, TOKENS_PER_MS, time_from_ms};
+use idemgate_core::backend::{ForgetStep, RecordRow, TOKENS_PER_MS, time_from_ms};
 use idemgate_core::{
-    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, Result, State, Store,
+    Claim, ClaimOptions, Error, Fingerprint, Forgotten, Key, Lease, Outcome, Record, Result, State,
+    Store,
 };
 use sqlx::mysql::{MySqlPoolOptions, MySqlRow};
 use sqlx::{MySqlPool, Row};
@@ -129,6 +130,7 @@ struct Statements {
     renewed: String,
     get: String,
     purge: String,
+    forget: String,
 }
 
 impl Statements {
@@ -195,6 +197,12 @@ impl Statements {
             renewed: format!("SELECT lease_until FROM {t} WHERE scope = ? AND id = ?"),
             get: format!("SELECT {COLUMNS} FROM {t} WHERE scope = ? AND id = ? AND expires_at > {NOW}"),
             purge: format!("DELETE FROM {t} WHERE expires_at <= {NOW} ORDER BY expires_at LIMIT ?"),
+            // run on the row locked by `select_rows`
+            forget: format!(
+                "UPDATE {t} SET state = 0, token = ?, lease_until = ?, fingerprint = NULL,
+                    outcome = NULL, completed_at = NULL
+                 WHERE scope = ? AND id = ? AND token = ?"
+            ),
         }
     }
 }
@@ -406,6 +414,37 @@ impl Store for MySqlStore {
 
     async fn release(&self, lease: Lease) -> Result<()> {
         self.fenced(&self.sql.release, &lease, &[]).await
+    }
+
+    async fn forget(&self, key: &Key, force: bool) -> Result<Forgotten> {
+        let mut tx = my(self.pool.begin().await)?;
+        let text = self.sql.select_rows("scope = ? AND id = ?");
+        let r = my(sqlx::query(&text)
+            .bind(key.scope())
+            .bind(key.id())
+            .fetch_optional(&mut *tx)
+            .await)?;
+        let Some(r) = r else {
+            return Ok(Forgotten::Absent);
+        };
+        let (stored, now) = (my(row(&r))?, my(r.try_get::<i64, _>(10))?);
+        let step = stored.forget_step(now, force);
+        let ForgetStep::Tombstone {
+            token, lease_until, ..
+        } = step
+        else {
+            return Ok(step.answer());
+        };
+        my(sqlx::query(&self.sql.forget)
+            .bind(token)
+            .bind(lease_until)
+            .bind(key.scope())
+            .bind(key.id())
+            .bind(stored.token)
+            .execute(&mut *tx)
+            .await)?;
+        my(tx.commit().await)?;
+        Ok(step.answer())
     }
 
     async fn renew(&self, lease: &Lease, extend: Duration) -> Result<Lease> {

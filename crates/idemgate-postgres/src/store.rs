@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use idemgate_core::backend::{RecordRow, TOKENS_PER_MS, time_from_ms};
+use idemgate_core::backend::{ForgetStep, RecordRow, TOKENS_PER_MS, time_from_ms};
 use idemgate_core::{
-    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, Result, Store,
+    Claim, ClaimOptions, Error, Fingerprint, Forgotten, Key, Lease, Outcome, Record, Result, Store,
 };
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
@@ -180,6 +180,7 @@ struct Statements {
     renew: String,
     get: String,
     purge: String,
+    forget: String,
 }
 
 /// The columns of the records table; `bucket` is the partition of a partitioned table (0 in a
@@ -279,6 +280,14 @@ impl Statements {
             purge: format!(
                 "DELETE FROM {t} WHERE (scope, id, bucket) IN (
                     SELECT scope, id, bucket FROM {t} WHERE expires_at <= {NOW} LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            ),
+            // compare-and-set on the state and token read: $4 token, $5 state, then the
+            // tombstone's $6 token and $7 lease end, and $8 force
+            forget: format!(
+                "UPDATE {t} SET state = 0, token = $6, lease_until = $7, fingerprint = NULL,
+                    outcome = NULL, completed_at = NULL
+                 WHERE scope = $1 AND id = $2 AND bucket = $3 AND token = $4 AND state = $5
+                   AND ($8 OR state = 1 OR lease_until <= $7)"
             ),
         }
     }
@@ -583,6 +592,48 @@ impl Store for PostgresStore {
             .execute(&self.pool)
             .await)?;
         Ok(done.rows_affected())
+    }
+
+    async fn forget(&self, key: &Key, force: bool) -> Result<Forgotten> {
+        let bucket = self.bucket(key)?;
+        // read, then change the row only if its token is still the one read
+        for _ in 0..8 {
+            let r = pg(sqlx::query(&self.sql.select)
+                .bind(key.scope())
+                .bind(key.id())
+                .bind(bucket)
+                .fetch_optional(&self.pool)
+                .await)?;
+            let Some(r) = r else {
+                return Ok(Forgotten::Absent);
+            };
+            let (stored, now) = (pg(row(&r))?, pg(r.try_get::<i64, _>(9))?);
+            let step = stored.forget_step(now, force);
+            let ForgetStep::Tombstone {
+                token,
+                lease_until,
+                completed,
+            } = step
+            else {
+                return Ok(step.answer());
+            };
+            let q = sqlx::query(&self.sql.forget)
+                .bind(key.scope())
+                .bind(key.id())
+                .bind(bucket)
+                .bind(stored.token)
+                .bind(i16::from(completed))
+                .bind(token)
+                .bind(lease_until)
+                .bind(force);
+            if pg(q.execute(&self.pool).await)?.rows_affected() == 1 {
+                return Ok(step.answer());
+            }
+        }
+        Err(Error::Unavailable {
+            backend: "postgres",
+            source: "the key changed state on every try".into(),
+        })
     }
 
     async fn claim_many(

@@ -177,3 +177,24 @@ return fields(r)
 "#
     )
 }
+
+/// KEYS[1]; ARGV force ('1' or '0'). Replies {0} absent | {1, token} removed | {2, token} tombstoned |
+/// {3, lease_until} held.
+pub(crate) fn forget() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r#"
+local key = KEYS[1]
+local r = load(key)
+if not r or r.ex <= now then return {0} end
+if r.st == '0' and r.lu > now and ARGV[1] ~= '1' then return {3, r.lu} end
+-- a tombstone: in progress, lease over, no outcome, the token past every lease handed out
+local done = r.st == '1'
+if done or r.lu > now then r.lu = now end
+r.st, r.tok, r.fp, r.out, r.ca = '0', r.tok + 1, '', '', nil
+save(key, r)
+if done then return {1, r.tok} end
+return {2, r.tok}
+"#
+    )
+}

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use idemgate_core::backend::{RecordRow, duration_millis, time_from_ms};
 use idemgate_core::{
-    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, Outcome, Record, Result, Store, Warning,
+    Claim, ClaimOptions, Error, Fingerprint, Forgotten, Key, Lease, Outcome, Record, Result, Store,
+    Warning,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -155,6 +156,7 @@ impl RedisStoreBuilder {
                 release: Script::new(&scripts::release()),
                 renew: Script::new(&scripts::renew()),
                 get: Script::new(&scripts::get()),
+                forget: Script::new(&scripts::forget()),
             }),
             warnings: Arc::new([]),
         };
@@ -176,6 +178,7 @@ struct Scripts {
     release: Script,
     renew: Script,
     get: Script,
+    forget: Script,
 }
 
 /// The [`Store`] contract on Redis and Redis Cluster.
@@ -726,6 +729,30 @@ impl Store for RedisStore {
     async fn purge_expired(&self, _limit: usize) -> Result<u64> {
         // every record key carries PEXPIREAT = expires_at: Redis deletes them itself
         Ok(0)
+    }
+
+    async fn forget(&self, key: &Key, force: bool) -> Result<Forgotten> {
+        let mut inv = self.scripts.forget.key(self.key(key));
+        inv.arg(if force { "1" } else { "0" });
+        let reply = self.invoke(&inv).await?;
+        let bad = || corrupt(format!("the forget script answered {reply:?}"));
+        let Value::Array(v) = &reply else {
+            return Err(bad());
+        };
+        let arg = |i: usize| v.get(i).map(int).transpose();
+        Ok(match (arg(0)?, arg(1)?) {
+            (Some(0), _) => Forgotten::Absent,
+            (Some(1), Some(token)) => Forgotten::Removed {
+                token: u64::try_from(token).map_err(|_| bad())?,
+            },
+            (Some(2), Some(token)) => Forgotten::Tombstoned {
+                token: u64::try_from(token).map_err(|_| bad())?,
+            },
+            (Some(3), Some(until)) => Forgotten::Held {
+                lease_until: time_from_ms(until),
+            },
+            _ => return Err(bad()),
+        })
     }
 
     async fn claim_many(

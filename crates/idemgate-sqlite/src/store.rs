@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
-use idemgate_core::backend::{RecordRow, TOKENS_PER_MS, later, to_millis};
+use idemgate_core::backend::{ForgetStep, RecordRow, TOKENS_PER_MS, later, to_millis};
 use idemgate_core::{
-    Claim, ClaimOptions, Clock, Error, Fingerprint, Key, Lease, Outcome, Record, Result, State,
-    Store, SystemClock,
+    Claim, ClaimOptions, Clock, Error, Fingerprint, Forgotten, Key, Lease, Outcome, Record, Result,
+    State, Store, SystemClock,
 };
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::oneshot;
@@ -230,6 +230,7 @@ enum Op {
     Renew(Lease, Duration),
     Get(Key),
     Purge(usize),
+    Forget(Key, bool),
     ClaimMany(Vec<(Key, Option<Fingerprint>)>, ClaimOptions),
     CompleteMany(Vec<(Lease, Outcome)>, Duration),
 }
@@ -242,6 +243,7 @@ enum Answer {
     Count(u64),
     Claims(Vec<Claim>),
     Units(Vec<Result<()>>),
+    Forgotten(Forgotten),
 }
 
 struct Job {
@@ -258,6 +260,7 @@ struct Statements {
     renew: String,
     get: String,
     purge: String,
+    forget: String,
 }
 
 const COLUMNS: &str = "fingerprint, state, token, lease_until, outcome, completed_at, created_at, expires_at, attempts";
@@ -326,6 +329,13 @@ impl Statements {
                 "DELETE FROM {t} WHERE (scope, id) IN
                     (SELECT scope, id FROM {t} WHERE expires_at <= ?1 LIMIT ?2)"
             ),
+            // compare-and-set on the state and token read (another process may share the file)
+            forget: format!(
+                "UPDATE {t} SET state = 0, token = ?5, lease_until = ?6, fingerprint = NULL,
+                    outcome = NULL, completed_at = NULL
+                 WHERE scope = ?1 AND id = ?2 AND token = ?3 AND state = ?4
+                   AND (?7 OR state = 1 OR lease_until <= ?6)"
+            ),
         }
     }
 }
@@ -344,7 +354,11 @@ fn count(v: i64) -> u32 {
 
 /// Reads a row of `COLUMNS`; damaged values are `Corrupt`, not panics.
 fn record(key: &Key, row: &Row<'_>) -> rusqlite::Result<Result<Record>> {
-    let row = RecordRow {
+    Ok(record_row(row)?.into_record(key, "sqlite"))
+}
+
+fn record_row(row: &Row<'_>) -> rusqlite::Result<RecordRow> {
+    Ok(RecordRow {
         fingerprint: row.get(0)?,
         state: row.get(1)?,
         token: row.get(2)?,
@@ -354,8 +368,7 @@ fn record(key: &Key, row: &Row<'_>) -> rusqlite::Result<Result<Record>> {
         created_at: row.get(6)?,
         expires_at: row.get(7)?,
         attempts: row.get(8)?,
-    };
-    Ok(row.into_record(key, "sqlite"))
+    })
 }
 
 /// Waits for the next job: spins briefly first, because a caller that just got its answer often
@@ -566,6 +579,43 @@ impl Writer {
                 }
                 Ok(Answer::Units(out))
             }
+            Op::Forget(key, force) => {
+                for _ in 0..8 {
+                    let mut stmt = sql(c.prepare_cached(&self.sql.select))?;
+                    let stored = sql(stmt
+                        .query_row(params![key.scope(), key.id()], record_row)
+                        .optional())?;
+                    let Some(stored) = stored else {
+                        return Ok(Answer::Forgotten(Forgotten::Absent));
+                    };
+                    let step = stored.forget_step(ms(now), *force);
+                    let ForgetStep::Tombstone {
+                        token,
+                        lease_until,
+                        completed,
+                    } = step
+                    else {
+                        return Ok(Answer::Forgotten(step.answer()));
+                    };
+                    let mut stmt = sql(c.prepare_cached(&self.sql.forget))?;
+                    let n = sql(stmt.execute(params![
+                        key.scope(),
+                        key.id(),
+                        stored.token,
+                        i64::from(completed),
+                        token,
+                        lease_until,
+                        force
+                    ]))?;
+                    if n == 1 {
+                        return Ok(Answer::Forgotten(step.answer()));
+                    }
+                }
+                Err(Error::Unavailable {
+                    backend: "sqlite",
+                    source: "the key changed state on every try".into(),
+                })
+            }
             Op::Purge(limit) => {
                 let mut stmt = sql(c.prepare_cached(&self.sql.purge))?;
                 let n =
@@ -628,6 +678,14 @@ impl Store for SqliteStore {
     async fn purge_expired(&self, limit: usize) -> Result<u64> {
         self.call(Op::Purge(limit), |a| match a {
             Answer::Count(n) => Some(n),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn forget(&self, key: &Key, force: bool) -> Result<Forgotten> {
+        self.call(Op::Forget(key.clone(), force), |a| match a {
+            Answer::Forgotten(f) => Some(f),
             _ => None,
         })
         .await

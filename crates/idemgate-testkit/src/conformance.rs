@@ -390,6 +390,116 @@ pub async fn fencing<S: Store>(ctx: &Ctx<S>) {
     );
 }
 
+/// Rule 10: `forget` deletes a completed record, refuses a live lease without `force`, and with
+/// it leaves a tombstone that frees the key while the old holder stays fenced.
+pub async fn forget_keeps_fencing<S: Store>(ctx: &Ctx<S>) {
+    use idemgate_core::Forgotten;
+    let absent = ctx.key("forget-absent");
+    assert_eq!(
+        ctx.store.forget(&absent, true).await.unwrap(),
+        Forgotten::Absent
+    );
+
+    // a completed record's outcome goes: the next claim runs afresh with a larger token
+    let done = ctx.key("forget-done");
+    let first = acquire(ctx, &done, LONG).await;
+    ctx.store
+        .complete(&first, &outcome("first"), LONG)
+        .await
+        .unwrap();
+    let Forgotten::Removed { token } = ctx.store.forget(&done, false).await.unwrap() else {
+        panic!("forget of a completed record did not remove it")
+    };
+    assert!(token > first.token(), "the tombstone kept the last token");
+    assert_eq!(
+        ctx.store
+            .get(&done)
+            .await
+            .unwrap()
+            .and_then(|r| r.outcome().cloned()),
+        None,
+        "a forgotten outcome is still there"
+    );
+    let again = acquire(ctx, &done, LONG).await;
+    assert!(again.token() > token, "a forgotten key reused a token");
+    assert!(matches!(
+        ctx.store.complete(&first, &outcome("late"), LONG).await,
+        Err(Error::LeaseLost)
+    ));
+
+    // a live lease is refused without force, and nothing changes
+    let live = ctx.key("forget-live");
+    let (a, b) = (Fingerprint::of(b"a"), Fingerprint::of(b"b"));
+    let zombie = match ctx.store.claim(&live, Some(&a), &opts(LONG)).await {
+        Ok(Claim::Acquired(lease)) => lease,
+        other => panic!("expected Acquired for a free key, got {other:?}"),
+    };
+    assert!(
+        matches!(
+            ctx.store.forget(&live, false).await.unwrap(),
+            Forgotten::Held { .. }
+        ),
+        "forget without force took a live lease away"
+    );
+    let held = record(ctx, &live, "held").await;
+    assert_eq!(
+        (held.token(), held.fingerprint),
+        (zombie.token(), Some(a)),
+        "forget without force changed the record"
+    );
+
+    // forced: a tombstone; the key is free (for another request, too), the zombie is fenced
+    let Forgotten::Tombstoned { token } = ctx.store.forget(&live, true).await.unwrap() else {
+        panic!("a forced forget of a live lease left no tombstone")
+    };
+    assert!(
+        token > zombie.token(),
+        "the tombstone kept the zombie's token"
+    );
+    let next = match ctx.store.claim(&live, Some(&b), &opts(LONG)).await {
+        Ok(Claim::Acquired(lease)) => lease,
+        other => panic!("a forgotten key was not free: {other:?}"),
+    };
+    assert!(
+        next.token() > token,
+        "the claim after a tombstone reused its token"
+    );
+    for r in [
+        ctx.store.complete(&zombie, &outcome("zombie"), LONG).await,
+        ctx.store.renew(&zombie, LONG).await.map(drop),
+        ctx.store.release(zombie.clone()).await,
+    ] {
+        assert!(
+            matches!(r, Err(Error::LeaseLost)),
+            "the forgotten lease's holder was not fenced: {r:?}"
+        );
+    }
+    ctx.store
+        .complete(&next, &outcome("next"), LONG)
+        .await
+        .unwrap();
+    assert_eq!(
+        record(ctx, &live, "completed").await.outcome(),
+        Some(&outcome("next"))
+    );
+
+    // a tombstone left without a new claim still fences the zombie
+    let idle = ctx.key("forget-idle");
+    let zombie = acquire(ctx, &idle, LONG).await;
+    assert!(matches!(
+        ctx.store.forget(&idle, true).await.unwrap(),
+        Forgotten::Tombstoned { .. }
+    ));
+    assert!(matches!(
+        ctx.store.complete(&zombie, &outcome("zombie"), LONG).await,
+        Err(Error::LeaseLost)
+    ));
+    assert!(
+        matches!(claim(ctx, &idle, None).await, Claim::Acquired(_)),
+        "a tombstone was not free"
+    );
+}
+
 /// A claim with another fingerprint is `Mismatch`, for completed and in-progress keys.
 pub async fn fingerprint_mismatch<S: Store>(ctx: &Ctx<S>) {
     let (a, b) = (Fingerprint::of(b"a"), Fingerprint::of(b"b"));
@@ -792,7 +902,7 @@ macro_rules! conformance_tests {
             expiry_frees_key, takeover_after_lease_expiry, fencing, fingerprint_mismatch,
             renew_extends_lease, abandoned_claim_stays_fenced, fencing_survives_purge,
             huge_durations_are_answered, purge_expired, outcome_round_trip,
-            batched_forms_match_single_forms);
+            batched_forms_match_single_forms, forget_keeps_fencing);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(

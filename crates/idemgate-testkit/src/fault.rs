@@ -25,6 +25,8 @@ pub enum Op {
     Get,
     /// `purge_expired`
     Purge,
+    /// `forget`
+    Forget,
 }
 
 /// What happens to a call.
@@ -193,6 +195,10 @@ impl<S: Store> Store for FaultStore<S> {
 
     async fn purge_expired(&self, limit: usize) -> Result<u64> {
         self.call(Op::Purge, self.inner.purge_expired(limit)).await
+    }
+
+    async fn forget(&self, key: &Key, force: bool) -> Result<idemgate_core::Forgotten> {
+        self.call(Op::Forget, self.inner.forget(key, force)).await
     }
 
     async fn claim_many(

@@ -256,6 +256,11 @@ impl<S: Store, K: KillPoints + fmt::Debug> Store for HookedStore<S, K> {
         self.inner.purge_expired(limit).await
     }
 
+    async fn forget(&self, key: &Key, force: bool) -> Result<idemgate_core::Forgotten> {
+        let _io = io(&*self.hooks).await;
+        self.inner.forget(key, force).await
+    }
+
     async fn claim_many(
         &self,
         claims: &[(Key, Option<Fingerprint>)],

@@ -5,7 +5,8 @@ use std::fmt;
 use std::time::Duration;
 
 use idemgate_core::{
-    Claim, ClaimOptions, Error, Fingerprint, Key, Lease, ManualClock, Outcome, State, Store,
+    Claim, ClaimOptions, Error, Fingerprint, Forgotten, Key, Lease, ManualClock, Outcome, State,
+    Store,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -54,6 +55,13 @@ pub enum Op {
         /// Limit.
         limit: u8,
     },
+    /// Forget a key, forced or not.
+    Forget {
+        /// Key index.
+        key: u8,
+        /// Whether a live lease is taken away too.
+        force: bool,
+    },
     /// Let time pass.
     Advance {
         /// Milliseconds.
@@ -69,6 +77,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<u8>(), 1u16..300).prop_map(|(lease, extend_ms)| Op::Renew { lease, extend_ms }),
         2 => (0u8..3).prop_map(|key| Op::Get { key }),
         1 => (3u8..6).prop_map(|limit| Op::Purge { limit }),
+        1 => (0u8..3, any::<bool>()).prop_map(|(key, force)| Op::Forget { key, force }),
         3 => (1u16..250).prop_map(|ms| Op::Advance { ms }),
     ]
 }
@@ -101,6 +110,7 @@ enum Seen {
     LeaseLost,
     Get(Option<(u64, bool, u32)>),
     Purged(u64),
+    Forgotten(&'static str, Option<u64>),
     Nothing,
 }
 
@@ -345,6 +355,35 @@ where
                             .await
                             .expect("purge failed");
                         (Seen::Purged(want), Seen::Purged(got))
+                    }
+                    Op::Forget { key, force } => {
+                        let now = model.now;
+                        let want = match model.recs.get_mut(&key).filter(|r| r.expires_at > now) {
+                            None => Seen::Forgotten("absent", None),
+                            Some(r) if !force && r.lease_until.is_some_and(|l| l > now) => {
+                                Seen::Forgotten("held", None)
+                            }
+                            Some(r) => {
+                                let done = r.outcome.take().is_some();
+                                r.token += 1;
+                                r.lease_until = Some(r.lease_until.map_or(now, |l| l.min(now)));
+                                r.fp = None;
+                                let what = if done { "removed" } else { "tombstoned" };
+                                Seen::Forgotten(what, Some(r.token))
+                            }
+                        };
+                        let got = match store.forget(&keys[key as usize], force).await {
+                            Ok(Forgotten::Absent) => Seen::Forgotten("absent", None),
+                            Ok(Forgotten::Held { .. }) => Seen::Forgotten("held", None),
+                            Ok(Forgotten::Removed { token }) => {
+                                Seen::Forgotten("removed", Some(token))
+                            }
+                            Ok(Forgotten::Tombstoned { token }) => {
+                                Seen::Forgotten("tombstoned", Some(token))
+                            }
+                            Err(e) => panic!("forget failed: {e}"),
+                        };
+                        (want, got)
                     }
                     Op::Advance { ms: d } => {
                         model.now += u64::from(d);

@@ -793,6 +793,14 @@ impl Store for Parking {
         self.inner.purge_expired(limit).await
     }
 
+    async fn forget(
+        &self,
+        key: &Key,
+        force: bool,
+    ) -> idemgate::core::Result<idemgate::core::Forgotten> {
+        self.inner.forget(key, force).await
+    }
+
     async fn claim_many(
         &self,
         claims: &[(Key, Option<Fingerprint>)],
