@@ -84,7 +84,7 @@ pub mod shutdown;
 mod window;
 
 pub use broker::{Delivery, Sink, Source};
-pub use consumer::{Consumer, GateMode, InboxMode, KeyFn, Stats, StatsHandle};
+pub use consumer::{Consumer, FingerprintFn, GateMode, InboxMode, KeyFn, Stats, StatsHandle};
 pub use idemgate_core::{BoxError, Inbox, InboxFn, InboxHandler, Outbox, Position, Warning};
 pub use message::{
     DEAD_LETTER_REASON, DEAD_LETTER_RETRY, EVENT_ID, Message, ORDERING_KEY, Outgoing, Permanent,

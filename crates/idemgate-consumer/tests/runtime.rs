@@ -417,6 +417,42 @@ async fn a_business_key_dedups_different_events_of_the_same_fact() {
     assert_eq!(stats.duplicates, 1);
 }
 
+/// A fingerprint of chosen JSON fields: a re-publish that changes only its timestamp is a
+/// duplicate (acked, not run), one that changes the amount is a mismatch, and a payload without
+/// the key's field is poison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_fields_pick_the_key_and_the_fingerprint() {
+    use idemgate_core::JsonFields;
+    let broker = MemoryBroker::new();
+    let msg = |p: &str| Message::new("payments", p.to_owned());
+    broker.send(msg(r#"{"payment":"p-1","amount":10,"sent_at":"10:00"}"#));
+    broker.send(msg(r#"{"sent_at":"10:05","amount":10,"payment":"p-1"}"#));
+    broker.send(msg(r#"{"payment":"p-1","amount":99,"sent_at":"10:06"}"#));
+    broker.send(msg(r#"{"amount":5}"#));
+    broker.close();
+    let (effects, handler) = counting();
+    let (key, fp) = (
+        JsonFields::new(["/payment"]).unwrap(),
+        JsonFields::new(["/amount"]).unwrap(),
+    );
+    let stats = Consumer::gate("payments", MemoryStore::new())
+        .with_key(move |m: &Message| key.key("payments", &m.payload).map_err(|e| e.to_string()))
+        .with_fingerprint(move |m: &Message| fp.fingerprint(&m.payload).map_err(|e| e.to_string()))
+        .with_concurrency(1)
+        .run(broker.source(), handler, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(effects.load(Ordering::SeqCst), 1, "{stats:?}");
+    assert_eq!(stats.duplicates, 1, "{stats:?}");
+    assert_eq!(
+        (stats.dead_lettered_mismatch, stats.dead_lettered_poison),
+        (1, 1),
+        "{stats:?}"
+    );
+    let dead = broker.dead_letters();
+    assert!(dead.iter().any(|d| d.1.contains("no /payment")), "{dead:?}");
+}
+
 /// A source whose broker has nowhere to put a dead letter.
 struct NoDeadLetters<S>(S);
 

@@ -29,6 +29,13 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A payload lacks what its key or fingerprint is taken from (see `JsonFields`), or is not
+    /// the format expected.
+    #[error("invalid payload: {reason}")]
+    InvalidPayload {
+        /// What was wrong.
+        reason: String,
+    },
     /// A key, scope or event id is not acceptable.
     #[error("invalid key: {reason}")]
     InvalidKey {

@@ -37,6 +37,16 @@ pub use idemgate_core::BoxError;
 /// the request extensions, an API key's owner); `None` when the request has none.
 pub type ScopeFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
 
+/// Takes a request's key from its body when it has no `Idempotency-Key` header: `Ok(Some(id))`
+/// guards it under `id` (scoped by the principal as a header's key is), `Ok(None)` treats it as
+/// a request without a key, `Err` refuses it with 400 `invalid-payload`.
+pub type BodyKeyFn = Arc<dyn Fn(&Parts, &[u8]) -> Result<Option<String>, String> + Send + Sync>;
+
+/// Computes a request's fingerprint from its head and body instead of the default (method,
+/// path, query, body and the chosen headers); `Err` refuses it with 400 `invalid-payload`.
+pub type BodyFingerprintFn =
+    Arc<dyn Fn(&Parts, &[u8]) -> Result<Fingerprint, String> + Send + Sync>;
+
 /// Which responses are stored and replayed.
 ///
 /// Under both profiles a response marked [`Final`] is stored whatever its status, and these
@@ -153,6 +163,8 @@ impl<St> Clone for Config<St> {
             profile: self.profile,
             wait: self.wait,
             fingerprint_headers: self.fingerprint_headers.clone(),
+            body_key: self.body_key.clone(),
+            body_fingerprint: self.body_fingerprint.clone(),
             unstored_headers: self.unstored_headers.clone(),
             retry_after: self.retry_after,
             oversized: self.oversized,
@@ -174,6 +186,8 @@ struct Config<St> {
     profile: Profile,
     wait: Option<Duration>,
     fingerprint_headers: Vec<HeaderName>,
+    body_key: Option<BodyKeyFn>,
+    body_fingerprint: Option<BodyFingerprintFn>,
     unstored_headers: Vec<HeaderName>,
     retry_after: Duration,
     oversized: Oversized,
@@ -284,6 +298,8 @@ impl<St: Store> IdempotencyLayer<St> {
                 profile: Profile::Ietf,
                 wait: None,
                 fingerprint_headers: Vec::new(),
+                body_key: None,
+                body_fingerprint: None,
                 unstored_headers: UNSTORED_HEADERS.to_vec(),
                 retry_after: Duration::from_secs(1),
                 oversized: Oversized::Complete,
@@ -415,6 +431,47 @@ impl<St: Store> IdempotencyLayer<St> {
         let headers = headers.into_iter().collect();
         self.with(|c| c.fingerprint_headers = headers)
     }
+
+    /// Takes the key from the body of a request that has no `Idempotency-Key` header (see
+    /// [`BodyKeyFn`]); with [`JsonFields`](idemgate_core::JsonFields), a field of a JSON body:
+    ///
+    /// ```
+    /// use idemgate_core::{JsonFields, MemoryStore};
+    /// use idemgate_http::IdempotencyLayer;
+    ///
+    /// let payment = JsonFields::new(["/payment_id"]).unwrap();
+    /// let layer = IdempotencyLayer::unscoped(MemoryStore::new()).with_key(move |_, body| {
+    ///     let key = payment.key("payments", body).map_err(|e| e.to_string())?;
+    ///     Ok(Some(key.id().to_owned()))
+    /// });
+    /// ```
+    pub fn with_key(
+        self,
+        f: impl Fn(&Parts, &[u8]) -> Result<Option<String>, String> + Send + Sync + 'static,
+    ) -> Self {
+        let f: BodyKeyFn = Arc::new(f);
+        self.with(|c| c.body_key = Some(f))
+    }
+
+    /// The fingerprint from the request's head and body instead of the default (see
+    /// [`BodyFingerprintFn`]): with [`JsonFields`](idemgate_core::JsonFields), chosen fields, so
+    /// a retry whose body differs only in a timestamp is replayed rather than refused with 422.
+    ///
+    /// ```
+    /// use idemgate_core::{JsonFields, MemoryStore};
+    /// use idemgate_http::IdempotencyLayer;
+    ///
+    /// let fields = JsonFields::new(["/amount", "/currency"]).unwrap();
+    /// let layer = IdempotencyLayer::unscoped(MemoryStore::new())
+    ///     .with_fingerprint(move |_, body| fields.fingerprint(body).map_err(|e| e.to_string()));
+    /// ```
+    pub fn with_fingerprint(
+        self,
+        f: impl Fn(&Parts, &[u8]) -> Result<Fingerprint, String> + Send + Sync + 'static,
+    ) -> Self {
+        let f: BodyFingerprintFn = Arc::new(f);
+        self.with(|c| c.body_fingerprint = Some(f))
+    }
 }
 
 impl<S, St> Layer<S> for IdempotencyLayer<St> {
@@ -479,7 +536,8 @@ where
                 return ResponseFuture::attached(Box::pin(std::future::ready(Ok(response))));
             }
             Admit::Pass => None,
-            Admit::Guard(key) => Some(key),
+            Admit::Guard(key) => Some(Some(key)),
+            Admit::FromBody => Some(None),
         };
         // the ready service serves this call; a clone takes its place for the next
         let clone = self.inner.clone();
@@ -601,6 +659,8 @@ enum Admit {
     Refuse(Response<ResponseBody>),
     /// Guarded by this key.
     Guard(Key),
+    /// Guarded by a key taken from the body ([`IdempotencyLayer::with_key`]), once it is read.
+    FromBody,
 }
 
 fn admit<St>(config: &Config<St>, parts: &Parts) -> Admit {
@@ -617,6 +677,13 @@ fn admit<St>(config: &Config<St>, parts: &Parts) -> Admit {
             count!("invalid_key");
             return Admit::Refuse(answer(config, Problem::InvalidKey, &e.to_string()));
         }
+        // the key is in the body: decided once it is read
+        None if config.body_key.is_some() => {
+            return match scope_of(config, parts) {
+                Ok(_) => Admit::FromBody,
+                Err(refused) => Admit::Refuse(refused.answer(config)),
+            };
+        }
         None if config.required => {
             count!("missing_key");
             return Admit::Refuse(answer(
@@ -627,27 +694,71 @@ fn admit<St>(config: &Config<St>, parts: &Parts) -> Admit {
         }
         None => return Admit::Pass,
     };
-    let scope = match &config.scope {
-        None => String::new(),
-        Some(f) => match f(parts) {
-            Some(s) => s,
-            None => {
-                return Admit::Refuse(answer(
-                    config,
-                    Problem::MissingScope,
-                    "the request carries no principal",
-                ));
-            }
-        },
-    };
-    // the principal and the client's key, length-prefixed: no two principals share a key
-    match Key::compose("http", [scope.as_bytes(), id.as_bytes()]) {
+    match scope_of(config, parts).and_then(|scope| scoped(&scope, &id)) {
         Ok(key) => Admit::Guard(key),
-        Err(_) => Admit::Refuse(answer(
-            config,
-            Problem::InvalidKey,
-            "the key cannot be stored",
+        Err(refused) => Admit::Refuse(refused.answer(config)),
+    }
+}
+
+/// Why a request's key could not be made: a problem and its detail.
+struct Refused(Problem, &'static str);
+
+impl Refused {
+    fn answer<St>(self, config: &Config<St>) -> Response<ResponseBody> {
+        answer(config, self.0, self.1)
+    }
+}
+
+/// The request's principal (empty for an unscoped layer).
+fn scope_of<St>(config: &Config<St>, parts: &Parts) -> Result<String, Refused> {
+    match &config.scope {
+        None => Ok(String::new()),
+        Some(f) => f(parts).ok_or(Refused(
+            Problem::MissingScope,
+            "the request carries no principal",
         )),
+    }
+}
+
+/// The principal and the client's key, length-prefixed: no two principals share a key.
+fn scoped(scope: &str, id: &str) -> Result<Key, Refused> {
+    Key::compose("http", [scope.as_bytes(), id.as_bytes()])
+        .map_err(|_| Refused(Problem::InvalidKey, "the key cannot be stored"))
+}
+
+/// What the body of a request without a key header says its key is.
+enum BodyKey {
+    Guard(Key),
+    Pass,
+    Refuse(Response<ResponseBody>),
+}
+
+fn body_key<St>(config: &Config<St>, parts: &Parts, body: &[u8]) -> BodyKey {
+    let Some(f) = &config.body_key else {
+        return BodyKey::Pass;
+    };
+    let refuse = |problem, detail: &str| BodyKey::Refuse(answer(config, problem, detail));
+    match f(parts, body) {
+        Ok(Some(id)) if id.is_empty() => {
+            count!("invalid_key");
+            refuse(Problem::InvalidKey, "the key taken from the body is empty")
+        }
+        Ok(Some(id)) => match scope_of(config, parts).and_then(|s| scoped(&s, &id)) {
+            Ok(key) => BodyKey::Guard(key),
+            Err(refused) => BodyKey::Refuse(refused.answer(config)),
+        },
+        Ok(None) if config.required => {
+            count!("missing_key");
+            refuse(
+                Problem::MissingKey,
+                "send an Idempotency-Key header, or a body the key is taken from",
+            )
+        }
+        Ok(None) => BodyKey::Pass,
+        Err(reason) => {
+            count!("invalid_payload");
+            refuse(Problem::InvalidPayload, &reason)
+        }
     }
 }
 
@@ -663,7 +774,7 @@ fn admit<St>(config: &Config<St>, parts: &Parts) -> Admit {
 fn handle<S, St, B, ResB>(
     config: Arc<Config<St>>,
     mut inner: S,
-    key: Key,
+    mut key: Option<Key>,
     parts: Parts,
     body: B,
 ) -> impl Future<Output = Result<Response<ResponseBody>, S::Error>>
@@ -687,22 +798,46 @@ where
                 return Ok(answer(&config, Problem::UnreadableBody, detail));
             }
         };
+        // a key in the body, or none: then the request goes on unguarded (the key is kept in
+        // the argument's own slot: a second binding would grow this boxed future)
+        if key.is_none() {
+            match body_key(&config, &parts, &bytes) {
+                BodyKey::Guard(k) => key = Some(k),
+                BodyKey::Refuse(response) => return Ok(response),
+                BodyKey::Pass => {
+                    let req = Request::from_parts(parts, GuardedBody::full(bytes));
+                    return Ok(inner.call(req).await?.map(boxed));
+                }
+            }
+        }
+        let Some(guarded) = &key else {
+            return Ok(answer(&config, Problem::InvalidKey, "no key"));
+        };
         // the fingerprint lives only as long as the claim
         let lease = {
-            let fp = Fingerprint::of_parts(
-                [
-                    parts.method.as_str().as_bytes(),
-                    parts.uri.path().as_bytes(),
-                    parts.uri.query().unwrap_or("").as_bytes(),
-                    &bytes,
-                ]
-                .into_iter()
-                .chain(config.fingerprint_headers.iter().flat_map(|h| {
-                    let value = parts.headers.get(h).map_or(&b""[..], HeaderValue::as_bytes);
-                    [h.as_str().as_bytes(), value]
-                })),
-            );
-            match claim(&config, &key, &fp).await {
+            let fp = match &config.body_fingerprint {
+                Some(f) => match f(&parts, &bytes) {
+                    Ok(fp) => fp,
+                    Err(reason) => {
+                        count!("invalid_payload");
+                        return Ok(answer(&config, Problem::InvalidPayload, &reason));
+                    }
+                },
+                None => Fingerprint::of_parts(
+                    [
+                        parts.method.as_str().as_bytes(),
+                        parts.uri.path().as_bytes(),
+                        parts.uri.query().unwrap_or("").as_bytes(),
+                        &bytes,
+                    ]
+                    .into_iter()
+                    .chain(config.fingerprint_headers.iter().flat_map(|h| {
+                        let value = parts.headers.get(h).map_or(&b""[..], HeaderValue::as_bytes);
+                        [h.as_str().as_bytes(), value]
+                    })),
+                ),
+            };
+            match claim(&config, guarded, &fp).await {
                 Ok(lease) => lease,
                 Err(response) => return Ok(response),
             }
@@ -712,7 +847,9 @@ where
         let req = {
             let mut req = Request::from_parts(parts, GuardedBody::full(bytes));
             // the handler can derive downstream keys from it (`RequestKey(key).0.derive("charge")`)
-            req.extensions_mut().insert(RequestKey(key));
+            if let Some(key) = key.take() {
+                req.extensions_mut().insert(RequestKey(key));
+            }
             req
         };
         // the lease is renewed while the handler runs, and again while its body is read (two
@@ -1144,7 +1281,7 @@ mod tests {
         });
         let (parts, body) = Request::post("/").body(Empty::new()).unwrap().into_parts();
         let key = Key::new("http", "k").unwrap();
-        let fut = handle(Arc::clone(&layer.config), inner, key, parts, body);
+        let fut = handle(Arc::clone(&layer.config), inner, Some(key), parts, body);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 1064, "the guarded future is {size} bytes");
     }

@@ -33,8 +33,8 @@ pub use body::{GuardedBody, ResponseBody};
 
 pub use header::{KeyError, format_key, parse_key};
 pub use layer::{
-    BoxError, Final, Idempotency, IdempotencyLayer, Oversized, Profile, RequestKey, ScopeFn,
-    UNSTORED_HEADERS,
+    BodyFingerprintFn, BodyKeyFn, BoxError, Final, Idempotency, IdempotencyLayer, Oversized,
+    Profile, RequestKey, ScopeFn, UNSTORED_HEADERS,
 };
 pub use problem::Problem;
 

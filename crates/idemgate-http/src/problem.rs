@@ -18,6 +18,10 @@ pub enum Problem {
     BodyTooLarge,
     /// 400: the request body could not be read (the client went away mid-body). Retryable.
     UnreadableBody,
+    /// 400: the body lacks what the key or the fingerprint is taken from
+    /// ([`IdempotencyLayer::with_key`](crate::IdempotencyLayer::with_key),
+    /// [`with_fingerprint`](crate::IdempotencyLayer::with_fingerprint)). Terminal.
+    InvalidPayload,
     /// 422: the key was used with a different request. Terminal.
     Mismatch,
     /// 503: the idempotency store failed. Retryable.
@@ -43,6 +47,7 @@ impl Problem {
             Problem::InProgress => "https://idemgate.dev/problems/request-in-progress",
             Problem::BodyTooLarge => "https://idemgate.dev/problems/body-too-large",
             Problem::UnreadableBody => "https://idemgate.dev/problems/unreadable-body",
+            Problem::InvalidPayload => "https://idemgate.dev/problems/invalid-payload",
             Problem::Mismatch => "https://idemgate.dev/problems/idempotency-key-reused",
             Problem::StoreUnavailable => "https://idemgate.dev/problems/store-unavailable",
             Problem::ResponseNotStored => "https://idemgate.dev/problems/response-not-stored",
@@ -57,7 +62,8 @@ impl Problem {
             Problem::MissingKey
             | Problem::InvalidKey
             | Problem::MissingScope
-            | Problem::UnreadableBody => StatusCode::BAD_REQUEST,
+            | Problem::UnreadableBody
+            | Problem::InvalidPayload => StatusCode::BAD_REQUEST,
             Problem::InProgress => StatusCode::CONFLICT,
             Problem::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
@@ -71,7 +77,7 @@ impl Problem {
     /// The `grpc-status` a gRPC call gets instead ([`IdempotencyLayer::for_grpc`]), after the
     /// gRPC status-code guide (<https://grpc.github.io/grpc/core/md_doc_statuscodes.html>: use
     /// `ABORTED` when the client should retry at a higher level, `FAILED_PRECONDITION` when it
-    /// should not retry until the system state is fixed): a missing or invalid key is `INVALID_ARGUMENT` (3), no principal
+    /// should not retry until the system state is fixed): a missing or invalid key or payload is `INVALID_ARGUMENT` (3), no principal
     /// `UNAUTHENTICATED` (16), a running first call `ABORTED` (10: retry the call later, with
     /// `google.rpc.RetryInfo`), a key reused with another request `FAILED_PRECONDITION` (9: do
     /// not retry until the request is fixed), a request over the size limit
@@ -83,7 +89,9 @@ impl Problem {
     pub fn grpc_code(self) -> u16 {
         use crate::grpc::code;
         match self {
-            Problem::MissingKey | Problem::InvalidKey => code::INVALID_ARGUMENT,
+            Problem::MissingKey | Problem::InvalidKey | Problem::InvalidPayload => {
+                code::INVALID_ARGUMENT
+            }
             Problem::MissingScope => code::UNAUTHENTICATED,
             Problem::InProgress => code::ABORTED,
             Problem::BodyTooLarge => code::RESOURCE_EXHAUSTED,
@@ -104,6 +112,9 @@ impl Problem {
             Problem::InProgress => "A request with this Idempotency-Key is still being processed",
             Problem::BodyTooLarge => "The request body is too large to be made idempotent",
             Problem::UnreadableBody => "The request body could not be read",
+            Problem::InvalidPayload => {
+                "The request body lacks what its idempotency key or fingerprint is taken from"
+            }
             Problem::Mismatch => "This Idempotency-Key was already used with a different request",
             Problem::StoreUnavailable => "The idempotency store is unavailable",
             Problem::ResponseNotStored => {

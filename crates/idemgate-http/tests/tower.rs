@@ -142,3 +142,56 @@ async fn grpc_calls_get_grpc_statuses_and_their_trailers_back() {
         "the flaky call ran again once"
     );
 }
+
+/// A key and a fingerprint from chosen JSON fields: a request without the header is guarded by
+/// its body's `/payment_id`; a retry whose body differs only in `/sent_at` is replayed; another
+/// amount under the same key is 422; a body without the field is 400 `invalid-payload`.
+#[tokio::test]
+async fn json_fields_give_the_key_and_the_fingerprint() {
+    use idemgate_core::JsonFields;
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&runs);
+    let inner = tower::service_fn(move |_req: Request<GuardedBody<Full<Bytes>>>| {
+        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+        async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run {n}"))))) }
+    });
+    let (payment, amount) = (
+        JsonFields::new(["/payment_id"]).unwrap(),
+        JsonFields::new(["/amount"]).unwrap(),
+    );
+    let mut svc = IdempotencyLayer::unscoped(MemoryStore::new())
+        .with_key(move |_, body| {
+            let key = payment.key("payments", body).map_err(|e| e.to_string())?;
+            Ok(Some(key.id().to_owned()))
+        })
+        .with_fingerprint(move |_, body| amount.fingerprint(body).map_err(|e| e.to_string()))
+        .layer(inner);
+    let mut send = async |body: &'static str| {
+        let req = Request::post("/pay")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        let status = res.status();
+        let text = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&text).into_owned())
+    };
+    let first = send(r#"{"payment_id":"p-1","amount":10,"sent_at":"10:00"}"#).await;
+    assert_eq!(first, (StatusCode::OK, "run 1".to_owned()));
+    let retry = send(r#"{"sent_at":"10:05","amount":10,"payment_id":"p-1"}"#).await;
+    assert_eq!(retry, first, "a retry with another timestamp ran again");
+    let other = send(r#"{"payment_id":"p-1","amount":99}"#).await;
+    assert_eq!(other.0, StatusCode::UNPROCESSABLE_ENTITY, "{other:?}");
+    let next = send(r#"{"payment_id":"p-2","amount":10}"#).await;
+    assert_eq!(next, (StatusCode::OK, "run 2".to_owned()));
+    let bad = send(r#"{"amount":10}"#).await;
+    assert_eq!(bad.0, StatusCode::BAD_REQUEST, "{bad:?}");
+    assert!(
+        bad.1.contains("invalid-payload") && bad.1.contains("/payment_id"),
+        "{bad:?}"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the handler ran for a refused request"
+    );
+}

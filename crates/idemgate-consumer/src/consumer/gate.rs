@@ -89,7 +89,13 @@ where
                 return Resolved::Settle(Settle::DeadLetter(Why::Poison, reason));
             }
         };
-        let fp = Fingerprint::of(&msg.payload);
+        let fp = match rt.fingerprint(msg) {
+            Ok(fp) => fp,
+            Err(reason) => {
+                let reason = format!("poison message: {reason}");
+                return Resolved::Settle(Settle::DeadLetter(Why::Poison, reason));
+            }
+        };
         let mut waits = 0;
         loop {
             let lease = match self.claim(&key, fp, &mut waits).await {

@@ -31,6 +31,11 @@ use idemgate_core::{Inbox, InboxHandler};
 /// An `Err` makes the message poison: it is dead-lettered with that reason.
 pub type KeyFn = Arc<dyn Fn(&Message) -> std::result::Result<Key, String> + Send + Sync>;
 
+/// Computes a message's fingerprint: the whole payload's by default, or chosen fields' (see
+/// [`JsonFields`](idemgate_core::JsonFields)). An `Err` makes the message poison.
+pub type FingerprintFn =
+    Arc<dyn Fn(&Message) -> std::result::Result<Fingerprint, String> + Send + Sync>;
+
 use self::stats::*;
 pub use self::stats::{Stats, StatsHandle};
 use self::{batcher::*, gate::*, inbox::*, runtime::*};
@@ -55,6 +60,7 @@ pub(crate) struct Config {
     // the broker redelivers an unsettled delivery after a while (NATS, SQS)
     pub(crate) ack_wait: bool,
     pub(crate) key: Option<KeyFn>,
+    pub(crate) fingerprint: Option<FingerprintFn>,
     pub(crate) horizon: Option<Horizon>,
     pub(crate) strict: bool,
     pub(crate) counters: Arc<Counters>,
@@ -140,6 +146,7 @@ pub(crate) fn config(name: String) -> Config {
         tick: Duration::from_secs(10),
         ack_wait: false,
         key: None,
+        fingerprint: None,
         horizon: None,
         strict: false,
         counters: Arc::default(),
@@ -357,6 +364,29 @@ impl<M> Consumer<M> {
         f: impl Fn(&Message) -> std::result::Result<Key, String> + Send + Sync + 'static,
     ) -> Self {
         self.cfg.key = Some(Arc::new(f));
+        self
+    }
+
+    /// The fingerprint from chosen fields instead of the whole payload, so a re-publish that
+    /// changes only a timestamp is a duplicate, not a mismatch. With
+    /// [`JsonFields`](idemgate_core::JsonFields):
+    ///
+    /// ```
+    /// use idemgate_consumer::Consumer;
+    /// use idemgate_core::{JsonFields, MemoryStore};
+    ///
+    /// let fields = JsonFields::new(["/amount", "/currency"]).unwrap();
+    /// let consumer = Consumer::gate("payments", MemoryStore::new())
+    ///     .with_fingerprint(move |m| fields.fingerprint(&m.payload).map_err(|e| e.to_string()));
+    /// ```
+    ///
+    /// The key the same way: `.with_key(move |m| order_id.key("orders", &m.payload).map_err(..))`.
+    /// A payload the function refuses is dead-lettered as poison.
+    pub fn with_fingerprint(
+        mut self,
+        f: impl Fn(&Message) -> std::result::Result<Fingerprint, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.cfg.fingerprint = Some(Arc::new(f));
         self
     }
 

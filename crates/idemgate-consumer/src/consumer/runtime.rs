@@ -243,6 +243,13 @@ impl Runtime {
         }
     }
 
+    pub(crate) fn fingerprint(&self, msg: &Message) -> std::result::Result<Fingerprint, String> {
+        match &self.cfg.fingerprint {
+            Some(f) => f(msg),
+            None => Ok(Fingerprint::of(&msg.payload)),
+        }
+    }
+
     pub(crate) async fn ack<D: Delivery>(&self, d: D) {
         if let Err(e) = d.ack().await {
             bump(&self.counters.settle_failures);
