@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 
+mod cache;
 #[cfg(feature = "brokers")]
 mod consumer;
 mod http;
@@ -18,6 +19,7 @@ mod outbox;
 mod proxy;
 mod store;
 
+pub use cache::CacheBench;
 #[cfg(feature = "brokers")]
 pub use consumer::ConsumerBench;
 pub use http::HttpBench;
@@ -39,6 +41,8 @@ pub struct BenchArgs {
 enum BenchWhat {
     /// Claim + complete and the inbox against raw `SET NX PX` or a raw insert.
     Store(store::StoreBench),
+    /// Replays of a hot key set through `CachedStore` and straight to the store.
+    Cache(cache::CacheBench),
     /// A trivial axum handler over HTTP on 127.0.0.1, with and without the Idempotency-Key layer.
     Http(http::HttpBench),
     /// A consumer on a real broker: bare, in Gate mode and in Inbox mode.
@@ -58,6 +62,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
     match args.what {
         BenchWhat::Store(b) => store::run(b),
         BenchWhat::Http(h) => runtime()?.block_on(http::run(h)),
+        BenchWhat::Cache(c) => runtime()?.block_on(cache::run(c)),
         #[cfg(feature = "brokers")]
         BenchWhat::Consumer(c) => runtime()?.block_on(consumer::run(c)),
         #[cfg(feature = "brokers")]

@@ -43,6 +43,8 @@
 //! | `metrics` | no (yes via `idemgate`) | `idemgate_gate_total{outcome}`, `idemgate_takeovers_total`, `idemgate_store_seconds{op}` |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "cache")]
+mod cache;
 mod clock;
 mod error;
 mod fingerprint;
@@ -59,6 +61,8 @@ mod row;
 mod store;
 mod warning;
 
+#[cfg(feature = "cache")]
+pub use cache::CachedStore;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, Result};
 pub use fingerprint::Fingerprint;

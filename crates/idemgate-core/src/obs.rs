@@ -50,3 +50,11 @@ pub(crate) async fn fresh_span<T>(_key: &Key, _lease: &Lease, fut: impl Future<O
     #[cfg(not(feature = "tracing"))]
     fut.await
 }
+
+/// Counts one claim of a `CachedStore`: answered from the cache (`hit`) or by the store.
+#[cfg(feature = "cache")]
+pub(crate) fn cache(_hit: bool) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("idemgate_cache_total", "result" => if _hit { "hit" } else { "miss" })
+        .increment(1);
+}

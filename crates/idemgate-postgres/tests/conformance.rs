@@ -31,6 +31,16 @@ async fn store() -> Option<PostgresStore> {
 
 idemgate_testkit::conformance_tests!(async { store().await.map(Ctx::real_time) });
 
+/// The suite through `CachedStore`: the cache answers replays and nothing else.
+mod cached {
+    use super::*;
+    use idemgate_core::CachedStore;
+
+    idemgate_testkit::conformance_tests!(async {
+        store().await.map(|s| Ctx::real_time(CachedStore::new(s)))
+    });
+}
+
 /// The same suite on a partitioned table: keys spread over two bucket partitions and the
 /// default partition.
 mod partitioned {

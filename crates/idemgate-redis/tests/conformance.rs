@@ -20,20 +20,10 @@ fn prefix() -> String {
 mod standalone {
     use super::*;
 
-    async fn store() -> Option<RedisStore> {
-        let url = service::url("IDEMGATE_REDIS_URL", "redis://127.0.0.1:6379");
-        service::connect(
-            "Redis",
-            RedisStore::builder()
-                .with_url(url)
-                .with_key_prefix(prefix())
-                .build(),
-        )
-        .await
-    }
-
     idemgate_testkit::conformance_tests!(async {
-        store().await.map(|s| Ctx::real_time(s).self_expiring())
+        standalone_store()
+            .await
+            .map(|s| Ctx::real_time(s).self_expiring())
     });
 }
 
@@ -59,4 +49,28 @@ mod cluster {
     idemgate_testkit::conformance_tests!(async {
         store().await.map(|s| Ctx::real_time(s).self_expiring())
     });
+}
+
+/// The suite through `CachedStore`: the cache answers replays and nothing else.
+mod cached {
+    use super::*;
+    use idemgate_core::CachedStore;
+
+    idemgate_testkit::conformance_tests!(async {
+        standalone_store()
+            .await
+            .map(|s| Ctx::real_time(CachedStore::new(s)).self_expiring())
+    });
+}
+
+async fn standalone_store() -> Option<RedisStore> {
+    let url = service::url("IDEMGATE_REDIS_URL", "redis://127.0.0.1:6379");
+    service::connect(
+        "Redis",
+        RedisStore::builder()
+            .with_url(url)
+            .with_key_prefix(prefix())
+            .build(),
+    )
+    .await
 }

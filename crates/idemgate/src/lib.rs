@@ -42,6 +42,7 @@
 //! | `sqs` | no | `sqs`: Amazon SQS source and sink (turns `consumer` on) |
 //! | `tracing` | yes | spans from the Gate (warnings and errors are logged through `tracing` whatever the features: install a subscriber to see them) |
 //! | `metrics` | yes | counters and histograms from the Gate |
+//! | `cache` | no | `CachedStore`, an in-process cache of completed records in front of any store |
 //!
 //! A project that depends on sqlx 0.8 itself (its default features, or its SQLite driver) turns
 //! the default `sqlite` feature off: `rusqlite` and sqlx link different SQLite versions, and
