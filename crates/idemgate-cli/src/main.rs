@@ -16,6 +16,11 @@ mod window;
 #[derive(Debug, Parser)]
 #[command(name = "idemgate", version, about, propagate_version = true)]
 struct Cli {
+    /// Serve the process's metrics (Prometheus text format) at http://ADDR/metrics while the
+    /// command runs: for `bridge`, `chaos` and `bench` (`proxy` serves /metrics on its own
+    /// listener).
+    #[arg(long, global = true, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,6 +63,21 @@ enum Command {
     ChaosPipeline(harness::ChaosPipelineArgs),
 }
 
+/// Serves `/metrics` on `addr` from a thread of its own, for the whole run.
+fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), BoxError> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    eprintln!("metrics at http://{}/metrics", listener.local_addr()?);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listener = rt.block_on(async { tokio::net::TcpListener::from_std(listener) })?;
+    // the recorder is installed before the command starts, so every metric reaches it
+    let handle = idemgate_sidecar::install_prometheus()?;
+    std::thread::spawn(move || rt.block_on(idemgate_sidecar::serve_recorded(listener, handle)));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // warnings go to stderr (a store that keeps nothing on disk, a retention shorter than the
@@ -69,6 +89,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(addr) = cli.metrics {
+        if matches!(cli.command, Command::Proxy(_)) {
+            eprintln!("error: the proxy serves /metrics on its own listener; drop --metrics");
+            return ExitCode::from(2);
+        }
+        if let Err(e) = serve_metrics(addr) {
+            eprintln!("error: --metrics {addr}: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         Command::Demo(args) => harness::demo(args),
         Command::Bench(args) => idemgate_bench::run(args),

@@ -422,3 +422,65 @@ async fn idemgate_cli_test_open(url: &str) -> Result<idemgate::BoxStore, idemgat
         s.boxed()
     })
 }
+
+/// `--metrics ADDR` serves the running command's metrics: here `bench cache`'s cache hits.
+#[test]
+fn a_long_running_command_serves_its_metrics() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_idemgate"))
+        .args([
+            "--metrics",
+            "127.0.0.1:0",
+            "bench",
+            "cache",
+            "--store",
+            "memory:",
+            "--keys",
+            "10",
+            "--seconds",
+            "3",
+            "--rounds",
+            "1",
+            "--clients",
+            "2",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("metrics at http://")
+        .and_then(|l| l.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics address in {line:?}"))
+        .to_owned();
+    let scrape = |path: &str| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    assert!(scrape("/nothing").starts_with("HTTP/1.1 404"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = scrape("/metrics");
+        if text.contains("idemgate_cache_total{result=\"hit\"}") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cache metrics in:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(child.wait().unwrap().success());
+}

@@ -23,9 +23,11 @@
 //! ```
 
 mod bridge;
+mod metrics;
 mod proxy;
 mod routes;
 
 pub use bridge::{Bridge, BridgeOptions};
+pub use metrics::{serve_metrics, serve_recorded};
 pub use proxy::{Proxy, ProxyError, ProxyOptions, install_prometheus};
 pub use routes::{ConfigError, Route, Routes};

@@ -107,13 +107,17 @@ where
                 keep_alive(&*self.store, &lease, rt.cfg.lease, self.running.acquire()).await;
             if lost {
                 // taken over while it waited: wait for the new holder instead
-                bump(&rt.counters.fenced);
+                count!(rt, fenced);
                 continue;
             }
             let attempt = rt.attempt(&key, Some(lease.attempt()), None);
+            if lease.attempt() > rt.local_runs(&key) {
+                // the store counts runs this consumer did not start: another's lease ran out
+                count!(rt, takeovers);
+            }
             // a panic or a timeout of the handler is caught here: a failed attempt, not a dead
             // lane
-            let run = rt.run_handler(&key, (self.handler)(msg.clone()));
+            let run = rt.run_handler(&key, msg, attempt, (self.handler)(msg.clone()));
             let (ran, lost) = keep_alive(&*self.store, &lease, rt.cfg.lease, run).await;
             let failure = rt.failure(ran);
             if failure.is_none() && !lost {
@@ -124,7 +128,7 @@ where
                 None => {
                     // another consumer took the key over while this one ran: wait for it to
                     // complete, then ack this delivery as a duplicate
-                    bump(&rt.counters.fenced);
+                    count!(rt, fenced);
                     tracing::warn!(%key, "lease lost while the handler ran");
                 }
                 Some(error) => {
@@ -159,11 +163,11 @@ where
             let delay = match self.claims.call((key.clone(), Some(fp))).await {
                 Ok(Claim::Acquired(lease)) => return Ok(lease),
                 Ok(Claim::Completed(_)) => {
-                    bump(&rt.counters.duplicates);
+                    count!(rt, duplicates);
                     return Err(Settle::Ack);
                 }
                 Ok(Claim::InProgress { lease_until, .. }) => {
-                    bump(&rt.counters.in_progress);
+                    count!(rt, in_progress);
                     let left = lease_until
                         .duration_since(SystemTime::now())
                         .unwrap_or_default();
@@ -223,7 +227,7 @@ pub(crate) async fn complete<D: Delivery>(
     match recorded {
         Ok(true) => {
             rt.forget(&key);
-            bump(&rt.counters.handled);
+            count!(rt, handled);
             rt.ack(d).await;
         }
         Ok(false) => {
@@ -233,7 +237,7 @@ pub(crate) async fn complete<D: Delivery>(
             rt.nack(d, Duration::ZERO).await;
         }
         Err(()) => {
-            bump(&rt.counters.fenced);
+            count!(rt, fenced);
             tracing::warn!(%key, "completion fenced: another consumer took the key over");
             rt.nack(d, rt.cfg.busy_delay).await;
         }

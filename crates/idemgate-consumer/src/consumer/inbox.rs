@@ -218,7 +218,7 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
             match self.inbox.advance(&mut tx, position).await {
                 Ok(()) => {}
                 Err(e @ idemgate_core::Error::Fenced { .. }) => {
-                    bump(&rt.counters.fenced);
+                    count!(rt, fenced);
                     tracing::warn!(error = %e, "position fenced; resuming from the stored one");
                     return Tried::Settle(Settle::Reposition);
                 }
@@ -231,13 +231,15 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
             {
                 return Tried::Unavailable("the commit of the position", e);
             }
-            bump(&rt.counters.duplicates);
+            count!(rt, duplicates);
             return Tried::Settle(Settle::Ack);
         }
         let attempt = rt.attempt(key, None, Some(msg));
         // a panic or a timeout of the handler is caught here: the transaction rolls back, the
         // lane lives on
-        let ran = rt.run_handler(key, self.handler.handle(&mut tx, msg)).await;
+        let ran = rt
+            .run_handler(key, msg, attempt, self.handler.handle(&mut tx, msg))
+            .await;
         if let Some(error) = rt.failure(ran) {
             drop(tx);
             return Tried::Failed(attempt, error);
@@ -245,7 +247,7 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
         match self.inbox.commit(tx).await {
             Ok(()) => {
                 rt.forget(key);
-                bump(&rt.counters.handled);
+                count!(rt, handled);
                 Tried::Settle(Settle::Ack)
             }
             // nothing committed (the next try runs the handler again), or it did and the
@@ -322,11 +324,11 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
                         tracing::warn!(error = %e, "the commit of the position failed");
                         return Moved::Settle(Settle::Nack(rt.cfg.retry_delay));
                     }
-                    bump(&rt.counters.duplicates);
+                    count!(rt, duplicates);
                     return Moved::Settle(Settle::Ack);
                 }
                 Err(e @ idemgate_core::Error::Fenced { .. }) => {
-                    bump(&rt.counters.fenced);
+                    count!(rt, fenced);
                     tracing::warn!(error = %e, "position fenced; resuming from the stored one");
                     return Moved::Settle(Settle::Reposition);
                 }
@@ -397,7 +399,7 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
             // a panic or a timeout is caught here
             let ran = self
                 .rt
-                .run_handler(key, self.handler.handle(&mut tx, msg))
+                .run_handler(key, msg, attempt, self.handler.handle(&mut tx, msg))
                 .await;
             let Some(error) = self.rt.failure(ran) else {
                 outcomes.push(InBatch::New);

@@ -43,6 +43,8 @@ use self::{batcher::*, gate::*, inbox::*, runtime::*};
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) name: String,
+    // the broker, from the source's horizon: a field of the delivery span
+    pub(crate) broker: &'static str,
     pub(crate) concurrency: usize,
     // settlements behind the lanes (default: `concurrency`)
     pub(crate) settle_slots: Option<usize>,
@@ -131,6 +133,7 @@ impl<M> fmt::Debug for Consumer<M> {
 pub(crate) fn config(name: String) -> Config {
     Config {
         name,
+        broker: "unknown",
         concurrency: 8,
         settle_slots: None,
         max_attempts: 5,
@@ -421,6 +424,10 @@ pub(crate) fn check(cfg: &mut Config, retention: Duration, source: &impl Source)
     let Some(verdict) = window(cfg, retention, source) else {
         return Ok(());
     };
+    cfg.broker = verdict.horizon.broker;
+    // 1 when the retention covers the broker's redelivery horizon
+    metrics::gauge!("idemgate_consumer_window_ok", "consumer" => cfg.name.clone())
+        .set(if verdict.is_ok() { 1.0 } else { 0.0 });
     if verdict.is_ok() {
         tracing::debug!(consumer = %cfg.name, "{verdict}");
     } else if cfg.strict {

@@ -9,30 +9,45 @@ pub(crate) enum Ran<E> {
 }
 
 impl Runtime {
-    /// Runs a handler's future with its panics caught and the handler timeout; counts it slow
-    /// when it outlasted the lease.
+    /// Runs a handler's future with its panics caught and the handler timeout, inside an
+    /// `idemgate.delivery` span (consumer, broker, event id, key, attempt); records its time in
+    /// `idemgate_consumer_handler_seconds` and counts it slow when it outlasted the lease.
     pub(crate) async fn run_handler<E>(
         &self,
         key: &Key,
+        msg: &Message,
+        attempt: u32,
         fut: impl Future<Output = std::result::Result<(), E>>,
     ) -> Ran<E> {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "idemgate.delivery",
+            consumer = %self.cfg.name,
+            broker = self.cfg.broker,
+            event_id = msg.event_id.as_deref().unwrap_or(""),
+            key = %key,
+            attempt,
+        );
         let started = tokio::time::Instant::now();
         let ran = match tokio::time::timeout(
             self.cfg.handler_timeout,
             AssertUnwindSafe(fut).catch_unwind(),
         )
+        .instrument(span)
         .await
         {
             Ok(Ok(done)) => Ran::Done(done),
             Ok(Err(_panic)) => Ran::Panicked,
             Err(_elapsed) => {
-                bump(&self.counters.timed_out);
+                count!(self, timed_out);
                 Ran::TimedOut
             }
         };
         let took = started.elapsed();
+        metrics::histogram!("idemgate_consumer_handler_seconds", "consumer" => self.counters.label())
+            .record(took.as_secs_f64());
         if took > self.cfg.lease {
-            bump(&self.counters.slow);
+            count!(self, slow);
             tracing::warn!(%key, ?took, lease = ?self.cfg.lease, "a handler ran past its lease");
         }
         ran
@@ -122,6 +137,7 @@ pub(crate) struct Runtime {
 
 impl Runtime {
     pub(crate) fn new(cfg: Config) -> Arc<Self> {
+        let _ = cfg.counters.name.set(Arc::from(cfg.name.as_str()));
         // as many settlements behind the lanes as handlers by default: a slow store or broker
         // holds the lanes back instead of piling up completed work
         let slots = cfg.settle_slots.unwrap_or(cfg.concurrency);
@@ -159,7 +175,7 @@ impl Runtime {
         error: &idemgate_core::Error,
         tries: &mut u32,
     ) -> bool {
-        bump(&self.counters.store_retries);
+        count!(self, store_retries);
         let delay = backoff(self.cfg.retry_delay, *tries).min(MAX_STORE_BACKOFF);
         *tries = tries.saturating_add(1);
         tracing::warn!(consumer = %self.cfg.name, %error, ?delay, "{what} failed; trying again");
@@ -188,7 +204,7 @@ impl Runtime {
             Settle::DeadLetter(why, reason) => self.dead_letter(d, why, reason).await,
             Settle::Reposition => {
                 if let Err(e) = d.reposition().await {
-                    bump(&self.counters.settle_failures);
+                    count!(self, settle_failures);
                     tracing::warn!(error = %e, "repositioning failed; the broker will redeliver");
                 }
                 false
@@ -252,14 +268,14 @@ impl Runtime {
 
     pub(crate) async fn ack<D: Delivery>(&self, d: D) {
         if let Err(e) = d.ack().await {
-            bump(&self.counters.settle_failures);
+            count!(self, settle_failures);
             tracing::warn!(error = %e, "ack failed; the broker will redeliver");
         }
     }
 
     pub(crate) async fn nack<D: Delivery>(&self, d: D, delay: Duration) {
         if let Err(e) = d.nack(delay).await {
-            bump(&self.counters.settle_failures);
+            count!(self, settle_failures);
             tracing::warn!(error = %e, "nack failed; the broker will redeliver");
         }
     }
@@ -269,17 +285,17 @@ impl Runtime {
         tracing::warn!(consumer = %self.cfg.name, %reason, "dead-lettering a message");
         match d.dead_letter(&reason).await {
             Ok(()) => {
-                bump(&self.counters.dead_lettered);
-                bump(match why {
-                    Why::Poison => &self.counters.dead_lettered_poison,
-                    Why::Mismatch => &self.counters.dead_lettered_mismatch,
-                    Why::Exhausted => &self.counters.dead_lettered_exhausted,
-                });
+                count!(self, dead_lettered);
+                match why {
+                    Why::Poison => count!(self, dead_lettered_poison),
+                    Why::Mismatch => count!(self, dead_lettered_mismatch),
+                    Why::Exhausted => count!(self, dead_lettered_exhausted),
+                }
                 true
             }
             Err(e) => {
-                bump(&self.counters.settle_failures);
-                bump(&self.counters.dead_letter_failures);
+                count!(self, settle_failures);
+                count!(self, dead_letter_failures);
                 tracing::warn!(error = %e, "dead-lettering failed; the message is kept and comes back");
                 false
             }
@@ -289,6 +305,12 @@ impl Runtime {
     /// This run's attempt number for `key`: the store's count of runs (Gate mode) or the
     /// broker's delivery count (Inbox mode), or our own count, whichever is highest. Store
     /// failures and busy keys are waited out with the delivery held, so they count in neither.
+    /// Runs of `key` started here (since its last success).
+    pub(crate) fn local_runs(&self, key: &Key) -> u32 {
+        let map = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key).copied().unwrap_or(0)
+    }
+
     pub(crate) fn attempt(&self, key: &Key, store: Option<u32>, msg: Option<&Message>) -> u32 {
         let mut map = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() > 100_000 {
@@ -334,7 +356,7 @@ impl Runtime {
             let reason = format!("the handler failed {attempt} times; last error: {error}");
             return Err(Settle::DeadLetter(Why::Exhausted, reason));
         }
-        bump(&self.counters.retried);
+        count!(self, retried);
         tracing::info!(%key, attempt, %error, "handler failed; retrying");
         let delay = backoff(self.cfg.retry_delay, attempt.saturating_sub(1));
         if msg.ordering_key.is_some() {
@@ -439,7 +461,7 @@ where
                 break Err(e);
             }
         };
-        bump(&rt.counters.received);
+        count!(rt, received);
         let d = Arc::new(d);
         if rt.cfg.ack_wait {
             waiting.add(&d);

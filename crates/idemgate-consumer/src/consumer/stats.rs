@@ -40,6 +40,9 @@ pub struct Stats {
     pub fenced: u64,
     /// Acks, nacks or dead-letters the broker refused (it will redeliver).
     pub settle_failures: u64,
+    /// Keys claimed after another consumer's lease on them ran out (Gate mode): that consumer
+    /// stopped or stalled mid-run, and this one runs the handler again.
+    pub takeovers: u64,
 }
 
 /// A live view of a running consumer's [`Stats`], from [`Consumer::stats_handle`].
@@ -132,6 +135,9 @@ pub(crate) struct Counters {
     pub(crate) slow: AtomicU64,
     pub(crate) fenced: AtomicU64,
     pub(crate) settle_failures: AtomicU64,
+    pub(crate) takeovers: AtomicU64,
+    // the consumer's name, the label of its metrics (set when it runs)
+    pub(crate) name: std::sync::OnceLock<Arc<str>>,
     // deliveries a lane is done with (settled, or handed to the settlement behind it)
     pub(crate) finished: AtomicU64,
 }
@@ -140,7 +146,28 @@ pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Counts one event of a consumer in its [`Stats`] field and in the metric
+/// `idemgate_consumer_total{consumer, event}`, the event named as the field.
+macro_rules! count {
+    ($owner:expr, $field:ident) => {
+        $owner
+            .counters
+            .add(stringify!($field), &$owner.counters.$field)
+    };
+}
+pub(crate) use count;
+
 impl Counters {
+    pub(crate) fn add(&self, event: &'static str, c: &AtomicU64) {
+        bump(c);
+        metrics::counter!("idemgate_consumer_total", "consumer" => self.label(), "event" => event)
+            .increment(1);
+    }
+
+    pub(crate) fn label(&self) -> Arc<str> {
+        self.name.get().map_or_else(|| Arc::from(""), Arc::clone)
+    }
+
     pub(crate) fn snapshot(&self) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
@@ -159,6 +186,7 @@ impl Counters {
             slow: get(&self.slow),
             fenced: get(&self.fenced),
             settle_failures: get(&self.settle_failures),
+            takeovers: get(&self.takeovers),
         }
     }
 }
