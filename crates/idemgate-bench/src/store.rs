@@ -44,7 +44,9 @@ pub(crate) fn run(b: StoreBench) -> Result<ExitCode, BoxError> {
         let mut rounds = Vec::new();
         for round in 0..b.rounds.max(1) {
             let swap = round % 2 == 1;
-            rounds.push(if b.store.starts_with("redis://") {
+            rounds.push(if let Some(nodes) = b.store.strip_prefix("redis+cluster://") {
+                cluster_bench(&b, nodes, round).await?
+            } else if b.store.starts_with("redis://") {
                 redis_bench(&b, swap).await?
             } else if b.store.starts_with("postgres://") || b.store.starts_with("postgresql://") {
                 sql_bench(&b, Sql::Postgres, swap).await?
@@ -52,13 +54,18 @@ pub(crate) fn run(b: StoreBench) -> Result<ExitCode, BoxError> {
                 sql_bench(&b, Sql::MySql, swap).await?
             } else {
                 return Err(format!(
-                    "bench store takes postgres://, mysql:// or redis:// URLs, not {:?}",
+                    "bench store takes postgres://, mysql://, redis:// or redis+cluster:// URLs, not {:?}",
                     b.store
                 )
                 .into());
             });
         }
-        println!("{:<58} {:>12} {:>9}", "measurement", "ops/s", "vs raw");
+        let against = if b.store.starts_with("redis+cluster://") {
+            "vs 1 master"
+        } else {
+            "vs raw"
+        };
+        println!("{:<58} {:>12} {:>9}", "measurement", "ops/s", against);
         for i in 0..rounds[0].len() {
             let name = &rounds[0][i].0;
             let rate = median(rounds.iter().map(|r| r[i].1));
@@ -243,6 +250,111 @@ async fn redis_bench(b: &StoreBench, swap: bool) -> Result<Vec<Row>, BoxError> {
             Some(fenced),
         ),
     ])
+}
+
+/// Claim + complete on a Redis Cluster with the keys on one master, then two, then all: each
+/// master gets a store whose key prefix carries a hash tag of a slot it serves, and the clients
+/// are split evenly between the stores. Rounds rotate which masters the smaller sets use.
+async fn cluster_bench(b: &StoreBench, nodes: &str, round: u32) -> Result<Vec<Row>, BoxError> {
+    let clients = b.clients.unwrap_or(50);
+    let nodes: Vec<String> = nodes
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(|n| format!("redis://{n}"))
+        .collect();
+    let connect = |prefix: String| {
+        RedisStore::builder()
+            .with_cluster_nodes(nodes.clone())
+            .with_key_prefix(prefix)
+            .build()
+    };
+    let probe = connect("idemgate-bench:".into()).await?;
+    let masters = masters(&probe).await?;
+    if masters.is_empty() {
+        return Err("CLUSTER SLOTS named no master".into());
+    }
+    // one hash tag per master, for a slot that master serves
+    let mut tags = Vec::new();
+    for (_, ranges) in &masters {
+        let mut found = None;
+        for t in 0..100_000u32 {
+            let tag = format!("m{t}");
+            let slot: i64 = probe
+                .query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(&tag))
+                .await?;
+            if ranges.iter().any(|(a, z)| (*a..=*z).contains(&slot)) {
+                found = Some(tag);
+                break;
+            }
+        }
+        tags.push(found.ok_or("no hash tag lands on a master")?);
+    }
+    let n = masters.len();
+    let opts = ClaimOptions {
+        lease: Duration::from_secs(60),
+        retention: Duration::from_secs(60),
+    };
+    let run = run_id();
+    let mut rows = Vec::new();
+    let mut one = None;
+    for k in 1..=n {
+        let mut stores = Vec::new();
+        for j in 0..k {
+            let tag = &tags[(j + round as usize) % n];
+            stores.push(connect(format!("{{{tag}}}idemgate-bench:{run}:{k}:")).await?);
+        }
+        let stores = Arc::new(stores);
+        let rate = drive(clients, b.ops, move |i| {
+            let stores = Arc::clone(&stores);
+            async move {
+                let store = &stores[usize::try_from(i).unwrap_or(0) % stores.len()];
+                let key = Key::new("bench", format!("cc{i}"))?;
+                if let Claim::Acquired(l) = store.claim(&key, None, &opts).await? {
+                    store
+                        .complete(&l, &Outcome::new(0, "ok"), Duration::from_secs(60))
+                        .await?;
+                }
+                Ok(())
+            }
+        })
+        .await?;
+        let name =
+            format!("RedisStore claim + complete, keys on {k} of {n} masters, {clients} clients");
+        rows.push((name, rate, one));
+        one.get_or_insert(rate);
+    }
+    Ok(rows)
+}
+
+/// The masters of a cluster (`host:port`) and the slot ranges each serves, from `CLUSTER SLOTS`.
+async fn masters(store: &RedisStore) -> Result<Vec<(String, Vec<(i64, i64)>)>, BoxError> {
+    let slots: redis::Value = store.query(&redis::cmd("CLUSTER").arg("SLOTS")).await?;
+    let mut by_node: std::collections::BTreeMap<String, Vec<(i64, i64)>> = Default::default();
+    let redis::Value::Array(entries) = slots else {
+        return Err(format!("CLUSTER SLOTS answered {slots:?}").into());
+    };
+    for e in entries {
+        let redis::Value::Array(f) = e else { continue };
+        let int = |v: Option<&redis::Value>| match v {
+            Some(redis::Value::Int(i)) => Some(*i),
+            _ => None,
+        };
+        let (Some(a), Some(z), Some(redis::Value::Array(node))) =
+            (int(f.first()), int(f.get(1)), f.get(2))
+        else {
+            continue;
+        };
+        let host = match node.first() {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            _ => continue,
+        };
+        let port = int(node.get(1)).unwrap_or(0);
+        by_node
+            .entry(format!("{host}:{port}"))
+            .or_default()
+            .push((a, z));
+    }
+    Ok(by_node.into_iter().collect())
 }
 
 /// The least a fenced write does on Redis 7: read the key, write it.
