@@ -328,7 +328,7 @@ async fn cluster_bench(b: &StoreBench, nodes: &str, round: u32) -> Result<Vec<Ro
 
 /// The masters of a cluster (`host:port`) and the slot ranges each serves, from `CLUSTER SLOTS`.
 async fn masters(store: &RedisStore) -> Result<Vec<(String, Vec<(i64, i64)>)>, BoxError> {
-    let slots: redis::Value = store.query(&redis::cmd("CLUSTER").arg("SLOTS")).await?;
+    let slots: redis::Value = store.query(redis::cmd("CLUSTER").arg("SLOTS")).await?;
     let mut by_node: std::collections::BTreeMap<String, Vec<(i64, i64)>> = Default::default();
     let redis::Value::Array(entries) = slots else {
         return Err(format!("CLUSTER SLOTS answered {slots:?}").into());
