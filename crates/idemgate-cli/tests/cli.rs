@@ -423,6 +423,37 @@ async fn idemgate_cli_test_open(url: &str) -> Result<idemgate::BoxStore, idemgat
     })
 }
 
+/// A `dynamodb://` URL opens the DynamoDB store (moto on :4567): explain and forget by URL.
+#[test]
+fn explain_and_forget_on_dynamodb_by_url() {
+    let endpoint = std::env::var("IDEMGATE_DYNAMODB_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:4567".to_owned());
+    if std::net::TcpStream::connect(endpoint.trim_start_matches("http://")).is_err() {
+        let required = std::env::var("IDEMGATE_REQUIRE_SERVICES").is_ok_and(|v| v == "1");
+        assert!(!required, "DynamoDB (moto) is not running at {endpoint}");
+        return;
+    }
+    let url = format!(
+        "dynamodb://idemgate_cli_{}?endpoint={endpoint}",
+        std::process::id()
+    );
+    let out = idemgate(&["explain", "--json", "--store", &url, "orders/o-1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "absent");
+    let out = idemgate(&["forget", "--store", &url, "orders/o-1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to forget"));
+}
+
 /// `--metrics ADDR` serves the running command's metrics: here `bench cache`'s cache hits.
 #[test]
 fn a_long_running_command_serves_its_metrics() {

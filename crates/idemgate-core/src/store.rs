@@ -26,7 +26,9 @@ use crate::record::{Claim, ClaimOptions, Forgotten, Lease, Record};
 /// 4. A completed record is returned to every claim until its `expires_at`; after that the key is
 ///    free.
 /// 5. Expiry is judged from stored timestamps against the backend's clock, not from lazy
-///    deletion.
+///    deletion. A backend without a clock its operations can read (SQLite, DynamoDB) uses the
+///    host's [`Clock`](crate::Clock); hosts whose clocks differ by a skew see a lease end that
+///    much early or late, so leases must be well above the skew. Fencing never depends on it.
 /// 6. Duplicate, in-progress and mismatch are [`Claim`] values, never errors.
 /// 7. The batched forms [`claim_many`](Store::claim_many) and
 ///    [`complete_many`](Store::complete_many) answer exactly as the single forms would, in

@@ -12,6 +12,7 @@ use idemgate_core::{BoxStore, Error, MemoryStore, StoreExt, Warning};
 /// | `mysql://…`, `mariadb://…` | `MySqlStore` | `mysql` |
 /// | `redis://…`, `rediss://…` | `RedisStore` | `redis` |
 /// | `redis+cluster://host:port,host:port,…` | `RedisStore` on a Redis Cluster | `redis` |
+/// | `dynamodb://TABLE?region=…&endpoint=…` | `DynamoStore` (see `DynamoStore::from_url`) | `dynamodb` |
 ///
 /// A URL of a scheme whose feature is off, or of no known scheme, is [`Error::Config`], and so
 /// is a URL that lacks what its scheme needs (a path, a node).
@@ -80,9 +81,12 @@ pub async fn open_checked(url: &str) -> Result<(BoxStore, Vec<Warning>), Error> 
     if url.starts_with("redis://") || url.starts_with("rediss://") {
         return redis(url).await;
     }
+    if url.starts_with("dynamodb://") {
+        return dynamodb(url).await.map(unchecked);
+    }
     Err(config(&format!(
         "unsupported store URL {url:?}: use memory:, sqlite:PATH, postgres://…, mysql://…, \
-         redis://… or redis+cluster://host:port,…"
+         redis://…, redis+cluster://host:port,… or dynamodb://TABLE"
     )))
 }
 
@@ -96,7 +100,8 @@ fn config(message: &str) -> Error {
     feature = "sqlite",
     feature = "postgres",
     feature = "mysql",
-    feature = "redis"
+    feature = "redis",
+    feature = "dynamodb"
 )))]
 fn needs(feature: &str) -> Error {
     config(&format!(
@@ -160,6 +165,18 @@ async fn redis_cluster(nodes: Vec<String>) -> Result<(BoxStore, Vec<Warning>), E
         .await?;
     let warnings = store.warnings().to_vec();
     Ok((store.boxed(), warnings))
+}
+
+#[cfg(feature = "dynamodb")]
+async fn dynamodb(url: &str) -> Result<BoxStore, Error> {
+    let store = idemgate_dynamodb::DynamoStore::from_url(url)?;
+    store.migrate().await?;
+    Ok(store.boxed())
+}
+
+#[cfg(not(feature = "dynamodb"))]
+async fn dynamodb(_: &str) -> Result<BoxStore, Error> {
+    Err(needs("dynamodb"))
 }
 
 #[cfg(not(feature = "redis"))]
