@@ -39,8 +39,29 @@ impl KeyArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct ExplainArgs {
-    #[command(flatten)]
-    target: KeyArgs,
+    /// The store (or, with --inbox or --positions, the SQL database): `sqlite:PATH`,
+    /// `postgres://…`, `mysql://…`, `redis://…`, `redis+cluster://host:port,…`,
+    /// `dynamodb://TABLE` or `memory:`.
+    #[arg(long)]
+    store: String,
+    /// The key's scope (or give the key as `scope/id`).
+    #[arg(long)]
+    scope: Option<String>,
+    /// The key's id, or `scope/id` without `--scope` (not with --positions).
+    #[arg(required_unless_present = "positions")]
+    key: Option<String>,
+    /// Explain the key's inbox row instead of a store record.
+    #[arg(long, conflicts_with = "positions")]
+    inbox: bool,
+    /// The inbox table.
+    #[arg(long, default_value = "idemgate_inbox", requires = "inbox")]
+    inbox_table: String,
+    /// Explain the Kafka positions stored for `GROUP/TOPIC`.
+    #[arg(long, value_name = "GROUP/TOPIC")]
+    positions: Option<String>,
+    /// The positions table.
+    #[arg(long, default_value = "idemgate_offsets", requires = "positions")]
+    offsets_table: String,
     /// Answer in JSON (one object) instead of words.
     #[arg(long)]
     json: bool,
@@ -73,9 +94,20 @@ fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
 }
 
 pub(crate) fn explain(args: ExplainArgs) -> Result<ExitCode, BoxError> {
-    let key = args.target.key()?;
     let rt = runtime()?;
-    let store = opened(rt.block_on(open_checked(&args.target.store))?);
+    if let Some(which) = &args.positions {
+        return explain_positions(&rt, &args, which);
+    }
+    let key = KeyArgs {
+        store: args.store.clone(),
+        scope: args.scope.clone(),
+        key: args.key.clone().unwrap_or_default(),
+    }
+    .key()?;
+    if args.inbox {
+        return explain_inbox(&rt, &args, &args.inbox_table, &key);
+    }
+    let store = opened(rt.block_on(open_checked(&args.store))?);
     let rec = rt.block_on(store.get(&key))?;
     let e = Explained::new(&key, rec.as_ref(), SystemTime::now());
     if args.json {
@@ -84,6 +116,101 @@ pub(crate) fn explain(args: ExplainArgs) -> Result<ExitCode, BoxError> {
         print!("{}", e.words());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn explain_inbox(
+    rt: &tokio::runtime::Runtime,
+    args: &ExplainArgs,
+    table: &str,
+    key: &Key,
+) -> Result<ExitCode, BoxError> {
+    let row = rt.block_on(idemgate::inspect::inbox_row(&args.store, table, key))?;
+    let now = to_millis(SystemTime::now());
+    let live = row.filter(|r| u64::try_from(r.expires_at).unwrap_or(0) > now);
+    let (gets, why) = match live {
+        Some(_) => (
+            "skip",
+            "the inbox has the key: a redelivery now is acked without running the handler \
+             (its effect committed with the key)",
+        ),
+        None => (
+            "fresh",
+            "the inbox has no live row for the key: a delivery now runs the handler, in the \
+             transaction that records the key",
+        ),
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "key": { "scope": key.scope(), "id": key.id() },
+            "inbox": table,
+            "processed_at_ms": row.map(|r| r.processed_at),
+            "expires_at_ms": row.map(|r| r.expires_at),
+            "duplicate_now": { "gets": gets, "why": why },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let at = |ms: i64| time(from_ms(ms));
+        println!("{:<14}{key}", "key");
+        println!("{:<14}{table}", "inbox");
+        match row {
+            Some(r) => {
+                println!("{:<14}{}", "processed_at", at(r.processed_at));
+                println!(
+                    "{:<14}{} ({})",
+                    "expires_at",
+                    at(r.expires_at),
+                    from_now(from_ms(r.expires_at), SystemTime::now())
+                );
+            }
+            None => println!("{:<14}no row", "state"),
+        }
+        println!("{:<14}{gets}: {why}", "duplicate now");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn explain_positions(
+    rt: &tokio::runtime::Runtime,
+    args: &ExplainArgs,
+    which: &str,
+) -> Result<ExitCode, BoxError> {
+    let Some((group, topic)) = which.split_once('/') else {
+        return Err("give --positions as GROUP/TOPIC".into());
+    };
+    let positions = rt.block_on(idemgate::inspect::positions(
+        &args.store,
+        &args.offsets_table,
+        group,
+        topic,
+    ))?;
+    let why = "on assignment the consumer seeks each partition to its stored position; an \
+               offset below it was applied in the transaction that stored the position, and \
+               is skipped";
+    if args.json {
+        let parts: serde_json::Map<String, serde_json::Value> = positions
+            .iter()
+            .map(|(p, o)| (p.to_string(), (*o).into()))
+            .collect();
+        let v = serde_json::json!({
+            "group": group, "topic": topic, "table": args.offsets_table,
+            "next_offsets": parts, "why": why,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("group {group}, topic {topic} ({})", args.offsets_table);
+        if positions.is_empty() {
+            println!("no stored positions: the consumer starts where Kafka's own offset says");
+        }
+        for (p, o) in &positions {
+            println!("  partition {p:>4}: next offset {o}");
+        }
+        println!("{why}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn from_ms(ms: i64) -> SystemTime {
+    idemgate::core::backend::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 pub(crate) fn forget(args: ForgetArgs) -> Result<ExitCode, BoxError> {

@@ -423,6 +423,82 @@ async fn idemgate_cli_test_open(url: &str) -> Result<idemgate::BoxStore, idemgat
     })
 }
 
+/// `explain --inbox` reads a key's inbox row and `--positions` a consumer group's offsets.
+#[test]
+fn explain_an_inbox_row_and_kafka_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let later = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+        + 3_600_000;
+    conn.execute_batch(&format!(
+        "CREATE TABLE idemgate_inbox (scope TEXT NOT NULL, id TEXT NOT NULL,
+            processed_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (scope, id));
+         INSERT INTO idemgate_inbox VALUES ('orders', 'e-1', 1000, {later});
+         CREATE TABLE idemgate_offsets (consumer_group TEXT NOT NULL, topic TEXT NOT NULL,
+            part INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+            PRIMARY KEY (consumer_group, topic, part));
+         INSERT INTO idemgate_offsets VALUES ('billing', 'orders', 0, 42), ('billing', 'orders', 1, 7);"
+    ))
+    .unwrap();
+    let url = format!("sqlite:{}", path.display());
+    let json = |args: &[&str]| -> Value {
+        let out = idemgate(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = json(&[
+        "explain",
+        "--json",
+        "--store",
+        &url,
+        "--inbox",
+        "orders/e-1",
+    ]);
+    assert_eq!(v["duplicate_now"]["gets"], "skip", "{v}");
+    assert_eq!(v["processed_at_ms"], 1000);
+    let v = json(&[
+        "explain",
+        "--json",
+        "--store",
+        &url,
+        "--inbox",
+        "orders/e-2",
+    ]);
+    assert_eq!(v["duplicate_now"]["gets"], "fresh", "{v}");
+    let v = json(&[
+        "explain",
+        "--json",
+        "--store",
+        &url,
+        "--positions",
+        "billing/orders",
+    ]);
+    assert_eq!(v["next_offsets"]["0"], 42, "{v}");
+    assert_eq!(v["next_offsets"]["1"], 7, "{v}");
+    let out = idemgate(&["explain", "--store", &url, "--positions", "no-slash"]);
+    assert!(!out.status.success());
+    let out = idemgate(&[
+        "explain",
+        "--store",
+        "redis://127.0.0.1:6379",
+        "--inbox",
+        "a/b",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SQL databases"));
+}
+
 /// A `dynamodb://` URL opens the DynamoDB store (moto on :4567): explain and forget by URL.
 #[test]
 fn explain_and_forget_on_dynamodb_by_url() {

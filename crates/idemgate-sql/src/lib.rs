@@ -24,6 +24,7 @@
 mod classify;
 mod conn;
 mod dialect;
+mod inspect;
 mod log;
 mod migrate;
 mod offsets;
@@ -41,6 +42,7 @@ pub use classify::classify_mysql;
 pub use classify::classify_postgres;
 pub use conn::{Arg, Kind, SqlConn, Value, in_transaction};
 pub use dialect::Dialect;
+pub use inspect::{InboxRow, inbox_row};
 pub use log::EventLog;
 pub use migrate::migrate;
 pub use offsets::Offsets;

@@ -30,6 +30,16 @@ impl<'a> Lite<'a> {
     }
 }
 
+/// Runs `f` on a fresh connection to the database file at `path`, for an operator's reads
+/// (`idemgate explain --inbox`).
+pub fn with_connection<T>(
+    path: impl AsRef<std::path::Path>,
+    f: impl FnOnce(&mut Lite<'_>) -> Result<T>,
+) -> Result<T> {
+    let conn = sql(Connection::open(path))?;
+    f(&mut Lite::new(&conn))
+}
+
 /// Runs a future of the shared SQL code on a [`Lite`] connection to its end (it never waits),
 /// for callers without an async runtime:
 /// `ready(log.append(&mut Lite::new(&conn), "stream", "evt-1", b".."))`.

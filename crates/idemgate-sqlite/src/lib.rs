@@ -41,7 +41,7 @@ mod queue;
 mod source;
 mod store;
 
-pub use conn::{Lite, ready};
+pub use conn::{Lite, ready, with_connection};
 pub use idemgate_core::backend::{Appended, LoggedEvent};
 pub use inbox::{SqliteInbox, SqliteTx};
 pub use outbox::SqliteOutbox;

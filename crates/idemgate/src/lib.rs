@@ -34,6 +34,7 @@
 //! | `mysql` | no | `mysql`: `MySqlStore`, `MySqlInbox` and `MySqlTx`, `MySqlOffsets`, `MySqlEventLog`, for MySQL 8 and MariaDB 10.5+ |
 //! | `redis` | no | `redis`: `RedisStore`, for standalone Redis and Redis Cluster |
 //! | `dynamodb` | no | `dynamodb`: `DynamoStore`, on Amazon DynamoDB |
+//! | `inspect` | no | `inspect`: an inbox row and consumer positions read by URL (turns `sqlite`, `postgres` and `mysql` on) |
 //! | `http` | no | `http`: the `Idempotency-Key` layer for tower and axum |
 //! | `consumer` | no | `consumer`: the consumer runtime (Gate mode on any store, Inbox mode on any backend's inbox), `Source` / `Delivery` / `Sink`, the shutdown helpers, the in-process `MemoryBroker` |
 //! | `rabbitmq` | no | `rabbitmq`: RabbitMQ source and sink (turns `consumer` on) |
@@ -75,6 +76,10 @@ pub use idemgate_redis as redis;
 #[cfg(feature = "dynamodb")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub use idemgate_dynamodb as dynamodb;
+
+#[cfg(feature = "inspect")]
+#[cfg_attr(docsrs, doc(cfg(feature = "inspect")))]
+pub mod inspect;
 
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
