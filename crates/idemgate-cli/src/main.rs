@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use idemgate_harness as harness;
 
 mod bridge;
+#[cfg(feature = "otel")]
+mod otel;
 mod proxy;
 mod stores;
 #[cfg(feature = "brokers")]
@@ -21,6 +23,11 @@ struct Cli {
     /// listener).
     #[arg(long, global = true, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Export the spans (each consumer delivery, each Gate run) to an OpenTelemetry collector
+    /// over OTLP/HTTP, as in `http://127.0.0.1:4318`.
+    #[cfg(feature = "otel")]
+    #[arg(long, global = true, value_name = "ENDPOINT")]
+    otlp: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -82,13 +89,31 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // warnings go to stderr (a store that keeps nothing on disk, a retention shorter than the
     // broker's redelivery window, a broker error); `RUST_LOG` asks for more
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_filter(filter);
+    #[cfg(feature = "otel")]
+    let (provider, spans) = match cli.otlp.as_deref().map(otel::layer) {
+        None => (None, None),
+        Some(Ok((provider, layer))) => (
+            Some(provider),
+            // the spans at info and above, whatever RUST_LOG asks of the logs
+            Some(layer.with_filter(tracing_subscriber::filter::LevelFilter::INFO)),
+        ),
+        Some(Err(e)) => {
+            eprintln!("error: --otlp: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    #[cfg(not(feature = "otel"))]
+    let spans: Option<tracing_subscriber::layer::Identity> = None;
+    tracing_subscriber::registry().with(logs).with(spans).init();
     if let Some(addr) = cli.metrics {
         if matches!(cli.command, Command::Proxy(_)) {
             eprintln!("error: the proxy serves /metrics on its own listener; drop --metrics");
@@ -99,7 +124,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let result = match cli.command {
+    let code = run(cli.command);
+    #[cfg(feature = "otel")]
+    if let Some(provider) = provider
+        && let Err(e) = provider.shutdown()
+    {
+        eprintln!("warning: the last spans may not have reached the collector: {e}");
+    }
+    code
+}
+
+fn run(command: Command) -> ExitCode {
+    let result = match command {
         Command::Demo(args) => harness::demo(args),
         Command::Bench(args) => idemgate_bench::run(args),
         Command::Proxy(args) => proxy::run(args),
