@@ -46,6 +46,39 @@ impl RecordRow {
             && (self.state == 1 || self.lease_until.is_some_and(|l| l > now_ms))
     }
 
+    /// What a claim that found the key taken answers, from the stored row at `now_ms`: a
+    /// mismatch, the completed record, or the live lease; `None` when the record expired or its
+    /// lease ran out (claim again, or take it over).
+    pub fn taken(
+        self,
+        key: &Key,
+        fp: Option<&Fingerprint>,
+        now_ms: i64,
+        backend: &'static str,
+    ) -> Result<Option<crate::record::Claim>> {
+        use crate::record::Claim;
+        if self.expires_at <= now_ms {
+            return Ok(None);
+        }
+        let held = self.is_held_at(now_ms);
+        let rec = self.into_record(key, backend)?;
+        if let (Some(s), Some(g)) = (rec.fingerprint, fp)
+            && s != *g
+        {
+            return Ok(Some(Claim::Mismatch { stored: s }));
+        }
+        if !held {
+            return Ok(None);
+        }
+        Ok(Some(match rec.state {
+            State::Completed { .. } => Claim::Completed(rec),
+            State::InProgress { lease_until, .. } => Claim::InProgress {
+                lease_until,
+                attempts: rec.attempts,
+            },
+        }))
+    }
+
     /// What [`Store::forget`](crate::Store::forget) does to this row at `now_ms`. SQL backends
     /// read the row, then write the step only if the row still has the state and token read.
     pub fn forget_step(&self, now_ms: i64, force: bool) -> ForgetStep {

@@ -257,27 +257,25 @@ impl DynamoStore {
         out.item().map(row).transpose()
     }
 
-    /// A write conditioned on the token and state read: `Ok(false)` when the item moved on.
-    async fn write_if(
+    /// An update of `key`'s item conditioned on `condition`: `Ok(false)` when the condition
+    /// did not hold (the item moved on, or the lease is stale).
+    async fn update_if(
         &self,
         key: &Key,
-        token: i64,
-        state: i64,
+        condition: &str,
         update: &str,
         values: Vec<(&str, AttributeValue)>,
     ) -> Result<bool> {
-        let mut req = self
+        let req = self
             .client
             .update_item()
             .table_name(&*self.table)
             .key("pk", pk(key))
             .update_expression(update)
-            .condition_expression("i_tok = :old AND i_st = :st")
-            .expression_attribute_values(":old", n(token))
-            .expression_attribute_values(":st", n(state));
-        for (name, v) in values {
-            req = req.expression_attribute_values(name, v);
-        }
+            .condition_expression(condition)
+            .set_expression_attribute_values(Some(
+                values.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            ));
         match req.send().await {
             Ok(_) => Ok(true),
             Err(e) if is_condition_failure(&e) => Ok(false),
@@ -285,30 +283,19 @@ impl DynamoStore {
         }
     }
 
+    /// An update of the item `lease` holds, refused (`Ok(false)`) when the lease is stale.
     async fn fenced(
         &self,
         lease: &Lease,
         extra_condition: &str,
         update: &str,
-        values: Vec<(&str, AttributeValue)>,
+        mut values: Vec<(&str, AttributeValue)>,
     ) -> Result<bool> {
-        let mut req = self
-            .client
-            .update_item()
-            .table_name(&*self.table)
-            .key("pk", pk(lease.key()))
-            .update_expression(update)
-            .condition_expression(format!("i_st = :zero AND i_tok = :tok{extra_condition}"))
-            .expression_attribute_values(":zero", n(0))
-            .expression_attribute_values(":tok", n(token_i64(lease.token())));
-        for (name, v) in values {
-            req = req.expression_attribute_values(name, v);
-        }
-        match req.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if is_condition_failure(&e) => Ok(false),
-            Err(e) => Err(sdk(e)),
-        }
+        values.push((":zero", n(0)));
+        values.push((":tok", n(token_i64(lease.token()))));
+        let condition = format!("i_st = :zero AND i_tok = :tok{extra_condition}");
+        self.update_if(lease.key(), &condition, update, values)
+            .await
     }
 }
 
@@ -419,33 +406,6 @@ fn row(item: &Item) -> Result<RecordRow> {
     })
 }
 
-/// What a claim that found the key taken answers, from the item it found; `None` when the
-/// lease ran out and the key may be taken over.
-fn decide(
-    key: &Key,
-    fp: Option<&Fingerprint>,
-    stored: RecordRow,
-    now: i64,
-) -> Result<Option<Claim>> {
-    let held = stored.is_held_at(now);
-    let rec = stored.into_record(key, BACKEND)?;
-    if let (Some(s), Some(g)) = (rec.fingerprint, fp)
-        && s != *g
-    {
-        return Ok(Some(Claim::Mismatch { stored: s }));
-    }
-    if !held {
-        return Ok(None);
-    }
-    Ok(Some(match rec.state {
-        idemgate_core::State::Completed { .. } => Claim::Completed(rec),
-        idemgate_core::State::InProgress { lease_until, .. } => Claim::InProgress {
-            lease_until,
-            attempts: rec.attempts,
-        },
-    }))
-}
-
 fn acquired(key: &Key, item: Option<&Item>) -> Result<Claim> {
     let r = row(item.ok_or_else(|| corrupt("a claim returned no item".into()))?)?;
     Ok(Claim::Acquired(Lease::new(
@@ -521,7 +481,8 @@ impl Store for DynamoStore {
             if stored.expires_at <= now {
                 continue;
             }
-            if let Some(answer) = decide(key, fp, stored.clone(), now)? {
+            let token = stored.token;
+            if let Some(answer) = stored.taken(key, fp, now, BACKEND)? {
                 return Ok(answer);
             }
             // the lease ran out: take it over if the token is still the one read
@@ -541,7 +502,7 @@ impl Store for DynamoStore {
                 .condition_expression("i_tok = :old AND i_st = :zero AND i_lu <= :now")
                                 .expression_attribute_values(":one", n(1))
                 .expression_attribute_values(":zero", n(0))
-                .expression_attribute_values(":old", n(stored.token))
+                .expression_attribute_values(":old", n(token))
                 .expression_attribute_values(":now", n(now))
                 .expression_attribute_values(":lu", n(lu))
                 .expression_attribute_values(":ex", n(ex))
@@ -713,12 +674,17 @@ impl Store for DynamoStore {
                 return Ok(step.answer());
             };
             let written = self
-                .write_if(
+                .update_if(
                     key,
-                    stored.token,
-                    stored.state,
+                    "i_tok = :old AND i_st = :st",
                     "SET i_st = :zero, i_tok = :tok, i_lu = :lu REMOVE i_fp, i_out, i_ca",
-                    vec![(":zero", n(0)), (":tok", n(token)), (":lu", n(lease_until))],
+                    vec![
+                        (":old", n(stored.token)),
+                        (":st", n(stored.state)),
+                        (":zero", n(0)),
+                        (":tok", n(token)),
+                        (":lu", n(lease_until)),
+                    ],
                 )
                 .await?;
             if written {

@@ -327,31 +327,11 @@ fn acquired(key: &Key, r: &PgRow) -> Result<Claim> {
     )))
 }
 
-/// What a claim that did not win reports, from the live row and the database's `now` (column
-/// 9); `None` when the key turned free meanwhile (claim again).
+/// What a claim that did not win reports, from the row and the database's `now` (column 9);
+/// `None` when the key turned free meanwhile (claim again).
 fn decide(key: &Key, fp: Option<&Fingerprint>, r: &PgRow) -> Result<Option<Claim>> {
     let now: i64 = pg(r.try_get(9))?;
-    let stored = pg(row(r))?;
-    if stored.expires_at <= now {
-        return Ok(None);
-    }
-    let held = stored.is_held_at(now);
-    let rec = stored.into_record(key, "postgres")?;
-    if let (Some(s), Some(g)) = (rec.fingerprint, fp)
-        && s != *g
-    {
-        return Ok(Some(Claim::Mismatch { stored: s }));
-    }
-    if !held {
-        return Ok(None);
-    }
-    Ok(Some(match rec.state {
-        idemgate_core::State::Completed { .. } => Claim::Completed(rec),
-        idemgate_core::State::InProgress { lease_until, .. } => Claim::InProgress {
-            lease_until,
-            attempts: rec.attempts,
-        },
-    }))
+    pg(row(r))?.taken(key, fp, now, "postgres")
 }
 
 impl PostgresStore {
