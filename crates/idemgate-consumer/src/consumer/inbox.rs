@@ -287,9 +287,21 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
             return false;
         }
         if let Err(e) = self.inbox.commit(tx).await {
-            // the partition resumes from the stored position (its next message is fenced) and
-            // dead-letters this one again: a second copy, with the same event id
-            tracing::warn!(error = %e, "the dead letter is stored, its key and position are not");
+            // unrecorded, the key would let a redelivery (or the partition, resuming from the
+            // stored position) dead-letter the event again: record it in a new transaction,
+            // once the database is back. A copy recorded first, or a fenced position, ends it.
+            tracing::warn!(error = %e, "the dead letter is stored, its key and position are not yet");
+            for _ in 0..3 {
+                match self.dead_letter_tx(key, position.as_ref()).await {
+                    Moved::Tx(tx) => match self.inbox.commit(tx).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "recording the dead letter's key failed")
+                        }
+                    },
+                    Moved::Settle(_) => break,
+                }
+            }
         }
         true
     }
