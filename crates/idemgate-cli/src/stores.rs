@@ -27,14 +27,19 @@ pub(crate) struct KeyArgs {
 
 impl KeyArgs {
     fn key(&self) -> Result<Key, BoxError> {
-        Ok(match &self.scope {
-            Some(scope) => Key::new(scope, &self.key)?,
-            None => match self.key.split_once('/') {
-                Some((scope, id)) => Key::new(scope, id)?,
-                None => return Err("give the key as scope/id, or its scope with --scope".into()),
-            },
-        })
+        parse_key(self.scope.as_deref(), &self.key)
     }
+}
+
+/// `id` under `--scope`, or `scope/id` without it.
+fn parse_key(scope: Option<&str>, key: &str) -> Result<Key, BoxError> {
+    Ok(match scope {
+        Some(scope) => Key::new(scope, key)?,
+        None => match key.split_once('/') {
+            Some((scope, id)) => Key::new(scope, id)?,
+            None => return Err("give the key as scope/id, or its scope with --scope".into()),
+        },
+    })
 }
 
 #[derive(Debug, Args)]
@@ -98,12 +103,10 @@ pub(crate) fn explain(args: ExplainArgs) -> Result<ExitCode, BoxError> {
     if let Some(which) = &args.positions {
         return explain_positions(&rt, &args, which);
     }
-    let key = KeyArgs {
-        store: args.store.clone(),
-        scope: args.scope.clone(),
-        key: args.key.clone().unwrap_or_default(),
-    }
-    .key()?;
+    let key = parse_key(
+        args.scope.as_deref(),
+        args.key.as_deref().unwrap_or_default(),
+    )?;
     if args.inbox {
         return explain_inbox(&rt, &args, &args.inbox_table, &key);
     }

@@ -38,7 +38,7 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TimeToLiveSpecification,
 };
-use idemgate_core::backend::{ForgetStep, RecordRow, first_token, later, to_millis};
+use idemgate_core::backend::{ForgetStep, RecordRow, first_token, from_millis, later, to_millis};
 use idemgate_core::{
     Claim, ClaimOptions, Clock, Error, Fingerprint, Forgotten, Key, Lease, Outcome, Record, Result,
     Store, SystemClock,
@@ -324,7 +324,7 @@ fn token_i64(t: u64) -> i64 {
 
 /// `t + d` in milliseconds, as the other stores bound it (no overflow, end of year 9999).
 fn plus(t: i64, d: Duration) -> i64 {
-    let t = idemgate_core::backend::from_millis(u64::try_from(t).unwrap_or(0));
+    let t = from_millis(u64::try_from(t).unwrap_or(0));
     ms_i64(to_millis(later(t, d)))
 }
 
@@ -443,7 +443,10 @@ impl Store for DynamoStore {
                 .condition_expression("attribute_not_exists(pk) OR i_ex <= :now")
                 .expression_attribute_values(":zero", n(0))
                 .expression_attribute_values(":one", n(1))
-                .expression_attribute_values(":first", n(ms_i64(first_token(self.clock.now())) - 1))
+                .expression_attribute_values(
+                    ":first",
+                    n(ms_i64(first_token(from_millis(u64::try_from(now).unwrap_or(0)))) - 1),
+                )
                 .expression_attribute_values(":lu", n(lu))
                 .expression_attribute_values(":now", n(now))
                 .expression_attribute_values(":ex", n(ex))
