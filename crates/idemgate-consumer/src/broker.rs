@@ -20,6 +20,11 @@ pub trait Delivery: Send + Sync + 'static {
     fn nack(self, delay: Duration) -> impl Future<Output = Result<()>> + Send;
 
     /// Never to be retried: moved to the broker's dead-letter destination with `reason`.
+    ///
+    /// `Ok` once the broker stored the dead letter, even if settling the original then failed
+    /// ([`dead_lettered`]): the consumer records the key, and the original, when it comes back,
+    /// is acked as a duplicate. `Err` only when the dead letter is not stored (the original is
+    /// then kept, to come back).
     fn dead_letter(self, reason: &str) -> impl Future<Output = Result<()>> + Send;
 
     /// Still working: extends the broker's redelivery timer (NATS `+WPI`, SQS visibility).
@@ -37,6 +42,20 @@ pub trait Delivery: Send + Sync + 'static {
     {
         self.nack(Duration::ZERO)
     }
+}
+
+/// Settles the original of a stored dead letter with `settle` (its ack, or a terminate): `Ok`
+/// whatever the broker answers, since the dead letter is stored. Reporting a failed ack as a
+/// failed dead letter would roll back the key's record, and the original, back from the broker,
+/// would be dead-lettered a second time.
+pub async fn dead_lettered(settle: impl Future<Output = Result<()>>) -> Result<()> {
+    if let Err(e) = settle.await {
+        tracing::warn!(
+            error = %e,
+            "the dead letter is stored; settling the original failed, so it comes back as a duplicate"
+        );
+    }
+    Ok(())
 }
 
 /// A stream of deliveries from one queue, subject, topic or subscription.

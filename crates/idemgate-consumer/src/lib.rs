@@ -83,7 +83,7 @@ mod relay;
 pub mod shutdown;
 mod window;
 
-pub use broker::{Delivery, Sink, Source};
+pub use broker::{Delivery, Sink, Source, dead_lettered};
 pub use consumer::{Consumer, FingerprintFn, GateMode, InboxMode, KeyFn, Stats, StatsHandle};
 pub use idemgate_core::{BoxError, Inbox, InboxFn, InboxHandler, Outbox, Position, Warning};
 pub use message::{

@@ -10,11 +10,13 @@ use idemgate_consumer::{BoxError, Consumer, Delivery, InboxHandler, Message, Sou
 use idemgate_core::{Error, Inbox, Key, Position, Result};
 use idemgate_sqlite::{SqliteInbox, SqliteTx};
 
-/// An inbox whose database is away while `down` is set.
+/// An inbox whose database is away while `down` is set, and whose next `fail_commits` commits
+/// fail (their transactions rolled back).
 #[derive(Clone)]
 struct Away {
     inner: SqliteInbox,
     down: Arc<AtomicBool>,
+    fail_commits: Arc<AtomicUsize>,
 }
 
 impl Away {
@@ -52,6 +54,17 @@ impl Inbox for Away {
         self.inner.forget(tx, key).await
     }
     async fn commit(&self, tx: SqliteTx) -> Result<()> {
+        let fail = self
+            .fail_commits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            drop(tx);
+            return Err(Error::Unavailable {
+                backend: "test",
+                source: "the connection dropped at the commit".into(),
+            });
+        }
         self.inner.commit(tx).await
     }
     fn retention(&self) -> Duration {
@@ -147,6 +160,7 @@ async fn a_dead_letter_waiting_for_the_database_stays_in_progress() {
     let inbox = Away {
         inner: sqlite,
         down: Arc::clone(&down),
+        fail_commits: Arc::default(),
     };
     let broker = MemoryBroker::new();
     broker.send(Message::new("orders", "1").with_event_id("evt-1"));
@@ -335,4 +349,112 @@ async fn a_permanent_failure_in_inbox_mode_is_dead_lettered_at_once() {
         .query_row("SELECT count(*) FROM applied", [], |r| r.get(0))
         .unwrap();
     assert_eq!(applied, 1);
+}
+
+/// A source whose deliveries, once their dead letter is stored, fail the commit that records it
+/// and take the database away for 300 ms.
+struct FailsTheRecord<S> {
+    inner: S,
+    down: Arc<AtomicBool>,
+    fail_commits: Arc<AtomicUsize>,
+}
+
+struct FailingRecord<D> {
+    inner: D,
+    down: Arc<AtomicBool>,
+    fail_commits: Arc<AtomicUsize>,
+}
+
+impl<D: Delivery> Delivery for FailingRecord<D> {
+    fn message(&self) -> &Message {
+        self.inner.message()
+    }
+    async fn ack(self) -> idemgate_consumer::Result<()> {
+        self.inner.ack().await
+    }
+    async fn nack(self, delay: Duration) -> idemgate_consumer::Result<()> {
+        self.inner.nack(delay).await
+    }
+    async fn dead_letter(self, reason: &str) -> idemgate_consumer::Result<()> {
+        self.inner.dead_letter(reason).await?;
+        self.fail_commits.store(1, Ordering::SeqCst);
+        self.down.store(true, Ordering::SeqCst);
+        let down = Arc::clone(&self.down);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            down.store(false, Ordering::SeqCst);
+        });
+        Ok(())
+    }
+}
+
+impl<S: Source> Source for FailsTheRecord<S> {
+    type Delivery = FailingRecord<S::Delivery>;
+    async fn recv(&mut self) -> idemgate_consumer::Result<Option<Self::Delivery>> {
+        Ok(self.inner.recv().await?.map(|d| FailingRecord {
+            inner: d,
+            down: Arc::clone(&self.down),
+            fail_commits: Arc::clone(&self.fail_commits),
+        }))
+    }
+}
+
+/// A dead letter is stored, then the commit that records its key fails and the database is away
+/// for a while: the key is recorded once the database is back, so a copy of the event that
+/// comes later is acked as a duplicate, not dead-lettered a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_whose_record_failed_is_recorded_once_the_database_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let sqlite = SqliteInbox::open(&path).unwrap();
+    sqlite.migrate().await.unwrap();
+    let (down, fail_commits) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let inbox = Away {
+        inner: sqlite,
+        down: Arc::clone(&down),
+        fail_commits: Arc::clone(&fail_commits),
+    };
+    let broker = MemoryBroker::new();
+    let poison = || Message::new("orders", "x").with_event_id("poison");
+    broker.send(poison());
+    let source = FailsTheRecord {
+        inner: broker.source(),
+        down,
+        fail_commits: Arc::clone(&fail_commits),
+    };
+    let consumer = Consumer::inbox("orders", inbox)
+        .with_max_attempts(1)
+        .with_retry_delay(Duration::from_millis(5));
+    let run = tokio::spawn(consumer.run(source, Applies, std::future::pending()));
+
+    // the key, read from a connection of its own: recorded once the record is retried
+    let reader = SqliteInbox::open(&path).unwrap();
+    let key = Key::new("orders", "poison").unwrap();
+    let recorded = async {
+        loop {
+            let mut tx = reader.begin().await.unwrap();
+            if !reader.first_time(&mut tx, &key).await.unwrap() {
+                return;
+            }
+            drop(tx);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), recorded)
+        .await
+        .expect("the dead letter's key is recorded after its failed commit");
+    assert_eq!(fail_commits.load(Ordering::SeqCst), 0, "no commit failed");
+
+    broker.send(poison());
+    broker.close();
+    let stats = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the consumer drains the queue")
+        .unwrap()
+        .unwrap();
+    assert_eq!(broker.dead_letters().len(), 1, "{stats:?}");
+    assert_eq!(stats.duplicates, 1, "{stats:?}");
 }

@@ -170,7 +170,7 @@ impl Delivery for MqttDelivery {
             .publish(&topic, self.msg.payload.clone(), props)
             .await
         {
-            Ok(true) => return self.puback().await,
+            Ok(true) => return idemgate_consumer::dead_lettered(self.puback()).await,
             Ok(false) => Error::broker(
                 BROKER,
                 format!("dead-lettering to {topic}"),

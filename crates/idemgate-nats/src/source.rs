@@ -137,10 +137,13 @@ impl Delivery for NatsDelivery {
                 return Err(e);
             }
         }
-        self.inner
-            .ack_with(AckKind::Term)
-            .await
-            .map_err(err("terminating"))
+        idemgate_consumer::dead_lettered(async {
+            self.inner
+                .ack_with(AckKind::Term)
+                .await
+                .map_err(err("terminating"))
+        })
+        .await
     }
 
     async fn in_progress(&self) -> Result<()> {

@@ -186,7 +186,7 @@ impl Delivery for RabbitDelivery {
             let _ = self.nack(DEAD_LETTER_RETRY).await;
             return Err(e);
         }
-        self.ack().await
+        idemgate_consumer::dead_lettered(self.ack()).await
     }
 }
 

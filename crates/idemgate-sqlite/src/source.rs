@@ -211,7 +211,7 @@ impl Delivery for QueueDelivery {
                 "dead letter dropped: the queue source has no dead-letter queue"
             ),
         }
-        self.ack().await
+        idemgate_consumer::dead_lettered(self.ack()).await
     }
 
     async fn in_progress(&self) -> Result<()> {

@@ -190,7 +190,7 @@ impl Delivery for SqsDelivery {
             Some((DEAD_LETTER_REASON, reason)),
         )
         .await?;
-        self.ack().await
+        idemgate_consumer::dead_lettered(self.ack()).await
     }
 
     async fn in_progress(&self) -> Result<()> {

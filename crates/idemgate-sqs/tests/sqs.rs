@@ -123,6 +123,29 @@ async fn poison_goes_to_the_dead_letter_queue_with_its_reason() {
     assert!(reason.contains("poison"), "{reason}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_dead_letter_counts_though_the_original_cannot_be_deleted() {
+    // the dead letter is stored, then deleting the original fails (here: its queue is gone):
+    // reporting the dead letter failed would make the consumer roll its key back, and the
+    // original, back from the broker, would be dead-lettered a second time
+    let name = unique("gone");
+    let Some((sqs, url)) = queue(&name, QueueOptions::default()).await else {
+        return;
+    };
+    sqs.sink()
+        .publish(&Outgoing::new(&url, "undeletable"))
+        .await
+        .unwrap();
+    let mut source = sqs.source(&url).await.unwrap();
+    let d = broker::next(&mut source, Duration::from_secs(10), "the message").await;
+    sqs.delete_queue(&url).await.unwrap();
+    d.dead_letter("its queue is gone").await.unwrap();
+    let dead_url = url.replace(&name, &format!("{name}-dead"));
+    let mut dead = sqs.source(&dead_url).await.unwrap();
+    let d = broker::next(&mut dead, Duration::from_secs(10), "the dead letter").await;
+    assert_eq!(&d.message().payload[..], b"undeletable");
+}
+
 /// A redrive policy of 5 receives (the default `create_queue` sets) and a 3 s visibility.
 fn budget_of_five() -> QueueOptions {
     QueueOptions::default().with_visibility_timeout(Duration::from_secs(3))

@@ -46,7 +46,24 @@ where
                 let failed = Outcome::new(Outcome::FAILED, Bytes::from(reason.clone()));
                 let stored = rt.dead_letter(d, Why::Exhausted, reason).await;
                 let recorded = if stored {
-                    self.store.complete(&lease, &failed, rt.cfg.retention).await
+                    // tried again at a short pace while the store fails, the lease kept alive:
+                    // a copy that takes the key over would be dead-lettered again
+                    let complete = async {
+                        loop {
+                            match self.store.complete(&lease, &failed, rt.cfg.retention).await {
+                                Err(e) if e.is_retryable() => {
+                                    tracing::debug!(error = %e, "recording a dead-lettered key failed");
+                                    if !rt.pause(RECORD_RETRY).await {
+                                        return Err(e);
+                                    }
+                                }
+                                done => return done,
+                            }
+                        }
+                    };
+                    keep_alive(&*self.store, &lease, rt.cfg.lease, complete)
+                        .await
+                        .0
                 } else {
                     self.store.release(lease).await
                 };

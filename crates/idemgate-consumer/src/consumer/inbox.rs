@@ -1,6 +1,7 @@
 //! Inbox mode: the key row and the effect in one transaction, then the ack.
 
 use super::*;
+
 pub(crate) struct InboxProcess<I: Inbox, H> {
     pub(crate) rt: Arc<Runtime>,
     pub(crate) inbox: Arc<I>,
@@ -287,23 +288,47 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
             return false;
         }
         if let Err(e) = self.inbox.commit(tx).await {
-            // unrecorded, the key would let a redelivery (or the partition, resuming from the
-            // stored position) dead-letter the event again: record it in a new transaction,
-            // once the database is back. A copy recorded first, or a fenced position, ends it.
             tracing::warn!(error = %e, "the dead letter is stored, its key and position are not yet");
-            for _ in 0..3 {
-                match self.dead_letter_tx(key, position.as_ref()).await {
-                    Moved::Tx(tx) => match self.inbox.commit(tx).await {
-                        Ok(()) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "recording the dead letter's key failed")
-                        }
-                    },
-                    Moved::Settle(_) => break,
+            self.record_dead_letter(key, position.as_ref()).await;
+        }
+        true
+    }
+
+    /// Records a stored dead letter's key and moves its position after their commit failed,
+    /// trying every [`RECORD_RETRY`] until done: unrecorded, the key lets a copy of the event
+    /// (or the partition, resuming from the stored position) be dead-lettered again, so this
+    /// must win the race with a copy once the database is back. A copy recorded first, a fenced
+    /// position or the consumer stopping ends it.
+    async fn record_dead_letter(
+        &self,
+        key: Option<&Key>,
+        position: Option<&idemgate_core::Position>,
+    ) {
+        loop {
+            let recorded = async {
+                let mut tx = self.inbox.begin().await?;
+                if let Some(key) = key {
+                    self.inbox.first_time(&mut tx, key).await?;
+                }
+                if let Some(position) = position {
+                    self.inbox.advance(&mut tx, position).await?;
+                }
+                self.inbox.commit(tx).await
+            };
+            match recorded.await {
+                Ok(()) | Err(idemgate_core::Error::Fenced { .. }) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "recording the dead letter's key failed");
+                    if !self.rt.pause(RECORD_RETRY).await {
+                        tracing::warn!(
+                            key = ?key,
+                            "stopping with a stored dead letter unrecorded: a copy of it can be dead-lettered again"
+                        );
+                        return;
+                    }
                 }
             }
         }
-        true
     }
 
     /// Opens the dead letter's transaction: `key` recorded and the position moved, retried

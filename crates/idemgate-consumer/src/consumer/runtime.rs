@@ -107,6 +107,10 @@ pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// picks up soon after the store is back.
 pub(crate) const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
 
+/// How often a stored dead letter's key is tried again once its record failed: it must win the
+/// race with a copy of the event once the store is back.
+pub(crate) const RECORD_RETRY: Duration = Duration::from_millis(100);
+
 /// `base` doubled `n` times, at most [`MAX_BACKOFF`].
 pub(crate) fn backoff(base: Duration, n: u32) -> Duration {
     base.saturating_mul(1 << n.min(16)).min(MAX_BACKOFF)
