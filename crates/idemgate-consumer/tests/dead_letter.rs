@@ -81,18 +81,39 @@ impl Inbox for Away {
     }
 }
 
-/// A source whose deliveries count the in-progress signals they send.
-struct Counting<S> {
+/// What a [`Hooked`] source's deliveries do around the broker's own settlement.
+trait Hooks: Send + Sync + 'static {
+    /// Before the dead letter: an error here is the broker refusing it.
+    fn before_dead_letter(&self) -> idemgate_consumer::Result<()> {
+        Ok(())
+    }
+    /// Once the broker stored the dead letter.
+    fn after_dead_letter(&self) {}
+    /// On each in-progress signal.
+    fn in_progress(&self) {}
+}
+
+/// A source whose deliveries run `H` around their dead letters and in-progress signals.
+struct Hooked<S, H> {
     inner: S,
-    signals: Arc<AtomicUsize>,
+    hooks: Arc<H>,
 }
 
-struct Counted<D> {
+impl<S, H> Hooked<S, H> {
+    fn new(inner: S, hooks: H) -> Self {
+        Hooked {
+            inner,
+            hooks: Arc::new(hooks),
+        }
+    }
+}
+
+struct HookedDelivery<D, H> {
     inner: D,
-    signals: Arc<AtomicUsize>,
+    hooks: Arc<H>,
 }
 
-impl<D: Delivery> Delivery for Counted<D> {
+impl<D: Delivery, H: Hooks> Delivery for HookedDelivery<D, H> {
     fn message(&self) -> &Message {
         self.inner.message()
     }
@@ -103,21 +124,73 @@ impl<D: Delivery> Delivery for Counted<D> {
         self.inner.nack(delay).await
     }
     async fn dead_letter(self, reason: &str) -> idemgate_consumer::Result<()> {
-        self.inner.dead_letter(reason).await
+        // refused: dropped unsettled, so the broker redelivers it
+        self.hooks.before_dead_letter()?;
+        self.inner.dead_letter(reason).await?;
+        self.hooks.after_dead_letter();
+        Ok(())
     }
     async fn in_progress(&self) -> idemgate_consumer::Result<()> {
-        self.signals.fetch_add(1, Ordering::SeqCst);
+        self.hooks.in_progress();
         self.inner.in_progress().await
     }
 }
 
-impl<S: Source> Source for Counting<S> {
-    type Delivery = Counted<S::Delivery>;
+impl<S: Source, H: Hooks> Source for Hooked<S, H> {
+    type Delivery = HookedDelivery<S::Delivery, H>;
     async fn recv(&mut self) -> idemgate_consumer::Result<Option<Self::Delivery>> {
-        Ok(self.inner.recv().await?.map(|d| Counted {
+        Ok(self.inner.recv().await?.map(|d| HookedDelivery {
             inner: d,
-            signals: Arc::clone(&self.signals),
+            hooks: Arc::clone(&self.hooks),
         }))
+    }
+}
+
+/// Counts the in-progress signals.
+struct CountsSignals(Arc<AtomicUsize>);
+
+impl Hooks for CountsSignals {
+    fn in_progress(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The broker refuses the first `.0` dead letters.
+struct RefusesDeadLetters(AtomicUsize);
+
+impl Hooks for RefusesDeadLetters {
+    fn before_dead_letter(&self) -> idemgate_consumer::Result<()> {
+        let refused = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if refused {
+            return Err(idemgate_consumer::Error::Broker {
+                broker: "test",
+                message: "the broker is down".into(),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Once a dead letter is stored, fails the commit that records it and takes the database away
+/// for 300 ms.
+struct FailsTheRecord {
+    down: Arc<AtomicBool>,
+    fail_commits: Arc<AtomicUsize>,
+}
+
+impl Hooks for FailsTheRecord {
+    fn after_dead_letter(&self) {
+        self.fail_commits.store(1, Ordering::SeqCst);
+        self.down.store(true, Ordering::SeqCst);
+        let down = Arc::clone(&self.down);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            down.store(false, Ordering::SeqCst);
+        });
     }
 }
 
@@ -166,10 +239,7 @@ async fn a_dead_letter_waiting_for_the_database_stays_in_progress() {
     broker.send(Message::new("orders", "1").with_event_id("evt-1"));
     broker.close();
     let signals = Arc::new(AtomicUsize::new(0));
-    let source = Counting {
-        inner: broker.source(),
-        signals: Arc::clone(&signals),
-    };
+    let source = Hooked::new(broker.source(), CountsSignals(Arc::clone(&signals)));
     let before = Arc::new(AtomicUsize::new(0));
     let handler = FailsAndTakesTheDatabase {
         down,
@@ -195,57 +265,6 @@ async fn a_dead_letter_waiting_for_the_database_stays_in_progress() {
     );
     assert_eq!(stats.dead_lettered, 1, "{stats:?}");
     assert_eq!(broker.dead_letters().len(), 1);
-}
-
-/// A source whose first `fail` dead letters the broker cannot take.
-struct RefusesDeadLetters<S> {
-    inner: S,
-    fail: Arc<AtomicUsize>,
-}
-
-struct Refusing<D> {
-    inner: D,
-    fail: Arc<AtomicUsize>,
-}
-
-impl<D: Delivery> Delivery for Refusing<D> {
-    fn message(&self) -> &Message {
-        self.inner.message()
-    }
-    async fn ack(self) -> idemgate_consumer::Result<()> {
-        self.inner.ack().await
-    }
-    async fn nack(self, delay: Duration) -> idemgate_consumer::Result<()> {
-        self.inner.nack(delay).await
-    }
-    async fn dead_letter(self, reason: &str) -> idemgate_consumer::Result<()> {
-        let refused = self
-            .fail
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if refused {
-            // dropped unsettled: the broker redelivers it
-            return Err(idemgate_consumer::Error::Broker {
-                broker: "test",
-                message: "the broker is down".into(),
-                source: None,
-            });
-        }
-        self.inner.dead_letter(reason).await
-    }
-    async fn in_progress(&self) -> idemgate_consumer::Result<()> {
-        self.inner.in_progress().await
-    }
-}
-
-impl<S: Source> Source for RefusesDeadLetters<S> {
-    type Delivery = Refusing<S::Delivery>;
-    async fn recv(&mut self) -> idemgate_consumer::Result<Option<Self::Delivery>> {
-        Ok(self.inner.recv().await?.map(|d| Refusing {
-            inner: d,
-            fail: Arc::clone(&self.fail),
-        }))
-    }
 }
 
 /// Applies a message by writing its id into `applied`, in the inbox transaction; `poison`
@@ -289,10 +308,7 @@ async fn a_dead_letter_that_went_nowhere_keeps_its_keys_order() {
         );
     }
     broker.close();
-    let source = RefusesDeadLetters {
-        inner: broker.source(),
-        fail: Arc::new(AtomicUsize::new(1)),
-    };
+    let source = Hooked::new(broker.source(), RefusesDeadLetters(AtomicUsize::new(1)));
     let stats = tokio::time::timeout(
         Duration::from_secs(30),
         Consumer::inbox("orders", inbox)
@@ -351,54 +367,6 @@ async fn a_permanent_failure_in_inbox_mode_is_dead_lettered_at_once() {
     assert_eq!(applied, 1);
 }
 
-/// A source whose deliveries, once their dead letter is stored, fail the commit that records it
-/// and take the database away for 300 ms.
-struct FailsTheRecord<S> {
-    inner: S,
-    down: Arc<AtomicBool>,
-    fail_commits: Arc<AtomicUsize>,
-}
-
-struct FailingRecord<D> {
-    inner: D,
-    down: Arc<AtomicBool>,
-    fail_commits: Arc<AtomicUsize>,
-}
-
-impl<D: Delivery> Delivery for FailingRecord<D> {
-    fn message(&self) -> &Message {
-        self.inner.message()
-    }
-    async fn ack(self) -> idemgate_consumer::Result<()> {
-        self.inner.ack().await
-    }
-    async fn nack(self, delay: Duration) -> idemgate_consumer::Result<()> {
-        self.inner.nack(delay).await
-    }
-    async fn dead_letter(self, reason: &str) -> idemgate_consumer::Result<()> {
-        self.inner.dead_letter(reason).await?;
-        self.fail_commits.store(1, Ordering::SeqCst);
-        self.down.store(true, Ordering::SeqCst);
-        let down = Arc::clone(&self.down);
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            down.store(false, Ordering::SeqCst);
-        });
-        Ok(())
-    }
-}
-
-impl<S: Source> Source for FailsTheRecord<S> {
-    type Delivery = FailingRecord<S::Delivery>;
-    async fn recv(&mut self) -> idemgate_consumer::Result<Option<Self::Delivery>> {
-        Ok(self.inner.recv().await?.map(|d| FailingRecord {
-            inner: d,
-            down: Arc::clone(&self.down),
-            fail_commits: Arc::clone(&self.fail_commits),
-        }))
-    }
-}
-
 /// A dead letter is stored, then the commit that records its key fails and the database is away
 /// for a while: the key is recorded once the database is back, so a copy of the event that
 /// comes later is acked as a duplicate, not dead-lettered a second time.
@@ -420,11 +388,13 @@ async fn a_dead_letter_whose_record_failed_is_recorded_once_the_database_is_back
     let broker = MemoryBroker::new();
     let poison = || Message::new("orders", "x").with_event_id("poison");
     broker.send(poison());
-    let source = FailsTheRecord {
-        inner: broker.source(),
-        down,
-        fail_commits: Arc::clone(&fail_commits),
-    };
+    let source = Hooked::new(
+        broker.source(),
+        FailsTheRecord {
+            down,
+            fail_commits: Arc::clone(&fail_commits),
+        },
+    );
     let consumer = Consumer::inbox("orders", inbox)
         .with_max_attempts(1)
         .with_retry_delay(Duration::from_millis(5));

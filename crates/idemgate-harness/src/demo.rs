@@ -85,6 +85,7 @@ impl DemoArgs {
             visibility_ms: self.visibility_ms,
             no_derived_keys: false,
             no_naive: false,
+            naive_events: None,
             dir: self.dir,
             timeout_secs: self.timeout_secs,
             stall_secs: 90,

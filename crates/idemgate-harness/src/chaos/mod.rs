@@ -105,7 +105,7 @@ fn is_zero(n: &u32) -> bool {
 }
 
 /// The settings of `idemgate chaos`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ChaosArgs {
     /// The broker.
     #[arg(long, value_enum, default_value = "embedded")]
@@ -189,6 +189,10 @@ pub struct ChaosArgs {
     /// Skip the naive run.
     #[arg(long)]
     pub(crate) no_naive: bool,
+    /// Events the naive run produces (default: `--events`), with the same kills and faults:
+    /// it only has to show the damage.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub(crate) naive_events: Option<u64>,
     /// Keep the run directory, tables and destinations here (default: a temporary directory,
     /// removed afterwards, and the tables dropped).
     #[arg(long)]
@@ -553,11 +557,16 @@ pub(crate) fn run_as(command: &str, args: &ChaosArgs) -> Result<ExitCode, BoxErr
     let naive = if args.no_naive {
         None
     } else {
+        let naive = ChaosArgs {
+            events: args.naive_events.unwrap_or(args.events),
+            ..args.clone()
+        };
+        let naive_schedule = Schedule::new(&naive, seed);
         Some(rt.block_on(phase(
             WorkerMode::Naive,
-            args,
+            &naive,
             &setup,
-            &schedule,
+            &naive_schedule,
             &base,
             &progress,
         ))?)
