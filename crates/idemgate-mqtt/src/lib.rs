@@ -28,6 +28,10 @@
 //!
 //! [MQTT-4.6.0-2]: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901240
 //!
+//! A topic's messages reach one session in publish order, between broker restarts: Mosquitto
+//! 2.0.11 with persistence was seen handing a resumed session a message published after its
+//! restart before older messages of the same topic that it had restored.
+//!
 //! A broker keeps a bounded queue per session: Mosquitto drops QoS 1 messages beyond
 //! `max_queued_messages` (default 1000) plus the client's receive maximum while the consumer is
 //! away or behind. That loss happens before any consumer sees the message; raise the limit for

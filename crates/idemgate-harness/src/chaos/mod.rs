@@ -637,7 +637,12 @@ pub(crate) fn run_as(command: &str, args: &ChaosArgs) -> Result<ExitCode, BoxErr
             idem.poison_permanent, idem.dead_lettered
         ));
     }
-    if idem.out_of_order > 0 && args.broker.keeps_order() {
+    let order_kept = if args.broker_restarts > 0 {
+        args.broker.keeps_order_across_restarts()
+    } else {
+        args.broker.keeps_order()
+    };
+    if idem.out_of_order > 0 && order_kept {
         failures.push(format!(
             "{} effects applied out of their key's order",
             idem.out_of_order

@@ -519,6 +519,8 @@ macro_rules! apply_in {
                 }
                 self.hooks.at(KillPoint::AfterClaim, &e.id);
                 $apply(&mut *tx, &self.tables, &e).await?;
+                // for the trace (`--dir`): the effect, to commit or roll back with the inbox row
+                say(&format!("RAN {} {} {}", e.id, e.key, e.seq));
                 self.hooks.at(KillPoint::AfterEffect, &e.id);
                 Ok(())
             }
