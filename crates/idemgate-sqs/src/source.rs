@@ -150,6 +150,9 @@ impl SqsDelivery {
     }
 }
 
+/// How long a message is held while its dead letter is sent.
+const DEAD_LETTER_HOLD: Duration = Duration::from_secs(30);
+
 impl Delivery for SqsDelivery {
     fn message(&self) -> &Message {
         &self.msg
@@ -179,8 +182,11 @@ impl Delivery for SqsDelivery {
                 self.url
             )));
         };
+        // held while the dead letter is sent: shown again meanwhile, the message could be
+        // received past the redrive limit and moved to the dead-letter queue by SQS as well
+        let _ = self.visibility(self.visibility.max(DEAD_LETTER_HOLD)).await;
         let m = &self.msg;
-        send(
+        let sent = send(
             &self.client,
             dead,
             &m.payload,
@@ -189,7 +195,12 @@ impl Delivery for SqsDelivery {
             m.ordering_key.as_deref(),
             Some((DEAD_LETTER_REASON, reason)),
         )
-        .await?;
+        .await;
+        if let Err(e) = sent {
+            // kept, and back after a pause rather than after the hold
+            let _ = self.visibility(idemgate_consumer::DEAD_LETTER_RETRY).await;
+            return Err(e);
+        }
         idemgate_consumer::dead_lettered(self.ack()).await
     }
 
