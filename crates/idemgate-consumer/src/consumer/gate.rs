@@ -48,19 +48,8 @@ where
                 let recorded = if stored {
                     // tried again at a short pace while the store fails, the lease kept alive:
                     // a copy that takes the key over would be dead-lettered again
-                    let complete = async {
-                        loop {
-                            match self.store.complete(&lease, &failed, rt.cfg.retention).await {
-                                Err(e) if e.is_retryable() => {
-                                    tracing::debug!(error = %e, "recording a dead-lettered key failed");
-                                    if !rt.pause(RECORD_RETRY).await {
-                                        return Err(e);
-                                    }
-                                }
-                                done => return done,
-                            }
-                        }
-                    };
+                    let complete = rt
+                        .until_recorded(|| self.store.complete(&lease, &failed, rt.cfg.retention));
                     keep_alive(&*self.store, &lease, rt.cfg.lease, complete)
                         .await
                         .0

@@ -304,31 +304,38 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
         key: Option<&Key>,
         position: Option<&idemgate_core::Position>,
     ) {
-        loop {
-            let recorded = async {
-                let mut tx = self.inbox.begin().await?;
-                if let Some(key) = key {
-                    self.inbox.first_time(&mut tx, key).await?;
-                }
-                if let Some(position) = position {
-                    self.inbox.advance(&mut tx, position).await?;
-                }
+        let recorded = self
+            .rt
+            .until_recorded(|| async {
+                let (tx, _) = self.moved_tx(key, position).await?;
                 self.inbox.commit(tx).await
-            };
-            match recorded.await {
-                Ok(()) | Err(idemgate_core::Error::Fenced { .. }) => return,
-                Err(e) => {
-                    tracing::debug!(error = %e, "recording the dead letter's key failed");
-                    if !self.rt.pause(RECORD_RETRY).await {
-                        tracing::warn!(
-                            key = ?key,
-                            "stopping with a stored dead letter unrecorded: a copy of it can be dead-lettered again"
-                        );
-                        return;
-                    }
-                }
-            }
+            })
+            .await;
+        match recorded {
+            Ok(()) | Err(idemgate_core::Error::Fenced { .. }) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                key = ?key,
+                "a stored dead letter stays unrecorded: a copy of it can be dead-lettered again"
+            ),
         }
+    }
+
+    /// A transaction that records `key` (whether it is new) and moves `position`.
+    async fn moved_tx(
+        &self,
+        key: Option<&Key>,
+        position: Option<&idemgate_core::Position>,
+    ) -> idemgate_core::Result<(I::Tx, bool)> {
+        let mut tx = self.inbox.begin().await?;
+        let fresh = match key {
+            Some(key) => self.inbox.first_time(&mut tx, key).await?,
+            None => true,
+        };
+        if let Some(position) = position {
+            self.inbox.advance(&mut tx, position).await?;
+        }
+        Ok((tx, fresh))
     }
 
     /// Opens the dead letter's transaction: `key` recorded and the position moved, retried
@@ -342,18 +349,7 @@ impl<I: Inbox, H: InboxHandler<I::Tx, Message>> InboxProcess<I, H> {
         let rt = &self.rt;
         let mut failures = 0;
         loop {
-            let moved = async {
-                let mut tx = self.inbox.begin().await?;
-                let fresh = match key {
-                    Some(key) => self.inbox.first_time(&mut tx, key).await?,
-                    None => true,
-                };
-                if let Some(position) = position {
-                    self.inbox.advance(&mut tx, position).await?;
-                }
-                Ok::<_, idemgate_core::Error>((tx, fresh))
-            };
-            match moved.await {
+            match self.moved_tx(key, position).await {
                 Ok((tx, true)) => return Moved::Tx(tx),
                 Ok((tx, false)) => {
                     // another copy of the event was dead-lettered (or handled) first

@@ -172,6 +172,28 @@ impl Runtime {
         }
     }
 
+    /// Runs `op`, the record of a stored dead letter, again every [`RECORD_RETRY`] while it
+    /// fails with a retryable error; the last error once the consumer stops.
+    pub(crate) async fn until_recorded<T, Fut>(
+        &self,
+        mut op: impl FnMut() -> Fut,
+    ) -> idemgate_core::Result<T>
+    where
+        Fut: Future<Output = idemgate_core::Result<T>>,
+    {
+        loop {
+            match op().await {
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(error = %e, "recording a dead-lettered key failed");
+                    if !self.pause(RECORD_RETRY).await {
+                        return Err(e);
+                    }
+                }
+                done => return done,
+            }
+        }
+    }
+
     /// A store or inbox failure, waited out with the delivery held: `false` once stopping.
     pub(crate) async fn unavailable(
         &self,
