@@ -50,8 +50,9 @@ fn check_window_reads_the_sqs_horizon_from_the_queue() {
         .unwrap();
     let sqs = idemgate::sqs::Sqs::local(&endpoint);
     let name = format!("idemgate-window-{}", std::process::id());
-    let options =
-        idemgate::sqs::QueueOptions::default().with_visibility_timeout(Duration::from_secs(10));
+    let options = idemgate::sqs::QueueOptions::default()
+        .with_visibility_timeout(Duration::from_secs(10))
+        .with_max_receive_count(Some(5));
     let created = rt.block_on(sqs.create_queue(&name, options));
     let url = match created {
         Ok(url) => url,

@@ -79,6 +79,14 @@ pub trait Source: Send + 'static {
     fn ack_wait(&self) -> Option<Duration> {
         None
     }
+
+    /// The broker's own delivery budget: past this many deliveries it stops delivering a message
+    /// (NATS `MaxDeliver`) or moves it to a dead-letter queue without the reason (an SQS redrive
+    /// policy's `maxReceiveCount`). A message that fails on its last delivery is dead-lettered
+    /// by the consumer then, whatever attempts it has left. `None`: no budget, or unknown.
+    fn delivery_limit(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// A producer: publishes a message with its event id stamped where the broker can see it.

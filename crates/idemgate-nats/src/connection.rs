@@ -144,6 +144,7 @@ impl Nats {
             dead: opts.dead_letter_subject.clone(),
             horizon,
             ack_wait: config.ack_wait,
+            max_deliver: u32::try_from(config.max_deliver).ok().filter(|n| *n > 0),
         })
     }
 

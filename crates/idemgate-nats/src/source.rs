@@ -9,6 +9,7 @@ pub struct NatsSource {
     pub(crate) dead: Option<String>,
     pub(crate) horizon: Horizon,
     pub(crate) ack_wait: Duration,
+    pub(crate) max_deliver: Option<u32>,
 }
 
 impl std::fmt::Debug for NatsSource {
@@ -31,6 +32,11 @@ impl Source for NatsSource {
     /// The consumer's `AckWait`, from the server's config.
     fn ack_wait(&self) -> Option<Duration> {
         Some(self.ack_wait)
+    }
+
+    /// The consumer's `MaxDeliver`, from the server's config (`None` when unlimited).
+    fn delivery_limit(&self) -> Option<u32> {
+        self.max_deliver
     }
 
     async fn recv(&mut self) -> Result<Option<NatsDelivery>> {

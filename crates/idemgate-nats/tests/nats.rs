@@ -235,6 +235,32 @@ async fn a_busy_key_waits_without_using_max_deliver() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_failing_on_its_last_delivery_is_dead_lettered_with_its_reason() {
+    // past MaxDeliver the server would stop delivering it, and nothing would dead-letter it
+    let Some(nats) = connect().await else { return };
+    let (name, prefix) = stream(&nats, "last").await;
+    let events = format!("{prefix}.events");
+    let mut o = opts(&prefix);
+    o.max_deliver = 3;
+    let source = nats.source(&name, "c", &events, o).await.unwrap();
+    broker::failing_past_the_delivery_limit_is_dead_lettered(&nats.sink(), &events, source, 3)
+        .await;
+    let mut dead = nats
+        .source(
+            &name,
+            "d",
+            &format!("{prefix}.dead"),
+            ConsumerOptions::default(),
+        )
+        .await
+        .unwrap();
+    let d = broker::next(&mut dead, Duration::from_secs(10), "the dead letter").await;
+    let reason = String::from_utf8_lossy(d.message().header(DEAD_LETTER_REASON).unwrap());
+    assert!(reason.contains("last delivery (3)"), "{reason}");
+    nats.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_handler_times_out_and_is_dead_lettered() {
     let Some(nats) = connect().await else { return };
     let (name, prefix) = stream(&nats, "stuck").await;

@@ -14,7 +14,10 @@ pub struct Sqs {
 pub struct QueueOptions {
     /// How long a received message stays invisible to other consumers (default 30 s).
     pub visibility_timeout: Duration,
-    /// Receives before SQS moves a message to `<name>-dead` (default 5); `None`: no redrive.
+    /// Receives before SQS moves a message to `<name>-dead` (default 10, the AWS console's);
+    /// `None`: no redrive. Keep it above the consumer's `max_attempts` (5 by default): a
+    /// consumer that dies during a message's last receive leaves it to SQS's redrive, whose
+    /// dead letter carries no reason.
     pub max_receive_count: Option<u32>,
 }
 
@@ -22,7 +25,7 @@ impl Default for QueueOptions {
     fn default() -> Self {
         QueueOptions {
             visibility_timeout: Duration::from_secs(30),
-            max_receive_count: Some(5),
+            max_receive_count: Some(10),
         }
     }
 }
@@ -31,6 +34,12 @@ impl QueueOptions {
     /// Sets the visibility timeout.
     pub fn with_visibility_timeout(mut self, d: Duration) -> Self {
         self.visibility_timeout = d;
+        self
+    }
+
+    /// Sets the redrive policy's `maxReceiveCount`; `None`: no redrive policy.
+    pub fn with_max_receive_count(mut self, n: Option<u32>) -> Self {
+        self.max_receive_count = n;
         self
     }
 }
@@ -157,14 +166,11 @@ impl Sqs {
     /// The redelivery horizon of the queue at `url`, from its attributes: visibility timeout ×
     /// `maxReceiveCount`, or the retention period when there is no redrive policy.
     pub async fn horizon(&self, url: &str) -> Result<Horizon> {
-        Ok(self.queue_info(url).await?.0)
+        Ok(self.queue_info(url).await?.horizon)
     }
 
     /// The horizon and the dead-letter queue's name, from the queue's attributes.
-    pub(crate) async fn queue_info(
-        &self,
-        url: &str,
-    ) -> Result<(Horizon, Duration, Option<String>)> {
+    pub(crate) async fn queue_info(&self, url: &str) -> Result<QueueInfo> {
         let out = self
             .client
             .get_queue_attributes()
@@ -200,14 +206,26 @@ impl Sqs {
                 basis: format!("no redrive policy: MessageRetentionPeriod {retention}s"),
             },
         };
-        let dead = redrive.and_then(|r| r.target_name);
-        Ok((horizon, Duration::from_secs(visibility), dead))
+        let (dead, max_receive_count) = redrive
+            .map(|r| (r.target_name, r.max_receive_count))
+            .unwrap_or_default();
+        Ok(QueueInfo {
+            horizon,
+            visibility: Duration::from_secs(visibility),
+            dead,
+            max_receive_count,
+        })
     }
 
     /// A consumer of the queue at `url`. Reads the queue's visibility timeout and redrive policy
     /// (for the horizon and the dead-letter queue).
     pub async fn source(&self, url: &str) -> Result<SqsSource> {
-        let (horizon, visibility, dead) = self.queue_info(url).await?;
+        let QueueInfo {
+            horizon,
+            visibility,
+            dead,
+            max_receive_count,
+        } = self.queue_info(url).await?;
         let dead_letter_url = match dead {
             Some(name) => Some(
                 self.client
@@ -255,6 +273,7 @@ impl Sqs {
             buffer,
             ticker,
             horizon,
+            max_receive_count,
         })
     }
 }
@@ -296,6 +315,15 @@ async fn extend(
         );
     }
     Ok(())
+}
+
+/// What a consumer reads from a queue's attributes.
+pub(crate) struct QueueInfo {
+    pub(crate) horizon: Horizon,
+    pub(crate) visibility: Duration,
+    // the redrive target's name
+    pub(crate) dead: Option<String>,
+    pub(crate) max_receive_count: Option<u32>,
 }
 
 /// The parts of a redrive policy we use.

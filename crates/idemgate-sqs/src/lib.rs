@@ -11,6 +11,11 @@
 //!   `ApproximateReceiveCount` is the delivery count and a FIFO message's group its ordering key.
 //! - [`SqsSource::horizon`]: visibility timeout × `maxReceiveCount` of the redrive policy (or
 //!   the retention period when there is none).
+//! - The redrive policy's `maxReceiveCount` is the source's
+//!   [`delivery_limit`](Source::delivery_limit): a message that fails on its last receive is
+//!   dead-lettered by the consumer, with its reason, before SQS's redrive moves it without one.
+//!   [`Sqs::create_queue`] sets 10 by default, above the consumer's 5 attempts, so a consumer's
+//!   death on a message's last attempt still leaves it receives to spare.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;

@@ -12,6 +12,7 @@ pub struct SqsSource {
     pub(crate) buffer: Arc<tokio::sync::Mutex<VecDeque<SqsDelivery>>>,
     pub(crate) ticker: tokio::task::JoinHandle<()>,
     pub(crate) horizon: Horizon,
+    pub(crate) max_receive_count: Option<u32>,
 }
 
 impl Drop for SqsSource {
@@ -88,6 +89,11 @@ impl Source for SqsSource {
     /// The queue's visibility timeout.
     fn ack_wait(&self) -> Option<Duration> {
         Some(self.visibility)
+    }
+
+    /// The redrive policy's `maxReceiveCount`.
+    fn delivery_limit(&self) -> Option<u32> {
+        self.max_receive_count
     }
 
     async fn recv(&mut self) -> Result<Option<SqsDelivery>> {

@@ -111,7 +111,7 @@ async fn poison_goes_to_the_dead_letter_queue_with_its_reason() {
     let horizon = source.horizon().unwrap();
     assert_eq!(
         horizon.redelivery,
-        Duration::from_secs(30 * 5),
+        Duration::from_secs(30 * 10),
         "{horizon:?}"
     );
     broker::poison_is_dead_lettered(source).await;
@@ -146,9 +146,31 @@ async fn a_stored_dead_letter_counts_though_the_original_cannot_be_deleted() {
     assert_eq!(&d.message().payload[..], b"undeletable");
 }
 
-/// A redrive policy of 5 receives (the default `create_queue` sets) and a 3 s visibility.
+/// A redrive policy of 5 receives and a 3 s visibility.
 fn budget_of_five() -> QueueOptions {
-    QueueOptions::default().with_visibility_timeout(Duration::from_secs(3))
+    QueueOptions::default()
+        .with_visibility_timeout(Duration::from_secs(3))
+        .with_max_receive_count(Some(5))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_failing_on_its_last_receive_is_dead_lettered_with_its_reason() {
+    // SQS would move it to the dead-letter queue on a 4th receive, without the reason
+    let name = unique("last");
+    let options = short().with_max_receive_count(Some(3));
+    let Some((sqs, url)) = queue(&name, options).await else {
+        return;
+    };
+    let source = sqs.source(&url).await.unwrap();
+    broker::failing_past_the_delivery_limit_is_dead_lettered(&sqs.sink(), &url, source, 3).await;
+    let dead_url = url.replace(&name, &format!("{name}-dead"));
+    let mut dead = sqs.source(&dead_url).await.unwrap();
+    let d = broker::next(&mut dead, Duration::from_secs(10), "the dead letter").await;
+    let reason = String::from_utf8_lossy(d.message().header(DEAD_LETTER_REASON).unwrap());
+    assert!(reason.contains("last delivery (3)"), "{reason}");
+    d.ack().await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(3), dead.recv()).await;
+    assert!(again.is_err(), "a second dead letter");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

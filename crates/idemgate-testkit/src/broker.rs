@@ -138,6 +138,10 @@ impl<S: Source> Source for DiesBeforeAck<S> {
     fn ack_wait(&self) -> Option<Duration> {
         self.inner.ack_wait()
     }
+
+    fn delivery_limit(&self) -> Option<u32> {
+        self.inner.delivery_limit()
+    }
     async fn recv(&mut self) -> Result<Option<Self::Delivery>> {
         Ok(self.inner.recv().await?.map(|inner| HangingAck {
             inner,
@@ -300,6 +304,48 @@ pub async fn poison_is_dead_lettered<S: Source>(source: S) {
         .expect("consumer");
     assert_eq!(stats.dead_lettered, 1, "{stats:?}");
     assert_eq!(effects.load(Ordering::SeqCst), 0);
+}
+
+/// A handler that always fails, on a source whose broker gives a message `limit` deliveries,
+/// fewer than the consumer's `max_attempts` (5): the consumer dead-letters it itself, with its
+/// reason, on the last delivery, after `limit` runs, rather than leave it to the broker's own
+/// dead-letter route (which carries no reason) or to sit undelivered.
+pub async fn failing_past_the_delivery_limit_is_dead_lettered<K: Sink, S: Source>(
+    sink: &K,
+    destination: &str,
+    source: S,
+    limit: u32,
+) {
+    assert_eq!(source.delivery_limit(), Some(limit), "the broker's limit");
+    sink.publish(&Outgoing::new(destination, "always fails"))
+        .await
+        .expect("publish");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = Arc::clone(&runs);
+        move |_m: Message| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Err::<(), _>("always fails"))
+        }
+    };
+    let consumer = Consumer::gate("adapter-suite", MemoryStore::new())
+        .with_retry_delay(Duration::from_millis(100));
+    let warned = consumer.warnings(&source);
+    assert!(
+        warned.iter().any(|w| w.code == "delivery-limit"),
+        "{warned:?}"
+    );
+    let handle = consumer.stats_handle();
+    let stats = consumer
+        .run(
+            source,
+            handler,
+            until(handle, Duration::from_secs(30), |s| s.dead_lettered >= 1),
+        )
+        .await
+        .expect("consumer");
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), limit as usize, "{stats:?}");
 }
 
 /// The store fails every claim for `outage`, several times the broker's delivery budget (its

@@ -163,6 +163,10 @@ impl<S: Source, K: KillPoints> Source for Watched<S, K> {
     fn ack_wait(&self) -> Option<Duration> {
         self.inner.ack_wait()
     }
+
+    fn delivery_limit(&self) -> Option<u32> {
+        self.inner.delivery_limit()
+    }
 }
 
 /// A delivery of a [`Watched`] source.

@@ -61,6 +61,8 @@ pub(crate) struct Config {
     pub(crate) tick: Duration,
     // the broker redelivers an unsettled delivery after a while (NATS, SQS)
     pub(crate) ack_wait: bool,
+    // the broker's own delivery budget (SQS maxReceiveCount, NATS MaxDeliver)
+    pub(crate) delivery_limit: Option<u32>,
     pub(crate) key: Option<KeyFn>,
     pub(crate) fingerprint: Option<FingerprintFn>,
     pub(crate) horizon: Option<Horizon>,
@@ -93,7 +95,9 @@ pub struct InboxMode<I>(Arc<I>);
 ///   dead-lettered with the reason.
 /// - A failing (or panicking) handler is retried with a growing delay and dead-lettered after
 ///   `max_attempts` (default 5) runs, counted by the store (Gate mode) or by the broker's
-///   delivery count where it has one (Inbox mode). A message with an ordering key is retried in
+///   delivery count where it has one (Inbox mode), or earlier, on the last delivery the
+///   broker's own budget allows ([`Source::delivery_limit`]): the broker's dead-letter route
+///   would carry no reason. A message with an ordering key is retried in
 ///   place, so the later messages of its key wait behind it; others go back to the broker.
 /// - Up to `concurrency` handlers run at once; messages with the same ordering key run one at a
 ///   time, in order. Claims of messages that are ready together are batched (`claim_many`), and
@@ -148,6 +152,7 @@ pub(crate) fn config(name: String) -> Config {
         tx_batch: 1,
         tick: Duration::from_secs(10),
         ack_wait: false,
+        delivery_limit: None,
         key: None,
         fingerprint: None,
         horizon: None,
@@ -174,12 +179,10 @@ impl<St: Store> Consumer<GateMode<St>> {
 
     /// What [`run`](Self::run) would warn about on `source` (and log at `warn`), to print
     /// before running: a retention shorter than the broker's redelivery window
-    /// (`"retention-window"`).
+    /// (`"retention-window"`), a broker's delivery budget not above `max_attempts`
+    /// (`"delivery-limit"`).
     pub fn warnings(&self, source: &impl Source) -> Vec<Warning> {
-        window(&self.cfg, self.cfg.retention, source)
-            .and_then(|w| w.warning())
-            .into_iter()
-            .collect()
+        warnings(&self.cfg, self.cfg.retention, source)
     }
 
     /// The most claims (or completions) sent to the store in one `claim_many` (`complete_many`)
@@ -247,12 +250,10 @@ impl<I: Inbox> Consumer<InboxMode<I>> {
 
     /// What [`run`](Self::run) would warn about on `source` (and log at `warn`), to print
     /// before running: an inbox retention shorter than the broker's redelivery window
-    /// (`"retention-window"`).
+    /// (`"retention-window"`), a broker's delivery budget not above `max_attempts`
+    /// (`"delivery-limit"`).
     pub fn warnings(&self, source: &impl Source) -> Vec<Warning> {
-        window(&self.cfg, self.mode.0.retention(), source)
-            .and_then(|w| w.warning())
-            .into_iter()
-            .collect()
+        warnings(&self.cfg, self.mode.0.retention(), source)
     }
 
     /// Up to `n` deliveries that are ready together (on one lane) share one transaction
@@ -408,6 +409,29 @@ impl<M> Consumer<M> {
     }
 }
 
+/// What `run` warns about on `source`: a retention shorter than the broker's redelivery
+/// window, a delivery budget not above `max_attempts`.
+fn warnings(cfg: &Config, retention: Duration, source: &impl Source) -> Vec<Warning> {
+    window(cfg, retention, source)
+        .and_then(|w| w.warning())
+        .into_iter()
+        .chain(limit_warning(cfg, source))
+        .collect()
+}
+
+/// `"delivery-limit"`: the broker's own budget leaves no delivery beyond the handler's attempts.
+fn limit_warning(cfg: &Config, source: &impl Source) -> Option<Warning> {
+    let limit = source.delivery_limit().filter(|l| *l <= cfg.max_attempts)?;
+    let message = format!(
+        "the broker gives a message at most {limit} deliveries and max_attempts is {}: a \
+         consumer that dies during a message's last delivery leaves it to the broker, which \
+         dead-letters it without the reason (SQS) or stops delivering it (NATS); set the \
+         broker's limit above max_attempts",
+        cfg.max_attempts
+    );
+    Some(Warning::new("delivery-limit", message))
+}
+
 /// The window check: the horizon given, else the one the source read from its broker.
 fn window(cfg: &Config, retention: Duration, source: &impl Source) -> Option<WindowCheck> {
     let horizon = cfg.horizon.clone().or_else(|| source.horizon())?;
@@ -421,6 +445,10 @@ pub(crate) fn check(cfg: &mut Config, retention: Duration, source: &impl Source)
         .map_or(cfg.lease, |wait| wait.min(cfg.lease));
     cfg.tick = (timer / 3).max(Duration::from_millis(1));
     cfg.ack_wait = source.ack_wait().is_some();
+    cfg.delivery_limit = source.delivery_limit();
+    if let Some(w) = limit_warning(cfg, source) {
+        tracing::warn!(consumer = %cfg.name, code = w.code, "{w}");
+    }
     let Some(verdict) = window(cfg, retention, source) else {
         return Ok(());
     };

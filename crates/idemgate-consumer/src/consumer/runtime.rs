@@ -382,6 +382,18 @@ impl Runtime {
             let reason = format!("the handler failed {attempt} times; last error: {error}");
             return Err(Settle::DeadLetter(Why::Exhausted, reason));
         }
+        // a nack on the broker's last delivery: it would drop or dead-letter the next one itself,
+        // without the reason (a retry in place keeps the delivery)
+        let last = |limit: &u32| msg.deliveries.is_some_and(|n| n >= *limit);
+        if let Some(limit) = self.cfg.delivery_limit.filter(last)
+            && msg.ordering_key.is_none()
+        {
+            self.forget(key);
+            let reason = format!(
+                "the handler failed on the broker's last delivery ({limit}); last error: {error}"
+            );
+            return Err(Settle::DeadLetter(Why::Exhausted, reason));
+        }
         count!(self, retried);
         tracing::info!(%key, attempt, %error, "handler failed; retrying");
         let delay = backoff(self.cfg.retry_delay, attempt.saturating_sub(1));
