@@ -237,6 +237,14 @@ async fn effect(
     headers: HeaderMap,
     axum::Json(e): axum::Json<Event>,
 ) -> String {
+    // a remote API finishes what it was sent though its caller hangs up: axum would drop this
+    // handler with the connection, so the work runs on a task of its own
+    tokio::spawn(apply(down, headers, e))
+        .await
+        .unwrap_or_default()
+}
+
+async fn apply(down: Shared, headers: HeaderMap, e: Event) -> String {
     // a little latency, as a remote API has: client timeouts then fall mid-handler
     let ms =
         e.id.bytes()

@@ -37,7 +37,7 @@ use self::broker::Producer;
 use self::ledger::{Ledger, Tally, is_mysql, is_postgres, sqlite_path};
 use self::worker::{SqlInbox, WorkerMode};
 use crate::BoxError;
-use idemgate::core::EventId;
+use idemgate::core::{EventId, Key, Store};
 use idemgate_testkit::kill::KillPoint;
 
 /// The consumer's name: the scope of every event's key.
@@ -434,8 +434,11 @@ pub(crate) struct Figures {
     applied_and_dead_lettered: u64,
     /// Events that are not poison but were dead-lettered.
     healthy_dead_lettered: u64,
-    /// Dead letters without the reason header.
+    /// Dead letters without the reason header (the broker's own redrive, not the consumer's).
     dead_letters_without_reason: u64,
+    /// Up to 10 of their events, to look for in the workers' logs (`--dir`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    unreasoned_events: Vec<String>,
     /// Events neither applied nor dead-lettered.
     lost: u64,
     /// Effects applied after a later event of the same ordering key.
@@ -770,6 +773,8 @@ struct Zombie {
     pid: u32,
     id: String,
     since: Instant,
+    // the token of the frozen worker's claim, once read from the store
+    token: Option<u64>,
 }
 
 /// One phase (the naive run or the idemgate run) in progress.
@@ -1096,6 +1101,7 @@ impl Phase<'_> {
                     pid,
                     id: rest.to_owned(),
                     since: Instant::now(),
+                    token: None,
                 }));
             }
             _ => {}
@@ -1443,6 +1449,9 @@ fn check_dead_letters(
         *found.entry(d.id.as_str()).or_default() += 1;
         if d.reason.as_deref().is_none_or(str::is_empty) {
             fig.dead_letters_without_reason += 1;
+            if fig.unreasoned_events.len() < 10 {
+                fig.unreasoned_events.push(d.id.clone());
+            }
         }
     }
     fig.lost = 0;
@@ -1564,6 +1573,8 @@ async fn supervise(
         + Duration::from_secs(1);
     let mut faults = schedule.faults.iter().peekable();
     let mut zombie: Option<Zombie> = None;
+    // the Gate's store, opened at the first zombie to see its key taken over
+    let mut zombie_store: Option<idemgate::core::BoxStore> = None;
     // when the last zombie thawed: its refused completion comes with a later STATS line
     let mut thawed: Option<Instant> = None;
     let mut last_release = Instant::now();
@@ -1592,13 +1603,27 @@ async fn supervise(
                 zombie = Some(z);
             }
         }
-        // a zombie thaws once its event was applied elsewhere and its lease is long gone
-        if let Some(z) = &zombie {
-            let elsewhere = ledger.applied(&z.id).await? > 0;
+        // a zombie thaws once another worker took its key over (a later token in the store)
+        // and applied the event: an effect applied before the freeze (a run killed before its
+        // completion) is no sign of a take-over, and a thaw before one would let the zombie
+        // complete unfenced
+        if let Some(z) = &mut zombie {
+            let key = Key::new(CONSUMER, &z.id)?;
+            if zombie_store.is_none() {
+                let url = ph
+                    .setup
+                    .store
+                    .as_deref()
+                    .ok_or("a zombie without a store")?;
+                zombie_store = Some(idemgate::open(url).await?);
+            }
+            let store = zombie_store.as_ref().ok_or("a zombie without a store")?;
+            let now = store.get(&key).await?.map(|r| r.token());
+            let frozen = *z.token.get_or_insert(now.unwrap_or(0));
+            let taken_over = now.is_some_and(|t| t > frozen);
+            let elsewhere = taken_over && ledger.applied(&z.id).await? > 0;
             let waited = z.since.elapsed();
-            if (elsewhere && waited > lease + Duration::from_millis(500))
-                || waited > Duration::from_secs(60)
-            {
+            if (elsewhere && waited > lease) || waited > Duration::from_secs(60) {
                 signal(z.pid, "-CONT")?;
                 if let Some(stdin) = &mut ph.slots[z.slot].stdin {
                     let _ = writeln!(stdin);
