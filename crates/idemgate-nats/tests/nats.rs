@@ -41,6 +41,26 @@ async fn stream(nats: &Nats, test: &str) -> (String, String) {
     (name, prefix)
 }
 
+/// The next dead letter on `<prefix>.dead`: its payload and its reason.
+async fn dead_letter(nats: &Nats, stream: &str, prefix: &str) -> (String, String) {
+    let mut dead = nats
+        .source(
+            stream,
+            "dead",
+            &format!("{prefix}.dead"),
+            ConsumerOptions::default(),
+        )
+        .await
+        .unwrap();
+    let d = broker::next(&mut dead, Duration::from_secs(10), "a dead letter").await;
+    let m = d.message();
+    let reason = m.header(DEAD_LETTER_REASON).expect("the reason header");
+    (
+        String::from_utf8_lossy(&m.payload).into_owned(),
+        String::from_utf8_lossy(reason).into_owned(),
+    )
+}
+
 fn opts(prefix: &str) -> ConsumerOptions {
     ConsumerOptions::default().with_dead_letter_subject(format!("{prefix}.dead"))
 }
@@ -132,14 +152,8 @@ async fn poison_goes_to_the_dead_letter_subject_with_its_reason() {
         .await
         .unwrap();
     broker::poison_is_dead_lettered(source).await;
-    let dead = format!("{prefix}.dead");
-    let mut dead = nats
-        .source(&name, "dead", &dead, ConsumerOptions::default())
-        .await
-        .unwrap();
-    let d = broker::next(&mut dead, Duration::from_secs(10), "a dead letter").await;
-    assert_eq!(d.message().payload, "no id");
-    let reason = std::str::from_utf8(d.message().header(DEAD_LETTER_REASON).unwrap()).unwrap();
+    let (payload, reason) = dead_letter(&nats, &name, &prefix).await;
+    assert_eq!(payload, "no id");
     assert!(reason.contains("no event id"), "{reason}");
     nats.delete_stream(&name).await.unwrap();
 }
@@ -245,17 +259,7 @@ async fn a_message_failing_on_its_last_delivery_is_dead_lettered_with_its_reason
     let source = nats.source(&name, "c", &events, o).await.unwrap();
     broker::failing_past_the_delivery_limit_is_dead_lettered(&nats.sink(), &events, source, 3)
         .await;
-    let mut dead = nats
-        .source(
-            &name,
-            "d",
-            &format!("{prefix}.dead"),
-            ConsumerOptions::default(),
-        )
-        .await
-        .unwrap();
-    let d = broker::next(&mut dead, Duration::from_secs(10), "the dead letter").await;
-    let reason = String::from_utf8_lossy(d.message().header(DEAD_LETTER_REASON).unwrap());
+    let (_, reason) = dead_letter(&nats, &name, &prefix).await;
     assert!(reason.contains("last delivery (3)"), "{reason}");
     nats.delete_stream(&name).await.unwrap();
 }
@@ -270,17 +274,7 @@ async fn a_stuck_handler_times_out_and_is_dead_lettered() {
         .await
         .unwrap();
     broker::stuck_handler_times_out(&nats.sink(), &events, source).await;
-    let mut dead = nats
-        .source(
-            &name,
-            "d",
-            &format!("{prefix}.dead"),
-            ConsumerOptions::default(),
-        )
-        .await
-        .unwrap();
-    let d = broker::next(&mut dead, Duration::from_secs(10), "the dead letter").await;
-    let reason = String::from_utf8_lossy(d.message().header(DEAD_LETTER_REASON).unwrap());
+    let (_, reason) = dead_letter(&nats, &name, &prefix).await;
     assert!(reason.contains("timed out"), "{reason}");
     nats.delete_stream(&name).await.unwrap();
 }

@@ -758,6 +758,22 @@ impl http_body::Body for Halves {
     }
 }
 
+/// Opens the layer's store, waiting out an outage as a service restarted by its supervisor
+/// does: a restart after a kill may fall in a store restart or a cut.
+async fn open_store(url: &str) -> Result<BoxStore, BoxError> {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        match idemgate::open(url).await {
+            Ok(store) => return Ok(store),
+            Err(e) if e.is_retryable() && Instant::now() < give_up => {
+                eprintln!("chaos-http-service: opening the store: {e}; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// A store that stops before a completion when armed (`before-complete`).
 #[derive(Debug, Clone)]
 struct Parking {
@@ -847,7 +863,7 @@ pub fn serve(args: ChaosHttpServiceArgs) -> Result<ExitCode, BoxError> {
         let router = Router::new().route("/pay", post(pay)).with_state(app);
         let router = if idempotent {
             let store = Parking {
-                inner: idemgate::open(&args.store).await?,
+                inner: open_store(&args.store).await?,
                 park,
             }
             .boxed();

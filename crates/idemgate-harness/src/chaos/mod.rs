@@ -1140,8 +1140,21 @@ pub(super) async fn shell(cmd: &str, log: &Path) -> Result<(), BoxError> {
     .await?
 }
 
-/// Cuts every other client connection of the store at `url`.
+/// Cuts every other client connection of the store at `url`, once the server takes
+/// connections: a cut may fall in a restart of the same server.
 pub(super) async fn cut(url: &str) -> Result<u64, BoxError> {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        match cut_once(url).await {
+            Err(_) if Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+async fn cut_once(url: &str) -> Result<u64, BoxError> {
     if is_postgres(url) {
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await?;
         let n: i64 = sqlx::query_scalar(
