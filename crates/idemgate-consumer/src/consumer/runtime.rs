@@ -377,21 +377,19 @@ impl Runtime {
             let reason = format!("the handler refused it for good: {error}");
             return Err(Settle::DeadLetter(Why::Exhausted, reason));
         }
-        if attempt >= self.cfg.max_attempts {
+        // the broker's last delivery: after a nack it would drop or dead-letter the message
+        // itself, without the reason (a retry in place keeps the delivery)
+        let last_delivery = self.cfg.delivery_limit.filter(|limit| {
+            msg.ordering_key.is_none() && msg.deliveries.is_some_and(|n| n >= *limit)
+        });
+        if attempt >= self.cfg.max_attempts || last_delivery.is_some() {
             self.forget(key);
-            let reason = format!("the handler failed {attempt} times; last error: {error}");
-            return Err(Settle::DeadLetter(Why::Exhausted, reason));
-        }
-        // a nack on the broker's last delivery: it would drop or dead-letter the next one itself,
-        // without the reason (a retry in place keeps the delivery)
-        let last = |limit: &u32| msg.deliveries.is_some_and(|n| n >= *limit);
-        if let Some(limit) = self.cfg.delivery_limit.filter(last)
-            && msg.ordering_key.is_none()
-        {
-            self.forget(key);
-            let reason = format!(
-                "the handler failed on the broker's last delivery ({limit}); last error: {error}"
-            );
+            let reason = match last_delivery {
+                Some(limit) if attempt < self.cfg.max_attempts => format!(
+                    "the handler failed on the broker's last delivery ({limit}); last error: {error}"
+                ),
+                _ => format!("the handler failed {attempt} times; last error: {error}"),
+            };
             return Err(Settle::DeadLetter(Why::Exhausted, reason));
         }
         count!(self, retried);
