@@ -761,17 +761,8 @@ impl http_body::Body for Halves {
 /// Opens the layer's store, waiting out an outage as a service restarted by its supervisor
 /// does: a restart after a kill may fall in a store restart or a cut.
 async fn open_store(url: &str) -> Result<BoxStore, BoxError> {
-    let give_up = Instant::now() + Duration::from_secs(60);
-    loop {
-        match idemgate::open(url).await {
-            Ok(store) => return Ok(store),
-            Err(e) if e.is_retryable() && Instant::now() < give_up => {
-                eprintln!("chaos-http-service: opening the store: {e}; trying again");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let store = super::for_a_minute(|| idemgate::open(url), idemgate::core::Error::is_retryable);
+    Ok(store.await?)
 }
 
 /// A store that stops before a completion when armed (`before-complete`).

@@ -1143,10 +1143,22 @@ pub(super) async fn shell(cmd: &str, log: &Path) -> Result<(), BoxError> {
 /// Cuts every other client connection of the store at `url`, once the server takes
 /// connections: a cut may fall in a restart of the same server.
 pub(super) async fn cut(url: &str) -> Result<u64, BoxError> {
+    for_a_minute(|| cut_once(url), |_| true).await
+}
+
+/// Runs `op` again every 200 ms while it fails with an error `retry` accepts, for up to a
+/// minute: a server that restarts comes back within it.
+pub(super) async fn for_a_minute<T, E, F>(
+    mut op: impl FnMut() -> F,
+    retry: impl Fn(&E) -> bool,
+) -> Result<T, E>
+where
+    F: Future<Output = Result<T, E>>,
+{
     let give_up = Instant::now() + Duration::from_secs(60);
     loop {
-        match cut_once(url).await {
-            Err(_) if Instant::now() < give_up => {
+        match op().await {
+            Err(e) if retry(&e) && Instant::now() < give_up => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             done => return done,
@@ -1586,8 +1598,13 @@ async fn supervise(
         + Duration::from_secs(1);
     let mut faults = schedule.faults.iter().peekable();
     let mut zombie: Option<Zombie> = None;
-    // the Gate's store, opened at the first zombie to see its key taken over
-    let mut zombie_store: Option<idemgate::core::BoxStore> = None;
+    // the Gate's store, where a zombie's key is seen taken over (the naive run has none)
+    let zombie_store = match ph.setup.store.as_deref() {
+        Some(url) if args.zombies > 0 && ph.mode == WorkerMode::Gate => {
+            Some(idemgate::open(url).await?)
+        }
+        _ => None,
+    };
     // when the last zombie thawed: its refused completion comes with a later STATS line
     let mut thawed: Option<Instant> = None;
     let mut last_release = Instant::now();
@@ -1616,24 +1633,21 @@ async fn supervise(
                 zombie = Some(z);
             }
         }
-        // a zombie thaws once another worker took its key over (a later token in the store)
-        // and applied the event: an effect applied before the freeze (a run killed before its
-        // completion) is no sign of a take-over, and a thaw before one would let the zombie
-        // complete unfenced
+        // a zombie thaws once another worker took its key over (Gate: a later token in the
+        // store) and applied the event: an effect applied before the freeze (a run killed
+        // before its completion) is no sign of a take-over, and a thaw before one would let the
+        // zombie complete unfenced
         if let Some(z) = &mut zombie {
-            let key = Key::new(CONSUMER, &z.id)?;
-            if zombie_store.is_none() {
-                let url = ph
-                    .setup
-                    .store
-                    .as_deref()
-                    .ok_or("a zombie without a store")?;
-                zombie_store = Some(idemgate::open(url).await?);
-            }
-            let store = zombie_store.as_ref().ok_or("a zombie without a store")?;
-            let now = store.get(&key).await?.map(|r| r.token());
-            let frozen = *z.token.get_or_insert(now.unwrap_or(0));
-            let taken_over = now.is_some_and(|t| t > frozen);
+            let taken_over = match &zombie_store {
+                Some(store) => {
+                    let key = Key::new(CONSUMER, &z.id)?;
+                    let now = store.get(&key).await?.map(|r| r.token());
+                    let frozen = *z.token.get_or_insert(now.unwrap_or(0));
+                    now.is_some_and(|t| t > frozen)
+                }
+                // the naive run claims no key
+                None => true,
+            };
             let elsewhere = taken_over && ledger.applied(&z.id).await? > 0;
             let waited = z.since.elapsed();
             if (elsewhere && waited > lease) || waited > Duration::from_secs(60) {
